@@ -1,0 +1,37 @@
+# tqlab — `make help` lists the targets. Every target installs what it needs first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: help install test test-slow lint bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml tools/install_torch.sh | $(PY)
+	tools/install_torch.sh $(PY)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install tqlab with what the targets need (CPU torch without a GPU)
+
+test: $(STAMP)  ## the test suite (fast tests; what CI runs)
+	$(PY) -m pytest -m "not slow" -q
+
+test-slow: $(STAMP)  ## the slow tests only
+	$(PY) -m pytest -m slow -q
+
+lint: $(STAMP)  ## ruff lint and format check
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff format --check src tests benchmarks
+
+bench: $(STAMP)  ## codec encode/decode throughput on CPU → docs/benchmarks.md
+	$(PY) benchmarks/codec_speed.py
+
+clean:  ## remove caches (keeps .venv, outputs/ and multirun/)
+	rm -rf .pytest_cache .ruff_cache .hypothesis
+	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -1,0 +1,76 @@
+"""What a codec stores: every tensor of a code counts towards its bytes, nothing else does."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+
+@dataclasses.dataclass
+class Code:
+    """Base of all codes. `shape` is the leading shape of the encoded vectors, `dim` their length.
+
+    `nbytes` sums the bytes of every tensor the code holds (payload, norms, scales, per-vector side
+    information); per-layer constants (codebooks, rotations, projection matrices, channel sets) live
+    in the codec and are reported by its `constant_nbytes()`.
+    """
+
+    shape: tuple[int, ...]
+    dim: int
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                out[f.name] = value
+            elif isinstance(value, Code):
+                out.update({f"{f.name}.{k}": v for k, v in value.tensors().items()})
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    @property
+    def num_vectors(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def bits_per_coordinate(self) -> float:
+        """Effective bits per coordinate: 8 · stored bytes / (vectors · dim)."""
+        return 8 * self.nbytes / (self.num_vectors * self.dim)
+
+
+def check_input(x: torch.Tensor, dim: int, device: torch.device, codec: str) -> torch.Tensor:
+    """Validate a batch of vectors and return it as float32 (all codec arithmetic is fp32 or wider)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{codec} expects a torch.Tensor, got {type(x).__name__}")
+    if x.ndim == 0 or x.shape[-1] != dim:
+        raise ValueError(f"{codec} was built for dim={dim}; got a tensor of shape {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(
+            f"{codec}: input is on {x.device} but the codec's tensors are on {device}; use codec.to(device)"
+        )
+    if not (x.is_floating_point()):
+        raise ValueError(f"{codec} expects a floating-point tensor, got {x.dtype}")
+    x = x.float()
+    if x.numel() and not torch.isfinite(torch.stack(torch.aminmax(x))).all():  # min/max propagate NaN
+        raise ValueError(f"{codec}: input contains NaN or Inf")
+    return x
+
+
+def store_norms(norms: torch.Tensor, dtype: torch.dtype, codec: str) -> torch.Tensor:
+    stored = norms.to(dtype)
+    if not torch.isfinite(stored).all():
+        raise ValueError(
+            f"{codec}: a vector norm ({norms.max().item():.4g}) overflows norm_dtype={dtype}; "
+            "use norm_dtype=torch.float32 or torch.bfloat16"
+        )
+    return stored
+
+
+def buffer_nbytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(module.buffers()) + list(module.parameters()))

@@ -1,0 +1,65 @@
+"""Tight bit packing of small unsigned integers along the last axis.
+
+Layout: a little-endian bit stream per row — element i occupies bits [i·b, (i+1)·b) of the row, byte
+j holds bits [8j, 8j+8). For b = 4 that is two nibbles per byte (low nibble first), for b = 1 eight
+flags per byte (LSB first). Rows whose length is not a multiple of 8 are padded with zero codes to
+the next multiple of 8, so a row takes ceil(n/8)·b bytes; the padding is real storage and is counted.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def packed_row_bytes(n: int, bits: int) -> int:
+    return -(-n // 8) * bits
+
+
+def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integers in [0, 2^bits) along the last axis into uint8, `packed_row_bytes(n, bits)` per row."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits={bits} is out of range 1..8 for pack_bits")
+    n = values.shape[-1]
+    pad = -n % 8
+    if pad:
+        values = torch.nn.functional.pad(values, (0, pad))
+    if bits == 8:
+        return values.to(torch.uint8)
+    if 8 % bits == 0:  # 1, 2, 4 bits: whole codes per byte, shift-or in uint8
+        per = 8 // bits
+        v = values.to(torch.uint8).reshape(*values.shape[:-1], -1, per)
+        packed = v[..., 0].clone()
+        for j in range(1, per):
+            packed |= v[..., j] << (bits * j)
+        return packed
+    # Eight b-bit values make one 8b-bit word (at most 56 bits: fits int64), split into b bytes.
+    groups = values.reshape(*values.shape[:-1], -1, 8).to(torch.int64)
+    shifts = torch.arange(0, 8 * bits, bits, device=values.device)
+    words = (groups << shifts).sum(-1, keepdim=True)
+    byte_shifts = torch.arange(0, 8 * bits, 8, device=values.device)
+    packed = (words >> byte_shifts) & 0xFF
+    return packed.reshape(*values.shape[:-1], -1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of `pack_bits`: the first n values of each row, as int64."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits={bits} is out of range 1..8 for unpack_bits")
+    expected = packed_row_bytes(n, bits)
+    if packed.dtype != torch.uint8 or packed.shape[-1] != expected:
+        raise ValueError(
+            f"packed codes have dtype {packed.dtype} and rows of {packed.shape[-1]} bytes; "
+            f"{n} values at {bits} bits need uint8 rows of {expected} bytes"
+        )
+    if bits == 8:
+        return packed[..., :n].to(torch.int64)
+    if 8 % bits == 0:
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        values = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        return values.reshape(*packed.shape[:-1], -1)[..., :n].to(torch.int64)
+    groups = packed.reshape(*packed.shape[:-1], -1, bits).to(torch.int64)
+    byte_shifts = torch.arange(0, 8 * bits, 8, device=packed.device)
+    words = (groups << byte_shifts).sum(-1, keepdim=True)
+    shifts = torch.arange(0, 8 * bits, bits, device=packed.device)
+    values = (words >> shifts) & ((1 << bits) - 1)
+    return values.reshape(*packed.shape[:-1], -1)[..., :n]

@@ -1,0 +1,58 @@
+"""Rotations Π applied before scalar quantization, all behind one interface (`Rotation`).
+
+from tqlab.rotation import make_rotation
+rot = make_rotation("fast_hadamard+block_so8_learned", dim=128, seed=0, view="spinor_plus")
+y = rot.apply(x); x_again = rot.inverse(y); rot.matrix()
+"""
+
+from __future__ import annotations
+
+from .base import Identity, Rotation
+from .compose import Composed
+from .haar import RandomHaar
+from .hadamard import FastHadamard, fwht
+from .so8 import BlockSO8Learned, BlockSO8Static
+from .triality import VIEWS
+
+ROTATIONS = {
+    "identity": Identity,
+    "random_haar": RandomHaar,
+    "fast_hadamard": FastHadamard,
+    "block_so8_static": BlockSO8Static,
+    "block_so8_learned": BlockSO8Learned,
+}
+
+
+def make_rotation(name: str, dim: int, seed: int = 0, **options) -> Rotation:
+    """Build a rotation by name; "a+b" composes (a first). `options` (view, init, …) go to the parts
+    that take them, so "fast_hadamard+block_so8_learned" with view="spinor_minus" works."""
+    names = name.split("+")
+    unknown = [n for n in names if n not in ROTATIONS]
+    if unknown:
+        raise ValueError(
+            f"rotation={name!r}: unknown {unknown}; choose from {sorted(ROTATIONS)} or join them with '+'"
+        )
+    parts = []
+    for i, n in enumerate(names):
+        cls = ROTATIONS[n]
+        kwargs = {k: v for k, v in options.items() if k in cls.__init__.__code__.co_varnames}
+        parts.append(cls(dim) if cls is Identity else cls(dim, seed=seed + i, **kwargs))
+    unused = set(options) - {k for n in names for k in ROTATIONS[n].__init__.__code__.co_varnames}
+    if unused:
+        raise ValueError(f"rotation={name!r} takes no option(s) {sorted(unused)}")
+    return parts[0] if len(parts) == 1 else Composed(parts)
+
+
+__all__ = [
+    "ROTATIONS",
+    "VIEWS",
+    "BlockSO8Learned",
+    "BlockSO8Static",
+    "Composed",
+    "FastHadamard",
+    "Identity",
+    "RandomHaar",
+    "Rotation",
+    "fwht",
+    "make_rotation",
+]

@@ -1,0 +1,102 @@
+"""TurboQuantMSE: storage, dtype handling and decoding checked against float64 references."""
+
+import pytest
+import torch
+
+from tqlab.quant import TurboQuantMSE, lloyd_max_codebook, packed_row_bytes
+
+
+def gaussian(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.mark.parametrize("bits", [1, 3, 5, 6, 7, 8])
+def test_decoding_matches_a_float64_nearest_centroid_reference(bits):
+    d = 64
+    q = TurboQuantMSE(d, bits, seed=3, norm_dtype=torch.float32)
+    x = gaussian(257, d, seed=bits) * 3
+    x_hat = q.dequantize(q.quantize(x))
+    # reference: rotate with the dense matrix in float64, brute-force argmin over the codebook
+    rot = q.rotation.matrix().double()
+    centroids = torch.tensor(lloyd_max_codebook(d, bits)[0])
+    norms = x.double().norm(dim=-1, keepdim=True)
+    y = (x.double() / norms) @ rot.T
+    nearest = centroids[(y.unsqueeze(-1) - centroids).abs().argmin(-1)]
+    reference = (nearest @ rot) * norms
+    assert x_hat.dtype == torch.float32
+    # ties at a boundary can flip in fp32; allow a handful of coordinates out of 16k
+    close = torch.isclose(x_hat.double(), reference, atol=1e-4, rtol=1e-4)
+    assert close.float().mean() > 0.999
+
+
+def test_storage_is_packed_indices_plus_one_norm_per_vector():
+    q = TurboQuantMSE(128, 3)
+    code = q.quantize(gaussian(4, 10, 128))
+    assert code.indices.shape == (4, 10, 48) and code.indices.dtype == torch.uint8
+    assert code.nbytes == 40 * (48 + 2)
+    assert code.bits_per_coordinate == pytest.approx(3 + 16 / 128)
+    assert (
+        TurboQuantMSE(128, 3, norm_dtype=torch.float32).quantize(gaussian(5, 128)).bits_per_coordinate == 3.25
+    )
+    assert packed_row_bytes(128, 3) == 48
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_low_precision_inputs_are_coded_in_fp32(dtype):
+    q = TurboQuantMSE(64, 4, norm_dtype=torch.float32)
+    x = gaussian(100, 64, dtype=dtype)
+    out = q.dequantize(q.quantize(x))
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, q.dequantize(q.quantize(x.float())))
+
+
+def test_zero_vectors_round_trip_to_zero():
+    q = TurboQuantMSE(64, 2)
+    x = gaussian(3, 64)
+    x[1] = 0
+    out = q.dequantize(q.quantize(x))
+    assert torch.equal(out[1], torch.zeros(64))
+
+
+def test_nan_and_inf_are_refused():
+    q = TurboQuantMSE(64, 2)
+    for bad in (float("nan"), float("inf")):
+        x = gaussian(2, 64)
+        x[0, 5] = bad
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            q.quantize(x)
+
+
+def test_norm_correction_preserves_the_stored_norm():
+    q = TurboQuantMSE(64, 2, norm_correction=True, norm_dtype=torch.float32)
+    x = gaussian(50, 64) * 7
+    torch.testing.assert_close(q.dequantize(q.quantize(x)).norm(dim=-1), x.norm(dim=-1), rtol=1e-5, atol=1e-5)
+
+
+def test_score_equals_inner_products_with_decoded_keys():
+    q = TurboQuantMSE(64, 3, rotation="fast_hadamard")
+    keys, queries = gaussian(2, 30, 64, seed=1), gaussian(2, 5, 64, seed=2)
+    code = q.quantize(keys)
+    expected = queries.double() @ q.dequantize(code).double().transpose(-1, -2)
+    torch.testing.assert_close(q.score(queries, code).double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_arguments_name_the_argument_and_the_allowed_values():
+    with pytest.raises(ValueError, match=r"bits=0 .* 1\.\.8"):
+        TurboQuantMSE(64, 0)
+    with pytest.raises(ValueError, match=r"bits=2\.5 .*MixedPrecision"):
+        TurboQuantMSE(64, 2.5)
+    with pytest.raises(ValueError, match="divisible by 8"):
+        TurboQuantMSE(60, 2, rotation="block_so8_static")
+    with pytest.raises(ValueError, match="power of two"):
+        TurboQuantMSE(96, 2, rotation="fast_hadamard")
+    q = TurboQuantMSE(64, 2)
+    with pytest.raises(ValueError, match="dim=64"):
+        q.quantize(gaussian(3, 32))
+    with pytest.raises(ValueError, match="codec's tensors are on cpu"):
+        q.quantize(torch.zeros(3, 64, device="meta"))
+
+
+def test_norm_overflow_in_fp16_is_refused_clearly():
+    with pytest.raises(ValueError, match="norm_dtype"):
+        TurboQuantMSE(64, 2).quantize(torch.full((1, 64), 1e4))
