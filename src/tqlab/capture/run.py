@@ -1,0 +1,169 @@
+"""Run a capture: text → token windows per split → model forward with the recorder → shards → manifest."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from .hooks import AttentionRecorder
+from .models import load_model, sha256_file
+from .store import (
+    FORMAT_VERSION,
+    STORE_DTYPES,
+    CaptureError,
+    CaptureStore,
+    capture_dir,
+    environment_facts,
+    fingerprint,
+    write_json,
+    write_shard,
+)
+from .text import (
+    SPLITS,
+    hash_tokens,
+    split_documents,
+    text_file_documents,
+    token_windows,
+    wiki_documents,
+    wikitext2_splits,
+)
+
+log = logging.getLogger(__name__)
+TEXT_SOURCES = ("wiki", "wikitext2", "text_file")
+
+
+def capture_spec(
+    model: dict, data: dict, layers=None, store_dtype: str = "float16", shard_size: int = 4
+) -> dict:
+    """The configuration that identifies a capture (its fingerprint names the folder)."""
+    if data["source"] not in TEXT_SOURCES:
+        raise ValueError(f"data.source={data['source']!r} cannot be captured; choose from {TEXT_SOURCES}")
+    if store_dtype not in STORE_DTYPES:
+        raise ValueError(f"capture.store_dtype={store_dtype!r} is not one of {sorted(STORE_DTYPES)}")
+    if not isinstance(shard_size, int) or shard_size < 1:
+        raise ValueError(f"capture.shard_size={shard_size!r} must be a positive integer")
+    keys = ("source", "path", "seq_len", "sequences", "split_fractions", "seed")
+    return {
+        "format_version": FORMAT_VERSION,
+        "model": {k: model[k] for k in ("name_or_path", "dtype", "weight_load")},
+        "data": {k: data.get(k) for k in keys},
+        "layers": None if layers is None else sorted(int(i) for i in layers),
+        "store_dtype": store_dtype,
+        "shard_size": shard_size,
+    }
+
+
+def _documents(data: dict) -> dict[str, list]:
+    if data["source"] == "wikitext2":
+        return wikitext2_splits()
+    docs = wiki_documents() if data["source"] == "wiki" else text_file_documents(data["path"])
+    return split_documents(docs, tuple(data["split_fractions"]), data["seed"])
+
+
+def run_capture(spec: dict, root: str | Path, device: str = "cpu", progress: bool = True) -> Path:
+    """Create (or resume, or reuse) the capture for `spec` under `root`; returns its folder."""
+    out = capture_dir(root, spec)
+    if (out / "manifest.json").is_file():
+        log.info("capture %s is complete: reusing it", out)
+        return out
+    spec_file = out / "spec.json"
+    if spec_file.is_file() and json.loads(spec_file.read_text()) != json.loads(json.dumps(spec, default=str)):
+        raise CaptureError(
+            f"{out} holds a capture of another configuration (spec.json differs); refusing to mix"
+        )
+    write_json(spec_file, spec)
+
+    loaded = load_model(**spec["model"], device=device)
+    docs = _documents(spec["data"])
+    dtype = STORE_DTYPES[spec["store_dtype"]]
+    fp = fingerprint(spec)
+    splits, layer_facts = {}, {}
+    windows = {
+        s: token_windows(loaded.tokenizer, docs[s], spec["data"]["seq_len"], spec["data"]["sequences"][s])
+        for s in SPLITS
+    }
+    total = sum(-(-len(w) // spec["shard_size"]) for w in windows.values())
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc="capture", unit="shard", disable=not progress)
+    for split in SPLITS:
+        wanted = spec["data"]["sequences"][split]
+        if len(windows[split]) < wanted:
+            log.warning(
+                "split %s: the text gives %d of %d requested sequences", split, len(windows[split]), wanted
+            )
+        if not windows[split]:
+            raise CaptureError(
+                f"split {split!r} has no text for a single window of {spec['data']['seq_len']} tokens"
+            )
+        shards = []
+        for i in range(0, len(windows[split]), spec["shard_size"]):
+            batch = windows[split][i : i + spec["shard_size"]]
+            path = out / split / f"shard_{i // spec['shard_size']:05d}.safetensors"
+            if not path.is_file():
+                tensors, facts = _forward(loaded.model, batch, spec["layers"], dtype, device)
+                layer_facts.update(facts)
+                write_shard(path, tensors, {"fingerprint": fp, "split": split, "first_sequence": str(i)})
+            shards.append({"file": path.name, "sequences": len(batch)})
+            bar.set_postfix(split=split)
+            bar.update()
+        splits[split] = {
+            "documents": [d.title for d in docs[split]],
+            "token_sha256": hash_tokens(windows[split]),
+            "shards": shards,
+        }
+    bar.close()
+    if not layer_facts:  # every shard existed: an interrupted run is being finished without new forwards
+        _, layer_facts = _forward(loaded.model, windows["test"][:1], spec["layers"], dtype, device)
+    recorded = sorted(int(k) for k in layer_facts)
+    arch = loaded.facts["architecture"]
+    candidates = spec["layers"] if spec["layers"] is not None else range(arch["num_layers"])
+    for split, info in splits.items():
+        for shard in info["shards"]:
+            file = out / split / shard["file"]
+            shard.update(bytes=file.stat().st_size, sha256=sha256_file(file))
+    groups = arch["num_heads"] // arch["num_kv_heads"]
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "fingerprint": fp,
+        "spec": spec,
+        "model": loaded.facts,
+        "device": device,
+        "layers": {
+            "captured": recorded,
+            "without_kv_cache": [i for i in candidates if str(i) not in layer_facts],
+            "facts": layer_facts,
+        },
+        "kv_head_of_query_head": [h // groups for h in range(arch["num_heads"])],
+        "positions": "0..seq_len-1 in every window (no padding, causal mask)",
+        "splits": splits,
+        **environment_facts(),
+    }
+    write_json(out / "manifest.json", manifest)
+    CaptureStore(out, verify=False)
+    log.info("capture written to %s", out)
+    return out
+
+
+@torch.no_grad()
+def _forward(model, batch: list[list[int]], layers, dtype, device) -> tuple[dict, dict]:
+    ids = torch.tensor(batch, device=device)
+    positions = torch.arange(ids.shape[1], device=device).expand_as(ids)
+    with AttentionRecorder(model, layers=layers, dtype=dtype) as rec:
+        model(input_ids=ids, position_ids=positions, use_cache=False)
+    tensors = {"input_ids": ids.cpu(), "positions": positions.cpu().contiguous()}
+    facts = {}
+    layer_types = getattr(model.config, "layer_types", None)
+    for idx, r in rec.layers.items():
+        tensors[f"layer{idx}.q"], tensors[f"layer{idx}.k"], tensors[f"layer{idx}.v"] = (
+            t.cpu() for t in (r.query, r.key, r.value)
+        )
+        facts[str(idx)] = {
+            "scaling": r.scaling,
+            "sliding_window": r.sliding_window,
+            "layer_type": layer_types[idx] if layer_types else "full_attention",
+        }
+    return tensors, facts

@@ -1,0 +1,69 @@
+"""A LightningDataModule over any KV source: one item per (sequence, layer, KV head) of a split."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+
+class KVBlocks(Dataset):
+    """Items in a fixed order (sequence-major, then layer, then KV head); each item is read lazily."""
+
+    def __init__(self, source, split: str, layers: list[int] | None = None):
+        self.source, self.split = source, split
+        layers = source.layers if layers is None else layers
+        missing = sorted(set(layers) - set(source.layers))
+        if missing:
+            raise ValueError(f"layers {missing} are not in this capture; it has {source.layers}")
+        kv_heads = range(source.architecture["num_kv_heads"])
+        self.index = [
+            (s, layer, h) for s in range(source.num_sequences(split)) for layer in layers for h in kv_heads
+        ]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict:
+        sequence, layer, kv_head = self.index[i]
+        item = self.source.load(self.split, layer, sequence, kv_head)
+        item.update(
+            sequence=sequence, layer=layer, kv_head=kv_head, scaling=self.source.layer_facts(layer)["scaling"]
+        )
+        return item
+
+
+class KVDataModule(L.LightningDataModule):
+    """train / val / test loaders over a capture's splits. Order is deterministic (shuffle=False by
+    default); under DDP, Lightning wraps each loader in a DistributedSampler, sharding the items."""
+
+    def __init__(
+        self,
+        source,
+        batch_size: int = 4,
+        layers: list[int] | None = None,
+        num_workers: int = 0,
+        shuffle=False,
+    ):
+        super().__init__()
+        self.source, self.batch_size, self.layers = source, batch_size, layers
+        self.num_workers, self.shuffle = num_workers, shuffle
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(0) if shuffle else None
+        return DataLoader(
+            KVBlocks(self.source, split, self.layers),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=self.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.shuffle)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)

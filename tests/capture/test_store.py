@@ -1,0 +1,96 @@
+"""The store's promises: resume, no-op re-runs, no clobbering, refusal of corrupt and pickle files."""
+
+import json
+import shutil
+
+import pytest
+
+from tqlab.capture import run as capture_run
+from tqlab.capture.run import capture_spec, run_capture
+from tqlab.capture.store import CaptureError, CaptureStore, capture_dir
+
+
+def test_interrupted_capture_resumes_without_redoing_finished_shards(
+    tmp_path, monkeypatch, smollm2, small_spec_parts
+):
+    MODEL, DATA = small_spec_parts
+    monkeypatch.setattr(capture_run, "load_model", lambda **_: smollm2)
+    spec = capture_spec(MODEL, DATA, layers=[0, 29], shard_size=1)
+    real_forward, calls = capture_run._forward, []
+
+    def dies_on_third_shard(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_forward(*args)
+
+    monkeypatch.setattr(capture_run, "_forward", dies_on_third_shard)
+    with pytest.raises(KeyboardInterrupt):
+        run_capture(spec, tmp_path, progress=False)
+    out = capture_dir(tmp_path, spec)
+    first = out / "train" / "shard_00000.safetensors"
+    stamp = first.stat().st_mtime_ns
+    assert not (out / "manifest.json").exists()
+    assert not list(out.rglob(".*"))  # no half-written temporary file survives as a shard
+
+    monkeypatch.setattr(capture_run, "_forward", real_forward)
+    assert run_capture(spec, tmp_path, progress=False) == out
+    assert first.stat().st_mtime_ns == stamp
+    store = CaptureStore(out)
+    assert store.layers == [0, 29] and store.num_sequences("test") == 2
+
+    monkeypatch.setattr(
+        capture_run, "load_model", lambda **_: pytest.fail("a finished capture must not reload")
+    )
+    assert run_capture(spec, tmp_path, progress=False) == out
+
+
+def test_different_configurations_never_share_a_folder(tmp_path, small_spec_parts):
+    MODEL, DATA = small_spec_parts
+    a = capture_spec(MODEL, DATA)
+    b = capture_spec(MODEL, {**DATA, "seq_len": 128})
+    assert capture_dir(tmp_path, a) != capture_dir(tmp_path, b)
+    out = capture_dir(tmp_path, a)
+    out.mkdir(parents=True)
+    (out / "spec.json").write_text(json.dumps(b))  # a foreign capture where ours would go
+    with pytest.raises(CaptureError, match="another configuration"):
+        run_capture(a, tmp_path, progress=False)
+
+
+@pytest.fixture
+def copy_of(small_capture, tmp_path):
+    return shutil.copytree(small_capture, tmp_path / "copy")
+
+
+def test_truncated_shard_is_named_with_the_fix(copy_of):
+    shard = copy_of / "test" / "shard_00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(CaptureError, match=r"shard_00001.safetensors has 1000 bytes.*re-run capture.py"):
+        CaptureStore(copy_of)
+
+
+def test_corrupted_shard_fails_its_checksum(copy_of):
+    shard = copy_of / "train" / "shard_00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CaptureError, match="shard_00000.safetensors does not match its sha256"):
+        CaptureStore(copy_of)
+
+
+def test_corrupt_manifest_and_unfinished_capture_are_refused(copy_of):
+    (copy_of / "manifest.json").write_text("{not json")
+    with pytest.raises(CaptureError, match="manifest.json is corrupt"):
+        CaptureStore(copy_of)
+    (copy_of / "manifest.json").unlink()
+    with pytest.raises(CaptureError, match="not a finished capture"):
+        CaptureStore(copy_of)
+
+
+def test_pickle_files_are_never_loaded(tmp_path):
+    import pickle
+
+    bad = tmp_path / "capture.pt"
+    bad.write_bytes(pickle.dumps({"k": [1, 2, 3]}))
+    with pytest.raises(CaptureError, match="never unpickles"):
+        CaptureStore(bad)
