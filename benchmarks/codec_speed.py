@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import re
 import sys
 import time
 from pathlib import Path
 
 import torch
+from docs_section import write_section
 
 from tqlab.quant import TurboQuantMSE, TurboQuantProd
 
@@ -29,7 +29,6 @@ ROTATIONS = [
     "block_so8_learned",
     "fast_hadamard+block_so8_learned",
 ]
-BEGIN, END = "<!-- codec_speed:begin -->", "<!-- codec_speed:end -->"
 
 
 def best_time(fn, repeats: int) -> float:
@@ -81,7 +80,6 @@ def main() -> None:
     command = "python " + " ".join(sys.argv)
     section = "\n".join(
         [
-            BEGIN,
             "## Codec throughput on CPU",
             "",
             f"`{command}` — {datetime.date.today()}, {platform.processor() or platform.machine()}, "
@@ -90,17 +88,9 @@ def main() -> None:
             "rotations, two threads (`shared/reference/seed_system.md`).",
             "",
             *rows,
-            END,
         ]
     )
-    text = args.out.read_text() if args.out.exists() else "# Benchmarks\n"
-    if BEGIN in text:
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(f"wrote {args.out}")
+    write_section(args.out, "codec_speed", section)
 
 
 if __name__ == "__main__":
