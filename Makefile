@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help install test test-slow lint bench capture clean
+.PHONY: help install train eval test test-slow lint bench capture sync-wandb clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -20,6 +20,12 @@ $(STAMP): pyproject.toml tools/install_torch.sh | $(PY)
 
 install: $(STAMP)  ## create .venv and install tqlab with what the targets need (CPU torch without a GPU)
 
+train: $(STAMP)  ## fit learned SO(8) rotations on SmolLM2 keys (captures first if needed; ARGS="bits=3 ...")
+	$(PY) train.py $(ARGS)
+
+eval: $(STAMP)  ## attention quality of a compressed cache on the test split (ARGS="rotation=... bits=...")
+	$(PY) eval.py $(ARGS)
+
 test: $(STAMP)  ## the test suite (fast tests; what CI runs)
 	$(PY) -m pytest -m "not slow" -q
 
@@ -27,14 +33,17 @@ test-slow: $(STAMP)  ## the slow tests only
 	$(PY) -m pytest -m slow -q
 
 lint: $(STAMP)  ## ruff lint and format check
-	$(PY) -m ruff check src tests benchmarks capture.py
-	$(PY) -m ruff format --check src tests benchmarks capture.py
+	$(PY) -m ruff check src tests benchmarks capture.py train.py eval.py
+	$(PY) -m ruff format --check src tests benchmarks capture.py train.py eval.py
 
 bench: $(STAMP)  ## codec encode/decode throughput on CPU → docs/benchmarks.md
 	$(PY) benchmarks/codec_speed.py
 
 capture: $(STAMP)  ## capture q, k, v of the default model on the default text (ARGS="model=... data=...")
 	$(PY) capture.py $(ARGS)
+
+sync-wandb: $(STAMP)  ## upload offline W&B runs (needs a network and `wandb login`)
+	find outputs multirun -type d -name "offline-run-*" -exec $(VENV)/bin/wandb sync {} +
 
 clean:  ## remove caches (keeps .venv, outputs/ and multirun/)
 	rm -rf .pytest_cache .ruff_cache .hypothesis

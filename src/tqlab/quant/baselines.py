@@ -14,8 +14,9 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..rotation import make_rotation
+from ..rotation import Rotation
 from .codes import Code, buffer_nbytes, check_input
+from .mse import build_rotation
 from .packing import pack_bits, unpack_bits
 
 _SCALE_DTYPE = torch.float16
@@ -70,11 +71,11 @@ class Int8Block(_Baseline):
 class Int4Block(_Baseline):
     """q4_0: d = (signed value of largest magnitude) / −8, q = clamp(round(x/d) + 8, 0, 15), x̂ = (q − 8)·d."""
 
-    def __init__(self, dim: int, block: int = 32, rotation: str = "identity", seed: int = 0):
+    def __init__(self, dim: int, block: int = 32, rotation: str | Rotation = "identity", seed: int = 0):
         super().__init__()
         _check_groups(dim, block, "Int4Block")
         self.dim, self.block, self.bits = dim, block, 4
-        self.rotation = make_rotation(rotation, dim, seed=seed)
+        self.rotation = build_rotation(rotation, dim, seed, {})
         self.register_buffer("device_marker", torch.zeros(0))
 
     def quantize(self, x: torch.Tensor) -> BlockCode:

@@ -1,0 +1,15 @@
+"""python eval.py rotation=random_haar bits=3 — see conf/eval.yaml."""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(config_path="conf", config_name="eval", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from tqlab.tasks import evaluate
+
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""AttentionEvalModule: attention quality of a compressed K/V against the exact one, with real queries."""
+
+from __future__ import annotations
+
+import lightning as L
+from torch import nn
+
+from ..metrics.attention import per_query_metrics
+from ..metrics.torch_metrics import QueryMean, StoredBits
+from .codecs import CodecBank
+
+EXACT_BITS = 16  # the uncompressed cache: bf16 / fp16
+
+
+def compress_block(bank: CodecBank, item: dict, device) -> dict:
+    """Exact and approximate scaled logits, exact and decoded values, and the bytes each side stores."""
+    q, k, v, scaling = item["q"].double(), item["k"], item["v"], item["scaling"]
+    exact = (q @ k.double().T) * scaling
+    key_codec = bank.get("key", item["layer"], item["kv_head"], device)
+    value_codec = bank.get("value", item["layer"], item["kv_head"], device)
+    coords = k.numel()
+    if key_codec is None:
+        approx, key_bytes = exact, coords * EXACT_BITS / 8
+    else:
+        code = key_codec.quantize(k)
+        approx = key_codec.score(item["q"].float(), code).double() * scaling  # Prod: the unbiased estimator
+        key_bytes = code.nbytes
+    if value_codec is None:
+        v_hat, value_bytes = v, coords * EXACT_BITS / 8
+    else:
+        code = value_codec.quantize(v)
+        v_hat, value_bytes = value_codec.dequantize(code), code.nbytes
+    return {
+        "exact": exact,
+        "approx": approx,
+        "v": v,
+        "v_hat": v_hat,
+        "key_bytes": key_bytes,
+        "value_bytes": value_bytes,
+    }
+
+
+class AttentionEvalModule(L.LightningModule):
+    def __init__(self, bank: CodecBank, columns: dict, top_k: int = 8):
+        super().__init__()
+        self.bank, self.columns, self.top_k = bank, columns, top_k
+        names = [
+            "logit_cosine",
+            "output_cosine",
+            "output_rel_error",
+            "attention_kl",
+            "top1_agreement",
+            f"top{top_k}_overlap",
+            "spearman",
+        ]
+        self.metrics = nn.ModuleDict({n: QueryMean() for n in names})
+        self.key_bits, self.value_bits, self.kv_bits = StoredBits(), StoredBits(), StoredBits()
+        self.rows: list[dict] = []
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        for b in range(batch["q"].shape[0]):
+            item = {
+                "q": batch["q"][b],
+                "k": batch["k"][b],
+                "v": batch["v"][b],
+                "layer": int(batch["layer"][b]),
+                "kv_head": int(batch["kv_head"][b]),
+                "sequence": int(batch["sequence"][b]),
+                "scaling": float(batch["scaling"][b]),
+            }
+            out = compress_block(self.bank, item, self.device)
+            per_query = per_query_metrics(out["exact"], out["approx"], out["v"], out["v_hat"], self.top_k)
+            coords = item["k"].numel()
+            self.key_bits.update(out["key_bytes"], coords)
+            self.value_bits.update(out["value_bytes"], coords)
+            self.kv_bits.update(out["key_bytes"] + out["value_bytes"], 2 * coords)
+            row = {
+                **self.columns,
+                "layer": item["layer"],
+                "kv_head": item["kv_head"],
+                "sequence": item["sequence"],
+            }
+            for name, values in per_query.items():
+                self.metrics[name].update(values)
+                row[name] = float(values[~values.isnan()].mean()) if (~values.isnan()).any() else float("nan")
+            row["key_bits_per_coordinate"] = 8 * out["key_bytes"] / coords
+            row["value_bits_per_coordinate"] = 8 * out["value_bytes"] / coords
+            self.rows.append(row)
+
+    def on_test_epoch_end(self) -> None:
+        for name, metric in self.metrics.items():
+            self.log(f"test/{name}", metric.compute().float(), sync_dist=False)
+        self.log("test/key_bits_per_coordinate", self.key_bits.compute().float())
+        self.log("test/value_bits_per_coordinate", self.value_bits.compute().float())
+        self.log("test/kv_bits_per_coordinate", self.kv_bits.compute().float())
+        self.log("test/memory_ratio_vs_16bit", (self.kv_bits.compute() / EXACT_BITS).float())
+
+    def summary(self) -> dict:
+        """Overall means (torchmetrics, synced across processes) and effective bits."""
+        out = {name: float(m.compute()) for name, m in self.metrics.items()}
+        out["key_bits_per_coordinate"] = float(self.key_bits.compute())
+        out["value_bits_per_coordinate"] = float(self.value_bits.compute())
+        out["kv_bits_per_coordinate"] = float(self.kv_bits.compute())
+        out["memory_ratio_vs_16bit"] = out["kv_bits_per_coordinate"] / EXACT_BITS
+        out["constant_bytes"] = self.bank.constant_nbytes()
+        return out

@@ -1,0 +1,66 @@
+"""Rotation artefacts: trained parameters as safetensors, with the facts needed to rebuild them as metadata."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from . import Rotation, make_rotation
+
+
+def save_rotations(path: str | Path, rotations: dict[str, Rotation], facts: dict) -> None:
+    """Write every rotation's parameters and buffers as `<unit>.<name>` tensors, atomically.
+
+    facts must hold what `make_rotation` needs (name, dim and options such as view); it is stored as JSON
+    metadata alongside anything else worth keeping (config, bits, codec, layer list)."""
+    from safetensors.torch import save
+
+    tensors = {
+        f"{unit}.{k}": v.detach().cpu().contiguous()
+        for unit, r in rotations.items()
+        for k, v in r.state_dict().items()
+    }
+    data = save(tensors, metadata={"tqlab": json.dumps({**facts, "units": sorted(rotations)}, default=str)})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+        tmp.write(data)
+    os.replace(tmp.name, path)
+
+
+def load_rotations(path: str | Path) -> tuple[dict[str, Rotation], dict]:
+    """Rebuild the rotations saved by `save_rotations`; returns (rotations by unit, facts)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(
+            f"refusing {path}: rotations are loaded only from .safetensors files (never pickles)"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            facts = json.loads(f.metadata()["tqlab"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:
+        raise ValueError(
+            f"{path} is not a readable tqlab rotation file ({err}); re-run train.py to recreate it"
+        ) from err
+    rotations = {}
+    for unit in facts["units"]:
+        rot = make_rotation(facts["rotation"], facts["dim"], **facts.get("rotation_options", {}))
+        prefix = f"{unit}."
+        rot.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+        rotations[unit] = rot
+    return rotations, facts
+
+
+def unit_name(layer: int, kv_head: int | None = None, target: str = "key") -> str:
+    """Name of a fitted unit: one rotation per (target, layer) or per (target, layer, KV head)."""
+    return f"{target}_layer{layer}" + ("" if kv_head is None else f"_head{kv_head}")
+
+
+def rotation_for(rotations: dict[str, Rotation], layer: int, kv_head: int, target: str) -> Rotation | None:
+    """The fitted rotation of (layer, head) — per-head if fitted so, else the layer's — or None."""
+    return rotations.get(unit_name(layer, kv_head, target)) or rotations.get(unit_name(layer, None, target))

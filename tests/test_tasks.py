@@ -1,0 +1,209 @@
+"""train(cfg) and evaluate(cfg) end to end, resumption, locking, W&B offline files, a multirun."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from tqlab import tasks
+from tqlab.config import ConfigError
+from tqlab.fit import module as fit_module
+from tqlab.rotation.io import load_rotations
+from tqlab.runs import RunLocked, claim
+
+ROOT = Path(__file__).parents[1]
+SYNTHETIC = [
+    "data=synthetic",
+    "data.seq_len=32",
+    "data.sequences={train:4,validation:2,test:2}",
+    "logger=none",
+    "progress=false",
+]
+
+
+def cfg(name, tmp_path, *overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        c = compose(config_name=name, overrides=[*SYNTHETIC, *overrides])
+    c.results_root, c.output_dir = str(tmp_path / "runs"), str(tmp_path / "out")
+    return c
+
+
+def test_train_then_evaluate_the_fitted_rotations(tmp_path):
+    results = tasks.train(cfg("train", tmp_path, "trainer.max_epochs=2", "rotation=triality", "kv=full_kv"))
+    done = json.loads((results / "done.json").read_text())
+    assert done["epochs_done"] == 2 and done["best_val_loss"] <= done["val_loss_initial"] * 1.05
+    rotations, facts = load_rotations(results / "best.safetensors")
+    assert sorted(rotations) == ["key_layer0", "key_layer1", "value_layer0", "value_layer1"]
+    assert facts["rotation_options"]["view"] == "spinor_plus"
+    m = rotations["key_layer1"].matrix().double()
+    torch.testing.assert_close(m @ m.T, torch.eye(64, dtype=torch.float64), atol=1e-5, rtol=0)
+
+    out = tasks.evaluate(cfg("eval", tmp_path, f"rotations={results}", "kv=full_kv", "bits=2"))
+    summary = json.loads((out / "summary.json").read_text())
+    rows = (out / "results.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 * 2 * 2  # header + layers × KV heads × test sequences
+    assert summary["columns"]["rotation"].startswith("fitted:")
+    assert 0 < summary["overall"]["output_cosine"] <= 1
+    assert summary["overall"]["kv_bits_per_coordinate"] == pytest.approx(2 + 16 / 64)
+
+
+def test_fractional_bits_and_baselines_evaluate_with_honest_bits(tmp_path):
+    mixed = json.loads((tasks.evaluate(cfg("eval", tmp_path, "bits=2.5")) / "summary.json").read_text())
+    assert mixed["overall"]["key_bits_per_coordinate"] == pytest.approx(2.5 + 2 * 16 / 64)
+    q4 = json.loads(
+        (
+            tasks.evaluate(cfg("eval", tmp_path, "codec=int4_block", "bits=4", "rotation=fast_hadamard"))
+            / "summary.json"
+        ).read_text()
+    )
+    assert q4["overall"]["key_bits_per_coordinate"] == 4.5
+    assert q4["overall"]["value_bits_per_coordinate"] == 16
+
+
+def test_finished_runs_are_skipped_and_interrupted_training_resumes(tmp_path, monkeypatch):
+    c = cfg("eval", tmp_path, "bits=3")
+    first = tasks.evaluate(c)
+    monkeypatch.setattr(
+        tasks, "kv_source", lambda cfg: pytest.fail("a finished evaluation must not recompute")
+    )
+    assert tasks.evaluate(c) == first
+    monkeypatch.undo()
+
+    original, calls = fit_module.SaveRotations.on_validation_end, []
+
+    def interrupt_after_first_epoch(self, trainer, module):
+        original(self, trainer, module)
+        if not trainer.sanity_checking and not calls:
+            calls.append(1)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(fit_module.SaveRotations, "on_validation_end", interrupt_after_first_epoch)
+    t = cfg("train", tmp_path, "trainer.max_epochs=3", "fit.patience=10")
+    with pytest.raises((KeyboardInterrupt, SystemExit)):  # Lightning turns Ctrl-C into SystemExit(1)
+        tasks.train(t)
+    results = Path(t.results_root) / "train"
+    (folder,) = results.iterdir()
+    assert json.loads((folder / "fit_state.json").read_text())["epochs_done"] == 1
+    assert not (folder / "done.json").exists()
+    tasks.train(t)
+    assert json.loads((folder / "done.json").read_text())["epochs_done"] == 3
+
+
+def test_two_processes_never_write_one_folder(tmp_path):
+    with claim(tmp_path / "run"):
+        with pytest.raises(RunLocked, match="another process"):
+            with claim(tmp_path / "run"):
+                pass
+    (tmp_path / "run" / "lock").write_text(
+        json.dumps({"pid": 2**22 + 12345, "host": __import__("socket").gethostname()})
+    )
+    with claim(tmp_path / "run"):  # a dead owner's lock is taken over
+        pass
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["codec=int4_block", "bits=3"], r"bits=3 is not allowed for codec=int4_block: choose from \[4\]"),
+        (
+            ["codec=kivi", "bits=2", "rotation=random_haar"],
+            "rotation=random_haar does not apply to codec=kivi",
+        ),
+        (["rotation=block_so8_learned", "bits=2.5"], "fitted at integer bits"),
+        (["rotation=fast_hadamard", "data.head_dim=48"], "power-of-two head_dim"),
+        (["bits=9"], "bits=9 is out of range 1..8"),
+        (["rotation.name=haar"], r"rotation.name \(each '\+' part\)='haar' is not allowed"),
+        (["kv.compress=[keys]"], "kv.compress"),
+    ],
+)
+def test_bad_overrides_fail_before_any_compute(tmp_path, monkeypatch, overrides, message):
+    monkeypatch.setattr(tasks, "kv_source", lambda cfg: pytest.fail("validation must come first"))
+    with pytest.raises(ConfigError, match=message):
+        tasks.evaluate(cfg("eval", tmp_path, *overrides))
+
+
+def test_fixed_rotations_have_nothing_to_train(tmp_path):
+    with pytest.raises(ConfigError, match="nothing to fit"):
+        tasks.train(cfg("train", tmp_path, "rotation=random_haar"))
+
+
+def wandb_records(run_file):
+    """(config, summary) as dicts, read from an offline run's record file."""
+    from wandb.proto import wandb_internal_pb2
+    from wandb.sdk.internal import datastore
+
+    store, config, summary = datastore.DataStore(), {}, {}
+    store.open_for_scan(str(run_file))
+    while (raw := store.scan_record()) is not None:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw[1])
+        kind = record.WhichOneof("record_type")
+        if kind == "config":
+            config.update({i.key: json.loads(i.value_json) for i in record.config.update})
+        elif kind == "summary":
+            summary.update(
+                {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.summary.update}
+            )
+    return config, summary
+
+
+def test_wandb_offline_run_holds_the_metrics_and_config(tmp_path):
+    c = cfg("eval", tmp_path, "logger=wandb", "bits=4")
+    out = tasks.evaluate(c)
+    (run_file,) = (tmp_path / "out" / "wandb").glob("offline-run-*/run-*.wandb")
+    config, summary = wandb_records(run_file)
+    assert config["codec"]["name"] == "turboquant_mse" and config["bits"] == 4
+    expected = json.loads((out / "summary.json").read_text())["overall"]
+    assert summary["output_cosine"] == pytest.approx(expected["output_cosine"])
+    assert summary["kv_bits_per_coordinate"] == pytest.approx(expected["kv_bits_per_coordinate"])
+
+
+def test_a_two_by_two_multirun_writes_four_jobs_and_a_rerun_skips_them(tmp_path):
+    args = [
+        sys.executable,
+        "eval.py",
+        "-m",
+        *SYNTHETIC,
+        "rotation=identity,random_haar",
+        "bits=2,3",
+        f"results_root={tmp_path / 'runs'}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1"}
+    first = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    summaries = sorted((tmp_path / "sweep").glob("*/result/summary.json"))
+    assert len(summaries) == 4
+    configs = {
+        (s["columns"]["rotation"], s["columns"]["k_bits"])
+        for s in (json.loads(p.read_text()) for p in summaries)
+    }
+    assert configs == {("identity", 2), ("identity", 3), ("random_haar", 2), ("random_haar", 3)}
+    again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert (
+        again.returncode == 0
+        and again.stderr.count("already evaluated") + again.stdout.count("already evaluated") == 4
+    )
+
+
+def test_train_and_evaluate_on_a_real_smollm2_capture(tmp_path):
+    real = [
+        "data=wiki",
+        "data.seq_len=64",
+        "data.sequences={train:2,validation:1,test:1}",
+        "store.layers=[0,29]",
+        f"store.root={tmp_path / 'captures'}",
+    ]
+    trained = tasks.train(cfg("train", tmp_path, *real, "trainer.max_epochs=1", "rotation=hadamard_block_so8_learned"))
+    haar = json.loads((tasks.evaluate(cfg("eval", tmp_path, *real, "bits=2")) / "summary.json").read_text())
+    fitted = json.loads((tasks.evaluate(cfg("eval", tmp_path, *real, "bits=2", f"rotations={trained}")) / "summary.json").read_text())
+    for summary in (haar, fitted):
+        assert summary["blocks"] == 2 * 3 * 1  # layers × KV heads × test sequences
+        assert summary["columns"]["model"] == "smollm2-135m"
+        assert 0 < summary["overall"]["output_cosine"] <= 1 and 0 < summary["overall"]["logit_cosine"] <= 1
+        assert set(summary["per_layer"]) == {"0", "29"}  # JSON keys
+    assert len(list((tmp_path / "captures").iterdir())) == 1  # one capture, shared by all three runs
