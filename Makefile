@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help install train eval test test-slow lint bench capture sync-wandb clean
+.PHONY: help install train eval report test test-slow lint bench capture sync-wandb clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -26,6 +26,9 @@ train: $(STAMP)  ## fit learned SO(8) rotations on SmolLM2 keys (captures first 
 eval: $(STAMP)  ## attention quality of a compressed cache on the test split (ARGS="rotation=... bits=...")
 	$(PY) eval.py $(ARGS)
 
+report: $(STAMP)  ## statistics, tables and Pareto plots of a sweep (RUNS=multirun/eval/<date>/<time>)
+	$(PY) report.py runs=$(RUNS) $(ARGS)
+
 test: $(STAMP)  ## the test suite (fast tests; what CI runs)
 	$(PY) -m pytest -m "not slow" -q
 
@@ -33,8 +36,8 @@ test-slow: $(STAMP)  ## the slow tests only
 	$(PY) -m pytest -m slow -q
 
 lint: $(STAMP)  ## ruff lint and format check
-	$(PY) -m ruff check src tests benchmarks capture.py train.py eval.py
-	$(PY) -m ruff format --check src tests benchmarks capture.py train.py eval.py
+	$(PY) -m ruff check src tests benchmarks capture.py train.py eval.py report.py
+	$(PY) -m ruff format --check src tests benchmarks capture.py train.py eval.py report.py
 
 bench: $(STAMP)  ## codec encode/decode throughput on CPU → docs/benchmarks.md
 	$(PY) benchmarks/codec_speed.py

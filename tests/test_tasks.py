@@ -46,7 +46,8 @@ def test_train_then_evaluate_the_fitted_rotations(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     rows = (out / "results.csv").read_text().splitlines()
     assert len(rows) == 1 + 2 * 2 * 2  # header + layers × KV heads × test sequences
-    assert summary["columns"]["rotation"].startswith("fitted:")
+    assert summary["columns"]["rotation"] == "fitted:fast_hadamard+block_so8_learned"
+    assert summary["columns"]["view"] == "spinor_plus"
     assert 0 < summary["overall"]["output_cosine"] <= 1
     assert summary["overall"]["kv_bits_per_coordinate"] == pytest.approx(2 + 16 / 64)
 
@@ -198,9 +199,15 @@ def test_train_and_evaluate_on_a_real_smollm2_capture(tmp_path):
         "store.layers=[0,29]",
         f"store.root={tmp_path / 'captures'}",
     ]
-    trained = tasks.train(cfg("train", tmp_path, *real, "trainer.max_epochs=1", "rotation=hadamard_block_so8_learned"))
+    trained = tasks.train(
+        cfg("train", tmp_path, *real, "trainer.max_epochs=1", "rotation=hadamard_block_so8_learned")
+    )
     haar = json.loads((tasks.evaluate(cfg("eval", tmp_path, *real, "bits=2")) / "summary.json").read_text())
-    fitted = json.loads((tasks.evaluate(cfg("eval", tmp_path, *real, "bits=2", f"rotations={trained}")) / "summary.json").read_text())
+    fitted = json.loads(
+        (
+            tasks.evaluate(cfg("eval", tmp_path, *real, "bits=2", f"rotations={trained}")) / "summary.json"
+        ).read_text()
+    )
     for summary in (haar, fitted):
         assert summary["blocks"] == 2 * 3 * 1  # layers × KV heads × test sequences
         assert summary["columns"]["model"] == "smollm2-135m"

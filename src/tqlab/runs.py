@@ -64,6 +64,11 @@ def sweep_group() -> str | None:
     return None
 
 
+def is_rank_zero() -> bool:
+    """False in the extra processes of a multi-GPU run (Lightning's DDP launcher, torchrun, srun)."""
+    return all(os.environ.get(v, "0") == "0" for v in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -76,8 +81,12 @@ def _alive(pid: int) -> bool:
 
 @contextlib.contextmanager
 def claim(folder: Path):
-    """Hold `folder/lock` for the duration; refuse when another live process holds it."""
+    """Hold `folder/lock` for the duration; refuse when another live process holds it. The extra ranks of
+    a multi-GPU run work under rank 0's claim."""
     folder.mkdir(parents=True, exist_ok=True)
+    if not is_rank_zero():
+        yield folder
+        return
     lock = folder / "lock"
     me = {"pid": os.getpid(), "host": socket.gethostname()}
     for _ in range(2):

@@ -196,9 +196,10 @@ def _fit(cfg, sections, fit, results: Path, loggers, check_head_dim) -> None:
         trainer.fit(module, datamodule=data)
         if trainer.interrupted:  # Lightning returns normally on Ctrl-C: leave the run resumable, not done
             raise KeyboardInterrupt(f"training interrupted; re-run the same command to resume {results}")
-    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    summary = {**state, "val_loss_initial": initial, **facts}
-    (results / "done.json").write_text(json.dumps(summary, indent=2, default=str))
+    if trainer.is_global_zero:
+        state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+        summary = {**state, "val_loss_initial": initial, **facts}
+        (results / "done.json").write_text(json.dumps(summary, indent=2, default=str))
 
 
 def evaluate(cfg: DictConfig) -> Path:
@@ -230,8 +231,9 @@ def evaluate(cfg: DictConfig) -> Path:
         loggers = _loggers(cfg, out, _tags(sections))
         try:
             summary, rows = _test(cfg, sections, fitted_file, loggers, check_head_dim)
-            if rows is not None:
-                _write_results(results, rows, summary, loggers)
+            if rows is None:  # an extra process of a multi-GPU run: rank 0 writes the results
+                return results
+            _write_results(results, rows, summary, loggers)
         finally:
             _finish(loggers)
     log.info(
@@ -276,13 +278,17 @@ def _test(cfg, sections, fitted_file, loggers, check_head_dim):
         fitted,
         calibration,
     )
+    rotation, view = sections["rotation"]["name"], sections["rotation"].get("view")
+    if fitted:
+        rotation, view = "fitted:" + facts["rotation"], facts["rotation_options"].get("view")
     columns = {
         "model": sections["model"]["name_or_path"],
         "data": sections["data"]["source"],
         "capture": source.manifest["fingerprint"][:16],
         "codec": sections["codec"]["name"],
-        "rotation": "fitted:" + str(cfg.rotations) if fitted else sections["rotation"]["name"],
-        "view": sections["rotation"].get("view"),
+        "rotation": rotation,
+        "view": view,
+        "rotations_from": str(cfg.rotations) if fitted else None,
         "kv": "+".join(t for t, b in sections["bits"].items() if b is not None),
         "k_bits": sections["bits"]["key"],
         "v_bits": sections["bits"]["value"],
@@ -290,7 +296,7 @@ def _test(cfg, sections, fitted_file, loggers, check_head_dim):
     }
     module = AttentionEvalModule(bank, columns, settings["top_k"])
     layers = sections["store"]["layers"] or source.layers
-    trainer = _trainer(cfg, loggers)
+    trainer = _trainer(cfg, loggers, use_distributed_sampler=False)
     trainer.test(
         module,
         datamodule=KVDataModule(source, batch_size=settings["batch_size"], layers=layers),
@@ -301,8 +307,12 @@ def _test(cfg, sections, fitted_file, loggers, check_head_dim):
         gathered = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(gathered, rows)
         rows = [r for part in gathered for r in part] if trainer.is_global_zero else None
+    units = [(layer, head) for layer in layers for head in range(arch["num_kv_heads"])]
+    overall = module.summary(units)
+    # K and V bytes one token costs over the evaluated layers and KV heads (exact sides at 16 bits)
+    overall["kv_bytes_per_token"] = overall["kv_bits_per_coordinate"] * 2 * arch["head_dim"] * len(units) / 8
     summary = {
-        "overall": module.summary(),
+        "overall": overall,
         "columns": columns,
         "blocks": len(rows) if rows is not None else None,
     }
@@ -337,3 +347,18 @@ def _write_results(results: Path, rows: list[dict], summary: dict, loggers) -> N
 def _nanmean(values: list[float]) -> float:
     finite = [v for v in values if v == v]
     return sum(finite) / len(finite) if finite else float("nan")
+
+
+def report(cfg: DictConfig) -> Path:
+    """report.md (+ figures, report.json, W&B) for the evaluations under cfg.runs; returns report.md."""
+    import sys
+
+    from .config import to_dict
+    from .report.build import build_report
+    from .runs import output_dir
+
+    settings = to_dict(cfg, "wandb") if cfg.get("wandb") else {"mode": "disabled"}
+    command = (
+        "python report.py " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("report.py") else ""
+    )
+    return build_report(cfg.runs, output_dir(cfg), list(cfg.metrics), cfg.reference, command, settings)

@@ -34,8 +34,9 @@ class KVBlocks(Dataset):
 
 
 class KVDataModule(L.LightningDataModule):
-    """train / val / test loaders over a capture's splits. Order is deterministic (shuffle=False by
-    default); under DDP, Lightning wraps each loader in a DistributedSampler, sharding the items."""
+    """train / val / test loaders over a capture's splits, in a deterministic order. Under DDP the train
+    loader is sharded by Lightning's DistributedSampler; validation and test blocks are split across
+    processes without repeats (the Trainer then needs use_distributed_sampler=False, as eval.py sets)."""
 
     def __init__(
         self,
@@ -50,11 +51,18 @@ class KVDataModule(L.LightningDataModule):
         self.num_workers, self.shuffle = num_workers, shuffle
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        blocks = KVBlocks(self.source, split, self.layers)
         generator = torch.Generator().manual_seed(0) if shuffle else None
+        sampler = None
+        if split != "train" and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every block exactly once across processes (a DistributedSampler would pad with repeats)
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+            sampler = list(range(rank, len(blocks), world))
         return DataLoader(
-            KVBlocks(self.source, split, self.layers),
+            blocks,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle if sampler is None else None,
+            sampler=sampler,
             generator=generator,
             num_workers=self.num_workers,
         )

@@ -55,5 +55,7 @@ class CodecBank:
             codec.calibrate(self.calibration(target, layer, head))
         return codec
 
-    def constant_nbytes(self) -> int:
-        return sum(c.constant_nbytes() for c in self._cache.values())
+    def constant_nbytes(self, units: list[tuple[int, int]], device) -> int:
+        """Bytes of the per-layer constants over every (layer, KV head) unit and compressed target."""
+        codecs = [self.get(t, layer, head, device) for t in ("key", "value") for layer, head in units]
+        return sum(c.constant_nbytes() for c in codecs if c is not None)

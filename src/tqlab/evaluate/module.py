@@ -88,19 +88,23 @@ class AttentionEvalModule(L.LightningModule):
             self.rows.append(row)
 
     def on_test_epoch_end(self) -> None:
+        # compute() already sums the states of every process; rank 0 logs the result
         for name, metric in self.metrics.items():
-            self.log(f"test/{name}", metric.compute().float(), sync_dist=False)
-        self.log("test/key_bits_per_coordinate", self.key_bits.compute().float())
-        self.log("test/value_bits_per_coordinate", self.value_bits.compute().float())
-        self.log("test/kv_bits_per_coordinate", self.kv_bits.compute().float())
-        self.log("test/memory_ratio_vs_16bit", (self.kv_bits.compute() / EXACT_BITS).float())
+            self.log(f"test/{name}", metric.compute().float(), rank_zero_only=True)
+        self.log("test/key_bits_per_coordinate", self.key_bits.compute().float(), rank_zero_only=True)
+        self.log("test/value_bits_per_coordinate", self.value_bits.compute().float(), rank_zero_only=True)
+        self.log("test/kv_bits_per_coordinate", self.kv_bits.compute().float(), rank_zero_only=True)
+        self.log(
+            "test/memory_ratio_vs_16bit", (self.kv_bits.compute() / EXACT_BITS).float(), rank_zero_only=True
+        )
 
-    def summary(self) -> dict:
-        """Overall means (torchmetrics, synced across processes) and effective bits."""
+    def summary(self, units: list[tuple[int, int]]) -> dict:
+        """Overall means (torchmetrics, synced across processes), effective bits, and the per-layer constants
+        (codebooks, rotations, projections, channel sets) of every (layer, KV head) unit."""
         out = {name: float(m.compute()) for name, m in self.metrics.items()}
         out["key_bits_per_coordinate"] = float(self.key_bits.compute())
         out["value_bits_per_coordinate"] = float(self.value_bits.compute())
         out["kv_bits_per_coordinate"] = float(self.kv_bits.compute())
         out["memory_ratio_vs_16bit"] = out["kv_bits_per_coordinate"] / EXACT_BITS
-        out["constant_bytes"] = self.bank.constant_nbytes()
+        out["constant_bytes"] = self.bank.constant_nbytes(units, self.device)
         return out

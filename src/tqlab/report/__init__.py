@@ -1,0 +1,1 @@
+"""Reports: collect finished evaluations, compute statistics, draw trade-off plots, write Markdown."""

@@ -1,0 +1,83 @@
+"""Statistics for reports: descriptive summaries and paired tests blocked by (layer, head, sequence).
+
+scipy does the tests; blocks, not seeds, are the units: the same held-out block measured under two
+configurations is one pair.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import stats
+
+
+def describe(values) -> dict:
+    """n, mean, SD, SEM and the 95 % Student-t confidence interval of the mean (NaNs dropped)."""
+    x = np.asarray([v for v in values if v == v], dtype=float)
+    n = len(x)
+    if n == 0:
+        return {
+            "n": 0,
+            "mean": math.nan,
+            "sd": math.nan,
+            "sem": math.nan,
+            "ci_low": math.nan,
+            "ci_high": math.nan,
+        }
+    mean = float(x.mean())
+    sd = float(x.std(ddof=1)) if n > 1 else math.nan
+    sem = sd / math.sqrt(n) if n > 1 else math.nan
+    half = float(stats.t.ppf(0.975, n - 1) * sem) if n > 1 else math.nan
+    return {"n": n, "mean": mean, "sd": sd, "sem": sem, "ci_low": mean - half, "ci_high": mean + half}
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm–Bonferroni adjusted p-values (step-down, monotone, capped at 1)."""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    adjusted, running = [0.0] * m, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, (m - rank) * p_values[i])
+        adjusted[i] = min(1.0, running)
+    return adjusted
+
+
+def paired_difference(a, b, seed: int = 0, resamples: int = 2000) -> dict:
+    """b − a over paired blocks: median difference with a bootstrap 95 % CI, and the Wilcoxon signed-rank p."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    keep = ~(np.isnan(a) | np.isnan(b))
+    d = b[keep] - a[keep]
+    if len(d) < 2 or np.all(d == 0):
+        return {
+            "n": int(len(d)),
+            "median_diff": float(np.median(d)) if len(d) else math.nan,
+            "ci_low": math.nan,
+            "ci_high": math.nan,
+            "p": 1.0,
+        }
+    boot = stats.bootstrap(
+        (d,),
+        np.median,
+        confidence_level=0.95,
+        n_resamples=resamples,
+        random_state=np.random.default_rng(seed),
+        method="percentile",
+    )
+    p = float(stats.wilcoxon(d, zero_method="wilcox").pvalue)
+    return {
+        "n": int(len(d)),
+        "median_diff": float(np.median(d)),
+        "ci_low": float(boot.confidence_interval.low),
+        "ci_high": float(boot.confidence_interval.high),
+        "p": p,
+    }
+
+
+def friedman(columns: list) -> float:
+    """Friedman test across k >= 3 configurations measured on the same blocks (rows with a NaN dropped)."""
+    data = np.column_stack([np.asarray(c, dtype=float) for c in columns])
+    data = data[~np.isnan(data).any(axis=1)]
+    if data.shape[1] < 3 or len(data) < 2:
+        return math.nan
+    return float(stats.friedmanchisquare(*data.T).pvalue)

@@ -1,0 +1,93 @@
+"""A report from a small real sweep: tables, statistics, figures, unfinished jobs, refusal of mixed captures."""
+
+import json
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import pytest
+from hydra import compose, initialize_config_dir
+
+from tqlab import tasks
+from tqlab.report.collect import ReportError
+
+ROOT = Path(__file__).parents[2]
+SYNTHETIC = [
+    "data=synthetic",
+    "data.seq_len=32",
+    "data.sequences={train:2,validation:1,test:3}",
+    "logger=none",
+    "progress=false",
+]
+
+
+def evaluate(tmp_path, job, *overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        c = compose(config_name="eval", overrides=[*SYNTHETIC, *overrides])
+    c.results_root, c.output_dir = str(tmp_path / "runs"), str(tmp_path / "sweep" / job)
+    return tasks.evaluate(c)
+
+
+def report_cfg(runs, out, **extra):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        c = compose(config_name="report", overrides=[f"runs={runs}", "wandb.mode=disabled"])
+    c.output_dir = str(out)
+    for k, v in extra.items():
+        c[k] = v
+    return c
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("report")
+    for i, rotation in enumerate(["identity", "random_haar", "fast_hadamard"]):
+        evaluate(tmp, str(i), f"rotation={rotation}", "bits=2")
+    evaluate(tmp, "3", "rotation=random_haar", "bits=3")
+    unfinished = tmp / "sweep" / "4" / ".hydra"
+    unfinished.mkdir(parents=True)
+    (unfinished / "overrides.yaml").write_text("- rotation=block_so8_static\n- bits=2\n")
+    return tmp
+
+
+def test_report_has_tables_statistics_and_figures(sweep):
+    report = tasks.report(report_cfg(sweep / "sweep", sweep / "out"))
+    text = report.read_text()
+    assert "## Summary" in text and "## Paired comparisons" in text
+    assert "Friedman p" in text and "Holm p" in text
+    assert "rotation=block_so8_static" in text  # the unfinished job is named
+    data = json.loads((sweep / "out" / "report.json").read_text())
+    assert len(data["summary"]) == 4
+    # three configurations at 2 bits → three pairs per metric, each over 2 layers × 2 heads × 3 sequences
+    pairs = [p for p in data["paired"] if p["metric"] == "output_cosine"]
+    assert len(pairs) == 3 and all(p["n"] == 12 for p in pairs)
+    pictures = sorted((sweep / "out").glob("*.png"))
+    assert {p.stem for p in pictures} >= {
+        "pareto_output_cosine",
+        "pareto_attention_kl",
+        "per_layer_output_cosine",
+        "by_bits_output_cosine",
+        "vs_random_haar_output_cosine",
+    }
+    for p in pictures:
+        assert f"]({p.name})" in text
+        image = mpimg.imread(p)
+        assert image.shape[0] > 200 and image.std() > 0.01  # a drawn figure, not a blank canvas
+
+
+def test_haar_beats_identity_on_outlier_keys_in_the_paired_table(sweep):
+    tasks.report(report_cfg(sweep / "sweep", sweep / "out2"))
+    data = json.loads((sweep / "out2" / "report.json").read_text())
+    (pair,) = [
+        p
+        for p in data["paired"]
+        if p["metric"] == "output_cosine"
+        and {p["a"], p["b"]} == {"turboquant_mse · identity", "turboquant_mse · random_haar"}
+    ]
+    sign = 1 if pair["b"].endswith("random_haar") else -1
+    assert sign * pair["median_diff"] > 0  # planted outlier channels: mixing helps
+
+
+def test_mixed_captures_are_refused(tmp_path):
+    evaluate(tmp_path, "0", "rotation=random_haar", "bits=2")
+    evaluate(tmp_path, "1", "rotation=random_haar", "bits=2", "data.seed=7")  # another synthetic source
+    with pytest.raises(ReportError, match="different captures"):
+        tasks.report(report_cfg(tmp_path / "sweep", tmp_path / "out"))
