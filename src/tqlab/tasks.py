@@ -139,6 +139,7 @@ def _fit(cfg, sections, fit, results: Path, loggers, check_head_dim) -> None:
     from .data.datamodule import KVDataModule
     from .fit.module import RotationFitModule, SaveRotations
     from .rotation.io import load_rotations
+    from .runs import resolved
 
     L.seed_everything(cfg.seed, workers=True)
     source = kv_source(cfg)
@@ -180,6 +181,7 @@ def _fit(cfg, sections, fit, results: Path, loggers, check_head_dim) -> None:
         "per_head": fit["per_head"],
         "layers": layers,
         "capture": source.manifest["fingerprint"],
+        "config": resolved(cfg),
     }
     data = KVDataModule(source, batch_size=fit["batch_size"], layers=layers, shuffle=True)
     remaining = max(0, cfg.trainer.max_epochs - done)
@@ -361,4 +363,5 @@ def report(cfg: DictConfig) -> Path:
     command = (
         "python report.py " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("report.py") else ""
     )
-    return build_report(cfg.runs, output_dir(cfg), list(cfg.metrics), cfg.reference, command, settings)
+    runs = OmegaConf.to_container(cfg.runs) if OmegaConf.is_list(cfg.runs) else cfg.runs
+    return build_report(runs, output_dir(cfg), list(cfg.metrics), cfg.reference, command, settings)

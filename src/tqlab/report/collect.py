@@ -47,13 +47,27 @@ def _number(value: str):
             return value
 
 
-def collect(path: str | Path) -> tuple[list[Evaluation], list[str]]:
-    """(finished evaluations, descriptions of unfinished jobs) under `path`: an eval results folder, a Hydra
-    run folder (with its `result` link) or a multirun folder of jobs."""
-    path = Path(path)
+def collect(paths) -> tuple[list[Evaluation], list[str]]:
+    """(finished evaluations, descriptions of unfinished jobs) under `paths` (one or a list): eval results
+    folders, Hydra run folders (with their `result` link) or multirun folders of jobs."""
+    found, missing, seen = [], [], set()
+    for path in [paths] if isinstance(paths, (str, Path)) else list(paths):
+        _collect_one(Path(path), found, missing, seen)
+    if not found:
+        raise ReportError(f"no finished evaluation (summary.json) under {paths}")
+    for key in ("capture", "model"):
+        values = {e.summary["columns"][key] for e in found}
+        if len(values) > 1:
+            raise ReportError(
+                f"runs={paths} mixes evaluations of different {key}s {sorted(map(str, values))}: "
+                "report each on its own (comparisons need the same held-out blocks)"
+            )
+    return found, missing
+
+
+def _collect_one(path: Path, found: list, missing: list, seen: set) -> None:
     if not path.exists():
         raise ReportError(f"runs={path} does not exist")
-    found, missing, seen = [], [], set()
     candidates = (
         [path]
         if (path / "summary.json").exists() or (path / "result").exists()
@@ -75,13 +89,3 @@ def collect(path: str | Path) -> tuple[list[Evaluation], list[str]]:
         with open(folder / "results.csv", newline="") as f:
             rows = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
         found.append(Evaluation(folder, json.loads(summary_file.read_text()), rows))
-    if not found:
-        raise ReportError(f"no finished evaluation (summary.json) under {path}")
-    for key in ("capture", "model"):
-        values = {e.summary["columns"][key] for e in found}
-        if len(values) > 1:
-            raise ReportError(
-                f"runs={path} mixes evaluations of different {key}s {sorted(map(str, values))}: "
-                "report each on its own (comparisons need the same held-out blocks)"
-            )
-    return found, missing
