@@ -5,6 +5,7 @@ Tests compose a config and call these directly; `capture.py` and friends are thi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -87,6 +88,30 @@ def _trainer(cfg: DictConfig, loggers, callbacks=(), **overrides):
     )
 
 
+@contextlib.contextmanager
+def _results_folder(cfg: DictConfig, task: str, finished: str, tags: list[str], extra: dict | None = None):
+    """Claim the run's content-addressed results folder and yield (folder, loggers); loggers is None when
+    the folder already holds `finished` (the run is done and is skipped)."""
+    from .runs import claim, fingerprint, link_result, output_dir
+
+    out = output_dir(cfg)
+    results = Path(cfg.results_root).expanduser().resolve() / task / fingerprint(cfg, extra)[:16]
+    with claim(results):
+        link_result(out, results)
+        if (results / finished).is_file():
+            log.info(
+                "already %s in %s: nothing to do", {"train": "trained", "eval": "evaluated"}[task], results
+            )
+            yield results, None
+            return
+        OmegaConf.save(cfg, results / "config.yaml", resolve=True)
+        loggers = _loggers(cfg, out, tags)
+        try:
+            yield results, loggers
+        finally:
+            _finish(loggers)
+
+
 def _tags(sections: dict) -> list[str]:
     rot = sections["rotation"]
     return [f"rotation={rot['name']}", f"codec={sections['codec']['name']}", f"bits={sections['bits']}"]
@@ -95,7 +120,7 @@ def _tags(sections: dict) -> list[str]:
 def train(cfg: DictConfig) -> Path:
     """Fit learned rotations on the train split (validating each epoch); returns the results folder."""
     from .config import check_head_dim, fit_section, run_sections
-    from .runs import claim, fingerprint, link_result, output_dir, results_of
+    from .runs import output_dir, results_of
 
     if cfg.get("resume"):
         resume = results_of(cfg.resume)
@@ -113,19 +138,9 @@ def train(cfg: DictConfig) -> Path:
             f"rotation={rot['name']} has nothing to fit; train.py fits rotation=block_so8_learned, "
             "hadamard_block_so8_learned or triality. Evaluate fixed rotations with eval.py"
         )
-    out = output_dir(cfg)
-    results = Path(cfg.results_root).expanduser().resolve() / "train" / fingerprint(cfg)[:16]
-    with claim(results):
-        link_result(out, results)
-        if (results / "done.json").is_file():
-            log.info("already trained in %s: nothing to do", results)
-            return results
-        OmegaConf.save(cfg, results / "config.yaml", resolve=True)
-        loggers = _loggers(cfg, out, _tags(sections))
-        try:
+    with _results_folder(cfg, "train", "done.json", _tags(sections)) as (results, loggers):
+        if loggers is not None:
             _fit(cfg, sections, fit, results, loggers, check_head_dim)
-        finally:
-            _finish(loggers)
     log.info("rotations saved in %s (best.safetensors)", results)
     return results
 
@@ -209,7 +224,7 @@ def evaluate(cfg: DictConfig) -> Path:
     import json
 
     from .config import check_head_dim, run_sections
-    from .runs import claim, fingerprint, link_result, output_dir, results_of
+    from .runs import results_of
 
     sections = run_sections(cfg)
     fitted_file, extra = None, {}
@@ -222,22 +237,13 @@ def evaluate(cfg: DictConfig) -> Path:
         from .capture.models import sha256_file
 
         extra["rotations_sha256"] = sha256_file(fitted_file)
-    out = output_dir(cfg)
-    results = Path(cfg.results_root).expanduser().resolve() / "eval" / fingerprint(cfg, extra)[:16]
-    with claim(results):
-        link_result(out, results)
-        if (results / "summary.json").is_file():
-            log.info("already evaluated in %s: nothing to do", results)
+    with _results_folder(cfg, "eval", "summary.json", _tags(sections), extra) as (results, loggers):
+        if loggers is None:
             return results
-        OmegaConf.save(cfg, results / "config.yaml", resolve=True)
-        loggers = _loggers(cfg, out, _tags(sections))
-        try:
-            summary, rows = _test(cfg, sections, fitted_file, loggers, check_head_dim)
-            if rows is None:  # an extra process of a multi-GPU run: rank 0 writes the results
-                return results
-            _write_results(results, rows, summary, loggers)
-        finally:
-            _finish(loggers)
+        summary, rows = _test(cfg, sections, fitted_file, loggers, check_head_dim)
+        if rows is None:  # an extra process of a multi-GPU run: rank 0 writes the results
+            return results
+        _write_results(results, rows, summary, loggers)
     log.info(
         "results in %s: %s", results, json.dumps({k: round(v, 5) for k, v in summary["overall"].items()})
     )

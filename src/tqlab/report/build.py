@@ -156,11 +156,13 @@ def figures(evals: list[Evaluation], metrics: list[str], out: Path, reference: s
         ax.margins(x=0.25, y=0.1)
         front = _pareto(pts, metric not in LOWER_IS_BETTER)
         ax.plot(*zip(*front, strict=True), "k--", lw=1, label="Pareto front")
-        ax.set_xlabel("K+V bytes per token (stored)")
-        ax.set_ylabel(f"{metric} (mean over blocks)")
-        ax.set_title(f"Quality vs memory: {metric}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _finish_axes(
+            ax,
+            "K+V bytes per token (stored)",
+            f"{metric} (mean over blocks)",
+            f"Quality vs memory: {metric}",
+            8,
+        )
         paths.append(_save(fig, out / f"pareto_{metric}.png"))
 
     metric = metrics[0]
@@ -169,11 +171,7 @@ def figures(evals: list[Evaluation], metrics: list[str], out: Path, reference: s
         layers = sorted({r["layer"] for r in ev.rows})
         means = [describe(r[metric] for r in ev.rows if r["layer"] == la)["mean"] for la in layers]
         ax.plot(layers, means, marker=".", label=f"{ev.label} ({_bits(ev)})")
-    ax.set_xlabel("layer")
-    ax.set_ylabel(metric)
-    ax.set_title(f"{metric} per layer")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _finish_axes(ax, "layer", metric, f"{metric} per layer", 7)
     paths.append(_save(fig, out / f"per_layer_{metric}.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -191,11 +189,13 @@ def figures(evals: list[Evaluation], metrics: list[str], out: Path, reference: s
             capsize=3,
             label=label,
         )
-    ax.set_xlabel("bits (keys, or values when only values are compressed)")
-    ax.set_ylabel(f"{metric}: mean ± SD over blocks")
-    ax.set_title(f"{metric} by bits")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _finish_axes(
+        ax,
+        "bits (keys, or values when only values are compressed)",
+        f"{metric}: mean ± SD over blocks",
+        f"{metric} by bits",
+        7,
+    )
     paths.append(_save(fig, out / f"by_bits_{metric}.png"))
 
     diffs = []
@@ -226,11 +226,24 @@ def figures(evals: list[Evaluation], metrics: list[str], out: Path, reference: s
             )
         ax.axvline(0, color="k", lw=1)
         ax.set_yticks(range(len(diffs)), [label for label, _ in diffs], fontsize=7)
-        ax.set_xlabel(f"median paired difference in {metric} vs {reference} (bootstrap 95 % CI)")
-        ax.set_title(f"Each configuration against {reference}, same held-out blocks")
-        ax.grid(alpha=0.3)
+        _finish_axes(
+            ax,
+            f"median paired difference in {metric} vs {reference} (bootstrap 95 % CI)",
+            "",
+            f"Each configuration against {reference}, same held-out blocks",
+            None,
+        )
         paths.append(_save(fig, out / f"vs_{reference}_{metric}.png"))
     return paths
+
+
+def _finish_axes(ax, xlabel: str, ylabel: str, title: str, legend: int | None = 7) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=legend)
 
 
 def _save(fig, path: Path) -> Path:
