@@ -213,4 +213,5 @@ def test_train_and_evaluate_on_a_real_smollm2_capture(tmp_path):
         assert summary["columns"]["model"] == "smollm2-135m"
         assert 0 < summary["overall"]["output_cosine"] <= 1 and 0 < summary["overall"]["logit_cosine"] <= 1
         assert set(summary["per_layer"]) == {"0", "29"}  # JSON keys
+        assert set(summary["per_head"]) == {f"{la}.{h}" for la in (0, 29) for h in range(3)}
     assert len(list((tmp_path / "captures").iterdir())) == 1  # one capture, shared by all three runs

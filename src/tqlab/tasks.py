@@ -338,11 +338,16 @@ def _write_results(results: Path, rows: list[dict], summary: dict, loggers) -> N
         writer.writeheader()
         writer.writerows(rows)
     metric_names = [k for k in summary["overall"] if k in rows[0]]
-    per_layer = {}
-    for layer in sorted({r["layer"] for r in rows}):
-        block = [r for r in rows if r["layer"] == layer]
-        per_layer[layer] = {m: _nanmean([r[m] for r in block]) for m in metric_names}
-    summary = {**summary, "per_layer": per_layer}
+
+    def means_by(key) -> dict:
+        groups: dict = {}
+        for r in rows:
+            groups.setdefault(key(r), []).append(r)
+        return {g: {m: _nanmean([r[m] for r in block]) for m in metric_names} for g, block in groups.items()}
+
+    per_layer = means_by(lambda r: r["layer"])
+    per_head = means_by(lambda r: f"{r['layer']}.{r['kv_head']}")  # "layer.kv_head"
+    summary = {**summary, "per_layer": per_layer, "per_head": per_head}
     (results / "results.csv.tmp").rename(results / "results.csv")
     (results / "summary.json.tmp").write_text(json.dumps(summary, indent=2, default=str))
     (results / "summary.json.tmp").rename(results / "summary.json")  # written last: marks the run finished
