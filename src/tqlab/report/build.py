@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import textwrap
 import logging
 import math
 from pathlib import Path
@@ -18,6 +19,8 @@ LOWER_IS_BETTER = {"attention_kl", "output_rel_error"}
 def _fmt(x, digits: int = 4) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "—"
+    if isinstance(x, float) and x.is_integer() and abs(x) >= 100:
+        return str(int(x))
     if isinstance(x, float):
         return f"{x:.{digits}g}" if abs(x) < 1e-3 and x != 0 else f"{x:.{digits}f}"
     return str(x)
@@ -215,7 +218,7 @@ def figures(evals: list[Evaluation], metrics: list[str], out: Path, reference: s
                 )
             )
     if diffs:
-        fig, ax = plt.subplots(figsize=(7, 0.5 * len(diffs) + 1.5))
+        fig, ax = plt.subplots(figsize=(10, 0.6 * len(diffs) + 1.8))
         for i, (_, d) in enumerate(diffs):
             ax.errorbar(
                 d["median_diff"],
@@ -225,12 +228,12 @@ def figures(evals: list[Evaluation], metrics: list[str], out: Path, reference: s
                 capsize=4,
             )
         ax.axvline(0, color="k", lw=1)
-        ax.set_yticks(range(len(diffs)), [label for label, _ in diffs], fontsize=7)
+        ax.set_yticks(range(len(diffs)), [textwrap.fill(label, 48) for label, _ in diffs], fontsize=7)
         _finish_axes(
             ax,
             f"median paired difference in {metric} vs {reference} (bootstrap 95 % CI)",
             "",
-            f"Each configuration against {reference}, same held-out blocks",
+            f"Against {reference} on the same held-out blocks",
             None,
         )
         paths.append(_save(fig, out / f"vs_{reference}_{metric}.png"))

@@ -20,12 +20,12 @@ class Evaluation:
 
     @property
     def label(self) -> str:
+        """codec · rotation[view], and for fitted rotations the train run they came from."""
         c = self.summary["columns"]
-        rot = c["rotation"] + (
-            f"[{c['view']}]"
-            if c.get("view") and c["view"] != "vector" and "block_so8" in c["rotation"]
-            else ""
-        )
+        view = c.get("view")
+        rot = c["rotation"] + (f"[{view}]" if view and view != "vector" and "block_so8" in c["rotation"] else "")
+        if c.get("rotations_from"):
+            rot += f" ({Path(c['rotations_from']).name})"
         return f"{c['codec']} · {rot}"
 
     @property
