@@ -14,6 +14,7 @@ from tqlab.config import ConfigError
 from tqlab.fit import module as fit_module
 from tqlab.rotation.io import load_rotations
 from tqlab.runs import RunLocked, claim
+from tqlab.testing import wandb_records
 
 ROOT = Path(__file__).parents[1]
 SYNTHETIC = [
@@ -130,26 +131,6 @@ def test_bad_overrides_fail_before_any_compute(tmp_path, monkeypatch, overrides,
 def test_fixed_rotations_have_nothing_to_train(tmp_path):
     with pytest.raises(ConfigError, match="nothing to fit"):
         tasks.train(cfg("train", tmp_path, "rotation=random_haar"))
-
-
-def wandb_records(run_file):
-    """(config, summary) as dicts, read from an offline run's record file."""
-    from wandb.proto import wandb_internal_pb2
-    from wandb.sdk.internal import datastore
-
-    store, config, summary = datastore.DataStore(), {}, {}
-    store.open_for_scan(str(run_file))
-    while (raw := store.scan_record()) is not None:
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(raw[1])
-        kind = record.WhichOneof("record_type")
-        if kind == "config":
-            config.update({i.key: json.loads(i.value_json) for i in record.config.update})
-        elif kind == "summary":
-            summary.update(
-                {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.summary.update}
-            )
-    return config, summary
 
 
 def test_wandb_offline_run_holds_the_metrics_and_config(tmp_path):

@@ -32,7 +32,9 @@ def test_qwen_capture_recomputes_its_attention_and_records_gqa():
         scores = (q @ k.transpose(-1, -2) * r.scaling).masked_fill(
             torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf")
         )
-        torch.testing.assert_close(
-            scores.softmax(-1) @ v, r.output[0].transpose(0, 1).double(), atol=1e-4, rtol=1e-4
-        )
+        # fp32 attention rounds each logit to eps·|logit|; Qwen's layer-0 logits reach ~1e4, so the tolerance
+        # scales with them: eps32 · max|logit| · max|v| (≈ 4e-3 at layer 0, ≈ 2e-5 at layer 27)
+        atol = torch.finfo(torch.float32).eps * scores.nan_to_num(neginf=0).abs().max() * v.abs().max()
+        expected = r.output[0].transpose(0, 1).double()
+        torch.testing.assert_close(scores.softmax(-1) @ v, expected, atol=float(atol), rtol=0)
     assert rec.layers[0].key.abs().max() > 50  # Qwen's layer-0 keys carry large outlier channels

@@ -94,3 +94,37 @@ def test_pickle_files_are_never_loaded(tmp_path):
     bad.write_bytes(pickle.dumps({"k": [1, 2, 3]}))
     with pytest.raises(CaptureError, match="never unpickles"):
         CaptureStore(bad)
+
+
+def test_a_users_text_file_is_split_by_document_and_captured(
+    tmp_path, monkeypatch, smollm2, small_spec_parts
+):
+    model, data = small_spec_parts
+    monkeypatch.setattr(capture_run, "load_model", lambda **_: smollm2)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(
+        "\n\n".join(
+            f"Document {i}. " + "The quick brown fox jumps over the lazy dog. " * 40 for i in range(10)
+        )
+    )
+    spec = capture_spec(model, {**data, "source": "text_file", "path": str(corpus)}, layers=[3], shard_size=2)
+    store = CaptureStore(run_capture(spec, tmp_path / "captures", progress=False))
+    splits = store.manifest["splits"]
+    assert [len(splits[s]["documents"]) for s in ("train", "validation", "test")] == [7, 2, 1]
+    assert store.layers == [3] and store.load("test", 3, 0)["k"].shape == (3, 64, 64)
+
+
+def test_wikitext2_uses_the_datasets_splits(monkeypatch):
+    import sys
+    import types
+
+    from tqlab.capture.text import wikitext2_splits
+
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = lambda name, config: {
+        s: {"text": [f"{s} line one\n", f"{s} line two\n"]} for s in ("train", "validation", "test")
+    }
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    splits = wikitext2_splits()
+    assert splits["test"][0].text == "test line one\ntest line two\n"
+    assert set(splits) == {"train", "validation", "test"}

@@ -91,3 +91,19 @@ def test_mixed_captures_are_refused(tmp_path):
     evaluate(tmp_path, "1", "rotation=random_haar", "bits=2", "data.seed=7")  # another synthetic source
     with pytest.raises(ReportError, match="different captures"):
         tasks.report(report_cfg(tmp_path / "sweep", tmp_path / "out"))
+
+
+def test_report_tables_and_figures_go_to_wandb_offline(sweep):
+    from tqlab.testing import wandb_history
+
+    c = report_cfg(sweep / "sweep", sweep / "out_wandb")
+    c.wandb.mode = "offline"
+    tasks.report(c)
+    (run_file,) = (sweep / "out_wandb" / "wandb").glob("offline-run-*/run-*.wandb")
+    logged = wandb_history(run_file)
+    assert logged["summary/nrows"] == 4  # one row per configuration
+    assert logged["paired/nrows"] == len(
+        json.loads((sweep / "out_wandb" / "report.json").read_text())["paired"]
+    )
+    for figure in ("pareto_output_cosine", "per_layer_output_cosine", "vs_random_haar_output_cosine"):
+        assert logged[f"{figure}/_type"] == "image-file" and logged[f"{figure}/width"] > 500

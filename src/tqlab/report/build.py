@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import itertools
 import json
-import textwrap
 import logging
 import math
+import textwrap
 from pathlib import Path
 
 from .collect import Evaluation, collect

@@ -23,7 +23,9 @@ class Evaluation:
         """codec · rotation[view], and for fitted rotations the train run they came from."""
         c = self.summary["columns"]
         view = c.get("view")
-        rot = c["rotation"] + (f"[{view}]" if view and view != "vector" and "block_so8" in c["rotation"] else "")
+        rot = c["rotation"] + (
+            f"[{view}]" if view and view != "vector" and "block_so8" in c["rotation"] else ""
+        )
         if c.get("rotations_from"):
             rot += f" ({Path(c['rotations_from']).name})"
         return f"{c['codec']} · {rot}"
