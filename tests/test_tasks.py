@@ -133,15 +133,23 @@ def test_fixed_rotations_have_nothing_to_train(tmp_path):
         tasks.train(cfg("train", tmp_path, "rotation=random_haar"))
 
 
-def test_wandb_offline_run_holds_the_metrics_and_config(tmp_path):
-    c = cfg("eval", tmp_path, "logger=wandb", "bits=4")
-    out = tasks.evaluate(c)
-    (run_file,) = (tmp_path / "out" / "wandb").glob("offline-run-*/run-*.wandb")
-    config, summary = wandb_records(run_file)
-    assert config["codec"]["name"] == "turboquant_mse" and config["bits"] == 4
-    expected = json.loads((out / "summary.json").read_text())["overall"]
-    assert summary["output_cosine"] == pytest.approx(expected["output_cosine"])
-    assert summary["kv_bits_per_coordinate"] == pytest.approx(expected["kv_bits_per_coordinate"])
+def test_wandb_offline_runs_hold_the_metrics_and_config_after_other_runs_in_the_process(tmp_path):
+    # wandb reads WANDB_MODE once per process: a run started earlier (a report, a previous sweep job)
+    # must not turn the next offline run into one that asks for an API key
+    import wandb
+
+    wandb.init(project="tqlab", mode="offline", dir=str(tmp_path))
+    wandb.finish()
+    for bits in (4, 3):
+        c = cfg("eval", tmp_path, "logger=wandb", f"bits={bits}")
+        c.output_dir = str(tmp_path / f"out{bits}")
+        out = tasks.evaluate(c)
+        (run_file,) = (tmp_path / f"out{bits}" / "wandb").glob("offline-run-*/run-*.wandb")
+        config, summary = wandb_records(run_file)
+        assert config["codec"]["name"] == "turboquant_mse" and config["bits"] == bits
+        expected = json.loads((out / "summary.json").read_text())["overall"]
+        assert summary["output_cosine"] == pytest.approx(expected["output_cosine"])
+        assert summary["kv_bits_per_coordinate"] == pytest.approx(expected["kv_bits_per_coordinate"])
 
 
 def test_a_two_by_two_multirun_writes_four_jobs_and_a_rerun_skips_them(tmp_path):

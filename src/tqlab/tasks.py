@@ -54,8 +54,12 @@ def _loggers(cfg: DictConfig, out: Path, tags: list[str]):
         kwargs = {"save_dir": str(out)}
         if name == "wandb":
             Path(out, "wandb").mkdir(parents=True, exist_ok=True)
+            # An explicit mode: Lightning's offline flag only sets WANDB_MODE, which wandb reads once per
+            # process, so the second run of a serial sweep would otherwise try to log in.
             kwargs.update(
-                group=node.get("group") or sweep_group() or cfg.task, tags=list(node.get("tags") or []) + tags
+                group=node.get("group") or sweep_group() or cfg.task,
+                tags=list(node.get("tags") or []) + tags,
+                mode="offline" if node.get("offline", False) else "online",
             )
         loggers.append(instantiate(node, **kwargs))
     config = {k: v for k, v in resolved(cfg).items() if k != "hydra"}
@@ -75,7 +79,7 @@ def _finish(loggers) -> None:
 def _trainer(cfg: DictConfig, loggers, callbacks=(), **overrides):
     import lightning as L
 
-    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()}
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     kwargs.update(overrides)
     return L.Trainer(
         **kwargs,

@@ -128,3 +128,10 @@ def test_wikitext2_uses_the_datasets_splits(monkeypatch):
     splits = wikitext2_splits()
     assert splits["test"][0].text == "test line one\ntest line two\n"
     assert set(splits) == {"train", "validation", "test"}
+
+
+def test_layers_beyond_the_model_are_refused(tmp_path, monkeypatch, smollm2, small_spec_parts):
+    model, data = small_spec_parts
+    monkeypatch.setattr(capture_run, "load_model", lambda **_: smollm2)
+    with pytest.raises(CaptureError, match=r"has layers 0\.\.29"):
+        run_capture(capture_spec(model, data, layers=[3, 30]), tmp_path, progress=False)

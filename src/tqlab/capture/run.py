@@ -77,6 +77,11 @@ def run_capture(spec: dict, root: str | Path, device: str = "cpu", progress: boo
     write_json(spec_file, spec)
 
     loaded = load_model(**spec["model"], device=device)
+    n_layers = loaded.facts["architecture"]["num_layers"]
+    if spec["layers"] is not None and not all(0 <= i < n_layers for i in spec["layers"]):
+        raise CaptureError(
+            f"store.layers={spec['layers']}: {spec['model']['name_or_path']} has layers 0..{n_layers - 1}"
+        )
     docs = _documents(spec["data"])
     dtype = STORE_DTYPES[spec["store_dtype"]]
     fp = fingerprint(spec)
