@@ -126,12 +126,13 @@ def paired_tables(evals: list[Evaluation], metrics: list[str]) -> tuple[str, lis
 
 
 def _pareto(points: list[tuple[float, float]], higher_better: bool) -> list[tuple[float, float]]:
+    """Non-dominated points, by increasing memory: each one better than every cheaper point."""
+    sign = 1 if higher_better else -1
     front, best = [], -math.inf
-    for x, y in sorted(points):
-        score = y if higher_better else -y
-        if score > best:
+    for x, y in sorted(points, key=lambda p: (p[0], -sign * p[1])):
+        if sign * y > best:
             front.append((x, y))
-            best = score
+            best = sign * y
     return front
 
 
@@ -143,7 +144,7 @@ def figures(evals: list[Evaluation], metrics: list[str], out: Path, reference: s
 
     paths = []
     for metric in [m for m in metrics if m in ("output_cosine", "attention_kl")] or metrics[:1]:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(11, 4.5))
         pts = []
         for ev in evals:
             x = (
@@ -152,13 +153,10 @@ def figures(evals: list[Evaluation], metrics: list[str], out: Path, reference: s
             )
             y = describe(r[metric] for r in ev.rows)["mean"]
             pts.append((x, y))
-            ax.scatter(x, y, s=30)
-            ax.annotate(
-                f"{ev.label} ({_bits(ev)})", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points"
-            )
-        ax.margins(x=0.25, y=0.1)
+            ax.scatter(x, y, s=40, label=f"{ev.label} ({_bits(ev)})")
+        ax.margins(x=0.1, y=0.1)
         front = _pareto(pts, metric not in LOWER_IS_BETTER)
-        ax.plot(*zip(*front, strict=True), "k--", lw=1, label="Pareto front")
+        ax.plot(*zip(*front, strict=True), "k--", lw=1, marker="o", mfc="none", ms=13, label="Pareto front")
         _finish_axes(
             ax,
             "K+V bytes per token (stored)",
@@ -169,7 +167,7 @@ def figures(evals: list[Evaluation], metrics: list[str], out: Path, reference: s
         paths.append(_save(fig, out / f"pareto_{metric}.png"))
 
     metric = metrics[0]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(11, 4.5))
     for ev in sorted(evals, key=lambda e: (e.setting, e.label)):
         layers = sorted({r["layer"] for r in ev.rows})
         means = [describe(r[metric] for r in ev.rows if r["layer"] == la)["mean"] for la in layers]
@@ -177,7 +175,7 @@ def figures(evals: list[Evaluation], metrics: list[str], out: Path, reference: s
     _finish_axes(ax, "layer", metric, f"{metric} per layer", 7)
     paths.append(_save(fig, out / f"per_layer_{metric}.png"))
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(11, 4.5))
     for label in sorted({e.label for e in evals}):
         group = sorted(
             (e for e in evals if e.label == label), key=lambda e: e.setting[1] or e.setting[2] or 0
@@ -245,8 +243,8 @@ def _finish_axes(ax, xlabel: str, ylabel: str, title: str, legend: int | None = 
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    if legend:
-        ax.legend(fontsize=legend)
+    if legend:  # beside the axes: with many configurations a legend inside would cover the data
+        ax.legend(fontsize=legend, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
 
 
 def _save(fig, path: Path) -> Path:
