@@ -91,8 +91,10 @@ def test_finished_runs_are_skipped_and_interrupted_training_resumes(tmp_path, mo
     (folder,) = results.iterdir()
     assert json.loads((folder / "fit_state.json").read_text())["epochs_done"] == 1
     assert not (folder / "done.json").exists()
-    tasks.train(t)
+    # resume=<folder> continues that run with its own saved configuration, whatever else is passed
+    tasks.train(cfg("train", tmp_path, f"resume={folder}", "trainer.max_epochs=99"))
     assert json.loads((folder / "done.json").read_text())["epochs_done"] == 3
+    assert len(list(results.iterdir())) == 1
 
 
 def test_two_processes_never_write_one_folder(tmp_path):
