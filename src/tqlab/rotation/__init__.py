@@ -7,6 +7,8 @@ y = rot.apply(x); x_again = rot.inverse(y); rot.matrix()
 
 from __future__ import annotations
 
+import inspect
+
 from .base import Identity, Rotation
 from .compose import Composed
 from .haar import RandomHaar
@@ -32,14 +34,14 @@ def make_rotation(name: str, dim: int, seed: int = 0, **options) -> Rotation:
         raise ValueError(
             f"rotation={name!r}: unknown {unknown}; choose from {sorted(ROTATIONS)} or join them with '+'"
         )
-    parts = []
-    for i, n in enumerate(names):
-        cls = ROTATIONS[n]
-        kwargs = {k: v for k, v in options.items() if k in cls.__init__.__code__.co_varnames}
-        parts.append(cls(dim) if cls is Identity else cls(dim, seed=seed + i, **kwargs))
-    unused = set(options) - {k for n in names for k in ROTATIONS[n].__init__.__code__.co_varnames}
+    takes = {n: set(inspect.signature(ROTATIONS[n]).parameters) - {"dim", "seed"} for n in names}
+    unused = set(options) - set().union(*takes.values())
     if unused:
         raise ValueError(f"rotation={name!r} takes no option(s) {sorted(unused)}")
+    parts = []
+    for i, n in enumerate(names):
+        kwargs = {k: v for k, v in options.items() if k in takes[n]}
+        parts.append(ROTATIONS[n](dim) if n == "identity" else ROTATIONS[n](dim, seed=seed + i, **kwargs))
     return parts[0] if len(parts) == 1 else Composed(parts)
 
 
