@@ -87,3 +87,12 @@ def test_query_means_and_bits_add_up_over_batches_like_one_pass():
     bits.update(36, 128)
     bits.update(36, 128)
     assert float(bits.compute()) == 36 * 8 / 128
+
+
+def test_sliding_window_mask_matches_a_loop():
+    t_q, t_k, window = 5, 9, 3
+    got = causal_mask(t_q, t_k, window=window)
+    for i in range(t_q):
+        position = t_k - t_q + i  # absolute position of query i
+        for j in range(t_k):
+            assert bool(got[i, j]) == (j <= position and position - j < window)

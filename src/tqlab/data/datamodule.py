@@ -27,9 +27,9 @@ class KVBlocks(Dataset):
     def __getitem__(self, i: int) -> dict:
         sequence, layer, kv_head = self.index[i]
         item = self.source.load(self.split, layer, sequence, kv_head)
-        item.update(
-            sequence=sequence, layer=layer, kv_head=kv_head, scaling=self.source.layer_facts(layer)["scaling"]
-        )
+        facts = self.source.layer_facts(layer)
+        item.update(sequence=sequence, layer=layer, kv_head=kv_head, scaling=facts["scaling"])
+        item["sliding_window"] = facts.get("sliding_window") or 0  # 0: full causal attention
         return item
 
 

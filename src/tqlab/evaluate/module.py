@@ -67,9 +67,12 @@ class AttentionEvalModule(L.LightningModule):
                 "kv_head": int(batch["kv_head"][b]),
                 "sequence": int(batch["sequence"][b]),
                 "scaling": float(batch["scaling"][b]),
+                "sliding_window": int(batch["sliding_window"][b]),
             }
             out = compress_block(self.bank, item, self.device)
-            per_query = per_query_metrics(out["exact"], out["approx"], out["v"], out["v_hat"], self.top_k)
+            per_query = per_query_metrics(
+                out["exact"], out["approx"], out["v"], out["v_hat"], self.top_k, item["sliding_window"]
+            )
             coords = item["k"].numel()
             self.key_bits.update(out["key_bytes"], coords)
             self.value_bits.update(out["value_bytes"], coords)

@@ -58,9 +58,11 @@ class RotationFitModule(L.LightningModule):
         for target in sorted(self.hparams.fit_bits):
             codec = self.codecs[unit_name(layer, head if self.per_head else None, target)]
             if target == "key":
-                losses.append(key_loss(self.objective, codec, q, k, scaling))
+                losses.append(key_loss(self.objective, codec, q, k, scaling, item.get("sliding_window", 0)))
             else:
-                losses.append(value_loss(self.objective, codec, q, k, v, scaling))
+                losses.append(
+                    value_loss(self.objective, codec, q, k, v, scaling, item.get("sliding_window", 0))
+                )
         return torch.stack(losses).sum()
 
     def _batch_loss(self, batch: dict) -> torch.Tensor:
@@ -72,6 +74,7 @@ class RotationFitModule(L.LightningModule):
                 "layer": int(batch["layer"][b]),
                 "kv_head": int(batch["kv_head"][b]),
                 "scaling": float(batch["scaling"][b]),
+                "sliding_window": int(batch["sliding_window"][b]),
             }
             for b in range(batch["q"].shape[0])
         ]

@@ -26,13 +26,14 @@ def reconstruct(codec: TurboQuantMSE, x: torch.Tensor) -> torch.Tensor:
 
 
 def key_loss(
-    objective: str, codec: TurboQuantMSE, q: torch.Tensor, k: torch.Tensor, scaling: float
+    objective: str, codec: TurboQuantMSE, q: torch.Tensor, k: torch.Tensor, scaling: float, window: int = 0
 ) -> torch.Tensor:
-    """q [G, T, D] (real queries), k [T, D]: a scale-free loss (relative error or KL)."""
+    """q [G, T, D] (real queries), k [T, D]: a scale-free loss (relative error or KL); `window` is the
+    layer's sliding window (0: none)."""
     k_hat = reconstruct(codec, k)
     if objective == "mse":
         return (k_hat - k).pow(2).sum() / k.pow(2).sum()
-    mask = causal_mask(q.shape[-2], k.shape[-2], q.device)
+    mask = causal_mask(q.shape[-2], k.shape[-2], q.device, window)
     exact, approx = (q @ k.T) * scaling, (q @ k_hat.T) * scaling
     if objective == "logits":
         return (approx - exact).pow(2)[..., mask].sum() / exact.pow(2)[..., mask].sum()
@@ -41,11 +42,13 @@ def key_loss(
     return (log_p.exp() * (log_p - log_q)).masked_fill(~mask, 0.0).sum(-1).mean()
 
 
-def value_loss(objective: str, codec: TurboQuantMSE, q, k, v, scaling: float) -> torch.Tensor:
+def value_loss(
+    objective: str, codec: TurboQuantMSE, q, k, v, scaling: float, window: int = 0
+) -> torch.Tensor:
     """Relative error of the values (mse) or of the attention output they produce (logits, attention)."""
     v_hat = reconstruct(codec, v)
     if objective == "mse":
         return (v_hat - v).pow(2).sum() / v.pow(2).sum()
-    mask = causal_mask(q.shape[-2], k.shape[-2], q.device)
+    mask = causal_mask(q.shape[-2], k.shape[-2], q.device, window)
     probs = ((q @ k.T) * scaling).masked_fill(~mask, float("-inf")).softmax(-1)
     return (probs @ (v_hat - v)).pow(2).sum() / (probs @ v).pow(2).sum()

@@ -11,10 +11,14 @@ from __future__ import annotations
 import torch
 
 
-def causal_mask(t_q: int, t_k: int, device=None) -> torch.Tensor:
-    """True where query i may attend key j (the last t_q queries of a t_k-token sequence)."""
+def causal_mask(t_q: int, t_k: int, device=None, window: int = 0) -> torch.Tensor:
+    """True where query i may attend key j (the last t_q queries of a t_k-token sequence); with a sliding
+    `window` > 0, only the `window` most recent keys (the query's own included), as transformers does."""
     offset = t_k - t_q
-    return torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(offset)
+    mask = torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(offset)
+    if window:
+        mask &= ~torch.ones_like(mask).tril(offset - window)
+    return mask
 
 
 def _masked(x: torch.Tensor, mask: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
@@ -105,9 +109,11 @@ def per_query_metrics(
     values: torch.Tensor,
     approx_values: torch.Tensor,
     top_k: int = 8,
+    window: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """Every metric for one block: logits [..., T, T] (scaled), values [T, D] exact and decoded."""
-    mask = causal_mask(exact_logits.shape[-2], exact_logits.shape[-1], exact_logits.device)
+    """Every metric for one block: logits [..., T, T] (scaled), values [T, D] exact and decoded; `window`
+    is the layer's sliding window (0: none)."""
+    mask = causal_mask(exact_logits.shape[-2], exact_logits.shape[-1], exact_logits.device, window)
     out_exact = attention_probs(exact_logits, mask) @ values.double()
     out_approx = attention_probs(approx_logits, mask) @ approx_values.double()
     return {
