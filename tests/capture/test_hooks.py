@@ -42,3 +42,20 @@ def test_sliding_window_layers_record_their_window_and_recompute_with_it():
         torch.testing.assert_close(
             scores.softmax(-1) @ v, r.output[0].transpose(0, 1).double(), atol=1e-5, rtol=1e-4
         )
+
+
+def test_layers_that_never_call_attention_are_not_recorded():
+    # a hybrid model's linear-attention layers do not go through the attention interface: stand one in
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2
+    )
+    model = LlamaForCausalLM(config).eval()
+    model.model.layers[1].self_attn.forward = lambda hidden_states, *a, **k: (
+        torch.zeros_like(hidden_states),
+        None,
+    )
+    with torch.no_grad(), AttentionRecorder(model) as rec:
+        model(torch.randint(0, 50, (1, 6)), use_cache=False)
+    assert sorted(rec.layers) == [0, 2]
