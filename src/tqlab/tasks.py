@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError, data_section, model_section, store_section
+from .config import ConfigError, check_head_dim, data_section, model_section, store_section
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def _tags(sections: dict) -> list[str]:
 
 def train(cfg: DictConfig) -> Path:
     """Fit learned rotations on the train split (validating each epoch); returns the results folder."""
-    from .config import check_head_dim, fit_section, run_sections
+    from .config import fit_section, run_sections
     from .runs import output_dir, results_of
 
     if cfg.get("resume"):
@@ -144,12 +144,12 @@ def train(cfg: DictConfig) -> Path:
         )
     with _results_folder(cfg, "train", "done.json", _tags(sections)) as (results, loggers):
         if loggers is not None:
-            _fit(cfg, sections, fit, results, loggers, check_head_dim)
+            _fit(cfg, sections, fit, results, loggers)
     log.info("rotations saved in %s (best.safetensors)", results)
     return results
 
 
-def _fit(cfg, sections, fit, results: Path, loggers, check_head_dim) -> None:
+def _fit(cfg, sections, fit, results: Path, loggers) -> None:
     import json
 
     import lightning as L
@@ -227,7 +227,7 @@ def evaluate(cfg: DictConfig) -> Path:
     """Attention quality of the configured compressed cache on the test split; returns the results folder."""
     import json
 
-    from .config import check_head_dim, run_sections
+    from .config import run_sections
     from .runs import results_of
 
     sections = run_sections(cfg)
@@ -244,7 +244,7 @@ def evaluate(cfg: DictConfig) -> Path:
     with _results_folder(cfg, "eval", "summary.json", _tags(sections), extra) as (results, loggers):
         if loggers is None:
             return results
-        summary, rows = _test(cfg, sections, fitted_file, loggers, check_head_dim)
+        summary, rows = _test(cfg, sections, fitted_file, loggers)
         if rows is None:  # an extra process of a multi-GPU run: rank 0 writes the results
             return results
         _write_results(results, rows, summary, loggers)
@@ -254,7 +254,7 @@ def evaluate(cfg: DictConfig) -> Path:
     return results
 
 
-def _test(cfg, sections, fitted_file, loggers, check_head_dim):
+def _test(cfg, sections, fitted_file, loggers):
     import lightning as L
     import torch
 

@@ -26,7 +26,15 @@ def test_missing_chunk_package_says_what_to_install(monkeypatch):
 
 
 def test_qwen2_head_dim_is_derived_when_the_config_has_none():
-    from transformers import Qwen2Config
+    from types import SimpleNamespace
 
-    facts = architecture_facts(Qwen2Config(hidden_size=1536, num_attention_heads=12, num_key_value_heads=2))
+    # a Qwen2-style config with no head_dim attribute at all
+    config = SimpleNamespace(
+        model_type="qwen2",
+        hidden_size=1536,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        num_hidden_layers=28,
+    )
+    facts = architecture_facts(config)
     assert facts["head_dim"] == 128 and facts["num_kv_heads"] == 2

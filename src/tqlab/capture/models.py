@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
+from ..dtypes import DTYPES
+
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_LOADS = ("none", "8bit", "4bit")
 
 

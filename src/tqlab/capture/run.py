@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
+from ..dtypes import DTYPES
 from .hooks import AttentionRecorder
 from .models import load_model, sha256_file
 from .store import (
     FORMAT_VERSION,
-    STORE_DTYPES,
     CaptureError,
     CaptureStore,
     capture_dir,
@@ -41,8 +41,8 @@ def capture_spec(
     """The configuration that identifies a capture (its fingerprint names the folder)."""
     if data["source"] not in TEXT_SOURCES:
         raise ValueError(f"data.source={data['source']!r} cannot be captured; choose from {TEXT_SOURCES}")
-    if store_dtype not in STORE_DTYPES:
-        raise ValueError(f"capture.store_dtype={store_dtype!r} is not one of {sorted(STORE_DTYPES)}")
+    if store_dtype not in DTYPES:
+        raise ValueError(f"capture.store_dtype={store_dtype!r} is not one of {sorted(DTYPES)}")
     if not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"capture.shard_size={shard_size!r} must be a positive integer")
     keys = ("source", "path", "seq_len", "sequences", "split_fractions", "seed")
@@ -83,7 +83,7 @@ def run_capture(spec: dict, root: str | Path, device: str = "cpu", progress: boo
             f"store.layers={spec['layers']}: {spec['model']['name_or_path']} has layers 0..{n_layers - 1}"
         )
     docs = _documents(spec["data"])
-    dtype = STORE_DTYPES[spec["store_dtype"]]
+    dtype = DTYPES[spec["store_dtype"]]
     fp = fingerprint(spec)
     splits, layer_facts = {}, {}
     windows = {

@@ -30,7 +30,6 @@ from .models import sha256_file
 
 log = logging.getLogger(__name__)
 
-STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FORMAT_VERSION = 1
 _PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt"}
 

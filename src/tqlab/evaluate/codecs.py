@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from ..dtypes import DTYPES
 from ..quant import MixedPrecision, make_codec
 from ..rotation import make_rotation
 from ..rotation.io import rotation_for
 
-NORM_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 TURBOQUANT = ("turboquant_mse", "turboquant_prod")
 
 
@@ -37,7 +37,7 @@ class CodecBank:
         options = {k: v for k, v in self.codec.items() if k != "name" and v is not None}
         seed = self.seed * 100_003 + (0 if target == "key" else 10_007) + layer * 101 + head
         if "norm_dtype" in options:
-            options["norm_dtype"] = NORM_DTYPES[options["norm_dtype"]]
+            options["norm_dtype"] = DTYPES[options["norm_dtype"]]
         if name == "kivi":
             options["axis"] = "channel" if target == "key" else "token"
         if name in TURBOQUANT or name == "int4_block":
