@@ -14,7 +14,7 @@ from tqlab.config import ConfigError
 from tqlab.fit import module as fit_module
 from tqlab.rotation.io import load_rotations
 from tqlab.runs import RunLocked, claim
-from tqlab.testing import wandb_records
+from wandb_records import wandb_records
 
 ROOT = Path(__file__).parents[1]
 SYNTHETIC = [

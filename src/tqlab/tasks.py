@@ -69,11 +69,10 @@ def _loggers(cfg: DictConfig, out: Path, tags: list[str]):
 
 
 def _finish(loggers) -> None:
-    for lg in loggers:
-        if type(lg).__name__ == "WandbLogger":
-            import wandb
+    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        from .wandb_run import finish_wandb
 
-            wandb.finish()
+        finish_wandb()
 
 
 def _trainer(cfg: DictConfig, loggers, callbacks=(), **overrides):

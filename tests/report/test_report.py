@@ -94,7 +94,7 @@ def test_mixed_captures_are_refused(tmp_path):
 
 
 def test_report_tables_and_figures_go_to_wandb_offline(sweep):
-    from tqlab.testing import wandb_history
+    from wandb_records import wandb_history
 
     c = report_cfg(sweep / "sweep", sweep / "out_wandb")
     c.wandb.mode = "offline"

@@ -306,6 +306,8 @@ def _to_wandb(
 ) -> None:
     import wandb
 
+    from ..wandb_run import finish_wandb
+
     run = wandb.init(
         project=settings.get("project", "tqlab"),
         mode=settings["mode"],
@@ -330,4 +332,4 @@ def _to_wandb(
                 )
         run.log({p.stem: wandb.Image(str(p)) for p in pictures})
     finally:
-        wandb.finish()
+        finish_wandb()

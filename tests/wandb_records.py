@@ -1,4 +1,4 @@
-"""Helpers for tests: what a W&B offline run recorded, read from its record file (no network)."""
+"""Test helper: what a W&B offline run recorded, read from its record file (no network)."""
 
 from __future__ import annotations
 
