@@ -107,10 +107,13 @@ def test_a_users_text_file_is_split_by_document_and_captured(
             f"Document {i}. " + "The quick brown fox jumps over the lazy dog. " * 40 for i in range(10)
         )
     )
-    spec = capture_spec(model, {**data, "source": "text_file", "path": str(corpus)}, layers=[3], shard_size=2)
+    data = {**data, "source": "text_file", "path": str(corpus), "windows_per_document": 2}
+    spec = capture_spec(model, data, layers=[3], shard_size=2)
     store = CaptureStore(run_capture(spec, tmp_path / "captures", progress=False))
     splits = store.manifest["splits"]
     assert [len(splits[s]["documents"]) for s in ("train", "validation", "test")] == [7, 2, 1]
+    # the test split's one document gives both its windows, consecutive from its start
+    assert [(w["document"], w["window"]) for w in splits["test"]["windows"]] == [(0, 0), (0, 1)]
     assert store.layers == [3] and store.load("test", 3, 0)["k"].shape == (3, 64, 64)
 
 

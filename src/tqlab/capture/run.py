@@ -45,11 +45,16 @@ def capture_spec(
         raise ValueError(f"capture.store_dtype={store_dtype!r} is not one of {sorted(DTYPES)}")
     if not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"capture.shard_size={shard_size!r} must be a positive integer")
+    # WikiText-2's splits are one long document each, so their windows are consecutive and the cap does not
+    # apply (None, so that the setting cannot split one capture into several folders).
+    per_document = None if data["source"] == "wikitext2" else data.get("windows_per_document", 1)
+    if per_document is not None and (type(per_document) is not int or per_document < 1):
+        raise ValueError(f"data.windows_per_document={per_document!r} must be a positive integer")
     keys = ("source", "path", "seq_len", "sequences", "split_fractions", "seed")
     return {
         "format_version": FORMAT_VERSION,
         "model": {k: model[k] for k in ("name_or_path", "dtype", "weight_load")},
-        "data": {k: data.get(k) for k in keys},
+        "data": {**{k: data.get(k) for k in keys}, "windows_per_document": per_document},
         "layers": None if layers is None else sorted(int(i) for i in layers),
         "store_dtype": store_dtype,
         "shard_size": shard_size,
@@ -82,28 +87,25 @@ def run_capture(spec: dict, root: str | Path, device: str = "cpu", progress: boo
         raise CaptureError(
             f"store.layers={spec['layers']}: {spec['model']['name_or_path']} has layers 0..{n_layers - 1}"
         )
-    docs = _documents(spec["data"])
+    data = spec["data"]
+    docs = _documents(data)
     dtype = DTYPES[spec["store_dtype"]]
     fp = fingerprint(spec)
     splits, layer_facts = {}, {}
-    windows = {
-        s: token_windows(loaded.tokenizer, docs[s], spec["data"]["seq_len"], spec["data"]["sequences"][s])
+    sources = {
+        s: token_windows(
+            loaded.tokenizer, docs[s], data["seq_len"], data["sequences"][s], data["windows_per_document"]
+        )
         for s in SPLITS
     }
+    for split in SPLITS:  # before any forward: a short split must not cost a partial capture
+        _check_enough(data, split, len(docs[split]), len(sources[split]))
+    windows = {s: [w.ids for w in sources[s]] for s in SPLITS}
     total = sum(-(-len(w) // spec["shard_size"]) for w in windows.values())
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, desc="capture", unit="shard", disable=not progress)
     for split in SPLITS:
-        wanted = spec["data"]["sequences"][split]
-        if len(windows[split]) < wanted:
-            log.warning(
-                "split %s: the text gives %d of %d requested sequences", split, len(windows[split]), wanted
-            )
-        if not windows[split]:
-            raise CaptureError(
-                f"split {split!r} has no text for a single window of {spec['data']['seq_len']} tokens"
-            )
         shards = []
         for i in range(0, len(windows[split]), spec["shard_size"]):
             batch = windows[split][i : i + spec["shard_size"]]
@@ -119,6 +121,10 @@ def run_capture(spec: dict, root: str | Path, device: str = "cpu", progress: boo
             "documents": [d.title for d in docs[split]],
             "token_sha256": hash_tokens(windows[split]),
             "shards": shards,
+            # sequence i of the split is windows[i]: lets reports aggregate per document
+            "windows": [
+                {"document": w.document, "title": w.title, "window": w.window} for w in sources[split]
+            ],
         }
     bar.close()
     if not layer_facts:  # every shard existed: an interrupted run is being finished without new forwards
@@ -151,6 +157,22 @@ def run_capture(spec: dict, root: str | Path, device: str = "cpu", progress: boo
     CaptureStore(out, verify=False)
     log.info("capture written to %s", out)
     return out
+
+
+def _check_enough(data: dict, split: str, n_docs: int, available: int) -> None:
+    """Refuse a split whose documents cannot give the windows asked for, naming what to change."""
+    wanted, per_document = data["sequences"][split], data["windows_per_document"]
+    if available >= wanted:
+        return
+    fix = f"shorten data.seq_len or lower data.sequences.{split} to at most {available}"
+    if per_document is not None:
+        fix = f"raise data.windows_per_document (windows of one document are correlated), {fix}"
+    raise CaptureError(
+        f"data.sequences.{split}={wanted}, but the {n_docs} documents of split {split!r} give only "
+        f"{available} windows of data.seq_len={data['seq_len']} tokens"
+        + ("" if per_document is None else f" with data.windows_per_document={per_document}")
+        + f" (a document shorter than seq_len gives none): {fix}"
+    )
 
 
 @torch.no_grad()

@@ -5,7 +5,8 @@ Layout of `<root>/<model>-<fingerprint>/`:
     <split>/shard_<i>.safetensors          per shard of sequences: input_ids, positions [S, T] and, for every
                                            captured layer L, layer<L>.q [S, H, T, D], .k / .v [S, KVH, T, D]
     manifest.json                          written last: model and architecture facts, layers, splits,
-                                           shard sha256s, token hashes, package versions, git commit, time
+                                           each sequence's document, shard sha256s, token hashes, package
+                                           versions, git commit, time
 
 Every file is written to a temporary name and renamed, so a shard that exists is complete; an interrupted
 capture resumes at the first missing shard, and a finished one is a no-op. A different configuration has
@@ -30,7 +31,7 @@ from .models import sha256_file
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: windows drawn across documents, each sequence's document recorded
 _PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt"}
 
 
@@ -151,6 +152,12 @@ class CaptureStore:
 
     def layer_facts(self, layer: int) -> dict:
         return self.manifest["layers"]["facts"][str(layer)]
+
+    def document_of(self, split: str, sequence: int) -> str:
+        """The title of the document that `sequence` of `split` was cut from (windows of one document are
+        correlated: aggregate per document)."""
+        self._shard_of(split, sequence)  # the same errors as load() for an unknown split or sequence
+        return self.manifest["splits"][split]["windows"][sequence]["title"]
 
     # -- tensors -----------------------------------------------------------------------------------
     def _shard_of(self, split: str, sequence: int) -> tuple[Path, int]:

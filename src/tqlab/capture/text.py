@@ -89,16 +89,32 @@ def split_documents(
     return {s: [docs[i] for i in sorted(idx)] for s, idx in cuts.items()}
 
 
-def token_windows(tokenizer, docs: list[Document], seq_len: int, n: int) -> list[list[int]]:
-    """Up to n non-overlapping windows of seq_len tokens from the documents, concatenated in order with EOS
-    between documents (WikiText-style). Fewer windows come back when the text runs out."""
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    stream: list[int] = []
-    for doc in docs:
-        stream += tokenizer(doc.text, add_special_tokens=False)["input_ids"] + eos
-        if len(stream) >= seq_len * n:
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """seq_len tokens of one document; `window` i holds the document's tokens i*seq_len .. (i+1)*seq_len-1."""
+
+    ids: list[int]
+    document: int  # the document's index within its split
+    title: str
+    window: int
+
+
+def token_windows(
+    tokenizer, docs: list[Document], seq_len: int, n: int, per_document: int | None = 1
+) -> list[Window]:
+    """Up to n windows of seq_len tokens, at most `per_document` (None: any number) from each document, taken
+    from the documents in order. Windows never cross a document boundary, so windows of different documents
+    are as independent as the documents; within a document they are consecutive from its start, and a
+    document shorter than seq_len gives none. Fewer than n windows come back only when the documents run out."""
+    windows: list[Window] = []
+    for d, doc in enumerate(docs):
+        ids = tokenizer(doc.text, add_special_tokens=False)["input_ids"]
+        count = len(ids) // seq_len if per_document is None else min(per_document, len(ids) // seq_len)
+        for i in range(min(count, n - len(windows))):
+            windows.append(Window(ids[i * seq_len : (i + 1) * seq_len], d, doc.title, i))
+        if len(windows) == n:
             break
-    return [stream[i : i + seq_len] for i in range(0, min(len(stream), seq_len * n) - seq_len + 1, seq_len)]
+    return windows
 
 
 def hash_tokens(windows: list[list[int]]) -> str:
