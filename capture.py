@@ -5,10 +5,11 @@ from omegaconf import DictConfig
 
 
 @hydra.main(config_path="conf", config_name="capture", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig):
+    from tqlab.cli import run_app
     from tqlab.tasks import capture
 
-    capture(cfg)
+    return run_app(capture, cfg)
 
 
 if __name__ == "__main__":

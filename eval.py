@@ -5,10 +5,11 @@ from omegaconf import DictConfig
 
 
 @hydra.main(config_path="conf", config_name="eval", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig):
+    from tqlab.cli import run_app
     from tqlab.tasks import evaluate
 
-    evaluate(cfg)
+    return run_app(evaluate, cfg)
 
 
 if __name__ == "__main__":

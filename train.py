@@ -5,10 +5,11 @@ from omegaconf import DictConfig
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig):
+    from tqlab.cli import run_app
     from tqlab.tasks import train
 
-    train(cfg)
+    return run_app(train, cfg)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from tqlab import tasks
+from tqlab.tasks import common
 from tqlab.config import ConfigError
 from tqlab.fit import module as fit_module
 from tqlab.rotation.io import load_rotations
@@ -34,7 +35,7 @@ def cfg(name, tmp_path, *overrides):
 
 
 def test_train_then_evaluate_the_fitted_rotations(tmp_path):
-    results = tasks.train(cfg("train", tmp_path, "trainer.max_epochs=2", "rotation=triality", "kv=full_kv"))
+    results = tasks.train(cfg("train", tmp_path, "fit.max_epochs=2", "rotation=triality", "kv=full_kv")).folder
     done = json.loads((results / "done.json").read_text())
     assert done["epochs_done"] == 2 and done["best_val_loss"] <= done["val_loss_initial"] * 1.05
     rotations, facts = load_rotations(results / "best.safetensors")
@@ -43,22 +44,22 @@ def test_train_then_evaluate_the_fitted_rotations(tmp_path):
     m = rotations["key_layer1"].matrix().double()
     torch.testing.assert_close(m @ m.T, torch.eye(64, dtype=torch.float64), atol=1e-5, rtol=0)
 
-    out = tasks.evaluate(cfg("eval", tmp_path, f"rotations={results}", "kv=full_kv", "bits=2"))
+    out = tasks.evaluate(cfg("eval", tmp_path, f"rotations={results}", "kv=full_kv", "bits=2")).folder
     summary = json.loads((out / "summary.json").read_text())
     rows = (out / "results.csv").read_text().splitlines()
     assert len(rows) == 1 + 2 * 2 * 2  # header + layers × KV heads × test sequences
-    assert summary["columns"]["rotation"] == "fitted:fast_hadamard+block_so8_learned"
+    assert summary["columns"]["k_rotation"] == summary["columns"]["v_rotation"] == "fitted:fast_hadamard+block_so8_learned"
     assert summary["columns"]["view"] == "spinor_plus"
     assert 0 < summary["overall"]["output_cosine"] <= 1
     assert summary["overall"]["kv_bits_per_coordinate"] == pytest.approx(2 + 16 / 64)
 
 
 def test_fractional_bits_and_baselines_evaluate_with_honest_bits(tmp_path):
-    mixed = json.loads((tasks.evaluate(cfg("eval", tmp_path, "bits=2.5")) / "summary.json").read_text())
+    mixed = json.loads((tasks.evaluate(cfg("eval", tmp_path, "bits=2.5")).folder / "summary.json").read_text())
     assert mixed["overall"]["key_bits_per_coordinate"] == pytest.approx(2.5 + 2 * 16 / 64)
     q4 = json.loads(
         (
-            tasks.evaluate(cfg("eval", tmp_path, "codec=int4_block", "bits=4", "rotation=fast_hadamard"))
+            tasks.evaluate(cfg("eval", tmp_path, "codec=int4_block", "bits=4", "rotation=fast_hadamard")).folder
             / "summary.json"
         ).read_text()
     )
@@ -68,11 +69,11 @@ def test_fractional_bits_and_baselines_evaluate_with_honest_bits(tmp_path):
 
 def test_finished_runs_are_skipped_and_interrupted_training_resumes(tmp_path, monkeypatch):
     c = cfg("eval", tmp_path, "bits=3")
-    first = tasks.evaluate(c)
+    first = tasks.evaluate(c).folder
     monkeypatch.setattr(
-        tasks, "kv_source", lambda cfg: pytest.fail("a finished evaluation must not recompute")
+        common, "kv_source", lambda cfg: pytest.fail("a finished evaluation must not recompute")
     )
-    assert tasks.evaluate(c) == first
+    assert tasks.evaluate(c).folder == first
     monkeypatch.undo()
 
     original, calls = fit_module.SaveRotations.on_validation_end, []
@@ -84,7 +85,7 @@ def test_finished_runs_are_skipped_and_interrupted_training_resumes(tmp_path, mo
             raise KeyboardInterrupt
 
     monkeypatch.setattr(fit_module.SaveRotations, "on_validation_end", interrupt_after_first_epoch)
-    t = cfg("train", tmp_path, "trainer.max_epochs=3", "fit.patience=10")
+    t = cfg("train", tmp_path, "fit.max_epochs=3", "fit.patience=10")
     with pytest.raises((KeyboardInterrupt, SystemExit)):  # Lightning turns Ctrl-C into SystemExit(1)
         tasks.train(t)
     results = Path(t.results_root) / "train"
@@ -92,7 +93,7 @@ def test_finished_runs_are_skipped_and_interrupted_training_resumes(tmp_path, mo
     assert json.loads((folder / "fit_state.json").read_text())["epochs_done"] == 1
     assert not (folder / "done.json").exists()
     # resume=<folder> continues that run with its own saved configuration, whatever else is passed
-    tasks.train(cfg("train", tmp_path, f"resume={folder}", "trainer.max_epochs=99"))
+    tasks.train(cfg("train", tmp_path, f"resume={folder}", "fit.max_epochs=99"))
     assert json.loads((folder / "done.json").read_text())["epochs_done"] == 3
     assert len(list(results.iterdir())) == 1
 
@@ -113,21 +114,30 @@ def test_two_processes_never_write_one_folder(tmp_path):
     "overrides,message",
     [
         (["codec=int4_block", "bits=3"], r"bits=3 is not allowed for codec=int4_block: choose from \[4\]"),
-        (
-            ["codec=kivi", "bits=2", "rotation=random_haar"],
-            "rotation=random_haar does not apply to codec=kivi",
-        ),
+        (["codec=kivi", "bits=2", "rotation=random_haar"], "rotation=random_haar does not apply to codec=kivi"),
         (["rotation=block_so8_learned", "bits=2.5"], "fitted at integer bits"),
         (["rotation=fast_hadamard", "data.head_dim=48"], "power-of-two head_dim"),
-        (["bits=9"], "bits=9 is out of range 1..8"),
-        (["rotation.name=haar"], r"rotation.name \(each '\+' part\)='haar' is not allowed"),
+        (["bits=9"], r"bits=9 is not allowed for codec=turboquant_mse: choose from 1..8"),
+        (["bits=2.3"], "fraction must be a multiple of 0.125"),  # 2.3 would run at 2.25 under its label
+        (["rotation.name=haar"], r"'haar' is not a rotation; choose from \['block_so8_learned'"),
         (["kv.compress=[keys]"], "kv.compress"),
+        (["v_bits=2"], r"v_bits=2 is set but kv.compress=\['key'\] keeps the values exact"),
+        (["eval.top_k=0"], "eval.top_k=0 must be an integer >= 1"),
+        (["codec.norm_dtype=float64"], r"codec.norm_dtype='float64' is not allowed; use \['float16'"),
+        (["+codec.foo=1"], r"codec takes no option\(s\) \['foo'\]"),
+        (["seed=abc"], "seed='abc' must be an integer"),
+        (["task=perplexity"], r"task='perplexity' is not allowed; choose from \['train', 'eval'\]"),
     ],
 )
 def test_bad_overrides_fail_before_any_compute(tmp_path, monkeypatch, overrides, message):
-    monkeypatch.setattr(tasks, "kv_source", lambda cfg: pytest.fail("validation must come first"))
+    monkeypatch.setattr(common, "kv_source", lambda cfg: pytest.fail("validation must come first"))
     with pytest.raises(ConfigError, match=message):
         tasks.evaluate(cfg("eval", tmp_path, *overrides))
+
+
+def test_a_negative_epoch_count_fails_before_any_compute(tmp_path):
+    with pytest.raises(ConfigError, match="fit.max_epochs=-2 must be an integer >= 1"):
+        tasks.train(cfg("train", tmp_path, "fit.max_epochs=-2"))
 
 
 def test_fixed_rotations_have_nothing_to_train(tmp_path):
@@ -145,7 +155,7 @@ def test_wandb_offline_runs_hold_the_metrics_and_config_after_other_runs_in_the_
     for bits in (4, 3):
         c = cfg("eval", tmp_path, "logger=wandb", f"bits={bits}")
         c.output_dir = str(tmp_path / f"out{bits}")
-        out = tasks.evaluate(c)
+        out = tasks.evaluate(c).folder
         (run_file,) = (tmp_path / f"out{bits}" / "wandb").glob("offline-run-*/run-*.wandb")
         config, summary = wandb_records(run_file)
         assert config["codec"]["name"] == "turboquant_mse" and config["bits"] == bits
@@ -171,7 +181,7 @@ def test_a_two_by_two_multirun_writes_four_jobs_and_a_rerun_skips_them(tmp_path)
     summaries = sorted((tmp_path / "sweep").glob("*/result/summary.json"))
     assert len(summaries) == 4
     configs = {
-        (s["columns"]["rotation"], s["columns"]["k_bits"])
+        (s["columns"]["k_rotation"], s["columns"]["k_bits"])
         for s in (json.loads(p.read_text()) for p in summaries)
     }
     assert configs == {("identity", 2), ("identity", 3), ("random_haar", 2), ("random_haar", 3)}
@@ -191,12 +201,12 @@ def test_train_and_evaluate_on_a_real_smollm2_capture(tmp_path):
         f"store.root={tmp_path / 'captures'}",
     ]
     trained = tasks.train(
-        cfg("train", tmp_path, *real, "trainer.max_epochs=1", "rotation=hadamard_block_so8_learned")
-    )
-    haar = json.loads((tasks.evaluate(cfg("eval", tmp_path, *real, "bits=2")) / "summary.json").read_text())
+        cfg("train", tmp_path, *real, "fit.max_epochs=1", "rotation=hadamard_block_so8_learned")
+    ).folder
+    haar = json.loads((tasks.evaluate(cfg("eval", tmp_path, *real, "bits=2")).folder / "summary.json").read_text())
     fitted = json.loads(
         (
-            tasks.evaluate(cfg("eval", tmp_path, *real, "bits=2", f"rotations={trained}")) / "summary.json"
+            tasks.evaluate(cfg("eval", tmp_path, *real, "bits=2", f"rotations={trained}")).folder / "summary.json"
         ).read_text()
     )
     for summary in (haar, fitted):
@@ -206,3 +216,49 @@ def test_train_and_evaluate_on_a_real_smollm2_capture(tmp_path):
         assert set(summary["per_layer"]) == {"0", "29"}  # JSON keys
         assert set(summary["per_head"]) == {f"{la}.{h}" for la in (0, 29) for h in range(3)}
     assert len(list((tmp_path / "captures").iterdir())) == 1  # one capture, shared by all three runs
+
+
+@pytest.fixture(scope="module")
+def key_rotations(tmp_path_factory):
+    """A finished train run: learned key rotations fitted at 2 bits for turboquant_mse."""
+    tmp = tmp_path_factory.mktemp("fitted")
+    return tasks.train(cfg("train", tmp, "fit.max_epochs=1", "rotation=hadamard_block_so8_learned")).folder
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["bits=2.5"], "were fitted at key bits=2; bits=2.5 would evaluate them at other bits"),
+        (["bits=3"], "were fitted at key bits=2; bits=3"),
+        (["codec=kivi", "rotation=identity", "bits=2"], "codec=kivi takes no rotation"),
+        (["codec=turboquant_prod", "bits=2"], "were fitted for codec=turboquant_mse"),
+        (["kv=value_only", "bits=2"], r"fitted \['key'\] rotations but kv.compress=\['value'\]"),
+    ],
+)
+def test_fitted_rotations_under_other_settings_are_refused_before_compute(
+    key_rotations, tmp_path, monkeypatch, overrides, message
+):
+    monkeypatch.setattr(common, "kv_source", lambda cfg: pytest.fail("validation must come first"))
+    with pytest.raises(ConfigError, match=message):
+        tasks.evaluate(cfg("eval", tmp_path, f"rotations={key_rotations}", *overrides))
+    assert not (tmp_path / "runs").exists()  # no results folder either
+
+
+def test_a_side_without_fitted_rotations_is_labelled_with_the_rotation_it_used(key_rotations, tmp_path):
+    out = tasks.evaluate(cfg("eval", tmp_path, f"rotations={key_rotations}", "kv=full_kv", "bits=2")).folder
+    columns = json.loads((out / "summary.json").read_text())["columns"]
+    assert columns["k_rotation"] == "fitted:fast_hadamard+block_so8_learned"
+    assert columns["v_rotation"] == "random_haar"  # the configured rotation, said as such
+    rows = (out / "results.csv").read_text().splitlines()
+    assert "fitted:fast_hadamard+block_so8_learned,random_haar" in rows[1]
+
+
+def test_the_results_folder_depends_on_what_changes_the_numbers_and_nothing_else(tmp_path):
+    from tqlab.runs import fingerprint
+
+    base = fingerprint(cfg("eval", tmp_path))
+    for same in (["eval.batch_size=1"], ["trainer=gpu"], ["model.device=cuda"], ["progress=true"], ["logger=csv"]):
+        assert fingerprint(cfg("eval", tmp_path, *same)) == base, same
+    for other in (["bits=2"], ["eval.top_k=4"], ["seed=1"], ["rotation=fast_hadamard"], ["data.seq_len=64"],
+                  ["codec.norm_dtype=float32"], ["kv=full_kv"], ["trainer.precision=64-true"]):
+        assert fingerprint(cfg("eval", tmp_path, *other)) != base, other

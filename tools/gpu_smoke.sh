@@ -2,7 +2,7 @@
 # train.py and eval.py on one GPU (synthetic KV): every codec family, fitted rotations, fractional bits.
 set -euo pipefail
 common=(data=synthetic logger=none progress=false results_root=/tmp/gpu_smoke/runs)
-python3 train.py "${common[@]}" debug=fast trainer=gpu trainer.max_epochs=2 rotation=triality kv=full_kv hydra.run.dir=/tmp/gpu_smoke/train
+python3 train.py "${common[@]}" debug=fast trainer=gpu fit.max_epochs=2 rotation=triality kv=full_kv hydra.run.dir=/tmp/gpu_smoke/train
 for args in "codec=turboquant_mse bits=3" "codec=turboquant_prod bits=3" "codec=turboquant_mse bits=2.5" \
             "codec=int4_block bits=4 rotation=fast_hadamard" "codec=kivi bits=2 rotation=identity kv=full_kv" \
             "rotations=/tmp/gpu_smoke/train kv=full_kv bits=2"; do

@@ -8,6 +8,9 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from .kv.spec import FittedRotations, KVQuantSpec
+from .registry import RuleError
+
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 WEIGHT_LOADS = ("none", "8bit", "4bit")
 DATA_SOURCES = ("wiki", "wikitext2", "text_file", "synthetic")
@@ -15,8 +18,7 @@ STORE_DTYPES = ("float16", "bfloat16", "float32")
 SPLITS = ("train", "validation", "test")
 
 
-class ConfigError(ValueError):
-    pass
+ConfigError = RuleError  # one error type for every configuration mistake, raised here and in the library
 
 
 def to_dict(cfg: DictConfig, key: str) -> dict:
@@ -78,83 +80,10 @@ def store_section(cfg: DictConfig) -> dict:
     return store
 
 
-# -- train / eval ----------------------------------------------------------------------------------------
-ROTATION_PARTS = ("identity", "random_haar", "fast_hadamard", "block_so8_static", "block_so8_learned")
-VIEWS = ("vector", "spinor_plus", "spinor_minus")
-CODECS = ("turboquant_mse", "turboquant_prod", "int8_block", "int4_block", "kivi")
-FIXED_BITS = {"int8_block": (8,), "int4_block": (4,), "kivi": (2, 4)}
+# -- train / eval ---------------------------------------------------------------------------------------
 OBJECTIVES = ("mse", "logits", "attention")
-TARGETS = ("key", "value")
+TASKS = ("train", "eval")
 HEAD_DIMS = {"smollm2-135m": 64, "qwen2.5-coder-1.5b": 128}  # offline models, known before loading
-
-
-def rotation_section(cfg: DictConfig) -> dict:
-    rot = to_dict(cfg, "rotation")
-    parts = str(rot["name"]).split("+")
-    for part in parts:
-        check_choice("rotation.name (each '+' part)", part, ROTATION_PARTS)
-    if "block_so8_learned" in parts:
-        check_choice("rotation.view", rot.get("view"), VIEWS)
-        check_choice("rotation.init", rot.get("init"), ("random", "identity"))
-    rot["learned"] = "block_so8_learned" in parts
-    return rot
-
-
-def target_bits(cfg: DictConfig) -> dict:
-    """Bits per compressed target ({"key": b or None, "value": b or None}), validated for the codec."""
-    kv = to_dict(cfg, "kv")
-    compress = kv.get("compress") or []
-    if not compress or any(t not in TARGETS for t in compress):
-        raise ConfigError(f"kv.compress={compress} must be a non-empty subset of {list(TARGETS)}")
-    codec = to_dict(cfg, "codec")["name"]
-    check_choice("codec", codec, CODECS)
-    out = {}
-    for target, key in (("key", "k_bits"), ("value", "v_bits")):
-        if target not in compress:
-            out[target] = None
-            continue
-        bits = cfg.get(key) if cfg.get(key) is not None else cfg.get("bits")
-        name = key if cfg.get(key) is not None else "bits"
-        if isinstance(bits, bool) or not isinstance(bits, (int, float)):
-            raise ConfigError(f"{name}={bits!r} must be a number")
-        if codec in FIXED_BITS:
-            if bits not in FIXED_BITS[codec]:
-                raise ConfigError(
-                    f"{name}={bits} is not allowed for codec={codec}: choose from {list(FIXED_BITS[codec])}"
-                )
-        else:
-            low = 2 if codec == "turboquant_prod" else 1
-            if not low <= bits <= 8:
-                raise ConfigError(f"{name}={bits} is out of range {low}..8 for codec={codec}")
-        out[target] = int(bits) if float(bits).is_integer() else float(bits)
-    return out
-
-
-def check_rotation_and_codec(rot: dict, codec: str, bits: dict) -> None:
-    if codec in ("int8_block", "kivi") and rot["name"] != "identity":
-        raise ConfigError(f"rotation={rot['name']} does not apply to codec={codec}: use rotation=identity")
-    if codec == "int4_block" and rot["name"] not in ("identity", "fast_hadamard"):
-        raise ConfigError(f"codec=int4_block takes rotation=identity or fast_hadamard, got {rot['name']}")
-    if rot["learned"]:
-        if codec not in ("turboquant_mse", "turboquant_prod"):
-            raise ConfigError(f"learned rotations are fitted for turboquant codecs, not codec={codec}")
-        fractional = [t for t, b in bits.items() if b is not None and not float(b).is_integer()]
-        if fractional:
-            raise ConfigError(
-                f"learned rotations are fitted at integer bits; {fractional} bits are fractional"
-            )
-
-
-def check_head_dim(rotation_name: str, head_dim: int) -> None:
-    parts = rotation_name.split("+")
-    if any(p.startswith("block_so8") for p in parts) and head_dim % 8:
-        raise ConfigError(
-            f"rotation={rotation_name} needs head_dim divisible by 8; this model has {head_dim}"
-        )
-    if "fast_hadamard" in parts and head_dim & (head_dim - 1):
-        raise ConfigError(
-            f"rotation={rotation_name} needs a power-of-two head_dim; this model has {head_dim}: use random_haar"
-        )
 
 
 def known_head_dim(cfg: DictConfig) -> int | None:
@@ -164,24 +93,62 @@ def known_head_dim(cfg: DictConfig) -> int | None:
     return HEAD_DIMS.get(to_dict(cfg, "model")["name_or_path"])
 
 
+def fitted_rotations(cfg: DictConfig) -> FittedRotations | None:
+    """The train run named by `rotations=` (a Hydra run folder or its results folder), or None."""
+    if not cfg.get("rotations"):
+        return None
+    from .runs import results_of
+
+    path = results_of(cfg.rotations) / "best.safetensors"
+    if not path.is_file():
+        raise ConfigError(f"rotations={cfg.rotations}: no best.safetensors there; pass a finished train run folder")
+    return FittedRotations.read(path)
+
+
+def kv_spec(cfg: DictConfig) -> KVQuantSpec:
+    """The run's KVQuantSpec, validated as a whole (codec, bits, rotation, options, fitted rotations, and
+    head_dim where it is known before loading the model)."""
+    codec, rotation = to_dict(cfg, "codec"), to_dict(cfg, "rotation")
+    return KVQuantSpec.create(
+        codec.pop("name"),
+        cfg.get("bits"),
+        rotation.pop("name"),
+        compress=tuple(to_dict(cfg, "kv").get("compress") or ()),
+        k_bits=cfg.get("k_bits"),
+        v_bits=cfg.get("v_bits"),
+        codec_options=codec,
+        rotation_options=rotation,
+        fitted=fitted_rotations(cfg),
+        model=to_dict(cfg, "model")["name_or_path"],
+        head_dim=known_head_dim(cfg),
+        seed=cfg.get("seed"),
+    )
+
+
 def fit_section(cfg: DictConfig) -> dict:
     fit = to_dict(cfg, "fit")
     check_choice("fit.objective", fit["objective"], OBJECTIVES)
-    if not isinstance(fit["lr"], (int, float)) or fit["lr"] <= 0:
+    if isinstance(fit["lr"], bool) or not isinstance(fit["lr"], (int, float)) or not fit["lr"] > 0:
         raise ConfigError(f"fit.lr={fit['lr']!r} must be a positive number")
     check_int("fit.batch_size", fit["batch_size"], 1)
     check_int("fit.patience", fit["patience"], 0)
+    check_int("fit.max_epochs", fit["max_epochs"], 1)
+    check_choice("fit.per_head", fit["per_head"], (False, True))
     return fit
 
 
+def eval_section(cfg: DictConfig) -> dict:
+    settings = to_dict(cfg, "eval")
+    check_int("eval.batch_size", settings["batch_size"], 1)
+    check_int("eval.top_k", settings["top_k"], 1)
+    check_int("eval.calibration_sequences", settings["calibration_sequences"], 1)
+    return settings
+
+
 def run_sections(cfg: DictConfig) -> dict:
-    """Everything a train or eval run needs, validated together before any compute."""
+    """Everything a train or eval run needs, validated together before any compute or folder."""
+    check_choice("task", cfg.get("task"), TASKS)
     sections = {"model": model_section(cfg), "data": data_section(cfg), "store": store_section(cfg)}
-    rot = rotation_section(cfg)
-    bits = target_bits(cfg)
-    codec = to_dict(cfg, "codec")
-    check_rotation_and_codec(rot, codec["name"], bits)
-    head_dim = known_head_dim(cfg)
-    if head_dim is not None:
-        check_head_dim(rot["name"], head_dim)
-    return sections | {"rotation": rot, "bits": bits, "codec": codec}
+    sections["spec"] = kv_spec(cfg)
+    sections["fit" if cfg.task == "train" else "eval"] = fit_section(cfg) if cfg.task == "train" else eval_section(cfg)
+    return sections

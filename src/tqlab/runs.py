@@ -23,9 +23,13 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
-# Top-level keys that do not change a run's numbers
-_NOT_FINGERPRINTED = {"hydra", "logger", "progress", "output_dir", "results_root", "resume"}
+# What cannot change a run's numbers: where it runs, how it logs, how many blocks go in one step.
+# `rotations` (a path) is fingerprinted by the sha256 of the file it names, passed as `extra`.
+_NOT_FINGERPRINTED = {
+    "hydra", "logger", "progress", "output_dir", "results_root", "resume", "rotations", "optimized_metric",
+}  # fmt: skip
 _TRAINER_PLACEMENT = {"accelerator", "devices", "strategy"}
+_OTHER_TASK = {"train": "eval", "eval": "fit"}  # a shared debug preset may set the other app's section
 
 
 class RunLocked(RuntimeError):
@@ -38,7 +42,10 @@ def resolved(cfg: DictConfig) -> dict:
 
 def fingerprint(cfg: DictConfig, extra: dict | None = None) -> str:
     conf = {k: v for k, v in resolved(cfg).items() if k not in _NOT_FINGERPRINTED}
+    conf.pop(_OTHER_TASK.get(conf.get("task")), None)
     conf.get("store", {}).pop("root", None)
+    conf.get("model", {}).pop("device", None)
+    conf.get("eval", {}).pop("batch_size", None)
     conf["trainer"] = {k: v for k, v in conf.get("trainer", {}).items() if k not in _TRAINER_PLACEMENT}
     conf["extra"] = extra or {}
     return hashlib.sha256(json.dumps(conf, sort_keys=True, default=str).encode()).hexdigest()

@@ -34,9 +34,8 @@ def test_learned_blocks_beat_the_identity_on_anisotropic_keys_held_out():
     source = SyntheticKV(
         kind="outliers", num_layers=1, num_heads=2, num_kv_heads=1, head_dim=32, seq_len=256, n_outliers=3
     )
-    module = RotationFitModule(
-        [0], 1, 32, {"key": 2}, "block_so8_learned", {"init": "identity"}, objective="mse"
-    )
+    rotation = BlockSO8Learned(32, init="identity")
+    module = RotationFitModule({"key_layer0": rotation}, {"key": 2}, objective="mse")
     identity = TurboQuantMSE(32, 2, rotation="identity")
     fit(module, source)
     learned = module.codecs["key_layer0"]

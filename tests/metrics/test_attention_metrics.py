@@ -22,6 +22,7 @@ def loop_metrics(s, s_hat, v, v_hat, k):
         n: []
         for n in (
             "logit_cosine",
+            "logit_correlation",
             "output_cosine",
             "output_rel_error",
             "attention_kl",
@@ -35,6 +36,7 @@ def loop_metrics(s, s_hat, v, v_hat, k):
         p, q = softmax(a), softmax(b)
         o, o_hat = p @ v[: t + 1], q @ v_hat[: t + 1]
         out["logit_cosine"].append(a @ b / np.linalg.norm(a) / np.linalg.norm(b) if t >= 1 else math.nan)
+        out["logit_correlation"].append(stats.pearsonr(a, b).statistic if t >= 1 else math.nan)
         out["output_cosine"].append(o @ o_hat / np.linalg.norm(o) / np.linalg.norm(o_hat))
         out["output_rel_error"].append(np.linalg.norm(o_hat - o) / np.linalg.norm(o))
         out["attention_kl"].append(special.rel_entr(p, q).sum())
@@ -63,7 +65,7 @@ def test_a_perfect_reconstruction_scores_exactly_one_and_zero():
     s = torch.randn(3, 20, 20, dtype=torch.float64) * 30  # large logits: where bf16 metrics drift above 1
     v = torch.randn(20, 16, dtype=torch.float64)
     got = per_query_metrics(s, s.clone(), v, v.clone())
-    for name in ("logit_cosine", "output_cosine", "spearman", "top1_agreement"):
+    for name in ("logit_cosine", "logit_correlation", "output_cosine", "spearman", "top1_agreement"):
         values = got[name][~got[name].isnan()]
         assert (values <= 1).all() and torch.allclose(values, torch.ones_like(values))
     assert got["attention_kl"].abs().max() < 1e-12 and got["output_rel_error"].max() < 1e-12
@@ -96,3 +98,22 @@ def test_sliding_window_mask_matches_a_loop():
         position = t_k - t_q + i  # absolute position of query i
         for j in range(t_k):
             assert bool(got[i, j]) == (j <= position and position - j < window)
+
+
+def test_logit_correlation_ignores_a_per_query_shift_that_logit_cosine_does_not():
+    s = torch.randn(10, 10, dtype=torch.float64)
+    shifted = s + 5 * torch.randn(10, 1, dtype=torch.float64)  # softmax is unchanged by this
+    got = per_query_metrics(s, shifted, torch.randn(10, 4, dtype=torch.float64), torch.zeros(10, 4))
+    corr, cos = got["logit_correlation"][1:], got["logit_cosine"][1:]
+    assert torch.allclose(corr, torch.ones_like(corr)) and (cos < 0.999).any()
+
+
+def test_relative_mse_against_a_loop_and_undefined_for_zero_vectors():
+    from tqlab.metrics.attention import relative_mse
+
+    x, x_hat = torch.randn(6, 8, dtype=torch.float64), torch.randn(6, 8, dtype=torch.float64)
+    x[2] = 0
+    got = relative_mse(x, x_hat)
+    for i in range(6):
+        want = np.sum((x_hat[i].numpy() - x[i].numpy()) ** 2) / np.sum(x[i].numpy() ** 2) if i != 2 else math.nan
+        np.testing.assert_allclose(float(got[i]), want, rtol=1e-12)

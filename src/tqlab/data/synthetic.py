@@ -59,6 +59,10 @@ class SyntheticKV:
     def splits(self) -> list[str]:
         return list(self.sequences)
 
+    def document_of(self, split: str, sequence: int) -> str:
+        """Every synthetic sequence is drawn independently: its own document."""
+        return f"synthetic-{split}-{sequence}"
+
     def num_sequences(self, split: str) -> int:
         return self.sequences[split]
 

@@ -5,26 +5,27 @@ from __future__ import annotations
 import lightning as L
 from torch import nn
 
-from ..metrics.attention import per_query_metrics
+from ..kv.builder import CodecBank
+from ..metrics.attention import per_query_metrics, relative_mse
 from ..metrics.torch_metrics import QueryMean, StoredBits
-from .codecs import CodecBank
 
 EXACT_BITS = 16  # the uncompressed cache: bf16 / fp16
 
 
 def compress_block(bank: CodecBank, item: dict, device) -> dict:
-    """Exact and approximate scaled logits, exact and decoded values, and the bytes each side stores."""
+    """Exact and approximate scaled logits, exact and decoded values, each side's per-vector relative MSE,
+    and the bytes each side stores."""
     q, k, v, scaling = item["q"].double(), item["k"], item["v"], item["scaling"]
     exact = (q @ k.double().T) * scaling
     key_codec = bank.get("key", item["layer"], item["kv_head"], device)
     value_codec = bank.get("value", item["layer"], item["kv_head"], device)
     coords = k.numel()
     if key_codec is None:
-        approx, key_bytes = exact, coords * EXACT_BITS / 8
+        approx, k_hat, key_bytes = exact, k, coords * EXACT_BITS / 8
     else:
         code = key_codec.quantize(k)
         approx = key_codec.score(item["q"].float(), code).double() * scaling  # Prod: the unbiased estimator
-        key_bytes = code.nbytes
+        k_hat, key_bytes = key_codec.dequantize(code), code.nbytes
     if value_codec is None:
         v_hat, value_bytes = v, coords * EXACT_BITS / 8
     else:
@@ -35,6 +36,8 @@ def compress_block(bank: CodecBank, item: dict, device) -> dict:
         "approx": approx,
         "v": v,
         "v_hat": v_hat,
+        "key_rel_mse": relative_mse(k, k_hat),
+        "value_rel_mse": relative_mse(v, v_hat),
         "key_bytes": key_bytes,
         "value_bytes": value_bytes,
     }
@@ -46,12 +49,15 @@ class AttentionEvalModule(L.LightningModule):
         self.bank, self.columns, self.top_k = bank, columns, top_k
         names = [
             "logit_cosine",
+            "logit_correlation",
             "output_cosine",
             "output_rel_error",
             "attention_kl",
             "top1_agreement",
             f"top{top_k}_overlap",
             "spearman",
+            "key_rel_mse",
+            "value_rel_mse",
         ]
         self.metrics = nn.ModuleDict({n: QueryMean() for n in names})
         self.key_bits, self.value_bits, self.kv_bits = StoredBits(), StoredBits(), StoredBits()
@@ -83,7 +89,8 @@ class AttentionEvalModule(L.LightningModule):
                 "kv_head": item["kv_head"],
                 "sequence": item["sequence"],
             }
-            for name, values in per_query.items():
+            per_vector = {name: out[name] for name in ("key_rel_mse", "value_rel_mse")}
+            for name, values in {**per_query, **per_vector}.items():
                 self.metrics[name].update(values)
                 row[name] = float(values[~values.isnan()].mean()) if (~values.isnan()).any() else float("nan")
             row["key_bits_per_coordinate"] = 8 * out["key_bytes"] / coords

@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from ..quant import TurboQuantMSE
-from ..rotation import make_rotation
 from ..rotation.io import save_rotations, unit_name
 from .objectives import key_loss, value_loss
 
@@ -18,29 +17,19 @@ from .objectives import key_loss, value_loss
 class RotationFitModule(L.LightningModule):
     def __init__(
         self,
-        layers: list[int],
-        num_kv_heads: int,
-        dim: int,
+        rotations: dict[str, nn.Module],
         fit_bits: dict[str, int],
-        rotation: str,
-        rotation_options: dict,
         objective: str = "attention",
         per_head: bool = False,
         lr: float = 0.01,
-        seed: int = 0,
     ):
-        """fit_bits: Stage-1 bits per target ("key", "value"), i.e. b for MSE codecs and b − 1 for Prod."""
+        """rotations: the rotation to fit per unit (`unit_name(layer, head or None, side)`), as built by
+        `tqlab.kv.builder.fit_rotations`; fit_bits: Stage-1 bits per side (b for MSE codecs, b − 1 for Prod)."""
         super().__init__()
-        self.save_hyperparameters()
-        self.objective, self.lr, self.per_head = objective, lr, per_head
-        self.codecs = nn.ModuleDict()
-        for t, target in enumerate(sorted(fit_bits)):
-            for layer in layers:
-                for head in range(num_kv_heads) if per_head else [None]:
-                    unit = unit_name(layer, head, target)
-                    unit_seed = seed * 100_003 + t * 10_007 + layer * 101 + (head or 0)
-                    rot = make_rotation(rotation, dim, seed=unit_seed, **rotation_options)
-                    self.codecs[unit] = TurboQuantMSE(dim, fit_bits[target], rotation=rot)
+        self.objective, self.lr, self.per_head, self.fit_bits = objective, lr, per_head, fit_bits
+        self.codecs = nn.ModuleDict(
+            {unit: TurboQuantMSE(rot.dim, fit_bits[unit.split("_")[0]], rotation=rot) for unit, rot in rotations.items()}
+        )
 
     def rotations(self) -> dict[str, nn.Module]:
         return {unit: codec.rotation for unit, codec in self.codecs.items()}
@@ -55,7 +44,7 @@ class RotationFitModule(L.LightningModule):
             item["scaling"],
         )
         losses = []
-        for target in sorted(self.hparams.fit_bits):
+        for target in sorted(self.fit_bits):
             codec = self.codecs[unit_name(layer, head if self.per_head else None, target)]
             if target == "key":
                 losses.append(key_loss(self.objective, codec, q, k, scaling, item.get("sliding_window", 0)))

@@ -37,6 +37,24 @@ def logit_cosine(exact: torch.Tensor, approx: torch.Tensor, mask: torch.Tensor) 
     return _require(cos.clamp(-1, 1), mask, 2)
 
 
+def logit_correlation(exact: torch.Tensor, approx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of each query's exact and approximate logits over its visible keys: the cosine
+    of the *centred* logits, blind to the per-query shift that softmax ignores (rows with < 2 keys: NaN)."""
+    n = mask.sum(-1, keepdim=True).double()
+    a, b = _masked(exact, mask), _masked(approx, mask)
+    a = (a - a.sum(-1, keepdim=True) / n).masked_fill(~mask, 0.0)
+    b = (b - b.sum(-1, keepdim=True) / n).masked_fill(~mask, 0.0)
+    r = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-300)
+    return _require(r.clamp(-1, 1), mask, 2)
+
+
+def relative_mse(exact: torch.Tensor, approx: torch.Tensor) -> torch.Tensor:
+    """‖x − x̂‖² / ‖x‖² per vector (zero vectors: NaN, the ratio is undefined)."""
+    a, b = exact.double(), approx.double()
+    energy = (a * a).sum(-1)
+    return ((b - a) ** 2).sum(-1) / energy.masked_fill(energy == 0, float("nan"))
+
+
 def output_cosine(exact_out: torch.Tensor, approx_out: torch.Tensor) -> torch.Tensor:
     a, b = exact_out.double(), approx_out.double()
     return ((a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-300)).clamp(-1, 1)
@@ -118,6 +136,7 @@ def per_query_metrics(
     out_approx = attention_probs(approx_logits, mask) @ approx_values.double()
     return {
         "logit_cosine": logit_cosine(exact_logits, approx_logits, mask),
+        "logit_correlation": logit_correlation(exact_logits, approx_logits, mask),
         "output_cosine": output_cosine(out_exact, out_approx),
         "output_rel_error": output_relative_error(out_exact, out_approx),
         "attention_kl": attention_kl(exact_logits, approx_logits, mask),

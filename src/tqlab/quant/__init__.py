@@ -8,6 +8,7 @@ code.nbytes, code.bits_per_coordinate, q.constant_nbytes()
 
 from __future__ import annotations
 
+from .. import registry
 from .baselines import KIVI, BlockCode, Int4Block, Int8Block
 from .codebook import coordinate_distortion, lloyd_max_codebook
 from .codes import Code
@@ -16,23 +17,21 @@ from .mse import MSECode, TurboQuantMSE
 from .packing import pack_bits, packed_row_bytes, unpack_bits
 from .prod import ProdCode, TurboQuantProd
 
-CODECS = ("turboquant_mse", "turboquant_prod", "int8_block", "int4_block", "kivi")
+CODECS = tuple(registry.CODECS)
 
 
 def make_codec(name: str, dim: int, bits: float, **options):
-    """Build a codec by name. Fractional bits on a TurboQuant codec give a MixedPrecision split."""
+    """Build a codec by name. Fractional bits on a TurboQuant codec give a MixedPrecision split. Names and
+    bit widths are checked against `tqlab.registry`, the rules config validation reads too."""
+    bits = registry.check_bits(name, bits, dim=dim)
     if name in ("turboquant_mse", "turboquant_prod"):
         base = name.removeprefix("turboquant_")
-        if not float(bits).is_integer():
+        if isinstance(bits, float):
             return MixedPrecision(dim, bits, base=base, **options)
-        return (TurboQuantMSE if base == "mse" else TurboQuantProd)(dim, int(bits), **options)
-    fixed = {"int8_block": (Int8Block, (8,)), "int4_block": (Int4Block, (4,)), "kivi": (KIVI, (2, 4))}
-    if name not in fixed:
-        raise ValueError(f"codec={name!r} is unknown; choose from {CODECS}")
-    cls, allowed = fixed[name]
-    if bits not in allowed:
-        raise ValueError(f"bits={bits!r} is not allowed for codec {name}: choose from {allowed}")
-    return cls(dim, bits=int(bits), **options) if cls is KIVI else cls(dim, **options)
+        return (TurboQuantMSE if base == "mse" else TurboQuantProd)(dim, bits, **options)
+    if name == "kivi":
+        return KIVI(dim, bits=bits, **options)
+    return {"int8_block": Int8Block, "int4_block": Int4Block}[name](dim, **options)
 
 
 __all__ = [

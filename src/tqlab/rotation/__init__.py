@@ -7,14 +7,13 @@ y = rot.apply(x); x_again = rot.inverse(y); rot.matrix()
 
 from __future__ import annotations
 
-import inspect
-
 from .base import Identity, Rotation
 from .compose import Composed
 from .haar import RandomHaar
 from .hadamard import FastHadamard, fwht
 from .so8 import BlockSO8Learned, BlockSO8Static
 from .triality import VIEWS
+from .. import registry
 
 ROTATIONS = {
     "identity": Identity,
@@ -27,20 +26,13 @@ ROTATIONS = {
 
 def make_rotation(name: str, dim: int, seed: int = 0, **options) -> Rotation:
     """Build a rotation by name; "a+b" composes (a first). `options` (view, init, …) go to the parts
-    that take them, so "fast_hadamard+block_so8_learned" with view="spinor_minus" works."""
-    names = name.split("+")
-    unknown = [n for n in names if n not in ROTATIONS]
-    if unknown:
-        raise ValueError(
-            f"rotation={name!r}: unknown {unknown}; choose from {sorted(ROTATIONS)} or join them with '+'"
-        )
-    takes = {n: set(inspect.signature(ROTATIONS[n]).parameters) - {"dim", "seed"} for n in names}
-    unused = set(options) - set().union(*takes.values())
-    if unused:
-        raise ValueError(f"rotation={name!r} takes no option(s) {sorted(unused)}")
+    that take them, so "fast_hadamard+block_so8_learned" with view="spinor_minus" works. Names and
+    options are checked against `tqlab.registry`, the list config validation reads too."""
+    names = registry.rotation_parts(name)
+    options = registry.rotation_options(name, options)
     parts = []
     for i, n in enumerate(names):
-        kwargs = {k: v for k, v in options.items() if k in takes[n]}
+        kwargs = {k: v for k, v in options.items() if k in registry.ROTATIONS[n].options}
         parts.append(ROTATIONS[n](dim) if n == "identity" else ROTATIONS[n](dim, seed=seed + i, **kwargs))
     return parts[0] if len(parts) == 1 else Composed(parts)
 

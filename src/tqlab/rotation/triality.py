@@ -14,7 +14,7 @@ import functools
 
 import torch
 
-VIEWS = ("vector", "spinor_plus", "spinor_minus")
+from ..registry import VIEWS
 
 # e_a e_b = e_c for each cyclic triple of the Fano plane (indices of e_1..e_7; e_0 = 1).
 _FANO = ((1, 2, 4), (2, 3, 5), (3, 4, 6), (4, 5, 7), (5, 6, 1), (6, 7, 2), (7, 1, 3))

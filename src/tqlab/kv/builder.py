@@ -1,0 +1,121 @@
+"""The one builder: a KVQuantSpec + the model's head_dim (+ fitted rotations, calibration data) → the codec
+of every (side, layer, KV head). Evaluation, training and the cache all build through here."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..dtypes import DTYPES
+from ..quant import MixedPrecision, make_codec
+from .. import registry
+from ..registry import RuleError
+from ..rotation import Rotation, make_rotation
+from ..rotation.io import load_rotations, rotation_for, unit_name
+from .spec import KVQuantSpec, SideSpec
+
+
+def unit_seed(seed: int, side: str, layer: int, head: int | None) -> int:
+    """Each (side, layer, KV head) gets its own random rotation and sketch, reproducibly from one seed."""
+    return seed * 100_003 + (0 if side == "key" else 10_007) + layer * 101 + (head or 0)
+
+
+def make_side_rotation(side_spec: SideSpec, dim: int, seed: int) -> Rotation:
+    """A fresh (unfitted) rotation of the side's configured kind."""
+    return make_rotation(side_spec.rotation.name, dim, seed=seed, **dict(side_spec.rotation.options))
+
+
+def fit_rotations(spec: KVQuantSpec, layers: list[int], num_kv_heads: int, dim: int, per_head: bool) -> dict:
+    """Fresh rotations to fit, one per (side, layer) or per (side, layer, KV head), named by `unit_name`."""
+    spec.check_head_dim(dim)
+    return {
+        unit_name(layer, head, side): make_side_rotation(s, dim, unit_seed(spec.seed, side, layer, head))
+        for side, s in spec.sides().items()
+        for layer in layers
+        for head in (range(num_kv_heads) if per_head else [None])
+    }
+
+
+def load_fitted(spec: KVQuantSpec) -> dict[str, Rotation]:
+    """The fitted rotations the spec names, checked to be the file the spec was validated against."""
+    fitted = {s.rotation.fitted for s in spec.sides().values() if s.rotation.fitted}
+    if not fitted:
+        return {}
+    (artefact,) = fitted
+    rotations, _ = load_rotations(artefact.path)
+    from ..capture.models import sha256_file
+
+    if sha256_file(artefact.path) != artefact.sha256:
+        raise RuleError(f"{artefact.path} changed after the run was configured; start the run again")
+    return rotations
+
+
+class CodecBank:
+    """Codecs built on first use and kept: one per (side, layer, KV head), with a seed of its own, the
+    fitted rotation where the spec names one, and — for fractional bits — an outlier-channel set
+    calibrated by `calibration(side, layer, head)` (train-split vectors)."""
+
+    def __init__(
+        self,
+        spec: KVQuantSpec,
+        dim: int,
+        calibration: Callable[[str, int, int], torch.Tensor] | None = None,
+    ):
+        spec.check_head_dim(dim)
+        self.spec, self.dim, self.calibration = spec, dim, calibration
+        self.fitted = load_fitted(spec)
+        self._cache: dict[tuple, torch.nn.Module] = {}
+
+    def check_units(self, layers: list[int], num_kv_heads: int) -> None:
+        """Refuse before compute when a fitted side lacks a rotation for some evaluated (layer, head)."""
+        for side, s in self.spec.sides().items():
+            if s.rotation.fitted is None:
+                continue
+            missing = [
+                (layer, head)
+                for layer in layers
+                for head in range(num_kv_heads)
+                if rotation_for(self.fitted, layer, head, side) is None
+            ]
+            if missing:
+                raise RuleError(
+                    f"rotations={s.rotation.fitted.path} has no {side} rotation for (layer, head) "
+                    f"{missing[:4]}{' …' if len(missing) > 4 else ''}; evaluate the layers it was fitted on "
+                    f"({s.rotation.fitted.facts.get('layers')})"
+                )
+
+    def get(self, side: str, layer: int, head: int, device) -> torch.nn.Module | None:
+        """The codec of (side, layer, head), or None when that side stays exact."""
+        if getattr(self.spec, side) is None:
+            return None
+        key = (side, layer, head)
+        if key not in self._cache:
+            self._cache[key] = self._build(side, layer, head).to(device)
+        return self._cache[key]
+
+    def _build(self, side: str, layer: int, head: int) -> torch.nn.Module:
+        s: SideSpec = getattr(self.spec, side)
+        options = dict(s.codec.options)
+        seed = unit_seed(self.spec.seed, side, layer, head)
+        if "norm_dtype" in options:
+            options["norm_dtype"] = DTYPES[options["norm_dtype"]]
+        if s.codec.name == "kivi":
+            options["axis"] = "channel" if side == "key" else "token"  # KIVI's own choice per side
+        if registry.codec_rule(s.codec.name).rotations != ("identity",):  # the codec takes a rotation
+            if s.rotation.fitted is not None:
+                options["rotation"] = rotation_for(self.fitted, layer, head, side)
+            elif float(s.codec.bits).is_integer():
+                options["rotation"] = make_side_rotation(s, self.dim, seed)
+            else:  # the outlier split builds one rotation per channel group, of that group's size
+                options.update(rotation=s.rotation.name, **dict(s.rotation.options))
+            options["seed"] = seed
+        codec = make_codec(s.codec.name, self.dim, s.codec.bits, **options)
+        if isinstance(codec, MixedPrecision):
+            codec.calibrate(self.calibration(side, layer, head))
+        return codec
+
+    def constant_nbytes(self, units: list[tuple[int, int]], device) -> int:
+        """Bytes of the per-layer constants over every (layer, KV head) unit and compressed side."""
+        codecs = [self.get(s, layer, head, device) for s in self.spec.sides() for layer, head in units]
+        return sum(c.constant_nbytes() for c in codecs)

@@ -1,0 +1,187 @@
+"""KVQuantSpec: what a compressed KV cache is, per side (keys, values), as frozen and validated data.
+
+A spec is built once — from a Hydra config by `tqlab.config.kv_spec`, or in a notebook with
+`KVQuantSpec.create(...)` — and validated as a whole before any compute: codec × bits × rotation, options,
+fractional bits, head_dim, and fitted rotations (their bits, codec, model and sides must match). The
+builder (`tqlab.kv.builder`) turns it into codecs; result rows take their labels from `columns()`, which
+describe exactly what the builder builds. Torch-free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+from pathlib import Path
+
+from .. import registry
+from ..registry import RuleError
+
+
+@dataclasses.dataclass(frozen=True)
+class FittedRotations:
+    """A train run's rotation file, read from its safetensors header (no torch, nothing unpickled)."""
+
+    path: str
+    sha256: str
+    facts: dict = dataclasses.field(hash=False, compare=False)
+
+    @classmethod
+    def read(cls, path: str | Path) -> FittedRotations:
+        import hashlib
+
+        path = Path(path)
+        try:
+            raw = path.read_bytes()
+            (n,) = struct.unpack("<Q", raw[:8])
+            facts = json.loads(json.loads(raw[8 : 8 + n])["__metadata__"]["tqlab"])
+        except Exception as err:
+            raise RuleError(f"{path} is not a readable tqlab rotation file ({err}); re-run train.py") from err
+        return cls(str(path), hashlib.sha256(raw).hexdigest(), facts)
+
+    def sides(self) -> set[str]:
+        return {unit.split("_")[0] for unit in self.facts["units"]}
+
+    @property
+    def model(self) -> str | None:
+        return self.facts.get("model") or (self.facts.get("config") or {}).get("model", {}).get("name_or_path")
+
+
+@dataclasses.dataclass(frozen=True)
+class RotationSpec:
+    name: str
+    options: tuple = ()  # sorted (option, value) pairs, defaults filled in
+    fitted: FittedRotations | None = None  # parameters come from a train run
+
+    @property
+    def label(self) -> str:
+        return ("fitted:" if self.fitted else "") + self.name
+
+    @property
+    def view(self) -> str | None:
+        return dict(self.options).get("view")
+
+
+@dataclasses.dataclass(frozen=True)
+class CodecSpec:
+    name: str
+    bits: int | float
+    options: tuple = ()  # sorted (option, value) pairs, defaults filled in
+
+    @property
+    def stage1_bits(self) -> int:
+        return registry.stage1_bits(self.name, int(self.bits))
+
+
+@dataclasses.dataclass(frozen=True)
+class SideSpec:
+    codec: CodecSpec
+    rotation: RotationSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class KVQuantSpec:
+    key: SideSpec | None
+    value: SideSpec | None
+    seed: int = 0
+
+    def sides(self) -> dict[str, SideSpec]:
+        return {s: getattr(self, s) for s in registry.SIDES if getattr(self, s) is not None}
+
+    @classmethod
+    def create(
+        cls,
+        codec: str = "turboquant_mse",
+        bits: float = 3,
+        rotation: str = "random_haar",
+        *,
+        compress: tuple = registry.SIDES,
+        k_bits: float | None = None,
+        v_bits: float | None = None,
+        codec_options: dict | None = None,
+        rotation_options: dict | None = None,
+        fitted: FittedRotations | str | Path | None = None,
+        model: str | None = None,
+        head_dim: int | None = None,
+        seed: int = 0,
+    ) -> KVQuantSpec:
+        """Validate everything together; errors name the config key (bits, k_bits, codec.x, rotation, …)."""
+        if not compress or any(s not in registry.SIDES for s in compress) or len(set(compress)) != len(compress):
+            raise RuleError(f"kv.compress={list(compress)} must be a non-empty subset of {list(registry.SIDES)}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise RuleError(f"seed={seed!r} must be an integer")
+        for key, value, side in (("k_bits", k_bits, "key"), ("v_bits", v_bits, "value")):
+            if value is not None and side not in compress:
+                raise RuleError(f"{key}={value} is set but kv.compress={list(compress)} keeps the {side}s exact")
+        options = registry.codec_options(codec, codec_options or {})
+        rot_options = registry.rotation_options(rotation, rotation_options or {})
+        if isinstance(fitted, (str, Path)):
+            fitted = FittedRotations.read(fitted)
+        sides = {}
+        for side, override, key in (("key", k_bits, "k_bits"), ("value", v_bits, "v_bits")):
+            if side not in compress:
+                continue
+            bits_key, width = (key, override) if override is not None else ("bits", bits)
+            width = registry.check_bits(codec, width, bits_key, head_dim)
+            rot = RotationSpec(rotation, tuple(sorted(rot_options.items())))
+            if fitted is not None and side in fitted.sides():
+                rot = _fitted_rotation(fitted, side, codec, width, bits_key, model)
+            registry.check_codec_rotation(codec, rot.name)
+            if registry.rotation_is_learned(rot.name) and rot.fitted is None and not float(width).is_integer():
+                raise RuleError(f"{bits_key}={width}: learned rotations are fitted at integer bits")
+            if head_dim is not None:
+                registry.check_rotation_dim(rot.name, head_dim)
+            sides[side] = SideSpec(CodecSpec(codec, width, tuple(sorted(options.items()))), rot)
+        if fitted is not None and not set(sides) & fitted.sides():
+            raise RuleError(
+                f"rotations={fitted.path} fitted {sorted(fitted.sides())} rotations but kv.compress="
+                f"{list(compress)}: nothing would use them"
+            )
+        return cls(sides.get("key"), sides.get("value"), seed)
+
+    def check_head_dim(self, head_dim: int) -> None:
+        """What needs the model's head_dim (known after loading for models that are not offline)."""
+        for s in self.sides().values():
+            registry.check_bits(s.codec.name, s.codec.bits, "bits", head_dim)
+            registry.check_rotation_dim(s.rotation.name, head_dim)
+            if s.rotation.fitted and s.rotation.fitted.facts["dim"] != head_dim:
+                raise RuleError(
+                    f"rotations={s.rotation.fitted.path} were fitted for head_dim "
+                    f"{s.rotation.fitted.facts['dim']}, this model has {head_dim}"
+                )
+
+    def columns(self) -> dict:
+        """The configuration columns of every result row: what was built, side by side."""
+        sides = self.sides()
+        first = next(iter(sides.values()))
+        fitted = {s.rotation.fitted.path for s in sides.values() if s.rotation.fitted}
+        return {
+            "codec": first.codec.name,
+            "kv": "+".join(sides),
+            "k_bits": self.key.codec.bits if self.key else None,
+            "v_bits": self.value.codec.bits if self.value else None,
+            "k_rotation": self.key.rotation.label if self.key else None,
+            "v_rotation": self.value.rotation.label if self.value else None,
+            "view": first.rotation.view,
+            "rotations_from": fitted.pop() if fitted else None,
+            "seed": self.seed,
+        }
+
+
+def _fitted_rotation(fitted: FittedRotations, side: str, codec: str, bits, bits_key: str, model) -> RotationSpec:
+    facts = fitted.facts
+    where = f"rotations={fitted.path}"
+    if registry.codec_rule(codec).rotations is not None:
+        raise RuleError(f"{where} holds fitted rotations, but codec={codec} takes no rotation; use a turboquant codec")
+    if facts.get("codec") != codec:
+        raise RuleError(f"{where} were fitted for codec={facts.get('codec')}; this run has codec={codec}")
+    fit_bits = (facts.get("bits") or {}).get(side)
+    if bits != fit_bits:
+        raise RuleError(
+            f"{where} were fitted at {side} bits={fit_bits}; {bits_key}={bits} would evaluate them at other "
+            f"bits. Set {bits_key}={fit_bits}, or fit again at {bits}"
+        )
+    if model is not None and fitted.model is not None and fitted.model != model:
+        raise RuleError(f"{where} were fitted on model {fitted.model}; this run has model {model}")
+    options = tuple(sorted(facts.get("rotation_options", {}).items()))
+    return RotationSpec(facts["rotation"], options, fitted)

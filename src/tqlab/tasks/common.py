@@ -1,0 +1,119 @@
+"""What the train and evaluate tasks share: the KV source, loggers, the Lightning trainer, and the
+content-addressed results folder."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from ..config import data_section
+from ..kv.spec import KVQuantSpec
+
+log = logging.getLogger("tqlab")
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """Where a run's results are, and its headline metrics (what a sweeper can optimise)."""
+
+    folder: Path
+    metrics: dict
+
+    def objective(self, name: str | None) -> float | None:
+        """The metric a Hydra sweeper optimises (`optimized_metric=`), or None when none is asked for."""
+        if not name:
+            return None
+        if name not in self.metrics:
+            raise KeyError(f"optimized_metric={name} is not a metric of this run; choose from {sorted(self.metrics)}")
+        return self.metrics[name]
+
+
+def kv_source(cfg: DictConfig):
+    """The KV source a run reads: synthetic KV, or the capture (made first when it is missing)."""
+    data = data_section(cfg)
+    if data["source"] == "synthetic":
+        from ..data import SyntheticKV
+
+        return SyntheticKV(**{k: v for k, v in data.items() if k != "source"})
+    from ..capture.store import CaptureStore
+    from .capture import capture
+
+    return CaptureStore(capture(cfg))
+
+
+def _loggers(cfg: DictConfig, out: Path, tags: list[str]):
+    """Instantiate the configured Lightning loggers into the run's output folder."""
+    from hydra.utils import instantiate
+
+    from ..runs import resolved, sweep_group
+
+    loggers = []
+    for name, node in (cfg.get("logger") or {}).items():
+        kwargs = {"save_dir": str(out)}
+        if name == "wandb":
+            Path(out, "wandb").mkdir(parents=True, exist_ok=True)
+            # An explicit mode: Lightning's offline flag only sets WANDB_MODE, which wandb reads once per
+            # process, so the second run of a serial sweep would otherwise try to log in.
+            kwargs.update(
+                group=node.get("group") or sweep_group() or cfg.task,
+                tags=list(node.get("tags") or []) + tags,
+                mode="offline" if node.get("offline", False) else "online",
+            )
+        loggers.append(instantiate(node, **kwargs))
+    config = {k: v for k, v in resolved(cfg).items() if k != "hydra"}
+    for lg in loggers:
+        lg.log_hyperparams(config)
+    return loggers
+
+
+def _finish(loggers) -> None:
+    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        from ..wandb_run import finish_wandb
+
+        finish_wandb()
+
+
+def make_trainer(cfg: DictConfig, loggers, callbacks=(), **overrides):
+    import lightning as L
+
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    kwargs.update(overrides)
+    return L.Trainer(
+        **kwargs,
+        logger=loggers or False,
+        callbacks=list(callbacks),
+        enable_checkpointing=False,  # rotations are saved as safetensors by SaveRotations, never pickled
+        enable_progress_bar=bool(cfg.get("progress", True)),
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
+
+
+def tags(spec: KVQuantSpec) -> list[str]:
+    return [f"{k}={v}" for k, v in spec.columns().items() if k in ("codec", "kv", "k_bits", "v_bits", "k_rotation", "v_rotation") and v is not None]
+
+
+@contextlib.contextmanager
+def results_folder(cfg: DictConfig, finished: str, run_tags: list[str], extra: dict | None = None):
+    """Claim the run's content-addressed results folder and yield (folder, loggers); loggers is None when
+    the folder already holds `finished` (the run is done and is skipped)."""
+    from ..runs import claim, fingerprint, link_result, output_dir
+
+    out = output_dir(cfg)
+    results = Path(cfg.results_root).expanduser().resolve() / cfg.task / fingerprint(cfg, extra)[:16]
+    with claim(results):
+        link_result(out, results)
+        if (results / finished).is_file():
+            log.info("already %s in %s: nothing to do", {"train": "trained", "eval": "evaluated"}[cfg.task], results)
+            yield results, None
+            return
+        OmegaConf.save(cfg, results / "config.yaml", resolve=True)
+        loggers = _loggers(cfg, out, run_tags)
+        try:
+            yield results, loggers
+        finally:
+            _finish(loggers)

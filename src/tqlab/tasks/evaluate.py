@@ -1,0 +1,85 @@
+"""eval.py's task: attention quality of the configured compressed cache on the test split."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+from omegaconf import DictConfig
+
+from ..config import run_sections
+from . import common
+
+log = logging.getLogger("tqlab")
+
+
+def evaluate(cfg: DictConfig) -> common.Outcome:
+    """Evaluate on the test split; returns the results folder and the overall metrics."""
+    sections = run_sections(cfg)
+    spec = sections["spec"]
+    fitted = {s.rotation.fitted.sha256 for s in spec.sides().values() if s.rotation.fitted}
+    extra = {"rotations_sha256": fitted.pop()} if fitted else {}
+    with common.results_folder(cfg, "summary.json", common.tags(spec), extra) as (results, loggers):
+        if loggers is not None:
+            _test(cfg, sections, results, loggers)
+    summary = json.loads((results / "summary.json").read_text()) if (results / "summary.json").is_file() else {}
+    overall = summary.get("overall", {})
+    if overall:
+        log.info("results in %s: %s", results, json.dumps({k: round(v, 5) for k, v in overall.items()}))
+    return common.Outcome(results, overall)
+
+
+def _test(cfg, sections, results, loggers) -> None:
+    import lightning as L
+    import torch
+
+    from ..data.datamodule import KVDataModule
+    from ..evaluate.module import AttentionEvalModule
+    from ..kv.builder import CodecBank
+    from ..results import write_results
+
+    L.seed_everything(cfg.seed, workers=True)
+    spec, settings = sections["spec"], sections["eval"]
+    source = common.kv_source(cfg)
+    arch = source.architecture
+    layers = sections["store"]["layers"] or source.layers
+    n_cal = min(settings["calibration_sequences"], source.num_sequences("train"))
+
+    def calibration(side: str, layer: int, head: int) -> torch.Tensor:
+        key = "k" if side == "key" else "v"
+        return torch.cat([source.load("train", layer, s, head)[key] for s in range(n_cal)])
+
+    bank = CodecBank(spec, arch["head_dim"], calibration)
+    bank.check_units(layers, arch["num_kv_heads"])
+    columns = {
+        "model": sections["model"]["name_or_path"],
+        "data": sections["data"]["source"],
+        "capture": source.manifest["fingerprint"][:16],
+        **spec.columns(),
+    }
+    module = AttentionEvalModule(bank, columns, settings["top_k"])
+    trainer = common.make_trainer(cfg, loggers, use_distributed_sampler=False)
+    trainer.test(
+        module,
+        datamodule=KVDataModule(source, batch_size=settings["batch_size"], layers=layers),
+        verbose=False,
+    )
+    units = [(layer, head) for layer in layers for head in range(arch["num_kv_heads"])]
+    overall = module.summary(units)  # every process takes part: torchmetrics syncs the sums
+    rows = module.rows
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gathered = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, rows)
+        if not trainer.is_global_zero:  # an extra process of a multi-GPU run: rank 0 writes the results
+            return
+        rows = [r for part in gathered for r in part]
+    for row in rows:
+        row["document"] = source.document_of("test", row["sequence"])
+    # K and V bytes one token costs over the evaluated layers and KV heads (exact sides at 16 bits)
+    overall["kv_bytes_per_token"] = overall["kv_bits_per_coordinate"] * 2 * arch["head_dim"] * len(units) / 8
+    summary = write_results(results, rows, {"overall": overall, "columns": columns, "blocks": len(rows)})
+    for lg in loggers:
+        if type(lg).__name__ == "WandbLogger":
+            lg.log_table(key="results", columns=list(rows[0]), data=[[r[c] for c in rows[0]] for r in rows])
+            lg.experiment.summary.update({k: v for k, v in summary["overall"].items() if not math.isnan(v)})

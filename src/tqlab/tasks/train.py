@@ -1,0 +1,111 @@
+"""train.py's task: fit learned rotations on the train split, validating each epoch."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from .. import registry
+from ..config import ConfigError, run_sections
+from . import common
+
+log = logging.getLogger("tqlab")
+
+
+def train(cfg: DictConfig) -> common.Outcome:
+    """Fit learned rotations; returns the results folder and the best and initial validation loss."""
+    from ..runs import output_dir, results_of
+
+    if cfg.get("resume"):
+        resume = results_of(cfg.resume)
+        if not (resume / "config.yaml").is_file():
+            raise ConfigError(f"resume={cfg.resume}: no config.yaml there; pass a train run or results folder")
+        saved = OmegaConf.load(resume / "config.yaml")
+        saved.output_dir = str(output_dir(cfg))
+        cfg = saved
+    sections = run_sections(cfg)
+    spec = sections["spec"]
+    fixed = [f"{side}: {s.rotation.name}" for side, s in spec.sides().items() if not registry.rotation_is_learned(s.rotation.name)]
+    if fixed:
+        raise ConfigError(
+            f"rotation={cfg.rotation.name} has nothing to fit; train.py fits rotation=block_so8_learned, "
+            "hadamard_block_so8_learned or triality. Evaluate fixed rotations with eval.py"
+        )
+    with common.results_folder(cfg, "done.json", common.tags(spec)) as (results, loggers):
+        if loggers is not None:
+            _fit(cfg, sections, results, loggers)
+    done = json.loads((results / "done.json").read_text()) if (results / "done.json").is_file() else {}
+    log.info("rotations saved in %s (best.safetensors); evaluate them with: python eval.py rotations=%s %s",
+             results, results, _eval_overrides(cfg))
+    metrics = {k: done[k] for k in ("best_val_loss", "val_loss_initial") if done.get(k) is not None}
+    return common.Outcome(results, metrics)
+
+
+def _eval_overrides(cfg: DictConfig) -> str:
+    """The eval.py overrides that evaluate the fitted rotations as they were fitted."""
+    parts = [f"kv={'full_kv' if len(cfg.kv.compress) == 2 else cfg.kv.compress[0] + '_only'}", f"bits={cfg.bits}"]
+    parts += [f"{k}={cfg[k]}" for k in ("k_bits", "v_bits") if cfg.get(k) is not None]
+    if cfg.codec.name != "turboquant_mse":
+        parts.append(f"codec={cfg.codec.name}")
+    return " ".join(parts)
+
+
+def _fit(cfg, sections, results: Path, loggers) -> None:
+    import lightning as L
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from ..data.datamodule import KVDataModule
+    from ..fit.module import RotationFitModule, SaveRotations
+    from ..kv.builder import fit_rotations
+    from ..rotation.io import load_rotations
+    from ..runs import resolved
+
+    L.seed_everything(cfg.seed, workers=True)
+    spec, fit = sections["spec"], sections["fit"]
+    source = common.kv_source(cfg)
+    arch = source.architecture
+    layers = sections["store"]["layers"] or source.layers
+    rotations = fit_rotations(spec, layers, arch["num_kv_heads"], arch["head_dim"], fit["per_head"])
+    fit_bits = {side: s.codec.stage1_bits for side, s in spec.sides().items()}
+    module = RotationFitModule(rotations, fit_bits, fit["objective"], fit["per_head"], fit["lr"])
+    state_file, best, done = results / "fit_state.json", float("inf"), 0
+    if state_file.is_file():  # an interrupted run: continue from its last rotations
+        state = json.loads(state_file.read_text())
+        best, done = state["best_val_loss"], state["epochs_done"]
+        fitted, _ = load_rotations(results / "last.safetensors")
+        for unit, r in fitted.items():
+            module.codecs[unit].rotation.load_state_dict(r.state_dict())
+        log.info("resuming %s after %d epochs (best val_loss %.5f)", results, done, best)
+    side = next(iter(spec.sides().values()))
+    facts = {
+        "rotation": side.rotation.name,
+        "rotation_options": dict(side.rotation.options),
+        "dim": arch["head_dim"],
+        "fit_bits": fit_bits,
+        "codec": side.codec.name,
+        "bits": {s: (getattr(spec, s).codec.bits if getattr(spec, s) else None) for s in registry.SIDES},
+        "model": sections["model"]["name_or_path"],
+        "objective": fit["objective"],
+        "per_head": fit["per_head"],
+        "layers": layers,
+        "capture": source.manifest["fingerprint"],
+        "config": resolved(cfg),
+    }
+    data = KVDataModule(source, batch_size=fit["batch_size"], layers=layers, shuffle=True)
+    remaining = max(0, fit["max_epochs"] - done)
+    callbacks = [SaveRotations(results, facts, best, done), EarlyStopping("val_loss", patience=fit["patience"])]
+    trainer, initial = common.make_trainer(cfg, loggers, callbacks, max_epochs=remaining), None
+    if done == 0:
+        initial = float(trainer.validate(module, datamodule=data, verbose=False)[0]["val_loss"])
+    if remaining:
+        trainer = common.make_trainer(cfg, loggers, callbacks, max_epochs=remaining)
+        trainer.fit(module, datamodule=data)
+        if trainer.interrupted:  # Lightning returns normally on Ctrl-C: leave the run resumable, not done
+            raise KeyboardInterrupt(f"training interrupted; re-run the same command to resume {results}")
+    if trainer.is_global_zero:
+        state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+        summary = {**state, "val_loss_initial": initial, **facts}
+        (results / "done.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -1,0 +1,97 @@
+"""The registry, the spec and the one builder: same rules everywhere, labels that say what was built."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tqlab import config, quant, registry, rotation
+from tqlab.kv import KVQuantSpec, RuleError
+from tqlab.kv.builder import CodecBank, unit_seed
+from tqlab.rotation.io import load_rotations, save_rotations
+
+
+def test_config_and_library_read_one_registry():
+    assert config.ConfigError is registry.RuleError
+    assert set(rotation.ROTATIONS) == set(registry.ROTATIONS)  # every registered name has a class
+    assert quant.CODECS == tuple(registry.CODECS)
+    assert rotation.VIEWS is registry.VIEWS
+    # the library refuses exactly what the spec refuses, over a grid of codecs and widths
+    for codec in registry.CODECS:
+        for bits in (1, 2, 2.5, 2.3, 3, 4, 8, 9):
+            rot = "identity" if registry.CODECS[codec].rotations else "random_haar"
+            try:
+                KVQuantSpec.create(codec, bits, rot, head_dim=64)
+                spec_ok = True
+            except RuleError:
+                spec_ok = False
+            try:
+                quant.make_codec(codec, 64, bits)
+                library_ok = True
+            except ValueError:
+                library_ok = False
+            assert spec_ok == library_ok, (codec, bits)
+
+
+def test_the_spec_imports_no_torch():
+    code = "import sys; from tqlab.kv import KVQuantSpec; KVQuantSpec.create(bits=3); assert 'torch' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def test_unit_seeds_differ_for_every_side_layer_and_head():
+    seeds = {unit_seed(0, s, layer, h) for s in registry.SIDES for layer in range(40) for h in range(16)}
+    assert len(seeds) == 2 * 40 * 16
+
+
+def test_builder_gives_each_unit_its_own_rotation_reproducibly():
+    spec = KVQuantSpec.create("turboquant_mse", 3, "random_haar", seed=5)
+    a, b = CodecBank(spec, 32), CodecBank(spec, 32)
+    m = {u: a.get(*u, "cpu").rotation.matrix() for u in [("key", 0, 0), ("key", 0, 1), ("value", 0, 0)]}
+    assert not torch.equal(m[("key", 0, 0)], m[("key", 0, 1)]) and not torch.equal(m[("key", 0, 0)], m[("value", 0, 0)])
+    torch.testing.assert_close(b.get("key", 0, 1, "cpu").rotation.matrix(), m[("key", 0, 1)], rtol=0, atol=0)
+    other = CodecBank(KVQuantSpec.create("turboquant_mse", 3, "random_haar", seed=6), 32)
+    assert not torch.equal(other.get("key", 0, 1, "cpu").rotation.matrix(), m[("key", 0, 1)])
+
+
+def test_kivi_quantizes_keys_per_channel_and_values_per_token():
+    bank = CodecBank(KVQuantSpec.create("kivi", 2, "identity"), 32)
+    assert bank.get("key", 0, 0, "cpu").axis == "channel" and bank.get("value", 0, 0, "cpu").axis == "token"
+
+
+def test_fitted_rotations_are_the_ones_built_and_labelled(tmp_path):
+    fitted = {f"key_layer{i}": rotation.make_rotation("block_so8_learned", 16, seed=i) for i in range(2)}
+    facts = {"rotation": "block_so8_learned", "rotation_options": {"view": "vector", "init": "random"}, "dim": 16,
+             "codec": "turboquant_mse", "bits": {"key": 2, "value": None}, "model": "m", "layers": [0, 1]}
+    save_rotations(tmp_path / "best.safetensors", fitted, facts)
+    spec = KVQuantSpec.create(bits=2, compress=("key", "value"), fitted=tmp_path / "best.safetensors", model="m")
+    assert spec.columns()["k_rotation"] == "fitted:block_so8_learned" and spec.columns()["v_rotation"] == "random_haar"
+    bank = CodecBank(spec, 16)
+    for layer in range(2):
+        torch.testing.assert_close(bank.get("key", layer, 1, "cpu").rotation.matrix(), fitted[f"key_layer{layer}"].matrix())
+    with pytest.raises(RuleError, match=r"has no key rotation for \(layer, head\) \[\(2, 0\)"):
+        bank.check_units([0, 1, 2], 1)
+    with pytest.raises(RuleError, match="fitted on model m; this run has model other"):
+        KVQuantSpec.create(bits=2, fitted=tmp_path / "best.safetensors", model="other")
+    with pytest.raises(RuleError, match="fitted for head_dim 16, this model has 32"):
+        CodecBank(spec, 32)
+
+
+def test_rotation_artefacts_round_trip_through_safetensors(tmp_path):
+    rots = {"key_layer0_head1": rotation.make_rotation("fast_hadamard+block_so8_learned", 32, seed=3, view="spinor_minus")}
+    save_rotations(tmp_path / "r.safetensors", rots, {"rotation": "fast_hadamard+block_so8_learned",
+                                                      "rotation_options": {"view": "spinor_minus"}, "dim": 32})
+    back, facts = load_rotations(tmp_path / "r.safetensors")
+    assert facts["units"] == ["key_layer0_head1"]
+    torch.testing.assert_close(back["key_layer0_head1"].matrix(), rots["key_layer0_head1"].matrix(), rtol=0, atol=0)
+
+
+def test_constant_bytes_are_the_codecs_buffers_counted_by_hand():
+    spec = KVQuantSpec.create("turboquant_mse", 2, "random_haar", compress=("key",))
+    bank = CodecBank(spec, 16)
+    units = [(0, 0), (0, 1), (1, 0)]
+    by_hand = 0
+    for layer, head in units:
+        codec = bank.get("key", layer, head, "cpu")
+        by_hand += sum(b.numel() * b.element_size() for b in codec.buffers())
+    assert bank.constant_nbytes(units, "cpu") == by_hand
