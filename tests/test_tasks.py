@@ -10,11 +10,11 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from tqlab import tasks
-from tqlab.tasks import common
 from tqlab.config import ConfigError
 from tqlab.fit import module as fit_module
 from tqlab.rotation.io import load_rotations
 from tqlab.runs import RunLocked, claim
+from tqlab.tasks import common
 from wandb_records import wandb_records
 
 ROOT = Path(__file__).parents[1]
@@ -35,7 +35,9 @@ def cfg(name, tmp_path, *overrides):
 
 
 def test_train_then_evaluate_the_fitted_rotations(tmp_path):
-    results = tasks.train(cfg("train", tmp_path, "fit.max_epochs=2", "rotation=triality", "kv=full_kv")).folder
+    results = tasks.train(
+        cfg("train", tmp_path, "fit.max_epochs=2", "rotation=triality", "kv=full_kv")
+    ).folder
     done = json.loads((results / "done.json").read_text())
     assert done["epochs_done"] == 2 and done["best_val_loss"] <= done["val_loss_initial"] * 1.05
     rotations, facts = load_rotations(results / "best.safetensors")
@@ -48,18 +50,26 @@ def test_train_then_evaluate_the_fitted_rotations(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     rows = (out / "results.csv").read_text().splitlines()
     assert len(rows) == 1 + 2 * 2 * 2  # header + layers × KV heads × test sequences
-    assert summary["columns"]["k_rotation"] == summary["columns"]["v_rotation"] == "fitted:fast_hadamard+block_so8_learned"
+    assert (
+        summary["columns"]["k_rotation"]
+        == summary["columns"]["v_rotation"]
+        == "fitted:fast_hadamard+block_so8_learned"
+    )
     assert summary["columns"]["view"] == "spinor_plus"
     assert 0 < summary["overall"]["output_cosine"] <= 1
     assert summary["overall"]["kv_bits_per_coordinate"] == pytest.approx(2 + 16 / 64)
 
 
 def test_fractional_bits_and_baselines_evaluate_with_honest_bits(tmp_path):
-    mixed = json.loads((tasks.evaluate(cfg("eval", tmp_path, "bits=2.5")).folder / "summary.json").read_text())
+    mixed = json.loads(
+        (tasks.evaluate(cfg("eval", tmp_path, "bits=2.5")).folder / "summary.json").read_text()
+    )
     assert mixed["overall"]["key_bits_per_coordinate"] == pytest.approx(2.5 + 2 * 16 / 64)
     q4 = json.loads(
         (
-            tasks.evaluate(cfg("eval", tmp_path, "codec=int4_block", "bits=4", "rotation=fast_hadamard")).folder
+            tasks.evaluate(
+                cfg("eval", tmp_path, "codec=int4_block", "bits=4", "rotation=fast_hadamard")
+            ).folder
             / "summary.json"
         ).read_text()
     )
@@ -114,7 +124,10 @@ def test_two_processes_never_write_one_folder(tmp_path):
     "overrides,message",
     [
         (["codec=int4_block", "bits=3"], r"bits=3 is not allowed for codec=int4_block: choose from \[4\]"),
-        (["codec=kivi", "bits=2", "rotation=random_haar"], "rotation=random_haar does not apply to codec=kivi"),
+        (
+            ["codec=kivi", "bits=2", "rotation=random_haar"],
+            "rotation=random_haar does not apply to codec=kivi",
+        ),
         (["rotation=block_so8_learned", "bits=2.5"], "fitted at integer bits"),
         (["rotation=fast_hadamard", "data.head_dim=48"], "power-of-two head_dim"),
         (["bits=9"], r"bits=9 is not allowed for codec=turboquant_mse: choose from 1..8"),
@@ -203,10 +216,13 @@ def test_train_and_evaluate_on_a_real_smollm2_capture(tmp_path):
     trained = tasks.train(
         cfg("train", tmp_path, *real, "fit.max_epochs=1", "rotation=hadamard_block_so8_learned")
     ).folder
-    haar = json.loads((tasks.evaluate(cfg("eval", tmp_path, *real, "bits=2")).folder / "summary.json").read_text())
+    haar = json.loads(
+        (tasks.evaluate(cfg("eval", tmp_path, *real, "bits=2")).folder / "summary.json").read_text()
+    )
     fitted = json.loads(
         (
-            tasks.evaluate(cfg("eval", tmp_path, *real, "bits=2", f"rotations={trained}")).folder / "summary.json"
+            tasks.evaluate(cfg("eval", tmp_path, *real, "bits=2", f"rotations={trained}")).folder
+            / "summary.json"
         ).read_text()
     )
     for summary in (haar, fitted):
@@ -257,8 +273,22 @@ def test_the_results_folder_depends_on_what_changes_the_numbers_and_nothing_else
     from tqlab.runs import fingerprint
 
     base = fingerprint(cfg("eval", tmp_path))
-    for same in (["eval.batch_size=1"], ["trainer=gpu"], ["model.device=cuda"], ["progress=true"], ["logger=csv"]):
+    for same in (
+        ["eval.batch_size=1"],
+        ["trainer=gpu"],
+        ["model.device=cuda"],
+        ["progress=true"],
+        ["logger=csv"],
+    ):
         assert fingerprint(cfg("eval", tmp_path, *same)) == base, same
-    for other in (["bits=2"], ["eval.top_k=4"], ["seed=1"], ["rotation=fast_hadamard"], ["data.seq_len=64"],
-                  ["codec.norm_dtype=float32"], ["kv=full_kv"], ["trainer.precision=64-true"]):
+    for other in (
+        ["bits=2"],
+        ["eval.top_k=4"],
+        ["seed=1"],
+        ["rotation=fast_hadamard"],
+        ["data.seq_len=64"],
+        ["codec.norm_dtype=float32"],
+        ["kv=full_kv"],
+        ["trainer.precision=64-true"],
+    ):
         assert fingerprint(cfg("eval", tmp_path, *other)) != base, other

@@ -101,7 +101,9 @@ def fitted_rotations(cfg: DictConfig) -> FittedRotations | None:
 
     path = results_of(cfg.rotations) / "best.safetensors"
     if not path.is_file():
-        raise ConfigError(f"rotations={cfg.rotations}: no best.safetensors there; pass a finished train run folder")
+        raise ConfigError(
+            f"rotations={cfg.rotations}: no best.safetensors there; pass a finished train run folder"
+        )
     return FittedRotations.read(path)
 
 
@@ -150,5 +152,7 @@ def run_sections(cfg: DictConfig) -> dict:
     check_choice("task", cfg.get("task"), TASKS)
     sections = {"model": model_section(cfg), "data": data_section(cfg), "store": store_section(cfg)}
     sections["spec"] = kv_spec(cfg)
-    sections["fit" if cfg.task == "train" else "eval"] = fit_section(cfg) if cfg.task == "train" else eval_section(cfg)
+    sections["fit" if cfg.task == "train" else "eval"] = (
+        fit_section(cfg) if cfg.task == "train" else eval_section(cfg)
+    )
     return sections

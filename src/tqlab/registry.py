@@ -145,11 +145,17 @@ CODECS: dict[str, CodecRule] = {
         stage1_offset=1,
         options={"norm_dtype": _TURBOQUANT_NORM, "qjl_dim": Option(positive_int=True, nullable=True)},
     ),
-    "int8_block": CodecRule(bits=(8,), rotations=("identity",), options={"block": Option(positive_int=True, default=32)}),
-    "int4_block": CodecRule(
-        bits=(4,), rotations=("identity", "fast_hadamard"), options={"block": Option(positive_int=True, default=32)}
+    "int8_block": CodecRule(
+        bits=(8,), rotations=("identity",), options={"block": Option(positive_int=True, default=32)}
     ),
-    "kivi": CodecRule(bits=(2, 4), rotations=("identity",), options={"group": Option(positive_int=True, default=32)}),
+    "int4_block": CodecRule(
+        bits=(4,),
+        rotations=("identity", "fast_hadamard"),
+        options={"block": Option(positive_int=True, default=32)},
+    ),
+    "kivi": CodecRule(
+        bits=(2, 4), rotations=("identity",), options={"group": Option(positive_int=True, default=32)}
+    ),
 }
 
 
@@ -167,7 +173,9 @@ def check_bits(codec: str, bits, key: str = "bits", dim: int | None = None) -> i
     if float(bits).is_integer():
         bits = int(bits)
         if (rule.bits and bits not in rule.bits) or (not rule.bits and not rule.min_bits <= bits <= MAX_BITS):
-            raise RuleError(f"{key}={bits} is not allowed for codec={codec}: choose from {rule.allowed_bits()}")
+            raise RuleError(
+                f"{key}={bits} is not allowed for codec={codec}: choose from {rule.allowed_bits()}"
+            )
         return bits
     if not rule.fractional or not rule.min_bits < bits < MAX_BITS:
         raise RuleError(f"{key}={bits} is not allowed for codec={codec}: choose from {rule.allowed_bits()}")

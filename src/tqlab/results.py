@@ -18,6 +18,19 @@ CONFIG_COLUMNS = (
     "rotations_from", "seed",
 )  # fmt: skip
 BLOCK_COLUMNS = ("layer", "kv_head", "sequence", "document")
+# never parsed as numbers: a document titled "1984" or a capture hash of digits stays text
+TEXT_COLUMNS = (
+    "model",
+    "data",
+    "capture",
+    "codec",
+    "kv",
+    "k_rotation",
+    "v_rotation",
+    "view",
+    "rotations_from",
+    "document",
+)
 # metric → True when higher is better; top-k overlap columns are named top{k}_overlap (higher is better)
 METRICS = {
     "logit_cosine": True,
@@ -31,6 +44,8 @@ METRICS = {
     "value_rel_mse": False,
     "key_bits_per_coordinate": False,
     "value_bits_per_coordinate": False,
+    "kv_bits_per_coordinate": False,
+    "kv_bytes_per_token": False,
 }
 
 
@@ -38,7 +53,9 @@ def higher_is_better(metric: str) -> bool:
     if metric.startswith("top") and metric.endswith("_overlap"):
         return True
     if metric not in METRICS:
-        raise KeyError(f"{metric!r} is not a results metric; choose from {sorted(METRICS)} or top<k>_overlap")
+        raise ValueError(
+            f"{metric!r} is not a results metric; choose from {sorted(METRICS)} or top<k>_overlap"
+        )
     return METRICS[metric]
 
 
@@ -71,7 +88,9 @@ def write_results(folder: Path, rows: list[dict], summary: dict) -> dict:
 def read_results(folder: Path) -> tuple[dict, list[dict]]:
     """(summary, rows) of a finished evaluation, numbers parsed back from the CSV."""
     with open(folder / "results.csv", newline="") as f:
-        rows = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        rows = [
+            {k: v if k in TEXT_COLUMNS else _number(v) for k, v in row.items()} for row in csv.DictReader(f)
+        ]
     return json.loads((folder / "summary.json").read_text()), rows
 
 

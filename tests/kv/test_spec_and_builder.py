@@ -48,7 +48,9 @@ def test_builder_gives_each_unit_its_own_rotation_reproducibly():
     spec = KVQuantSpec.create("turboquant_mse", 3, "random_haar", seed=5)
     a, b = CodecBank(spec, 32), CodecBank(spec, 32)
     m = {u: a.get(*u, "cpu").rotation.matrix() for u in [("key", 0, 0), ("key", 0, 1), ("value", 0, 0)]}
-    assert not torch.equal(m[("key", 0, 0)], m[("key", 0, 1)]) and not torch.equal(m[("key", 0, 0)], m[("value", 0, 0)])
+    assert not torch.equal(m[("key", 0, 0)], m[("key", 0, 1)]) and not torch.equal(
+        m[("key", 0, 0)], m[("value", 0, 0)]
+    )
     torch.testing.assert_close(b.get("key", 0, 1, "cpu").rotation.matrix(), m[("key", 0, 1)], rtol=0, atol=0)
     other = CodecBank(KVQuantSpec.create("turboquant_mse", 3, "random_haar", seed=6), 32)
     assert not torch.equal(other.get("key", 0, 1, "cpu").rotation.matrix(), m[("key", 0, 1)])
@@ -61,14 +63,28 @@ def test_kivi_quantizes_keys_per_channel_and_values_per_token():
 
 def test_fitted_rotations_are_the_ones_built_and_labelled(tmp_path):
     fitted = {f"key_layer{i}": rotation.make_rotation("block_so8_learned", 16, seed=i) for i in range(2)}
-    facts = {"rotation": "block_so8_learned", "rotation_options": {"view": "vector", "init": "random"}, "dim": 16,
-             "codec": "turboquant_mse", "bits": {"key": 2, "value": None}, "model": "m", "layers": [0, 1]}
+    facts = {
+        "rotation": "block_so8_learned",
+        "rotation_options": {"view": "vector", "init": "random"},
+        "dim": 16,
+        "codec": "turboquant_mse",
+        "bits": {"key": 2, "value": None},
+        "model": "m",
+        "layers": [0, 1],
+    }
     save_rotations(tmp_path / "best.safetensors", fitted, facts)
-    spec = KVQuantSpec.create(bits=2, compress=("key", "value"), fitted=tmp_path / "best.safetensors", model="m")
-    assert spec.columns()["k_rotation"] == "fitted:block_so8_learned" and spec.columns()["v_rotation"] == "random_haar"
+    spec = KVQuantSpec.create(
+        bits=2, compress=("key", "value"), fitted=tmp_path / "best.safetensors", model="m"
+    )
+    assert (
+        spec.columns()["k_rotation"] == "fitted:block_so8_learned"
+        and spec.columns()["v_rotation"] == "random_haar"
+    )
     bank = CodecBank(spec, 16)
     for layer in range(2):
-        torch.testing.assert_close(bank.get("key", layer, 1, "cpu").rotation.matrix(), fitted[f"key_layer{layer}"].matrix())
+        torch.testing.assert_close(
+            bank.get("key", layer, 1, "cpu").rotation.matrix(), fitted[f"key_layer{layer}"].matrix()
+        )
     with pytest.raises(RuleError, match=r"has no key rotation for \(layer, head\) \[\(2, 0\)"):
         bank.check_units([0, 1, 2], 1)
     with pytest.raises(RuleError, match="fitted on model m; this run has model other"):
@@ -78,12 +94,25 @@ def test_fitted_rotations_are_the_ones_built_and_labelled(tmp_path):
 
 
 def test_rotation_artefacts_round_trip_through_safetensors(tmp_path):
-    rots = {"key_layer0_head1": rotation.make_rotation("fast_hadamard+block_so8_learned", 32, seed=3, view="spinor_minus")}
-    save_rotations(tmp_path / "r.safetensors", rots, {"rotation": "fast_hadamard+block_so8_learned",
-                                                      "rotation_options": {"view": "spinor_minus"}, "dim": 32})
+    rots = {
+        "key_layer0_head1": rotation.make_rotation(
+            "fast_hadamard+block_so8_learned", 32, seed=3, view="spinor_minus"
+        )
+    }
+    save_rotations(
+        tmp_path / "r.safetensors",
+        rots,
+        {
+            "rotation": "fast_hadamard+block_so8_learned",
+            "rotation_options": {"view": "spinor_minus"},
+            "dim": 32,
+        },
+    )
     back, facts = load_rotations(tmp_path / "r.safetensors")
     assert facts["units"] == ["key_layer0_head1"]
-    torch.testing.assert_close(back["key_layer0_head1"].matrix(), rots["key_layer0_head1"].matrix(), rtol=0, atol=0)
+    torch.testing.assert_close(
+        back["key_layer0_head1"].matrix(), rots["key_layer0_head1"].matrix(), rtol=0, atol=0
+    )
 
 
 def test_constant_bytes_are_the_codecs_buffers_counted_by_hand():

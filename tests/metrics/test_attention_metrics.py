@@ -115,5 +115,7 @@ def test_relative_mse_against_a_loop_and_undefined_for_zero_vectors():
     x[2] = 0
     got = relative_mse(x, x_hat)
     for i in range(6):
-        want = np.sum((x_hat[i].numpy() - x[i].numpy()) ** 2) / np.sum(x[i].numpy() ** 2) if i != 2 else math.nan
+        want = (
+            np.sum((x_hat[i].numpy() - x[i].numpy()) ** 2) / np.sum(x[i].numpy() ** 2) if i != 2 else math.nan
+        )
         np.testing.assert_allclose(float(got[i]), want, rtol=1e-12)

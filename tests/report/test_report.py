@@ -24,7 +24,7 @@ def evaluate(tmp_path, job, *overrides):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         c = compose(config_name="eval", overrides=[*SYNTHETIC, *overrides])
     c.results_root, c.output_dir = str(tmp_path / "runs"), str(tmp_path / "sweep" / job)
-    return tasks.evaluate(c)
+    return tasks.evaluate(c).folder
 
 
 def report_cfg(runs, out, **extra):
@@ -56,9 +56,9 @@ def test_report_has_tables_statistics_and_figures(sweep):
     assert "rotation=block_so8_static" in text  # the unfinished job is named
     data = json.loads((sweep / "out" / "report.json").read_text())
     assert len(data["summary"]) == 4
-    # three configurations at 2 bits → three pairs per metric, each over 2 layers × 2 heads × 3 sequences
+    # three configurations at 2 bits → three pairs per metric, each over 2 layers × 2 heads (the units)
     pairs = [p for p in data["paired"] if p["metric"] == "output_cosine"]
-    assert len(pairs) == 3 and all(p["n"] == 12 for p in pairs)
+    assert len(pairs) == 3 and all(p["n"] == 4 and p["unit"] == "layer_head" for p in pairs)
     pictures = sorted((sweep / "out").glob("*.png"))
     assert {p.stem for p in pictures} >= {
         "pareto_output_cosine",

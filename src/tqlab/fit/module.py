@@ -28,7 +28,10 @@ class RotationFitModule(L.LightningModule):
         super().__init__()
         self.objective, self.lr, self.per_head, self.fit_bits = objective, lr, per_head, fit_bits
         self.codecs = nn.ModuleDict(
-            {unit: TurboQuantMSE(rot.dim, fit_bits[unit.split("_")[0]], rotation=rot) for unit, rot in rotations.items()}
+            {
+                unit: TurboQuantMSE(rot.dim, fit_bits[unit.split("_")[0]], rotation=rot)
+                for unit, rot in rotations.items()
+            }
         )
 
     def rotations(self) -> dict[str, nn.Module]:

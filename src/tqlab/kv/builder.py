@@ -7,9 +7,9 @@ from collections.abc import Callable
 
 import torch
 
+from .. import registry
 from ..dtypes import DTYPES
 from ..quant import MixedPrecision, make_codec
-from .. import registry
 from ..registry import RuleError
 from ..rotation import Rotation, make_rotation
 from ..rotation.io import load_rotations, rotation_for, unit_name

@@ -44,7 +44,9 @@ class FittedRotations:
 
     @property
     def model(self) -> str | None:
-        return self.facts.get("model") or (self.facts.get("config") or {}).get("model", {}).get("name_or_path")
+        return self.facts.get("model") or (self.facts.get("config") or {}).get("model", {}).get(
+            "name_or_path"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,13 +108,21 @@ class KVQuantSpec:
         seed: int = 0,
     ) -> KVQuantSpec:
         """Validate everything together; errors name the config key (bits, k_bits, codec.x, rotation, …)."""
-        if not compress or any(s not in registry.SIDES for s in compress) or len(set(compress)) != len(compress):
-            raise RuleError(f"kv.compress={list(compress)} must be a non-empty subset of {list(registry.SIDES)}")
+        if (
+            not compress
+            or any(s not in registry.SIDES for s in compress)
+            or len(set(compress)) != len(compress)
+        ):
+            raise RuleError(
+                f"kv.compress={list(compress)} must be a non-empty subset of {list(registry.SIDES)}"
+            )
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise RuleError(f"seed={seed!r} must be an integer")
         for key, value, side in (("k_bits", k_bits, "key"), ("v_bits", v_bits, "value")):
             if value is not None and side not in compress:
-                raise RuleError(f"{key}={value} is set but kv.compress={list(compress)} keeps the {side}s exact")
+                raise RuleError(
+                    f"{key}={value} is set but kv.compress={list(compress)} keeps the {side}s exact"
+                )
         options = registry.codec_options(codec, codec_options or {})
         rot_options = registry.rotation_options(rotation, rotation_options or {})
         if isinstance(fitted, (str, Path)):
@@ -127,7 +137,11 @@ class KVQuantSpec:
             if fitted is not None and side in fitted.sides():
                 rot = _fitted_rotation(fitted, side, codec, width, bits_key, model)
             registry.check_codec_rotation(codec, rot.name)
-            if registry.rotation_is_learned(rot.name) and rot.fitted is None and not float(width).is_integer():
+            if (
+                registry.rotation_is_learned(rot.name)
+                and rot.fitted is None
+                and not float(width).is_integer()
+            ):
                 raise RuleError(f"{bits_key}={width}: learned rotations are fitted at integer bits")
             if head_dim is not None:
                 registry.check_rotation_dim(rot.name, head_dim)
@@ -168,11 +182,15 @@ class KVQuantSpec:
         }
 
 
-def _fitted_rotation(fitted: FittedRotations, side: str, codec: str, bits, bits_key: str, model) -> RotationSpec:
+def _fitted_rotation(
+    fitted: FittedRotations, side: str, codec: str, bits, bits_key: str, model
+) -> RotationSpec:
     facts = fitted.facts
     where = f"rotations={fitted.path}"
     if registry.codec_rule(codec).rotations is not None:
-        raise RuleError(f"{where} holds fitted rotations, but codec={codec} takes no rotation; use a turboquant codec")
+        raise RuleError(
+            f"{where} holds fitted rotations, but codec={codec} takes no rotation; use a turboquant codec"
+        )
     if facts.get("codec") != codec:
         raise RuleError(f"{where} were fitted for codec={facts.get('codec')}; this run has codec={codec}")
     fit_bits = (facts.get("bits") or {}).get(side)

@@ -9,11 +9,13 @@ import math
 import textwrap
 from pathlib import Path
 
-from .collect import Evaluation, collect
-from .stats import describe, friedman, holm, paired_difference
+from ..results import higher_is_better
+from .collect import Configuration, ReportError, collect, group_seeds
+from .schema import UNITS
+from .stats import describe, friedman, holm, nanmean, paired_difference, unit_means
 
 log = logging.getLogger(__name__)
-LOWER_IS_BETTER = {"attention_kl", "output_rel_error"}
+MARKERS = "osD^vP*Xph"  # one per (kv, bits) setting; colour is the configuration
 
 
 def _fmt(x, digits: int = 4) -> str:
@@ -32,96 +34,135 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def _bits(ev: Evaluation) -> str:
-    _, k, v = ev.setting
-    return "/".join(f"{side}{b}" for side, b in (("K", k), ("V", v)) if b is not None)
+def _bits(b) -> str:
+    """Configured bits in one style (2, 2.5 — never 2.5000 beside 2); None: that side is exact."""
+    return "exact" if b is None else f"{b:g}"
 
 
-def _by_block(ev: Evaluation, metric: str) -> dict:
-    return {(r["layer"], r["kv_head"], r["sequence"]): r[metric] for r in ev.rows}
+def _sides(setting: tuple, bits_word: str = " bits", sep: str = ", ") -> str:
+    """K 2 bits, V exact — never "v bits = None"."""
+    _, k, v = setting
+    return sep.join(
+        f"{side} exact" if b is None else f"{side} {_bits(b)}{bits_word}" for side, b in (("K", k), ("V", v))
+    )
 
 
-def summary_table(evals: list[Evaluation], metrics: list[str]) -> tuple[str, list[dict]]:
-    header = ["configuration", "kv", "k bits", "v bits", "stored bits/coord (K+V)", "KV bytes/token"]
-    header += [f"{m} mean ± SD [95 % CI] (n)" for m in metrics]
+def _tag(conf: Configuration) -> str:
+    """Legend text: label (K 2/V exact)."""
+    return f"{conf.label} ({_sides(conf.setting, '', '/')})"
+
+
+def _block(row: dict) -> tuple:
+    return (row["layer"], row["kv_head"], row["sequence"])
+
+
+def _common_blocks(configs: list[Configuration]) -> set:
+    """Blocks every evaluation of `configs` has, so that each unit averages the same windows everywhere."""
+    return set.intersection(*({_block(r) for r in ev.rows} for c in configs for ev in c.evals))
+
+
+def _unit_values(conf: Configuration, metric: str, by: tuple, blocks: set) -> dict[tuple, float]:
+    """Per unit: the mean of `metric` over its blocks in `blocks`, averaged over the configuration's seeds."""
+    per_seed = [unit_means([r for r in ev.rows if _block(r) in blocks], metric, by) for ev in conf.evals]
+    return {u: nanmean(s[u] for s in per_seed) for u in per_seed[0]}
+
+
+def _seed_means(conf: Configuration, metric: str) -> list[float]:
+    """Each seed's mean of `metric` over all its blocks."""
+    return [nanmean(r[metric] for r in ev.rows) for ev in conf.evals]
+
+
+def _overall(conf: Configuration, key: str) -> float | None:
+    """A summary.json overall value averaged over seeds; None where the results do not have it."""
+    values = [ev.summary["overall"].get(key) for ev in conf.evals]
+    return None if None in values else nanmean(values)
+
+
+def summary_table(configs: list[Configuration], metrics: list[str]) -> tuple[str, list[dict]]:
+    header = ["configuration", "kv", "K bits", "V bits", "stored bits/coord (K+V)", "KV bytes/token", "seeds"]
+    header += [f"{m}: mean ± seed SD" for m in metrics]
     rows, records = [], []
-    for ev in sorted(evals, key=lambda e: (e.setting, e.label)):
-        o, c = ev.summary["overall"], ev.summary["columns"]
-        row = [
-            ev.label,
-            c["kv"],
-            c["k_bits"],
-            c["v_bits"],
-            o["kv_bits_per_coordinate"],
-            o.get("kv_bytes_per_token"),
-        ]
+    for conf in configs:
+        kv, k, v = conf.setting
+        kv_bits, kv_bytes = _overall(conf, "kv_bits_per_coordinate"), _overall(conf, "kv_bytes_per_token")
+        row = [conf.label, kv, _bits(k), _bits(v), kv_bits, kv_bytes, len(conf.evals)]
         record = {
-            "configuration": ev.label,
-            "kv": c["kv"],
-            "k_bits": c["k_bits"],
-            "v_bits": c["v_bits"],
-            "kv_bits": o["kv_bits_per_coordinate"],
-            "kv_bytes_per_token": o.get("kv_bytes_per_token"),
+            "configuration": conf.label,
+            "kv": kv,
+            "k_bits": k,
+            "v_bits": v,
+            "kv_bits": kv_bits,
+            "kv_bytes_per_token": kv_bytes,
+            "seeds": conf.seeds,
         }
         for m in metrics:
-            d = describe(r[m] for r in ev.rows)
-            row.append(
-                f"{_fmt(d['mean'])} ± {_fmt(d['sd'], 3)} [{_fmt(d['ci_low'])}, {_fmt(d['ci_high'])}] ({d['n']})"
-            )
-            record.update({f"{m}_{k}": v for k, v in d.items()})
+            per_seed = _seed_means(conf, m)
+            d = describe(per_seed)
+            row.append(f"{_fmt(d['mean'])} ± {_fmt(d['sd'], 3) if len(per_seed) > 1 else '—†'}")
+            record.update({f"{m}_mean": d["mean"], f"{m}_seed_sd": d["sd"], f"{m}_per_seed": per_seed})
         rows.append(row)
         records.append(record)
-    return _table(header, rows), records
+    text = _table(header, rows)
+    if any(len(c.evals) == 1 for c in configs):
+        text += "\n\n† One seed gives no seed-to-seed variance, so there is no SD."
+    return text, records
 
 
-def paired_tables(evals: list[Evaluation], metrics: list[str]) -> tuple[str, list[dict]]:
-    """Within each (kv, bits) setting: Friedman across configurations, pairwise Wilcoxon with Holm."""
+def _friedman_text(p: float, columns: list[list[float]]) -> str:
+    """Friedman p, or why there is none."""
+    complete = sum(not any(math.isnan(x) for x in unit) for unit in zip(*columns, strict=True))
+    if len(columns) < 3:
+        why = f" (Friedman needs ≥ 3 configurations; this setting has {len(columns)})"
+    elif complete < 2:
+        why = f" (Friedman needs ≥ 2 units with a value in every configuration; {complete} have one)"
+    else:
+        why = ""
+    return f"Friedman p = {_fmt(p)}{why}"
+
+
+def paired_tables(configs: list[Configuration], metrics: list[str], unit: str) -> tuple[str, list[dict]]:
+    """Within each (kv, bits) setting, on unit values: Friedman across configurations, pairwise Wilcoxon
+    with Holm over the pairs of one metric."""
+    by = UNITS[unit][0]
     parts, records = [], []
-    settings = sorted({e.setting for e in evals}, key=str)
-    for setting in settings:
-        group = sorted((e for e in evals if e.setting == setting), key=lambda e: e.label)
+    for setting, group in itertools.groupby(configs, key=lambda c: c.setting):
+        group = list(group)
         if len(group) < 2:
             continue
-        parts.append(f"### kv = {setting[0]}, k bits = {setting[1]}, v bits = {setting[2]}")
+        parts.append(f"### kv = {setting[0]}: {_sides(setting)}")
+        blocks = _common_blocks(group)
         for metric in metrics:
-            blocks = sorted(set.intersection(*(set(_by_block(e, metric)) for e in group)))
-            columns = [[_by_block(e, metric)[b] for b in blocks] for e in group]
-            p_friedman = friedman(columns) if len(group) >= 3 else math.nan
-            pairs = []
-            for (i, a), (j, b) in itertools.combinations(enumerate(group), 2):
-                pairs.append((a, b, paired_difference(columns[i], columns[j])))
+            values = [_unit_values(c, metric, by, blocks) for c in group]
+            units = sorted(values[0], key=str)
+            columns = [[v[u] for u in units] for v in values]
+            p_friedman = friedman(columns)
+            pairs = [
+                (a, b, paired_difference(columns[i], columns[j]))
+                for (i, a), (j, b) in itertools.combinations(enumerate(group), 2)
+            ]
             adjusted = holm([p["p"] for _, _, p in pairs])
             rows = []
             for (a, b, p), p_adj in zip(pairs, adjusted, strict=True):
-                rows.append(
-                    [
-                        b.label,
-                        a.label,
-                        p["n"],
-                        p["median_diff"],
-                        f"[{_fmt(p['ci_low'])}, {_fmt(p['ci_high'])}]",
-                        p["p"],
-                        p_adj,
-                    ]
-                )
+                ci = f"[{_fmt(p['ci_low'])}, {_fmt(p['ci_high'])}]"
+                rows.append([b.label, a.label, p["n"], p["median_diff"], ci, p["p"], p_adj])
                 records.append(
                     {
                         "setting": list(setting),
                         "metric": metric,
+                        "unit": unit,
                         "a": a.label,
                         "b": b.label,
                         **p,
                         "p_holm": p_adj,
+                        "friedman_p": p_friedman,
                     }
                 )
-            better = "lower" if metric in LOWER_IS_BETTER else "higher"
+            better = "higher" if higher_is_better(metric) else "lower"
             parts.append(
-                f"**{metric}** ({better} is better) over {len(blocks)} paired (layer, head, sequence) blocks; "
-                f"Friedman p = {_fmt(p_friedman)}"
+                f"**{metric}** ({better} is better) on {len(units)} units; {_friedman_text(p_friedman, columns)}"
             )
-            parts.append(
-                _table(["B", "A", "pairs", "median B − A", "bootstrap 95 % CI", "Wilcoxon p", "Holm p"], rows)
-            )
+            header = ["B", "A", "n (units)", "median B − A (over units)", "bootstrap 95 % CI of the median"]
+            parts.append(_table([*header, "Wilcoxon p", "Holm p"], rows))
     return "\n\n".join(parts) if parts else "_No setting has two configurations to compare._", records
 
 
@@ -136,31 +177,47 @@ def _pareto(points: list[tuple[float, float]], higher_better: bool) -> list[tupl
     return front
 
 
-def figures(evals: list[Evaluation], metrics: list[str], out: Path, reference: str) -> list[Path]:
+def colour_map(labels) -> dict[str, str]:
+    """Configuration label → colour, decided once for every figure: a fixed palette in sorted-label order."""
+    from matplotlib import colormaps, colors
+
+    tab20 = colormaps["tab20"].colors
+    palette = [colors.to_hex(c) for c in tab20[0::2] + tab20[1::2]]  # the ten strong colours first
+    return {label: palette[i % len(palette)] for i, label in enumerate(sorted(set(labels)))}
+
+
+def figures(
+    configs: list[Configuration],
+    metrics: list[str],
+    out: Path,
+    reference: str,
+    unit: str,
+    colours: dict[str, str],
+) -> list[Path]:
+    """Trade-off plots; every artist of a configuration has its colour and, as gid, its label."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    markers = {s: MARKERS[i % len(MARKERS)] for i, s in enumerate(dict.fromkeys(c.setting for c in configs))}
     paths = []
     for metric in [m for m in metrics if m in ("output_cosine", "attention_kl")] or metrics[:1]:
         fig, ax = plt.subplots(figsize=(11, 4.5))
         pts = []
-        for ev in evals:
-            x = (
-                ev.summary["overall"].get("kv_bytes_per_token")
-                or ev.summary["overall"]["kv_bits_per_coordinate"]
-            )
-            y = describe(r[metric] for r in ev.rows)["mean"]
+        for conf in configs:
+            x = _overall(conf, "kv_bytes_per_token") or _overall(conf, "kv_bits_per_coordinate")
+            y = nanmean(_seed_means(conf, metric))
             pts.append((x, y))
-            ax.scatter(x, y, s=40, label=f"{ev.label} ({_bits(ev)})")
+            style = {"color": colours[conf.label], "marker": markers[conf.setting], "gid": conf.label}
+            ax.scatter(x, y, s=40, label=_tag(conf), **style)
         ax.margins(x=0.1, y=0.1)
-        front = _pareto(pts, metric not in LOWER_IS_BETTER)
+        front = _pareto(pts, higher_is_better(metric))
         ax.plot(*zip(*front, strict=True), "k--", lw=1, marker="o", mfc="none", ms=13, label="Pareto front")
         _finish_axes(
             ax,
             "K+V bytes per token (stored)",
-            f"{metric} (mean over blocks)",
+            f"{metric} (mean over blocks and seeds)",
             f"Quality vs memory: {metric}",
             8,
         )
@@ -168,70 +225,79 @@ def figures(evals: list[Evaluation], metrics: list[str], out: Path, reference: s
 
     metric = metrics[0]
     fig, ax = plt.subplots(figsize=(11, 4.5))
-    for ev in sorted(evals, key=lambda e: (e.setting, e.label)):
-        layers = sorted({r["layer"] for r in ev.rows})
-        means = [describe(r[metric] for r in ev.rows if r["layer"] == la)["mean"] for la in layers]
-        ax.plot(layers, means, marker=".", label=f"{ev.label} ({_bits(ev)})")
-    _finish_axes(ax, "layer", metric, f"{metric} per layer", 7)
+    for conf in configs:
+        rows = [r for ev in conf.evals for r in ev.rows]
+        layers = sorted({r["layer"] for r in rows})
+        means = [nanmean(r[metric] for r in rows if r["layer"] == la) for la in layers]
+        style = {"color": colours[conf.label], "marker": markers[conf.setting], "gid": conf.label}
+        ax.plot(layers, means, ms=4, label=_tag(conf), **style)
+    _finish_axes(ax, "layer", f"{metric} (mean over blocks and seeds)", f"{metric} per layer", 7)
     paths.append(_save(fig, out / f"per_layer_{metric}.png"))
 
     fig, ax = plt.subplots(figsize=(11, 4.5))
-    for label in sorted({e.label for e in evals}):
+    for label in sorted({c.label for c in configs}):
         group = sorted(
-            (e for e in evals if e.label == label), key=lambda e: e.setting[1] or e.setting[2] or 0
+            (
+                (c.setting[1] if c.setting[1] is not None else c.setting[2], c)
+                for c in configs
+                if c.label == label
+            ),
+            key=lambda p: p[0],
         )
-        bits = [e.setting[1] if e.setting[1] is not None else e.setting[2] for e in group]
-        stats = [describe(r[metric] for r in e.rows) for e in group]
+        seeds = [describe(_seed_means(c, metric)) for _, c in group]
         ax.errorbar(
-            bits,
-            [s["mean"] for s in stats],
-            yerr=[s["sd"] for s in stats],
+            [bits for bits, _ in group],
+            [s["mean"] for s in seeds],
+            yerr=[s["sd"] for s in seeds],  # NaN with one seed: no bar
             marker="o",
             capsize=3,
+            color=colours[label],
             label=label,
+            gid=label,
         )
     _finish_axes(
         ax,
         "bits (keys, or values when only values are compressed)",
-        f"{metric}: mean ± SD over blocks",
+        f"{metric} (mean; bars: seed SD)",
         f"{metric} by bits",
         7,
     )
     paths.append(_save(fig, out / f"by_bits_{metric}.png"))
 
-    diffs = []
-    for ev in evals:
+    by, diffs = UNITS[unit][0], []
+    for conf in configs:
         refs = [
             r
-            for r in evals
-            if r.setting == ev.setting and r.summary["columns"]["rotation"] == reference and r is not ev
+            for r in configs
+            if r is not conf
+            and r.setting == conf.setting
+            and r.evals[0].columns["codec"] == conf.evals[0].columns["codec"]
+            and set(r.evals[0].rotations.values()) == {reference}
         ]
         if refs:
-            a, b = _by_block(refs[0], metric), _by_block(ev, metric)
-            blocks = sorted(set(a) & set(b))
-            diffs.append(
-                (
-                    f"{ev.label} ({_bits(ev)})",
-                    paired_difference([a[k] for k in blocks], [b[k] for k in blocks]),
-                )
-            )
+            blocks = _common_blocks([refs[0], conf])
+            a, b = (_unit_values(c, metric, by, blocks) for c in (refs[0], conf))
+            units = sorted(a, key=str)
+            diffs.append((conf, paired_difference([a[u] for u in units], [b[u] for u in units])))
     if diffs:
         fig, ax = plt.subplots(figsize=(10, 0.6 * len(diffs) + 1.8))
-        for i, (_, d) in enumerate(diffs):
+        for i, (conf, d) in enumerate(diffs):
             ax.errorbar(
                 d["median_diff"],
                 i,
                 xerr=[[d["median_diff"] - d["ci_low"]], [d["ci_high"] - d["median_diff"]]],
                 fmt="o",
                 capsize=4,
+                color=colours[conf.label],
+                gid=conf.label,
             )
         ax.axvline(0, color="k", lw=1)
-        ax.set_yticks(range(len(diffs)), [textwrap.fill(label, 48) for label, _ in diffs], fontsize=7)
+        ax.set_yticks(range(len(diffs)), [textwrap.fill(_tag(c), 48) for c, _ in diffs], fontsize=7)
         _finish_axes(
             ax,
-            f"median paired difference in {metric} vs {reference} (bootstrap 95 % CI)",
+            f"median over units of the paired difference in {metric} vs {reference} (bootstrap 95 % CI)",
             "",
-            f"Against {reference} on the same held-out blocks",
+            f"Against {reference} (same codec and bits), unit = {unit}",
             None,
         )
         paths.append(_save(fig, out / f"vs_{reference}_{metric}.png"))
@@ -263,46 +329,88 @@ def build_report(
     reference: str = "random_haar",
     command: str = "",
     wandb: dict | None = None,
+    unit: str = "layer_head",
 ) -> Path:
+    if unit not in UNITS:
+        raise ReportError(f"unit={unit}: choose one of {sorted(UNITS)}")
     evals, missing = collect(runs)
     unknown = [m for m in metrics if m not in evals[0].rows[0]]
     if unknown:
-        raise ValueError(
+        raise ReportError(
             f"report.metrics has {unknown}, which the results do not have; they have {sorted(evals[0].rows[0])}"
         )
+    by, unit_text = UNITS[unit]
+    lacking = [str(ev.folder) for ev in evals if any(c not in ev.rows[0] for c in by)]
+    if lacking:
+        raise ReportError(
+            f"unit={unit} needs the column(s) {list(by)} in results.csv, which {len(lacking)} evaluations "
+            f"lack (results from before that column, e.g. {lacking[0]}): use unit=layer_head"
+        )
+    configs = group_seeds(evals)
+    colours = colour_map(c.label for c in configs)
     out.mkdir(parents=True, exist_ok=True)
-    table, summary_records = summary_table(evals, metrics)
-    paired, paired_records = paired_tables(evals, metrics)
-    pictures = figures(evals, metrics, out, reference)
-    c = evals[0].summary["columns"]
+    table, summary_records = summary_table(configs, metrics)
+    paired, paired_records = paired_tables(configs, metrics, unit)
+    pictures = figures(configs, metrics, out, reference, unit, colours)
+    c = evals[0].columns
     text = [
         "# tqlab report",
         "",
         f"`{command}`" if command else "",
         "",
-        f"{len(evals)} finished evaluations of model `{c['model']}` on capture `{c['capture']}` ({c['data']} text, test split) from `{runs}`.",
-        "Values are means over (layer, KV head, sequence) blocks of held-out text; each block's value is the mean over its queries.",
+        f"{len(evals)} finished evaluations of model `{c['model']}` on capture `{c['capture']}` ({c['data']} text, "
+        f"test split) from `{runs}`: {len(configs)} configurations (evaluations that differ only in seed are one "
+        "configuration measured with other random rotations or fits).",
+        "A block is one (layer, KV head, window) of held-out text; its value is the mean over its queries.",
         "",
     ]
     if missing:
         text += ["**Unfinished jobs (not in this report):**", "", *[f"- {m}" for m in missing], ""]
-    text += ["## Summary", "", table, "", "## Paired comparisons", "", paired, "", "## Figures", ""]
+    text += [
+        "## Summary",
+        "",
+        "Each seed's value is its mean over all blocks; shown is the mean over seeds ± the seed-to-seed SD.",
+        "",
+        table,
+        "",
+        "## Paired comparisons",
+        "",
+        f"Unit = {unit_text}, averaged over seeds and over the windows every configuration of the setting has. "
+        "Windows of one (layer, KV head) are strongly correlated, so units, not windows, are the independent "
+        "pairs; n counts units. For B − A: the median over units with a percentile-bootstrap 95 % CI, the "
+        "Wilcoxon signed-rank p, and Holm-adjusted p over the pairs of one metric and setting.",
+        "",
+        paired,
+        "",
+        "## Figures",
+        "",
+    ]
     text += [f"![{p.stem}]({p.name})" for p in pictures]
     report = out / "report.md"
     report.write_text("\n".join(text) + "\n")
     (out / "report.json").write_text(
         json.dumps(
-            {"summary": summary_records, "paired": paired_records, "missing": missing}, indent=2, default=str
+            {
+                "unit": unit,
+                "unit_description": unit_text,
+                "colours": colours,
+                "summary": summary_records,
+                "paired": paired_records,
+                "missing": missing,
+            },
+            indent=2,
+            default=str,
         )
     )
     if wandb and wandb.get("mode", "disabled") != "disabled":
-        _to_wandb(wandb, out, summary_records, paired_records, pictures, str(runs))
+        config = {"runs": str(runs), "unit": unit}
+        _to_wandb(wandb, out, summary_records, paired_records, pictures, config)
     log.info("report written to %s", report)
     return report
 
 
 def _to_wandb(
-    settings: dict, out: Path, summary: list[dict], paired: list[dict], pictures: list[Path], runs: str
+    settings: dict, out: Path, summary: list[dict], paired: list[dict], pictures: list[Path], config: dict
 ) -> None:
     import wandb
 
@@ -313,7 +421,7 @@ def _to_wandb(
         mode=settings["mode"],
         dir=str(out),
         job_type="report",
-        config={"runs": runs},
+        config=config,
     )
     try:
         for name, records in (("summary", summary), ("paired", paired)):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import csv
 import dataclasses
+import itertools
 import json
 from pathlib import Path
+
+from ..results import read_results
 
 
 class ReportError(ValueError):
@@ -19,34 +21,88 @@ class Evaluation:
     rows: list[dict]
 
     @property
+    def columns(self) -> dict:
+        return self.summary["columns"]
+
+    @property
+    def rotations(self) -> dict[str, str]:
+        """Rotation label of each compressed side ("K", "V"); older results have one `rotation` for both."""
+        c = self.columns
+        found = {}
+        for side in ("k", "v"):
+            rotation = c.get(f"{side}_rotation", c.get("rotation"))
+            if c[f"{side}_bits"] is not None and rotation is not None:
+                found[side.upper()] = rotation
+        return found
+
+    @property
     def label(self) -> str:
-        """codec · rotation[view], and for fitted rotations the train run they came from."""
-        c = self.summary["columns"]
+        """codec · rotation[view] (K … / V … when the sides differ), and the train run of fitted rotations."""
+        c = self.columns
         view = c.get("view")
-        rot = c["rotation"] + (
-            f"[{view}]" if view and view != "vector" and "block_so8" in c["rotation"] else ""
+        sides = {
+            side: r + (f"[{view}]" if view and view != "vector" and "block_so8" in r else "")
+            for side, r in self.rotations.items()
+        }
+        rot = (
+            next(iter(sides.values()))
+            if len(set(sides.values())) == 1
+            else " / ".join(f"{side} {r}" for side, r in sides.items())
         )
         if c.get("rotations_from"):
             rot += f" ({Path(c['rotations_from']).name})"
-        return f"{c['codec']} · {rot}"
+        return f"{c['codec']} · {rot}" if rot else c["codec"]
 
     @property
     def setting(self) -> tuple:
         """What must match for two evaluations to be compared pairwise: kv mode and bits."""
-        c = self.summary["columns"]
+        c = self.columns
         return (c["kv"], c["k_bits"], c["v_bits"])
 
 
-def _number(value: str):
-    if value in ("", "None"):
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        try:
-            return float(value)
-        except ValueError:
-            return value
+@dataclasses.dataclass
+class Configuration:
+    """Evaluations that differ only in `seed`: one configuration measured with other random rotations/fits."""
+
+    evals: list[Evaluation]
+
+    @property
+    def label(self) -> str:
+        return self.evals[0].label
+
+    @property
+    def setting(self) -> tuple:
+        return self.evals[0].setting
+
+    @property
+    def seeds(self) -> list:
+        return [e.columns["seed"] for e in self.evals]
+
+
+def group_seeds(evals: list[Evaluation]) -> list[Configuration]:
+    """Configurations (sorted by setting and label), each with its evaluations sorted by seed."""
+    groups: dict[str, list[Evaluation]] = {}
+    for ev in evals:
+        key = json.dumps({k: v for k, v in ev.columns.items() if k != "seed"}, sort_keys=True, default=str)
+        groups.setdefault(key, []).append(ev)
+    configs = []
+    for group in groups.values():
+        group.sort(key=lambda e: e.columns["seed"])
+        seeds = [e.columns["seed"] for e in group]
+        if len(set(seeds)) < len(seeds):  # a re-run would count as a second seed and shrink the SD
+            raise ReportError(
+                f"{group[0].label} is evaluated more than once with the same seed ({', '.join(str(e.folder) for e in group)}): "
+                "report one folder of each"
+            )
+        configs.append(Configuration(group))
+    configs.sort(key=lambda c: (c.setting, c.label))
+    for a, b in itertools.pairwise(configs):  # tables and colours are keyed by label within a setting
+        if (a.setting, a.label) == (b.setting, b.label):
+            differ = sorted(
+                k for k in a.evals[0].columns if a.evals[0].columns[k] != b.evals[0].columns.get(k)
+            )
+            raise ReportError(f"two configurations are both labelled {a.label}; they differ in {differ}")
+    return configs
 
 
 def collect(paths) -> tuple[list[Evaluation], list[str]]:
@@ -88,6 +144,4 @@ def _collect_one(path: Path, found: list, missing: list, seen: set) -> None:
         if folder in seen:
             continue
         seen.add(folder)
-        with open(folder / "results.csv", newline="") as f:
-            rows = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
-        found.append(Evaluation(folder, json.loads(summary_file.read_text()), rows))
+        found.append(Evaluation(folder, *read_results(folder)))

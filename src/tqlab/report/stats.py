@@ -1,7 +1,7 @@
-"""Statistics for reports: descriptive summaries and paired tests blocked by (layer, head, sequence).
+"""Statistics for reports: descriptive summaries, unit means and paired tests.
 
-scipy does the tests; blocks, not seeds, are the units: the same held-out block measured under two
-configurations is one pair.
+scipy does the tests. Windows of one (layer, head) are not independent, so the pairs are units — the
+mean of each (layer, head) or document under two configurations — not single blocks.
 """
 
 from __future__ import annotations
@@ -32,6 +32,21 @@ def describe(values) -> dict:
     return {"n": n, "mean": mean, "sd": sd, "sem": sem, "ci_low": mean - half, "ci_high": mean + half}
 
 
+def nanmean(values) -> float:
+    """Mean without the NaNs (a metric undefined on a block); NaN when nothing is left."""
+    x = np.asarray(list(values), dtype=float)
+    x = x[~np.isnan(x)]
+    return float(x.mean()) if len(x) else math.nan
+
+
+def unit_means(rows, metric: str, by: tuple[str, ...]) -> dict[tuple, float]:
+    """Mean of `metric` over the rows of each unit, the rows that share the values of the `by` columns."""
+    groups: dict[tuple, list] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[c] for c in by), []).append(r[metric])
+    return {unit: nanmean(values) for unit, values in groups.items()}
+
+
 def holm(p_values: list[float]) -> list[float]:
     """Holm–Bonferroni adjusted p-values (step-down, monotone, capped at 1)."""
     m = len(p_values)
@@ -44,7 +59,7 @@ def holm(p_values: list[float]) -> list[float]:
 
 
 def paired_difference(a, b, seed: int = 0, resamples: int = 2000) -> dict:
-    """b − a over paired blocks: median difference with a bootstrap 95 % CI, and the Wilcoxon signed-rank p."""
+    """b − a over paired units: median difference with a bootstrap 95 % CI, and the Wilcoxon signed-rank p."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     keep = ~(np.isnan(a) | np.isnan(b))
     d = b[keep] - a[keep]
@@ -75,7 +90,7 @@ def paired_difference(a, b, seed: int = 0, resamples: int = 2000) -> dict:
 
 
 def friedman(columns: list) -> float:
-    """Friedman test across k >= 3 configurations measured on the same blocks (rows with a NaN dropped)."""
+    """Friedman test across k >= 3 configurations measured on the same units (rows with a NaN dropped)."""
     data = np.column_stack([np.asarray(c, dtype=float) for c in columns])
     data = data[~np.isnan(data).any(axis=1)]
     if data.shape[1] < 3 or len(data) < 2:

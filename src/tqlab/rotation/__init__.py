@@ -7,13 +7,13 @@ y = rot.apply(x); x_again = rot.inverse(y); rot.matrix()
 
 from __future__ import annotations
 
+from .. import registry
 from .base import Identity, Rotation
 from .compose import Composed
 from .haar import RandomHaar
 from .hadamard import FastHadamard, fwht
 from .so8 import BlockSO8Learned, BlockSO8Static
 from .triality import VIEWS
-from .. import registry
 
 ROTATIONS = {
     "identity": Identity,

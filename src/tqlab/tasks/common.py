@@ -28,7 +28,9 @@ class Outcome:
         if not name:
             return None
         if name not in self.metrics:
-            raise KeyError(f"optimized_metric={name} is not a metric of this run; choose from {sorted(self.metrics)}")
+            raise KeyError(
+                f"optimized_metric={name} is not a metric of this run; choose from {sorted(self.metrics)}"
+            )
         return self.metrics[name]
 
 
@@ -94,7 +96,11 @@ def make_trainer(cfg: DictConfig, loggers, callbacks=(), **overrides):
 
 
 def tags(spec: KVQuantSpec) -> list[str]:
-    return [f"{k}={v}" for k, v in spec.columns().items() if k in ("codec", "kv", "k_bits", "v_bits", "k_rotation", "v_rotation") and v is not None]
+    return [
+        f"{k}={v}"
+        for k, v in spec.columns().items()
+        if k in ("codec", "kv", "k_bits", "v_bits", "k_rotation", "v_rotation") and v is not None
+    ]
 
 
 @contextlib.contextmanager
@@ -108,7 +114,11 @@ def results_folder(cfg: DictConfig, finished: str, run_tags: list[str], extra: d
     with claim(results):
         link_result(out, results)
         if (results / finished).is_file():
-            log.info("already %s in %s: nothing to do", {"train": "trained", "eval": "evaluated"}[cfg.task], results)
+            log.info(
+                "already %s in %s: nothing to do",
+                {"train": "trained", "eval": "evaluated"}[cfg.task],
+                results,
+            )
             yield results, None
             return
         OmegaConf.save(cfg, results / "config.yaml", resolve=True)

@@ -23,7 +23,9 @@ def evaluate(cfg: DictConfig) -> common.Outcome:
     with common.results_folder(cfg, "summary.json", common.tags(spec), extra) as (results, loggers):
         if loggers is not None:
             _test(cfg, sections, results, loggers)
-    summary = json.loads((results / "summary.json").read_text()) if (results / "summary.json").is_file() else {}
+    summary = (
+        json.loads((results / "summary.json").read_text()) if (results / "summary.json").is_file() else {}
+    )
     overall = summary.get("overall", {})
     if overall:
         log.info("results in %s: %s", results, json.dumps({k: round(v, 5) for k, v in overall.items()}))

@@ -20,4 +20,6 @@ def report(cfg: DictConfig) -> Path:
         "python report.py " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("report.py") else ""
     )
     runs = OmegaConf.to_container(cfg.runs) if OmegaConf.is_list(cfg.runs) else cfg.runs
-    return build_report(runs, output_dir(cfg), list(cfg.metrics), cfg.reference, command, settings)
+    return build_report(
+        runs, output_dir(cfg), list(cfg.metrics), cfg.reference, command, settings, unit=cfg.unit
+    )

@@ -22,13 +22,19 @@ def train(cfg: DictConfig) -> common.Outcome:
     if cfg.get("resume"):
         resume = results_of(cfg.resume)
         if not (resume / "config.yaml").is_file():
-            raise ConfigError(f"resume={cfg.resume}: no config.yaml there; pass a train run or results folder")
+            raise ConfigError(
+                f"resume={cfg.resume}: no config.yaml there; pass a train run or results folder"
+            )
         saved = OmegaConf.load(resume / "config.yaml")
         saved.output_dir = str(output_dir(cfg))
         cfg = saved
     sections = run_sections(cfg)
     spec = sections["spec"]
-    fixed = [f"{side}: {s.rotation.name}" for side, s in spec.sides().items() if not registry.rotation_is_learned(s.rotation.name)]
+    fixed = [
+        f"{side}: {s.rotation.name}"
+        for side, s in spec.sides().items()
+        if not registry.rotation_is_learned(s.rotation.name)
+    ]
     if fixed:
         raise ConfigError(
             f"rotation={cfg.rotation.name} has nothing to fit; train.py fits rotation=block_so8_learned, "
@@ -38,15 +44,22 @@ def train(cfg: DictConfig) -> common.Outcome:
         if loggers is not None:
             _fit(cfg, sections, results, loggers)
     done = json.loads((results / "done.json").read_text()) if (results / "done.json").is_file() else {}
-    log.info("rotations saved in %s (best.safetensors); evaluate them with: python eval.py rotations=%s %s",
-             results, results, _eval_overrides(cfg))
+    log.info(
+        "rotations saved in %s (best.safetensors); evaluate them with: python eval.py rotations=%s %s",
+        results,
+        results,
+        _eval_overrides(cfg),
+    )
     metrics = {k: done[k] for k in ("best_val_loss", "val_loss_initial") if done.get(k) is not None}
     return common.Outcome(results, metrics)
 
 
 def _eval_overrides(cfg: DictConfig) -> str:
     """The eval.py overrides that evaluate the fitted rotations as they were fitted."""
-    parts = [f"kv={'full_kv' if len(cfg.kv.compress) == 2 else cfg.kv.compress[0] + '_only'}", f"bits={cfg.bits}"]
+    parts = [
+        f"kv={'full_kv' if len(cfg.kv.compress) == 2 else cfg.kv.compress[0] + '_only'}",
+        f"bits={cfg.bits}",
+    ]
     parts += [f"{k}={cfg[k]}" for k in ("k_bits", "v_bits") if cfg.get(k) is not None]
     if cfg.codec.name != "turboquant_mse":
         parts.append(f"codec={cfg.codec.name}")
@@ -96,7 +109,10 @@ def _fit(cfg, sections, results: Path, loggers) -> None:
     }
     data = KVDataModule(source, batch_size=fit["batch_size"], layers=layers, shuffle=True)
     remaining = max(0, fit["max_epochs"] - done)
-    callbacks = [SaveRotations(results, facts, best, done), EarlyStopping("val_loss", patience=fit["patience"])]
+    callbacks = [
+        SaveRotations(results, facts, best, done),
+        EarlyStopping("val_loss", patience=fit["patience"]),
+    ]
     trainer, initial = common.make_trainer(cfg, loggers, callbacks, max_epochs=remaining), None
     if done == 0:
         initial = float(trainer.validate(module, datamodule=data, verbose=False)[0]["val_loss"])
