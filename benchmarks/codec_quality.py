@@ -17,7 +17,7 @@ import torch
 
 from tqlab.quant import TurboQuantMSE, TurboQuantProd, coordinate_distortion
 
-# Reference solves and the paper's variance constants (shared/reference/turboquant.md)
+# Reference solves and the paper's variance constants (docs/theory.md)
 REFERENCE_D = {1: 0.36089, 2: 0.11600, 3: 0.03397, 4: 0.00931}
 
 
@@ -32,7 +32,9 @@ def main() -> None:
     )
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--vectors", type=int, default=50_000)
-    parser.add_argument("--out", type=Path, default=Path("docs/codec_quality.md"), help="'-' to print only")
+    parser.add_argument(
+        "--out", type=Path, default=Path("outputs/bench/codec_quality.md"), help="'-' to print only"
+    )
     args = parser.parse_args()
     d, n = args.dim, args.vectors
     keys, queries = unit(n, d, 1), unit(n, d, 2)

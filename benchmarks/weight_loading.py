@@ -47,7 +47,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"), help="'-' to print only")
+    parser.add_argument(
+        "--out", type=Path, default=Path("outputs/bench/benchmarks.md"), help="'-' to print only"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("weight loading through bitsandbytes needs a CUDA GPU")

@@ -9,7 +9,7 @@ from scipy import integrate, special
 
 from tqlab.quant import TurboQuantMSE, coordinate_distortion, lloyd_max_codebook
 
-# E‖u − û‖² at d = 128 from numerical Lloyd-Max solves (shared/reference/turboquant.md, "computed")
+# E‖u − û‖² at d = 128 from numerical Lloyd-Max solves (docs/theory.md, "computed")
 D128 = {1: 0.36089, 2: 0.11600, 3: 0.03397, 4: 0.00931}
 # Gaussian-limit centroids × √d (same source)
 GAUSS = {1: [0.7979], 2: [0.4528, 1.5104], 3: [0.2451, 0.7560, 1.3439, 2.1519]}

@@ -117,7 +117,11 @@ def _converted_dir(model: OfflineModel) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     gguf = model.gguf_path()
-    log.info("converting %s from GGUF once into %s (later loads take seconds)", model.key, target)
+    log.info(
+        "converting %s from GGUF once into %s (1–2 minutes on 2 cores; later loads take seconds)",
+        model.key,
+        target,
+    )
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     lm = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent),

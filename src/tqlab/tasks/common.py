@@ -60,10 +60,17 @@ def _loggers(cfg: DictConfig, out: Path, tags: list[str]):
             Path(out, "wandb").mkdir(parents=True, exist_ok=True)
             # An explicit mode: Lightning's offline flag only sets WANDB_MODE, which wandb reads once per
             # process, so the second run of a serial sweep would otherwise try to log in.
+            import wandb
+
+            offline = node.get("offline", False)
             kwargs.update(
                 group=node.get("group") or sweep_group() or cfg.task,
                 tags=list(node.get("tags") or []) + tags,
-                mode="offline" if node.get("offline", False) else "online",
+                mode="offline" if offline else "online",
+                resume=None,  # every run is new: a content-addressed folder is never logged twice
+                # offline runs need no console chatter (their folder is the run's output folder); online
+                # ones keep W&B's link and warnings but not the 30-line summary
+                settings=wandb.Settings(silent=True) if offline else wandb.Settings(quiet=True),
             )
         loggers.append(instantiate(node, **kwargs))
     config = {k: v for k, v in resolved(cfg).items() if k != "hydra"}
@@ -77,6 +84,31 @@ def _finish(loggers) -> None:
         from ..wandb_run import finish_wandb
 
         finish_wandb()
+
+
+class _DropNoise(logging.Filter):
+    """Lightning's advertisement and accelerator roll call say nothing about the run."""
+
+    NOISE = ("💡 Tip:", "TPU available", "HPU available")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOISE)
+
+
+def seed_lightning(seed: int) -> None:
+    """Quiet Lightning's logging (before its first line), then seed every generator."""
+    import warnings
+
+    import lightning as L
+
+    if logging.getLogger().hasHandlers():  # Hydra prints every record already: one line per event
+        logging.getLogger("lightning").handlers.clear()
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        if not any(isinstance(f, _DropNoise) for f in logging.getLogger(name).filters):
+            logging.getLogger(name).addFilter(_DropNoise())
+    # raised inside Lightning for torch's own API change; nothing a user can act on
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    L.seed_everything(seed, workers=True, verbose=False)
 
 
 def make_trainer(cfg: DictConfig, loggers, callbacks=(), **overrides):

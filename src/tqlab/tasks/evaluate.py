@@ -33,7 +33,6 @@ def evaluate(cfg: DictConfig) -> common.Outcome:
 
 
 def _test(cfg, sections, results, loggers) -> None:
-    import lightning as L
     import torch
 
     from ..data.datamodule import KVDataModule
@@ -41,7 +40,7 @@ def _test(cfg, sections, results, loggers) -> None:
     from ..kv.builder import CodecBank
     from ..results import write_results
 
-    L.seed_everything(cfg.seed, workers=True)
+    common.seed_lightning(cfg.seed)
     spec, settings = sections["spec"], sections["eval"]
     source = common.kv_source(cfg)
     arch = source.architecture

@@ -67,7 +67,6 @@ def _eval_overrides(cfg: DictConfig) -> str:
 
 
 def _fit(cfg, sections, results: Path, loggers) -> None:
-    import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping
 
     from ..data.datamodule import KVDataModule
@@ -76,7 +75,7 @@ def _fit(cfg, sections, results: Path, loggers) -> None:
     from ..rotation.io import load_rotations
     from ..runs import resolved
 
-    L.seed_everything(cfg.seed, workers=True)
+    common.seed_lightning(cfg.seed)
     spec, fit = sections["spec"], sections["fit"]
     source = common.kv_source(cfg)
     arch = source.architecture
