@@ -15,7 +15,7 @@ from pathlib import Path
 
 CONFIG_COLUMNS = (
     "model", "data", "capture", "codec", "kv", "k_bits", "v_bits", "k_rotation", "v_rotation", "view",
-    "rotations_from", "seed",
+    "rotations_from", "fit", "fit_seed", "seed",
 )  # fmt: skip
 BLOCK_COLUMNS = ("layer", "kv_head", "sequence", "document")
 # never parsed as numbers: a document titled "1984" or a capture hash of digits stays text

@@ -43,6 +43,19 @@ class FittedRotations:
         return {unit.split("_")[0] for unit in self.facts["units"]}
 
     @property
+    def fit(self) -> str:
+        """What distinguishes this fit from others of the same rotation, its seed aside."""
+        options = self.facts.get("rotation_options", {})
+        parts = [self.facts.get("objective", "?")] + [
+            f"{k}={v}" for k, v in sorted(options.items()) if k != "view"
+        ]
+        return ", ".join(parts + (["per head"] if self.facts.get("per_head") else []))
+
+    @property
+    def seed(self) -> int | None:
+        return (self.facts.get("config") or {}).get("seed")
+
+    @property
     def model(self) -> str | None:
         return self.facts.get("model") or (self.facts.get("config") or {}).get("model", {}).get(
             "name_or_path"
@@ -168,7 +181,8 @@ class KVQuantSpec:
         """The configuration columns of every result row: what was built, side by side."""
         sides = self.sides()
         first = next(iter(sides.values()))
-        fitted = {s.rotation.fitted.path for s in sides.values() if s.rotation.fitted}
+        fitted = {s.rotation.fitted for s in sides.values() if s.rotation.fitted}
+        artefact = fitted.pop() if fitted else None
         return {
             "codec": first.codec.name,
             "kv": "+".join(sides),
@@ -177,7 +191,9 @@ class KVQuantSpec:
             "k_rotation": self.key.rotation.label if self.key else None,
             "v_rotation": self.value.rotation.label if self.value else None,
             "view": first.rotation.view,
-            "rotations_from": fitted.pop() if fitted else None,
+            "rotations_from": artefact.path if artefact else None,
+            "fit": artefact.fit if artefact else None,
+            "fit_seed": artefact.seed if artefact else None,
             "seed": self.seed,
         }
 

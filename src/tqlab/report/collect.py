@@ -49,7 +49,9 @@ class Evaluation:
             if len(set(sides.values())) == 1
             else " / ".join(f"{side} {r}" for side, r in sides.items())
         )
-        if c.get("rotations_from"):
+        if c.get("fit"):  # fitted rotations: what was fitted, not which run (seeds are grouped)
+            rot += f" ({c['fit']})"
+        elif c.get("rotations_from"):  # results written before the `fit` column
             rot += f" ({Path(c['rotations_from']).name})"
         return f"{c['codec']} · {rot}" if rot else c["codec"]
 
@@ -76,19 +78,31 @@ class Configuration:
 
     @property
     def seeds(self) -> list:
-        return [e.columns["seed"] for e in self.evals]
+        return [seed_of(e) for e in self.evals]
+
+
+# Columns that differ between the seeds of one configuration: its random rotations, or its fit's run
+SEED_COLUMNS = ("seed", "fit_seed", "rotations_from")
+
+
+def seed_of(ev: Evaluation):
+    """The evaluation's seed, or (fit seed, evaluation seed) for fitted rotations."""
+    c = ev.columns
+    return c["seed"] if c.get("fit_seed") is None else (c["fit_seed"], c["seed"])
 
 
 def group_seeds(evals: list[Evaluation]) -> list[Configuration]:
     """Configurations (sorted by setting and label), each with its evaluations sorted by seed."""
     groups: dict[str, list[Evaluation]] = {}
     for ev in evals:
-        key = json.dumps({k: v for k, v in ev.columns.items() if k != "seed"}, sort_keys=True, default=str)
+        key = json.dumps(
+            {k: v for k, v in ev.columns.items() if k not in SEED_COLUMNS}, sort_keys=True, default=str
+        )
         groups.setdefault(key, []).append(ev)
     configs = []
     for group in groups.values():
-        group.sort(key=lambda e: e.columns["seed"])
-        seeds = [e.columns["seed"] for e in group]
+        group.sort(key=lambda e: str(seed_of(e)))
+        seeds = [seed_of(e) for e in group]
         if len(set(seeds)) < len(seeds):  # a re-run would count as a second seed and shrink the SD
             raise ReportError(
                 f"{group[0].label} is evaluated more than once with the same seed ({', '.join(str(e.folder) for e in group)}): "
