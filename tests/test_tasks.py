@@ -113,11 +113,38 @@ def test_two_processes_never_write_one_folder(tmp_path):
         with pytest.raises(RunLocked, match="another process"):
             with claim(tmp_path / "run"):
                 pass
-    (tmp_path / "run" / "lock").write_text(
-        json.dumps({"pid": 2**22 + 12345, "host": __import__("socket").gethostname()})
-    )
-    with claim(tmp_path / "run"):  # a dead owner's lock is taken over
-        pass
+    # a lock file left by a dead owner, or cut short, holds nothing: the OS lock died with its process
+    for leftover in (json.dumps({"pid": 2**22 + 12345, "host": "x"}), "", '{"pid": 12'):
+        (tmp_path / "run" / "lock").write_text(leftover)
+        with claim(tmp_path / "run"):
+            pass
+
+
+def _race(folder, barrier, wins):
+    try:
+        with claim(folder):
+            barrier.wait(timeout=60)  # hold the lock until every process has tried
+            wins.put(1)
+    except RunLocked:
+        barrier.wait(timeout=60)
+
+
+def test_exactly_one_of_eight_processes_claims_a_folder_with_a_stale_lock(tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    for trial in range(5):
+        folder = tmp_path / f"run{trial}"
+        folder.mkdir()
+        (folder / "lock").write_text(json.dumps({"pid": 2**22 + 1, "host": "gone"}))  # a dead owner
+        barrier, wins = ctx.Barrier(8), ctx.Queue()
+        procs = [ctx.Process(target=_race, args=(folder, barrier, wins)) for _ in range(8)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=120)
+        assert all(p.exitcode == 0 for p in procs)
+        assert sum(wins.get(timeout=5) for _ in range(wins.qsize())) == 1
 
 
 @pytest.mark.parametrize(
@@ -292,3 +319,15 @@ def test_the_results_folder_depends_on_what_changes_the_numbers_and_nothing_else
         ["trainer.precision=64-true"],
     ):
         assert fingerprint(cfg("eval", tmp_path, *other)) != base, other
+
+
+def test_non_finite_kv_is_refused_naming_the_block(tmp_path):
+    with pytest.raises(ValueError, match=r"test sequence 0, layer 0, KV head 0: k contain NaN or Inf"):
+        tasks.evaluate(cfg("eval", tmp_path, "data.outlier_scale=inf", "kv=value_only"))
+
+
+def test_a_summary_counts_the_queries_a_metric_is_undefined_for(tmp_path):
+    summary = json.loads((tasks.evaluate(cfg("eval", tmp_path)).folder / "summary.json").read_text())
+    # a rank correlation needs 2 keys: the first query of each query head (2 per KV head) of each of the
+    # 2 layers × 2 KV heads × 2 sequences has one
+    assert summary["undefined"]["spearman"] == 16 and summary["undefined"]["output_cosine"] == 0

@@ -4,9 +4,9 @@ Results live in `<results_root>/<task>/<fingerprint>/`, named by a hash of the r
 (minus settings that do not change the numbers: loggers, progress bars, paths, device placement). So:
 - re-running a finished configuration — e.g. a killed sweep started again — finds its results and skips;
 - an unfinished one resumes in place (train: from its last saved rotations);
-- two processes never write the same folder: a lock file is claimed atomically, and a second claimant of a
-  live lock is refused (a lock left by a dead process is taken over).
-Hydra's own output folder (logs, .hydra/) gets a `result` link to the results folder.
+- two processes never write the same folder: the first holds an OS lock (flock) on `lock` and any other
+  is refused; the lock dies with its process, so a killed run never blocks its rerun.
+Hydra's own output folder (logs, .hydra/) gets a relative `result` link to the results folder.
 """
 
 from __future__ import annotations
@@ -76,56 +76,45 @@ def is_rank_zero() -> bool:
     return all(os.environ.get(v, "0") == "0" for v in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 @contextlib.contextmanager
 def claim(folder: Path):
-    """Hold `folder/lock` for the duration; refuse when another live process holds it. The extra ranks of
-    a multi-GPU run work under rank 0's claim."""
+    """Hold an exclusive OS lock on `folder/lock` for the duration; refuse when another process holds it.
+
+    The lock is `flock` on a file that is never deleted: exactly one process can hold it, the OS releases it
+    when its holder exits (killed or not), so a dead owner never blocks a rerun and the file's content —
+    the holder's pid and host, for the error message — may be empty or stale without harm. The extra ranks
+    of a multi-GPU run work under rank 0's claim."""
+    import fcntl
+
     folder.mkdir(parents=True, exist_ok=True)
     if not is_rank_zero():
         yield folder
         return
-    lock = folder / "lock"
-    me = {"pid": os.getpid(), "host": socket.gethostname()}
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                owner = json.loads(lock.read_text() or "{}")
-            except (OSError, json.JSONDecodeError):
-                owner = {}
-            if owner.get("host") == me["host"] and owner.get("pid") and not _alive(owner["pid"]):
-                log.warning("taking over %s: its previous owner (pid %s) is gone", folder, owner["pid"])
-                lock.unlink(missing_ok=True)
-                continue
-            raise RunLocked(
-                f"{folder} is being written by another process ({owner}); wait for it or stop it"
-            ) from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        break
+    fd = os.open(folder / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunLocked(
+            f"{folder} is being written by another process ({owner}); wait for it or stop it"
+        ) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode(), 0)
         yield folder
     finally:
-        lock.unlink(missing_ok=True)
+        os.ftruncate(fd, 0)
+        os.close(fd)  # releases the lock
 
 
 def link_result(out: Path, results: Path) -> None:
+    """`out/result` → the results folder, as a relative link so the project can move as a whole."""
     out.mkdir(parents=True, exist_ok=True)
     link = out / "result"
     if link.is_symlink() or link.exists():
         link.unlink()
-    link.symlink_to(results.resolve(), target_is_directory=True)
+    link.symlink_to(os.path.relpath(results.resolve(), out.resolve()), target_is_directory=True)
 
 
 def results_of(path: str | Path) -> Path:

@@ -119,3 +119,14 @@ def test_relative_mse_against_a_loop_and_undefined_for_zero_vectors():
             np.sum((x_hat[i].numpy() - x[i].numpy()) ** 2) / np.sum(x[i].numpy() ** 2) if i != 2 else math.nan
         )
         np.testing.assert_allclose(float(got[i]), want, rtol=1e-12)
+
+
+def test_metrics_of_all_zero_keys_are_undefined_and_counted_not_zero():
+    zeros = torch.zeros(6, 6, dtype=torch.float64)  # logits of all-zero keys, exact and decoded
+    got = per_query_metrics(zeros, zeros.clone(), torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 4))
+    for name in ("logit_cosine", "logit_correlation", "spearman"):
+        assert got[name].isnan().all(), name  # not 0: a cosine of zero vectors is undefined
+    mean = QueryMean()
+    mean.update(got["logit_cosine"])
+    mean.compute()
+    assert mean.undefined_total == 6

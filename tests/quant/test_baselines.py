@@ -97,3 +97,17 @@ def test_baselines_refuse_bits_they_do_not_have():
         KIVI(64, bits=3)
     with pytest.raises(ValueError, match="'nf4' is not a codec"):
         make_codec("nf4", 64, 4)
+
+
+@pytest.mark.parametrize(
+    "codec,largest",
+    [(Int8Block(64), 127 * 65504), (Int4Block(64), 8 * 65504), (KIVI(64, bits=2, axis="token"), 65504)],
+)
+def test_baselines_store_inputs_up_to_their_fp16_scale_limit_and_refuse_beyond(codec, largest):
+    x = torch.randn(64, 64)
+    fits = x / x.abs().max() * largest * 0.99
+    decoded = codec.dequantize(codec.quantize(fits))
+    assert torch.isfinite(decoded).all()
+    assert ((decoded - fits).norm() / fits.norm()).item() < 0.5
+    with pytest.raises(ValueError, match="overflows its fp16 storage"):
+        codec.quantize(fits * 2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import lightning as L
+import torch
 from torch import nn
 
 from ..kv.builder import CodecBank
@@ -75,6 +76,12 @@ class AttentionEvalModule(L.LightningModule):
                 "scaling": float(batch["scaling"][b]),
                 "sliding_window": int(batch["sliding_window"][b]),
             }
+            bad = [n for n in ("q", "k", "v") if not torch.isfinite(item[n]).all()]
+            if bad:  # a NaN would silently drop its queries from every mean
+                raise ValueError(
+                    f"test sequence {item['sequence']}, layer {item['layer']}, KV head {item['kv_head']}: "
+                    f"{'/'.join(bad)} contain NaN or Inf; the KV source is damaged or its data overflowed"
+                )
             out = compress_block(self.bank, item, self.device)
             per_query = per_query_metrics(
                 out["exact"], out["approx"], out["v"], out["v_hat"], self.top_k, item["sliding_window"]
@@ -107,6 +114,12 @@ class AttentionEvalModule(L.LightningModule):
         self.log(
             "test/memory_ratio_vs_16bit", (self.kv_bits.compute() / EXACT_BITS).float(), rank_zero_only=True
         )
+
+    def undefined(self) -> dict[str, int]:
+        """Per metric, how many queries (vectors, for the relative MSEs) it was undefined for and left out
+        of the mean (e.g. a cosine of an all-zero vector, a rank correlation over one key); over every
+        process, read after `summary()`."""
+        return {name: m.undefined_total for name, m in self.metrics.items()}
 
     def summary(self, units: list[tuple[int, int]]) -> dict:
         """Overall means (torchmetrics, synced across processes), effective bits, and the per-layer constants

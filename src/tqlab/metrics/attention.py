@@ -25,6 +25,13 @@ def _masked(x: torch.Tensor, mask: torch.Tensor, fill: float = 0.0) -> torch.Ten
     return x.double().masked_fill(~mask, fill)
 
 
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row cosines in [−1, 1]; NaN (undefined, and counted as such) where either row is all zero, e.g. the
+    logits of all-zero keys or the ranks of a constant row."""
+    norms = a.norm(dim=-1) * b.norm(dim=-1)
+    return ((a * b).sum(-1) / norms.masked_fill(norms == 0, float("nan"))).clamp(-1, 1)
+
+
 def attention_probs(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return _masked(logits, mask, float("-inf")).softmax(-1)
 
@@ -32,9 +39,7 @@ def attention_probs(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def logit_cosine(exact: torch.Tensor, approx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Cosine between the exact and approximate logit vectors of each query over its visible keys
     (rows with fewer than 2 keys: NaN). Clamped to [−1, 1] against round-off."""
-    a, b = _masked(exact, mask), _masked(approx, mask)
-    cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-300)
-    return _require(cos.clamp(-1, 1), mask, 2)
+    return _require(_cosine(_masked(exact, mask), _masked(approx, mask)), mask, 2)
 
 
 def logit_correlation(exact: torch.Tensor, approx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -44,8 +49,7 @@ def logit_correlation(exact: torch.Tensor, approx: torch.Tensor, mask: torch.Ten
     a, b = _masked(exact, mask), _masked(approx, mask)
     a = (a - a.sum(-1, keepdim=True) / n).masked_fill(~mask, 0.0)
     b = (b - b.sum(-1, keepdim=True) / n).masked_fill(~mask, 0.0)
-    r = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-300)
-    return _require(r.clamp(-1, 1), mask, 2)
+    return _require(_cosine(a, b), mask, 2)
 
 
 def relative_mse(exact: torch.Tensor, approx: torch.Tensor) -> torch.Tensor:
@@ -56,13 +60,13 @@ def relative_mse(exact: torch.Tensor, approx: torch.Tensor) -> torch.Tensor:
 
 
 def output_cosine(exact_out: torch.Tensor, approx_out: torch.Tensor) -> torch.Tensor:
-    a, b = exact_out.double(), approx_out.double()
-    return ((a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-300)).clamp(-1, 1)
+    return _cosine(exact_out.double(), approx_out.double())
 
 
 def output_relative_error(exact_out: torch.Tensor, approx_out: torch.Tensor) -> torch.Tensor:
     a, b = exact_out.double(), approx_out.double()
-    return (b - a).norm(dim=-1) / a.norm(dim=-1).clamp_min(1e-300)
+    norm = a.norm(dim=-1)
+    return (b - a).norm(dim=-1) / norm.masked_fill(norm == 0, float("nan"))
 
 
 def attention_kl(exact: torch.Tensor, approx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -112,8 +116,7 @@ def spearman(exact: torch.Tensor, approx: torch.Tensor, mask: torch.Tensor) -> t
     ra, rb = _ranks(exact, mask), _ranks(approx, mask)
     ra = (ra - ra.sum(-1, keepdim=True) / n).masked_fill(~mask, 0.0)
     rb = (rb - rb.sum(-1, keepdim=True) / n).masked_fill(~mask, 0.0)
-    rho = (ra * rb).sum(-1) / (ra.norm(dim=-1) * rb.norm(dim=-1)).clamp_min(1e-300)
-    return _require(rho.clamp(-1, 1), mask, 2)
+    return _require(_cosine(ra, rb), mask, 2)
 
 
 def _require(values: torch.Tensor, mask: torch.Tensor, min_keys: int) -> torch.Tensor:

@@ -7,7 +7,8 @@ from torchmetrics import Metric
 
 
 class QueryMean(Metric):
-    """Mean of per-query values over every query seen (NaN entries — metric undefined — are skipped)."""
+    """Mean of per-query values over every query seen. NaN entries (metric undefined for that query, e.g. a
+    cosine of an all-zero vector) are left out of the mean and counted in `undefined`, never dropped silently."""
 
     full_state_update = False
     higher_is_better = None
@@ -16,14 +17,17 @@ class QueryMean(Metric):
         super().__init__(**kwargs)
         self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("undefined", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, values: torch.Tensor) -> None:
         values = values.double().flatten()
-        values = values[~values.isnan()]
-        self.total += values.sum()
-        self.count += values.numel()
+        defined = values[~values.isnan()]
+        self.total += defined.sum()
+        self.count += defined.numel()
+        self.undefined += values.numel() - defined.numel()
 
     def compute(self) -> torch.Tensor:
+        self.undefined_total = int(self.undefined)  # states are summed over processes inside compute()
         return self.total / self.count
 
 

@@ -22,6 +22,18 @@ from .packing import pack_bits, unpack_bits
 _SCALE_DTYPE = torch.float16
 
 
+def _stored(values: torch.Tensor, codec: str) -> torch.Tensor:
+    """Scales and zero points as stored (fp16); refused when a block's value overflows fp16, which would
+    decode to NaN or Inf."""
+    stored = values.to(_SCALE_DTYPE)
+    if not torch.isfinite(stored).all():
+        raise ValueError(
+            f"{codec}: a block's scale or zero point ({values.abs().max().item():.3g}) overflows its fp16 storage "
+            f"(largest {torch.finfo(_SCALE_DTYPE).max:.0f}); inputs this large cannot be stored in this format"
+        )
+    return stored
+
+
 @dataclasses.dataclass
 class BlockCode(Code):
     bits: int
@@ -58,7 +70,7 @@ class Int8Block(_Baseline):
     def quantize(self, x: torch.Tensor) -> BlockCode:
         x = check_input(x, self.dim, self._device(), "Int8Block")
         g = x.reshape(*x.shape[:-1], -1, self.block)
-        scales = (g.abs().amax(-1) / 127).to(_SCALE_DTYPE)
+        scales = _stored(g.abs().amax(-1) / 127, "int8_block")
         s = scales.float().unsqueeze(-1)
         q = torch.where(s > 0, g / s, torch.zeros_like(g)).round().clamp(-127, 127).to(torch.int8)
         return BlockCode(tuple(x.shape[:-1]), self.dim, 8, q.flatten(-2), scales)
@@ -82,7 +94,7 @@ class Int4Block(_Baseline):
         x = self.rotation.apply(check_input(x, self.dim, self._device(), "Int4Block"))
         g = x.reshape(*x.shape[:-1], -1, self.block)
         extreme = g.gather(-1, g.abs().argmax(-1, keepdim=True)).squeeze(-1)
-        scales = (extreme / -8).to(_SCALE_DTYPE)
+        scales = _stored(extreme / -8, "int4_block")
         s = scales.float().unsqueeze(-1)
         q = torch.where(s != 0, g / s, torch.zeros_like(g))
         q = torch.floor(q + 8.5).clamp(0, 15)  # llama.cpp rounds half up
@@ -121,8 +133,8 @@ class KIVI(_Baseline):
             if pad:
                 x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], dim=-1)
         g = x.reshape(*x.shape[:-1], -1, self.group)
-        lo = g.amin(-1).to(_SCALE_DTYPE)
-        scales = ((g.amax(-1) - lo.float()) / (2**self.bits - 1)).to(_SCALE_DTYPE)
+        lo = _stored(g.amin(-1), "kivi")
+        scales = _stored((g.amax(-1) - lo.float()) / (2**self.bits - 1), "kivi")
         s = scales.float().unsqueeze(-1)
         q = torch.where(s > 0, (g - lo.float().unsqueeze(-1)) / s, torch.zeros_like(g))
         q = q.round().clamp(0, 2**self.bits - 1).long().flatten(-2)

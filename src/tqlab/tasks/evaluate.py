@@ -68,6 +68,7 @@ def _test(cfg, sections, results, loggers) -> None:
     )
     units = [(layer, head) for layer in layers for head in range(arch["num_kv_heads"])]
     overall = module.summary(units)  # every process takes part: torchmetrics syncs the sums
+    undefined = module.undefined()
     rows = module.rows
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         gathered = [None] * torch.distributed.get_world_size()
@@ -79,7 +80,9 @@ def _test(cfg, sections, results, loggers) -> None:
         row["document"] = source.document_of("test", row["sequence"])
     # K and V bytes one token costs over the evaluated layers and KV heads (exact sides at 16 bits)
     overall["kv_bytes_per_token"] = overall["kv_bits_per_coordinate"] * 2 * arch["head_dim"] * len(units) / 8
-    summary = write_results(results, rows, {"overall": overall, "columns": columns, "blocks": len(rows)})
+    summary = write_results(
+        results, rows, {"overall": overall, "undefined": undefined, "columns": columns, "blocks": len(rows)}
+    )
     for lg in loggers:
         if type(lg).__name__ == "WandbLogger":
             lg.log_table(key="results", columns=list(rows[0]), data=[[r[c] for c in rows[0]] for r in rows])
