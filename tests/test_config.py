@@ -89,3 +89,22 @@ print("composed", composed)
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "composed" in done.stdout
+
+
+def test_what_the_machine_lacks_is_said_before_any_compute(monkeypatch):
+    import importlib.util
+    import shutil
+
+    from tqlab.config import check_environment
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(
+        Path, "exists", lambda self: False if str(self) == "/dev/nvidiactl" else Path.is_file(self)
+    )
+    with pytest.raises(ConfigError, match="need an NVIDIA GPU, and this machine has none: use trainer=cpu"):
+        check_environment(cfg("trainer=gpu", name="eval"))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "datasets" else real(name))
+    with pytest.raises(ConfigError, match="data=wikitext2 needs the package datasets"):
+        check_environment(cfg("data=wikitext2", name="eval"))
+    check_environment(cfg(name="eval"))  # the defaults need nothing more

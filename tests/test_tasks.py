@@ -331,3 +331,30 @@ def test_a_summary_counts_the_queries_a_metric_is_undefined_for(tmp_path):
     # a rank correlation needs 2 keys: the first query of each query head (2 per KV head) of each of the
     # 2 layers × 2 KV heads × 2 sequences has one
     assert summary["undefined"]["spearman"] == 16 and summary["undefined"]["output_cosine"] == 0
+
+
+def test_the_apps_return_the_metric_a_sweeper_optimises(tmp_path):
+    from tqlab.cli import run_app
+
+    c = cfg("eval", tmp_path, "optimized_metric=output_cosine")
+    value = run_app(tasks.evaluate, c)
+    summary = json.loads((tasks.evaluate(c).folder / "summary.json").read_text())
+    assert value == summary["overall"]["output_cosine"]
+    c.optimized_metric = None
+    assert run_app(tasks.evaluate, c) is None
+
+
+def test_a_configuration_mistake_prints_one_line_and_exits_2(tmp_path):
+    args = [
+        sys.executable,
+        "eval.py",
+        *SYNTHETIC,
+        "bits=9",
+        f"results_root={tmp_path}",
+        f"hydra.run.dir={tmp_path}/o",
+    ]
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: bits=9 is not allowed for codec=turboquant_mse: choose from 1..8, or fractional in between (e.g. 2.5)"
+    ]

@@ -147,6 +147,30 @@ def eval_section(cfg: DictConfig) -> dict:
     return settings
 
 
+def check_environment(cfg: DictConfig) -> None:
+    """What this machine must have for the run, checked before any compute (torch-free, so cheaply)."""
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    model, data = to_dict(cfg, "model"), to_dict(cfg, "data")
+    wants_gpu = str(model.get("device", "cpu")).startswith("cuda") or OmegaConf.select(
+        cfg, "trainer.accelerator"
+    ) in (
+        "gpu",
+        "cuda",
+    )
+    if wants_gpu and not (Path("/dev/nvidiactl").exists() or shutil.which("nvidia-smi")):
+        raise ConfigError(
+            "trainer=gpu / model.device=cuda need an NVIDIA GPU, and this machine has none: use trainer=cpu"
+        )
+    needs = {"datasets": data["source"] == "wikitext2", "bitsandbytes": model["weight_load"] != "none"}
+    for package, needed in needs.items():
+        if needed and importlib.util.find_spec(package) is None:
+            why = "data=wikitext2" if package == "datasets" else f"model.weight_load={model['weight_load']}"
+            raise ConfigError(f"{why} needs the package {package}: pip install {package}")
+
+
 def run_sections(cfg: DictConfig) -> dict:
     """Everything a train or eval run needs, validated together before any compute or folder."""
     check_choice("task", cfg.get("task"), TASKS)

@@ -8,7 +8,7 @@ import math
 
 from omegaconf import DictConfig
 
-from ..config import run_sections
+from ..config import check_environment, run_sections
 from . import common
 
 log = logging.getLogger("tqlab")
@@ -17,6 +17,7 @@ log = logging.getLogger("tqlab")
 def evaluate(cfg: DictConfig) -> common.Outcome:
     """Evaluate on the test split; returns the results folder and the overall metrics."""
     sections = run_sections(cfg)
+    check_environment(cfg)
     spec = sections["spec"]
     fitted = {s.rotation.fitted.sha256 for s in spec.sides().values() if s.rotation.fitted}
     extra = {"rotations_sha256": fitted.pop()} if fitted else {}

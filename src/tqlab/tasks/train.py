@@ -9,7 +9,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from .. import registry
-from ..config import ConfigError, run_sections
+from ..config import ConfigError, check_environment, run_sections
 from . import common
 
 log = logging.getLogger("tqlab")
@@ -29,6 +29,7 @@ def train(cfg: DictConfig) -> common.Outcome:
         saved.output_dir = str(output_dir(cfg))
         cfg = saved
     sections = run_sections(cfg)
+    check_environment(cfg)
     spec = sections["spec"]
     fixed = [
         f"{side}: {s.rotation.name}"
