@@ -54,3 +54,14 @@ def test_unknown_layers_and_kind_are_refused():
         KVBlocks(SyntheticKV(), "train", layers=[0, 5])
     with pytest.raises(ValueError, match="data.kind='gaussian'"):
         SyntheticKV(kind="gaussian")
+
+
+@pytest.mark.parametrize("n_blocks", [1, 7, 24, 25])
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_evaluation_shards_cover_every_block_exactly_once(n_blocks, world):
+    from tqlab.data.datamodule import eval_shard
+
+    shards = [eval_shard(n_blocks, rank, world) for rank in range(world)]
+    seen = [i for shard in shards for i in shard]
+    assert sorted(seen) == list(range(n_blocks))  # no block missing, none repeated
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1  # balanced

@@ -237,3 +237,21 @@ def test_labels_from_k_and_v_rotations_and_from_old_results():
     assert (
         label(**both, rotation="block_so8_static", view="pair") == "turboquant_mse · block_so8_static[pair]"
     )
+
+
+def test_pareto_front_is_the_set_of_non_dominated_points_found_by_brute_force():
+    import random
+
+    from tqlab.report.build import _pareto
+
+    rng = random.Random(0)
+    for higher_better in (True, False):
+        for _ in range(50):
+            points = [(rng.randint(1, 6), rng.randint(0, 9)) for _ in range(rng.randint(1, 12))]
+            sign = 1 if higher_better else -1
+
+            def dominated(p, points=points, sign=sign):
+                return any(q[0] <= p[0] and sign * q[1] >= sign * p[1] and q != p for q in points)
+
+            brute = sorted({p for p in points if not dominated(p)})
+            assert sorted(set(_pareto(points, higher_better))) == brute

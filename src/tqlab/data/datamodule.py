@@ -33,6 +33,12 @@ class KVBlocks(Dataset):
         return item
 
 
+def eval_shard(n_blocks: int, rank: int, world: int) -> list[int]:
+    """The blocks one process evaluates: every block exactly once across processes (a DistributedSampler
+    would pad with repeats, double-counting some blocks in the means)."""
+    return list(range(rank, n_blocks, world))
+
+
 class KVDataModule(L.LightningDataModule):
     """train / val / test loaders over a capture's splits, in a deterministic order. Under DDP the train
     loader is sharded by Lightning's DistributedSampler; validation and test blocks are split across
@@ -55,9 +61,7 @@ class KVDataModule(L.LightningDataModule):
         generator = torch.Generator().manual_seed(0) if shuffle else None
         sampler = None
         if split != "train" and torch.distributed.is_available() and torch.distributed.is_initialized():
-            # every block exactly once across processes (a DistributedSampler would pad with repeats)
-            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-            sampler = list(range(rank, len(blocks), world))
+            sampler = eval_shard(len(blocks), torch.distributed.get_rank(), torch.distributed.get_world_size())
         return DataLoader(
             blocks,
             batch_size=self.batch_size,
