@@ -358,3 +358,16 @@ def test_a_configuration_mistake_prints_one_line_and_exits_2(tmp_path):
     assert done.stderr.strip().splitlines() == [
         "error: bits=9 is not allowed for codec=turboquant_mse: choose from 1..8, or fractional in between (e.g. 2.5)"
     ]
+
+
+def test_ctrl_c_inside_lightning_reaches_the_app_as_keyboard_interrupt():
+    import lightning as L
+
+    class Interrupted(L.LightningModule):
+        def test_step(self, batch, batch_idx):
+            raise KeyboardInterrupt  # what Ctrl-C raises in the middle of a step
+
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    data = torch.utils.data.DataLoader(torch.zeros(4, 1))
+    with pytest.raises(KeyboardInterrupt):  # Lightning itself would sys.exit(1)
+        common.run_stage(trainer, "test", Interrupted(), dataloaders=data, verbose=False)

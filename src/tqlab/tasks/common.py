@@ -89,7 +89,7 @@ def _finish(loggers) -> None:
 class _DropNoise(logging.Filter):
     """Lightning's advertisement and accelerator roll call say nothing about the run."""
 
-    NOISE = ("💡 Tip:", "TPU available", "HPU available")
+    NOISE = ("💡 Tip:", "TPU available", "HPU available", "\nDetected KeyboardInterrupt")
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith(self.NOISE)
@@ -125,6 +125,17 @@ def make_trainer(cfg: DictConfig, loggers, callbacks=(), **overrides):
         enable_model_summary=False,
         log_every_n_steps=1,
     )
+
+
+def run_stage(trainer, stage: str, *args, **kwargs):
+    """`trainer.fit/validate/test(...)`, with Ctrl-C raised as KeyboardInterrupt: Lightning turns it into
+    `sys.exit(1)`, which would end the app before the run could say it is resumable."""
+    try:
+        return getattr(trainer, stage)(*args, **kwargs)
+    except SystemExit as exit_:
+        if trainer.interrupted:
+            raise KeyboardInterrupt from exit_
+        raise
 
 
 def tags(spec: KVQuantSpec) -> list[str]:

@@ -62,7 +62,9 @@ def _test(cfg, sections, results, loggers) -> None:
     }
     module = AttentionEvalModule(bank, columns, settings["top_k"])
     trainer = common.make_trainer(cfg, loggers, use_distributed_sampler=False)
-    trainer.test(
+    common.run_stage(
+        trainer,
+        "test",
         module,
         datamodule=KVDataModule(source, batch_size=settings["batch_size"], layers=layers),
         verbose=False,
