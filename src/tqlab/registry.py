@@ -200,5 +200,14 @@ def check_codec_rotation(codec: str, rotation: str) -> None:
         raise RuleError(f"rotation={rotation} does not apply to codec={codec}: choose from {list(allowed)}")
 
 
+def check_codec_dim(codec: str, options: dict, dim: int) -> None:
+    """Group sizes along the vector must divide head_dim (KIVI's group runs along tokens for keys, so it is
+    checked for values, which group channels)."""
+    for name in ("block", "group"):
+        size = options.get(name)
+        if size is not None and dim % size:
+            raise RuleError(f"codec.{name}={size} must divide head_dim {dim} for codec={codec}")
+
+
 def codec_options(codec: str, given: dict) -> dict:
     return _check_options("codec", given, codec_rule(codec).options)

@@ -158,6 +158,7 @@ class KVQuantSpec:
                 raise RuleError(f"{bits_key}={width}: learned rotations are fitted at integer bits")
             if head_dim is not None:
                 registry.check_rotation_dim(rot.name, head_dim)
+                registry.check_codec_dim(codec, options, head_dim)
             sides[side] = SideSpec(CodecSpec(codec, width, tuple(sorted(options.items()))), rot)
         if fitted is not None and not set(sides) & fitted.sides():
             raise RuleError(
@@ -170,6 +171,7 @@ class KVQuantSpec:
         """What needs the model's head_dim (known after loading for models that are not offline)."""
         for s in self.sides().values():
             registry.check_bits(s.codec.name, s.codec.bits, "bits", head_dim)
+            registry.check_codec_dim(s.codec.name, dict(s.codec.options), head_dim)
             registry.check_rotation_dim(s.rotation.name, head_dim)
             if s.rotation.fitted and s.rotation.fitted.facts["dim"] != head_dim:
                 raise RuleError(

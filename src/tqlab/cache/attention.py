@@ -1,0 +1,104 @@
+"""Attention that reads the cache's codes, registered with transformers as `attn_implementation="tqlab"`.
+
+`TurboQuantLayer.update` stores the new keys and values as codes and hands back the new tokens' exact
+states marked with the layer that holds the codes. This function then computes, per KV head, in fp32:
+scores from the key codes (`codec.score`: the rotated query against centroids × norms; Prod adds its QJL
+term), softmax under the causal / sliding / padding mask, and the values accumulated in the rotated domain
+(centroids × norms) with one inverse rotation per query head — or, for codecs without a rotated domain
+(baselines, fractional bits), over their decoded values. This PyTorch path is the reference that GPU kernels
+must match. Without a TurboQuant layer (no cache, or an exact layer) it is exactly transformers' SDPA.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+NAME = "tqlab"
+LAYER_MARK = "_tqlab_layer"  # attribute of the key tensor `update` returns: the layer holding its codes
+
+
+def _mask(attention_mask, batch: int, q_len: int, kv_len: int, window: int | None, device) -> torch.Tensor:
+    """[batch, q_len, kv_len] booleans (True: attend). transformers gives a boolean 4D mask, or None when
+    plain causal attention is meant; queries are the last q_len of kv_len positions."""
+    if attention_mask is not None:
+        return attention_mask[:, 0, :, -kv_len:].expand(batch, q_len, kv_len)
+    position = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    key = torch.arange(kv_len, device=device)[None, :]
+    allowed = key <= position
+    if window:
+        allowed &= position - key < window
+    return allowed.expand(batch, q_len, kv_len)
+
+
+def _scores(codec, code, exact: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
+    """⟨q, k⟩ for q [B, n, d] against the layer's keys: from codes, or exact keys [B, T, d]."""
+    if codec is None:
+        return q @ exact.float().transpose(-1, -2)
+    return codec.score(q, code)
+
+
+def _weighted_values(codec, code, exact: torch.Tensor | None, p: torch.Tensor) -> torch.Tensor:
+    """Σ_t p_t v_t for p [B, n, T]: in the rotated domain where the codec has one (one inverse rotation)."""
+    if codec is None:
+        return p @ exact.float()
+    if hasattr(codec, "rotated_centroids"):
+        return codec.rotation.inverse(p @ codec.rotated_centroids(code))
+    return p @ codec.dequantize(code)
+
+
+def attend(
+    layer, query: torch.Tensor, new_keys, new_values, mask: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """Attention of query [B, Hq, Tq, d] over everything `layer` holds; returns [B, Hq, Tq, d] in fp32.
+
+    With `layer.prefill_exact`, the tokens of this call attend to their own keys and values exactly (they
+    were stored as codes all the same, for later queries)."""
+    batch, n_q_heads, q_len, dim = query.shape
+    group = n_q_heads // layer.num_kv_heads
+    total = layer.length
+    exact_new = new_keys.shape[-2] if layer.prefill_exact else 0
+    out = torch.empty(batch, n_q_heads, q_len, dim, dtype=torch.float32, device=query.device)
+    old = total - exact_new  # tokens seen through their codes
+    for h in range(layer.num_kv_heads):
+        heads = slice(h * group, (h + 1) * group)
+        q = query[:, heads].float().reshape(batch, group * q_len, dim)
+        k_code, k_exact = layer.stored("key", h, 0, old)
+        v_code, v_exact = layer.stored("value", h, 0, old)
+        logits = [_scores(layer.key_codecs[h], k_code, k_exact, q)] if old else []
+        if exact_new:
+            logits.append(q @ new_keys[:, h].float().transpose(-1, -2))
+        logits = torch.cat(logits, dim=-1).view(batch, group, q_len, total) * scaling
+        logits = logits.masked_fill(~mask[:, None], float("-inf"))
+        p = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a query that may see nothing (padding) gets 0
+        p = p.view(batch, group * q_len, total)
+        o = _weighted_values(layer.value_codecs[h], v_code, v_exact, p[..., :old]) if old else 0
+        if exact_new:
+            o = o + p[..., old:] @ new_values[:, h].float()
+        out[:, heads] = o.view(batch, group, q_len, dim)
+    return out
+
+
+def tqlab_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """transformers' attention-function signature; returns ([B, Tq, Hq, d] in the query's dtype, None)."""
+    layer = getattr(key, LAYER_MARK, None)
+    if layer is None:  # no TurboQuant layer behind these keys: exactly SDPA
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise ValueError(
+            "tqlab attention does not model logit softcapping or attention sinks of the model yet"
+        )
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    mask = _mask(attention_mask, query.shape[0], query.shape[2], layer.length, window, query.device)
+    out = attend(layer, query, key, value, mask, scaling)
+    return out.transpose(1, 2).to(query.dtype).contiguous(), None
+
+
+def register() -> None:
+    """Make `attn_implementation="tqlab"` available: the attention function and, under the same name, SDPA's
+    mask function (without a registered mask function the padding mask would be silently dropped)."""
+    AttentionInterface.register(NAME, tqlab_attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)

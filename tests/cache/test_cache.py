@@ -1,0 +1,178 @@
+"""TurboQuantCache inside real transformers models (tiny random ones of several architectures):
+exactly SDPA when off, attention from codes equal to attention over decoded keys and values, the protocols,
+chunking, batching with padding, and bytes from what is stored."""
+
+import pytest
+import torch
+from transformers import (
+    AttentionInterface,
+    DynamicCache,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from tqlab.cache import compress_kv
+from tqlab.kv import KVQuantSpec
+from tqlab.quant import packed_row_bytes
+
+COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, head_dim=16)
+
+
+def tiny(arch: str):
+    torch.manual_seed(0)
+    if arch == "llama":  # GQA: 4 query heads on 2 KV heads
+        model = LlamaForCausalLM(LlamaConfig(**COMMON, num_attention_heads=4, num_key_value_heads=2))
+    elif arch == "llama_mqa":  # one KV head
+        model = LlamaForCausalLM(LlamaConfig(**COMMON, num_attention_heads=4, num_key_value_heads=1))
+    elif arch == "qwen2_sliding":  # layer 1 slides over 6 tokens
+        config = Qwen2Config(
+            **COMMON,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            use_sliding_window=True,
+            sliding_window=6,
+            layer_types=["full_attention", "sliding_attention", "full_attention"],
+        )
+        model = Qwen2ForCausalLM(config)
+    else:  # gemma3: query pre-attention scalar, q/k norms, sliding layers
+        config = Gemma3TextConfig(
+            **COMMON,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            sliding_window=6,
+            query_pre_attn_scalar=24,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        )
+        model = Gemma3ForCausalLM(config)
+    return model.float().eval()
+
+
+ARCHS = ["llama", "llama_mqa", "qwen2_sliding", "gemma3"]
+SPEC = dict(compress=("key", "value"), head_dim=16)
+
+
+def logits(model, ids, cache, **kw):
+    with torch.no_grad():
+        return model(ids, cache=cache, **kw).logits.double()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_with_compression_off_the_cache_is_exactly_sdpa_with_a_dynamic_cache(arch):
+    model = tiny(arch)
+    ids = torch.randint(0, 97, (2, 14), generator=torch.Generator().manual_seed(1))
+    model.set_attn_implementation("sdpa")
+    want = logits(model, ids, DynamicCache(config=model.config))
+    want_tokens = model.generate(
+        ids, cache=DynamicCache(config=model.config), max_new_tokens=6, do_sample=False
+    )
+    got = logits(model, ids, compress_kv(model, None))
+    assert torch.equal(got, want)
+    tokens = model.generate(ids, cache=compress_kv(model, None), max_new_tokens=6, do_sample=False)
+    assert torch.equal(tokens, want_tokens)
+
+
+def _decoded_reference(model, bank):
+    """float64 eager attention over keys and values decoded from the same codecs, and an independent mask."""
+
+    def reference(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        b, hq, tq, d = query.shape
+        kvh, t = key.shape[1], key.shape[2]
+
+        def decoded(side, states):
+            codecs = [bank.get(side, module.layer_idx, h, "cpu") for h in range(kvh)]
+            return torch.stack([c.dequantize(c.quantize(states[:, h])) for h, c in enumerate(codecs)], 1)
+
+        k_hat, v_hat = decoded("key", key), decoded("value", value)
+        group = hq // kvh
+        k_hat, v_hat = k_hat.double().repeat_interleave(group, 1), v_hat.double().repeat_interleave(group, 1)
+        s = query.double() @ k_hat.transpose(-1, -2) * scaling
+        window = getattr(module, "sliding_window", None)
+        allowed = torch.zeros(tq, t, dtype=torch.bool)
+        for i in range(tq):
+            pos = t - tq + i
+            for j in range(t):
+                allowed[i, j] = j <= pos and (not window or pos - j < window)
+        s = s.masked_fill(~allowed, float("-inf"))
+        out = torch.softmax(s, -1) @ v_hat
+        return out.transpose(1, 2).to(query.dtype), None
+
+    return reference
+
+
+@pytest.mark.parametrize(
+    "arch,codec,bits",
+    [(arch, "turboquant_mse", 3) for arch in ARCHS]
+    + [("llama", "turboquant_prod", 3), ("llama", "turboquant_mse", 2.5), ("gemma3", "int4_block", 4)],
+)
+def test_attention_from_codes_equals_attention_over_decoded_keys_and_values(arch, codec, bits):
+    model = tiny(arch)
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(2))
+    rotation = "fast_hadamard" if codec == "int4_block" else "random_haar"
+    calibration = (lambda side, layer, head: torch.randn(64, 16)) if bits == 2.5 else None
+    options = {"block": 16} if codec == "int4_block" else {}
+    spec = KVQuantSpec.create(codec, bits, rotation, codec_options=options, **SPEC)
+    cache = compress_kv(model, spec, calibration=calibration)
+    got = logits(model, ids, cache)
+    AttentionInterface.register("decoded_reference", _decoded_reference(model, cache.bank))
+    model.set_attn_implementation("decoded_reference")
+    want = logits(model, ids, DynamicCache(config=model.config))  # the full history, decoded at every layer
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=0)
+
+
+def test_chunked_prefill_equals_token_by_token_decoding_when_compressed():
+    model = tiny("qwen2_sliding")
+    ids = torch.randint(0, 97, (1, 15), generator=torch.Generator().manual_seed(3))
+    spec = KVQuantSpec.create("turboquant_mse", 2, "random_haar", **SPEC)
+    whole = logits(model, ids, compress_kv(model, spec))
+    cache = compress_kv(model, spec)
+    steps = torch.cat([logits(model, ids[:, i : i + 1], cache) for i in range(ids.shape[1])], dim=1)
+    torch.testing.assert_close(steps, whole, atol=1e-5, rtol=0)
+    cache = compress_kv(model, spec)
+    chunks = torch.cat([logits(model, ids[:, i : i + 4], cache) for i in range(0, 15, 4)], dim=1)
+    torch.testing.assert_close(chunks, whole, atol=1e-5, rtol=0)
+
+
+def test_prefill_exact_prompts_see_themselves_exactly_and_later_tokens_see_codes():
+    model = tiny("llama")
+    ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(4))
+    spec = KVQuantSpec.create("turboquant_mse", 2, "random_haar", **SPEC)
+    exact = logits(model, ids, compress_kv(model, None))
+    cache = compress_kv(model, spec, protocol="prefill_exact")
+    prompt = logits(model, ids[:, :8], cache)
+    torch.testing.assert_close(prompt, exact[:, :8], atol=1e-5, rtol=0)  # the prompt: no compression seen
+    later = logits(model, ids[:, 8:], cache)
+    quantized = logits(model, ids, compress_kv(model, spec))  # all-quantized: everyone sees codes
+    assert (later - exact[:, 8:]).abs().max() > 1e-3  # later tokens see the prompt through its codes
+    assert not torch.allclose(later, quantized[:, 8:], atol=1e-5)  # ... but their own chunk exactly
+
+
+def test_batched_generation_with_left_padding_equals_each_sequence_alone():
+    model = tiny("llama")
+    spec = KVQuantSpec.create("turboquant_mse", 3, "fast_hadamard", **SPEC)
+    short = torch.randint(1, 97, (1, 7), generator=torch.Generator().manual_seed(5))
+    long = torch.randint(1, 97, (1, 11), generator=torch.Generator().manual_seed(6))
+    batch = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1), long])
+    mask = torch.cat([torch.cat([torch.zeros(1, 4), torch.ones(1, 7)], 1), torch.ones(1, 11)]).long()
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    together = model.generate(batch, attention_mask=mask, cache=compress_kv(model, spec), **kw)
+    alone = [model.generate(x, cache=compress_kv(model, spec), **kw) for x in (short, long)]
+    assert torch.equal(together[0, 4:], alone[0][0]) and torch.equal(together[1], alone[1][0])
+
+
+def test_cache_bytes_are_the_stored_codes_counted_by_hand():
+    model = tiny("llama")
+    ids = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(7))
+    cache = compress_kv(
+        model, KVQuantSpec.create("turboquant_mse", 3, "random_haar", compress=("key",), head_dim=16)
+    )
+    logits(model, ids, cache)
+    vectors = 3 * 2 * 2 * 10  # layers × KV heads × batch × tokens
+    keys = vectors * (packed_row_bytes(16, 3) + 2)  # packed 3-bit indices + an fp16 norm
+    values = vectors * 16 * 4  # values kept exact, in the model's float32
+    assert cache.get_seq_length() == 10
+    assert cache.nbytes()["stored"] == keys + values
+    assert cache.nbytes()["constants"] > 0
