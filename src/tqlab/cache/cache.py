@@ -136,7 +136,7 @@ class TurboQuantCache(Cache):
         layer_types, layer_kwargs = get_layer_types_and_kwargs(text)
         exact = {i % len(layer_types) for i in exact_layers} if bank else set(range(len(layer_types)))
         layers = []
-        for i, (kind, kwargs) in enumerate(zip(layer_types, layer_kwargs)):
+        for i, (kind, kwargs) in enumerate(zip(layer_types, layer_kwargs, strict=True)):
             if kind in ATTENTION_LAYERS and i not in exact:
                 layers.append(TurboQuantLayer(bank, i, num_kv_heads, protocol, kwargs.get("sliding_window")))
             else:
