@@ -1,0 +1,52 @@
+"""Needle in a haystack: a fact hidden at a given depth of held-out text, asked for at the end.
+
+The haystack is held-out text cut to `context` tokens; the needle sentence goes in at `depth` (0: the start,
+1: just before the question); the model answers greedily and scores 1 when the answer contains the needle's
+value (exact match of the digits). Run with and without the compressed cache on the same prompts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..cache import compress_kv
+
+NEEDLE = "The secret number of the day is {value}."
+QUESTION = "\nQuestion: what is the secret number of the day?\nAnswer: The secret number of the day is"
+
+
+def needle_prompt(tokenizer, haystack: list[int], context: int, depth: float, value: str) -> torch.Tensor:
+    """Token ids of haystack[:n] with the needle inserted at `depth` and the question at the end, `context`
+    tokens in all."""
+    needle = tokenizer(" " + NEEDLE.format(value=value) + " ", add_special_tokens=False)["input_ids"]
+    question = tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
+    room = context - len(needle) - len(question)
+    if room < 1 or len(haystack) < room:
+        raise ValueError(f"context={context} leaves no room for the haystack ({len(haystack)} tokens given)")
+    at = round(depth * room)
+    return torch.tensor(haystack[:at] + needle + haystack[at:room] + question)
+
+
+@torch.no_grad()
+def find_needle(model, tokenizer, prompt: torch.Tensor, value: str, cache, max_new_tokens: int = 8) -> dict:
+    out = model.generate(
+        prompt[None].to(model.device),
+        cache=cache,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+    )
+    answer = tokenizer.decode(out[0, prompt.shape[0] :], skip_special_tokens=True)
+    return {"answer": answer, "found": float(value in answer)}
+
+
+def needle_pair(model, tokenizer, prompt: torch.Tensor, value: str, spec, protocol: str) -> dict:
+    """The needle asked with the uncompressed cache and with the compressed one."""
+    reference = find_needle(model, tokenizer, prompt, value, compress_kv(model, None))
+    compressed = find_needle(model, tokenizer, prompt, value, compress_kv(model, spec, protocol))
+    return {
+        "found_reference": reference["found"],
+        "found": compressed["found"],
+        "answer": compressed["answer"],
+        "answer_reference": reference["answer"],
+    }
