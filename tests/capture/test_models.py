@@ -38,3 +38,33 @@ def test_qwen2_head_dim_is_derived_when_the_config_has_none():
     )
     facts = architecture_facts(config)
     assert facts["head_dim"] == 128 and facts["num_kv_heads"] == 2
+
+
+def test_attention_softcapping_is_refused_from_the_config_before_any_weights(tmp_path, small_spec_parts):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from tqlab.capture.hooks import AttentionRecorder
+    from tqlab.capture.run import capture_spec, run_capture
+
+    config = Gemma2Config(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        attn_logit_softcapping=50.0,
+    )
+    folder = tmp_path / "gemma2-tiny"
+    config.save_pretrained(folder)  # a config and no weights: loading them would fail differently
+    message = r"attn_logit_softcapping=50.0 in its config .*tqlab's metrics do not model softcapping yet"
+    with pytest.raises(ValueError, match=message):
+        load_model(str(folder))
+    model, data = small_spec_parts
+    spec = capture_spec({**model, "name_or_path": str(folder)}, data)
+    with pytest.raises(ValueError, match=message):
+        run_capture(spec, tmp_path / "captures", progress=False)
+    assert not (tmp_path / "captures").exists()  # refused before anything was written
+    with pytest.raises(ValueError, match=message), AttentionRecorder(Gemma2ForCausalLM(config)):
+        pass

@@ -59,7 +59,7 @@ def test_different_configurations_never_share_a_folder(tmp_path, small_spec_part
 
 @pytest.fixture
 def copy_of(small_capture, tmp_path):
-    return shutil.copytree(small_capture, tmp_path / "copy")
+    return shutil.copytree(small_capture, tmp_path / small_capture.name)  # a capture's name is its identity
 
 
 def test_truncated_shard_is_named_with_the_fix(copy_of):

@@ -71,3 +71,26 @@ def test_too_few_documents_name_the_key_and_the_fix_before_any_forward(
         r"shorten data\.seq_len or lower data\.sequences\.test to at most 1",
     ):
         run_capture(spec, tmp_path / "captures", progress=False)
+
+
+def test_windows_start_the_way_the_tokenizer_starts_a_text(word_tokenizer, small_capture):
+    docs = [Document("one", " ".join(["the quick brown fox"] * 10)), Document("two", "a lazy dog " * 10)]
+    plain, with_bos = word_tokenizer(bos=False), word_tokenizer(bos=True)
+    assert with_bos("fox")["input_ids"] == [with_bos.bos_token_id, *plain("fox")["input_ids"]]
+    windows = token_windows(with_bos, docs, seq_len=8, n=3, per_document=2)
+    assert [(w.document, w.window) for w in windows] == [(0, 0), (0, 1), (1, 0)]
+    for w in windows:
+        text = tokens(with_bos, docs[w.document])
+        assert w.ids == [with_bos.bos_token_id] + text[w.window * 7 : (w.window + 1) * 7]
+    for w in token_windows(plain, docs, seq_len=8, n=3, per_document=2):
+        assert w.ids == tokens(plain, docs[w.document])[w.window * 8 : (w.window + 1) * 8]
+    # SmolLM2's tokenizer adds no BOS (tokenizer("x") is one token), so its windows are text only
+    assert CaptureStore(small_capture).manifest["starts_with_bos"] is False
+
+
+def test_a_capture_with_a_bos_tokenizer_records_and_stores_bos_first(tmp_path, tiny_model, corpus, tiny_spec):
+    store = CaptureStore(run_capture(tiny_spec(tiny_model(bos=True), corpus), tmp_path, progress=False))
+    assert store.manifest["starts_with_bos"] is True
+    with safe_open(str(store.path / "test" / "shard_00000.safetensors"), framework="pt") as f:
+        ids = f.get_tensor("input_ids")
+    assert ids.shape == (1, 16) and ids[0, 0] == 1 and (ids[0, 1:] != 1).all()

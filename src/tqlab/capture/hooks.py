@@ -14,6 +14,8 @@ import dataclasses
 
 import torch
 
+from .models import check_supported
+
 CAPTURE_ATTENTION = "tqlab_capture"
 _ACTIVE: contextvars.ContextVar[AttentionRecorder | None] = contextvars.ContextVar(
     "tqlab_recorder", default=None
@@ -75,6 +77,7 @@ class AttentionRecorder:
         )
 
     def __enter__(self) -> AttentionRecorder:
+        check_supported(self.model.config, self.model.config.name_or_path or self.model.config.model_type)
         _register()
         self._previous = self.model.config._attn_implementation
         self.model.set_attn_implementation(CAPTURE_ATTENTION)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..dtypes import DTYPES
+from ..registry import RuleError
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,22 @@ class OfflineModel:
 
 class ModelNotFound(RuntimeError):
     pass
+
+
+class UnsupportedModel(RuleError):
+    """A model whose attention tqlab's recorder and metrics do not model."""
+
+
+def check_supported(config, name: str) -> None:
+    """Refuse, from the config alone, attention that the captured q, k, v and scale would misdescribe."""
+    text = getattr(config, "text_config", None) or config
+    cap = getattr(text, "attn_logit_softcapping", None)
+    if cap is not None:
+        raise UnsupportedModel(
+            f"model {name!r} sets attn_logit_softcapping={cap} in its config (Gemma-2-style attention logit "
+            "softcapping): tqlab's metrics do not model softcapping yet, so it cannot be captured; pick a "
+            "model whose config has no attn_logit_softcapping (or null)"
+        )
 
 
 OFFLINE_MODELS = {
@@ -171,18 +188,47 @@ def _jsonable(value):
     return json.loads(json.dumps(value, default=str)) if value is not None else None
 
 
+def _not_found(name_or_path: str, err: OSError) -> ModelNotFound:
+    return ModelNotFound(
+        f"model {name_or_path!r} could not be loaded ({err.__class__.__name__}: {str(err).splitlines()[0]}). "
+        f"Offline models: {sorted(OFFLINE_MODELS)}; otherwise pass a local folder with config.json and "
+        "weights, or a hub id on a machine that reaches the hub (HF_HUB_OFFLINE unset)."
+    )
+
+
+def model_identity(name_or_path: str) -> dict:
+    """How captures name a model: by what is there, never by an absolute path. An offline key stands for
+    itself (its package pins the GGUF); a local folder is its name and one sha256 over all its files (config,
+    tokenizer, weights); a hub id is itself and the sha256 of the config.json it resolves to."""
+    if name_or_path in OFFLINE_MODELS:
+        return {"name": name_or_path}
+    path = Path(name_or_path)
+    if path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith("."))
+        listing = "".join(f"{sha256_file(f)}  {f.name}\n" for f in files)
+        return {"name": path.resolve().name, "files_sha256": hashlib.sha256(listing.encode()).hexdigest()}
+    from transformers.utils import cached_file
+
+    try:
+        config = cached_file(name_or_path, "config.json")
+    except OSError as err:
+        raise _not_found(name_or_path, err) from err
+    return {"name": name_or_path, "config_sha256": sha256_file(Path(config))}
+
+
 def load_model(
     name_or_path: str = "smollm2-135m",
     dtype: str = "float32",
     weight_load: str = "none",
     device: str = "cpu",
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer: an offline key (see OFFLINE_MODELS), a local folder or a hub id."""
+    """Load a causal LM and its tokenizer: an offline key (see OFFLINE_MODELS), a local folder or a hub id.
+    Models that cannot be captured (see check_supported) are refused before their weights load."""
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype={dtype!r} is not one of {sorted(DTYPES)}")
     if weight_load not in WEIGHT_LOADS:
         raise ValueError(f"model.weight_load={weight_load!r} is not one of {WEIGHT_LOADS}")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict = {"dtype": DTYPES[dtype]}
     if weight_load != "none":
@@ -199,27 +245,19 @@ def load_model(
             bnb_4bit_compute_dtype=DTYPES[dtype],
         )
         kwargs["device_map"] = {"": device}
-    facts = {"name_or_path": name_or_path, "dtype": dtype, "weight_load": weight_load}
+    facts = {**model_identity(name_or_path), "dtype": dtype, "weight_load": weight_load}
+    path = name_or_path
     if name_or_path in OFFLINE_MODELS:
         path = _converted_dir(OFFLINE_MODELS[name_or_path])
         facts.update(json.loads((path / "tqlab_source.json").read_text()))
         facts["weights_sha256"] = facts.pop("gguf_sha256")
-    else:
-        path = Path(name_or_path)
-        if path.is_dir():
-            files = sorted(path.glob("*.safetensors"))
-            facts["weights_sha256"] = hashlib.sha256(
-                "".join(sha256_file(f) for f in files).encode()
-            ).hexdigest()
     try:
+        config = AutoConfig.from_pretrained(str(path))
+        check_supported(config, name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(path), config=config, **kwargs)
     except OSError as err:
-        raise ModelNotFound(
-            f"model {name_or_path!r} could not be loaded ({err.__class__.__name__}: {str(err).splitlines()[0]}). "
-            f"Offline models: {sorted(OFFLINE_MODELS)}; otherwise pass a local folder with config.json and "
-            "weights, or a hub id on a machine that reaches the hub (HF_HUB_OFFLINE unset)."
-        ) from err
+        raise _not_found(name_or_path, err) from err
     if weight_load == "none":
         model.to(device)
     model.eval()

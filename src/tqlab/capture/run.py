@@ -10,7 +10,7 @@ import torch
 
 from ..dtypes import DTYPES
 from .hooks import AttentionRecorder
-from .models import load_model, sha256_file
+from .models import load_model, model_identity
 from .store import (
     FORMAT_VERSION,
     CaptureError,
@@ -18,14 +18,20 @@ from .store import (
     capture_dir,
     environment_facts,
     fingerprint,
+    identity,
+    manifest_sha256,
+    shard_metadata,
+    verified_sha256,
     write_json,
     write_shard,
 )
 from .text import (
     SPLITS,
     hash_tokens,
+    leading_bos,
     split_documents,
     text_file_documents,
+    text_file_identity,
     token_windows,
     wiki_documents,
     wikitext2_splits,
@@ -38,7 +44,9 @@ TEXT_SOURCES = ("wiki", "wikitext2", "text_file")
 def capture_spec(
     model: dict, data: dict, layers=None, store_dtype: str = "float16", shard_size: int = 4
 ) -> dict:
-    """The configuration that identifies a capture (its fingerprint names the folder)."""
+    """The configuration that identifies a capture (its fingerprint names the folder). The model and a text
+    file are named by content (see model_identity, text_file_identity), so a capture means what it says
+    whatever changes at their paths; `inputs` (not part of the identity) says where they are on this machine."""
     if data["source"] not in TEXT_SOURCES:
         raise ValueError(f"data.source={data['source']!r} cannot be captured; choose from {TEXT_SOURCES}")
     if store_dtype not in DTYPES:
@@ -50,45 +58,75 @@ def capture_spec(
     per_document = None if data["source"] == "wikitext2" else data.get("windows_per_document", 1)
     if per_document is not None and (type(per_document) is not int or per_document < 1):
         raise ValueError(f"data.windows_per_document={per_document!r} must be a positive integer")
-    keys = ("source", "path", "seq_len", "sequences", "split_fractions", "seed")
+    text_file = data["path"] if data["source"] == "text_file" else None  # other sources read no file
+    keys = ("source", "seq_len", "sequences", "split_fractions", "seed")
     return {
         "format_version": FORMAT_VERSION,
-        "model": {k: model[k] for k in ("name_or_path", "dtype", "weight_load")},
-        "data": {**{k: data.get(k) for k in keys}, "windows_per_document": per_document},
+        "model": {
+            **model_identity(model["name_or_path"]),
+            **{k: model[k] for k in ("dtype", "weight_load")},
+        },
+        "data": {
+            **{k: data.get(k) for k in keys},
+            "text_file": None if text_file is None else text_file_identity(text_file),
+            "windows_per_document": per_document,
+        },
         "layers": None if layers is None else sorted(int(i) for i in layers),
         "store_dtype": store_dtype,
         "shard_size": shard_size,
+        "inputs": {"model": model["name_or_path"], "text_file": text_file},
     }
 
 
-def _documents(data: dict) -> dict[str, list]:
+def _documents(spec: dict) -> dict[str, list]:
+    data = spec["data"]
     if data["source"] == "wikitext2":
         return wikitext2_splits()
-    docs = wiki_documents() if data["source"] == "wiki" else text_file_documents(data["path"])
+    docs = wiki_documents() if data["source"] == "wiki" else text_file_documents(spec["inputs"]["text_file"])
     return split_documents(docs, tuple(data["split_fractions"]), data["seed"])
 
 
 def run_capture(spec: dict, root: str | Path, device: str = "cpu", progress: bool = True) -> Path:
-    """Create (or resume, or reuse) the capture for `spec` under `root`; returns its folder."""
+    """Create, resume, repair or reuse the capture for `spec` under `root`; returns its folder. A finished
+    capture is reused only when it verifies in full; otherwise every shard is checked against its sha256
+    sidecar, exactly the ones that fail are rebuilt, and the manifest is written anew."""
     out = capture_dir(root, spec)
-    if (out / "manifest.json").is_file():
-        log.info("capture %s is complete: reusing it", out)
-        return out
-    spec_file = out / "spec.json"
-    if spec_file.is_file() and json.loads(spec_file.read_text()) != json.loads(json.dumps(spec, default=str)):
+    spec_file, manifest_file = out / "spec.json", out / "manifest.json"
+    if spec_file.is_file() and json.loads(spec_file.read_text()) != identity(spec):
         raise CaptureError(
-            f"{out} holds a capture of another configuration (spec.json differs); refusing to mix"
+            f"{out} holds a capture of another configuration ({spec_file} differs); refusing to mix"
         )
-    write_json(spec_file, spec)
+    if manifest_file.is_file():
+        try:
+            CaptureStore(out)
+        except CaptureError as err:
+            log.warning("%s; rebuilding what fails verification", err)
+            manifest_file.unlink()  # a manifest exists only while every shard it lists is verified
+        else:
+            log.info("capture %s is complete and verified: reusing it", out)
+            return out
 
-    loaded = load_model(**spec["model"], device=device)
+    loaded = load_model(
+        name_or_path=spec["inputs"]["model"],
+        dtype=spec["model"]["dtype"],
+        weight_load=spec["model"]["weight_load"],
+        device=device,
+    )
+    changed = {k: (v, loaded.facts.get(k)) for k, v in spec["model"].items() if loaded.facts.get(k) != v}
+    if changed:
+        raise CaptureError(
+            f"model {spec['inputs']['model']!r} changed after the capture was configured: "
+            + ", ".join(f"{k} was {a}, is {b} now" for k, (a, b) in changed.items())
+            + "; run capture.py again"
+        )
     n_layers = loaded.facts["architecture"]["num_layers"]
     if spec["layers"] is not None and not all(0 <= i < n_layers for i in spec["layers"]):
         raise CaptureError(
-            f"store.layers={spec['layers']}: {spec['model']['name_or_path']} has layers 0..{n_layers - 1}"
+            f"store.layers={spec['layers']}: {spec['inputs']['model']} has layers 0..{n_layers - 1}"
         )
+    write_json(spec_file, identity(spec))
     data = spec["data"]
-    docs = _documents(data)
+    docs = _documents(spec)
     dtype = DTYPES[spec["store_dtype"]]
     fp = fingerprint(spec)
     splits, layer_facts = {}, {}
@@ -110,11 +148,15 @@ def run_capture(spec: dict, root: str | Path, device: str = "cpu", progress: boo
         for i in range(0, len(windows[split]), spec["shard_size"]):
             batch = windows[split][i : i + spec["shard_size"]]
             path = out / split / f"shard_{i // spec['shard_size']:05d}.safetensors"
-            if not path.is_file():
+            metadata = shard_metadata(fp, split, i)
+            digest = verified_sha256(path, metadata)
+            if digest is None:  # missing, interrupted before its sidecar, corrupted or foreign
                 tensors, facts = _forward(loaded.model, batch, spec["layers"], dtype, device)
                 layer_facts.update(facts)
-                write_shard(path, tensors, {"fingerprint": fp, "split": split, "first_sequence": str(i)})
-            shards.append({"file": path.name, "sequences": len(batch)})
+                digest = write_shard(path, tensors, metadata)
+            shards.append(
+                {"file": path.name, "sequences": len(batch), "bytes": path.stat().st_size, "sha256": digest}
+            )
             bar.set_postfix(split=split)
             bar.update()
         splits[split] = {
@@ -132,15 +174,11 @@ def run_capture(spec: dict, root: str | Path, device: str = "cpu", progress: boo
     recorded = sorted(int(k) for k in layer_facts)
     arch = loaded.facts["architecture"]
     candidates = spec["layers"] if spec["layers"] is not None else range(arch["num_layers"])
-    for split, info in splits.items():
-        for shard in info["shards"]:
-            file = out / split / shard["file"]
-            shard.update(bytes=file.stat().st_size, sha256=sha256_file(file))
     groups = arch["num_heads"] // arch["num_kv_heads"]
     manifest = {
         "format_version": FORMAT_VERSION,
         "fingerprint": fp,
-        "spec": spec,
+        "spec": identity(spec),
         "model": loaded.facts,
         "device": device,
         "layers": {
@@ -150,10 +188,12 @@ def run_capture(spec: dict, root: str | Path, device: str = "cpu", progress: boo
         },
         "kv_head_of_query_head": [h // groups for h in range(arch["num_heads"])],
         "positions": "0..seq_len-1 in every window (no padding, causal mask)",
+        "starts_with_bos": leading_bos(loaded.tokenizer) is not None,
         "splits": splits,
         **environment_facts(),
     }
-    write_json(out / "manifest.json", manifest)
+    manifest["manifest_sha256"] = manifest_sha256(manifest)
+    write_json(manifest_file, manifest)
     CaptureStore(out, verify=False)
     log.info("capture written to %s", out)
     return out
@@ -171,7 +211,7 @@ def _check_enough(data: dict, split: str, n_docs: int, available: int) -> None:
         f"data.sequences.{split}={wanted}, but the {n_docs} documents of split {split!r} give only "
         f"{available} windows of data.seq_len={data['seq_len']} tokens"
         + ("" if per_document is None else f" with data.windows_per_document={per_document}")
-        + f" (a document shorter than seq_len gives none): {fix}"
+        + f" (a document shorter than a window gives none): {fix}"
     )
 
 

@@ -48,10 +48,16 @@ def wiki_documents(min_chars: int = 500) -> tuple[Document, ...]:
     return tuple(docs)
 
 
-def text_file_documents(path: str | Path) -> list[Document]:
+def text_file_identity(path: str | Path) -> dict:
+    """How captures name a text file: by its name and content, never by its (absolute) path."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data.path={str(path)!r} is not a file")
+    return {"name": path.name, "sha256": sha256_file(path)}
+
+
+def text_file_documents(path: str | Path) -> list[Document]:
+    path = Path(path)
     chunks = [c.strip() for c in path.read_text(encoding="utf-8").split("\n\n")]
     return [Document(f"{path.name}#{i}", c) for i, c in enumerate(chunks) if c]
 
@@ -91,12 +97,20 @@ def split_documents(
 
 @dataclasses.dataclass(frozen=True)
 class Window:
-    """seq_len tokens of one document; `window` i holds the document's tokens i*seq_len .. (i+1)*seq_len-1."""
+    """seq_len tokens of one document: its tokens i*n .. (i+1)*n-1 for `window` i, after the BOS token when
+    the tokenizer starts texts with one (n = seq_len - 1), else alone (n = seq_len)."""
 
     ids: list[int]
     document: int  # the document's index within its split
     title: str
     window: int
+
+
+def leading_bos(tokenizer) -> int | None:
+    """The BOS id when the tokenizer starts every text with it (Gemma's, Llama-2's), else None: a window then
+    starts with BOS too, since models whose attention sinks on BOS attend differently without it."""
+    bos = tokenizer.bos_token_id
+    return bos if bos is not None and tokenizer("x")["input_ids"][:1] == [bos] else None
 
 
 def token_windows(
@@ -105,13 +119,16 @@ def token_windows(
     """Up to n windows of seq_len tokens, at most `per_document` (None: any number) from each document, taken
     from the documents in order. Windows never cross a document boundary, so windows of different documents
     are as independent as the documents; within a document they are consecutive from its start, and a
-    document shorter than seq_len gives none. Fewer than n windows come back only when the documents run out."""
+    document shorter than a window's text gives none. Each window starts the way the tokenizer starts a text
+    (see leading_bos). Fewer than n windows come back only when the documents run out."""
+    bos = leading_bos(tokenizer)
+    prefix, length = ([], seq_len) if bos is None else ([bos], seq_len - 1)
     windows: list[Window] = []
     for d, doc in enumerate(docs):
         ids = tokenizer(doc.text, add_special_tokens=False)["input_ids"]
-        count = len(ids) // seq_len if per_document is None else min(per_document, len(ids) // seq_len)
+        count = len(ids) // length if per_document is None else min(per_document, len(ids) // length)
         for i in range(min(count, n - len(windows))):
-            windows.append(Window(ids[i * seq_len : (i + 1) * seq_len], d, doc.title, i))
+            windows.append(Window(prefix + ids[i * length : (i + 1) * length], d, doc.title, i))
         if len(windows) == n:
             break
     return windows

@@ -1,0 +1,40 @@
+"""A capture is named by what its model and text are, not by where they are: a local folder changed in place
+is another capture, and no folder name, spec or manifest holds an absolute path."""
+
+import json
+
+import pytest
+
+from tqlab.capture.run import run_capture
+from tqlab.capture.store import CaptureError, CaptureStore
+
+
+def set_config(model_dir, **changes):
+    path = model_dir / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_a_local_model_and_text_are_named_by_content_not_by_path(tmp_path, tiny_model, corpus, tiny_spec):
+    model = tiny_model("tiny-lm")
+    first = run_capture(tiny_spec(model, corpus), tmp_path / "captures", progress=False)
+    assert first.name.startswith("tiny-lm-")
+    for text in (first.name, (first / "spec.json").read_text(), (first / "manifest.json").read_text()):
+        assert str(tmp_path) not in text
+    assert CaptureStore(first).layer_facts(0)["scaling"] == 0.25
+
+    set_config(model, attention_multiplier=0.5)  # the same path now holds another model
+    second = run_capture(tiny_spec(model, corpus), tmp_path / "captures", progress=False)
+    assert second != first and CaptureStore(second).layer_facts(0)["scaling"] == 0.5
+
+    corpus.write_text(corpus.read_text().replace("fox", "cat"))  # and the same file another text
+    assert run_capture(tiny_spec(model, corpus), tmp_path / "captures", progress=False) not in (first, second)
+
+
+def test_a_model_changed_after_configuration_is_refused_naming_both(tmp_path, tiny_model, corpus, tiny_spec):
+    model = tiny_model()
+    spec = tiny_spec(model, corpus)
+    set_config(model, attention_multiplier=0.5)
+    with pytest.raises(
+        CaptureError, match=r"changed after the capture was configured: files_sha256 was \w+, is \w+"
+    ):
+        run_capture(spec, tmp_path / "captures", progress=False)
