@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import lightning as L
@@ -12,6 +11,7 @@ from torch import nn
 from ..quant import TurboQuantMSE
 from ..rotation.io import save_rotations, unit_name
 from .objectives import key_loss, value_loss
+from .state import load_optimizer, optimizer_tensors, save_state
 
 
 class RotationFitModule(L.LightningModule):
@@ -88,22 +88,63 @@ class RotationFitModule(L.LightningModule):
 
 
 class SaveRotations(L.Callback):
-    """After each validation: `last.safetensors` always, `best.safetensors` when val_loss improves, and
-    `fit_state.json` (epochs done, best val_loss) so a run directory can be resumed."""
+    """After each epoch's validation: `last.safetensors`; `best.safetensors` when val_loss improves; then the
+    rest of the training state (`state.save_state`: module and optimizer tensors, epoch, best val_loss, early
+    stopping) so that a killed run, re-run, ends bitwise as an uninterrupted one would. It must come after the
+    EarlyStopping callback, checking on validation end, so that the state includes this epoch's check.
 
-    def __init__(self, folder: Path, facts: dict, best: float = float("inf"), epochs_before: int = 0):
-        self.folder, self.facts = Path(folder), facts
-        self.best, self.epochs_before = best, epochs_before
+    state: the fit_state.json to continue from (`state.load_state`) with its tensors, or for a new fit
+    `{"val_loss_initial": …}` and no tensors."""
+
+    def __init__(self, folder: Path, facts: dict, state: dict, tensors: dict | None = None):
+        self.folder, self.facts, self.state, self.tensors = Path(folder), facts, dict(state), tensors
+        self.best = state.get("best_val_loss", float("inf"))
+
+    def on_fit_start(self, trainer, module: RotationFitModule) -> None:
+        if self.tensors is None:
+            return
+        module.load_state_dict(_unprefixed(self.tensors, "module."))
+        load_optimizer(trainer.optimizers[0], module, _unprefixed(self.tensors, "optimizer."))
+        stopping = self.state["early_stopping"]
+        trainer.early_stopping_callback.load_state_dict(
+            {**stopping, "best_score": torch.tensor(stopping["best_score"])}
+        )
+        # Lightning counts epochs from 0 in a new Trainer: start at the true epoch, so that progress bars, logged
+        # epochs, max_epochs and the samplers' set_epoch (the shuffle order) carry on where the run stopped
+        epoch_progress = trainer.fit_loop.epoch_progress
+        for counts in (epoch_progress.total, epoch_progress.current):
+            counts.ready = counts.started = counts.processed = counts.completed = self.state["epochs_done"]
+        if trainer.is_global_zero:
+            # last.safetensors may be ahead of the state (killed between the writes) or cut short: rewrite it
+            epoch, val = self.state["epochs_done"], self.state["last_val_loss"]
+            save_rotations(self.folder / "last.safetensors", module.rotations(), self._facts(epoch, val))
 
     def on_validation_end(self, trainer, module: RotationFitModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
+        # trainer.validate's initial val_loss is no epoch: saving it would count an epoch never trained
+        if trainer.state.fn != "fit" or trainer.sanity_checking or not trainer.is_global_zero:
             return
         val = float(trainer.callback_metrics["val_loss"])
-        epoch = self.epochs_before + trainer.current_epoch + 1
-        facts = {**self.facts, "epoch": epoch, "val_loss": val}
+        epoch = trainer.current_epoch + 1
+        facts = self._facts(epoch, val)
         save_rotations(self.folder / "last.safetensors", module.rotations(), facts)
         if val < self.best:
             self.best = val
             save_rotations(self.folder / "best.safetensors", module.rotations(), facts)
-        state = {"epochs_done": epoch, "best_val_loss": self.best, "last_val_loss": val}
-        (self.folder / "fit_state.json").write_text(json.dumps(state, indent=2))
+        stopping = trainer.early_stopping_callback.state_dict()
+        self.state.update(
+            epochs_done=epoch,
+            best_val_loss=self.best,
+            last_val_loss=val,
+            stopped=trainer.should_stop,
+            early_stopping={**stopping, "best_score": float(stopping["best_score"])},
+        )
+        tensors = {f"module.{k}": v for k, v in module.state_dict().items()}
+        tensors |= {f"optimizer.{k}": v for k, v in optimizer_tensors(trainer.optimizers[0], module).items()}
+        save_state(self.folder, self.state, tensors)
+
+    def _facts(self, epoch: int, val_loss: float) -> dict:
+        return {**self.facts, "epoch": epoch, "val_loss": val_loss}
+
+
+def _unprefixed(tensors: dict, prefix: str) -> dict:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}

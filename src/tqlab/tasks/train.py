@@ -17,16 +17,23 @@ log = logging.getLogger("tqlab")
 
 def train(cfg: DictConfig) -> common.Outcome:
     """Fit learned rotations; returns the results folder and the best and initial validation loss."""
-    from ..runs import output_dir, results_of
+    from ..runs import fingerprint, output_dir, results_of
 
     if cfg.get("resume"):
-        resume = results_of(cfg.resume)
+        resume = results_of(cfg.resume).resolve()
         if not (resume / "config.yaml").is_file():
             raise ConfigError(
                 f"resume={cfg.resume}: no config.yaml there; pass a train run or results folder"
             )
         saved = OmegaConf.load(resume / "config.yaml")
         saved.output_dir = str(output_dir(cfg))
+        # its results_root may be relative to where it was first started: continue this very folder instead
+        saved.results_root = str(resume.parents[1])
+        if resume != resume.parents[1] / "train" / fingerprint(saved)[:16]:
+            raise ConfigError(
+                f"resume={cfg.resume}: {resume} is not the results folder of the train run its config.yaml "
+                "describes (moved, renamed or edited?); pass a folder a train run wrote, as it wrote it"
+            )
         cfg = saved
     sections = run_sections(cfg)
     check_environment(cfg)
@@ -70,10 +77,9 @@ def _eval_overrides(cfg: DictConfig) -> str:
 def _fit(cfg, sections, results: Path, loggers) -> None:
     from lightning.pytorch.callbacks import EarlyStopping
 
-    from ..data.datamodule import KVDataModule
     from ..fit.module import RotationFitModule, SaveRotations
+    from ..fit.state import EpochShuffled, load_state, write_atomic
     from ..kv.builder import fit_rotations
-    from ..rotation.io import load_rotations
     from ..runs import resolved
 
     common.seed_lightning(cfg.seed)
@@ -84,14 +90,6 @@ def _fit(cfg, sections, results: Path, loggers) -> None:
     rotations = fit_rotations(spec, layers, arch["num_kv_heads"], arch["head_dim"], fit["per_head"])
     fit_bits = {side: s.codec.stage1_bits for side, s in spec.sides().items()}
     module = RotationFitModule(rotations, fit_bits, fit["objective"], fit["per_head"], fit["lr"])
-    state_file, best, done = results / "fit_state.json", float("inf"), 0
-    if state_file.is_file():  # an interrupted run: continue from its last rotations
-        state = json.loads(state_file.read_text())
-        best, done = state["best_val_loss"], state["epochs_done"]
-        fitted, _ = load_rotations(results / "last.safetensors")
-        for unit, r in fitted.items():
-            module.codecs[unit].rotation.load_state_dict(r.state_dict())
-        log.info("resuming %s after %d epochs (best val_loss %.5f)", results, done, best)
     side = next(iter(spec.sides().values()))
     facts = {
         "rotation": side.rotation.name,
@@ -107,21 +105,27 @@ def _fit(cfg, sections, results: Path, loggers) -> None:
         "capture": source.manifest["fingerprint"],
         "config": resolved(cfg),
     }
-    data = KVDataModule(source, batch_size=fit["batch_size"], layers=layers, shuffle=True)
-    remaining = max(0, fit["max_epochs"] - done)
-    callbacks = [
-        SaveRotations(results, facts, best, done),
-        EarlyStopping("val_loss", patience=fit["patience"]),
-    ]
-    trainer, initial = common.make_trainer(cfg, loggers, callbacks, max_epochs=remaining), None
-    if done == 0:
-        initial = float(trainer.validate(module, datamodule=data, verbose=False)[0]["val_loss"])
-    if remaining:
-        trainer = common.make_trainer(cfg, loggers, callbacks, max_epochs=remaining)
-        trainer.fit(module, datamodule=data)
-        if trainer.interrupted:  # Lightning returns normally on Ctrl-C: leave the run resumable, not done
-            raise KeyboardInterrupt(f"training interrupted; re-run the same command to resume {results}")
+    data = EpochShuffled(source, cfg.seed, batch_size=fit["batch_size"], layers=layers)
+    saved = load_state(results)  # an interrupted run: SaveRotations restores it when the fit starts
+    if saved is None:
+        validator = common.make_trainer(cfg, loggers)
+        validated = common.run_stage(validator, "validate", module, datamodule=data, verbose=False)
+        state, tensors = {"val_loss_initial": float(validated[0]["val_loss"])}, None
+    else:
+        state, tensors = saved
+        log.info(
+            "resuming %s after %d epochs (best val_loss %.5f)",
+            results,
+            state["epochs_done"],
+            state["best_val_loss"],
+        )
+    saver = SaveRotations(results, facts, state, tensors)
+    # EarlyStopping checks on validation end, before SaveRotations saves its state there
+    stopping = EarlyStopping("val_loss", patience=fit["patience"], check_on_train_epoch_end=False)
+    trainer = common.make_trainer(cfg, loggers, [stopping, saver], max_epochs=fit["max_epochs"])
+    if state.get("epochs_done", 0) < fit["max_epochs"] and not state.get("stopped"):
+        common.run_stage(trainer, "fit", module, datamodule=data)  # Ctrl-C: resumable, not done
     if trainer.is_global_zero:
-        state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-        summary = {**state, "val_loss_initial": initial, **facts}
-        (results / "done.json").write_text(json.dumps(summary, indent=2, default=str))
+        losses = ("epochs_done", "best_val_loss", "last_val_loss", "val_loss_initial")
+        summary = {**{k: saver.state.get(k) for k in losses}, **facts}
+        write_atomic(results / "done.json", json.dumps(summary, indent=2, default=str).encode())
