@@ -166,7 +166,10 @@ def test_exactly_one_of_eight_processes_claims_a_folder_with_a_stale_lock(tmp_pa
         (["codec.norm_dtype=float64"], r"codec.norm_dtype='float64' is not allowed; use \['float16'"),
         (["+codec.foo=1"], r"codec takes no option\(s\) \['foo'\]"),
         (["seed=abc"], "seed='abc' must be an integer"),
-        (["task=perplexity"], r"task='perplexity' is not allowed; choose from \['train', 'eval'\]"),
+        (["task=qa"], r"task='qa' is not allowed; choose from \['eval', 'perplexity', 'niah', 'generate'\]"),
+        (["task=perplexity"], "task=perplexity runs the model on text: pick data=wiki"),
+        (["task=perplexity", "data=wiki", "protocol=exact"], r"protocol='exact' is not allowed"),
+        (["task=perplexity", "data=wiki", "perplexity.stride=999"], "must not exceed perplexity.context=256"),
     ],
 )
 def test_bad_overrides_fail_before_any_compute(tmp_path, monkeypatch, overrides, message):

@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from .kv.spec import FittedRotations, KVQuantSpec
-from .registry import RuleError
+from .registry import PROTOCOLS, RuleError
 
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 WEIGHT_LOADS = ("none", "8bit", "4bit")
@@ -82,7 +82,7 @@ def store_section(cfg: DictConfig) -> dict:
 
 # -- train / eval ---------------------------------------------------------------------------------------
 OBJECTIVES = ("mse", "logits", "attention")
-TASKS = ("train", "eval")
+EVAL_TASKS = ("eval", "perplexity", "niah", "generate")  # eval.py's; train.py's is "train"
 HEAD_DIMS = {"smollm2-135m": 64, "qwen2.5-coder-1.5b": 128}  # offline models, known before loading
 
 
@@ -171,12 +171,54 @@ def check_environment(cfg: DictConfig) -> None:
             raise ConfigError(f"{why} needs the package {package}: pip install {package}")
 
 
+def end_to_end_section(cfg: DictConfig) -> dict:
+    """The settings of a perplexity / niah / generate run (the model with the compressed cache)."""
+    task = cfg.task
+    check_choice("protocol", cfg.get("protocol"), PROTOCOLS)
+    settings = to_dict(cfg, task)
+    if task == "perplexity":
+        check_int("perplexity.context", settings["context"], 2)
+        check_int("perplexity.stride", settings["stride"], 1)
+        if settings["stride"] > settings["context"]:
+            raise ConfigError(
+                f"perplexity.stride={settings['stride']} must not exceed perplexity.context={settings['context']}"
+            )
+        check_int("perplexity.max_windows", settings["max_windows"], 1)
+        check_int("perplexity.chunk_size", settings["chunk_size"], 1)
+        if settings["prefill"] is not None:
+            check_int("perplexity.prefill", settings["prefill"], 1)
+    elif task == "niah":
+        for context in settings["contexts"]:
+            check_int("niah.contexts[]", context, 32)
+        if not all(isinstance(d, (int, float)) and 0 <= d <= 1 for d in settings["depths"]):
+            raise ConfigError(f"niah.depths={settings['depths']} must be numbers in [0, 1]")
+        if not str(settings["value"]).isdigit():
+            raise ConfigError(f"niah.value={settings['value']!r} must be digits (scored by exact match)")
+        check_int("niah.max_new_tokens", settings["max_new_tokens"], 1)
+    else:
+        for key in ("prompts", "prompt_len", "max_new_tokens"):
+            check_int(f"generate.{key}", settings[key], 1)
+    exact = cfg.get("exact_layers") or []
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in exact):
+        raise ConfigError(
+            f"exact_layers={list(exact)} must be a list of layer indices (negative: from the end)"
+        )
+    return {**settings, "protocol": cfg.protocol, "exact_layers": list(exact)}
+
+
 def run_sections(cfg: DictConfig) -> dict:
     """Everything a train or eval run needs, validated together before any compute or folder."""
-    check_choice("task", cfg.get("task"), TASKS)
+    check_choice("task", cfg.get("task"), EVAL_TASKS if "eval" in cfg else ("train",))
     sections = {"model": model_section(cfg), "data": data_section(cfg), "store": store_section(cfg)}
     sections["spec"] = kv_spec(cfg)
-    sections["fit" if cfg.task == "train" else "eval"] = (
-        fit_section(cfg) if cfg.task == "train" else eval_section(cfg)
-    )
+    if cfg.task == "train":
+        sections["fit"] = fit_section(cfg)
+    else:
+        sections["eval"] = eval_section(cfg)
+    if cfg.task in ("perplexity", "niah", "generate"):
+        if sections["data"]["source"] == "synthetic":
+            raise ConfigError(
+                f"task={cfg.task} runs the model on text: pick data=wiki, text_file or wikitext2"
+            )
+        sections["end_to_end"] = end_to_end_section(cfg)
     return sections

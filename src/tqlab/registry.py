@@ -14,6 +14,9 @@ MAX_BITS = 8  # Lloyd-Max codebooks are solved up to 8 bits; beyond that the sto
 VIEWS = ("vector", "spinor_plus", "spinor_minus")  # the three 8-dim representations of Spin(8)
 NORM_DTYPES = ("float16", "bfloat16", "float32")  # how a TurboQuant codec stores norms (counted in bytes)
 SIDES = ("key", "value")
+# how a compressed cache treats the tokens of a forward call: every query sees only codes (the papers'), or
+# the call's own tokens attend to themselves exactly and are stored as codes for later queries (vLLM's)
+PROTOCOLS = ("all_quantized", "prefill_exact")
 
 
 class RuleError(ValueError):

@@ -14,12 +14,20 @@ import math
 from pathlib import Path
 
 CONFIG_COLUMNS = (
-    "model", "data", "capture", "codec", "kv", "k_bits", "v_bits", "k_rotation", "v_rotation", "view",
+    "task", "protocol", "model", "data", "capture", "codec", "kv", "k_bits", "v_bits", "k_rotation", "v_rotation", "view",
     "rotations_from", "fit", "fit_seed", "seed",
 )  # fmt: skip
-BLOCK_COLUMNS = ("layer", "kv_head", "sequence", "document")
+# what one row measures, per task: rows of two configurations pair up on these
+BLOCK_COLUMNS = {
+    "eval": ("layer", "kv_head", "sequence", "document"),  # attention over captured blocks
+    "perplexity": ("document", "window"),
+    "generate": ("document", "prompt"),
+    "niah": ("document", "context", "depth"),
+}
 # never parsed as numbers: a document titled "1984" or a capture hash of digits stays text
 TEXT_COLUMNS = (
+    "task",
+    "protocol",
     "model",
     "data",
     "capture",
@@ -46,6 +54,18 @@ METRICS = {
     "value_bits_per_coordinate": False,
     "kv_bits_per_coordinate": False,
     "kv_bytes_per_token": False,
+    # end to end, with the compressed cache in the model
+    "nll": False,
+    "nll_reference": False,
+    "nll_increase": False,
+    "next_token_kl": False,
+    "next_token_top1": True,
+    "final_hidden_cosine": True,
+    "cache_bytes_per_token": False,
+    "agreement": True,
+    "divergence": True,
+    "found": True,
+    "found_reference": True,
 }
 
 
@@ -59,12 +79,13 @@ def higher_is_better(metric: str) -> bool:
     return METRICS[metric]
 
 
-def write_results(folder: Path, rows: list[dict], summary: dict) -> dict:
+def write_results(folder: Path, rows: list[dict], summary: dict, task: str = "eval") -> dict:
     """results.csv (sorted by block) and summary.json with per-layer and per-(layer, head) means; summary.json
     is written last and marks the run finished. Returns the full summary."""
-    rows = sorted(rows, key=lambda r: (r["layer"], r["kv_head"], r["sequence"]))
+    blocks = BLOCK_COLUMNS[task]
+    rows = sorted(rows, key=lambda r: tuple(str(r[c]) if c == "document" else r[c] for c in blocks))
     columns = list(rows[0])
-    missing = [c for c in (*CONFIG_COLUMNS, *BLOCK_COLUMNS) if c not in columns]
+    missing = [c for c in (*CONFIG_COLUMNS, *blocks) if c not in columns]
     if missing:
         raise ValueError(f"result rows lack the schema's columns {missing}")
     _atomic(folder / "results.csv", _csv(rows, columns))
@@ -76,11 +97,12 @@ def write_results(folder: Path, rows: list[dict], summary: dict) -> dict:
             groups.setdefault(key(r), []).append(r)
         return {g: {m: _nanmean([r[m] for r in block]) for m in metric_names} for g, block in groups.items()}
 
-    summary = {
-        **summary,
-        "per_layer": means_by(lambda r: r["layer"]),
-        "per_head": means_by(lambda r: f"{r['layer']}.{r['kv_head']}"),  # "layer.kv_head"
-    }
+    if task == "eval":
+        summary = {
+            **summary,
+            "per_layer": means_by(lambda r: r["layer"]),
+            "per_head": means_by(lambda r: f"{r['layer']}.{r['kv_head']}"),  # "layer.kv_head"
+        }
     _atomic(folder / "summary.json", json.dumps(summary, indent=2, default=str))
     return summary
 

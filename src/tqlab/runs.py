@@ -29,7 +29,13 @@ _NOT_FINGERPRINTED = {
     "hydra", "logger", "progress", "output_dir", "results_root", "resume", "rotations", "optimized_metric",
 }  # fmt: skip
 _TRAINER_PLACEMENT = {"accelerator", "devices", "strategy"}
-_OTHER_TASK = {"train": "eval", "eval": "fit"}  # a shared debug preset may set the other app's section
+# sections only other tasks read (a shared debug preset may set the other app's section too)
+_TASK_SECTIONS = {"fit", "eval", "perplexity", "niah", "generate", "protocol", "exact_layers"}
+_READS = {
+    "train": {"fit"},
+    "eval": {"eval"},
+    **{task: {"eval", task, "protocol", "exact_layers"} for task in ("perplexity", "niah", "generate")},
+}
 
 
 class RunLocked(RuntimeError):
@@ -42,7 +48,8 @@ def resolved(cfg: DictConfig) -> dict:
 
 def fingerprint(cfg: DictConfig, extra: dict | None = None) -> str:
     conf = {k: v for k, v in resolved(cfg).items() if k not in _NOT_FINGERPRINTED}
-    conf.pop(_OTHER_TASK.get(conf.get("task")), None)
+    for section in _TASK_SECTIONS - _READS.get(conf.get("task"), set()):
+        conf.pop(section, None)
     conf.get("store", {}).pop("root", None)
     conf.get("model", {}).pop("device", None)
     conf.get("eval", {}).pop("batch_size", None)

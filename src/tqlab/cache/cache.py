@@ -25,10 +25,10 @@ from transformers.cache_utils import (
 
 from ..kv.builder import CodecBank
 from ..kv.spec import KVQuantSpec
+from ..registry import PROTOCOLS
 from . import attention
 from .codes import concat, token_slice
 
-PROTOCOLS = ("all_quantized", "prefill_exact")
 ATTENTION_LAYERS = ("full_attention", "sliding_attention")
 
 

@@ -61,7 +61,9 @@ class KVDataModule(L.LightningDataModule):
         generator = torch.Generator().manual_seed(0) if shuffle else None
         sampler = None
         if split != "train" and torch.distributed.is_available() and torch.distributed.is_initialized():
-            sampler = eval_shard(len(blocks), torch.distributed.get_rank(), torch.distributed.get_world_size())
+            sampler = eval_shard(
+                len(blocks), torch.distributed.get_rank(), torch.distributed.get_world_size()
+            )
         return DataLoader(
             blocks,
             batch_size=self.batch_size,

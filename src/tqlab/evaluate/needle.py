@@ -40,10 +40,14 @@ def find_needle(model, tokenizer, prompt: torch.Tensor, value: str, cache, max_n
     return {"answer": answer, "found": float(value in answer)}
 
 
-def needle_pair(model, tokenizer, prompt: torch.Tensor, value: str, spec, protocol: str) -> dict:
+def needle_pair(
+    model, tokenizer, prompt: torch.Tensor, value: str, spec, protocol: str, exact_layers=()
+) -> dict:
     """The needle asked with the uncompressed cache and with the compressed one."""
     reference = find_needle(model, tokenizer, prompt, value, compress_kv(model, None))
-    compressed = find_needle(model, tokenizer, prompt, value, compress_kv(model, spec, protocol))
+    compressed = find_needle(
+        model, tokenizer, prompt, value, compress_kv(model, spec, protocol, exact_layers)
+    )
     return {
         "found_reference": reference["found"],
         "found": compressed["found"],

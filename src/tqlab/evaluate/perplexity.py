@@ -65,12 +65,19 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def compare_window(
-    model, window: Window, spec, protocol: str, prefill: int, chunk_size: int, calibration=None
+    model,
+    window: Window,
+    spec,
+    protocol: str,
+    prefill: int,
+    chunk_size: int,
+    calibration=None,
+    exact_layers=(),
 ) -> dict:
     """One window's metrics: reference (uncompressed) and compressed NLL, KL, top-1 agreement, hidden states."""
     ids = window.ids.to(model.device)
     ref_logits, ref_hidden = _run(model, ids, compress_kv(model, None), len(ids), len(ids))
-    cache = compress_kv(model, spec, protocol, calibration=calibration)
+    cache = compress_kv(model, spec, protocol, exact_layers, calibration)
     logits, hidden = _run(model, ids, cache, min(prefill, len(ids)), chunk_size)
     targets = ids[1:]
     scored = slice(max(window.scored_from - 1, 0), len(targets))

@@ -15,7 +15,12 @@ log = logging.getLogger("tqlab")
 
 
 def evaluate(cfg: DictConfig) -> common.Outcome:
-    """Evaluate on the test split; returns the results folder and the overall metrics."""
+    """Evaluate on the test split; returns the results folder and the overall metrics. task=perplexity, niah
+    and generate run the model itself with the compressed cache (`tasks.end_to_end`)."""
+    if cfg.get("task") in ("perplexity", "niah", "generate"):
+        from .end_to_end import run
+
+        return run(cfg)
     sections = run_sections(cfg)
     check_environment(cfg)
     spec = sections["spec"]
@@ -55,6 +60,8 @@ def _test(cfg, sections, results, loggers) -> None:
     bank = CodecBank(spec, arch["head_dim"], calibration)
     bank.check_units(layers, arch["num_kv_heads"])
     columns = {
+        "task": "eval",
+        "protocol": None,  # blocks replayed from a capture: no cache protocol
         "model": sections["model"]["name_or_path"],
         "data": sections["data"]["source"],
         "capture": source.manifest["fingerprint"][:16],
