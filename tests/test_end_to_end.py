@@ -1,0 +1,63 @@
+"""eval.py task=perplexity|niah|generate on the real SmolLM2 with short settings: rows per schema, honest bytes,
+and the uncompressed reference equal to the model's own forward pass."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from tqlab import tasks
+from tqlab.results import read_results
+
+ROOT = Path(__file__).parents[1]
+SHORT = [
+    "logger=none", "progress=false", "kv=full_kv", "rotation=fast_hadamard", "bits=4",
+    "perplexity.context=32", "perplexity.stride=16", "perplexity.max_windows=2",
+    "niah.contexts=[96]", "niah.depths=[0.5]", "generate.prompts=1", "generate.prompt_len=16",
+    "generate.max_new_tokens=4",
+]  # fmt: skip
+
+
+def run(tmp_path, *overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        c = compose(config_name="eval", overrides=[*SHORT, *overrides])
+    c.results_root, c.output_dir = str(tmp_path / "runs"), str(tmp_path / "out")
+    c.store.root = str(tmp_path / "captures")
+    return read_results(tasks.evaluate(c).folder)
+
+
+def test_perplexity_rows_bytes_and_the_reference_forward_pass(tmp_path, smollm2):
+    summary, rows = run(tmp_path, "task=perplexity")
+    assert len(rows) == 2 and {r["task"] for r in rows} == {"perplexity"}
+    assert rows[0]["window"] == 0 and rows[0]["tokens"] == 31  # a document's first window scores all but one
+    per_token = 30 * 3 * 2 * (64 * 4 // 8 + 2)  # layers × KV heads × (K, V) × (4-bit payload + fp16 norm)
+    assert rows[0]["cache_bytes_per_token"] == per_token
+    overall = summary["overall"]
+    assert overall["perplexity"] == pytest.approx(math.exp(overall["nll"]))
+    assert 0 < overall["final_hidden_cosine"] <= 1 and overall["next_token_kl"] > 0
+    assert len(summary["per_layer_hidden"]["hidden_cosine"]) == 31  # embeddings + 30 layers
+    # the reference NLL is the model's own: recompute the first window with a plain forward pass
+    from tqlab.capture.run import _documents, capture_spec
+    from tqlab.config import data_section, model_section
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        c = compose(config_name="eval", overrides=SHORT)
+    doc = _documents(capture_spec(model_section(c), data_section(c)))["test"][0]
+    ids = torch.tensor(smollm2.tokenizer(doc.text, add_special_tokens=False)["input_ids"][:32])
+    with torch.no_grad():
+        logp = smollm2.model(ids[None]).logits[0].double().log_softmax(-1)
+    want = -sum(float(logp[t, ids[t + 1]]) for t in range(31)) / 31
+    assert rows[0]["document"] == doc.title and rows[0]["nll_reference"] == pytest.approx(want, abs=1e-4)
+
+
+def test_needle_and_generation_rows(tmp_path, smollm2):
+    summary, rows = run(tmp_path, "task=niah")
+    assert len(rows) == 1 and rows[0]["context"] == 96 and rows[0]["depth"] == 0.5
+    assert rows[0]["found"] in (0, 1) and rows[0]["found_reference"] in (0, 1)
+    summary, rows = run(tmp_path, "task=generate")
+    assert len(rows) == 1 and 0 <= rows[0]["divergence"] <= 4
+    assert rows[0]["agreement"] == rows[0]["divergence"] / 4
+    assert json.loads(json.dumps(summary))["overall"]["agreement"] == rows[0]["agreement"]
