@@ -160,3 +160,19 @@ def test_identical_captures_in_two_processes_are_identical_bytes(tmp_path, tiny_
     for rel in files:
         if rel.name != "manifest.json":  # it records the time
             assert (folders[0] / rel).read_bytes() == (folders[1] / rel).read_bytes(), rel
+
+
+def test_non_finite_activations_are_refused_at_capture_naming_the_shard(
+    tmp_path, tiny_model, corpus, tiny_spec
+):
+    from safetensors.torch import load_file, save_file
+
+    folder = tiny_model()
+    weights = load_file(folder / "model.safetensors")
+    weights["model.layers.1.self_attn.v_proj.weight"][0, 0] = float("inf")  # layer 1's values overflow
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    spec = tiny_spec(folder, corpus)
+    with pytest.raises(
+        CaptureError, match=r"shard_00000.safetensors: layer1\.v contain NaN or Inf \(split train"
+    ):
+        run_capture(spec, tmp_path / "captures", progress=False)

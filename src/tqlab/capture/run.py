@@ -152,6 +152,12 @@ def run_capture(spec: dict, root: str | Path, device: str = "cpu", progress: boo
             digest = verified_sha256(path, metadata)
             if digest is None:  # missing, interrupted before its sidecar, corrupted or foreign
                 tensors, facts = _forward(loaded.model, batch, spec["layers"], dtype, device)
+                bad = [name for name, t in tensors.items() if not torch.isfinite(t).all()]
+                if bad:  # overflowed activations (e.g. fp16 weights) would poison every later mean
+                    raise CaptureError(
+                        f"{path}: {', '.join(bad[:4])} contain NaN or Inf (split {split}, sequences {i}.."
+                        f"{i + len(batch) - 1}); capture in model.dtype=float32 or store.dtype=float32"
+                    )
                 layer_facts.update(facts)
                 digest = write_shard(path, tensors, metadata)
             shards.append(
