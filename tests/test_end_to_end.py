@@ -32,6 +32,7 @@ def run(tmp_path, *overrides):
 def test_perplexity_rows_bytes_and_the_reference_forward_pass(tmp_path, smollm2):
     summary, rows = run(tmp_path, "task=perplexity")
     assert len(rows) == 2 and {r["task"] for r in rows} == {"perplexity"}
+    assert len({r["document"] for r in rows}) == 2  # one window per document (data.windows_per_document)
     assert rows[0]["window"] == 0 and rows[0]["tokens"] == 31  # a document's first window scores all but one
     per_token = 30 * 3 * 2 * (64 * 4 // 8 + 2)  # layers × KV heads × (K, V) × (4-bit payload + fp16 norm)
     assert rows[0]["cache_bytes_per_token"] == per_token
@@ -50,7 +51,8 @@ def test_perplexity_rows_bytes_and_the_reference_forward_pass(tmp_path, smollm2)
     with torch.no_grad():
         logp = smollm2.model(ids[None]).logits[0].double().log_softmax(-1)
     want = -sum(float(logp[t, ids[t + 1]]) for t in range(31)) / 31
-    assert rows[0]["document"] == doc.title and rows[0]["nll_reference"] == pytest.approx(want, abs=1e-4)
+    row = next(r for r in rows if r["document"] == doc.title)
+    assert row["window"] == 0 and row["nll_reference"] == pytest.approx(want, abs=1e-4)
 
 
 def test_needle_and_generation_rows(tmp_path, smollm2):

@@ -66,3 +66,9 @@ def test_the_all_quantized_protocol_does_not_depend_on_chunking_and_prefill_exac
     )  # all of it was prompt
     decoded = compare_window(model, w, spec, "prefill_exact", prefill=10, chunk_size=1)["row"]
     assert not math.isclose(decoded["nll"], decoded["nll_reference"], abs_tol=1e-4)
+
+
+def test_windows_per_document_spread_the_windows_over_documents():
+    docs = [(name, list(range(100))) for name in "abc"]
+    ws = windows(docs, context=16, stride=8, limit=3, per_document=1)
+    assert [(w.document, w.start) for w in ws] == [("a", 0), ("b", 0), ("c", 0)]

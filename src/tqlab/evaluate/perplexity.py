@@ -29,13 +29,19 @@ class Window:
 
 
 def windows(
-    documents: list[tuple[str, list[int]]], context: int, stride: int, limit: int | None = None
+    documents: list[tuple[str, list[int]]],
+    context: int,
+    stride: int,
+    limit: int | None = None,
+    per_document: int | None = None,
 ) -> list[Window]:
     """Sliding windows per document (the usual strided perplexity): every token after a document's first is
-    scored exactly once."""
+    scored exactly once — within the first `per_document` windows of each document, when that is set (fewer
+    windows from more documents make more independent units)."""
     out = []
     for title, ids in documents:
-        for start in range(0, max(1, len(ids) - context + stride), stride):
+        starts = range(0, max(1, len(ids) - context + stride), stride)
+        for start in starts[:per_document]:
             chunk = ids[start : start + context]
             if len(chunk) < 2:
                 break

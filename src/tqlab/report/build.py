@@ -9,7 +9,7 @@ import math
 import textwrap
 from pathlib import Path
 
-from ..results import higher_is_better
+from ..results import BLOCK_COLUMNS, higher_is_better
 from .collect import Configuration, ReportError, collect, group_seeds
 from .schema import UNITS
 from .stats import describe, friedman, holm, nanmean, paired_difference, unit_means
@@ -52,8 +52,18 @@ def _tag(conf: Configuration) -> str:
     return f"{conf.label} ({_sides(conf.setting, '', '/')})"
 
 
+BLOCK_TEXT = {
+    "eval": "A block is one (layer, KV head, window) of held-out text; its value is the mean over its queries.",
+    "perplexity": "A block is one window of a held-out document, run through the model with the compressed cache; "
+    "its value is the mean over its scored tokens.",
+    "niah": "A block is one needle prompt (context length, depth) built from held-out text.",
+    "generate": "A block is one held-out prompt and its greedy continuation.",
+}
+
+
 def _block(row: dict) -> tuple:
-    return (row["layer"], row["kv_head"], row["sequence"])
+    """The held-out block a row measures, by its task's block columns (results before `task`: attention)."""
+    return tuple(row[c] for c in BLOCK_COLUMNS[row.get("task") or "eval"])
 
 
 def _common_blocks(configs: list[Configuration]) -> set:
@@ -206,7 +216,7 @@ def figures(
         fig, ax = plt.subplots(figsize=(11, 4.5))
         pts = []
         for conf in configs:
-            x = _overall(conf, "kv_bytes_per_token") or _overall(conf, "kv_bits_per_coordinate")
+            x = _overall(conf, "kv_bytes_per_token") or _overall(conf, "cache_bytes_per_token")
             y = nanmean(_seed_means(conf, metric))
             pts.append((x, y))
             style = {"color": colours[conf.label], "marker": markers[conf.setting], "gid": conf.label}
@@ -224,15 +234,16 @@ def figures(
         paths.append(_save(fig, out / f"pareto_{metric}.png"))
 
     metric = metrics[0]
-    fig, ax = plt.subplots(figsize=(11, 4.5))
-    for conf in configs:
-        rows = [r for ev in conf.evals for r in ev.rows]
-        layers = sorted({r["layer"] for r in rows})
-        means = [nanmean(r[metric] for r in rows if r["layer"] == la) for la in layers]
-        style = {"color": colours[conf.label], "marker": markers[conf.setting], "gid": conf.label}
-        ax.plot(layers, means, ms=4, label=_tag(conf), **style)
-    _finish_axes(ax, "layer", f"{metric} (mean over blocks and seeds)", f"{metric} per layer", 7)
-    paths.append(_save(fig, out / f"per_layer_{metric}.png"))
+    if all("layer" in ev.rows[0] for c in configs for ev in c.evals):  # attention rows: one per layer's block
+        fig, ax = plt.subplots(figsize=(11, 4.5))
+        for conf in configs:
+            rows = [r for ev in conf.evals for r in ev.rows]
+            layers = sorted({r["layer"] for r in rows})
+            means = [nanmean(r[metric] for r in rows if r["layer"] == la) for la in layers]
+            style = {"color": colours[conf.label], "marker": markers[conf.setting], "gid": conf.label}
+            ax.plot(layers, means, ms=4, label=_tag(conf), **style)
+        _finish_axes(ax, "layer", f"{metric} (mean over blocks and seeds)", f"{metric} per layer", 7)
+        paths.append(_save(fig, out / f"per_layer_{metric}.png"))
 
     fig, ax = plt.subplots(figsize=(11, 4.5))
     for label in sorted({c.label for c in configs}):
@@ -358,10 +369,11 @@ def build_report(
         "",
         f"`{command}`" if command else "",
         "",
-        f"{len(evals)} finished evaluations of model `{c['model']}` on capture `{c['capture']}` ({c['data']} text, "
-        f"test split) from `{runs}`: {len(configs)} configurations (evaluations that differ only in seed are one "
-        "configuration measured with other random rotations or fits).",
-        "A block is one (layer, KV head, window) of held-out text; its value is the mean over its queries.",
+        f"{len(evals)} finished evaluations of model `{c['model']}`"
+        + (f" on capture `{c['capture']}`" if c.get("capture") else "")
+        + f" ({c['data']} text, test split) from `{runs}`: {len(configs)} configurations (evaluations that differ "
+        "only in seed are one configuration measured with other random rotations or fits).",
+        BLOCK_TEXT.get(c.get("task") or "eval", ""),
         "",
     ]
     if missing:

@@ -98,8 +98,9 @@ def _run(cfg, sections, results) -> None:
 
         context, stride = settings["context"], settings["stride"]
         prefill = settings["prefill"] or (context if protocol == "all_quantized" else context - stride)
-        docs = _test_documents(sections, tokenizer, settings["max_windows"])
-        items = windows(docs, context, stride, settings["max_windows"])
+        docs = _test_documents(sections, tokenizer, 10**6)
+        per_document = sections["data"].get("windows_per_document")
+        items = windows(docs, context, stride, settings["max_windows"], per_document)
         for w in tqdm(items, desc="perplexity", unit="window", disable=not progress):
             out = compare_window(
                 model, w, spec, protocol, prefill, settings["chunk_size"], calibration, exact_layers
