@@ -36,6 +36,7 @@ def test_perplexity_rows_bytes_and_the_reference_forward_pass(tmp_path, smollm2)
     assert rows[0]["window"] == 0 and rows[0]["tokens"] == 31  # a document's first window scores all but one
     per_token = 30 * 3 * 2 * (64 * 4 // 8 + 2)  # layers × KV heads × (K, V) × (4-bit payload + fp16 norm)
     assert rows[0]["cache_bytes_per_token"] == per_token
+    assert rows[0]["reference_bytes_per_token"] == 30 * 3 * 2 * 64 * 4  # float32 keys and values
     overall = summary["overall"]
     assert overall["perplexity"] == pytest.approx(math.exp(overall["nll"]))
     assert 0 < overall["final_hidden_cosine"] <= 1 and overall["next_token_kl"] > 0

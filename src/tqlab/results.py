@@ -62,6 +62,7 @@ METRICS = {
     "next_token_top1": True,
     "final_hidden_cosine": True,
     "cache_bytes_per_token": False,
+    "reference_bytes_per_token": False,
     "agreement": True,
     "divergence": True,
     "found": True,

@@ -82,7 +82,8 @@ def compare_window(
 ) -> dict:
     """One window's metrics: reference (uncompressed) and compressed NLL, KL, top-1 agreement, hidden states."""
     ids = window.ids.to(model.device)
-    ref_logits, ref_hidden = _run(model, ids, compress_kv(model, None), len(ids), len(ids))
+    reference = compress_kv(model, None)
+    ref_logits, ref_hidden = _run(model, ids, reference, len(ids), len(ids))
     cache = compress_kv(model, spec, protocol, exact_layers, calibration)
     logits, hidden = _run(model, ids, cache, min(prefill, len(ids)), chunk_size)
     targets = ids[1:]
@@ -104,6 +105,7 @@ def compare_window(
         "next_token_top1": float(top1.mean()),
         "final_hidden_cosine": float(layer_cos[-1].mean()),
         "cache_bytes_per_token": cache.nbytes()["stored"] / len(ids),
+        "reference_bytes_per_token": reference.nbytes()["stored"] / len(ids),  # uncompressed, the model's dtype
     }
     per_layer = {
         "hidden_cosine": layer_cos.nanmean(-1).tolist(),
