@@ -176,3 +176,10 @@ def test_cache_bytes_are_the_stored_codes_counted_by_hand():
     assert cache.get_seq_length() == 10
     assert cache.nbytes()["stored"] == keys + values
     assert cache.nbytes()["constants"] > 0
+
+
+def test_kivi_is_refused_by_the_cache_until_its_window_is_modelled():
+    from tqlab.kv import RuleError
+
+    with pytest.raises(RuleError, match="codec=kivi groups keys over 32 tokens"):
+        compress_kv(tiny("llama"), KVQuantSpec.create("kivi", 2, "identity", head_dim=16, codec_options={"group": 16}))

@@ -25,7 +25,7 @@ from transformers.cache_utils import (
 
 from ..kv.builder import CodecBank
 from ..kv.spec import KVQuantSpec
-from ..registry import PROTOCOLS
+from ..registry import PROTOCOLS, RuleError
 from . import attention
 from .codes import concat, token_slice
 
@@ -129,6 +129,11 @@ class TurboQuantCache(Cache):
     ) -> TurboQuantCache:
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol={protocol!r} is not one of {PROTOCOLS}")
+        if spec is not None and any(s.codec.name == "kivi" for s in spec.sides().values()):
+            raise RuleError(
+                "codec=kivi groups keys over 32 tokens and keeps recent tokens in full precision; the cache "
+                "does not model that window yet: evaluate KIVI with task=eval"
+            )
         text = config.get_text_config(decoder=True)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         num_kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
