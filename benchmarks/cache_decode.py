@@ -3,7 +3,7 @@
     python benchmarks/cache_decode.py                          # → outputs/bench/benchmarks.md
     python benchmarks/cache_decode.py --out docs/benchmarks.md
 
-For each context length: prefill a held-out prompt, then time `--new-tokens` greedy decode steps (best of
+For each context length: prefill a prompt of Wikipedia text (the gensim excerpt), then time `--new-tokens` greedy decode steps (best of
 `--repeats`), with transformers' SDPA over an uncompressed cache and with the PyTorch reference of attention
 over codes. This path is the correctness reference, not the fast one: it is expected to be slower than
 SDPA on CPU; fused kernels are what make codes pay on a GPU.
@@ -86,7 +86,7 @@ def main() -> None:
             "",
             f"`{command}` — {datetime.date.today()}, {platform.processor() or platform.machine()}, "
             f"torch {torch.__version__}, {args.threads} threads, greedy decode of {args.new_tokens} tokens after "
-            f"a held-out prompt, best of {args.repeats}. The compressed rows run the PyTorch reference of "
+            f"a Wikipedia prompt, best of {args.repeats}. The compressed rows run the PyTorch reference of "
             "attention over codes (per-head Python loop, centroids gathered per step): correctness first; "
             "fused kernels are the speed path.",
             "",

@@ -42,12 +42,12 @@ def test_perplexity_rows_bytes_and_the_reference_forward_pass(tmp_path, smollm2)
     assert 0 < overall["final_hidden_cosine"] <= 1 and overall["next_token_kl"] > 0
     assert len(summary["per_layer_hidden"]["hidden_cosine"]) == 31  # embeddings + 30 layers
     # the reference NLL is the model's own: recompute the first window with a plain forward pass
-    from tqlab.capture.run import _documents, capture_spec
+    from tqlab.capture.run import capture_spec, split_texts
     from tqlab.config import data_section, model_section
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         c = compose(config_name="eval", overrides=SHORT)
-    doc = _documents(capture_spec(model_section(c), data_section(c)))["test"][0]
+    doc = split_texts(capture_spec(model_section(c), data_section(c)))["test"][0]
     ids = torch.tensor(smollm2.tokenizer(doc.text, add_special_tokens=False)["input_ids"][:32])
     with torch.no_grad():
         logp = smollm2.model(ids[None]).logits[0].double().log_softmax(-1)

@@ -15,13 +15,13 @@ from pathlib import Path
 
 CONFIG_COLUMNS = (
     "task", "protocol", "model", "data", "capture", "codec", "kv", "k_bits", "v_bits", "k_rotation", "v_rotation", "view",
-    "rotations_from", "fit", "fit_seed", "seed",
+    "options", "rotations_from", "fit", "fit_seed", "seed",
 )  # fmt: skip
 # what one row measures, per task: rows of two configurations pair up on these
 BLOCK_COLUMNS = {
     "eval": ("layer", "kv_head", "sequence", "document"),  # attention over captured blocks
     "perplexity": ("document", "window"),
-    "generate": ("document", "prompt"),
+    "generate": ("document",),  # one prompt per document
     "niah": ("document", "context", "depth"),
 }
 # never parsed as numbers: a document titled "1984" or a capture hash of digits stays text
@@ -36,7 +36,11 @@ TEXT_COLUMNS = (
     "k_rotation",
     "v_rotation",
     "view",
+    "options",
     "rotations_from",
+    "fit",
+    "exact_layers",
+    "settings",
     "document",
 )
 # metric → True when higher is better; top-k overlap columns are named top{k}_overlap (higher is better)

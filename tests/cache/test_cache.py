@@ -182,4 +182,23 @@ def test_kivi_is_refused_by_the_cache_until_its_window_is_modelled():
     from tqlab.kv import RuleError
 
     with pytest.raises(RuleError, match="codec=kivi groups keys over 32 tokens"):
-        compress_kv(tiny("llama"), KVQuantSpec.create("kivi", 2, "identity", head_dim=16, codec_options={"group": 16}))
+        compress_kv(
+            tiny("llama"), KVQuantSpec.create("kivi", 2, "identity", head_dim=16, codec_options={"group": 16})
+        )
+
+
+def test_exact_layers_stay_uncompressed_beside_compressed_sliding_layers():
+    model = tiny("gemma3")  # layers 0 and 2 slide over 6 tokens; 16 tokens run past the window
+    ids = torch.randint(0, 97, (1, 16), generator=torch.Generator().manual_seed(8))
+    spec = KVQuantSpec.create("turboquant_mse", 2, "random_haar", **SPEC)
+    exact = logits(model, ids, compress_kv(model, None))
+    every = logits(model, ids, compress_kv(model, spec, exact_layers=(0, 1, -1)))
+    torch.testing.assert_close(every, exact, atol=1e-5, rtol=0)  # all exact: only float rounding differs
+    some = compress_kv(model, spec, exact_layers=(0,))  # an exact sliding layer beside a compressed one
+    mixed = logits(model, ids, some)
+    compressed = logits(model, ids, compress_kv(model, spec))
+    assert (mixed - exact).abs().max() < (compressed - exact).abs().max()
+    per_layer = [layer.nbytes() for layer in some.layers]
+    assert per_layer[0] == 2 * 2 * 16 * 16 * 4  # K and V, 2 KV heads, 16 tokens, head_dim 16, float32
+    with pytest.raises(ValueError, match=r"exact_layers=\[3\]: \[3\] are not layers of this 3-layer model"):
+        compress_kv(model, spec, exact_layers=(3,))

@@ -124,3 +124,17 @@ def test_constant_bytes_are_the_codecs_buffers_counted_by_hand():
         codec = bank.get("key", layer, head, "cpu")
         by_hand += sum(b.numel() * b.element_size() for b in codec.buffers())
     assert bank.constant_nbytes(units, "cpu") == by_hand
+
+
+def test_fractional_bits_check_each_channel_groups_rotation_before_compute():
+    # 2.25 bits at head_dim 128: 32 outlier channels and 96 others, each rotated alone; 96 is no power of two
+    with pytest.raises(RuleError, match="needs a power-of-two head_dim >= 4; this model has 96"):
+        KVQuantSpec.create("turboquant_mse", 2.25, "fast_hadamard", head_dim=128)
+    KVQuantSpec.create("turboquant_mse", 2.5, "fast_hadamard", head_dim=128)  # 64 + 64: fine
+
+
+def test_fractional_bits_without_calibration_data_are_refused_clearly():
+    with pytest.raises(
+        RuleError, match="fractional bits pick their outlier channels from calibration vectors"
+    ):
+        CodecBank(KVQuantSpec.create("turboquant_mse", 2.5, "random_haar"), 64)

@@ -167,7 +167,7 @@ def test_document_unit_averages_each_document(sweep):
 def test_document_unit_needs_a_document_column(tmp_path):
     values = {m: np.full((LAYERS, HEADS, WINDOWS), 0.5) for m in METRICS}
     write_eval(tmp_path / "sweep" / "old", _columns(*CONFIGS["haar"][:5], 0), values, document=False)
-    with pytest.raises(ReportError, match=r"unit=document needs .*document.* use unit=layer_head"):
+    with pytest.raises(ReportError, match=r"unit=document needs .*document.* use the other unit"):
         build.build_report(tmp_path / "sweep", tmp_path / "out", METRICS, unit="document")
     with pytest.raises(ReportError, match="choose one of"):
         build.build_report(tmp_path / "sweep", tmp_path / "out", METRICS, unit="window")

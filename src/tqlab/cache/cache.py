@@ -33,13 +33,14 @@ ATTENTION_LAYERS = ("full_attention", "sliding_attention")
 
 
 class TurboQuantLayer(CacheLayerMixin):
-    """One attention layer's cache: per KV head, codes (or exact states for a side kept exact)."""
+    """One attention layer's cache: per KV head, codes (or exact states for a side kept exact; with no bank,
+    an exact layer that still keeps every token, so that all layers of a kind share one mask size)."""
 
     is_croppable = False
     supports_early_init = False
 
     def __init__(
-        self, bank: CodecBank, layer_idx: int, num_kv_heads: int, protocol: str, sliding_window=None
+        self, bank: CodecBank | None, layer_idx: int, num_kv_heads: int, protocol: str, sliding_window=None
     ):
         super().__init__()
         self.layer_idx, self.num_kv_heads, self.sliding_window = layer_idx, num_kv_heads, sliding_window
@@ -53,7 +54,7 @@ class TurboQuantLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
-        for h in range(self.num_kv_heads):
+        for h in range(self.num_kv_heads if self.bank is not None else 0):
             self.key_codecs[h] = self.bank.get("key", self.layer_idx, h, self.device)
             self.value_codecs[h] = self.bank.get("value", self.layer_idx, h, self.device)
         self.is_initialized = True
@@ -137,13 +138,25 @@ class TurboQuantCache(Cache):
         text = config.get_text_config(decoder=True)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         num_kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-        bank = CodecBank(spec, head_dim, calibration) if spec is not None else None
         layer_types, layer_kwargs = get_layer_types_and_kwargs(text)
-        exact = {i % len(layer_types) for i in exact_layers} if bank else set(range(len(layer_types)))
+        n = len(layer_types)
+        outside = [i for i in exact_layers if not -n <= i < n]
+        if outside:
+            raise RuleError(
+                f"exact_layers={list(exact_layers)}: {outside} are not layers of this {n}-layer model"
+            )
+        kinds = list(zip(layer_types, layer_kwargs, strict=True))
+        if spec is None:  # compression off: transformers' own layers, and the attention is exactly SDPA
+            return cls([DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs) for kind, kwargs in kinds], None)
+        bank = CodecBank(spec, head_dim, calibration)
+        exact = {i % n for i in exact_layers}
         layers = []
-        for i, (kind, kwargs) in enumerate(zip(layer_types, layer_kwargs, strict=True)):
-            if kind in ATTENTION_LAYERS and i not in exact:
-                layers.append(TurboQuantLayer(bank, i, num_kv_heads, protocol, kwargs.get("sliding_window")))
+        for i, (kind, kwargs) in enumerate(kinds):
+            if kind in ATTENTION_LAYERS:  # an exact layer keeps every token too: one mask size per layer kind
+                layer_bank = None if i in exact else bank
+                layers.append(
+                    TurboQuantLayer(layer_bank, i, num_kv_heads, protocol, kwargs.get("sliding_window"))
+                )
             else:
                 layers.append(DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs))
         return cls(layers, bank)
@@ -159,7 +172,7 @@ class TurboQuantCache(Cache):
         units = [
             (layer.layer_idx, h)
             for layer in self.layers
-            if isinstance(layer, TurboQuantLayer) and layer.is_initialized
+            if isinstance(layer, TurboQuantLayer) and layer.is_initialized and layer.bank is not None
             for h in range(layer.num_kv_heads)
         ]
         device = next(

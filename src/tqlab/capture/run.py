@@ -78,7 +78,8 @@ def capture_spec(
     }
 
 
-def _documents(spec: dict) -> dict[str, list]:
+def split_texts(spec: dict) -> dict[str, list]:
+    """The capture's documents per split (train / validation / test), as the spec defines them."""
     data = spec["data"]
     if data["source"] == "wikitext2":
         return wikitext2_splits()
@@ -126,7 +127,7 @@ def run_capture(spec: dict, root: str | Path, device: str = "cpu", progress: boo
         )
     write_json(spec_file, identity(spec))
     data = spec["data"]
-    docs = _documents(spec)
+    docs = split_texts(spec)
     dtype = DTYPES[spec["store_dtype"]]
     fp = fingerprint(spec)
     splits, layer_facts = {}, {}

@@ -2,10 +2,12 @@
 
 The haystack is held-out text cut to `context` tokens; the needle sentence goes in at `depth` (0: the start,
 1: just before the question); the model answers greedily and scores 1 when the answer contains the needle's
-value (exact match of the digits). Run with and without the compressed cache on the same prompts.
+value as a whole number (exact match of the digits, not a part of a longer number). Run with and without the compressed cache on the same prompts.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 
@@ -37,17 +39,24 @@ def find_needle(model, tokenizer, prompt: torch.Tensor, value: str, cache, max_n
         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
     )
     answer = tokenizer.decode(out[0, prompt.shape[0] :], skip_special_tokens=True)
-    return {"answer": answer, "found": float(value in answer)}
+    return {"answer": answer, "found": float(re.search(rf"(?<!\d){value}(?!\d)", answer) is not None)}
 
 
 def needle_pair(
-    model, tokenizer, prompt: torch.Tensor, value: str, spec, protocol: str, exact_layers=()
+    model,
+    tokenizer,
+    prompt: torch.Tensor,
+    value: str,
+    spec,
+    protocol: str,
+    exact_layers=(),
+    calibration=None,
+    max_new_tokens: int = 8,
 ) -> dict:
     """The needle asked with the uncompressed cache and with the compressed one."""
-    reference = find_needle(model, tokenizer, prompt, value, compress_kv(model, None))
-    compressed = find_needle(
-        model, tokenizer, prompt, value, compress_kv(model, spec, protocol, exact_layers)
-    )
+    reference = find_needle(model, tokenizer, prompt, value, compress_kv(model, None), max_new_tokens)
+    cache = compress_kv(model, spec, protocol, exact_layers, calibration)
+    compressed = find_needle(model, tokenizer, prompt, value, cache, max_new_tokens)
     return {
         "found_reference": reference["found"],
         "found": compressed["found"],

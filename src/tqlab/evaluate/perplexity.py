@@ -87,7 +87,9 @@ def compare_window(
     cache = compress_kv(model, spec, protocol, exact_layers, calibration)
     logits, hidden = _run(model, ids, cache, min(prefill, len(ids)), chunk_size)
     targets = ids[1:]
-    scored = slice(max(window.scored_from - 1, 0), len(targets))
+    # prefill-exact: what the prompt predicts about itself never sees a code, so only later tokens are scored
+    first = max(window.scored_from - 1, 0, prefill - 1 if protocol == "prefill_exact" else 0)
+    scored = slice(first, len(targets))
     log_ref, log_q = ref_logits[:-1].log_softmax(-1), logits[:-1].log_softmax(-1)
     nll_ref = -log_ref.gather(-1, targets[:, None])[:, 0][scored]
     nll = -log_q.gather(-1, targets[:, None])[:, 0][scored]
@@ -105,7 +107,8 @@ def compare_window(
         "next_token_top1": float(top1.mean()),
         "final_hidden_cosine": float(layer_cos[-1].mean()),
         "cache_bytes_per_token": cache.nbytes()["stored"] / len(ids),
-        "reference_bytes_per_token": reference.nbytes()["stored"] / len(ids),  # uncompressed, the model's dtype
+        "reference_bytes_per_token": reference.nbytes()["stored"]
+        / len(ids),  # uncompressed, the model's dtype
     }
     per_layer = {
         "hidden_cosine": layer_cos.nanmean(-1).tolist(),

@@ -63,6 +63,11 @@ class CodecBank:
         calibration: Callable[[str, int, int], torch.Tensor] | None = None,
     ):
         spec.check_head_dim(dim)
+        if calibration is None and any(not float(s.codec.bits).is_integer() for s in spec.sides().values()):
+            raise RuleError(
+                "fractional bits pick their outlier channels from calibration vectors: pass calibration="
+                "fn(side, layer, head) → [n, head_dim] train-split vectors"
+            )
         self.spec, self.dim, self.calibration = spec, dim, calibration
         self.fitted = load_fitted(spec)
         self._cache: dict[tuple, torch.nn.Module] = {}

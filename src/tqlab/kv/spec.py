@@ -156,21 +156,25 @@ class KVQuantSpec:
                 and not float(width).is_integer()
             ):
                 raise RuleError(f"{bits_key}={width}: learned rotations are fitted at integer bits")
-            if head_dim is not None:
-                registry.check_rotation_dim(rot.name, head_dim)
-                registry.check_codec_dim(codec, options, head_dim)
             sides[side] = SideSpec(CodecSpec(codec, width, tuple(sorted(options.items()))), rot)
         if fitted is not None and not set(sides) & fitted.sides():
             raise RuleError(
                 f"rotations={fitted.path} fitted {sorted(fitted.sides())} rotations but kv.compress="
                 f"{list(compress)}: nothing would use them"
             )
-        return cls(sides.get("key"), sides.get("value"), seed)
+        spec = cls(sides.get("key"), sides.get("value"), seed)
+        if head_dim is not None:
+            spec.check_head_dim(head_dim)
+        return spec
 
     def check_head_dim(self, head_dim: int) -> None:
         """What needs the model's head_dim (known after loading for models that are not offline)."""
         for s in self.sides().values():
             registry.check_bits(s.codec.name, s.codec.bits, "bits", head_dim)
+            if not float(s.codec.bits).is_integer():  # the outlier split rotates each channel group alone
+                outliers = 8 * round((s.codec.bits - int(s.codec.bits)) * head_dim / 8)
+                for group in (outliers, head_dim - outliers):
+                    registry.check_rotation_dim(s.rotation.name, group)
             registry.check_codec_dim(s.codec.name, dict(s.codec.options), head_dim)
             registry.check_rotation_dim(s.rotation.name, head_dim)
             if s.rotation.fitted and s.rotation.fitted.facts["dim"] != head_dim:
@@ -193,6 +197,11 @@ class KVQuantSpec:
             "k_rotation": self.key.rotation.label if self.key else None,
             "v_rotation": self.value.rotation.label if self.value else None,
             "view": first.rotation.view,
+            # every other option, so that two runs differing only in one never share a label silently
+            "options": json.dumps(
+                {**dict(first.codec.options), **{k: v for k, v in first.rotation.options if k != "view"}},
+                sort_keys=True,
+            ),
             "rotations_from": artefact.path if artefact else None,
             "fit": artefact.fit if artefact else None,
             "fit_seed": artefact.seed if artefact else None,

@@ -217,6 +217,8 @@ def figures(
         pts = []
         for conf in configs:
             x = _overall(conf, "kv_bytes_per_token") or _overall(conf, "cache_bytes_per_token")
+            if x is None:  # needle and generation rows carry no bytes: no trade-off to draw
+                continue
             y = nanmean(_seed_means(conf, metric))
             pts.append((x, y))
             style = {"color": colours[conf.label], "marker": markers[conf.setting], "gid": conf.label}
@@ -340,11 +342,13 @@ def build_report(
     reference: str = "random_haar",
     command: str = "",
     wandb: dict | None = None,
-    unit: str = "layer_head",
+    unit: str | None = None,
 ) -> Path:
-    if unit not in UNITS:
+    """`unit=None` pairs attention results by (layer, KV head) and end-to-end results by document."""
+    if unit is not None and unit not in UNITS:
         raise ReportError(f"unit={unit}: choose one of {sorted(UNITS)}")
     evals, missing = collect(runs)
+    unit = unit or ("layer_head" if all("layer" in ev.rows[0] for ev in evals) else "document")
     unknown = [m for m in metrics if m not in evals[0].rows[0]]
     if unknown:
         raise ReportError(
@@ -355,7 +359,7 @@ def build_report(
     if lacking:
         raise ReportError(
             f"unit={unit} needs the column(s) {list(by)} in results.csv, which {len(lacking)} evaluations "
-            f"lack (results from before that column, e.g. {lacking[0]}): use unit=layer_head"
+            f"lack (e.g. {lacking[0]}): use the other unit, or leave unit unset to choose by task"
         )
     configs = group_seeds(evals)
     colours = colour_map(c.label for c in configs)

@@ -47,6 +47,24 @@ def kv_source(cfg: DictConfig):
     return CaptureStore(capture(cfg), verify=False)  # capture() has just verified every shard
 
 
+def calibration(cfg: DictConfig, spec: KVQuantSpec, source=None):
+    """Train-split vectors for fractional bits' outlier channels: `fn(side, layer, head)`, or None when no side
+    has fractional bits. The vectors come from the capture (made first when missing)."""
+    if all(float(s.codec.bits).is_integer() for s in spec.sides().values()):
+        return None
+    import torch
+
+    source = source or kv_source(cfg)
+    n = min(cfg.eval.calibration_sequences, source.num_sequences("train"))
+
+    def vectors(side: str, layer: int, head: int) -> torch.Tensor:
+        return torch.cat(
+            [source.load("train", layer, s, head)["k" if side == "key" else "v"] for s in range(n)]
+        )
+
+    return vectors
+
+
 def _loggers(cfg: DictConfig, out: Path, tags: list[str]):
     """Instantiate the configured Lightning loggers into the run's output folder."""
     from hydra.utils import instantiate
@@ -159,7 +177,7 @@ def results_folder(cfg: DictConfig, finished: str, run_tags: list[str], extra: d
         if (results / finished).is_file():
             log.info(
                 "already %s in %s: nothing to do",
-                {"train": "trained", "eval": "evaluated"}[cfg.task],
+                "trained" if cfg.task == "train" else "evaluated",
                 results,
             )
             yield results, None

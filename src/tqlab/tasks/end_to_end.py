@@ -10,67 +10,34 @@ the attention evaluation, one per window / prompt / (context, depth).
 from __future__ import annotations
 
 import json
-import logging
 import math
 
 from omegaconf import DictConfig
 
-from ..config import check_environment, run_sections
 from . import common
-
-log = logging.getLogger("tqlab")
-
-
-def run(cfg: DictConfig) -> common.Outcome:
-    sections = run_sections(cfg)
-    check_environment(cfg)
-    spec = sections["spec"]
-    fitted = {s.rotation.fitted.sha256 for s in spec.sides().values() if s.rotation.fitted}
-    extra = {"rotations_sha256": fitted.pop()} if fitted else {}
-    with common.results_folder(cfg, "summary.json", common.tags(spec), extra) as (results, loggers):
-        if loggers is not None:
-            _run(cfg, sections, results)
-    summary = (
-        json.loads((results / "summary.json").read_text()) if (results / "summary.json").is_file() else {}
-    )
-    overall = summary.get("overall", {})
-    if overall:
-        log.info("results in %s: %s", results, json.dumps({k: round(v, 5) for k, v in overall.items()}))
-    return common.Outcome(results, overall)
 
 
 def _test_documents(sections: dict, tokenizer, limit: int) -> list[tuple[str, list[int]]]:
-    """(title, token ids) of the test split's documents, in the split's order (the capture's split)."""
-    from ..capture.run import _documents, capture_spec
+    """(title, token ids) of the test split's documents, in the split's order (the capture's split), each
+    starting the way the tokenizer starts a text (with BOS where it adds one)."""
+    from ..capture.run import capture_spec, split_texts
+    from ..capture.text import leading_bos
 
     spec = capture_spec(sections["model"], sections["data"], sections["store"]["layers"])
-    docs = _documents(spec)["test"][:limit]
-    return [(d.title, tokenizer(d.text, add_special_tokens=False)["input_ids"]) for d in docs]
+    bos = leading_bos(tokenizer)
+    start = [] if bos is None else [bos]
+    docs = split_texts(spec)["test"][:limit]
+    return [(d.title, start + tokenizer(d.text, add_special_tokens=False)["input_ids"]) for d in docs]
 
 
-def _calibration(cfg, spec):
-    """Train-split vectors from the capture, for fractional bits' outlier channels (None when not needed)."""
-    if all(float(s.codec.bits).is_integer() for s in spec.sides().values()):
-        return None
-    import torch
-
-    source = common.kv_source(cfg)
-    n = min(cfg.eval.calibration_sequences, source.num_sequences("train"))
-
-    def calibration(side: str, layer: int, head: int):
-        return torch.cat(
-            [source.load("train", layer, s, head)["k" if side == "key" else "v"] for s in range(n)]
-        )
-
-    return calibration
-
-
-def _run(cfg, sections, results) -> None:
+def run(cfg: DictConfig, sections: dict, results) -> None:
+    """Run the end-to-end task of `cfg` into the claimed results folder."""
     import torch
     from tqdm import tqdm
 
     from ..capture.models import load_model
-    from ..results import write_results
+    from ..registry import RuleError
+    from ..results import BLOCK_COLUMNS, write_results
 
     common.seed_lightning(cfg.seed)
     spec, settings = sections["spec"], sections["end_to_end"]
@@ -81,7 +48,7 @@ def _run(cfg, sections, results) -> None:
     text = model.config.get_text_config(decoder=True)
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     spec.check_head_dim(head_dim)
-    calibration = _calibration(cfg, spec)
+    calibration = common.calibration(cfg, spec)
     protocol, exact_layers = settings["protocol"], tuple(settings["exact_layers"])
     columns = {
         "task": cfg.task,
@@ -90,6 +57,10 @@ def _run(cfg, sections, results) -> None:
         "data": sections["data"]["source"],
         "capture": None,
         **spec.columns(),
+        "exact_layers": json.dumps(list(exact_layers)),
+        "settings": json.dumps(
+            {k: v for k, v in settings.items() if k not in ("protocol", "exact_layers")}, sort_keys=True
+        ),
     }
     rows, per_layer, constants = [], [], 0
     progress = cfg.get("progress", True)
@@ -97,9 +68,14 @@ def _run(cfg, sections, results) -> None:
         from ..evaluate.perplexity import compare_window, windows
 
         context, stride = settings["context"], settings["stride"]
-        prefill = settings["prefill"] or (context if protocol == "all_quantized" else context - stride)
+        prefill = settings["prefill"] or (
+            context if protocol == "all_quantized" else max(1, context - stride)
+        )
         docs = _test_documents(sections, tokenizer, 10**6)
-        per_document = sections["data"].get("windows_per_document")
+        # WikiText-2's test split is one long document: its windows are all consecutive ones
+        per_document = (
+            None if sections["data"]["source"] == "wikitext2" else sections["data"]["windows_per_document"]
+        )
         items = windows(docs, context, stride, settings["max_windows"], per_document)
         for w in tqdm(items, desc="perplexity", unit="window", disable=not progress):
             out = compare_window(
@@ -135,7 +111,17 @@ def _run(cfg, sections, results) -> None:
         grid = [(c, d) for c in settings["contexts"] for d in settings["depths"]]
         for context, depth in tqdm(grid, desc="needle", unit="prompt", disable=not progress):
             prompt = needle_prompt(tokenizer, haystack, context, depth, str(settings["value"]))
-            out = needle_pair(model, tokenizer, prompt, str(settings["value"]), spec, protocol, exact_layers)
+            out = needle_pair(
+                model,
+                tokenizer,
+                prompt,
+                str(settings["value"]),
+                spec,
+                protocol,
+                exact_layers,
+                calibration,
+                settings["max_new_tokens"],
+            )
             rows.append(
                 {
                     **columns,
@@ -146,11 +132,12 @@ def _run(cfg, sections, results) -> None:
                     "found_reference": out["found_reference"],
                 }
             )
-    metric_names = [
-        k
-        for k in rows[0]
-        if k not in columns and k not in ("document", "window", "prompt", "context", "depth", "tokens")
-    ]
+    if not rows:
+        raise RuleError(
+            f"task={cfg.task} found no held-out text to run on: the test documents are shorter than the "
+            "prompt/window settings; lower them or add documents"
+        )
+    metric_names = [k for k in rows[0] if k not in columns and k not in (*BLOCK_COLUMNS[cfg.task], "tokens")]
     overall = {m: sum(r[m] for r in rows) / len(rows) for m in metric_names}
     if cfg.task == "perplexity":  # token-weighted, as perplexity is defined
         tokens = sum(r["tokens"] for r in rows)

@@ -17,18 +17,18 @@ log = logging.getLogger("tqlab")
 def evaluate(cfg: DictConfig) -> common.Outcome:
     """Evaluate on the test split; returns the results folder and the overall metrics. task=perplexity, niah
     and generate run the model itself with the compressed cache (`tasks.end_to_end`)."""
-    if cfg.get("task") in ("perplexity", "niah", "generate"):
-        from .end_to_end import run
-
-        return run(cfg)
     sections = run_sections(cfg)
     check_environment(cfg)
     spec = sections["spec"]
     fitted = {s.rotation.fitted.sha256 for s in spec.sides().values() if s.rotation.fitted}
     extra = {"rotations_sha256": fitted.pop()} if fitted else {}
     with common.results_folder(cfg, "summary.json", common.tags(spec), extra) as (results, loggers):
-        if loggers is not None:
+        if loggers is not None and cfg.task == "eval":
             _test(cfg, sections, results, loggers)
+        elif loggers is not None:
+            from .end_to_end import run
+
+            run(cfg, sections, results)
     summary = (
         json.loads((results / "summary.json").read_text()) if (results / "summary.json").is_file() else {}
     )
@@ -51,13 +51,7 @@ def _test(cfg, sections, results, loggers) -> None:
     source = common.kv_source(cfg)
     arch = source.architecture
     layers = sections["store"]["layers"] or source.layers
-    n_cal = min(settings["calibration_sequences"], source.num_sequences("train"))
-
-    def calibration(side: str, layer: int, head: int) -> torch.Tensor:
-        key = "k" if side == "key" else "v"
-        return torch.cat([source.load("train", layer, s, head)[key] for s in range(n_cal)])
-
-    bank = CodecBank(spec, arch["head_dim"], calibration)
+    bank = CodecBank(spec, arch["head_dim"], common.calibration(cfg, spec, source))
     bank.check_units(layers, arch["num_kv_heads"])
     columns = {
         "task": "eval",

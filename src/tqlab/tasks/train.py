@@ -26,6 +26,11 @@ def train(cfg: DictConfig) -> common.Outcome:
                 f"resume={cfg.resume}: no config.yaml there; pass a train run or results folder"
             )
         saved = OmegaConf.load(resume / "config.yaml")
+        if fingerprint(cfg) != fingerprint(OmegaConf.merge(saved, {"resume": cfg.resume})):
+            log.warning(
+                "resume=%s continues that run with its saved configuration; other settings given are ignored",
+                cfg.resume,
+            )
         saved.output_dir = str(output_dir(cfg))
         # its results_root may be relative to where it was first started: continue this very folder instead
         saved.results_root = str(resume.parents[1])
