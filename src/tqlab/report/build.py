@@ -94,7 +94,8 @@ def summary_table(configs: list[Configuration], metrics: list[str]) -> tuple[str
     rows, records = [], []
     for conf in configs:
         kv, k, v = conf.setting
-        kv_bits, kv_bytes = _overall(conf, "kv_bits_per_coordinate"), _overall(conf, "kv_bytes_per_token")
+        kv_bits = _overall(conf, "kv_bits_per_coordinate")
+        kv_bytes = _overall(conf, "kv_bytes_per_token") or _overall(conf, "cache_bytes_per_token")
         row = [conf.label, kv, _bits(k), _bits(v), kv_bits, kv_bytes, len(conf.evals)]
         record = {
             "configuration": conf.label,
