@@ -12,7 +12,7 @@ $PY train.py -m "${common[@]}" seed=0,1,2 rotation=hadamard_block_so8_learned ro
   hydra.sweep.dir=$out/train_identity_init
 $PY eval.py -m "${common[@]}" seed=0,1,2 rotation=random_haar,fast_hadamard,block_so8_static,identity \
   hydra.sweep.dir=$out/fixed
-fitted=$(ls -d $out/train/* $out/train_identity_init/* | paste -sd, -)
+fitted=$(ls -d $out/train/*/ $out/train_identity_init/*/ | sed "s:/$::" | paste -sd, -)
 $PY eval.py -m "${common[@]}" "rotations=$fitted" hydra.sweep.dir=$out/fitted
 for unit in layer_head document; do
   $PY report.py "runs=[$out/fixed,$out/fitted]" reference=random_haar unit=$unit wandb.mode=disabled \
