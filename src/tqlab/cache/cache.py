@@ -23,6 +23,7 @@ from transformers.cache_utils import (
     get_layer_types_and_kwargs,
 )
 
+from ..capture.models import architecture_facts
 from ..kv.builder import CodecBank
 from ..kv.spec import KVQuantSpec
 from ..registry import PROTOCOLS, RuleError
@@ -100,9 +101,7 @@ class TurboQuantLayer(CacheLayerMixin):
         self._exact = {"key": None, "value": None}
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError(
-            "beam search is not supported over compressed codes; use greedy or sampling"
-        )
+        raise ValueError("beam search is not supported over compressed codes; use greedy or sampling")
 
     def nbytes(self) -> int:
         """Bytes of every stored tensor: codes (payload, norms, side information) and exact states."""
@@ -136,8 +135,8 @@ class TurboQuantCache(Cache):
                 "does not model that window yet: evaluate KIVI with task=eval"
             )
         text = config.get_text_config(decoder=True)
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        num_kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        arch = architecture_facts(text)
+        head_dim, num_kv_heads = arch["head_dim"], arch["num_kv_heads"]
         layer_types, layer_kwargs = get_layer_types_and_kwargs(text)
         n = len(layer_types)
         outside = [i for i in exact_layers if not -n <= i < n]

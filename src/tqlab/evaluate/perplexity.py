@@ -18,6 +18,7 @@ import dataclasses
 import torch
 
 from ..cache import compress_kv
+from ..metrics.attention import cosine
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,11 +65,6 @@ def _run(model, ids: torch.Tensor, cache, prefill: int, chunk_size: int):
     return torch.cat(logits), torch.cat(hidden, dim=1)
 
 
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    norms = a.norm(dim=-1) * b.norm(dim=-1)
-    return ((a * b).sum(-1) / norms.masked_fill(norms == 0, float("nan"))).clamp(-1, 1)
-
-
 @torch.no_grad()
 def compare_window(
     model,
@@ -95,7 +91,7 @@ def compare_window(
     nll = -log_q.gather(-1, targets[:, None])[:, 0][scored]
     kl = (log_ref.exp() * (log_ref - log_q)).sum(-1)[scored]
     top1 = (ref_logits[:-1].argmax(-1) == logits[:-1].argmax(-1)).double()[scored]
-    layer_cos = _cosine(ref_hidden, hidden)[:, scored]  # [L+1, n]
+    layer_cos = cosine(ref_hidden, hidden)[:, scored]  # [L+1, n]
     layer_err = (hidden - ref_hidden).norm(dim=-1)[:, scored] / ref_hidden.norm(dim=-1)[:, scored]
     row = {
         "document": window.document,

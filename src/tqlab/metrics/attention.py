@@ -25,7 +25,7 @@ def _masked(x: torch.Tensor, mask: torch.Tensor, fill: float = 0.0) -> torch.Ten
     return x.double().masked_fill(~mask, fill)
 
 
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Row cosines in [−1, 1]; NaN (undefined, and counted as such) where either row is all zero, e.g. the
     logits of all-zero keys or the ranks of a constant row."""
     norms = a.norm(dim=-1) * b.norm(dim=-1)
@@ -39,7 +39,7 @@ def attention_probs(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def logit_cosine(exact: torch.Tensor, approx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Cosine between the exact and approximate logit vectors of each query over its visible keys
     (rows with fewer than 2 keys: NaN). Clamped to [−1, 1] against round-off."""
-    return _require(_cosine(_masked(exact, mask), _masked(approx, mask)), mask, 2)
+    return _require(cosine(_masked(exact, mask), _masked(approx, mask)), mask, 2)
 
 
 def logit_correlation(exact: torch.Tensor, approx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -49,7 +49,7 @@ def logit_correlation(exact: torch.Tensor, approx: torch.Tensor, mask: torch.Ten
     a, b = _masked(exact, mask), _masked(approx, mask)
     a = (a - a.sum(-1, keepdim=True) / n).masked_fill(~mask, 0.0)
     b = (b - b.sum(-1, keepdim=True) / n).masked_fill(~mask, 0.0)
-    return _require(_cosine(a, b), mask, 2)
+    return _require(cosine(a, b), mask, 2)
 
 
 def relative_mse(exact: torch.Tensor, approx: torch.Tensor) -> torch.Tensor:
@@ -60,7 +60,7 @@ def relative_mse(exact: torch.Tensor, approx: torch.Tensor) -> torch.Tensor:
 
 
 def output_cosine(exact_out: torch.Tensor, approx_out: torch.Tensor) -> torch.Tensor:
-    return _cosine(exact_out.double(), approx_out.double())
+    return cosine(exact_out.double(), approx_out.double())
 
 
 def output_relative_error(exact_out: torch.Tensor, approx_out: torch.Tensor) -> torch.Tensor:
@@ -116,7 +116,7 @@ def spearman(exact: torch.Tensor, approx: torch.Tensor, mask: torch.Tensor) -> t
     ra, rb = _ranks(exact, mask), _ranks(approx, mask)
     ra = (ra - ra.sum(-1, keepdim=True) / n).masked_fill(~mask, 0.0)
     rb = (rb - rb.sum(-1, keepdim=True) / n).masked_fill(~mask, 0.0)
-    return _require(_cosine(ra, rb), mask, 2)
+    return _require(cosine(ra, rb), mask, 2)
 
 
 def _require(values: torch.Tensor, mask: torch.Tensor, min_keys: int) -> torch.Tensor:

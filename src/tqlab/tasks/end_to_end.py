@@ -45,9 +45,7 @@ def run(cfg: DictConfig, sections: dict, results) -> None:
         **{k: sections["model"][k] for k in ("name_or_path", "dtype", "weight_load", "device")}
     )
     model, tokenizer = loaded.model, loaded.tokenizer
-    text = model.config.get_text_config(decoder=True)
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    spec.check_head_dim(head_dim)
+    spec.check_head_dim(loaded.facts["architecture"]["head_dim"])
     calibration = common.calibration(cfg, spec)
     protocol, exact_layers = settings["protocol"], tuple(settings["exact_layers"])
     columns = {
