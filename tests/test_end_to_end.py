@@ -64,3 +64,12 @@ def test_needle_and_generation_rows(tmp_path, smollm2):
     assert len(rows) == 1 and 0 <= rows[0]["divergence"] <= 4
     assert rows[0]["agreement"] == rows[0]["divergence"] / 4
     assert json.loads(json.dumps(summary))["overall"]["agreement"] == rows[0]["agreement"]
+
+
+def test_sinks_and_the_recent_window_are_kept_exact_and_counted(tmp_path, smollm2):
+    summary, rows = run(tmp_path, "task=perplexity", "cache.sink_tokens=4", "cache.recent_window=8")
+    assert rows[0]["sink_tokens"] == 4 and rows[0]["recent_window"] == 8
+    exact, coded = 4 + 8, 32 - 4 - 8  # of a 32-token window
+    per_vector = {"exact": 64 * 4, "coded": 64 * 4 // 8 + 2}  # float32 | 4-bit payload + fp16 norm
+    per_window = 30 * 3 * 2 * (exact * per_vector["exact"] + coded * per_vector["coded"])
+    assert rows[0]["cache_bytes_per_token"] == per_window / 32

@@ -168,7 +168,12 @@ def test_exactly_one_of_eight_processes_claims_a_folder_with_a_stale_lock(tmp_pa
         (["seed=abc"], "seed='abc' must be an integer"),
         (["task=qa"], r"task='qa' is not allowed; choose from \['eval', 'perplexity', 'niah', 'generate'\]"),
         (["task=perplexity"], "task=perplexity runs the model on text: pick data=wiki"),
-        (["task=perplexity", "data=wiki", "protocol=exact"], r"protocol='exact' is not allowed"),
+        (["task=perplexity", "data=wiki", "cache.protocol=exact"], r"cache.protocol='exact' is not allowed"),
+        (["task=niah", "data=wiki", "cache.sink_tokens=-1"], r"cache.sink_tokens=-1 must be an integer >= 0"),
+        (
+            ["task=generate", "data=wiki", "cache.exact_layers=[first]"],
+            r"cache.exact_layers=\['first'\] must be",
+        ),
         (["task=perplexity", "data=wiki", "perplexity.stride=999"], "must not exceed perplexity.context=256"),
     ],
 )

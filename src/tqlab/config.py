@@ -5,11 +5,14 @@ Only OmegaConf is needed here (no torch), so configs are checked in milliseconds
 
 from __future__ import annotations
 
+import dataclasses
+
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from .kv.layout import CacheLayout
 from .kv.spec import FittedRotations, KVQuantSpec
-from .registry import PROTOCOLS, RuleError
+from .registry import RuleError
 
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 WEIGHT_LOADS = ("none", "8bit", "4bit")
@@ -174,7 +177,6 @@ def check_environment(cfg: DictConfig) -> None:
 def end_to_end_section(cfg: DictConfig) -> dict:
     """The settings of a perplexity / niah / generate run (the model with the compressed cache)."""
     task = cfg.task
-    check_choice("protocol", cfg.get("protocol"), PROTOCOLS)
     settings = to_dict(cfg, task)
     if task == "perplexity":
         check_int("perplexity.context", settings["context"], 2)
@@ -198,12 +200,21 @@ def end_to_end_section(cfg: DictConfig) -> dict:
     else:
         for key in ("prompts", "prompt_len", "max_new_tokens"):
             check_int(f"generate.{key}", settings[key], 1)
-    exact = cfg.get("exact_layers") or []
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in exact):
-        raise ConfigError(
-            f"exact_layers={list(exact)} must be a list of layer indices (negative: from the end)"
-        )
-    return {**settings, "protocol": cfg.protocol, "exact_layers": list(exact)}
+    return settings
+
+
+def cache_section(cfg: DictConfig) -> dict:
+    """The compressed cache's layout (`cache.*`): its protocol and what it keeps exact."""
+    settings = to_dict(cfg, "cache")
+    keys = [f.name for f in dataclasses.fields(CacheLayout)]
+    unknown = sorted(set(settings) - set(keys))
+    if unknown:
+        raise ConfigError(f"cache.{unknown[0]} is not a cache setting: choose from {', '.join(keys)}")
+    try:
+        layout = CacheLayout(**{**settings, "exact_layers": tuple(settings.get("exact_layers") or ())})
+    except RuleError as error:
+        raise ConfigError(f"cache.{error}") from None
+    return {**dataclasses.asdict(layout), "exact_layers": list(layout.exact_layers)}
 
 
 def run_sections(cfg: DictConfig) -> dict:
@@ -221,4 +232,5 @@ def run_sections(cfg: DictConfig) -> dict:
                 f"task={cfg.task} runs the model on text: pick data=wiki, text_file or wikitext2"
             )
         sections["end_to_end"] = end_to_end_section(cfg)
+        sections["cache"] = cache_section(cfg)
     return sections

@@ -30,11 +30,11 @@ _NOT_FINGERPRINTED = {
 }  # fmt: skip
 _TRAINER_PLACEMENT = {"accelerator", "devices", "strategy"}
 # sections only other tasks read (a shared debug preset may set the other app's section too)
-_TASK_SECTIONS = {"fit", "eval", "perplexity", "niah", "generate", "protocol", "exact_layers"}
+_TASK_SECTIONS = {"fit", "eval", "perplexity", "niah", "generate", "cache"}
 _READS = {
     "train": {"fit"},
     "eval": {"eval"},
-    **{task: {"eval", task, "protocol", "exact_layers"} for task in ("perplexity", "niah", "generate")},
+    **{task: {"eval", task, "cache"} for task in ("perplexity", "niah", "generate")},
 }
 
 

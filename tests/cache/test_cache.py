@@ -75,16 +75,22 @@ def test_with_compression_off_the_cache_is_exactly_sdpa_with_a_dynamic_cache(arc
     assert torch.equal(tokens, want_tokens)
 
 
-def _decoded_reference(model, bank):
-    """float64 eager attention over keys and values decoded from the same codecs, and an independent mask."""
+def _decoded_reference(model, bank, sink_tokens: int = 0, exact_recent: int = 0):
+    """float64 eager attention over keys and values decoded from the same codecs (tokens sink_tokens..t −
+    exact_recent − 1 encoded in one call, the others exact), with an independent brute-force mask."""
 
     def reference(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         b, hq, tq, d = query.shape
         kvh, t = key.shape[1], key.shape[2]
+        coded = slice(min(sink_tokens, t), max(t - exact_recent, min(sink_tokens, t)))
 
         def decoded(side, states):
-            codecs = [bank.get(side, module.layer_idx, h, "cpu") for h in range(kvh)]
-            return torch.stack([c.dequantize(c.quantize(states[:, h])) for h, c in enumerate(codecs)], 1)
+            states = states.clone()
+            for h in range(kvh):
+                c = bank.get(side, module.layer_idx, h, "cpu")
+                if coded.stop > coded.start:
+                    states[:, h, coded] = c.dequantize(c.quantize(states[:, h, coded])).to(states.dtype)
+            return states
 
         k_hat, v_hat = decoded("key", key), decoded("value", value)
         group = hq // kvh
@@ -178,13 +184,58 @@ def test_cache_bytes_are_the_stored_codes_counted_by_hand():
     assert cache.nbytes()["constants"] > 0
 
 
-def test_kivi_is_refused_by_the_cache_until_its_window_is_modelled():
-    from tqlab.kv import RuleError
+@pytest.mark.parametrize(
+    "codec,sinks,recent,exact_recent",
+    [
+        ("turboquant_mse", 3, 0, 0),
+        ("turboquant_mse", 0, 5, 5),
+        ("turboquant_prod", 2, 4, 4),
+        ("kivi", 0, 0, 3),  # 19 tokens: one group of 16 keys encoded, 3 kept exact as KIVI does
+        ("kivi", 1, 2, 2),  # 1 sink, 16 encoded, 2 recent
+    ],
+)
+def test_sinks_and_the_recent_window_stay_exact_and_the_rest_reads_codes(codec, sinks, recent, exact_recent):
+    model = tiny("llama")
+    ids = torch.randint(0, 97, (2, 19), generator=torch.Generator().manual_seed(9))
+    options = {"group": 16} if codec == "kivi" else {}
+    rotation = "identity" if codec == "kivi" else "random_haar"
+    bits = 2 if codec == "kivi" else 3
+    spec = KVQuantSpec.create(codec, bits, rotation, codec_options=options, **SPEC)
+    cache = compress_kv(model, spec, sink_tokens=sinks, recent_window=recent)
+    got = logits(model, ids, cache)
+    reference = _decoded_reference(model, cache.bank, sinks, exact_recent)
+    AttentionInterface.register("decoded_reference", reference)
+    model.set_attn_implementation("decoded_reference")
+    want = logits(model, ids, DynamicCache(config=model.config))
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=0)
 
-    with pytest.raises(RuleError, match="codec=kivi groups keys over 32 tokens"):
-        compress_kv(
-            tiny("llama"), KVQuantSpec.create("kivi", 2, "identity", head_dim=16, codec_options={"group": 16})
-        )
+
+def test_decoding_token_by_token_encodes_each_token_once_and_counts_every_byte():
+    model = tiny("llama")  # 3 layers × 2 KV heads, head_dim 16, float32
+    ids = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(10))
+    spec = KVQuantSpec.create("kivi", 2, "identity", codec_options={"group": 16}, **SPEC)
+    cache = compress_kv(model, spec, sink_tokens=2, recent_window=4)
+    for i in range(40):
+        logits(model, ids[:, i : i + 1], cache)
+    layer = cache.layers[0]
+    # 2 sinks; keys leave the window in whole groups of 16: 32 encoded, 6 exact (4 recent + 2 waiting)
+    assert [
+        part[2].shape[-2] if part[1] is None else part[1].shape[1] for part in layer.segments("key", 0)
+    ] == [
+        2,
+        32,
+        6,
+    ]
+    exact = 2 * 2 * (2 + 6) * 16 * 4  # K and V, 2 heads, 8 exact tokens, float32
+    keys = (
+        2 * 16 * (2 * 32 // 8 + 2 * 2 + 2 * 2)
+    )  # per head and channel: 32 2-bit codes + fp16 scale, zero per group
+    values = 2 * 32 * (16 * 2 // 8 + 2 + 2)  # per head and token: 16 2-bit codes + fp16 scale and zero
+    assert layer.nbytes() == exact + keys + values
+    assert cache.nbytes()["stored"] == 3 * (exact + keys + values)
+    whole = compress_kv(model, spec, sink_tokens=2, recent_window=4)  # one call: same layout at the end
+    logits(model, ids, whole)
+    assert whole.nbytes()["stored"] == cache.nbytes()["stored"]
 
 
 def test_exact_layers_stay_uncompressed_beside_compressed_sliding_layers():

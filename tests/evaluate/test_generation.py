@@ -22,7 +22,7 @@ def test_divergence_is_the_first_differing_token_of_two_greedy_continuations():
     model = LlamaForCausalLM(config).eval()
     prompt = torch.randint(0, 97, (10,), generator=torch.Generator().manual_seed(1))
     spec = KVQuantSpec.create("turboquant_mse", 1, "random_haar", compress=("key", "value"), head_dim=16)
-    got = compare_generation(model, prompt, spec, "all_quantized", max_new_tokens=12)
+    got = compare_generation(model, prompt, spec, {"protocol": "all_quantized"}, max_new_tokens=12)
     model.set_attn_implementation("sdpa")
     plain = model.generate(
         prompt[None],

@@ -42,7 +42,7 @@ def test_uncompressed_perplexity_matches_a_plain_forward_pass(model):
     ids = torch.randint(0, 97, (24,), generator=torch.Generator().manual_seed(1))
     (w,) = windows([("d", ids.tolist())], context=24, stride=24)
     spec = KVQuantSpec.create("turboquant_mse", 8, "random_haar", compress=("key", "value"), head_dim=16)
-    got = compare_window(model, w, spec, "all_quantized", prefill=24, chunk_size=24)["row"]
+    got = compare_window(model, w, spec, {"protocol": "all_quantized"}, prefill=24, chunk_size=24)["row"]
     with torch.no_grad():
         logp = model(ids[None]).logits[0].double().log_softmax(-1)
     want = -sum(float(logp[t, ids[t + 1]]) for t in range(23)) / 23  # brute force, token by token
@@ -55,15 +55,15 @@ def test_the_all_quantized_protocol_does_not_depend_on_chunking_and_prefill_exac
     ids = torch.randint(0, 97, (20,), generator=torch.Generator().manual_seed(2))
     (w,) = windows([("d", ids.tolist())], context=20, stride=20)
     spec = KVQuantSpec.create("turboquant_mse", 2, "random_haar", compress=("key", "value"), head_dim=16)
-    one_pass = compare_window(model, w, spec, "all_quantized", prefill=20, chunk_size=20)
-    stepwise = compare_window(model, w, spec, "all_quantized", prefill=1, chunk_size=1)
+    one_pass = compare_window(model, w, spec, {"protocol": "all_quantized"}, prefill=20, chunk_size=20)
+    stepwise = compare_window(model, w, spec, {"protocol": "all_quantized"}, prefill=1, chunk_size=1)
     for key in ("nll", "next_token_kl", "final_hidden_cosine"):
         assert one_pass["row"][key] == pytest.approx(stepwise["row"][key], abs=1e-6)
     assert one_pass["row"]["nll"] != pytest.approx(one_pass["row"]["nll_reference"], abs=1e-3)  # 2 bits cost
-    decoded = compare_window(model, w, spec, "prefill_exact", prefill=10, chunk_size=1)["row"]
+    decoded = compare_window(model, w, spec, {"protocol": "prefill_exact"}, prefill=10, chunk_size=1)["row"]
     assert decoded["tokens"] == 10  # only tokens after the exact prompt are scored: 10..19
     assert not math.isclose(decoded["nll"], decoded["nll_reference"], abs_tol=1e-4)
-    off = compare_window(model, w, None, "prefill_exact", prefill=10, chunk_size=1)["row"]
+    off = compare_window(model, w, None, {"protocol": "prefill_exact"}, prefill=10, chunk_size=1)["row"]
     assert off["nll"] == pytest.approx(off["nll_reference"], abs=1e-6)  # no compression: the same model
 
 

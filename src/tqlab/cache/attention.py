@@ -49,34 +49,25 @@ def _weighted_values(codec, code, exact: torch.Tensor | None, p: torch.Tensor) -
     return p @ codec.dequantize(code)
 
 
-def attend(
-    layer, query: torch.Tensor, new_keys, new_values, mask: torch.Tensor, scaling: float
-) -> torch.Tensor:
-    """Attention of query [B, Hq, Tq, d] over everything `layer` holds; returns [B, Hq, Tq, d] in fp32.
-
-    With `layer.prefill_exact`, the tokens of this call attend to their own keys and values exactly (they
-    were stored as codes all the same, for later queries)."""
+def attend(layer, query: torch.Tensor, mask: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Attention of query [B, Hq, Tq, d] over everything `layer` holds, in token order (exact sinks, codes,
+    exact recent tokens); returns [B, Hq, Tq, d] in fp32."""
     batch, n_q_heads, q_len, dim = query.shape
     group = n_q_heads // layer.num_kv_heads
-    total = layer.length
-    exact_new = new_keys.shape[-2] if layer.prefill_exact else 0
     out = torch.empty(batch, n_q_heads, q_len, dim, dtype=torch.float32, device=query.device)
-    old = total - exact_new  # tokens seen through their codes
     for h in range(layer.num_kv_heads):
         heads = slice(h * group, (h + 1) * group)
         q = query[:, heads].float().reshape(batch, group * q_len, dim)
-        k_code, k_exact = layer.stored("key", h, 0, old)
-        v_code, v_exact = layer.stored("value", h, 0, old)
-        logits = [_scores(layer.key_codecs[h], k_code, k_exact, q)] if old else []
-        if exact_new:
-            logits.append(q @ new_keys[:, h].float().transpose(-1, -2))
-        logits = torch.cat(logits, dim=-1).view(batch, group, q_len, total) * scaling
+        logits = torch.cat([_scores(*part, q) for part in layer.segments("key", h)], dim=-1)
+        logits = logits.view(batch, group, q_len, layer.length) * scaling
         logits = logits.masked_fill(~mask[:, None], float("-inf"))
         p = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a query that may see nothing (padding) gets 0
-        p = p.view(batch, group * q_len, total)
-        o = _weighted_values(layer.value_codecs[h], v_code, v_exact, p[..., :old]) if old else 0
-        if exact_new:
-            o = o + p[..., old:] @ new_values[:, h].float()
+        p = p.view(batch, group * q_len, layer.length)
+        o, start = 0, 0
+        for codec, code, exact in layer.segments("value", h):
+            n = exact.shape[-2] if code is None else code.shape[1]
+            o = o + _weighted_values(codec, code, exact, p[..., start : start + n])
+            start += n
         out[:, heads] = o.view(batch, group, q_len, dim)
     return out
 
@@ -93,7 +84,7 @@ def tqlab_attention(module, query, key, value, attention_mask, dropout: float = 
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
     mask = _mask(attention_mask, query.shape[0], query.shape[2], layer.length, window, query.device)
-    out = attend(layer, query, key, value, mask, scaling)
+    out = attend(layer, query, mask, scaling)
     return out.transpose(1, 2).to(query.dtype).contiguous(), None
 
 

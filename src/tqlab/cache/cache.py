@@ -11,6 +11,10 @@ exact is stored in the model's dtype. Tokens are encoded once, when written, and
 Protocols: "all_quantized" (default, the papers'): every query, the prompt's included, attends only to what is
 stored. "prefill_exact" (what vLLM and transformers' quantized cache do): the tokens of each forward call
 attend to their own keys and values exactly and to earlier tokens through the codes.
+
+Options the field found necessary (`CacheLayout`), each off by default and each counted in the bytes: whole
+layers kept exact, the first `sink_tokens` of the cache kept exact (attention sinks), and a window of the
+`recent_window` newest tokens kept exact, each token encoded once when it leaves the window.
 """
 
 from __future__ import annotations
@@ -25,66 +29,109 @@ from transformers.cache_utils import (
 
 from ..capture.models import architecture_facts
 from ..kv.builder import CodecBank
+from ..kv.layout import CacheLayout
 from ..kv.spec import KVQuantSpec
-from ..registry import PROTOCOLS, RuleError
+from ..registry import SIDES, RuleError
 from . import attention
-from .codes import concat, token_slice
+from .codes import concat
 
 ATTENTION_LAYERS = ("full_attention", "sliding_attention")
 
 
+def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+    return b if a is None else torch.cat([a, b], dim=-2)
+
+
 class TurboQuantLayer(CacheLayerMixin):
-    """One attention layer's cache: per KV head, codes (or exact states for a side kept exact; with no bank,
-    an exact layer that still keeps every token, so that all layers of a kind share one mask size)."""
+    """One attention layer's cache. Per side and in token order: exact sink tokens, then per KV head the
+    codes of the encoded tokens, then the exact tokens not encoded yet (the recent window, and under
+    prefill_exact the last call's tokens until the next call). A side the spec leaves exact, and a layer
+    without a bank (an exact layer, which still keeps every token so that all layers of a kind share one
+    mask size), keep every token exact."""
 
     is_croppable = False
     supports_early_init = False
 
     def __init__(
-        self, bank: CodecBank | None, layer_idx: int, num_kv_heads: int, protocol: str, sliding_window=None
+        self,
+        bank: CodecBank | None,
+        layer_idx: int,
+        num_kv_heads: int,
+        layout: CacheLayout,
+        sliding_window=None,
     ):
         super().__init__()
         self.layer_idx, self.num_kv_heads, self.sliding_window = layer_idx, num_kv_heads, sliding_window
         self.is_sliding = sliding_window is not None
-        self.prefill_exact = protocol == "prefill_exact"
-        self.bank, self.length = bank, 0
-        self.key_codecs = [None] * num_kv_heads
-        self.value_codecs = [None] * num_kv_heads
-        self._codes = {"key": [None] * num_kv_heads, "value": [None] * num_kv_heads}
-        self._exact: dict[str, torch.Tensor | None] = {"key": None, "value": None}
+        self.bank, self.layout, self.length = bank, layout, 0
+        self.codecs = {side: [None] * num_kv_heads for side in SIDES}
+        self.reset()
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
-        for h in range(self.num_kv_heads if self.bank is not None else 0):
-            self.key_codecs[h] = self.bank.get("key", self.layer_idx, h, self.device)
-            self.value_codecs[h] = self.bank.get("value", self.layer_idx, h, self.device)
+        for side in SIDES if self.bank is not None else ():
+            self.codecs[side] = [
+                self.bank.get(side, self.layer_idx, h, self.device) for h in range(self.num_kv_heads)
+            ]
+        codecs = [c for side in SIDES for c in self.codecs[side] if c is not None]
+        self.token_group = max((getattr(c, "token_group", 1) for c in codecs), default=1)
         self.is_initialized = True
 
+    @property
+    def key_codecs(self) -> list:
+        return self.codecs["key"]
+
+    @property
+    def value_codecs(self) -> list:
+        return self.codecs["value"]
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Encode the new tokens ([B, KVH, T, d]) and append them; return them marked with this layer, so that
-        the tqlab attention function reads the codes."""
+        """Take the new tokens ([B, KVH, T, d]), encode what leaves the exact window, and return the new keys
+        marked with this layer, so that the tqlab attention function reads what the layer holds."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        for side, states, codecs in (
-            ("key", key_states, self.key_codecs),
-            ("value", value_states, self.value_codecs),
-        ):
-            if codecs[0] is None:
-                old = self._exact[side]
-                self._exact[side] = states if old is None else torch.cat([old, states], dim=-2)
-                continue
-            for h, codec in enumerate(codecs):
-                self._codes[side][h] = concat(self._codes[side][h], codec.quantize(states[:, h]))
+        prefill_exact = self.layout.protocol == "prefill_exact"
+        if prefill_exact:  # earlier calls' tokens now go to codes; this call's attend to themselves exactly
+            self.settle()
+        for side, states in (("key", key_states), ("value", value_states)):
+            self._pending[side] = _cat(self._pending[side], states)
         self.length += key_states.shape[-2]
+        if not prefill_exact:
+            self.settle()
         marked = key_states.view_as(key_states)
         setattr(marked, attention.LAYER_MARK, self)
         return marked, value_states
 
-    def stored(self, side: str, head: int, start: int, stop: int):
-        """(code, None) or (None, exact states [B, T, d]) of tokens start..stop−1 of one KV head."""
-        if self._exact[side] is not None:
-            return None, self._exact[side][:, head, start:stop]
-        return token_slice(self._codes[side][head], start, stop), None
+    def settle(self) -> None:
+        """Move exact tokens beyond the recent window to the sinks (while there are fewer than
+        `sink_tokens`), then to codes in whole token groups; each token is encoded once."""
+        for side in SIDES:
+            pending, codecs = self._pending[side], self.codecs[side]
+            if codecs[0] is None or pending is None:
+                continue
+            leaving = pending.shape[-2] - self.layout.recent_window
+            have = 0 if self._sink[side] is None else self._sink[side].shape[-2]
+            to_sink = min(max(self.layout.sink_tokens - have, 0), max(leaving, 0))
+            if to_sink:
+                self._sink[side] = _cat(self._sink[side], pending[..., :to_sink, :].clone())
+            encoded = max(leaving - to_sink, 0) // self.token_group * self.token_group
+            if encoded:
+                chunk = pending[..., to_sink : to_sink + encoded, :]
+                for h, codec in enumerate(codecs):
+                    self._codes[side][h] = concat(self._codes[side][h], codec.quantize(chunk[:, h]))
+            if to_sink or encoded:  # a copy: a view would keep the whole old buffer alive
+                self._pending[side] = pending[..., to_sink + encoded :, :].clone()
+
+    def segments(self, side: str, head: int) -> list[tuple]:
+        """What one KV head holds of a side, in token order: (codec, code, None) for codes and
+        (None, None, exact states [B, T, d]) for exact tokens."""
+        codec, code = self.codecs[side][head], self._codes[side][head]
+        parts = [] if self._sink[side] is None else [(None, None, self._sink[side][:, head])]
+        if code is not None:
+            parts.append((codec, code, None))
+        if self._pending[side] is not None and self._pending[side].shape[-2]:
+            parts.append((None, None, self._pending[side][:, head]))
+        return parts
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0  # every token is kept; a sliding layer's mask hides old ones
@@ -97,74 +144,66 @@ class TurboQuantLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.length = 0
-        self._codes = {side: [None] * self.num_kv_heads for side in self._codes}
-        self._exact = {"key": None, "value": None}
+        self._sink: dict[str, torch.Tensor | None] = {side: None for side in SIDES}
+        self._codes = {side: [None] * self.num_kv_heads for side in SIDES}
+        self._pending: dict[str, torch.Tensor | None] = {side: None for side in SIDES}
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise ValueError("beam search is not supported over compressed codes; use greedy or sampling")
 
     def nbytes(self) -> int:
-        """Bytes of every stored tensor: codes (payload, norms, side information) and exact states."""
+        """Bytes of every stored tensor: codes (payload, norms, side information) and exact tokens."""
         codes = sum(c.nbytes for side in self._codes.values() for c in side if c is not None)
-        exact = sum(t.numel() * t.element_size() for t in self._exact.values() if t is not None)
-        return codes + exact
+        exact = [t for part in (self._sink, self._pending) for t in part.values() if t is not None]
+        return codes + sum(t.numel() * t.element_size() for t in exact)
 
 
 class TurboQuantCache(Cache):
-    """A Cache whose attention layers are TurboQuantLayers; layers in `exact_layers` (and layers of kinds this
-    cache does not compress) are transformers' own dynamic layers, kept in the model's dtype."""
+    """A Cache whose attention layers are TurboQuantLayers; layers in `exact_layers` keep every token exact,
+    and layers of kinds this cache does not compress are transformers' own, in the model's dtype."""
 
     def __init__(self, layers: list, bank: CodecBank | None):
         super().__init__(layers=layers)
         self.bank = bank  # None: compression off, every layer is transformers' own
 
     @classmethod
-    def from_spec(
-        cls,
-        config,
-        spec: KVQuantSpec | None,
-        protocol: str = "all_quantized",
-        exact_layers: tuple = (),
-        calibration=None,
-    ) -> TurboQuantCache:
-        if protocol not in PROTOCOLS:
-            raise ValueError(f"protocol={protocol!r} is not one of {PROTOCOLS}")
-        if spec is not None and any(s.codec.name == "kivi" for s in spec.sides().values()):
-            raise RuleError(
-                "codec=kivi groups keys over 32 tokens and keeps recent tokens in full precision; the cache "
-                "does not model that window yet: evaluate KIVI with task=eval"
-            )
+    def from_spec(cls, config, spec: KVQuantSpec | None, calibration=None, **layout) -> TurboQuantCache:
+        """layout: the fields of `CacheLayout` (protocol, exact_layers, sink_tokens, recent_window)."""
+        layout = CacheLayout(**layout)
         text = config.get_text_config(decoder=True)
         arch = architecture_facts(text)
         head_dim, num_kv_heads = arch["head_dim"], arch["num_kv_heads"]
         layer_types, layer_kwargs = get_layer_types_and_kwargs(text)
         n = len(layer_types)
-        outside = [i for i in exact_layers if not -n <= i < n]
+        outside = [i for i in layout.exact_layers if not -n <= i < n]
         if outside:
             raise RuleError(
-                f"exact_layers={list(exact_layers)}: {outside} are not layers of this {n}-layer model"
+                f"exact_layers={list(layout.exact_layers)}: {outside} are not layers of this {n}-layer model"
             )
         kinds = list(zip(layer_types, layer_kwargs, strict=True))
         if spec is None:  # compression off: transformers' own layers, and the attention is exactly SDPA
             return cls([DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs) for kind, kwargs in kinds], None)
         bank = CodecBank(spec, head_dim, calibration)
-        exact = {i % n for i in exact_layers}
+        exact = {i % n for i in layout.exact_layers}
         layers = []
         for i, (kind, kwargs) in enumerate(kinds):
-            if kind in ATTENTION_LAYERS:  # an exact layer keeps every token too: one mask size per layer kind
+            if kind in ATTENTION_LAYERS:
                 layer_bank = None if i in exact else bank
                 layers.append(
-                    TurboQuantLayer(layer_bank, i, num_kv_heads, protocol, kwargs.get("sliding_window"))
+                    TurboQuantLayer(layer_bank, i, num_kv_heads, layout, kwargs.get("sliding_window"))
                 )
             else:
                 layers.append(DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs))
         return cls(layers, bank)
 
     def nbytes(self) -> dict:
-        """Real bytes: the stored codes and exact states per token, and the per-layer constants apart."""
+        """Real bytes: what is stored per token (codes and exact tokens), and the per-layer constants apart.
+        Tokens a prefill_exact layer holds exact until the next call are encoded first, as that call would."""
         stored = 0
         for layer in self.layers:
             if isinstance(layer, TurboQuantLayer):
+                if layer.is_initialized:
+                    layer.settle()
                 stored += layer.nbytes()
             elif getattr(layer, "keys", None) is not None:
                 stored += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
@@ -180,16 +219,11 @@ class TurboQuantCache(Cache):
         return {"stored": stored, "constants": self.bank.constant_nbytes(units, device) if units else 0}
 
 
-def compress_kv(
-    model,
-    spec: KVQuantSpec | None,
-    protocol: str = "all_quantized",
-    exact_layers: tuple = (),
-    calibration=None,
-):
+def compress_kv(model, spec: KVQuantSpec | None, calibration=None, **layout) -> TurboQuantCache:
     """Switch `model` to attention that reads codes and return a fresh TurboQuantCache for it: pass it as
     `model.generate(..., cache=cache)` or `model(..., cache=cache)`. One cache per sequence batch; spec=None
-    gives the uncompressed cache under the same attention function (exactly SDPA)."""
+    gives the uncompressed cache under the same attention function (exactly SDPA). layout: the fields of
+    `CacheLayout`, e.g. `protocol="prefill_exact", exact_layers=(0,), sink_tokens=4, recent_window=64`."""
     attention.register()
     model.set_attn_implementation(attention.NAME)
-    return TurboQuantCache.from_spec(model.config, spec, protocol, exact_layers, calibration)
+    return TurboQuantCache.from_spec(model.config, spec, calibration, **layout)

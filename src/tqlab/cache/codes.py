@@ -1,7 +1,9 @@
-"""Appending to and slicing codes along the token axis, for any codec's `Code` (nested ones included).
+"""Appending codes along the token axis, for any codec's `Code` (nested ones included).
 
 A code of vectors of leading shape (batch, tokens) holds tensors whose leading dims are (batch, tokens);
-those grow by concatenation when tokens are appended. Tokens already stored are never re-encoded.
+those grow by concatenation when tokens are appended. A code that groups tokens (KIVI's keys: each channel
+over groups of tokens) holds them along its fields' last axis, and is appended a whole group at a time.
+Tokens already stored are never re-encoded.
 """
 
 from __future__ import annotations
@@ -23,11 +25,17 @@ def concat(a: Code | None, b: Code) -> Code:
     """`a` followed by `b` along the token axis (`a` may be None: nothing stored yet)."""
     if a is None:
         return b
+    if a.grouped_token_fields and a.shape[TOKEN_AXIS] % a.group:
+        raise ValueError(
+            f"cannot append to a code of {a.shape[TOKEN_AXIS]} tokens: not whole groups of {a.group}"
+        )
     changes = {}
     for f in dataclasses.fields(a):
         x, y = getattr(a, f.name), getattr(b, f.name)
         if isinstance(x, Code):
             changes[f.name] = concat(x, y)
+        elif f.name in a.grouped_token_fields:
+            changes[f.name] = torch.cat([x, y], dim=-1)
         elif _per_token(x, a.shape):
             changes[f.name] = torch.cat([x, y], dim=TOKEN_AXIS)
         elif f.name != "shape" and not (x is y or (not isinstance(x, torch.Tensor) and x == y)):
@@ -35,17 +43,3 @@ def concat(a: Code | None, b: Code) -> Code:
     shape = list(a.shape)
     shape[TOKEN_AXIS] += b.shape[TOKEN_AXIS]
     return dataclasses.replace(a, shape=tuple(shape), **changes)
-
-
-def token_slice(code: Code, start: int, stop: int) -> Code:
-    """The tokens start..stop−1 of a code (views, no copy)."""
-    changes = {}
-    for f in dataclasses.fields(code):
-        x = getattr(code, f.name)
-        if isinstance(x, Code):
-            changes[f.name] = token_slice(x, start, stop)
-        elif _per_token(x, code.shape):
-            changes[f.name] = x[:, start:stop]
-    shape = list(code.shape)
-    shape[TOKEN_AXIS] = len(range(*slice(start, stop).indices(code.shape[TOKEN_AXIS])))
-    return dataclasses.replace(code, shape=tuple(shape), **changes)

@@ -14,15 +14,15 @@ from ..cache import compress_kv
 
 @torch.no_grad()
 def compare_generation(
-    model, prompt: torch.Tensor, spec, protocol: str, max_new_tokens: int, exact_layers=(), calibration=None
+    model, prompt: torch.Tensor, spec, layout: dict, max_new_tokens: int, calibration=None
 ) -> dict:
-    """prompt: [T] token ids. Returns the divergence position, agreement share and both continuations."""
+    """prompt: [T] token ids; layout: the cache's `CacheLayout` fields. Returns the divergence position,
+    agreement share and both continuations."""
     ids = prompt[None].to(model.device)
     kw = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
     reference = model.generate(ids, cache=compress_kv(model, None), **kw)[0, ids.shape[1] :]
-    compressed = model.generate(
-        ids, cache=compress_kv(model, spec, protocol, exact_layers, calibration), **kw
-    )[0, ids.shape[1] :]
+    compressed = model.generate(ids, cache=compress_kv(model, spec, calibration, **layout), **kw)
+    compressed = compressed[0, ids.shape[1] :]
     differ = (reference != compressed).nonzero()
     divergence = int(differ[0]) if len(differ) else max_new_tokens
     return {

@@ -48,14 +48,13 @@ def needle_pair(
     prompt: torch.Tensor,
     value: str,
     spec,
-    protocol: str,
-    exact_layers=(),
+    layout: dict,
     calibration=None,
     max_new_tokens: int = 8,
 ) -> dict:
-    """The needle asked with the uncompressed cache and with the compressed one."""
+    """The needle asked with the uncompressed cache and with the compressed one (`CacheLayout` fields)."""
     reference = find_needle(model, tokenizer, prompt, value, compress_kv(model, None), max_new_tokens)
-    cache = compress_kv(model, spec, protocol, exact_layers, calibration)
+    cache = compress_kv(model, spec, calibration, **layout)
     compressed = find_needle(model, tokenizer, prompt, value, cache, max_new_tokens)
     return {
         "found_reference": reference["found"],

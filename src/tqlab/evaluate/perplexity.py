@@ -70,21 +70,21 @@ def compare_window(
     model,
     window: Window,
     spec,
-    protocol: str,
+    layout: dict,
     prefill: int,
     chunk_size: int,
     calibration=None,
-    exact_layers=(),
 ) -> dict:
-    """One window's metrics: reference (uncompressed) and compressed NLL, KL, top-1 agreement, hidden states."""
+    """One window's metrics: reference (uncompressed) and compressed NLL, KL, top-1 agreement, hidden states.
+    layout: the cache's `CacheLayout` fields (protocol, exact_layers, sink_tokens, recent_window)."""
     ids = window.ids.to(model.device)
     reference = compress_kv(model, None)
     ref_logits, ref_hidden = _run(model, ids, reference, len(ids), len(ids))
-    cache = compress_kv(model, spec, protocol, exact_layers, calibration)
+    cache = compress_kv(model, spec, calibration, **layout)
     logits, hidden = _run(model, ids, cache, min(prefill, len(ids)), chunk_size)
     targets = ids[1:]
     # prefill-exact: what the prompt predicts about itself never sees a code, so only later tokens are scored
-    first = max(window.scored_from - 1, 0, prefill - 1 if protocol == "prefill_exact" else 0)
+    first = max(window.scored_from - 1, 0, prefill - 1 if layout.get("protocol") == "prefill_exact" else 0)
     scored = slice(first, len(targets))
     log_ref, log_q = ref_logits[:-1].log_softmax(-1), logits[:-1].log_softmax(-1)
     nll_ref = -log_ref.gather(-1, targets[:, None])[:, 0][scored]

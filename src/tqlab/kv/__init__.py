@@ -6,6 +6,15 @@ spec = KVQuantSpec.create("turboquant_mse", bits=3, rotation="fast_hadamard", he
 """
 
 from ..registry import RuleError
+from .layout import CacheLayout
 from .spec import CodecSpec, FittedRotations, KVQuantSpec, RotationSpec, SideSpec
 
-__all__ = ["CodecSpec", "FittedRotations", "KVQuantSpec", "RotationSpec", "RuleError", "SideSpec"]
+__all__ = [
+    "CacheLayout",
+    "CodecSpec",
+    "FittedRotations",
+    "KVQuantSpec",
+    "RotationSpec",
+    "RuleError",
+    "SideSpec",
+]

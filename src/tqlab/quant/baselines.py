@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -40,6 +41,15 @@ class BlockCode(Code):
     values: torch.Tensor  # packed codes (uint8) or int8 values, grouped along the quantized axis
     scales: torch.Tensor  # fp16, one per group
     zeros: torch.Tensor | None = None  # fp16 group minimum (asymmetric codes only)
+
+
+@dataclasses.dataclass
+class ChannelGroupCode(BlockCode):
+    """KIVI's keys: each channel quantized over groups of `group` tokens, so tokens lie along the last axis
+    of values/scales/zeros ([*batch, dim, ...]), not along the leading shape."""
+
+    group: int = 32
+    grouped_token_fields: ClassVar[tuple[str, ...]] = ("values", "scales", "zeros")
 
 
 def _check_groups(n: int, group: int, what: str) -> None:
@@ -120,6 +130,7 @@ class KIVI(_Baseline):
         if axis == "token":
             _check_groups(dim, group, "KIVI(axis='token')")
         self.dim, self.bits, self.axis, self.group = dim, bits, axis, group
+        self.token_group = group if axis == "channel" else 1  # a cache appends keys a whole group at a time
         self.register_buffer("device_marker", torch.zeros(0))
 
     def quantize(self, x: torch.Tensor) -> BlockCode:
@@ -138,6 +149,10 @@ class KIVI(_Baseline):
         s = scales.float().unsqueeze(-1)
         q = torch.where(s > 0, (g - lo.float().unsqueeze(-1)) / s, torch.zeros_like(g))
         q = q.round().clamp(0, 2**self.bits - 1).long().flatten(-2)
+        if self.axis == "channel":
+            return ChannelGroupCode(
+                shape, self.dim, self.bits, pack_bits(q, self.bits), scales, lo, self.group
+            )
         return BlockCode(shape, self.dim, self.bits, pack_bits(q, self.bits), scales, lo)
 
     def dequantize(self, code: BlockCode) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import torch
 
@@ -19,6 +20,8 @@ class Code:
 
     shape: tuple[int, ...]
     dim: int
+    # fields whose tokens lie along their last axis, in whole groups (KIVI's keys), not along `shape`
+    grouped_token_fields: ClassVar[tuple[str, ...]] = ()
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {}

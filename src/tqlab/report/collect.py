@@ -53,7 +53,20 @@ class Evaluation:
             rot += f" ({c['fit']})"
         elif c.get("rotations_from"):  # results written before the `fit` column
             rot += f" ({Path(c['rotations_from']).name})"
-        return f"{c['codec']} · {rot}" if rot else c["codec"]
+        label = f"{c['codec']} · {rot}" if rot else c["codec"]
+        return label + self.layout_suffix
+
+    @property
+    def layout_suffix(self) -> str:
+        """What the cache kept exact, when anything: " +exact layers [0] +4 sinks +64 recent"."""
+        c, parts = self.columns, []
+        if c.get("exact_layers") not in (None, "[]"):
+            parts.append(f"exact layers {c['exact_layers']}")
+        if c.get("sink_tokens"):
+            parts.append(f"{c['sink_tokens']} sinks")
+        if c.get("recent_window"):
+            parts.append(f"{c['recent_window']} recent")
+        return "".join(f" +{p}" for p in parts)
 
     @property
     def setting(self) -> tuple:

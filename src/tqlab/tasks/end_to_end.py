@@ -47,7 +47,8 @@ def run(cfg: DictConfig, sections: dict, results) -> None:
     model, tokenizer = loaded.model, loaded.tokenizer
     spec.check_head_dim(loaded.facts["architecture"]["head_dim"])
     calibration = common.calibration(cfg, spec)
-    protocol, exact_layers = settings["protocol"], tuple(settings["exact_layers"])
+    layout = sections["cache"]
+    protocol = layout["protocol"]
     columns = {
         "task": cfg.task,
         "protocol": protocol,
@@ -55,10 +56,10 @@ def run(cfg: DictConfig, sections: dict, results) -> None:
         "data": sections["data"]["source"],
         "capture": None,
         **spec.columns(),
-        "exact_layers": json.dumps(list(exact_layers)),
-        "settings": json.dumps(
-            {k: v for k, v in settings.items() if k not in ("protocol", "exact_layers")}, sort_keys=True
-        ),
+        "exact_layers": json.dumps(list(layout["exact_layers"])),
+        "sink_tokens": layout["sink_tokens"],
+        "recent_window": layout["recent_window"],
+        "settings": json.dumps(settings, sort_keys=True),
     }
     rows, per_layer, constants = [], [], 0
     progress = cfg.get("progress", True)
@@ -76,9 +77,7 @@ def run(cfg: DictConfig, sections: dict, results) -> None:
         )
         items = windows(docs, context, stride, settings["max_windows"], per_document)
         for w in tqdm(items, desc="perplexity", unit="window", disable=not progress):
-            out = compare_window(
-                model, w, spec, protocol, prefill, settings["chunk_size"], calibration, exact_layers
-            )
+            out = compare_window(model, w, spec, layout, prefill, settings["chunk_size"], calibration)
             rows.append({**columns, **out["row"]})
             per_layer.append(out["per_layer"])
             constants = out["constant_bytes"]
@@ -92,7 +91,7 @@ def run(cfg: DictConfig, sections: dict, results) -> None:
             docs[: settings["prompts"]], desc="generate", unit="prompt", disable=not progress
         ):
             prompt = torch.tensor(ids[: settings["prompt_len"]])
-            out = compare_generation(model, prompt, spec, protocol, settings["max_new_tokens"], exact_layers)
+            out = compare_generation(model, prompt, spec, layout, settings["max_new_tokens"], calibration)
             rows.append(
                 {
                     **columns,
@@ -115,8 +114,7 @@ def run(cfg: DictConfig, sections: dict, results) -> None:
                 prompt,
                 str(settings["value"]),
                 spec,
-                protocol,
-                exact_layers,
+                layout,
                 calibration,
                 settings["max_new_tokens"],
             )
