@@ -4,7 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help install train eval report test test-slow lint bench capture sync-wandb clean
+OLDEST_TRANSFORMERS := 5.24.0  # the floor in pyproject.toml
+
+.PHONY: help install train eval report test test-oldest test-slow lint bench bench-gpu capture sync-wandb clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -35,6 +37,10 @@ report: $(STAMP)  ## statistics, tables and Pareto plots of a sweep (RUNS=multir
 test: $(STAMP)  ## the test suite (fast tests; what CI runs)
 	$(PY) -m pytest -m "not slow" -q
 
+test-oldest: $(STAMP)  ## the cache and end-to-end tests against the oldest supported transformers
+	$(PY) -m pip install -q --no-deps --upgrade --target .oldest/transformers transformers==$(OLDEST_TRANSFORMERS)
+	PYTHONPATH=.oldest/transformers $(PY) -m pytest -m "not slow" -q -p no:cacheprovider tests/cache tests/evaluate
+
 test-slow: $(STAMP)  ## the slow tests only
 	$(PY) -m pytest -m slow -q
 
@@ -44,6 +50,10 @@ lint: $(STAMP)  ## ruff lint and format check
 
 bench: $(STAMP)  ## codec encode/decode throughput on CPU → outputs/bench/ (DOCS=1: docs/benchmarks.md)
 	$(PY) benchmarks/codec_speed.py $(if $(DOCS),--out docs/benchmarks.md)
+
+bench-gpu: $(STAMP)  ## Triton decode and quantize against bf16 SDPA / a copy, on a CUDA GPU → outputs/bench/ (DOCS=1: docs/)
+	$(PY) benchmarks/gpu_decode.py $(if $(DOCS),--out docs/benchmarks.md)
+	$(PY) benchmarks/gpu_quantize.py $(if $(DOCS),--out docs/benchmarks.md)
 
 capture: $(STAMP)  ## capture q, k, v of the default model on the default text (ARGS="model=... data=...")
 	$(PY) capture.py $(ARGS)

@@ -1,0 +1,150 @@
+"""Decode-attention latency on a GPU: the fused Triton kernel over codes against SDPA over a bf16 cache.
+
+    PYTHONPATH=src python benchmarks/gpu_decode.py                     # → outputs/bench/benchmarks.md
+    PYTHONPATH=src python benchmarks/gpu_decode.py --out docs/benchmarks.md
+
+One decode step (one query token per sequence) of one layer: every sequence holds `context` tokens.
+The kernel reads packed K and V codes (random bytes: every byte is a valid code) and fp16 norms; SDPA
+reads bf16 K and V with GQA. Times are medians of CUDA-graph replays (no Python or launch overhead, as in
+a served decode step) with the L2 cache flushed before each, so each step streams its cache from HBM. The query rotation and the output's
+inverse rotation are not timed: both fold into the q and o projection weights. The PyTorch reference
+path of attention over codes (per-KV-head loop, as in tqlab.cache.attention) is timed up to
+`--reference-max` tokens, and its output checks the kernel's (max |Δ| relative to the output's scale).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from docs_section import write_section
+
+from tqlab.kernels import centroid_table, decode_attention
+from tqlab.quant import MSECode, TurboQuantMSE
+
+DIM = 128
+FLUSH_BYTES = 512 * 2**20  # several times the H200's L2
+
+
+def reference_path(codecs, q, codes, norms, scaling):
+    """attend()'s arithmetic for one step: fp32 scores from the key codes, softmax, values summed in the
+    rotated domain (query already rotated, output left rotated, as for the kernel)."""
+    k_codec, v_codec = codecs
+    batch, q_heads, _, dim = q.shape
+    kv_heads, tokens = codes[0].shape[1], codes[0].shape[2]
+    group = q_heads // kv_heads
+    out = torch.empty(batch, q_heads, 1, dim, dtype=torch.float32, device=q.device)
+    for h in range(kv_heads):
+        k = MSECode((batch, tokens), dim, k_codec.bits, codes[0][:, h], norms[0][:, h])
+        v = MSECode((batch, tokens), dim, v_codec.bits, codes[1][:, h], norms[1][:, h])
+        qh = q[:, h * group : (h + 1) * group].float().reshape(batch, group, dim)
+        p = torch.softmax(qh @ k_codec.rotated_centroids(k).transpose(-1, -2) * scaling, dim=-1)
+        out[:, h * group : (h + 1) * group] = (p @ v_codec.rotated_centroids(v)).view(batch, group, 1, dim)
+    return out
+
+
+def bench(fn, reps: int = 30) -> float:
+    """Median µs of fn replayed from a CUDA graph (no launch overhead, as in a served decode step), with
+    the L2 cache flushed before each replay so that the step streams its cache from HBM."""
+    fn()  # compile and warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+    events = [
+        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)
+    ]
+    for start, end in events:
+        flush.zero_()
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events) * 1e3
+
+
+def sdpa_time(q, kv_heads, context, scaling) -> float:
+    shape = (q.shape[0], kv_heads, context, DIM)
+    k, v = (torch.randn(shape, device=q.device, dtype=torch.bfloat16) for _ in range(2))
+    return bench(lambda: F.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=True))
+
+
+def row(batch, q_heads, kv_heads, context, bits, reference_max) -> str:
+    device, scaling = "cuda", DIM**-0.5
+    q = torch.randn(batch, q_heads, 1, DIM, device=device, dtype=torch.bfloat16)
+    sdpa = sdpa_time(q, kv_heads, context, scaling)
+    codecs = [TurboQuantMSE(DIM, bits, rotation="fast_hadamard", seed=s).to(device) for s in (0, 1)]
+    row_bytes = DIM // 8 * bits
+    codes = [
+        torch.randint(0, 256, (batch, kv_heads, context, row_bytes), dtype=torch.uint8, device=device)
+        for _ in range(2)
+    ]
+    norms = [(torch.rand(batch, kv_heads, context, device=device) + 0.5).half() for _ in range(2)]
+    tables = [centroid_table(c.centroids) for c in codecs]
+    lengths = torch.full((batch,), context, dtype=torch.int32, device=device)
+    qf = q.float()
+    call = lambda: decode_attention(qf, codes[0], norms[0], codes[1], norms[1], *tables, lengths, scaling)  # noqa: E731
+    ours = bench(call)
+    read = sum(c.numel() + 2 * n.numel() for c, n in zip(codes, norms, strict=True))
+    reference, error = "", ""
+    if context <= reference_max:
+        expected = reference_path(codecs, qf, codes, norms, scaling)
+        error = f"{((call() - expected).abs().max() / expected.abs().max()).item():.1e}"
+        reference = f"{bench(lambda: reference_path(codecs, qf, codes, norms, scaling)):.0f}"
+    return (
+        f"| {batch} | {q_heads}/{kv_heads} | {context // 1024}k | K{bits}V{bits} | {sdpa:.1f} | {ours:.1f} | "
+        f"{sdpa / ours:.2f}× | {read / ours / 1e3:.0f} | {reference} | {error} |"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 65536, 131072])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--layouts", nargs="+", default=["32/8", "12/2"], help="query heads/KV heads")
+    parser.add_argument("--bits", type=int, nargs="+", default=[3, 4])
+    parser.add_argument("--reference-max", type=int, default=16384)
+    parser.add_argument(
+        "--out", type=Path, default=Path("outputs/bench/benchmarks.md"), help="'-' to print only"
+    )
+    args = parser.parse_args()
+    rows = [
+        "| batch | q/KV heads | context | bits | SDPA bf16 µs | Triton codes µs | speed-up | codes GB/s | "
+        "PyTorch reference µs | max rel Δ vs reference |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    print("\n".join(rows), flush=True)
+    for layout in args.layouts:
+        q_heads, kv_heads = map(int, layout.split("/"))
+        for batch in args.batches:
+            for context in args.contexts:
+                for bits in args.bits:
+                    rows.append(row(batch, q_heads, kv_heads, context, bits, args.reference_max))
+                    print(rows[-1], flush=True)
+                    torch.cuda.empty_cache()
+    props = torch.cuda.get_device_properties(0)
+    section = "\n".join(
+        [
+            "## Decode attention over codes on a GPU (one layer, one step, head_dim 128)",
+            "",
+            f"`python {' '.join(sys.argv)}` — {datetime.date.today()}, {props.name}, torch {torch.__version__}, "
+            f"triton {triton.__version__}. Median of CUDA-graph replays with the L2 flushed between them; query "
+            "and output rotations not timed (they fold into the projections).",
+            "",
+            *rows,
+        ]
+    )
+    if str(args.out) != "-":
+        write_section(args.out, "gpu_decode", section)
+
+
+if __name__ == "__main__":
+    main()

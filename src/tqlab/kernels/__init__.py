@@ -1,0 +1,24 @@
+"""Triton kernels for the compressed KV cache: fused quantize and fused decode attention over codes.
+
+from tqlab.kernels import centroid_table, decode_attention, quantize_mse
+indices, norms = quantize_mse(x, codec.rotation.matrix(), codec.boundaries)
+out = codec.rotation.inverse(decode_attention(codec.rotation.apply(q), ..., centroid_table(codec.centroids), ...))
+
+Nothing else in tqlab imports this package, so `import tqlab` needs neither triton nor a GPU. Without a
+GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported).
+"""
+
+from __future__ import annotations
+
+try:
+    import triton  # noqa: F401
+except ImportError as err:
+    raise ImportError(
+        "tqlab.kernels needs triton: `pip install triton` (on a CPU-only machine, also set TRITON_INTERPRET=1)"
+    ) from err
+
+from .decode import decode_attention
+from .packed import centroid_table
+from .quantize import quantize_mse
+
+__all__ = ["centroid_table", "decode_attention", "quantize_mse"]

@@ -1,0 +1,73 @@
+"""Reading bit-packed TurboQuant-MSE codes inside Triton kernels, as fp16 centroids in coordinate order.
+
+`pack_bits` puts coordinate i of a row at bits [i·b, i·b + b) of a little-endian bit stream, so every 8
+coordinates fill exactly b bytes: group g is the b-byte word starting at byte g·b, and coordinate 8g + e is
+(group >> b·e) & (2^b − 1) — for b = 3 too, whose codes straddle bytes but never a group. Groups are read
+as int32 words (b = 2, 4) or assembled from three bytes (b = 3), the codes cut out with shifts and masks,
+and each code looked up in the fp16 codebook held in registers: `tl.gather` along a warp's lanes is one
+shuffle per code, where a gather from memory costs an L1 wavefront per distinct sector.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MIN_BITS, MAX_BITS = 2, 4  # rows of whole int32 words at every head_dim >= 32; a codebook within a warp
+
+
+def check_code_bits(row_bytes: int, dim: int, what: str) -> int:
+    """Bits per coordinate of packed rows of `row_bytes` bytes holding `dim` codes."""
+    if dim < 32 or dim & (dim - 1):
+        raise ValueError(f"{what}: head_dim={dim} must be a power of two >= 32 for the Triton kernels")
+    bits, rest = divmod(8 * row_bytes, dim)
+    if rest or not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(
+            f"{what}: rows of {row_bytes} bytes do not hold {dim} codes of {MIN_BITS}..{MAX_BITS} bits "
+            f"(expected packed_row_bytes({dim}, bits) = {dim // 8}·bits bytes)"
+        )
+    return bits
+
+
+def centroid_table(centroids: torch.Tensor) -> torch.Tensor:
+    """The fp16 codebook the kernels look codes up in (from codec.centroids): build it once per codec."""
+    levels = centroids.numel()
+    if levels not in [1 << b for b in range(MIN_BITS, MAX_BITS + 1)]:
+        raise ValueError(
+            f"a codebook of {levels} centroids is not 2^bits with bits in {MIN_BITS}..{MAX_BITS}"
+        )
+    return centroids.to(torch.float16).contiguous()
+
+
+@triton.jit
+def load_centroids(codes, table, tokens, valid, BITS: tl.constexpr, DIM: tl.constexpr):
+    """fp16 [len(tokens), DIM] centroids c[idx] of the packed rows `tokens` (rows of DIM/8·BITS bytes from
+    the byte pointer `codes`, 4-byte aligned for b = 2, 4); table: the fp16 codebook [2^BITS] as a register tensor."""
+    if BITS == 3:  # 3-byte groups: assembled from bytes (three word planes measured slower: registers)
+        at = codes + tokens[:, None] * (DIM // 8 * 3) + 3 * tl.arange(0, DIM // 8)[None, :]
+        words = tl.load(at, mask=valid[:, None], other=0).to(tl.int32)
+        words |= tl.load(at + 1, mask=valid[:, None], other=0).to(tl.int32) << 8
+        words |= tl.load(at + 2, mask=valid[:, None], other=0).to(tl.int32) << 16
+    else:  # int32 words, which the software pipeliner can prefetch (cp.async takes 4 bytes and up)
+        rows = codes.to(tl.pointer_type(tl.int32)) + tokens[:, None] * (DIM // 32 * BITS)
+        if BITS == 4:  # one group per word
+            words = tl.load(rows + tl.arange(0, DIM // 8)[None, :], mask=valid[:, None], other=0)
+        else:  # 2 bits: groups 2j and 2j + 1 in the low and high half of word j
+            w = tl.load(rows + tl.arange(0, DIM // 16)[None, :], mask=valid[:, None], other=0)
+            words = tl.reshape(tl.join(w & 0xFFFF, (w >> 16) & 0xFFFF), (tokens.shape[0], DIM // 8))
+    mask: tl.constexpr = (1 << BITS) - 1
+    src = tl.broadcast_to(table[None, :], (tokens.shape[0], 1 << BITS))
+    e0 = tl.gather(src, words & mask, axis=1)
+    e1 = tl.gather(src, (words >> BITS) & mask, axis=1)
+    e2 = tl.gather(src, (words >> (2 * BITS)) & mask, axis=1)
+    e3 = tl.gather(src, (words >> (3 * BITS)) & mask, axis=1)
+    e4 = tl.gather(src, (words >> (4 * BITS)) & mask, axis=1)
+    e5 = tl.gather(src, (words >> (5 * BITS)) & mask, axis=1)
+    e6 = tl.gather(src, (words >> (6 * BITS)) & mask, axis=1)
+    e7 = tl.gather(src, (words >> (7 * BITS)) & mask, axis=1)
+    # Interleave the eight planes back into coordinate order: in [N, DIM/8, 2, 2, 2] the index
+    # (i, j, k) is coordinate 8g + 4i + 2j + k, so the innermost join picks i and the outermost k.
+    even = tl.join(tl.join(e0, e4), tl.join(e2, e6))
+    odd = tl.join(tl.join(e1, e5), tl.join(e3, e7))
+    return tl.reshape(tl.join(even, odd), (tokens.shape[0], DIM))

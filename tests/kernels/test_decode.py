@@ -1,0 +1,115 @@
+"""Fused decode attention over packed codes against a float64 reference built from the real codec."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from tqlab.kernels import centroid_table, decode_attention  # noqa: E402
+from tqlab.quant import TurboQuantMSE, unpack_bits  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# The kernel feeds tensor cores fp16 operands (unit roundoff 2^-11: the query, the centroids, p·‖v‖) and
+# accumulates in fp32; a few roundoffs of the output's scale bound its error.
+TOLERANCE = 8 * 2**-11
+
+
+def gaussian(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def rotated_codes(codec, code):
+    """c[idx] · ‖x‖ in float64 from the stored bytes, decoded by the codec's own unpacking."""
+    idx = unpack_bits(code.indices, codec.bits, codec.dim)
+    return codec.centroids.double()[idx] * code.norms.double().unsqueeze(-1)
+
+
+def reference(q, keys, values, lengths, scaling):
+    """softmax(scaling · q kᵀ) v per query head over its KV head's first lengths[b] keys, causal among the
+    step's Tq query tokens, in float64."""
+    group = q.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+    q_len, tokens = q.shape[2], keys.shape[2]
+    position = lengths[:, None] - q_len + torch.arange(q_len)  # [B, Tq]
+    seen = torch.arange(tokens) <= position[..., None]  # [B, Tq, T]
+    logits = (q.double() @ keys.transpose(-1, -2) * scaling).masked_fill(~seen[:, None], float("-inf"))
+    return torch.softmax(logits, dim=-1) @ values
+
+
+def run(q, k_codec, k_code, v_codec, v_code, lengths, scaling, num_splits):
+    out = decode_attention(
+        q.to(DEVICE), k_code.indices.to(DEVICE), k_code.norms.to(DEVICE), v_code.indices.to(DEVICE),
+        v_code.norms.to(DEVICE), centroid_table(k_codec.centroids.to(DEVICE)),
+        centroid_table(v_codec.centroids.to(DEVICE)), lengths.to(DEVICE), scaling, num_splits,
+    )  # fmt: skip
+    assert out.dtype == torch.float32
+    return out.cpu().double()
+
+
+CASES = [  # dim, key bits, value bits, query heads per KV head, query tokens, lengths (T = max), splits
+    (64, 2, 2, 1, 1, [33], None),
+    (64, 3, 4, 4, 1, [150, 77], 3),
+    (64, 4, 4, 8, 4, [40, 100], 5),
+    (128, 3, 3, 2, 1, [200, 1, 129], 4),
+    (128, 4, 4, 8, 1, [97], 2),
+    (128, 4, 2, 4, 3, [70, 64], 2),
+    (128, 2, 3, 1, 2, [65], 1),
+    (256, 3, 3, 4, 1, [130, 65], 2),
+    (256, 4, 3, 2, 2, [90], None),
+]
+
+
+@pytest.mark.parametrize("dim,k_bits,v_bits,group,q_len,lengths,splits", CASES)
+def test_matches_float64_attention_over_the_decoded_codes(dim, k_bits, v_bits, group, q_len, lengths, splits):
+    seed = dim + 10 * k_bits + v_bits + group
+    batch, kv_heads, tokens = len(lengths), 2, max(lengths)
+    k_codec = TurboQuantMSE(dim, k_bits, rotation="fast_hadamard", seed=seed)
+    v_codec = TurboQuantMSE(dim, v_bits, rotation="fast_hadamard", seed=seed + 1)
+    k_code = k_codec.quantize(gaussian(batch, kv_heads, tokens, dim, seed=seed) * 2)
+    v_code = v_codec.quantize(gaussian(batch, kv_heads, tokens, dim, seed=seed + 1) * 3)
+    q = gaussian(batch, kv_heads * group, q_len, dim, seed=seed + 2) * 2  # already rotated
+    lengths = torch.tensor(lengths)
+    scaling = dim**-0.5
+    out = run(q, k_codec, k_code, v_codec, v_code, lengths, scaling, splits)
+    expected = reference(q, rotated_codes(k_codec, k_code), rotated_codes(v_codec, v_code), lengths, scaling)
+    scale = expected.abs().max()
+    torch.testing.assert_close(out, expected, rtol=0, atol=TOLERANCE * scale)
+
+
+def test_one_inverse_rotation_gives_attention_over_dequantized_keys_and_values():
+    dim, batch, kv_heads, group, tokens = 128, 2, 2, 4, 90
+    k_codec = TurboQuantMSE(dim, 3, rotation="random_haar", seed=5)
+    v_codec = TurboQuantMSE(dim, 4, rotation="random_haar", seed=6)
+    k_code = k_codec.quantize(gaussian(batch, kv_heads, tokens, dim, seed=1))
+    v_code = v_codec.quantize(gaussian(batch, kv_heads, tokens, dim, seed=2))
+    q = gaussian(batch, kv_heads * group, 1, dim, seed=3) * 2
+    lengths, scaling = torch.tensor([90, 41]), dim**-0.5
+    # Keys and values share no rotation here, so the query takes the key rotation and the output the value one.
+    out = run(k_codec.rotation.apply(q), k_codec, k_code, v_codec, v_code, lengths, scaling, 2)
+    out = v_codec.rotation.inverse(out.float()).double()
+    keys, values = k_codec.dequantize(k_code).double(), v_codec.dequantize(v_code).double()
+    expected = reference(q, keys, values, lengths, scaling)
+    torch.testing.assert_close(out, expected, rtol=0, atol=TOLERANCE * expected.abs().max())
+
+
+def test_split_count_changes_only_rounding():
+    dim, tokens = 64, 300
+    codec = TurboQuantMSE(dim, 4, rotation="fast_hadamard")
+    k_code = codec.quantize(gaussian(1, 1, tokens, dim, seed=7))
+    v_code = codec.quantize(gaussian(1, 1, tokens, dim, seed=8))
+    q, lengths = gaussian(1, 4, 1, dim, seed=9), torch.tensor([tokens])
+    outs = [run(q, codec, k_code, codec, v_code, lengths, 0.125, splits) for splits in (1, 2, 5)]
+    # Each chunk rounds p · ‖v‖ to fp16 against its own running maximum, so chunkings differ by roundoff.
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], rtol=0, atol=TOLERANCE * outs[0].abs().max())
+
+
+def test_codes_of_the_wrong_width_are_refused():
+    codec = TurboQuantMSE(64, 3)
+    code = codec.quantize(gaussian(1, 1, 8, 64, seed=0))
+    q = torch.zeros(1, 1, 1, 128)  # head_dim 128 against 64-dim codes
+    table = centroid_table(codec.centroids)
+    with pytest.raises(ValueError, match="rows of 24 bytes do not hold 128 codes"):
+        decode_attention(
+            q, code.indices, code.norms, code.indices, code.norms, table, table, torch.tensor([8]), 1.0
+        )

@@ -1,0 +1,56 @@
+"""Fused quantize against TurboQuantMSE.quantize and a float64 nearest-centroid reference."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from tqlab.kernels import quantize_mse  # noqa: E402
+from tqlab.quant import TurboQuantMSE, lloyd_max_codebook, pack_bits, unpack_bits  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NEAR_TIE = 1e-5  # |y − boundary| of a unit vector's rotated coordinate below which fp32 sums may disagree
+
+
+@pytest.mark.parametrize("dim", [64, 128, 256])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_codes_equal_the_codec_and_a_float64_reference_up_to_boundary_ties(dim, bits):
+    rotation = "random_haar" if bits == 3 else "fast_hadamard"
+    dtype = {2: torch.float32, 3: torch.bfloat16, 4: torch.float16}[bits]
+    codec = TurboQuantMSE(dim, bits, rotation=rotation, seed=dim + bits)
+    x = (torch.randn(2, 35, dim, generator=torch.Generator().manual_seed(bits)) * 4).to(dtype)
+    x[1, 3] = 0  # a zero vector codes as y = 0
+    matrix = codec.rotation.matrix()
+    indices, norms = quantize_mse(x.to(DEVICE), matrix.to(DEVICE), codec.boundaries.to(DEVICE))
+    indices, norms = indices.cpu(), norms.cpu()
+    code = codec.quantize(x)
+    assert indices.shape == code.indices.shape and indices.dtype == torch.uint8
+    assert norms.dtype == torch.float16
+
+    # float64 reference: nearest Lloyd-Max centroid of each rotated coordinate, packed by pack_bits
+    x64 = x.double()
+    y = (x64 / x64.norm(dim=-1, keepdim=True).clamp_min(1e-300)) @ matrix.double().T
+    boundaries = torch.tensor(lloyd_max_codebook(dim, bits)[1])
+    expected = torch.bucketize(y, boundaries)
+    near_tie = ((y.unsqueeze(-1) - boundaries).abs() < NEAR_TIE).any(-1)
+    ours = unpack_bits(indices, bits, dim)
+    assert torch.equal(ours[~near_tie], expected[~near_tie])
+    assert ((ours - expected).abs() <= 1).all()
+    if not near_tie.any():
+        assert torch.equal(indices, pack_bits(expected, bits))
+    # The codec's own bytes: identical up to the same ties.
+    differ = unpack_bits(code.indices, bits, dim) != ours
+    assert not (differ & ~near_tie).any()
+    # Norms: fp16 of ‖x‖; a different fp32 summation order may move a tie by one fp16 ulp.
+    ulps = (
+        (norms.float() - code.norms.float()).abs()
+        / torch.finfo(torch.float16).eps
+        / code.norms.float().clamp_min(1e-3)
+    )
+    assert (ulps <= 1.01).all() and (norms == code.norms).float().mean() > 0.95
+
+
+def test_rows_need_a_matching_square_rotation():
+    codec = TurboQuantMSE(64, 2)
+    with pytest.raises(ValueError, match=r"needs a \[64, 64\] rotation"):
+        quantize_mse(torch.zeros(3, 64), torch.eye(32), codec.boundaries)
