@@ -188,6 +188,11 @@ def test_a_negative_epoch_count_fails_before_any_compute(tmp_path):
         tasks.train(cfg("train", tmp_path, "fit.max_epochs=-2"))
 
 
+def test_train_refuses_centering_it_would_not_fit_with(tmp_path):
+    with pytest.raises(ConfigError, match="codec.center=true: train.py fits rotations on uncentered"):
+        tasks.train(cfg("train", tmp_path, "codec.center=true"))
+
+
 def test_fixed_rotations_have_nothing_to_train(tmp_path):
     with pytest.raises(ConfigError, match="nothing to fit"):
         tasks.train(cfg("train", tmp_path, "rotation=random_haar"))

@@ -137,27 +137,45 @@ class CodecRule:
 
 
 _TURBOQUANT_NORM = Option(NORM_DTYPES, default="float16")
+# every codec may code x − μ, μ a per-(layer, KV head) mean of train-split vectors (quant.Centered), and
+# keys in the metric of the head's train-split queries (quant.QueryWeighted)
+_CENTER = {
+    "center": Option((False, True), default=False),
+    "key_metric": Option(("euclidean", "query"), default="euclidean"),
+}
 CODECS: dict[str, CodecRule] = {
     "turboquant_mse": CodecRule(
         fractional=True,
-        options={"norm_dtype": _TURBOQUANT_NORM, "norm_correction": Option((False, True), default=False)},
+        options={
+            **_CENTER,
+            "norm_dtype": _TURBOQUANT_NORM,
+            "norm_correction": Option((False, True), default=False),
+        },
     ),
     "turboquant_prod": CodecRule(
         min_bits=2,
         fractional=True,
         stage1_offset=1,
-        options={"norm_dtype": _TURBOQUANT_NORM, "qjl_dim": Option(positive_int=True, nullable=True)},
+        options={
+            **_CENTER,
+            "norm_dtype": _TURBOQUANT_NORM,
+            "qjl_dim": Option(positive_int=True, nullable=True),
+        },
     ),
     "int8_block": CodecRule(
-        bits=(8,), rotations=("identity",), options={"block": Option(positive_int=True, default=32)}
+        bits=(8,),
+        rotations=("identity",),
+        options={**_CENTER, "block": Option(positive_int=True, default=32)},
     ),
     "int4_block": CodecRule(
         bits=(4,),
         rotations=("identity", "fast_hadamard"),
-        options={"block": Option(positive_int=True, default=32)},
+        options={**_CENTER, "block": Option(positive_int=True, default=32)},
     ),
     "kivi": CodecRule(
-        bits=(2, 4), rotations=("identity",), options={"group": Option(positive_int=True, default=32)}
+        bits=(2, 4),
+        rotations=("identity",),
+        options={**_CENTER, "group": Option(positive_int=True, default=32)},
     ),
 }
 

@@ -188,6 +188,8 @@ def test_cache_bytes_are_the_stored_codes_counted_by_hand():
     "codec,sinks,recent,exact_recent",
     [
         ("turboquant_mse", 3, 0, 0),
+        ("centered", 2, 3, 3),  # mean removal: q·μ added to coded scores, as exact tokens carry it
+        ("query_metric", 1, 2, 2),  # keys coded in the queries' metric, around their mean
         ("turboquant_mse", 0, 5, 5),
         ("turboquant_prod", 2, 4, 4),
         ("kivi", 0, 0, 3),  # 19 tokens: one group of 16 keys encoded, 3 kept exact as KIVI does
@@ -197,11 +199,21 @@ def test_cache_bytes_are_the_stored_codes_counted_by_hand():
 def test_sinks_and_the_recent_window_stay_exact_and_the_rest_reads_codes(codec, sinks, recent, exact_recent):
     model = tiny("llama")
     ids = torch.randint(0, 97, (2, 19), generator=torch.Generator().manual_seed(9))
-    options = {"group": 16} if codec == "kivi" else {}
+    options = {
+        "kivi": {"group": 16},
+        "centered": {"center": True},
+        "query_metric": {"center": True, "key_metric": "query"},
+    }.get(codec, {})
     rotation = "identity" if codec == "kivi" else "random_haar"
     bits = 2 if codec == "kivi" else 3
+    codec = "turboquant_mse" if codec in ("centered", "query_metric") else codec
     spec = KVQuantSpec.create(codec, bits, rotation, codec_options=options, **SPEC)
-    cache = compress_kv(model, spec, sink_tokens=sinks, recent_window=recent)
+    offset = torch.randn(16, generator=torch.Generator().manual_seed(11))  # a mean the keys lack: still exact
+
+    def calibration(side, layer, head):
+        return offset + torch.randn(64, 16, generator=torch.Generator().manual_seed(layer * 7 + head))
+
+    cache = compress_kv(model, spec, calibration, sink_tokens=sinks, recent_window=recent)
     got = logits(model, ids, cache)
     reference = _decoded_reference(model, cache.bank, sinks, exact_recent)
     AttentionInterface.register("decoded_reference", reference)

@@ -9,6 +9,7 @@ import torch
 from tqlab import config, quant, registry, rotation
 from tqlab.kv import KVQuantSpec, RuleError
 from tqlab.kv.builder import CodecBank, unit_seed
+from tqlab.quant import QueryWeighted
 from tqlab.rotation.io import load_rotations, save_rotations
 
 
@@ -133,8 +134,22 @@ def test_fractional_bits_check_each_channel_groups_rotation_before_compute():
     KVQuantSpec.create("turboquant_mse", 2.5, "fast_hadamard", head_dim=128)  # 64 + 64: fine
 
 
-def test_fractional_bits_without_calibration_data_are_refused_clearly():
-    with pytest.raises(
-        RuleError, match="fractional bits pick their outlier channels from calibration vectors"
-    ):
-        CodecBank(KVQuantSpec.create("turboquant_mse", 2.5, "random_haar"), 64)
+@pytest.mark.parametrize("bits,options", [(2.5, {}), (3, {"center": True}), (3, {"key_metric": "query"})])
+def test_per_head_statistics_without_calibration_data_are_refused_clearly(bits, options):
+    with pytest.raises(RuleError, match="fit per-head statistics on calibration vectors"):
+        CodecBank(KVQuantSpec.create("turboquant_mse", bits, "random_haar", codec_options=options), 64)
+
+
+def test_centering_and_the_query_metric_are_built_from_train_statistics_and_counted():
+    g = torch.Generator().manual_seed(0)
+    data = {side: torch.randn(300, 64, generator=g) + i for i, side in enumerate(("key", "value", "query"))}
+    spec = KVQuantSpec.create(
+        "turboquant_mse", 3, "fast_hadamard", codec_options={"center": True, "key_metric": "query"}
+    )
+    bank = CodecBank(spec, 64, lambda side, layer, head: data[side])
+    key, value = bank.get("key", 0, 0, "cpu"), bank.get("value", 0, 0, "cpu")
+    torch.testing.assert_close(key.mean, data["key"].mean(0))
+    torch.testing.assert_close(value.mean, data["value"].mean(0))
+    assert isinstance(key.inner, QueryWeighted) and not isinstance(value.inner, QueryWeighted)  # keys only
+    plain = CodecBank(KVQuantSpec.create("turboquant_mse", 3, "fast_hadamard"), 64).get("key", 0, 0, "cpu")
+    assert key.constant_nbytes() == plain.constant_nbytes() + 64 * 4 + 2 * 64 * 64 * 4  # mean + two maps

@@ -16,6 +16,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ..quant import Centered
+
 NAME = "tqlab"
 LAYER_MARK = "_tqlab_layer"  # attribute of the key tensor `update` returns: the layer holding its codes
 
@@ -44,6 +46,8 @@ def _weighted_values(codec, code, exact: torch.Tensor | None, p: torch.Tensor) -
     """Σ_t p_t v_t for p [B, n, T]: in the rotated domain where the codec has one (one inverse rotation)."""
     if codec is None:
         return p @ exact.float()
+    if isinstance(codec, Centered):  # Σ p (x − μ)^ + (Σ p) μ: the mean added once
+        return _weighted_values(codec.inner, code, None, p) + p.sum(-1, keepdim=True) * codec.mean
     if hasattr(codec, "rotated_centroids"):
         return codec.rotation.inverse(p @ codec.rotated_centroids(code))
     return p @ codec.dequantize(code)

@@ -9,7 +9,7 @@ import torch
 
 from .. import registry
 from ..dtypes import DTYPES
-from ..quant import MixedPrecision, make_codec
+from ..quant import Centered, MixedPrecision, QueryWeighted, make_codec, query_metric_maps
 from ..registry import RuleError
 from ..rotation import Rotation, make_rotation
 from ..rotation.io import load_rotations, rotation_for, unit_name
@@ -63,10 +63,10 @@ class CodecBank:
         calibration: Callable[[str, int, int], torch.Tensor] | None = None,
     ):
         spec.check_head_dim(dim)
-        if calibration is None and any(not float(s.codec.bits).is_integer() for s in spec.sides().values()):
+        if calibration is None and spec.needs_calibration():
             raise RuleError(
-                "fractional bits pick their outlier channels from calibration vectors: pass calibration="
-                "fn(side, layer, head) → [n, head_dim] train-split vectors"
+                "fractional bits and codec.center fit per-head statistics on calibration vectors: pass "
+                "calibration=fn(side, layer, head) → [n, head_dim] train-split vectors"
             )
         self.spec, self.dim, self.calibration = spec, dim, calibration
         self.fitted = load_fitted(spec)
@@ -115,10 +115,20 @@ class CodecBank:
             else:  # the outlier split builds one rotation per channel group, of that group's size
                 options.update(rotation=s.rotation.name, **dict(s.rotation.options))
             options["seed"] = seed
+        center, metric = options.pop("center"), options.pop("key_metric")
         codec = make_codec(s.codec.name, self.dim, s.codec.bits, **options)
-        if isinstance(codec, MixedPrecision):
-            codec.calibrate(self.calibration(side, layer, head))
-        return codec
+        seen = self.calibration(side, layer, head).float() if self.calibration else None  # by the codec
+        mean = seen.mean(0) if center else None
+        if center:
+            seen = seen - mean
+        if side == "key" and metric == "query":
+            maps = query_metric_maps(self.calibration("query", layer, head).float())
+            seen = seen @ maps[0]
+        if isinstance(codec, MixedPrecision):  # outlier channels of what the codec will see
+            codec.calibrate(seen)
+        if side == "key" and metric == "query":
+            codec = QueryWeighted(codec, *maps)
+        return Centered(codec, mean) if center else codec
 
     def constant_nbytes(self, units: list[tuple[int, int]], device) -> int:
         """Bytes of the per-layer constants over every (layer, KV head) unit and compressed side."""

@@ -103,6 +103,16 @@ class KVQuantSpec:
     def sides(self) -> dict[str, SideSpec]:
         return {s: getattr(self, s) for s in registry.SIDES if getattr(self, s) is not None}
 
+    def needs_calibration(self) -> bool:
+        """Whether building a codec needs train-split vectors: fractional bits (outlier channels), mean
+        removal (`center`) or the query metric (`key_metric=query`)."""
+        return any(
+            not float(s.codec.bits).is_integer()
+            or dict(s.codec.options).get("center")
+            or dict(s.codec.options).get("key_metric") == "query"
+            for s in self.sides().values()
+        )
+
     @classmethod
     def create(
         cls,

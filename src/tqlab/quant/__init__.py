@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from .. import registry
 from .baselines import KIVI, BlockCode, Int4Block, Int8Block
+from .centered import Centered
 from .codebook import coordinate_distortion, lloyd_max_codebook
 from .codes import Code
+from .metric import QueryWeighted, query_metric_maps
 from .mixed import MixedCode, MixedPrecision
 from .mse import MSECode, TurboQuantMSE
 from .packing import pack_bits, packed_row_bytes, unpack_bits
@@ -36,6 +38,8 @@ def make_codec(name: str, dim: int, bits: float, **options):
 
 __all__ = [
     "CODECS",
+    "Centered",
+    "QueryWeighted",
     "KIVI",
     "BlockCode",
     "Code",
@@ -52,5 +56,6 @@ __all__ = [
     "make_codec",
     "pack_bits",
     "packed_row_bytes",
+    "query_metric_maps",
     "unpack_bits",
 ]

@@ -53,7 +53,8 @@ class Evaluation:
             rot += f" ({c['fit']})"
         elif c.get("rotations_from"):  # results written before the `fit` column
             rot += f" ({Path(c['rotations_from']).name})"
-        label = f"{c['codec']} · {rot}" if rot else c["codec"]
+        codec = c["codec"] + (" centered" if json.loads(c.get("options") or "{}").get("center") else "")
+        label = f"{codec} · {rot}" if rot else codec
         return label + self.layout_suffix
 
     @property

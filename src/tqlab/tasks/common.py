@@ -48,9 +48,10 @@ def kv_source(cfg: DictConfig):
 
 
 def calibration(cfg: DictConfig, spec: KVQuantSpec, source=None):
-    """Train-split vectors for fractional bits' outlier channels: `fn(side, layer, head)`, or None when no side
-    has fractional bits. The vectors come from the capture (made first when missing)."""
-    if all(float(s.codec.bits).is_integer() for s in spec.sides().values()):
+    """Train-split vectors for per-head statistics (fractional bits' outlier channels, `codec.center`'s mean):
+    `fn(side, layer, head)`, or None when the spec needs none. They come from the capture (made first
+    when missing)."""
+    if not spec.needs_calibration():
         return None
     import torch
 
@@ -58,9 +59,9 @@ def calibration(cfg: DictConfig, spec: KVQuantSpec, source=None):
     n = min(cfg.eval.calibration_sequences, source.num_sequences("train"))
 
     def vectors(side: str, layer: int, head: int) -> torch.Tensor:
-        return torch.cat(
-            [source.load("train", layer, s, head)["k" if side == "key" else "v"] for s in range(n)]
-        )
+        """[n, head_dim] train-split keys or values of a KV head, or the queries of the heads that read it."""
+        name = {"key": "k", "value": "v", "query": "q"}[side]
+        return torch.cat([source.load("train", layer, s, head)[name].flatten(0, -2) for s in range(n)])
 
     return vectors
 
