@@ -66,3 +66,32 @@ def test_views_of_a_learned_rotation_are_different_orthogonal_maps():
         torch.testing.assert_close(m @ m.T, torch.eye(16), atol=1e-5, rtol=0)
     for m, n in itertools.combinations(mats, 2):
         assert (m - n).abs().max() > 0.1
+
+
+def _generator_coordinates(view: str) -> torch.Tensor:
+    """The 28 × 28 matrix of a view's map so(8) → so(8) on the coordinates A_ij, i < j."""
+    upper = torch.triu_indices(8, 8, 1)
+    basis = torch.zeros(28, 8, 8, dtype=torch.float64)
+    basis[range(28), upper[0], upper[1]] = 1
+    basis = basis - basis.transpose(-1, -2)
+    return represent(basis, view)[:, upper[0], upper[1]].T
+
+
+@pytest.mark.parametrize("view", ["spinor_plus", "spinor_minus"])
+def test_as_parametrisations_the_views_differ_only_by_an_orthogonal_change_of_generator_coordinates(view):
+    # so every view reaches the same rotations, and plain gradient descent follows the same path in each
+    m = _generator_coordinates(view)
+    torch.testing.assert_close(m.T @ m, torch.eye(28, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def test_spinor_minus_is_spinor_plus_with_the_last_axis_reflected():
+    # ρ₋(A) = ρ₊(PAP), P = diag(1, …, 1, −1): seven generator entries change sign, so even Adam, which is
+    # invariant to coordinate sign flips but not to rotations, fits the two half-spin views identically
+    reflect = torch.diag(torch.tensor([1.0] * 7 + [-1.0], dtype=torch.float64))
+    a = torch.randn(5, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    a = a - a.transpose(-1, -2)
+    torch.testing.assert_close(
+        represent(a, "spinor_minus"), represent(reflect @ a @ reflect, "spinor_plus"), atol=1e-12, rtol=0
+    )
+    flips = torch.linalg.solve(_generator_coordinates("spinor_plus"), _generator_coordinates("spinor_minus"))
+    assert torch.allclose(flips, torch.diag(flips.diagonal())) and int((flips.diagonal() < 0).sum()) == 7
