@@ -10,3 +10,5 @@ common=(task=perplexity model=qwen2_5_coder_1_5b perplexity.max_windows=6 kv=ful
 out=multirun/qwen_e2e
 $PY eval.py -m "${common[@]}" codec.center=true bits=4,3 hydra.sweep.dir=$out/center
 $PY eval.py -m "${common[@]}" codec.center=true codec.key_metric=query bits=4,3 hydra.sweep.dir=$out/center_query
+$PY eval.py -m "${common[@]}" codec.center=true bits=3.5 hydra.sweep.dir=$out/center_3.5
+$PY eval.py -m task=niah model=qwen2_5_coder_1_5b kv=full_kv rotation=fast_hadamard logger=csv progress=false codec.center=true bits=4,3 'niah.contexts=[256,512]' hydra.sweep.dir=$out/niah_center
