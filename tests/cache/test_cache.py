@@ -137,9 +137,28 @@ def test_chunked_prefill_equals_token_by_token_decoding_when_compressed():
     cache = compress_kv(model, spec)
     steps = torch.cat([logits(model, ids[:, i : i + 1], cache) for i in range(ids.shape[1])], dim=1)
     torch.testing.assert_close(steps, whole, atol=1e-5, rtol=0)
+    sliding, full = cache.layers[1], cache.layers[0]  # decoded token by token: the sliding layer dropped
+    assert sliding.held <= 2 * 6 and sliding.offset > 0 and full.held == full.get_seq_length() == 15
+    assert sliding.nbytes() < full.nbytes()
     cache = compress_kv(model, spec)
     chunks = torch.cat([logits(model, ids[:, i : i + 4], cache) for i in range(0, 15, 4)], dim=1)
     torch.testing.assert_close(chunks, whole, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("codec,bits,options", [("turboquant_mse", 2.5, {}), ("kivi", 2, {"group": 4})])
+def test_dropping_the_oldest_tokens_leaves_the_codes_of_the_rest(codec, bits, options):
+    from tqlab.cache.codes import drop_front
+    from tqlab.kv.builder import CodecBank
+
+    spec = KVQuantSpec.create(
+        codec, bits, "identity" if codec == "kivi" else "random_haar", codec_options=options, **SPEC
+    )
+    bank = CodecBank(spec, 16, lambda side, layer, head: torch.randn(64, 16))
+    keys = bank.get("key", 0, 0, "cpu")
+    x = torch.randn(2, 12, 16, generator=torch.Generator().manual_seed(12))
+    kept = drop_front(keys.quantize(x), 8)
+    assert kept.shape == (2, 4) and kept.nbytes == keys.quantize(x[:, 8:]).nbytes
+    torch.testing.assert_close(keys.dequantize(kept), keys.dequantize(keys.quantize(x[:, 8:])))
 
 
 def test_prefill_exact_prompts_see_themselves_exactly_and_later_tokens_see_codes():

@@ -63,10 +63,10 @@ def attend(layer, query: torch.Tensor, mask: torch.Tensor, scaling: float) -> to
         heads = slice(h * group, (h + 1) * group)
         q = query[:, heads].float().reshape(batch, group * q_len, dim)
         logits = torch.cat([_scores(*part, q) for part in layer.segments("key", h)], dim=-1)
-        logits = logits.view(batch, group, q_len, layer.length) * scaling
+        logits = logits.view(batch, group, q_len, layer.held) * scaling
         logits = logits.masked_fill(~mask[:, None], float("-inf"))
         p = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a query that may see nothing (padding) gets 0
-        p = p.view(batch, group * q_len, layer.length)
+        p = p.view(batch, group * q_len, layer.held)
         o, start = 0, 0
         for codec, code, exact in layer.segments("value", h):
             n = exact.shape[-2] if code is None else code.shape[1]
@@ -87,7 +87,7 @@ def tqlab_attention(module, query, key, value, attention_mask, dropout: float = 
         )
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
-    mask = _mask(attention_mask, query.shape[0], query.shape[2], layer.length, window, query.device)
+    mask = _mask(attention_mask, query.shape[0], query.shape[2], layer.held, window, query.device)
     out = attend(layer, query, mask, scaling)
     return out.transpose(1, 2).to(query.dtype).contiguous(), None
 

@@ -33,7 +33,8 @@ from ..kv.layout import CacheLayout
 from ..kv.spec import KVQuantSpec
 from ..registry import SIDES, RuleError
 from . import attention
-from .codes import concat
+from ..quant import Code
+from .codes import concat, drop_front
 
 ATTENTION_LAYERS = ("full_attention", "sliding_attention")
 
@@ -90,6 +91,8 @@ class TurboQuantLayer(CacheLayerMixin):
         marked with this layer, so that the tqlab attention function reads what the layer holds."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.is_sliding and self.held > 2 * self.sliding_window:  # amortised: drops come in batches
+            self._drop_oldest(self.held - (self.sliding_window - 1))
         prefill_exact = self.layout.protocol == "prefill_exact"
         if prefill_exact:  # earlier calls' tokens now go to codes; this call's attend to themselves exactly
             self.settle()
@@ -110,10 +113,10 @@ class TurboQuantLayer(CacheLayerMixin):
             if codecs[0] is None or pending is None:
                 continue
             leaving = pending.shape[-2] - self.layout.recent_window
-            have = 0 if self._sink[side] is None else self._sink[side].shape[-2]
-            to_sink = min(max(self.layout.sink_tokens - have, 0), max(leaving, 0))
+            to_sink = min(max(self.layout.sink_tokens - self._sunk[side], 0), max(leaving, 0))
             if to_sink:
                 self._sink[side] = _cat(self._sink[side], pending[..., :to_sink, :].clone())
+                self._sunk[side] += to_sink
             encoded = max(leaving - to_sink, 0) // self.token_group * self.token_group
             if encoded:
                 chunk = pending[..., to_sink : to_sink + encoded, :]
@@ -121,6 +124,41 @@ class TurboQuantLayer(CacheLayerMixin):
                     self._codes[side][h] = concat(self._codes[side][h], codec.quantize(chunk[:, h]))
             if to_sink or encoded:  # a copy: a view would keep the whole old buffer alive
                 self._pending[side] = pending[..., to_sink + encoded :, :].clone()
+
+    def _drop_oldest(self, n: int) -> None:
+        """Forget up to n of the oldest tokens a sliding layer holds (its mask hides them already): sinks,
+        then codes (whole token groups), then exact tokens, in token order, and the same number per side."""
+        counts = []
+        for side in SIDES:
+            parts = [self._sink[side], self._codes[side][0], self._pending[side]]
+            sizes = [0 if p is None else (p.shape[1] if isinstance(p, Code) else p.shape[-2]) for p in parts]
+            left, dropped = n, [0, 0, 0]
+            for i, size in enumerate(sizes):
+                take = min(left, size)
+                if i == 1 and take < size:  # codes go a whole token group at a time
+                    take -= take % self.token_group
+                dropped[i], left = take, left - take
+                if take < size:
+                    break
+            counts.append(dropped)
+        n = min(sum(d) for d in counts)  # sides of different layouts drop as many as the stricter allows
+        for side in SIDES:
+            left = n
+            if self._sink[side] is not None and left:
+                take = min(left, self._sink[side].shape[-2])
+                self._sink[side], left = self._sink[side][..., take:, :].clone(), left - take
+            if self._codes[side][0] is not None and left:
+                take = min(left, self._codes[side][0].shape[1])
+                self._codes[side] = [drop_front(c, take) for c in self._codes[side]]
+                left -= take
+            if self._pending[side] is not None and left:
+                self._pending[side] = self._pending[side][..., left:, :].clone()
+        self.offset += n
+
+    @property
+    def held(self) -> int:
+        """Tokens the layer holds: every one it has seen, less those a sliding layer has dropped."""
+        return self.length - self.offset
 
     def segments(self, side: str, head: int) -> list[tuple]:
         """What one KV head holds of a side, in token order: (codec, code, None) for codes and
@@ -134,7 +172,8 @@ class TurboQuantLayer(CacheLayerMixin):
         return parts
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0  # every token is kept; a sliding layer's mask hides old ones
+        # a sliding layer holds between window − 1 and 2 × window tokens; its mask hides the older ones
+        return self.held + query_length, self.offset
 
     def get_seq_length(self) -> int:
         return self.length
@@ -143,7 +182,8 @@ class TurboQuantLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.length = 0
+        self.length = self.offset = 0
+        self._sunk = {side: 0 for side in SIDES}
         self._sink: dict[str, torch.Tensor | None] = {side: None for side in SIDES}
         self._codes = {side: [None] * self.num_kv_heads for side in SIDES}
         self._pending: dict[str, torch.Tensor | None] = {side: None for side in SIDES}

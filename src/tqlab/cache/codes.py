@@ -43,3 +43,25 @@ def concat(a: Code | None, b: Code) -> Code:
     shape = list(a.shape)
     shape[TOKEN_AXIS] += b.shape[TOKEN_AXIS]
     return dataclasses.replace(a, shape=tuple(shape), **changes)
+
+
+def drop_front(code: Code, n: int) -> Code:
+    """The code without its first n tokens, copied (a view would keep the dropped bytes alive); a code that
+    groups tokens drops whole groups."""
+    if n == 0:
+        return code
+    changes = {}
+    for f in dataclasses.fields(code):
+        x = getattr(code, f.name)
+        if isinstance(x, Code):
+            changes[f.name] = drop_front(x, n)
+        elif f.name in code.grouped_token_fields:
+            if n % code.group:
+                raise ValueError(f"cannot drop {n} tokens from a code of groups of {code.group}")
+            per_group = x.shape[-1] // -(-code.shape[TOKEN_AXIS] // code.group)  # bytes or scales per group
+            changes[f.name] = x[..., n // code.group * per_group :].clone()
+        elif _per_token(x, code.shape):
+            changes[f.name] = x[:, n:].clone()
+    shape = list(code.shape)
+    shape[TOKEN_AXIS] -= n
+    return dataclasses.replace(code, shape=tuple(shape), **changes)
