@@ -60,6 +60,8 @@ def test_needle_and_generation_rows(tmp_path, smollm2):
     summary, rows = run(tmp_path, "task=niah")
     assert len(rows) == 1 and rows[0]["context"] == 96 and rows[0]["depth"] == 0.5
     assert rows[0]["found"] in (0, 1) and rows[0]["found_reference"] in (0, 1)
+    assert rows[0]["cache_bytes_per_token"] == 30 * 3 * 2 * (64 * 4 // 8 + 2)  # every token coded at 4 bits
+    assert rows[0]["reference_bytes_per_token"] == 30 * 3 * 2 * 64 * 4
     summary, rows = run(tmp_path, "task=generate")
     assert len(rows) == 1 and 0 <= rows[0]["divergence"] <= 4
     assert rows[0]["agreement"] == rows[0]["divergence"] / 4

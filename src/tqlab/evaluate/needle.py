@@ -53,12 +53,15 @@ def needle_pair(
     max_new_tokens: int = 8,
 ) -> dict:
     """The needle asked with the uncompressed cache and with the compressed one (`CacheLayout` fields)."""
-    reference = find_needle(model, tokenizer, prompt, value, compress_kv(model, None), max_new_tokens)
+    uncompressed = compress_kv(model, None)
+    reference = find_needle(model, tokenizer, prompt, value, uncompressed, max_new_tokens)
     cache = compress_kv(model, spec, calibration, **layout)
     compressed = find_needle(model, tokenizer, prompt, value, cache, max_new_tokens)
     return {
         "found_reference": reference["found"],
         "found": compressed["found"],
+        "cache_bytes_per_token": cache.nbytes()["stored"] / cache.get_seq_length(),
+        "reference_bytes_per_token": uncompressed.nbytes()["stored"] / uncompressed.get_seq_length(),
         "answer": compressed["answer"],
         "answer_reference": reference["answer"],
     }

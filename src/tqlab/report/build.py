@@ -213,12 +213,15 @@ def figures(
 
     markers = {s: MARKERS[i % len(MARKERS)] for i, s in enumerate(dict.fromkeys(c.setting for c in configs))}
     paths = []
-    for metric in [m for m in metrics if m in ("output_cosine", "attention_kl")] or metrics[:1]:
+    # one trade-off plot per headline metric present (attention: output cosine, KL; end to end: perplexity
+    # increase, final hidden cosine, needle accuracy), else the first metric
+    headline = ("output_cosine", "attention_kl", "nll_increase", "final_hidden_cosine", "found")
+    for metric in [m for m in metrics if m in headline] or metrics[:1]:
         fig, ax = plt.subplots(figsize=(11, 4.5))
         pts = []
         for conf in configs:
             x = _overall(conf, "kv_bytes_per_token") or _overall(conf, "cache_bytes_per_token")
-            if x is None:  # needle and generation rows carry no bytes: no trade-off to draw
+            if x is None:  # generation rows carry no bytes: no trade-off to draw
                 continue
             y = nanmean(_seed_means(conf, metric))
             pts.append((x, y))

@@ -126,6 +126,8 @@ def run(cfg: DictConfig, sections: dict, results) -> None:
                     "depth": depth,
                     "found": out["found"],
                     "found_reference": out["found_reference"],
+                    "cache_bytes_per_token": out["cache_bytes_per_token"],
+                    "reference_bytes_per_token": out["reference_bytes_per_token"],
                 }
             )
     if not rows:
