@@ -16,7 +16,8 @@ run q4_0 codec=int4_block rotation=identity,fast_hadamard bits=4
 run q8_0 codec=int8_block rotation=identity bits=8
 run kivi codec=kivi rotation=identity bits=2,4
 run sinks_window codec=turboquant_mse rotation=fast_hadamard bits=2,3 cache.sink_tokens=4 cache.recent_window=32
-run prefill_exact codec=turboquant_mse rotation=fast_hadamard bits=3,4 cache.protocol=prefill_exact
+# prefill-exact decodes token by token after the exact prompt (the reference path: slow on CPU), so 4 documents
+run prefill_exact codec=turboquant_mse rotation=fast_hadamard bits=3,4 cache.protocol=prefill_exact perplexity.max_windows=4
 metrics='metrics=[nll_increase,next_token_kl,final_hidden_cosine,next_token_top1]'
 all=$out/tq_mse,$out/tq_mse_rotations,$out/tq_prod,$out/kv_splits,$out/q4_0,$out/q8_0,$out/kivi,$out/sinks_window
 $PY report.py "runs=[$all]" "$metrics" reference=fast_hadamard wandb.mode=disabled hydra.run.dir=outputs/research/e2e_all_quantized
