@@ -237,6 +237,12 @@ def test_labels_from_k_and_v_rotations_and_from_old_results():
     assert (
         label(**both, rotation="block_so8_static", view="pair") == "turboquant_mse · block_so8_static[pair]"
     )
+    # per-head statistics and the cache's layout are part of what was built, so of the label
+    hadamard = {**both, "k_rotation": "fast_hadamard", "v_rotation": "fast_hadamard"}
+    options = '{"center": true, "key_metric": "query"}'
+    assert label(**hadamard, options=options, exact_layers="[0]", sink_tokens=4, recent_window=32) == (
+        "turboquant_mse centered query-metric keys · fast_hadamard +exact layers [0] +4 sinks +32 recent"
+    )
 
 
 def test_pareto_front_is_the_set_of_non_dominated_points_found_by_brute_force():

@@ -53,7 +53,9 @@ class Evaluation:
             rot += f" ({c['fit']})"
         elif c.get("rotations_from"):  # results written before the `fit` column
             rot += f" ({Path(c['rotations_from']).name})"
-        codec = c["codec"] + (" centered" if json.loads(c.get("options") or "{}").get("center") else "")
+        options = json.loads(c.get("options") or "{}")
+        codec = c["codec"] + (" centered" if options.get("center") else "")
+        codec += " query-metric keys" if options.get("key_metric") == "query" else ""
         label = f"{codec} · {rot}" if rot else codec
         return label + self.layout_suffix
 
