@@ -31,9 +31,9 @@ from ..capture.models import architecture_facts
 from ..kv.builder import CodecBank
 from ..kv.layout import CacheLayout
 from ..kv.spec import KVQuantSpec
+from ..quant import Code
 from ..registry import SIDES, RuleError
 from . import attention
-from ..quant import Code
 from .codes import concat, drop_front
 
 ATTENTION_LAYERS = ("full_attention", "sliding_attention")
