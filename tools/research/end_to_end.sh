@@ -10,7 +10,7 @@ out=multirun/e2e_sweep
 run() { local name=$1; shift; $PY eval.py -m "${common[@]}" "$@" hydra.sweep.dir=$out/$name; }
 run tq_mse codec=turboquant_mse rotation=fast_hadamard bits=2,2.5,3,3.5,4
 run tq_mse_rotations codec=turboquant_mse rotation=identity,random_haar bits=3
-run tq_prod codec=turboquant_prod rotation=fast_hadamard bits=3,4
+run tq_prod codec=turboquant_prod rotation=fast_hadamard bits=2,2.5,3,3.5,4
 run kv_splits codec=turboquant_mse rotation=fast_hadamard bits=3 k_bits=4,3 v_bits=2
 run q4_0 codec=int4_block rotation=identity,fast_hadamard bits=4
 run q8_0 codec=int8_block rotation=identity bits=8
