@@ -74,13 +74,15 @@ def compare_window(
     prefill: int,
     chunk_size: int,
     calibration=None,
+    cache=None,
 ) -> dict:
     """One window's metrics: reference (uncompressed) and compressed NLL, KL, top-1 agreement, hidden states.
-    layout: the cache's `CacheLayout` fields (protocol, exact_layers, sink_tokens, recent_window)."""
+    layout: the cache's `CacheLayout` fields (protocol, exact_layers, sink_tokens, recent_window). `cache`:
+    another compressed cache to measure instead (it needs an `nbytes()` like TurboQuantCache's)."""
     ids = window.ids.to(model.device)
     reference = compress_kv(model, None)
     ref_logits, ref_hidden = _run(model, ids, reference, len(ids), len(ids))
-    cache = compress_kv(model, spec, calibration, **layout)
+    cache = cache if cache is not None else compress_kv(model, spec, calibration, **layout)
     logits, hidden = _run(model, ids, cache, min(prefill, len(ids)), chunk_size)
     targets = ids[1:]
     # prefill-exact: what the prompt predicts about itself never sees a code, so only later tokens are scored
