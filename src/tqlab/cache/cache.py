@@ -31,7 +31,6 @@ from ..capture.models import architecture_facts
 from ..kv.builder import CodecBank
 from ..kv.layout import CacheLayout
 from ..kv.spec import KVQuantSpec
-from ..quant import Code
 from ..registry import SIDES, RuleError
 from . import attention
 from .codes import concat, drop_front
@@ -128,20 +127,13 @@ class TurboQuantLayer(CacheLayerMixin):
     def _drop_oldest(self, n: int) -> None:
         """Forget up to n of the oldest tokens a sliding layer holds (its mask hides them already): sinks,
         then codes (whole token groups), then exact tokens, in token order, and the same number per side."""
-        counts = []
-        for side in SIDES:
-            parts = [self._sink[side], self._codes[side][0], self._pending[side]]
-            sizes = [0 if p is None else (p.shape[1] if isinstance(p, Code) else p.shape[-2]) for p in parts]
-            left, dropped = n, [0, 0, 0]
-            for i, size in enumerate(sizes):
-                take = min(left, size)
-                if i == 1 and take < size:  # codes go a whole token group at a time
-                    take -= take % self.token_group
-                dropped[i], left = take, left - take
-                if take < size:
-                    break
-            counts.append(dropped)
-        n = min(sum(d) for d in counts)  # sides of different layouts drop as many as the stricter allows
+        coded = next((side for side in SIDES if self.codecs[side][0] is not None), None)
+        if coded is not None:  # codes go a whole token group at a time, and what follows them after them
+            sinks = 0 if self._sink[coded] is None else self._sink[coded].shape[-2]
+            codes = 0 if self._codes[coded][0] is None else self._codes[coded][0].shape[1]
+            from_codes = min(max(n - sinks, 0), codes)
+            if from_codes < codes:
+                n = min(n, sinks) + from_codes - from_codes % self.token_group
         for side in SIDES:
             left = n
             if self._sink[side] is not None and left:

@@ -115,18 +115,20 @@ class CodecBank:
             else:  # the outlier split builds one rotation per channel group, of that group's size
                 options.update(rotation=s.rotation.name, **dict(s.rotation.options))
             options["seed"] = seed
-        center, metric = options.pop("center"), options.pop("key_metric")
+        center = options.pop("center")
+        query_metric = options.pop("key_metric") == "query" and side == "key"
         codec = make_codec(s.codec.name, self.dim, s.codec.bits, **options)
-        seen = self.calibration(side, layer, head).float() if self.calibration else None  # by the codec
+        mixed = isinstance(codec, MixedPrecision)
+        seen = (
+            self.calibration(side, layer, head).float() if center or mixed else None
+        )  # as the codec sees it
         mean = seen.mean(0) if center else None
         if center:
             seen = seen - mean
-        if side == "key" and metric == "query":
-            maps = query_metric_maps(self.calibration("query", layer, head).float())
-            seen = seen @ maps[0]
-        if isinstance(codec, MixedPrecision):  # outlier channels of what the codec will see
-            codec.calibrate(seen)
-        if side == "key" and metric == "query":
+        maps = query_metric_maps(self.calibration("query", layer, head).float()) if query_metric else None
+        if mixed:  # outlier channels of what the codec will see
+            codec.calibrate(seen if maps is None else seen @ maps[0])
+        if maps is not None:
             codec = QueryWeighted(codec, *maps)
         return Centered(codec, mean) if center else codec
 

@@ -53,15 +53,21 @@ def calibration(cfg: DictConfig, spec: KVQuantSpec, source=None):
     when missing)."""
     if not spec.needs_calibration():
         return None
+    import functools
+
     import torch
 
     source = source or kv_source(cfg)
     n = min(cfg.eval.calibration_sequences, source.num_sequences("train"))
 
+    @functools.lru_cache(maxsize=64)  # a unit's key, value and query statistics come from one read
+    def unit(layer: int, head: int) -> dict[str, torch.Tensor]:
+        blocks = [source.load("train", layer, s, head) for s in range(n)]
+        return {name: torch.cat([b[name].flatten(0, -2) for b in blocks]) for name in "qkv"}
+
     def vectors(side: str, layer: int, head: int) -> torch.Tensor:
         """[n, head_dim] train-split keys or values of a KV head, or the queries of the heads that read it."""
-        name = {"key": "k", "value": "v", "query": "q"}[side]
-        return torch.cat([source.load("train", layer, s, head)[name].flatten(0, -2) for s in range(n)])
+        return unit(layer, head)[{"key": "k", "value": "v", "query": "q"}[side]]
 
     return vectors
 
