@@ -34,9 +34,9 @@ def cfg(name, tmp_path, *overrides):
     return c
 
 
-def test_train_then_evaluate_the_fitted_rotations(tmp_path):
+def test_train_then_evaluate_the_fitted_rotations(tmp_path):  # one rotation per layer
     results = tasks.train(
-        cfg("train", tmp_path, "fit.max_epochs=2", "rotation=triality", "kv=full_kv")
+        cfg("train", tmp_path, "fit.max_epochs=2", "rotation=triality", "kv=full_kv", "fit.per_head=false")
     ).folder
     done = json.loads((results / "done.json").read_text())
     assert done["epochs_done"] == 2 and done["best_val_loss"] <= done["val_loss_initial"] * 1.05
@@ -175,6 +175,11 @@ def test_exactly_one_of_eight_processes_claims_a_folder_with_a_stale_lock(tmp_pa
             r"cache.exact_layers=\['first'\] must be",
         ),
         (["task=perplexity", "data=wiki", "perplexity.stride=999"], "must not exceed perplexity.context=256"),
+        (["cache.recent_window=8"], "task=eval replays captured blocks and keeps only cache.sink_tokens"),
+        (["codec=transform_coding", "rotation=identity", "bits=2.01"], "whole number of bits"),
+        (["codec=transform_coding", "rotation=fast_hadamard"], "does not apply to codec=transform_coding"),
+        (["codec.name=turboquant_mse", "rotation=eigen_hadamard", "bits=2.5"], "does not keep whole"),
+        (["rotation=eigen_hadamard", "rotation.basis=values"], r"rotation.basis='values' is not allowed"),
     ],
 )
 def test_bad_overrides_fail_before_any_compute(tmp_path, monkeypatch, overrides, message):
@@ -186,6 +191,8 @@ def test_bad_overrides_fail_before_any_compute(tmp_path, monkeypatch, overrides,
 def test_a_negative_epoch_count_fails_before_any_compute(tmp_path):
     with pytest.raises(ConfigError, match="fit.max_epochs=-2 must be an integer >= 1"):
         tasks.train(cfg("train", tmp_path, "fit.max_epochs=-2"))
+    with pytest.raises(ConfigError, match="fit.temperature=0 must be a positive number"):
+        tasks.train(cfg("train", tmp_path, "fit.temperature=0"))
 
 
 def test_train_refuses_centering_it_would_not_fit_with(tmp_path):
@@ -384,3 +391,35 @@ def test_ctrl_c_inside_lightning_reaches_the_app_as_keyboard_interrupt():
     data = torch.utils.data.DataLoader(torch.zeros(4, 1))
     with pytest.raises(KeyboardInterrupt):  # Lightning itself would sys.exit(1)
         common.run_stage(trainer, "test", Interrupted(), dataloaders=data, verbose=False)
+
+
+def test_data_aware_rotations_train_per_head_and_transform_coding_keeps_sinks_exact(tmp_path):
+    results = tasks.train(
+        cfg("train", tmp_path, "fit.max_epochs=1", "rotation=eigen_hadamard_butterfly", "kv=key_only")
+    ).folder
+    rotations, facts = load_rotations(results / "best.safetensors")
+    assert sorted(rotations)[:2] == ["key_layer0_head0", "key_layer0_head1"]  # per (layer, KV head)
+    first = rotations["key_layer0_head0"].parts[0].eigenvectors
+    assert not torch.allclose(first, torch.eye(64))  # fitted on the train split, saved with the butterfly
+    evaluated = tasks.evaluate(cfg("eval", tmp_path, f"rotations={results}", "kv=key_only", "bits=2")).folder
+    assert json.loads((evaluated / "summary.json").read_text())["overall"]["output_cosine"] > 0.5
+
+    sinks = 3
+    out = tasks.evaluate(
+        cfg(
+            "eval",
+            tmp_path,
+            "codec=transform_coding",
+            "rotation=identity",
+            "bits=1.5",
+            "kv=key_only",
+            f"cache.sink_tokens={sinks}",
+            "codec.center=true",
+        )
+    ).folder
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["columns"]["sink_tokens"] == sinks
+    tokens = 32  # data.seq_len
+    coded = (1.5 * 64 + 16) / 64  # payload + an fp16 norm per vector
+    expected = (sinks * 16 + (tokens - sinks) * coded) / tokens
+    assert summary["overall"]["key_bits_per_coordinate"] == pytest.approx(expected)

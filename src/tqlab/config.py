@@ -139,6 +139,9 @@ def fit_section(cfg: DictConfig) -> dict:
     check_int("fit.patience", fit["patience"], 0)
     check_int("fit.max_epochs", fit["max_epochs"], 1)
     check_choice("fit.per_head", fit["per_head"], (False, True))
+    temperature = fit["temperature"]
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ConfigError(f"fit.temperature={temperature!r} must be a positive number")
     return fit
 
 
@@ -217,6 +220,20 @@ def cache_section(cfg: DictConfig) -> dict:
     return {**dataclasses.asdict(layout), "exact_layers": list(layout.exact_layers)}
 
 
+def block_cache_section(cfg: DictConfig) -> dict:
+    """task=eval replays captured blocks, where a cache's protected tokens mean its first tokens
+    (`cache.sink_tokens`); the settings that need the model's own cache are refused."""
+    layout = cache_section(cfg)
+    defaults = dataclasses.asdict(CacheLayout())
+    for key in ("protocol", "exact_layers", "recent_window"):
+        if layout[key] != (list(defaults[key]) if key == "exact_layers" else defaults[key]):
+            raise ConfigError(
+                f"cache.{key}={layout[key]} applies to task=perplexity, niah and generate (the model with "
+                "its cache); task=eval replays captured blocks and keeps only cache.sink_tokens exact"
+            )
+    return layout
+
+
 def run_sections(cfg: DictConfig) -> dict:
     """Everything a train or eval run needs, validated together before any compute or folder."""
     check_choice("task", cfg.get("task"), EVAL_TASKS if "eval" in cfg else ("train",))
@@ -231,6 +248,8 @@ def run_sections(cfg: DictConfig) -> dict:
             )
     else:
         sections["eval"] = eval_section(cfg)
+    if cfg.task == "eval":
+        sections["cache"] = block_cache_section(cfg)
     if cfg.task in ("perplexity", "niah", "generate"):
         if sections["data"]["source"] == "synthetic":
             raise ConfigError(

@@ -65,6 +65,7 @@ def _check_options(prefix: str, given: dict, options: dict[str, Option]) -> dict
 class RotationRule:
     head_dim: str = "any"  # "any" | "multiple_of_8" | "power_of_two"
     learned: bool = False  # has parameters that train.py fits
+    data_aware: bool = False  # computed from a head's train-split statistics (by the builder or train.py)
     options: dict = dataclasses.field(default_factory=dict)
 
     def check_dim(self, name: str, dim: int) -> None:
@@ -81,6 +82,14 @@ ROTATIONS: dict[str, RotationRule] = {
     "random_haar": RotationRule(),
     "fast_hadamard": RotationRule(head_dim="power_of_two"),
     "block_so8_static": RotationRule(head_dim="multiple_of_8"),
+    # eigenbasis of the head's keys (or of its queries' second moment) × randomised fast Hadamard
+    "eigen_hadamard": RotationRule(
+        head_dim="power_of_two",
+        data_aware=True,
+        options={"basis": Option(("key", "query"), default="key")},
+    ),
+    # block-diagonal SO(8) layers between stride permutations, identity at start (rotation.butterfly)
+    "so8_butterfly": RotationRule(head_dim="multiple_of_8", learned=True),
     "block_so8_learned": RotationRule(
         head_dim="multiple_of_8",
         learned=True,
@@ -114,6 +123,10 @@ def rotation_is_learned(name: str) -> bool:
     return any(ROTATIONS[p].learned for p in rotation_parts(name))
 
 
+def rotation_is_data_aware(name: str) -> bool:
+    return any(ROTATIONS[p].data_aware for p in rotation_parts(name))
+
+
 def check_rotation_dim(name: str, dim: int) -> None:
     for part in rotation_parts(name):
         ROTATIONS[part].check_dim(name, dim)
@@ -127,11 +140,14 @@ class CodecRule:
     fractional: bool = False  # non-integer widths split a fixed outlier-channel set (quant.MixedPrecision)
     rotations: tuple | None = None  # rotations the codec accepts; None: every rotation
     stage1_offset: int = 0  # Stage-1 (MSE) bits = bits − offset: Prod spends one bit on its QJL sketch
+    budget: bool = False  # any width whose product with head_dim is whole: bits per vector are allocated
     options: dict = dataclasses.field(default_factory=dict)
 
     def allowed_bits(self) -> str:
         if self.bits:
             return str(list(self.bits))
+        if self.budget:
+            return f"a number in (0, {MAX_BITS}] whose product with head_dim is a whole number of bits"
         frac = ", or fractional in between (e.g. 2.5)" if self.fractional else ""
         return f"{self.min_bits}..{MAX_BITS}{frac}"
 
@@ -172,6 +188,16 @@ CODECS: dict[str, CodecRule] = {
         rotations=("identity", "fast_hadamard"),
         options={**_CENTER, "block": Option(positive_int=True, default=32)},
     ),
+    # eigenbasis + reverse water-filling + a Gaussian Lloyd-Max codebook per component (quant.TransformCoder)
+    "transform_coding": CodecRule(
+        budget=True,
+        rotations=("identity",),  # its eigenbasis is fitted on calibration vectors
+        options={
+            **_CENTER,
+            "scale": Option(("norm", "none"), default="norm"),
+            "norm_dtype": _TURBOQUANT_NORM,
+        },
+    ),
     "kivi": CodecRule(
         bits=(2, 4),
         rotations=("identity",),
@@ -191,6 +217,11 @@ def check_bits(codec: str, bits, key: str = "bits", dim: int | None = None) -> i
     rule = codec_rule(codec)
     if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not math.isfinite(bits):
         raise RuleError(f"{key}={bits!r} must be a number; codec={codec} takes {rule.allowed_bits()}")
+    if rule.budget:
+        budget = None if dim is None else bits * dim
+        if not 0 < bits <= MAX_BITS or (budget is not None and abs(budget - round(budget)) > 1e-9):
+            raise RuleError(f"{key}={bits} is not allowed for codec={codec}: choose {rule.allowed_bits()}")
+        return int(bits) if float(bits).is_integer() else float(bits)
     if float(bits).is_integer():
         bits = int(bits)
         if (rule.bits and bits not in rule.bits) or (not rule.bits and not rule.min_bits <= bits <= MAX_BITS):
@@ -208,6 +239,11 @@ def check_bits(codec: str, bits, key: str = "bits", dim: int | None = None) -> i
                 f"take whole groups of 8 channels, so the fraction must be a multiple of {8 / dim:g}"
             )
     return float(bits)
+
+
+def splits_outliers(codec: str, bits) -> bool:
+    """Whether this width is honoured by the fractional outlier-channel split (quant.MixedPrecision)."""
+    return codec_rule(codec).fractional and not float(bits).is_integer()
 
 
 def stage1_bits(codec: str, bits: int) -> int:

@@ -33,7 +33,7 @@ _TRAINER_PLACEMENT = {"accelerator", "devices", "strategy"}
 _TASK_SECTIONS = {"fit", "eval", "perplexity", "niah", "generate", "cache"}
 _READS = {
     "train": {"fit"},
-    "eval": {"eval"},
+    "eval": {"eval", "cache"},
     **{task: {"eval", task, "cache"} for task in ("perplexity", "niah", "generate")},
 }
 

@@ -134,10 +134,19 @@ def test_fractional_bits_check_each_channel_groups_rotation_before_compute():
     KVQuantSpec.create("turboquant_mse", 2.5, "fast_hadamard", head_dim=128)  # 64 + 64: fine
 
 
-@pytest.mark.parametrize("bits,options", [(2.5, {}), (3, {"center": True}), (3, {"key_metric": "query"})])
-def test_per_head_statistics_without_calibration_data_are_refused_clearly(bits, options):
+@pytest.mark.parametrize(
+    "codec,bits,rotation,options",
+    [
+        ("turboquant_mse", 2.5, "random_haar", {}),
+        ("turboquant_mse", 3, "random_haar", {"center": True}),
+        ("turboquant_mse", 3, "random_haar", {"key_metric": "query"}),
+        ("turboquant_mse", 3, "eigen_hadamard", {}),
+        ("transform_coding", 2, "identity", {}),
+    ],
+)
+def test_per_head_statistics_without_calibration_data_are_refused_clearly(codec, bits, rotation, options):
     with pytest.raises(RuleError, match="fit per-head statistics on calibration vectors"):
-        CodecBank(KVQuantSpec.create("turboquant_mse", bits, "random_haar", codec_options=options), 64)
+        CodecBank(KVQuantSpec.create(codec, bits, rotation, codec_options=options), 64)
 
 
 def test_centering_and_the_query_metric_are_built_from_train_statistics_and_counted():
@@ -153,3 +162,39 @@ def test_centering_and_the_query_metric_are_built_from_train_statistics_and_coun
     assert isinstance(key.inner, QueryWeighted) and not isinstance(value.inner, QueryWeighted)  # keys only
     plain = CodecBank(KVQuantSpec.create("turboquant_mse", 3, "fast_hadamard"), 64).get("key", 0, 0, "cpu")
     assert key.constant_nbytes() == plain.constant_nbytes() + 64 * 4 + 2 * 64 * 64 * 4  # mean + two maps
+
+
+def test_data_aware_codecs_and_rotations_are_fitted_on_what_the_codec_sees():
+    g = torch.Generator().manual_seed(0)
+    spread = torch.linspace(4, 0.1, 64)
+    data = {side: torch.randn(2000, 64, generator=g) * spread + 3 for side in ("key", "value", "query")}
+    calibration = lambda side, layer, head: data[side]  # noqa: E731
+    options = {"center": True, "key_metric": "query", "scale": "none"}  # "norm" would fit on rescaled vectors
+    coder = CodecBank(
+        KVQuantSpec.create("transform_coding", 2, "identity", codec_options=options), 64, calibration
+    )
+    key = coder.get("key", 0, 0, "cpu")  # Centered(QueryWeighted(TransformCoder))
+    inner, seen = key.inner.inner, (data["key"] - data["key"].mean(0)) @ key.inner.key_map
+    assert isinstance(inner, quant.TransformCoder) and inner.widths.sum() == 128
+    torch.testing.assert_close(
+        inner.std[0] ** 2, torch.linalg.eigvalsh(seen.T @ seen / len(seen))[-1], rtol=0.05, atol=0
+    )
+    x = data["key"][:50]
+    torch.testing.assert_close(
+        key.score(data["query"][:3], key.quantize(x)),
+        data["query"][:3] @ key.dequantize(key.quantize(x)).T,
+        rtol=1e-3,
+        atol=1e-3,
+    )
+    eigen = CodecBank(KVQuantSpec.create("turboquant_mse", 2, "eigen_hadamard"), 64, calibration)
+    rot = eigen.get("value", 0, 0, "cpu").rotation
+    top = torch.linalg.eigh(data["value"].T @ data["value"] / 2000).eigenvectors[:, -1]
+    assert abs(torch.dot(rot.eigenvectors[:, 0], top)) > 0.99
+    query_basis = CodecBank(
+        KVQuantSpec.create("turboquant_mse", 2, "eigen_hadamard", rotation_options={"basis": "query"}),
+        64,
+        calibration,
+    )
+    rot = query_basis.get("key", 0, 0, "cpu").rotation
+    top = torch.linalg.eigh(data["query"].T @ data["query"] / 2000).eigenvectors[:, -1]
+    assert abs(torch.dot(rot.eigenvectors[:, 0], top)) > 0.99

@@ -57,7 +57,7 @@ def main() -> None:
     docs = _test_documents(sections, loaded.tokenizer, 10**6)
     items = windows(docs, context, stride, settings["max_windows"], sections["data"]["windows_per_document"])
     print(
-        f"| quanto bits | residual | cache bytes/token | perplexity (uncompressed) | next-token KL | top-1 |"
+        "| quanto bits | residual | cache bytes/token | perplexity (uncompressed) | next-token KL | top-1 |"
     )
     print("| --- | --- | --- | --- | --- | --- |")
     for nbits in args.nbits:

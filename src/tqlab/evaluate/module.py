@@ -13,25 +13,32 @@ from ..metrics.torch_metrics import QueryMean, StoredBits
 EXACT_BITS = 16  # the uncompressed cache: bf16 / fp16
 
 
-def compress_block(bank: CodecBank, item: dict, device) -> dict:
+def compress_side(codec, x: torch.Tensor, sink_tokens: int) -> tuple[torch.Tensor, object, int]:
+    """(x̂, the code of the tokens after the sinks or None, bytes): the first `sink_tokens` stay exact at
+    16 bits and are counted so."""
+    sink = min(sink_tokens, len(x))
+    exact_bytes = x[:sink].numel() * EXACT_BITS // 8
+    if codec is None:
+        return x, None, x.numel() * EXACT_BITS // 8
+    if sink == len(x):
+        return x, None, exact_bytes
+    code = codec.quantize(x[sink:])
+    return torch.cat([x[:sink].float(), codec.dequantize(code)]), code, exact_bytes + code.nbytes
+
+
+def compress_block(bank: CodecBank, item: dict, device, sink_tokens: int = 0) -> dict:
     """Exact and approximate scaled logits, exact and decoded values, each side's per-vector relative MSE,
-    and the bytes each side stores."""
+    and the bytes each side stores; the first `sink_tokens` keys and values are kept exact."""
     q, k, v, scaling = item["q"].double(), item["k"], item["v"], item["scaling"]
     exact = (q @ k.double().T) * scaling
     key_codec = bank.get("key", item["layer"], item["kv_head"], device)
     value_codec = bank.get("value", item["layer"], item["kv_head"], device)
-    coords = k.numel()
-    if key_codec is None:
-        approx, k_hat, key_bytes = exact, k, coords * EXACT_BITS / 8
-    else:
-        code = key_codec.quantize(k)
-        approx = key_codec.score(item["q"].float(), code).double() * scaling  # Prod: the unbiased estimator
-        k_hat, key_bytes = key_codec.dequantize(code), code.nbytes
-    if value_codec is None:
-        v_hat, value_bytes = v, coords * EXACT_BITS / 8
-    else:
-        code = value_codec.quantize(v)
-        v_hat, value_bytes = value_codec.dequantize(code), code.nbytes
+    k_hat, key_code, key_bytes = compress_side(key_codec, k, sink_tokens)
+    v_hat, _, value_bytes = compress_side(value_codec, v, sink_tokens)
+    approx = exact
+    if key_code is not None:  # Prod: the unbiased estimator, not ⟨q, k̂⟩
+        coded = key_codec.score(item["q"].float(), key_code).double() * scaling
+        approx = torch.cat([exact[..., : len(k) - coded.shape[-1]], coded], -1)
     return {
         "exact": exact,
         "approx": approx,
@@ -45,9 +52,9 @@ def compress_block(bank: CodecBank, item: dict, device) -> dict:
 
 
 class AttentionEvalModule(L.LightningModule):
-    def __init__(self, bank: CodecBank, columns: dict, top_k: int = 8):
+    def __init__(self, bank: CodecBank, columns: dict, top_k: int = 8, sink_tokens: int = 0):
         super().__init__()
-        self.bank, self.columns, self.top_k = bank, columns, top_k
+        self.bank, self.columns, self.top_k, self.sink_tokens = bank, columns, top_k, sink_tokens
         names = [
             "logit_cosine",
             "logit_correlation",
@@ -82,7 +89,7 @@ class AttentionEvalModule(L.LightningModule):
                     f"test sequence {item['sequence']}, layer {item['layer']}, KV head {item['kv_head']}: "
                     f"{'/'.join(bad)} contain NaN or Inf; the KV source is damaged or its data overflowed"
                 )
-            out = compress_block(self.bank, item, self.device)
+            out = compress_block(self.bank, item, self.device, self.sink_tokens)
             per_query = per_query_metrics(
                 out["exact"], out["approx"], out["v"], out["v_hat"], self.top_k, item["sliding_window"]
             )

@@ -22,11 +22,13 @@ class RotationFitModule(L.LightningModule):
         objective: str = "attention",
         per_head: bool = False,
         lr: float = 0.01,
+        temperature: float = 0.1,
     ):
         """rotations: the rotation to fit per unit (`unit_name(layer, head or None, side)`), as built by
         `tqlab.kv.builder.fit_rotations`; fit_bits: Stage-1 bits per side (b for MSE codecs, b − 1 for Prod)."""
         super().__init__()
         self.objective, self.lr, self.per_head, self.fit_bits = objective, lr, per_head, fit_bits
+        self.temperature = temperature
         self.codecs = nn.ModuleDict(
             {
                 unit: TurboQuantMSE(rot.dim, fit_bits[unit.split("_")[0]], rotation=rot)
@@ -37,7 +39,8 @@ class RotationFitModule(L.LightningModule):
     def rotations(self) -> dict[str, nn.Module]:
         return {unit: codec.rotation for unit, codec in self.codecs.items()}
 
-    def block_loss(self, item: dict) -> torch.Tensor:
+    def block_loss(self, item: dict, temperature: float = 0.0) -> torch.Tensor:
+        """The block's loss; temperature > 0: through the soft quantizer (training), 0: the hard one."""
         q, k, v, layer, head, scaling = (
             item["q"],
             item["k"],
@@ -50,14 +53,18 @@ class RotationFitModule(L.LightningModule):
         for target in sorted(self.fit_bits):
             codec = self.codecs[unit_name(layer, head if self.per_head else None, target)]
             if target == "key":
-                losses.append(key_loss(self.objective, codec, q, k, scaling, item.get("sliding_window", 0)))
+                losses.append(
+                    key_loss(self.objective, codec, q, k, scaling, item.get("sliding_window", 0), temperature)
+                )
             else:
                 losses.append(
-                    value_loss(self.objective, codec, q, k, v, scaling, item.get("sliding_window", 0))
+                    value_loss(
+                        self.objective, codec, q, k, v, scaling, item.get("sliding_window", 0), temperature
+                    )
                 )
         return torch.stack(losses).sum()
 
-    def _batch_loss(self, batch: dict) -> torch.Tensor:
+    def _batch_loss(self, batch: dict, temperature: float = 0.0) -> torch.Tensor:
         items = [
             {
                 "q": batch["q"][b].float(),
@@ -70,10 +77,10 @@ class RotationFitModule(L.LightningModule):
             }
             for b in range(batch["q"].shape[0])
         ]
-        return torch.stack([self.block_loss(item) for item in items]).mean()
+        return torch.stack([self.block_loss(item, temperature) for item in items]).mean()
 
     def training_step(self, batch, batch_idx):
-        loss = self._batch_loss(batch)
+        loss = self._batch_loss(batch, self.temperature)
         self.log(
             "train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch["q"].shape[0]
         )

@@ -9,9 +9,16 @@ import torch
 
 from .. import registry
 from ..dtypes import DTYPES
-from ..quant import Centered, MixedPrecision, QueryWeighted, make_codec, query_metric_maps
+from ..quant import (
+    Centered,
+    MixedPrecision,
+    QueryWeighted,
+    TransformCoder,
+    make_codec,
+    query_metric_maps,
+)
 from ..registry import RuleError
-from ..rotation import Rotation, make_rotation
+from ..rotation import Composed, EigenHadamard, Rotation, make_rotation
 from ..rotation.io import load_rotations, rotation_for, unit_name
 from .spec import KVQuantSpec, SideSpec
 
@@ -26,15 +33,29 @@ def make_side_rotation(side_spec: SideSpec, dim: int, seed: int) -> Rotation:
     return make_rotation(side_spec.rotation.name, dim, seed=seed, **dict(side_spec.rotation.options))
 
 
-def fit_rotations(spec: KVQuantSpec, layers: list[int], num_kv_heads: int, dim: int, per_head: bool) -> dict:
-    """Fresh rotations to fit, one per (side, layer) or per (side, layer, KV head), named by `unit_name`."""
+def fit_rotations(
+    spec: KVQuantSpec,
+    layers: list[int],
+    num_kv_heads: int,
+    dim: int,
+    per_head: bool,
+    calibration: Callable[[str, int, int], torch.Tensor] | None = None,
+) -> dict:
+    """Fresh rotations to fit, one per (side, layer) or per (side, layer, KV head), named by `unit_name`;
+    their data-aware parts (eigen_hadamard) set from `calibration` (a per-layer unit: all its heads)."""
     spec.check_head_dim(dim)
-    return {
-        unit_name(layer, head, side): make_side_rotation(s, dim, unit_seed(spec.seed, side, layer, head))
-        for side, s in spec.sides().items()
-        for layer in layers
-        for head in (range(num_kv_heads) if per_head else [None])
-    }
+    rotations = {}
+    for side, s in spec.sides().items():
+        for layer in layers:
+            for head in range(num_kv_heads) if per_head else [None]:
+                rotation = make_side_rotation(s, dim, unit_seed(spec.seed, side, layer, head))
+                for part in _parts(rotation):
+                    if isinstance(part, EigenHadamard):
+                        heads = range(num_kv_heads) if head is None else [head]
+                        which = "query" if part.basis == "query" else side
+                        part.fit(torch.cat([calibration(which, layer, h).float() for h in heads]))
+                rotations[unit_name(layer, head, side)] = rotation
+    return rotations
 
 
 def load_fitted(spec: KVQuantSpec) -> dict[str, Rotation]:
@@ -51,6 +72,12 @@ def load_fitted(spec: KVQuantSpec) -> dict[str, Rotation]:
     return rotations
 
 
+def _parts(rotation) -> list:
+    if isinstance(rotation, Composed):
+        return list(rotation.parts)
+    return [rotation] if isinstance(rotation, Rotation) else []
+
+
 class CodecBank:
     """Codecs built on first use and kept: one per (side, layer, KV head), with a seed of its own, the
     fitted rotation where the spec names one, and — for fractional bits — an outlier-channel set
@@ -65,7 +92,8 @@ class CodecBank:
         spec.check_head_dim(dim)
         if calibration is None and spec.needs_calibration():
             raise RuleError(
-                "fractional bits and codec.center fit per-head statistics on calibration vectors: pass "
+                "fractional bits, codec.center, the query metric, transform coding and data-aware rotations "
+                "fit per-head statistics on calibration vectors: pass "
                 "calibration=fn(side, layer, head) → [n, head_dim] train-split vectors"
             )
         self.spec, self.dim, self.calibration = spec, dim, calibration
@@ -110,7 +138,7 @@ class CodecBank:
         if registry.codec_rule(s.codec.name).rotations != ("identity",):  # the codec takes a rotation
             if s.rotation.fitted is not None:
                 options["rotation"] = rotation_for(self.fitted, layer, head, side)
-            elif float(s.codec.bits).is_integer():
+            elif not registry.splits_outliers(s.codec.name, s.codec.bits):
                 options["rotation"] = make_side_rotation(s, self.dim, seed)
             else:  # the outlier split builds one rotation per channel group, of that group's size
                 options.update(rotation=s.rotation.name, **dict(s.rotation.options))
@@ -118,16 +146,25 @@ class CodecBank:
         center = options.pop("center")
         query_metric = options.pop("key_metric") == "query" and side == "key"
         codec = make_codec(s.codec.name, self.dim, s.codec.bits, **options)
-        mixed = isinstance(codec, MixedPrecision)
-        seen = (
-            self.calibration(side, layer, head).float() if center or mixed else None
-        )  # as the codec sees it
+        fits = [p for p in _parts(options.get("rotation")) if isinstance(p, EigenHadamard)]
+        fits = fits if s.rotation.fitted is None else []  # a fitted artefact holds its own statistics
+        calibrated = isinstance(codec, (MixedPrecision, TransformCoder))
+        # the vectors as the codec sees them: centred, then mapped into the query metric
+        seen = self.calibration(side, layer, head).float() if center or calibrated or fits else None
         mean = seen.mean(0) if center else None
         if center:
             seen = seen - mean
         maps = query_metric_maps(self.calibration("query", layer, head).float()) if query_metric else None
-        if mixed:  # outlier channels of what the codec will see
-            codec.calibrate(seen if maps is None else seen @ maps[0])
+        if maps is not None and seen is not None:
+            seen = seen @ maps[0]
+        for part in fits:
+            if part.basis == "query":
+                queries = self.calibration("query", layer, head).float()
+                part.fit(queries if maps is None else queries @ maps[1])
+            else:
+                part.fit(seen)
+        if calibrated:  # outlier channels, or the transform coder's basis and allocation
+            codec.calibrate(seen)
         if maps is not None:
             codec = QueryWeighted(codec, *maps)
         return Centered(codec, mean) if center else codec

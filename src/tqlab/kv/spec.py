@@ -105,9 +105,12 @@ class KVQuantSpec:
 
     def needs_calibration(self) -> bool:
         """Whether building a codec needs train-split vectors: fractional bits (outlier channels), mean
-        removal (`center`) or the query metric (`key_metric=query`)."""
+        removal (`center`), the query metric (`key_metric=query`), a codec fitted on data (transform coding)
+        or a rotation fitted from statistics (eigen_hadamard) that no fitted artefact supplies."""
         return any(
-            not float(s.codec.bits).is_integer()
+            registry.splits_outliers(s.codec.name, s.codec.bits)
+            or registry.codec_rule(s.codec.name).budget
+            or (registry.rotation_is_data_aware(s.rotation.name) and s.rotation.fitted is None)
             or dict(s.codec.options).get("center")
             or dict(s.codec.options).get("key_metric") == "query"
             for s in self.sides().values()
@@ -166,6 +169,11 @@ class KVQuantSpec:
                 and not float(width).is_integer()
             ):
                 raise RuleError(f"{bits_key}={width}: learned rotations are fitted at integer bits")
+            if registry.rotation_is_data_aware(rot.name) and registry.splits_outliers(codec, width):
+                raise RuleError(
+                    f"{bits_key}={width}: rotation={rot.name} is fitted on a head's statistics, which an "
+                    "outlier-channel split (fractional bits) does not keep whole; use integer bits"
+                )
             sides[side] = SideSpec(CodecSpec(codec, width, tuple(sorted(options.items()))), rot)
         if fitted is not None and not set(sides) & fitted.sides():
             raise RuleError(
@@ -181,7 +189,7 @@ class KVQuantSpec:
         """What needs the model's head_dim (known after loading for models that are not offline)."""
         for s in self.sides().values():
             registry.check_bits(s.codec.name, s.codec.bits, "bits", head_dim)
-            if not float(s.codec.bits).is_integer():  # the outlier split rotates each channel group alone
+            if registry.splits_outliers(s.codec.name, s.codec.bits):  # each channel group rotated alone
                 outliers = 8 * round((s.codec.bits - int(s.codec.bits)) * head_dim / 8)
                 for group in (outliers, head_dim - outliers):
                     registry.check_rotation_dim(s.rotation.name, group)

@@ -18,6 +18,7 @@ from .mixed import MixedCode, MixedPrecision
 from .mse import MSECode, TurboQuantMSE
 from .packing import pack_bits, packed_row_bytes, unpack_bits
 from .prod import ProdCode, TurboQuantProd
+from .transform import TransformCode, TransformCoder
 
 CODECS = tuple(registry.CODECS)
 
@@ -31,6 +32,8 @@ def make_codec(name: str, dim: int, bits: float, **options):
         if isinstance(bits, float):
             return MixedPrecision(dim, bits, base=base, **options)
         return (TurboQuantMSE if base == "mse" else TurboQuantProd)(dim, bits, **options)
+    if name == "transform_coding":
+        return TransformCoder(dim, bits, **options)
     if name == "kivi":
         return KIVI(dim, bits=bits, **options)
     return {"int8_block": Int8Block, "int4_block": Int4Block}[name](dim, **options)
@@ -50,6 +53,8 @@ __all__ = [
     "MixedPrecision",
     "ProdCode",
     "TurboQuantMSE",
+    "TransformCode",
+    "TransformCoder",
     "TurboQuantProd",
     "coordinate_distortion",
     "lloyd_max_codebook",

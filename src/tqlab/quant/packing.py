@@ -63,3 +63,36 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     shifts = torch.arange(0, 8 * bits, bits, device=packed.device)
     values = (words >> shifts) & ((1 << bits) - 1)
     return values.reshape(*packed.shape[:-1], -1)[..., :n]
+
+
+def field_layout(widths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For fields of `widths` bits laid end to end (little-endian, field i first), each bit position's
+    field and the bit's place within it: what `pack_fields` and `unpack_fields` share."""
+    widths = widths.long()
+    field = torch.repeat_interleave(torch.arange(len(widths), device=widths.device), widths)
+    starts = torch.cumsum(widths, 0) - widths
+    return field, torch.arange(len(field), device=widths.device) - starts[field]
+
+
+def pack_fields(values: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
+    """Pack values[..., i] in [0, 2^widths[i]) (a width may be 0: nothing stored) into one bit stream per
+    row, ceil(Σ widths / 8) bytes: unequal widths with no padding between fields."""
+    field, place = field_layout(widths)
+    bits = (values[..., field].to(torch.int64) >> place) & 1
+    bits = torch.nn.functional.pad(bits, (0, -bits.shape[-1] % 8)).reshape(*bits.shape[:-1], -1, 8)
+    return (bits << torch.arange(8, device=bits.device)).sum(-1).to(torch.uint8)
+
+
+def unpack_fields(packed: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_fields`: [..., len(widths)] int64 (0 where a field has no bits)."""
+    field, place = field_layout(widths)
+    expected = -(-len(field) // 8)
+    if packed.dtype != torch.uint8 or packed.shape[-1] != expected:
+        raise ValueError(
+            f"packed codes have dtype {packed.dtype} and rows of {packed.shape[-1]} bytes; "
+            f"fields of {len(field)} bits need uint8 rows of {expected} bytes"
+        )
+    positions = torch.arange(len(field), device=packed.device)
+    bits = (packed[..., positions // 8].to(torch.int64) >> (positions % 8)) & 1
+    out = torch.zeros(*packed.shape[:-1], len(widths), dtype=torch.int64, device=packed.device)
+    return out.index_add_(-1, field, bits << place)

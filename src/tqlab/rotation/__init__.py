@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from .. import registry
 from .base import Identity, Rotation
+from .butterfly import SO8Butterfly
 from .compose import Composed
+from .eigen import EigenHadamard
 from .haar import RandomHaar
 from .hadamard import FastHadamard, fwht
 from .so8 import BlockSO8Learned, BlockSO8Static
@@ -21,6 +23,8 @@ ROTATIONS = {
     "fast_hadamard": FastHadamard,
     "block_so8_static": BlockSO8Static,
     "block_so8_learned": BlockSO8Learned,
+    "eigen_hadamard": EigenHadamard,
+    "so8_butterfly": SO8Butterfly,
 }
 
 
@@ -43,9 +47,11 @@ __all__ = [
     "BlockSO8Learned",
     "BlockSO8Static",
     "Composed",
+    "EigenHadamard",
     "FastHadamard",
     "Identity",
     "RandomHaar",
+    "SO8Butterfly",
     "Rotation",
     "fwht",
     "make_rotation",

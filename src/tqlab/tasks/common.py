@@ -47,10 +47,11 @@ def kv_source(cfg: DictConfig):
     return CaptureStore(capture(cfg), verify=False)  # capture() has just verified every shard
 
 
-def calibration(cfg: DictConfig, spec: KVQuantSpec, source=None):
-    """Train-split vectors for per-head statistics (fractional bits' outlier channels, `codec.center`'s mean):
-    `fn(side, layer, head)`, or None when the spec needs none. They come from the capture (made first
-    when missing)."""
+def calibration(cfg: DictConfig, spec: KVQuantSpec, source=None, sequences: int | None = None):
+    """Train-split vectors for per-head statistics (fractional bits' outlier channels, `codec.center`'s mean,
+    the query metric, transform coding, data-aware rotations): `fn(side, layer, head)`, or None when the spec
+    needs none. They come from the first `sequences` (default `eval.calibration_sequences`) train sequences
+    of the capture (made first when missing)."""
     if not spec.needs_calibration():
         return None
     import functools
@@ -58,7 +59,7 @@ def calibration(cfg: DictConfig, spec: KVQuantSpec, source=None):
     import torch
 
     source = source or kv_source(cfg)
-    n = min(cfg.eval.calibration_sequences, source.num_sequences("train"))
+    n = min(sequences or cfg.eval.calibration_sequences, source.num_sequences("train"))
 
     @functools.lru_cache(maxsize=64)  # a unit's key, value and query statistics come from one read
     def unit(layer: int, head: int) -> dict[str, torch.Tensor]:

@@ -60,8 +60,9 @@ def _test(cfg, sections, results, loggers) -> None:
         "data": sections["data"]["source"],
         "capture": source.manifest["fingerprint"][:16],
         **spec.columns(),
+        "sink_tokens": sections["cache"]["sink_tokens"],
     }
-    module = AttentionEvalModule(bank, columns, settings["top_k"])
+    module = AttentionEvalModule(bank, columns, settings["top_k"], sections["cache"]["sink_tokens"])
     trainer = common.make_trainer(cfg, loggers, use_distributed_sampler=False)
     common.run_stage(
         trainer,

@@ -92,9 +92,14 @@ def _fit(cfg, sections, results: Path, loggers) -> None:
     source = common.kv_source(cfg)
     arch = source.architecture
     layers = sections["store"]["layers"] or source.layers
-    rotations = fit_rotations(spec, layers, arch["num_kv_heads"], arch["head_dim"], fit["per_head"])
+    train_vectors = common.calibration(cfg, spec, source, source.num_sequences("train"))
+    rotations = fit_rotations(
+        spec, layers, arch["num_kv_heads"], arch["head_dim"], fit["per_head"], train_vectors
+    )
     fit_bits = {side: s.codec.stage1_bits for side, s in spec.sides().items()}
-    module = RotationFitModule(rotations, fit_bits, fit["objective"], fit["per_head"], fit["lr"])
+    module = RotationFitModule(
+        rotations, fit_bits, fit["objective"], fit["per_head"], fit["lr"], fit["temperature"]
+    )
     side = next(iter(spec.sides().values()))
     facts = {
         "rotation": side.rotation.name,

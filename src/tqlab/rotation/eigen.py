@@ -1,0 +1,42 @@
+"""Eigenbasis × Hadamard: R = H · Uᵀ, U the eigenvectors of a head's train-split second moment.
+
+Uᵀ decorrelates the vectors (component i has variance λ_i); the Hadamard then gives every output coordinate
+exactly the mean variance Σλ_i/d (each row of H has entries ±1/√d), so one equal-bit scalar codebook and one
+norm per vector are matched to the data — the idea of OSCAR's key rotation. basis="key" takes U from the
+vectors the codec sees; basis="query" from the second moment of the head's queries, so that the directions
+queries read are the ones spread evenly. (OSCAR also permutes the eigen-coordinates by a bit reversal
+before a block Hadamard; a full-length Hadamard equalises variances whatever the order.)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Rotation
+from .hadamard import FastHadamard
+
+BASES = ("key", "query")
+
+
+class EigenHadamard(Rotation):
+    def __init__(self, dim: int, seed: int = 0, basis: str = "key"):
+        if basis not in BASES:
+            raise ValueError(f"basis={basis!r} is not one of {BASES}")
+        super().__init__(dim)
+        self.basis = basis
+        self.hadamard = FastHadamard(dim, seed=seed)
+        self.register_buffer("eigenvectors", torch.eye(dim))  # identity until fitted
+
+    def fit(self, x: torch.Tensor) -> torch.Tensor:
+        """Set U from vectors x [n, dim] (keys as the codec sees them, or queries for basis="query");
+        returns the eigenvalues, largest first."""
+        x = x.reshape(-1, self.dim).double()
+        evals, evecs = torch.linalg.eigh(x.T @ x / len(x))
+        self.eigenvectors = evecs.flip(1).float().to(self.eigenvectors.device)
+        return evals.flip(0)
+
+    def _rotate(self, x):
+        return self.hadamard.apply(x @ self.eigenvectors)
+
+    def _unrotate(self, y):
+        return self.hadamard.inverse(y) @ self.eigenvectors.T
