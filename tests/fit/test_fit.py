@@ -136,7 +136,7 @@ def test_a_butterfly_fit_finds_a_planted_rotation_from_the_identity():
     best = rel_err(TurboQuantMSE(d, 2, rotation=planted))  # not 0: unit vectors, not codebook points
     assert before > 4 * best
     opt = torch.optim.Adam(module.parameters(), lr=0.01)
-    for step in range(300):
+    for _ in range(300):
         batch = train[torch.randint(0, len(train), (256,), generator=g)]
         loss = key_loss("mse", fitted, None, batch, 1.0)
         opt.zero_grad()
