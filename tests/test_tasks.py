@@ -195,9 +195,17 @@ def test_a_negative_epoch_count_fails_before_any_compute(tmp_path):
         tasks.train(cfg("train", tmp_path, "fit.temperature=0"))
 
 
-def test_train_refuses_centering_it_would_not_fit_with(tmp_path):
-    with pytest.raises(ConfigError, match="codec.center=true: train.py fits rotations on uncentered"):
-        tasks.train(cfg("train", tmp_path, "codec.center=true"))
+def test_rotations_fitted_around_the_mean_are_evaluated_around_it_only(tmp_path):
+    results = tasks.train(
+        cfg("train", tmp_path, "codec.center=true", "fit.max_epochs=1", "rotation=eigen_hadamard_butterfly")
+    ).folder
+    assert json.loads((results / "done.json").read_text())["center"] == {"key": True}
+    with pytest.raises(ConfigError, match="fitted with codec.center=true on the keys; set codec.center=true"):
+        tasks.evaluate(cfg("eval", tmp_path, f"rotations={results}", "kv=key_only", "bits=2"))
+    out = tasks.evaluate(
+        cfg("eval", tmp_path, f"rotations={results}", "kv=key_only", "bits=2", "codec.center=true")
+    ).folder
+    assert json.loads((out / "summary.json").read_text())["overall"]["output_cosine"] > 0.5
 
 
 def test_fixed_rotations_have_nothing_to_train(tmp_path):

@@ -241,11 +241,6 @@ def run_sections(cfg: DictConfig) -> dict:
     sections["spec"] = kv_spec(cfg)
     if cfg.task == "train":
         sections["fit"] = fit_section(cfg)
-        if cfg.codec.get("center"):
-            raise ConfigError(
-                "codec.center=true: train.py fits rotations on uncentered vectors; fit without it and "
-                "evaluate the fitted rotations with codec.center=true"
-            )
     else:
         sections["eval"] = eval_section(cfg)
     if cfg.task == "eval":

@@ -90,6 +90,7 @@ ROTATIONS: dict[str, RotationRule] = {
     ),
     # block-diagonal SO(8) layers between stride permutations, identity at start (rotation.butterfly)
     "so8_butterfly": RotationRule(head_dim="multiple_of_8", learned=True),
+    "dense_learned": RotationRule(learned=True),  # exp(A − Aᵀ), dim² parameters, identity at start
     "block_so8_learned": RotationRule(
         head_dim="multiple_of_8",
         learned=True,

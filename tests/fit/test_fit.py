@@ -143,3 +143,15 @@ def test_a_butterfly_fit_finds_a_planted_rotation_from_the_identity():
         loss.backward()
         opt.step()
     assert rel_err(fitted) < 1.05 * best
+
+
+def test_a_fit_around_the_mean_measures_the_centred_codec():
+    from tqlab.quant import Centered
+
+    codec = TurboQuantMSE(16, 2, rotation=BlockSO8Learned(16, seed=2))
+    k = torch.randn(300, 16) + 5
+    mean = k[:100].mean(0)
+    centred = Centered(codec, mean)
+    real = (centred.dequantize(centred.quantize(k)) - k).pow(2).sum() / (k - mean).pow(2).sum()
+    loss = key_loss("mse", codec, None, k, 1.0, mean=mean)
+    assert loss.item() == pytest.approx(real.item(), rel=1e-3)

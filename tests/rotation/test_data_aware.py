@@ -70,3 +70,16 @@ def test_fitted_data_aware_rotations_save_and_load_as_safetensors(tmp_path):
     loaded, _ = load_rotations(tmp_path / "r.safetensors")
     torch.testing.assert_close(loaded["key_layer0_head0"].matrix(), rotation.matrix())
     assert loaded["key_layer0_head0"].parts[0].basis == "query"
+
+
+def test_dense_learned_rotation_starts_at_the_identity_and_stays_orthogonal():
+    from tqlab.rotation import DenseLearned
+
+    rotation = DenseLearned(12)
+    torch.testing.assert_close(rotation.matrix(), torch.eye(12))
+    with torch.no_grad():
+        rotation.generator_params.normal_(generator=torch.Generator().manual_seed(0))
+    m = rotation.matrix().double()
+    torch.testing.assert_close(m @ m.T, torch.eye(12, dtype=torch.float64), atol=1e-5, rtol=0)
+    x = torch.randn(3, 12)
+    torch.testing.assert_close(rotation.inverse(rotation.apply(x)), x, atol=1e-5, rtol=0)

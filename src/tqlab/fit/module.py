@@ -23,12 +23,15 @@ class RotationFitModule(L.LightningModule):
         per_head: bool = False,
         lr: float = 0.01,
         temperature: float = 0.1,
+        means: dict[str, torch.Tensor] | None = None,
     ):
         """rotations: the rotation to fit per unit (`unit_name(layer, head or None, side)`), as built by
-        `tqlab.kv.builder.fit_rotations`; fit_bits: Stage-1 bits per side (b for MSE codecs, b − 1 for Prod)."""
+        `tqlab.kv.builder.fit_rotations`; fit_bits: Stage-1 bits per side (b for MSE codecs, b − 1 for Prod);
+        means: per unit, the train mean its codec codes around (`codec.center`), as `fit_means` gives."""
         super().__init__()
         self.objective, self.lr, self.per_head, self.fit_bits = objective, lr, per_head, fit_bits
-        self.temperature = temperature
+        # codec.center: each unit codes x − its train mean (fixed; recomputed from the data on resume)
+        self.temperature, self.means = temperature, dict(means or {})
         self.codecs = nn.ModuleDict(
             {
                 unit: TurboQuantMSE(rot.dim, fit_bits[unit.split("_")[0]], rotation=rot)
@@ -51,17 +54,12 @@ class RotationFitModule(L.LightningModule):
         )
         losses = []
         for target in sorted(self.fit_bits):
-            codec = self.codecs[unit_name(layer, head if self.per_head else None, target)]
+            unit = unit_name(layer, head if self.per_head else None, target)
+            codec, mean, window = self.codecs[unit], self.means.get(unit), item.get("sliding_window", 0)
             if target == "key":
-                losses.append(
-                    key_loss(self.objective, codec, q, k, scaling, item.get("sliding_window", 0), temperature)
-                )
+                losses.append(key_loss(self.objective, codec, q, k, scaling, window, temperature, mean))
             else:
-                losses.append(
-                    value_loss(
-                        self.objective, codec, q, k, v, scaling, item.get("sliding_window", 0), temperature
-                    )
-                )
+                losses.append(value_loss(self.objective, codec, q, k, v, scaling, window, temperature, mean))
         return torch.stack(losses).sum()
 
     def _batch_loss(self, batch: dict, temperature: float = 0.0) -> torch.Tensor:

@@ -36,6 +36,13 @@ def reconstruct(codec: TurboQuantMSE, x: torch.Tensor, temperature: float = 0.0)
     return codec.rotation.inverse(codes) * norms
 
 
+def _reconstruct_around(codec, x, temperature: float, mean) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x̂, what the codec codes): x − mean coded and the mean added back, or x itself."""
+    coded = x if mean is None else x - mean.to(x)
+    x_hat = reconstruct(codec, coded, temperature)
+    return (x_hat if mean is None else x_hat + mean.to(x)), coded
+
+
 def key_loss(
     objective: str,
     codec: TurboQuantMSE,
@@ -44,12 +51,14 @@ def key_loss(
     scaling: float,
     window: int = 0,
     temperature: float = 0.0,
+    mean: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [G, T, D] (real queries), k [T, D]: a scale-free loss (relative error or KL); `window` is the
-    layer's sliding window (0: none); temperature > 0 trains logits/attention through the soft quantizer."""
-    k_hat = reconstruct(codec, k, 0.0 if objective == "mse" else temperature)
+    layer's sliding window (0: none); temperature > 0 trains logits/attention through the soft quantizer;
+    `mean`: the codec codes k − mean (codec.center), and mse is relative to the energy it codes."""
+    k_hat, coded = _reconstruct_around(codec, k, 0.0 if objective == "mse" else temperature, mean)
     if objective == "mse":
-        return (k_hat - k).pow(2).sum() / k.pow(2).sum()
+        return (k_hat - k).pow(2).sum() / coded.pow(2).sum()
     mask = causal_mask(q.shape[-2], k.shape[-2], q.device, window)
     exact, approx = (q @ k.T) * scaling, (q @ k_hat.T) * scaling
     if objective == "logits":
@@ -60,12 +69,20 @@ def key_loss(
 
 
 def value_loss(
-    objective: str, codec: TurboQuantMSE, q, k, v, scaling: float, window: int = 0, temperature: float = 0.0
+    objective: str,
+    codec: TurboQuantMSE,
+    q,
+    k,
+    v,
+    scaling: float,
+    window: int = 0,
+    temperature: float = 0.0,
+    mean: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Relative error of the values (mse) or of the attention output they produce (logits, attention)."""
-    v_hat = reconstruct(codec, v, 0.0 if objective == "mse" else temperature)
+    v_hat, coded = _reconstruct_around(codec, v, 0.0 if objective == "mse" else temperature, mean)
     if objective == "mse":
-        return (v_hat - v).pow(2).sum() / v.pow(2).sum()
+        return (v_hat - v).pow(2).sum() / coded.pow(2).sum()
     mask = causal_mask(q.shape[-2], k.shape[-2], q.device, window)
     probs = ((q @ k.T) * scaling).masked_fill(~mask, float("-inf")).softmax(-1)
     return (probs @ (v_hat - v)).pow(2).sum() / (probs @ v).pow(2).sum()

@@ -44,18 +44,44 @@ def fit_rotations(
     """Fresh rotations to fit, one per (side, layer) or per (side, layer, KV head), named by `unit_name`;
     their data-aware parts (eigen_hadamard) set from `calibration` (a per-layer unit: all its heads)."""
     spec.check_head_dim(dim)
+    means = fit_means(spec, layers, num_kv_heads, per_head, calibration)
     rotations = {}
     for side, s in spec.sides().items():
         for layer in layers:
             for head in range(num_kv_heads) if per_head else [None]:
+                unit = unit_name(layer, head, side)
                 rotation = make_side_rotation(s, dim, unit_seed(spec.seed, side, layer, head))
                 for part in _parts(rotation):
                     if isinstance(part, EigenHadamard):
                         heads = range(num_kv_heads) if head is None else [head]
-                        which = "query" if part.basis == "query" else side
-                        part.fit(torch.cat([calibration(which, layer, h).float() for h in heads]))
-                rotations[unit_name(layer, head, side)] = rotation
+                        if part.basis == "query":
+                            part.fit(torch.cat([calibration("query", layer, h).float() for h in heads]))
+                        else:  # what the codec sees: around the unit's mean under codec.center
+                            seen = torch.cat([calibration(side, layer, h).float() for h in heads])
+                            part.fit(seen - means[unit] if unit in means else seen)
+                rotations[unit] = rotation
     return rotations
+
+
+def fit_means(
+    spec: KVQuantSpec,
+    layers: list[int],
+    num_kv_heads: int,
+    per_head: bool,
+    calibration: Callable[[str, int, int], torch.Tensor] | None,
+) -> dict[str, torch.Tensor]:
+    """Per fitted unit of a side with `codec.center`, the train mean its codec codes around (a per-layer
+    unit: over all its heads)."""
+    means = {}
+    for side, s in spec.sides().items():
+        if not dict(s.codec.options).get("center"):
+            continue
+        for layer in layers:
+            for head in range(num_kv_heads) if per_head else [None]:
+                heads = range(num_kv_heads) if head is None else [head]
+                vectors = torch.cat([calibration(side, layer, h).float() for h in heads])
+                means[unit_name(layer, head, side)] = vectors.mean(0)
+    return means
 
 
 def load_fitted(spec: KVQuantSpec) -> dict[str, Rotation]:

@@ -161,7 +161,7 @@ class KVQuantSpec:
             width = registry.check_bits(codec, width, bits_key, head_dim)
             rot = RotationSpec(rotation, tuple(sorted(rot_options.items())))
             if fitted is not None and side in fitted.sides():
-                rot = _fitted_rotation(fitted, side, codec, width, bits_key, model)
+                rot = _fitted_rotation(fitted, side, codec, width, bits_key, model, options.get("center", False))
             registry.check_codec_rotation(codec, rot.name)
             if (
                 registry.rotation_is_learned(rot.name)
@@ -228,7 +228,7 @@ class KVQuantSpec:
 
 
 def _fitted_rotation(
-    fitted: FittedRotations, side: str, codec: str, bits, bits_key: str, model
+    fitted: FittedRotations, side: str, codec: str, bits, bits_key: str, model, center: bool
 ) -> RotationSpec:
     facts = fitted.facts
     where = f"rotations={fitted.path}"
@@ -243,6 +243,12 @@ def _fitted_rotation(
         raise RuleError(
             f"{where} were fitted at {side} bits={fit_bits}; {bits_key}={bits} would evaluate them at other "
             f"bits. Set {bits_key}={fit_bits}, or fit again at {bits}"
+        )
+    fit_center = (facts.get("center") or {}).get(side, False)
+    if center != fit_center:
+        raise RuleError(
+            f"{where} were fitted with codec.center={str(fit_center).lower()} on the {side}s; set "
+            f"codec.center={str(fit_center).lower()} to evaluate them as they were fitted"
         )
     if model is not None and fitted.model is not None and fitted.model != model:
         raise RuleError(f"{where} were fitted on model {fitted.model}; this run has model {model}")

@@ -12,7 +12,7 @@ from .base import Identity, Rotation
 from .butterfly import SO8Butterfly
 from .compose import Composed
 from .eigen import EigenHadamard
-from .haar import RandomHaar
+from .haar import DenseLearned, RandomHaar
 from .hadamard import FastHadamard, fwht
 from .so8 import BlockSO8Learned, BlockSO8Static
 from .triality import VIEWS
@@ -25,6 +25,7 @@ ROTATIONS = {
     "block_so8_learned": BlockSO8Learned,
     "eigen_hadamard": EigenHadamard,
     "so8_butterfly": SO8Butterfly,
+    "dense_learned": DenseLearned,
 }
 
 
@@ -47,6 +48,7 @@ __all__ = [
     "BlockSO8Learned",
     "BlockSO8Static",
     "Composed",
+    "DenseLearned",
     "EigenHadamard",
     "FastHadamard",
     "Identity",

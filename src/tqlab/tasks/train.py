@@ -84,7 +84,7 @@ def _fit(cfg, sections, results: Path, loggers) -> None:
 
     from ..fit.module import RotationFitModule, SaveRotations
     from ..fit.state import EpochShuffled, load_state, write_atomic
-    from ..kv.builder import fit_rotations
+    from ..kv.builder import fit_means, fit_rotations
     from ..runs import resolved
 
     common.seed_lightning(cfg.seed)
@@ -97,8 +97,9 @@ def _fit(cfg, sections, results: Path, loggers) -> None:
         spec, layers, arch["num_kv_heads"], arch["head_dim"], fit["per_head"], train_vectors
     )
     fit_bits = {side: s.codec.stage1_bits for side, s in spec.sides().items()}
+    means = fit_means(spec, layers, arch["num_kv_heads"], fit["per_head"], train_vectors)
     module = RotationFitModule(
-        rotations, fit_bits, fit["objective"], fit["per_head"], fit["lr"], fit["temperature"]
+        rotations, fit_bits, fit["objective"], fit["per_head"], fit["lr"], fit["temperature"], means
     )
     side = next(iter(spec.sides().values()))
     facts = {
@@ -110,6 +111,7 @@ def _fit(cfg, sections, results: Path, loggers) -> None:
         "bits": {s: (getattr(spec, s).codec.bits if getattr(spec, s) else None) for s in registry.SIDES},
         "model": sections["model"]["name_or_path"],
         "objective": fit["objective"],
+        "center": {s: dict(side_spec.codec.options).get("center", False) for s, side_spec in spec.sides().items()},
         "per_head": fit["per_head"],
         "layers": layers,
         "capture": source.manifest["fingerprint"],
