@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Learned rotations started from a data-aware one (SmolLM2 keys at 2 bits, around the per-head mean; results:
+# docs/results.md): SO(8) butterflies after eigenbasis × Hadamard, fitted on key MSE (hard codes) or on the
+# attention KL (soft quantizer), and SO(8) blocks in the three triality views, identity at start; against
+# eigenbasis × Hadamard and fast Hadamard alone. Three seeds; paired tests over (layer, KV head) units.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PY:-.venv/bin/python}
+common=(logger=csv progress=false bits=2 kv=key_only codec.center=true)
+out=multirun/learned_data_aware
+$PY train.py -m "${common[@]}" seed=0,1,2 rotation=eigen_hadamard_butterfly fit.objective=mse,attention \
+  hydra.sweep.dir=$out/train_butterfly
+$PY train.py -m "${common[@]}" seed=0,1,2 rotation=eigen_hadamard_triality rotation.view=vector,spinor_plus,spinor_minus \
+  hydra.sweep.dir=$out/train_triality
+evals=("${common[@]}" eval.calibration_sequences=16)  # the means train.py fitted: every train sequence
+$PY eval.py -m "${evals[@]}" seed=0,1,2 rotation=eigen_hadamard,fast_hadamard hydra.sweep.dir=$out/fixed
+fitted=$(ls -d $out/train_butterfly/*/ $out/train_triality/*/ | sed "s:/$::" | paste -sd, -)
+$PY eval.py -m "${evals[@]}" "rotations=$fitted" hydra.sweep.dir=$out/fitted
+$PY report.py "runs=[$out/fixed,$out/fitted]" 'metrics=[output_cosine,attention_kl,key_rel_mse]' reference=fast_hadamard \
+  unit=layer_head wandb.mode=disabled hydra.run.dir=outputs/research/learned_data_aware
