@@ -167,6 +167,7 @@ CODECS: dict[str, CodecRule] = {
             **_CENTER,
             "norm_dtype": _TURBOQUANT_NORM,
             "norm_correction": Option((False, True), default=False),
+            "unbiased": Option((False, True), default=False),
         },
     ),
     "turboquant_prod": CodecRule(

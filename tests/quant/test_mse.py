@@ -100,3 +100,24 @@ def test_bad_arguments_name_the_argument_and_the_allowed_values():
 def test_norm_overflow_in_fp16_is_refused_clearly():
     with pytest.raises(ValueError, match="norm_dtype"):
         TurboQuantMSE(64, 2).quantize(torch.full((1, 64), 1e4))
+
+
+def test_unbiased_decoding_makes_inner_products_unbiased_over_rotations():
+    from tqlab.quant import coordinate_distortion
+    from tqlab.rotation.base import haar_orthogonal
+
+    d, bits, n = 32, 1, 20_000
+    g = torch.Generator().manual_seed(0)
+    x, q = torch.randn(d, generator=g), torch.randn(d, generator=g)
+    # the expectation over the codec's random rotation equals that over random rotations R of the pair
+    r = haar_orthogonal((n, d, d), seed=1).float()
+    rx, rq = r @ x, r @ q
+    exact, shrink = float(q @ x), 1 - coordinate_distortion(d, bits)
+    for flag, expected in ((True, exact), (False, shrink * exact)):
+        c = TurboQuantMSE(d, bits, rotation="random_haar", seed=0, unbiased=flag, norm_dtype=torch.float32)
+        products = (rq * c.dequantize(c.quantize(rx))).sum(-1).double()
+        se = products.std().item() / n**0.5
+        assert abs(products.mean().item() - expected) < 4 * se
+    assert abs(shrink * exact - exact) > 20 * se  # plain decoding is biased by the factor 1 − D
+    with pytest.raises(ValueError, match="choose one"):
+        TurboQuantMSE(d, bits, norm_correction=True, unbiased=True)

@@ -150,6 +150,11 @@ class KVQuantSpec:
                     f"{key}={value} is set but kv.compress={list(compress)} keeps the {side}s exact"
                 )
         options = registry.codec_options(codec, codec_options or {})
+        if options.get("norm_correction") and options.get("unbiased"):
+            raise RuleError(
+                "codec.norm_correction=true and codec.unbiased=true are two rescalings of the decoded vector; "
+                "set one of them"
+            )
         rot_options = registry.rotation_options(rotation, rotation_options or {})
         if isinstance(fitted, (str, Path)):
             fitted = FittedRotations.read(fitted)
@@ -161,7 +166,9 @@ class KVQuantSpec:
             width = registry.check_bits(codec, width, bits_key, head_dim)
             rot = RotationSpec(rotation, tuple(sorted(rot_options.items())))
             if fitted is not None and side in fitted.sides():
-                rot = _fitted_rotation(fitted, side, codec, width, bits_key, model, options.get("center", False))
+                rot = _fitted_rotation(
+                    fitted, side, codec, width, bits_key, model, options.get("center", False)
+                )
             registry.check_codec_rotation(codec, rot.name)
             if (
                 registry.rotation_is_learned(rot.name)

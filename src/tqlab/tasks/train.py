@@ -111,7 +111,9 @@ def _fit(cfg, sections, results: Path, loggers) -> None:
         "bits": {s: (getattr(spec, s).codec.bits if getattr(spec, s) else None) for s in registry.SIDES},
         "model": sections["model"]["name_or_path"],
         "objective": fit["objective"],
-        "center": {s: dict(side_spec.codec.options).get("center", False) for s, side_spec in spec.sides().items()},
+        "center": {
+            s: dict(side_spec.codec.options).get("center", False) for s, side_spec in spec.sides().items()
+        },
         "per_head": fit["per_head"],
         "layers": layers,
         "capture": source.manifest["fingerprint"],
