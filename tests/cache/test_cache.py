@@ -213,6 +213,7 @@ def test_cache_bytes_are_the_stored_codes_counted_by_hand():
         ("turboquant_prod", 2, 4, 4),
         ("kivi", 0, 0, 3),  # 19 tokens: one group of 16 keys encoded, 3 kept exact as KIVI does
         ("kivi", 1, 2, 2),  # 1 sink, 16 encoded, 2 recent
+        ("transform_coding", 1, 2, 2),  # values summed in its eigenbasis, keys in the query metric
     ],
 )
 def test_sinks_and_the_recent_window_stay_exact_and_the_rest_reads_codes(codec, sinks, recent, exact_recent):
@@ -222,8 +223,9 @@ def test_sinks_and_the_recent_window_stay_exact_and_the_rest_reads_codes(codec, 
         "kivi": {"group": 16},
         "centered": {"center": True},
         "query_metric": {"center": True, "key_metric": "query"},
+        "transform_coding": {"center": True, "key_metric": "query"},
     }.get(codec, {})
-    rotation = "identity" if codec == "kivi" else "random_haar"
+    rotation = "identity" if codec in ("kivi", "transform_coding") else "random_haar"
     bits = 2 if codec == "kivi" else 3
     codec = "turboquant_mse" if codec in ("centered", "query_metric") else codec
     spec = KVQuantSpec.create(codec, bits, rotation, codec_options=options, **SPEC)

@@ -19,6 +19,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from ..rotation import Rotation
 from .codes import Code, buffer_nbytes, check_input, store_norms
 from .gaussian import MAX_BITS, allocate_bits, gaussian_lloyd_max
 from .mse import count_below
@@ -31,6 +32,20 @@ SCALES = ("norm", "none")
 class TransformCode(Code):
     indices: torch.Tensor  # uint8 [*shape, ceil(Σ b_i / 8)]
     norms: torch.Tensor | None  # [*shape] (scale="norm") or None
+
+
+class EigenBasis(Rotation):
+    """y = x V, V orthogonal (columns: the eigenvectors, largest eigenvalue first); the identity until set."""
+
+    def __init__(self, dim: int):
+        super().__init__(dim)
+        self.register_buffer("vectors", torch.eye(dim))
+
+    def _rotate(self, x):
+        return x @ self.vectors
+
+    def _unrotate(self, y):
+        return y @ self.vectors.T
 
 
 class TransformCoder(nn.Module):
@@ -46,8 +61,10 @@ class TransformCoder(nn.Module):
             raise ValueError(f"scale={scale!r} is not one of {SCALES}")
         self.dim, self.bits, self.budget = dim, bits, int(round(budget))
         self.scale, self.norm_dtype = scale, norm_dtype
-        self.register_buffer("basis", torch.zeros(0, dim))  # V [dim, dim], set by calibrate
-        self.register_buffer("std", torch.zeros(dim))
+        self.rotation = EigenBasis(
+            dim
+        )  # V, set by calibrate; the cache's attention sums values in its domain
+        self.register_buffer("std", torch.zeros(dim))  # all zero until calibrated
         self.register_buffer("widths", torch.zeros(dim, dtype=torch.uint8))
         self.register_buffer("typical_norm", torch.ones(()))
         # per component, its codebook's levels (×std) and decision boundaries (in std units), padded
@@ -65,7 +82,7 @@ class TransformCoder(nn.Module):
         evals, evecs = torch.linalg.eigh(x.T @ x / len(x))
         evals, evecs = evals.flip(0).clamp_min(0.0), evecs.flip(1)
         widths = allocate_bits(evals.cpu().numpy(), self.budget)
-        self.basis = evecs.float()
+        self.rotation.vectors = evecs.float().to(self.std.device)
         self.std = evals.sqrt().float()
         self.widths = torch.as_tensor(widths, dtype=torch.uint8, device=self.std.device)
         levels = torch.zeros(self.dim, 2**MAX_BITS, dtype=torch.float64)
@@ -76,7 +93,7 @@ class TransformCoder(nn.Module):
         return self.widths
 
     def _check_fitted(self, what: str) -> None:
-        if self.basis.numel() == 0:
+        if not self.std.any():
             raise ValueError(
                 f"{what}: TransformCoder is not fitted yet; call calibrate(x) on train-split vectors"
             )
@@ -87,7 +104,7 @@ class TransformCoder(nn.Module):
         if self.scale == "norm":
             norms = store_norms(x.norm(dim=-1), self.norm_dtype, "TransformCoder")
             x = x * (self.typical_norm / x.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny))
-        return x @ self.basis, norms
+        return self.rotation.apply(x), norms
 
     def quantize(self, x: torch.Tensor) -> TransformCode:
         self._check_fitted("TransformCoder.quantize")
@@ -113,12 +130,12 @@ class TransformCoder(nn.Module):
         return y
 
     def dequantize(self, code: TransformCode) -> torch.Tensor:
-        return self.rotated_centroids(code) @ self.basis.T
+        return self.rotation.inverse(self.rotated_centroids(code))
 
     def score(self, queries: torch.Tensor, code: TransformCode) -> torch.Tensor:
         """⟨q, x̂⟩ = ⟨Vᵀq, ŷ⟩ for all query/key pairs, keys never rotated back."""
         q = check_input(queries, self.dim, self.std.device, "TransformCoder.score")
-        return (q @ self.basis) @ self.rotated_centroids(code).transpose(-1, -2)
+        return self.rotation.apply(q) @ self.rotated_centroids(code).transpose(-1, -2)
 
     def constant_nbytes(self) -> int:
         """Basis, scales, allocation and codebooks, as held."""
