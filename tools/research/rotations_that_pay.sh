@@ -20,19 +20,25 @@ run transform codec=transform_coding rotation=identity bits=2,2.75,3,4 seed=0
 run transform_center codec=transform_coding rotation=identity codec.center=true bits=2,2.75,3,4 seed=0
 run transform_query codec=transform_coding rotation=identity codec.center=true codec.key_metric=query bits=2,2.75,3,4 seed=0
 run sinks_hadamard codec=turboquant_mse rotation=fast_hadamard bits=2 cache.sink_tokens=1 seed=0,1,2
+run sinks_hadamard_query codec=turboquant_mse rotation=fast_hadamard codec.center=true codec.key_metric=query bits=2 cache.sink_tokens=1 seed=0,1,2
 run sinks_transform codec=transform_coding rotation=identity codec.center=true codec.key_metric=query bits=2 cache.sink_tokens=1 seed=0
 run values_hadamard kv=value_only codec=turboquant_mse rotation=fast_hadamard bits=2,3 seed=0,1,2
 run values_transform kv=value_only codec=transform_coding rotation=identity codec.center=true bits=2,3 seed=0
 metrics='metrics=[output_cosine,attention_kl,logit_cosine,key_rel_mse,value_rel_mse]'
 keys=$out/rotations,$out/fractional,$out/hadamard_query,$out/transform,$out/transform_center,$out/transform_query
 $PY report.py "runs=[$keys]" "$metrics" reference=fast_hadamard unit=layer_head wandb.mode=disabled hydra.run.dir=outputs/research/rotations_that_pay_keys
-$PY report.py "runs=[$out/sinks_hadamard,$out/sinks_transform]" "$metrics" reference=fast_hadamard unit=layer_head wandb.mode=disabled hydra.run.dir=outputs/research/rotations_that_pay_sinks
+$PY report.py "runs=[$out/sinks_hadamard,$out/sinks_transform,$out/sinks_hadamard_query]" "$metrics" reference=fast_hadamard unit=layer_head wandb.mode=disabled hydra.run.dir=outputs/research/rotations_that_pay_sinks
 $PY report.py "runs=[$out/values_hadamard,$out/values_transform]" "$metrics" reference=fast_hadamard unit=layer_head wandb.mode=disabled hydra.run.dir=outputs/research/rotations_that_pay_values
 # the Gaussian transform-coding bound per unit, from the same train statistics, against the measured key MSE
 $PY tools/research/key_mse_bound.py captures/smollm2-135m-ca5dc1531e01 --sequences 16 > outputs/research/rotations_that_pay_bound.md
 e2e=(task=perplexity logger=csv progress=false kv=full_kv seed=0 eval.calibration_sequences=16)
-$PY eval.py -m "${e2e[@]}" codec=transform_coding rotation=identity codec.center=true codec.key_metric=query bits=2,3,4 hydra.sweep.dir=$out/e2e_transform
-$PY eval.py -m "${e2e[@]}" codec=turboquant_mse rotation=fast_hadamard codec.center=true codec.key_metric=query bits=2,3 hydra.sweep.dir=$out/e2e_hadamard_query
+tq=(codec=turboquant_mse rotation=fast_hadamard codec.center=true codec.key_metric=query)
+tc=(codec=transform_coding rotation=identity codec.center=true codec.key_metric=query)
+$PY eval.py -m "${e2e[@]}" "${tc[@]}" bits=2,3,4 hydra.sweep.dir=$out/e2e_transform
+$PY eval.py -m "${e2e[@]}" "${tc[@]}" bits=2,3 cache.sink_tokens=1 hydra.sweep.dir=$out/e2e_transform_sink
+$PY eval.py -m "${e2e[@]}" "${tq[@]}" bits=2,3 hydra.sweep.dir=$out/e2e_hadamard_query
+$PY eval.py -m "${e2e[@]}" "${tq[@]}" bits=2,3 cache.sink_tokens=1 hydra.sweep.dir=$out/e2e_hadamard_query_sink
 $PY eval.py -m task=perplexity logger=csv progress=false kv=full_kv seed=0 codec=turboquant_mse rotation=fast_hadamard bits=2,3,4 hydra.sweep.dir=$out/e2e_hadamard
-$PY report.py "runs=[$out/e2e_hadamard,$out/e2e_transform,$out/e2e_hadamard_query]" 'metrics=[nll_increase,next_token_kl,final_hidden_cosine,next_token_top1]' \
+e2e_runs=$out/e2e_hadamard,$out/e2e_transform,$out/e2e_transform_sink,$out/e2e_hadamard_query,$out/e2e_hadamard_query_sink
+$PY report.py "runs=[$e2e_runs]" 'metrics=[nll_increase,next_token_kl,final_hidden_cosine,next_token_top1]' \
   reference=fast_hadamard wandb.mode=disabled hydra.run.dir=outputs/research/rotations_that_pay_e2e
