@@ -89,7 +89,7 @@ class TransformCoder(nn.Module):
         for i, b in enumerate(widths):
             if b:
                 levels[i, : 2**b] = torch.from_numpy(gaussian_lloyd_max(int(b))[0].copy())
-        self.levels = (levels * evals.sqrt().unsqueeze(-1)).float().to(self.std.device)
+        self.levels = (levels * evals.sqrt().cpu().unsqueeze(-1)).float().to(self.std.device)
         return self.widths
 
     def _check_fitted(self, what: str) -> None:
