@@ -82,3 +82,13 @@ def test_rotations_move_with_the_module():
     r = make_rotation("fast_hadamard+block_so8_learned", 16).to(torch.float64)
     assert r.parts[0].signs_in.dtype == torch.float64
     assert math.isclose(r.apply(torch.ones(1, 16, dtype=torch.float64)).norm().item(), 4.0, rel_tol=1e-9)
+
+
+def test_the_dense_form_used_on_gpus_is_the_fast_transform():
+    from tqlab.rotation import FastHadamard
+
+    rotation = FastHadamard(64, seed=3)
+    torch.testing.assert_close(rotation.dense(), rotation.matrix(), atol=1e-6, rtol=0)
+    other = FastHadamard(64, seed=4)
+    rotation.load_state_dict(other.state_dict())
+    torch.testing.assert_close(rotation.dense(), other.matrix(), atol=1e-6, rtol=0)
