@@ -89,6 +89,8 @@ def test_the_dense_form_used_on_gpus_is_the_fast_transform():
 
     rotation = FastHadamard(64, seed=3)
     torch.testing.assert_close(rotation.dense(), rotation.matrix(), atol=1e-6, rtol=0)
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(x @ rotation._dense_on(x).T, rotation.apply(x), atol=1e-5, rtol=0)
     other = FastHadamard(64, seed=4)
-    rotation.load_state_dict(other.state_dict())
-    torch.testing.assert_close(rotation.dense(), other.matrix(), atol=1e-6, rtol=0)
+    rotation.load_state_dict(other.state_dict())  # new signs: the cached dense form is rebuilt
+    torch.testing.assert_close(x @ rotation._dense_on(x).T, other.apply(x), atol=1e-5, rtol=0)

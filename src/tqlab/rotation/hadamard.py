@@ -55,6 +55,8 @@ class FastHadamard(Rotation):
         self.register_buffer("signs_in", _random_signs(dim, g))
         self.register_buffer("signs_out", _random_signs(dim, g))
         self.scale = 1 / math.sqrt(dim)
+        self._dense_cache = None  # the dense form, built on first use on a GPU (not a buffer: not counted)
+        self.register_load_state_dict_post_hook(self._forget_dense)
 
     def dense(self) -> torch.Tensor:
         """Π as a d × d matrix, built from its factors (D₂ · H · D₁ / √d)."""
@@ -74,8 +76,11 @@ class FastHadamard(Rotation):
         return fwht(y * self.signs_out) * (self.scale * self.signs_in)
 
     def _dense_on(self, x: torch.Tensor) -> torch.Tensor:
-        # keyed on the signs' versions too: load_state_dict copies into them
-        key = (x.device, x.dtype, self.signs_in._version, self.signs_out._version, self.signs_in.data_ptr())
-        if getattr(self, "_dense_key", None) != key:
-            self._dense, self._dense_key = self.dense().to(x.dtype), key
-        return self._dense
+        cached = self._dense_cache
+        if cached is None or cached.device != x.device or cached.dtype != x.dtype:
+            cached = self._dense_cache = self.dense().to(device=x.device, dtype=x.dtype)
+        return cached
+
+    @staticmethod
+    def _forget_dense(module, incompatible_keys) -> None:
+        module._dense_cache = None  # load_state_dict copied new signs in
