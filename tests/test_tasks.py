@@ -213,6 +213,18 @@ def test_fixed_rotations_have_nothing_to_train(tmp_path):
         tasks.train(cfg("train", tmp_path, "rotation=random_haar"))
 
 
+def test_a_data_aware_rotation_alone_is_saved_as_an_artefact_without_training(tmp_path):
+    results = tasks.train(cfg("train", tmp_path, "rotation=eigen_hadamard", "kv=key_only")).folder
+    done = json.loads((results / "done.json").read_text())
+    assert done["epochs_done"] == 0 and done["best_val_loss"] == done["val_loss_initial"]
+    rotations, _ = load_rotations(results / "best.safetensors")
+    saved = rotations["key_layer0_head0"].eigenvectors
+    torch.testing.assert_close(saved.T @ saved, torch.eye(64), atol=1e-5, rtol=0)
+    assert not torch.allclose(saved, torch.eye(64))
+    out = tasks.evaluate(cfg("eval", tmp_path, f"rotations={results}", "kv=key_only", "bits=2")).folder
+    assert json.loads((out / "summary.json").read_text())["overall"]["output_cosine"] > 0.5
+
+
 def test_wandb_offline_runs_hold_the_metrics_and_config_after_other_runs_in_the_process(tmp_path):
     # wandb reads WANDB_MODE once per process: a run started earlier (a report, a previous sweep job)
     # must not turn the next offline run into one that asks for an API key

@@ -47,11 +47,13 @@ def train(cfg: DictConfig) -> common.Outcome:
         f"{side}: {s.rotation.name}"
         for side, s in spec.sides().items()
         if not registry.rotation_is_learned(s.rotation.name)
+        and not registry.rotation_is_data_aware(s.rotation.name)
     ]
     if fixed:
         raise ConfigError(
             f"rotation={cfg.rotation.name} has nothing to fit; train.py fits rotation=block_so8_learned, "
-            "hadamard_block_so8_learned or triality. Evaluate fixed rotations with eval.py"
+            "hadamard_block_so8_learned, triality or the data-aware eigen_hadamard(_butterfly, _dense, "
+            "_triality). Evaluate fixed rotations with eval.py"
         )
     with common.results_folder(cfg, "done.json", common.tags(spec)) as (results, loggers):
         if loggers is not None:
@@ -85,6 +87,7 @@ def _fit(cfg, sections, results: Path, loggers) -> None:
     from ..fit.module import RotationFitModule, SaveRotations
     from ..fit.state import EpochShuffled, load_state, write_atomic
     from ..kv.builder import fit_means, fit_rotations
+    from ..rotation.io import save_rotations
     from ..runs import resolved
 
     common.seed_lightning(cfg.seed)
@@ -120,6 +123,22 @@ def _fit(cfg, sections, results: Path, loggers) -> None:
         "config": resolved(cfg),
     }
     data = EpochShuffled(source, cfg.seed, batch_size=fit["batch_size"], layers=layers)
+    if not any(p.requires_grad for p in module.parameters()):  # statistics only: nothing to train
+        validated = common.run_stage(common.make_trainer(cfg, loggers), "validate", module, datamodule=data)
+        val = float(validated[0]["val_loss"])
+        for name in ("best", "last"):
+            save_rotations(
+                results / f"{name}.safetensors", module.rotations(), {**facts, "epoch": 0, "val_loss": val}
+            )
+        summary = {
+            "epochs_done": 0,
+            "best_val_loss": val,
+            "last_val_loss": val,
+            "val_loss_initial": val,
+            **facts,
+        }
+        write_atomic(results / "done.json", json.dumps(summary, indent=2, default=str).encode())
+        return
     saved = load_state(results)  # an interrupted run: SaveRotations restores it when the fit starts
     if saved is None:
         validator = common.make_trainer(cfg, loggers)
