@@ -18,3 +18,10 @@ fitted=$(ls -d $out/train_butterfly/*/ $out/train_triality/*/ | sed "s:/$::" | p
 $PY eval.py -m "${evals[@]}" "rotations=$fitted" hydra.sweep.dir=$out/fitted
 $PY report.py "runs=[$out/fixed,$out/fitted]" 'metrics=[output_cosine,attention_kl,key_rel_mse]' reference=fast_hadamard \
   unit=layer_head wandb.mode=disabled hydra.run.dir=outputs/research/learned_data_aware
+# end to end with the fitted keys in the cache (values exact), against fast Hadamard around the same mean
+e2e=(task=perplexity logger=csv progress=false kv=key_only bits=2 codec.center=true eval.calibration_sequences=16)
+butterflies=$(ls -d $out/train_butterfly/*/ | sed "s:/$::" | paste -sd, -)
+$PY eval.py -m "${e2e[@]}" "rotations=$butterflies" hydra.sweep.dir=$out/e2e_fitted
+$PY eval.py -m "${e2e[@]}" rotation=fast_hadamard,eigen_hadamard seed=0,1,2 hydra.sweep.dir=$out/e2e_fixed
+$PY report.py "runs=[$out/e2e_fixed,$out/e2e_fitted]" 'metrics=[nll_increase,next_token_kl,final_hidden_cosine]' \
+  reference=fast_hadamard wandb.mode=disabled hydra.run.dir=outputs/research/learned_data_aware_e2e
