@@ -12,7 +12,8 @@ $PY eval.py -m "${common[@]}" codec.center=true bits=4,3 hydra.sweep.dir=$out/ce
 $PY eval.py -m "${common[@]}" codec.center=true codec.key_metric=query bits=4,3 hydra.sweep.dir=$out/center_query
 $PY eval.py -m "${common[@]}" codec.center=true bits=3.5 hydra.sweep.dir=$out/center_3.5
 $PY eval.py -m task=niah model=qwen2_5_coder_1_5b kv=full_kv rotation=fast_hadamard logger=csv progress=false codec.center=true bits=4,3 'niah.contexts=[256,512]' hydra.sweep.dir=$out/niah_center
-# 2 and 3 bits: Hadamard around the mean in the query metric, against transform coding (rotations_that_pay.sh)
-$PY eval.py -m "${common[@]}" codec.center=true codec.key_metric=query bits=2 hydra.sweep.dir=$out/center_query_2
-$PY eval.py -m "${common[@]}" rotation=identity codec=transform_coding codec.center=true codec.key_metric=query \
-  eval.calibration_sequences=16 bits=2,3 hydra.sweep.dir=$out/transform
+# 2 bits with one exact sink token per layer: Hadamard around the mean in the query metric against transform
+# coding (the two best 2-bit caches on SmolLM2, rotations_that_pay.sh)
+sink=(codec.center=true codec.key_metric=query cache.sink_tokens=1 eval.calibration_sequences=16 bits=2)
+$PY eval.py -m "${common[@]}" "${sink[@]}" hydra.sweep.dir=$out/center_query_sink_2
+$PY eval.py -m "${common[@]}" "${sink[@]}" rotation=identity codec=transform_coding hydra.sweep.dir=$out/transform_sink_2
