@@ -243,6 +243,9 @@ def test_labels_from_k_and_v_rotations_and_from_old_results():
     assert label(**hadamard, options=options, exact_layers="[0]", sink_tokens=4, recent_window=32) == (
         "turboquant_mse centered query-metric keys · fast_hadamard +exact layers [0] +4 sinks +32 recent"
     )
+    # decoding options too: configurations differing only in them must not collide
+    for option, name in (("norm_correction", "norm-corrected"), ("unbiased", "unbiased decode")):
+        assert label(**hadamard, options=f'{{"{option}": true}}') == f"turboquant_mse {name} · fast_hadamard"
 
 
 def test_pareto_front_is_the_set_of_non_dominated_points_found_by_brute_force():

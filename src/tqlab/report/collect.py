@@ -56,6 +56,9 @@ class Evaluation:
         options = json.loads(c.get("options") or "{}")
         codec = c["codec"] + (" centered" if options.get("center") else "")
         codec += " query-metric keys" if options.get("key_metric") == "query" else ""
+        codec += " norm-corrected" if options.get("norm_correction") else ""
+        codec += " unbiased decode" if options.get("unbiased") else ""
+        codec += " no norm" if options.get("scale") == "none" else ""
         label = f"{codec} · {rot}" if rot else codec
         return label + self.layout_suffix
 
