@@ -40,11 +40,13 @@ def fit_rotations(
     dim: int,
     per_head: bool,
     calibration: Callable[[str, int, int], torch.Tensor] | None = None,
+    means: dict[str, torch.Tensor] | None = None,
 ) -> dict:
     """Fresh rotations to fit, one per (side, layer) or per (side, layer, KV head), named by `unit_name`;
-    their data-aware parts (eigen_hadamard) set from `calibration` (a per-layer unit: all its heads)."""
+    their data-aware parts (eigen_hadamard) set from `calibration` (a per-layer unit: all its heads), around
+    the units' `means` (`fit_means`) where the codec is centred."""
     spec.check_head_dim(dim)
-    means = fit_means(spec, layers, num_kv_heads, per_head, calibration)
+    means = means or {}
     rotations = {}
     for side, s in spec.sides().items():
         for layer in layers:
@@ -53,11 +55,10 @@ def fit_rotations(
                 rotation = make_side_rotation(s, dim, unit_seed(spec.seed, side, layer, head))
                 for part in _parts(rotation):
                     if isinstance(part, EigenHadamard):
-                        heads = range(num_kv_heads) if head is None else [head]
                         if part.basis == "query":
-                            part.fit(torch.cat([calibration("query", layer, h).float() for h in heads]))
+                            part.fit(_unit_vectors(calibration, "query", layer, head, num_kv_heads))
                         else:  # what the codec sees: around the unit's mean under codec.center
-                            seen = torch.cat([calibration(side, layer, h).float() for h in heads])
+                            seen = _unit_vectors(calibration, side, layer, head, num_kv_heads)
                             part.fit(seen - means[unit] if unit in means else seen)
                 rotations[unit] = rotation
     return rotations
@@ -78,10 +79,15 @@ def fit_means(
             continue
         for layer in layers:
             for head in range(num_kv_heads) if per_head else [None]:
-                heads = range(num_kv_heads) if head is None else [head]
-                vectors = torch.cat([calibration(side, layer, h).float() for h in heads])
+                vectors = _unit_vectors(calibration, side, layer, head, num_kv_heads)
                 means[unit_name(layer, head, side)] = vectors.mean(0)
     return means
+
+
+def _unit_vectors(calibration, side: str, layer: int, head: int | None, num_kv_heads: int) -> torch.Tensor:
+    """A fitted unit's calibration vectors: its head's, or every head's for a per-layer unit."""
+    heads = range(num_kv_heads) if head is None else [head]
+    return torch.cat([calibration(side, layer, h).float() for h in heads])
 
 
 def load_fitted(spec: KVQuantSpec) -> dict[str, Rotation]:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..rotation import Rotation
+from ..rotation.eigen import eigenbasis
 from .codes import Code, buffer_nbytes, check_input, store_norms
 from .gaussian import MAX_BITS, allocate_bits, gaussian_lloyd_max
 from .mse import count_below
@@ -61,14 +62,13 @@ class TransformCoder(nn.Module):
             raise ValueError(f"scale={scale!r} is not one of {SCALES}")
         self.dim, self.bits, self.budget = dim, bits, int(round(budget))
         self.scale, self.norm_dtype = scale, norm_dtype
-        self.rotation = EigenBasis(
-            dim
-        )  # V, set by calibrate; the cache's attention sums values in its domain
+        # V, set by calibrate; a Rotation, so that the cache's attention sums values in its domain
+        self.rotation = EigenBasis(dim)
         self.register_buffer("std", torch.zeros(dim))  # all zero until calibrated
         self.register_buffer("widths", torch.zeros(dim, dtype=torch.uint8))
         self.register_buffer("typical_norm", torch.ones(()))
-        # per component, its codebook's levels (×std) and decision boundaries (in std units), padded
-        self.register_buffer("levels", torch.zeros(dim, 2**MAX_BITS))
+        # per component, its codebook's levels × its std, padded to the widest component's 2^b
+        self.register_buffer("levels", torch.zeros(dim, 1))
 
     def calibrate(self, x: torch.Tensor) -> torch.Tensor:
         """Fit basis, allocation and scales on calibration vectors x [..., dim]; returns the bits per
@@ -79,13 +79,13 @@ class TransformCoder(nn.Module):
         if self.scale == "norm":
             self.typical_norm = norms.pow(2).mean().sqrt().float()
             x = x * (self.typical_norm.double() / norms.clamp_min(1e-300))
-        evals, evecs = torch.linalg.eigh(x.T @ x / len(x))
-        evals, evecs = evals.flip(0).clamp_min(0.0), evecs.flip(1)
+        evals, evecs = eigenbasis(x)
+        evals = evals.clamp_min(0.0)
         widths = allocate_bits(evals.cpu().numpy(), self.budget)
         self.rotation.vectors = evecs.float().to(self.std.device)
         self.std = evals.sqrt().float()
         self.widths = torch.as_tensor(widths, dtype=torch.uint8, device=self.std.device)
-        levels = torch.zeros(self.dim, 2**MAX_BITS, dtype=torch.float64)
+        levels = torch.zeros(self.dim, 2 ** int(widths.max()), dtype=torch.float64)
         for i, b in enumerate(widths):
             if b:
                 levels[i, : 2**b] = torch.from_numpy(gaussian_lloyd_max(int(b))[0].copy())

@@ -18,6 +18,13 @@ from .hadamard import FastHadamard
 BASES = ("key", "query")
 
 
+def eigenbasis(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eigenvalues, eigenvectors as columns) of the second moment of x [n, d], float64, largest first."""
+    x = x.reshape(-1, x.shape[-1]).double()
+    evals, evecs = torch.linalg.eigh(x.T @ x / len(x))
+    return evals.flip(0), evecs.flip(1)
+
+
 class EigenHadamard(Rotation):
     def __init__(self, dim: int, seed: int = 0, basis: str = "key"):
         if basis not in BASES:
@@ -30,10 +37,9 @@ class EigenHadamard(Rotation):
     def fit(self, x: torch.Tensor) -> torch.Tensor:
         """Set U from vectors x [n, dim] (keys as the codec sees them, or queries for basis="query");
         returns the eigenvalues, largest first."""
-        x = x.reshape(-1, self.dim).double()
-        evals, evecs = torch.linalg.eigh(x.T @ x / len(x))
-        self.eigenvectors = evecs.flip(1).float().to(self.eigenvectors.device)
-        return evals.flip(0)
+        evals, evecs = eigenbasis(x)
+        self.eigenvectors = evecs.float().to(self.eigenvectors.device)
+        return evals
 
     def _rotate(self, x):
         return self.hadamard.apply(x @ self.eigenvectors)

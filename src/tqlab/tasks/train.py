@@ -96,11 +96,11 @@ def _fit(cfg, sections, results: Path, loggers) -> None:
     arch = source.architecture
     layers = sections["store"]["layers"] or source.layers
     train_vectors = common.calibration(cfg, spec, source, source.num_sequences("train"))
+    means = fit_means(spec, layers, arch["num_kv_heads"], fit["per_head"], train_vectors)
     rotations = fit_rotations(
-        spec, layers, arch["num_kv_heads"], arch["head_dim"], fit["per_head"], train_vectors
+        spec, layers, arch["num_kv_heads"], arch["head_dim"], fit["per_head"], train_vectors, means
     )
     fit_bits = {side: s.codec.stage1_bits for side, s in spec.sides().items()}
-    means = fit_means(spec, layers, arch["num_kv_heads"], fit["per_head"], train_vectors)
     module = RotationFitModule(
         rotations, fit_bits, fit["objective"], fit["per_head"], fit["lr"], fit["temperature"], means
     )
