@@ -24,26 +24,29 @@ def rotated_codes(codec, code):
     return codec.centroids.double()[idx] * code.norms.double().unsqueeze(-1)
 
 
-def reference(q, keys, values, lengths, scaling):
-    """softmax(scaling · q kᵀ) v per query head over its KV head's first lengths[b] keys, causal among the
-    step's Tq query tokens, in float64."""
+def reference(q, keys, values, lengths, scaling, starts=None, shift=0, with_lse=False):
+    """softmax(scaling · q kᵀ) v per query head over its KV head's keys starts[b] <= t < lengths[b], causal
+    among the step's Tq query tokens (shifted by `shift`), in float64; with its log-sum-exp."""
     group = q.shape[1] // keys.shape[1]
     keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
     q_len, tokens = q.shape[2], keys.shape[2]
-    position = lengths[:, None] - q_len + torch.arange(q_len)  # [B, Tq]
-    seen = torch.arange(tokens) <= position[..., None]  # [B, Tq, T]
+    starts = torch.zeros_like(lengths) if starts is None else starts
+    position = lengths[:, None] - q_len + torch.arange(q_len) + shift  # [B, Tq]
+    key = torch.arange(tokens)
+    seen = (key <= position[..., None]) & (key < lengths[:, None, None]) & (key >= starts[:, None, None])
     logits = (q.double() @ keys.transpose(-1, -2) * scaling).masked_fill(~seen[:, None], float("-inf"))
-    return torch.softmax(logits, dim=-1) @ values
+    out = torch.softmax(logits, dim=-1).nan_to_num(0.0) @ values
+    return (out, torch.logsumexp(logits, dim=-1)) if with_lse else out
 
 
-def run(q, k_codec, k_code, v_codec, v_code, lengths, scaling, num_splits):
-    out = decode_attention(
+def run(q, k_codec, k_code, v_codec, v_code, lengths, scaling, num_splits, with_lse=False, **kw):
+    out, lse = decode_attention(
         q.to(DEVICE), k_code.indices.to(DEVICE), k_code.norms.to(DEVICE), v_code.indices.to(DEVICE),
         v_code.norms.to(DEVICE), centroid_table(k_codec.centroids.to(DEVICE)),
-        centroid_table(v_codec.centroids.to(DEVICE)), lengths.to(DEVICE), scaling, num_splits,
+        centroid_table(v_codec.centroids.to(DEVICE)), lengths.to(DEVICE), scaling, num_splits, **kw,
     )  # fmt: skip
-    assert out.dtype == torch.float32
-    return out.cpu().double()
+    assert out.dtype == torch.float32 and lse.shape == out.shape[:-1]
+    return (out.cpu().double(), lse.cpu().double()) if with_lse else out.cpu().double()
 
 
 CASES = [  # dim, key bits, value bits, query heads per KV head, query tokens, lengths (T = max), splits
@@ -74,6 +77,29 @@ def test_matches_float64_attention_over_the_decoded_codes(dim, k_bits, v_bits, g
     expected = reference(q, rotated_codes(k_codec, k_code), rotated_codes(v_codec, v_code), lengths, scaling)
     scale = expected.abs().max()
     torch.testing.assert_close(out, expected, rtol=0, atol=TOLERANCE * scale)
+
+
+@pytest.mark.parametrize("dim,group,q_len,shift", [(64, 4, 1, 0), (64, 2, 3, 2), (128, 4, 2, 5)])
+def test_padding_starts_a_causal_shift_and_the_log_sum_exp(dim, group, q_len, shift):
+    """Left padding (keys before starts[b] unseen) and queries that follow the codes by `shift` exact
+    tokens, with the log-sum-exp that merges this attention with attention over those exact tokens."""
+    batch, kv_heads, tokens = 3, 2, 140
+    codec = TurboQuantMSE(dim, 3, rotation="fast_hadamard", seed=dim)
+    k_code = codec.quantize(gaussian(batch, kv_heads, tokens, dim, seed=1) * 2)
+    v_code = codec.quantize(gaussian(batch, kv_heads, tokens, dim, seed=2))
+    q = gaussian(batch, kv_heads * group, q_len, dim, seed=3) * 2
+    lengths, starts = torch.tensor([140, 90, 7]), torch.tensor([0, 30, 7])  # the last row sees nothing
+    scaling = dim**-0.5
+    out, lse = run(
+        q, codec, k_code, codec, v_code, lengths, scaling, 3, True, starts=starts, causal_shift=shift
+    )
+    keys, values = rotated_codes(codec, k_code), rotated_codes(codec, v_code)
+    expected, expected_lse = reference(q, keys, values, lengths, scaling, starts, shift, with_lse=True)
+    torch.testing.assert_close(out, expected, rtol=0, atol=TOLERANCE * expected.abs().max())
+    seen = expected_lse.isfinite()
+    assert not seen[2].any() and torch.equal(lse.isfinite(), seen) and (out[2] == 0).all()
+    # scores carry the fp16 operands' relative roundoff, and so does their log-sum-exp
+    torch.testing.assert_close(lse[seen], expected_lse[seen], rtol=TOLERANCE, atol=0)
 
 
 def test_one_inverse_rotation_gives_attention_over_dequantized_keys_and_values():

@@ -17,6 +17,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..quant import Centered
+from ..registry import SIDES
+from . import fused
 
 NAME = "tqlab"
 LAYER_MARK = "_tqlab_layer"  # attribute of the key tensor `update` returns: the layer holding its codes
@@ -76,6 +78,21 @@ def attend(layer, query: torch.Tensor, mask: torch.Tensor, scaling: float) -> to
     return out
 
 
+def _exact_only(module, query, layer, attention_mask, window, dropout, scaling, **kwargs):
+    """SDPA over a layer that holds no codes yet (a prompt under prefill_exact, or one inside the exact
+    window): the same sums as `attend`, without its [queries × keys] fp32 matrix."""
+    keys = torch.cat([t for t in layer.exact_tokens("key") if t is not None], dim=-2)
+    values = torch.cat([t for t in layer.exact_tokens("value") if t is not None], dim=-2)
+    batch, _, q_len, _ = query.shape
+    if attention_mask is not None:
+        mask = attention_mask[..., -layer.held :]
+    elif q_len == layer.held and not window:
+        mask = None  # SDPA's own causal mask is the same
+    else:
+        mask = _mask(None, batch, q_len, layer.held, window, query.device)[:, None]
+    return sdpa_attention_forward(module, query, keys, values, mask, dropout, scaling, **kwargs)
+
+
 def tqlab_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """transformers' attention-function signature; returns ([B, Tq, Hq, d] in the query's dtype, None)."""
     layer = getattr(key, LAYER_MARK, None)
@@ -87,8 +104,14 @@ def tqlab_attention(module, query, key, value, attention_mask, dropout: float = 
         )
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
-    mask = _mask(attention_mask, query.shape[0], query.shape[2], layer.held, window, query.device)
-    out = attend(layer, query, mask, scaling)
+    if not any(layer.coded_tokens(side) for side in SIDES):
+        return _exact_only(module, query, layer, attention_mask, window, dropout, scaling, **kwargs)
+    out = None
+    if layer.packed is not None:
+        out = fused.attend_packed(layer, query, attention_mask, scaling, window)
+    if out is None:
+        mask = _mask(attention_mask, query.shape[0], query.shape[2], layer.held, window, query.device)
+        out = attend(layer, query, mask, scaling)
     return out.transpose(1, 2).to(query.dtype).contiguous(), None
 
 

@@ -12,6 +12,10 @@ Protocols: "all_quantized" (default, the papers'): every query, the prompt's inc
 stored. "prefill_exact" (what vLLM and transformers' quantized cache do): the tokens of each forward call
 attend to their own keys and values exactly and to earlier tokens through the codes.
 
+On CUDA, layers whose codes are plain TurboQuant-MSE codes (2–4 bits, head_dim a power of two >= 32) store
+them in one tensor per side (`PackedCodes`), quantize with the fused Triton kernel and attend with the
+Triton decode kernel (`tqlab.cache.fused`); `kernels="torch"` keeps the PyTorch reference everywhere.
+
 Options the field found necessary (`CacheLayout`), each off by default and each counted in the bytes: whole
 layers kept exact, the first `sink_tokens` of the cache kept exact (attention sinks), and a window of the
 `recent_window` newest tokens kept exact, each token encoded once when it leaves the window.
@@ -34,8 +38,18 @@ from ..kv.spec import KVQuantSpec
 from ..registry import SIDES, RuleError
 from . import attention
 from .codes import concat, drop_front
+from .packed import PackedCodes, kernel_centroids
 
 ATTENTION_LAYERS = ("full_attention", "sliding_attention")
+KERNELS = ("auto", "triton", "torch")  # auto: the Triton kernels on CUDA where the codes allow them
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
@@ -59,11 +73,13 @@ class TurboQuantLayer(CacheLayerMixin):
         num_kv_heads: int,
         layout: CacheLayout,
         sliding_window=None,
+        kernels: str = "auto",
     ):
         super().__init__()
         self.layer_idx, self.num_kv_heads, self.sliding_window = layer_idx, num_kv_heads, sliding_window
         self.is_sliding = sliding_window is not None
-        self.bank, self.layout, self.length = bank, layout, 0
+        self.bank, self.layout, self.length, self.kernels = bank, layout, 0, kernels
+        self.packed = None  # {side: PackedCodes} when the Triton kernels read this layer's codes
         self.codecs = {side: [None] * num_kv_heads for side in SIDES}
         self.reset()
 
@@ -75,7 +91,41 @@ class TurboQuantLayer(CacheLayerMixin):
             ]
         codecs = [c for side in SIDES for c in self.codecs[side] if c is not None]
         self.token_group = max((getattr(c, "token_group", 1) for c in codecs), default=1)
+        if self._use_kernels():
+            self._init_packed()
         self.is_initialized = True
+
+    def _use_kernels(self) -> bool:
+        """Whether the Triton kernels serve this layer: `kernels`, the device, and codes they can read."""
+        if self.kernels == "torch" or self.bank is None:
+            return False
+        unreadable = [
+            side for side in SIDES if any(c is None or kernel_centroids(c) is None for c in self.codecs[side])
+        ]
+        if self.kernels == "auto":
+            return self.device.type == "cuda" and not unreadable and _triton_available()
+        if unreadable:
+            raise RuleError(
+                f"kernels='triton': layer {self.layer_idx}'s {unreadable} codes are not plain TurboQuant-MSE "
+                "codes of 2–4 bits with head_dim a power of two >= 32 (no center, query metric or norm "
+                "correction, both sides compressed); use kernels='auto' or 'torch'"
+            )
+        if not _triton_available():
+            raise RuleError("kernels='triton' needs triton: `pip install triton` (CPU: TRITON_INTERPRET=1)")
+        return True
+
+    def _init_packed(self) -> None:
+        from ..kernels import centroid_table
+
+        self.packed, self.rotations, self.tables = {}, {}, {}
+        for side in SIDES:
+            first = self.codecs[side][0]
+            self.packed[side] = PackedCodes(first.bits, first.dim, first.norm_dtype)
+            with torch.no_grad():
+                self.rotations[side] = torch.stack([c.rotation.matrix() for c in self.codecs[side]])
+            self.tables[side] = centroid_table(kernel_centroids(first))
+            if any(c.bits != first.bits or c.norm_dtype != first.norm_dtype for c in self.codecs[side]):
+                raise RuleError(f"layer {self.layer_idx}: the {side} codecs of its KV heads differ in bits")
 
     @property
     def key_codecs(self) -> list:
@@ -119,10 +169,31 @@ class TurboQuantLayer(CacheLayerMixin):
             encoded = max(leaving - to_sink, 0) // self.token_group * self.token_group
             if encoded:
                 chunk = pending[..., to_sink : to_sink + encoded, :]
-                for h, codec in enumerate(codecs):
-                    self._codes[side][h] = concat(self._codes[side][h], codec.quantize(chunk[:, h]))
+                if self.packed is not None:
+                    self._encode_packed(side, chunk)
+                else:
+                    for h, codec in enumerate(codecs):
+                        self._codes[side][h] = concat(self._codes[side][h], codec.quantize(chunk[:, h]))
             if to_sink or encoded:  # a copy: a view would keep the whole old buffer alive
                 self._pending[side] = pending[..., to_sink + encoded :, :].clone()
+
+    def _encode_packed(self, side: str, chunk: torch.Tensor) -> None:
+        """All KV heads of [B, KVH, T, d] in one fused quantize (each head with its own rotation)."""
+        from ..kernels import quantize_mse
+
+        codec = self.codecs[side][0]
+        indices, norms = quantize_mse(chunk, self.rotations[side], codec.boundaries, codec.norm_dtype)
+        self.packed[side].append(indices, norms)
+
+    def coded_tokens(self, side: str) -> int:
+        if self.packed is not None:
+            return self.packed[side].length
+        code = self._codes[side][0]
+        return 0 if code is None else code.shape[1]
+
+    def exact_tokens(self, side: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The exact sinks and the exact tokens after the codes, [B, KVH, n, d] each (or None)."""
+        return self._sink[side], self._pending[side]
 
     def _drop_oldest(self, n: int) -> None:
         """Forget up to n of the oldest tokens a sliding layer holds (its mask hides them already): sinks,
@@ -130,7 +201,7 @@ class TurboQuantLayer(CacheLayerMixin):
         coded = next((side for side in SIDES if self.codecs[side][0] is not None), None)
         if coded is not None:  # codes go a whole token group at a time, and what follows them after them
             sinks = 0 if self._sink[coded] is None else self._sink[coded].shape[-2]
-            codes = 0 if self._codes[coded][0] is None else self._codes[coded][0].shape[1]
+            codes = self.coded_tokens(coded)
             from_codes = min(max(n - sinks, 0), codes)
             if from_codes < codes:
                 n = min(n, sinks) + from_codes - from_codes % self.token_group
@@ -139,9 +210,12 @@ class TurboQuantLayer(CacheLayerMixin):
             if self._sink[side] is not None and left:
                 take = min(left, self._sink[side].shape[-2])
                 self._sink[side], left = self._sink[side][..., take:, :].clone(), left - take
-            if self._codes[side][0] is not None and left:
-                take = min(left, self._codes[side][0].shape[1])
-                self._codes[side] = [drop_front(c, take) for c in self._codes[side]]
+            if self.coded_tokens(side) and left:
+                take = min(left, self.coded_tokens(side))
+                if self.packed is not None:
+                    self.packed[side].drop_front(take)
+                else:
+                    self._codes[side] = [drop_front(c, take) for c in self._codes[side]]
                 left -= take
             if self._pending[side] is not None and left:
                 self._pending[side] = self._pending[side][..., left:, :].clone()
@@ -155,7 +229,8 @@ class TurboQuantLayer(CacheLayerMixin):
     def segments(self, side: str, head: int) -> list[tuple]:
         """What one KV head holds of a side, in token order: (codec, code, None) for codes and
         (None, None, exact states [B, T, d]) for exact tokens."""
-        codec, code = self.codecs[side][head], self._codes[side][head]
+        codec = self.codecs[side][head]
+        code = self.packed[side].head(head) if self.packed is not None else self._codes[side][head]
         parts = [] if self._sink[side] is None else [(None, None, self._sink[side][:, head])]
         if code is not None:
             parts.append((codec, code, None))
@@ -179,6 +254,8 @@ class TurboQuantLayer(CacheLayerMixin):
         self._sink: dict[str, torch.Tensor | None] = {side: None for side in SIDES}
         self._codes = {side: [None] * self.num_kv_heads for side in SIDES}
         self._pending: dict[str, torch.Tensor | None] = {side: None for side in SIDES}
+        if self.packed is not None:
+            self.packed = {side: PackedCodes(p.bits, p.dim, p.norm_dtype) for side, p in self.packed.items()}
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise ValueError("beam search is not supported over compressed codes; use greedy or sampling")
@@ -186,6 +263,7 @@ class TurboQuantLayer(CacheLayerMixin):
     def nbytes(self) -> int:
         """Bytes of every stored tensor: codes (payload, norms, side information) and exact tokens."""
         codes = sum(c.nbytes for side in self._codes.values() for c in side if c is not None)
+        codes += sum(p.nbytes() for p in (self.packed or {}).values())
         exact = [t for part in (self._sink, self._pending) for t in part.values() if t is not None]
         return codes + sum(t.numel() * t.element_size() for t in exact)
 
@@ -199,8 +277,14 @@ class TurboQuantCache(Cache):
         self.bank = bank  # None: compression off, every layer is transformers' own
 
     @classmethod
-    def from_spec(cls, config, spec: KVQuantSpec | None, calibration=None, **layout) -> TurboQuantCache:
-        """layout: the fields of `CacheLayout` (protocol, exact_layers, sink_tokens, recent_window)."""
+    def from_spec(
+        cls, config, spec: KVQuantSpec | None, calibration=None, kernels: str = "auto", **layout
+    ) -> TurboQuantCache:
+        """layout: the fields of `CacheLayout` (protocol, exact_layers, sink_tokens, recent_window).
+        kernels: "auto" (Triton on CUDA where the codes allow), "triton" (always; an error where the codes do
+        not allow; on CPU it needs TRITON_INTERPRET=1) or "torch" (the PyTorch reference path)."""
+        if kernels not in KERNELS:
+            raise RuleError(f"kernels={kernels!r} is not allowed; choose from {list(KERNELS)}")
         layout = CacheLayout(**layout)
         text = config.get_text_config(decoder=True)
         arch = architecture_facts(text)
@@ -222,7 +306,9 @@ class TurboQuantCache(Cache):
             if kind in ATTENTION_LAYERS:
                 layer_bank = None if i in exact else bank
                 layers.append(
-                    TurboQuantLayer(layer_bank, i, num_kv_heads, layout, kwargs.get("sliding_window"))
+                    TurboQuantLayer(
+                        layer_bank, i, num_kv_heads, layout, kwargs.get("sliding_window"), kernels
+                    )
                 )
             else:
                 layers.append(DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs))
@@ -251,11 +337,14 @@ class TurboQuantCache(Cache):
         return {"stored": stored, "constants": self.bank.constant_nbytes(units, device) if units else 0}
 
 
-def compress_kv(model, spec: KVQuantSpec | None, calibration=None, **layout) -> TurboQuantCache:
+def compress_kv(
+    model, spec: KVQuantSpec | None, calibration=None, kernels: str = "auto", **layout
+) -> TurboQuantCache:
     """Switch `model` to attention that reads codes and return a fresh TurboQuantCache for it: pass it as
     `model.generate(..., cache=cache)` or `model(..., cache=cache)`. One cache per sequence batch; spec=None
-    gives the uncompressed cache under the same attention function (exactly SDPA). layout: the fields of
-    `CacheLayout`, e.g. `protocol="prefill_exact", exact_layers=(0,), sink_tokens=4, recent_window=64`."""
+    gives the uncompressed cache under the same attention function (exactly SDPA). kernels: see
+    `TurboQuantCache.from_spec`. layout: the fields of `CacheLayout`, e.g. `protocol="prefill_exact",
+    exact_layers=(0,), sink_tokens=4, recent_window=64`."""
     attention.register()
     model.set_attn_implementation(attention.NAME)
-    return TurboQuantCache.from_spec(model.config, spec, calibration, **layout)
+    return TurboQuantCache.from_spec(model.config, spec, calibration, kernels, **layout)

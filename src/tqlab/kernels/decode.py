@@ -33,8 +33,8 @@ NUM_STAGES = 2  # prefetch the next block's words; 1 leaves HBM latency exposed 
 
 @triton.jit
 def _attend_chunk(
-    query, k_codes, k_norms, v_codes, v_norms, k_table, v_table, lengths, part_out, part_lse,
-    scale_log2, chunk, splits,
+    query, k_codes, k_norms, v_codes, v_norms, k_table, v_table, lengths, starts, part_out, part_lse,
+    scale_log2, chunk, splits, causal_shift,
     q_stride_b, q_stride_h, q_stride_t,
     kc_stride_b, kc_stride_h, kn_stride_b, kn_stride_h,
     vc_stride_b, vc_stride_h, vn_stride_b, vn_stride_h,
@@ -44,8 +44,9 @@ def _attend_chunk(
     bh, split = tl.program_id(0), tl.program_id(1)
     b, h = bh // KV_HEADS, bh % KV_HEADS
     length = tl.load(lengths + b).to(tl.int32)
-    start = split * chunk
-    stop = tl.minimum(start + chunk, length)
+    first_key = tl.load(starts + b).to(tl.int32)  # keys before it are padding
+    start = tl.maximum(split * chunk, first_key // BLOCK_N * BLOCK_N)
+    stop = tl.minimum(split * chunk + chunk, length)
 
     rows = tl.arange(0, BLOCK_M)
     row_valid = rows < GROUP * Q_LEN
@@ -57,7 +58,7 @@ def _attend_chunk(
     q_scale = tl.max(tl.abs(q), axis=1)
     q_scale = tl.where(q_scale > 0, q_scale, 1.0)
     q16 = (q / q_scale[:, None]).to(tl.float16)
-    last_key = length - Q_LEN + token  # causal among the step's own tokens
+    last_key = length - Q_LEN + token + causal_shift  # causal among the step's own tokens
 
     kc = k_codes + b.to(tl.int64) * kc_stride_b + h.to(tl.int64) * kc_stride_h
     kn = k_norms + b.to(tl.int64) * kn_stride_b + h.to(tl.int64) * kn_stride_h
@@ -74,7 +75,7 @@ def _attend_chunk(
         k = load_centroids(kc, k_codebook, keys, key_valid, K_BITS, DIM)
         k_norm = tl.load(kn + keys, mask=key_valid, other=0.0).to(tl.float32)
         s = tl.dot(q16, tl.trans(k)) * q_scale[:, None] * k_norm[None, :]
-        seen = key_valid[None, :] & (keys[None, :] <= last_key[:, None])
+        seen = key_valid[None, :] & (keys[None, :] <= last_key[:, None]) & (keys[None, :] >= first_key)
         s = tl.where(seen, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
@@ -94,7 +95,7 @@ def _attend_chunk(
 
 @triton.jit
 def _merge_chunks(
-    part_out, part_lse, out, splits, o_stride_b, o_stride_h, o_stride_t,
+    part_out, part_lse, out, out_lse, splits, o_stride_b, o_stride_h, o_stride_t,
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, Q_LEN: tl.constexpr, DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
@@ -119,6 +120,9 @@ def _merge_chunks(
     head, token = h * GROUP + row // Q_LEN, row % Q_LEN
     at = out + b * o_stride_b + head * o_stride_h + token * o_stride_t + dims
     tl.store(at, acc / tl.maximum(total, 1e-30))  # a query that sees no key gets 0, as in `attend`
+    # natural-log LSE of the scaled scores (−inf when the query sees no key), to merge with other keys
+    lse = tl.where(total > 0, (m + tl.log2(tl.maximum(total, 1e-30))) * 0.6931471805599453, float("-inf"))
+    tl.store(out_lse + (b * KV_HEADS * GROUP + head) * Q_LEN + token, lse)
 
 
 @functools.cache
@@ -137,12 +141,18 @@ def decode_attention(
     lengths: torch.Tensor,
     scaling: float,
     num_splits: int | None = None,
-) -> torch.Tensor:
+    starts: torch.Tensor | None = None,
+    causal_shift: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of rotated queries [B, Hq, Tq, d] over packed codes [B, KVH, T, packed bytes] with norms
-    [B, KVH, T]; sequence b holds its first lengths[b] tokens (its queries are the last Tq of them).
+    [B, KVH, T]; sequence b holds its first lengths[b] tokens, of which the first starts[b] (default 0) are
+    padding that no query sees. Query token j sees keys t <= lengths[b] − Tq + j + causal_shift: with the
+    default 0 the queries are the last Tq stored tokens; causal_shift = n says n more tokens, held
+    elsewhere (exact), follow the codes.
 
     key_table / value_table: `centroid_table(codec.centroids)`. num_splits: chunks per (sequence, KV
-    head), by default enough to give every SM several. Returns fp32 [B, Hq, Tq, d] in the rotated domain.
+    head), by default enough to give every SM several. Returns fp32 [B, Hq, Tq, d] in the rotated domain
+    and the natural-log sum of exp of the scaled scores, [B, Hq, Tq] (−inf for a query that sees no key).
     """
     batch, q_heads, q_len, dim = query.shape
     _, kv_heads, tokens, _ = key_indices.shape
@@ -187,19 +197,23 @@ def decode_attention(
     splits = triton.cdiv(tokens, chunk)
 
     lengths = lengths.to(device=query.device, dtype=torch.int32)
+    starts = (
+        torch.zeros_like(lengths) if starts is None else starts.to(device=query.device, dtype=torch.int32)
+    )
     part_out = torch.empty(batch * kv_heads * splits * block_m, dim, dtype=torch.float32, device=query.device)
     part_lse = torch.empty(batch * kv_heads * splits * block_m, dtype=torch.float32, device=query.device)
     _attend_chunk[(batch * kv_heads, splits)](
-        query, key_indices, key_norms, value_indices, value_norms, key_table, value_table, lengths,
-        part_out, part_lse, scaling * math.log2(math.e), chunk, splits,
+        query, key_indices, key_norms, value_indices, value_norms, key_table, value_table, lengths, starts,
+        part_out, part_lse, scaling * math.log2(math.e), chunk, splits, causal_shift,
         *query.stride()[:3], *key_indices.stride()[:2], *key_norms.stride()[:2],
         *value_indices.stride()[:2], *value_norms.stride()[:2],
         KV_HEADS=kv_heads, GROUP=group, Q_LEN=q_len, DIM=dim, K_BITS=k_bits, V_BITS=v_bits,
         BLOCK_M=block_m, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )  # fmt: skip
     out = torch.empty(batch, q_heads, q_len, dim, dtype=torch.float32, device=query.device)
+    lse = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=query.device)
     _merge_chunks[(batch * kv_heads, group * q_len)](
-        part_out, part_lse, out, splits, *out.stride()[:3],
+        part_out, part_lse, out, lse, splits, *out.stride()[:3],
         KV_HEADS=kv_heads, GROUP=group, Q_LEN=q_len, DIM=dim, BLOCK_M=block_m, BLOCK_S=16,
     )  # fmt: skip
-    return out
+    return out, lse

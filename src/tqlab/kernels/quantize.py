@@ -23,13 +23,16 @@ BLOCK_COLS = 32  # square tiles of the rotation: larger ones spill registers wit
 
 @triton.jit
 def _quantize_rows(
-    x, rotation, boundaries, codes, norms, rows, x_stride,
+    x, rotation, boundaries, codes, norms, rows, x_stride_g, x_stride_t, rotations,
     DIM: tl.constexpr, BITS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
+    g = tl.program_id(1).to(tl.int64)  # a group of rows that share one rotation (a KV head)
     row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     valid = row < rows
-    x_rows = x + row.to(tl.int64)[:, None] * x_stride
+    x_rows = x + g * x_stride_g + row.to(tl.int64)[:, None] * x_stride_t
+    rotation += (g % rotations) * DIM * DIM
+    row = g * rows + row  # the output's row
     # Tiles of BLOCK_COLS along both axes keep the product's operands in registers at d = 256 (a whole
     # row block and rotation would spill); x is read once from HBM and re-read from cache per tile.
     part = tl.arange(0, BLOCK_COLS)
@@ -66,30 +69,43 @@ def quantize_mse(
     x: torch.Tensor, rotation: torch.Tensor, boundaries: torch.Tensor, norm_dtype: torch.dtype = torch.float16
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., d] → (indices uint8 [..., packed_row_bytes(d, bits)], norms [...] in norm_dtype): the
-    tensors of `TurboQuantMSE.quantize`. rotation: Π as [d, d] (`codec.rotation.matrix()`, built once);
+    tensors of `TurboQuantMSE.quantize`. rotation: Π as [d, d] (`codec.rotation.matrix()`, built once), or
+    one per KV head, [H, d, d], for x [..., H, T, d] (head h coded by codec h, as the cache does);
     boundaries: `codec.boundaries` (2^bits − 1 of them). Unlike the codec it does not check for norms that
     overflow norm_dtype (they come back inf): that check would stall the GPU stream on every call."""
     dim = x.shape[-1]
     bits = boundaries.numel().bit_length()
     if boundaries.numel() != (1 << bits) - 1 or not 1 <= bits <= MAX_BITS:
         raise ValueError(f"{boundaries.numel()} boundaries are not 2^bits − 1 with bits in 1..{MAX_BITS}")
-    if dim < 16 or dim & (dim - 1) or tuple(rotation.shape) != (dim, dim):
+    per_head = rotation.dim() == 3
+    if (
+        dim < 16
+        or dim & (dim - 1)
+        or tuple(rotation.shape[-2:]) != (dim, dim)
+        or rotation.dim() not in (2, 3)
+    ):
         raise ValueError(
-            f"x of dim {dim} (a power of two >= 16) needs a [{dim}, {dim}] rotation, got {tuple(rotation.shape)}"
+            f"x of dim {dim} (a power of two >= 16) needs a [{dim}, {dim}] rotation (or [H, {dim}, {dim}]), "
+            f"got {tuple(rotation.shape)}"
+        )
+    if per_head and (x.dim() < 3 or x.shape[-3] != rotation.shape[0]):
+        raise ValueError(
+            f"{rotation.shape[0]} per-head rotations need x of shape [..., {rotation.shape[0]}, T, {dim}], "
+            f"got {tuple(x.shape)}"
         )
     if not x.is_floating_point() or x.device != rotation.device or x.device != boundaries.device:
         raise ValueError(
             f"x ({x.dtype}, {x.device}), rotation and boundaries must be floating tensors on one device"
         )
-    rows = x.reshape(-1, dim)
+    rows = x.reshape(-1, x.shape[-2], dim) if per_head else x.reshape(1, -1, dim)  # [groups, rows, d]
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     codes = torch.empty(*x.shape[:-1], dim // 8 * bits, dtype=torch.uint8, device=x.device)
     norms = torch.empty(x.shape[:-1], dtype=norm_dtype, device=x.device)
     precision = "tf32x3" if x.is_cuda else "ieee"
-    _quantize_rows[(triton.cdiv(rows.shape[0], BLOCK_ROWS),)](
+    _quantize_rows[(triton.cdiv(rows.shape[1], BLOCK_ROWS), rows.shape[0])](
         rows, rotation.float().contiguous(), boundaries.float().contiguous(), codes, norms,
-        rows.shape[0], rows.stride(0),
+        rows.shape[1], rows.stride(0), rows.stride(1), rotation.shape[0] if per_head else 1,
         DIM=dim, BITS=bits, BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLS=BLOCK_COLS, PRECISION=precision,
         num_warps=8, num_stages=1,
     )  # fmt: skip

@@ -1,0 +1,123 @@
+"""Attention over a layer's packed codes with the Triton decode kernel, merged with its exact tokens.
+
+The same sums as the reference (`attention.attend`), computed in two parts: the codes by
+`kernels.decode_attention` (queries rotated once per KV head, output rotated back once), the exact sinks and
+recent tokens in PyTorch (fp32); the two softmaxes are joined by their log-sum-exp. A query block of more
+rows than the kernel holds (a prompt, under the all-quantized protocol) is cut into chunks of query tokens,
+each a kernel call that stops at its own last key. Calls the kernel cannot serve return None and the caller
+takes the reference path: a sliding window shorter than what the layer holds, or a mask that is not causal
+attention after left padding (checked once per mask tensor).
+"""
+
+from __future__ import annotations
+
+import torch
+
+MAX_ROWS = 64  # query rows (GQA heads × query tokens) per kernel call: the kernel's block of rows
+STARTS = "_tqlab_starts"  # attribute of a mask tensor: its per-row padding, or False when not left padding
+
+
+def _left_padding(attention_mask, batch: int, q_len: int, held: int, device) -> torch.Tensor | None:
+    """Per sequence the number of leading keys no query sees, if the mask is exactly causal attention after
+    that many padding keys (else None). transformers passes one mask to every layer of a kind, so the check
+    (one host sync) runs once per forward call."""
+    if attention_mask is None:
+        return torch.zeros(batch, dtype=torch.int32, device=device)
+    if attention_mask.dtype != torch.bool:
+        return None
+    known = getattr(attention_mask, STARTS, None)
+    if known is None:
+        mask = attention_mask[:, 0, :, -held:]
+        starts = (~mask[:, -1]).cumprod(-1).sum(-1)  # leading keys the last query does not see
+        key = torch.arange(held, device=mask.device)
+        position = torch.arange(held - q_len, held, device=mask.device)
+        causal = (key[None, None, :] <= position[None, :, None]) & (
+            key[None, None, :] >= starts[:, None, None]
+        )
+        known = starts.to(torch.int32) if torch.equal(causal, mask) else False
+        setattr(attention_mask, STARTS, known)
+    return None if known is False else known
+
+
+def attend_packed(layer, query: torch.Tensor, attention_mask, scaling: float, window) -> torch.Tensor | None:
+    """Attention of query [B, Hq, Tq, d] over what `layer` holds, [B, Hq, Tq, d] fp32; None: use the reference."""
+    from ..kernels import decode_attention
+
+    batch, q_heads, q_len, dim = query.shape
+    kv_heads, held = layer.num_kv_heads, layer.held
+    group = q_heads // kv_heads
+    if window and window < held:
+        return None
+    starts = _left_padding(attention_mask, batch, q_len, held, query.device)
+    if starts is None:
+        return None
+    sinks, recent = layer.exact_tokens("key")
+    n_sink = 0 if sinks is None else sinks.shape[-2]
+    n_recent = 0 if recent is None else recent.shape[-2]
+    coded = held - n_sink - n_recent
+
+    q = query.float().reshape(batch, kv_heads, group, q_len, dim)
+    q_rot = torch.einsum("bhgtd,hed->bhgte", q, layer.rotations["key"]).reshape(batch, q_heads, q_len, dim)
+    k_idx, k_norms = layer.packed["key"].views()
+    v_idx, v_norms = layer.packed["value"].views()
+    code_starts = (starts - n_sink).clamp(0, coded)
+    outs, lses = [], []
+    rows = max(1, MAX_ROWS // group)
+    for first in range(0, q_len, rows):
+        n = min(rows, q_len - first)
+        # keys up to this chunk's last query: code positions < coded + n_recent − (q_len − first − n)
+        end = coded + n_recent - (q_len - first - n)
+        length = min(coded, end)
+        if length <= 0:  # this chunk's queries come before every code
+            outs.append(q_rot.new_zeros(batch, q_heads, n, dim))
+            lses.append(q_rot.new_full((batch, q_heads, n), float("-inf")))
+            continue
+        out, lse = decode_attention(
+            q_rot[:, :, first : first + n].contiguous(), k_idx[:, :, :length], k_norms[:, :, :length],
+            v_idx[:, :, :length], v_norms[:, :, :length], layer.tables["key"], layer.tables["value"],
+            torch.full((batch,), length, dtype=torch.int32, device=query.device), scaling,
+            starts=code_starts, causal_shift=end - length,
+        )  # fmt: skip
+        outs.append(out)
+        lses.append(lse)
+    out, lse = torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+    out = torch.einsum(
+        "bhnd,hde->bhne", out.view(batch, kv_heads, group * q_len, dim), layer.rotations["value"]
+    )
+    out = out.reshape(batch, q_heads, q_len, dim)
+    if n_sink or n_recent:
+        out, lse = _merge(out, lse, *_attend_exact(layer, query, starts, scaling, n_sink, coded))
+    return out
+
+
+def _attend_exact(layer, query, starts, scaling: float, n_sink: int, coded: int):
+    """Softmax attention over the exact sinks and recent tokens alone (fp32), with its log-sum-exp."""
+    batch, q_heads, q_len, dim = query.shape
+    held, kv_heads = layer.held, layer.num_kv_heads
+    keys = torch.cat([t for t in layer.exact_tokens("key") if t is not None], dim=-2).float()
+    values = torch.cat([t for t in layer.exact_tokens("value") if t is not None], dim=-2).float()
+    position = torch.cat(
+        [torch.arange(n_sink), torch.arange(n_sink + coded, held)]
+    ).to(query.device)  # fmt: skip
+    query_position = torch.arange(held - q_len, held, device=query.device)
+    seen = (position[None, None, :] <= query_position[None, :, None]) & (
+        position[None, None, :] >= starts[:, None, None]
+    )  # [B, Tq, n]
+    group = q_heads // kv_heads
+    q = query.float().reshape(batch, kv_heads, group * q_len, dim)
+    logits = (q @ keys.transpose(-1, -2) * scaling).view(batch, kv_heads, group, q_len, -1)
+    logits = logits.masked_fill(~seen[:, None, None], float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)
+    p = torch.exp(logits - lse[..., None]).nan_to_num(0.0).view(batch, kv_heads, group * q_len, -1)
+    out = (p @ values).view(batch, q_heads, q_len, dim)
+    return out, lse.view(batch, q_heads, q_len)
+
+
+def _merge(out_a, lse_a, out_b, lse_b):
+    """Attention over two disjoint key sets, from each one's normalised output and log-sum-exp."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    finite = lse.isfinite()
+    safe = torch.where(finite, lse, 0.0)
+    w_a = torch.exp(lse_a - safe).masked_fill(~finite, 0.0)[..., None]
+    w_b = torch.exp(lse_b - safe).masked_fill(~finite, 0.0)[..., None]
+    return w_a * out_a + w_b * out_b, lse

@@ -1,0 +1,138 @@
+"""TurboQuantCache on the Triton kernels (here in Triton's interpreter) against its PyTorch reference path:
+the same codes, the same attention up to the kernels' fp16 operands, under both protocols, with exact sinks
+and a recent window merged by log-sum-exp, left padding, chunked prompts, and a sliding layer."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+
+from tqlab.cache import attention, compress_kv  # noqa: E402
+from tqlab.cache.cache import TurboQuantLayer  # noqa: E402
+from tqlab.kv import KVQuantSpec  # noqa: E402
+from tqlab.registry import RuleError  # noqa: E402
+
+# One layer: a second one would quantize keys that differ by the first one's roundoff, and a key at a
+# boundary tie would then take another code on the two paths.
+COMMON = dict(vocab_size=97, hidden_size=128, intermediate_size=96, num_hidden_layers=1, head_dim=32)
+TOLERANCE = 1e-3  # of the logits' scale: fp16 operands (2^-11 roundoff) in the kernel's scores and values
+
+
+def tiny(sliding: bool = False, kv_heads: int = 2):
+    torch.manual_seed(0)
+    if sliding:  # the layer slides over 6 tokens
+        config = Qwen2Config(
+            **COMMON, num_attention_heads=4, num_key_value_heads=kv_heads, use_sliding_window=True,
+            sliding_window=6, layer_types=["sliding_attention"],
+        )  # fmt: skip
+        return Qwen2ForCausalLM(config).float().eval()
+    config = LlamaConfig(**COMMON, num_attention_heads=8, num_key_value_heads=kv_heads)
+    return LlamaForCausalLM(config).float().eval()
+
+
+def spec(bits=3, **kw):
+    return KVQuantSpec.create(
+        "turboquant_mse", bits, "fast_hadamard", compress=("key", "value"), head_dim=32, **kw
+    )
+
+
+@pytest.fixture(autouse=True)
+def codec_codes(monkeypatch):
+    """The kernel path quantizes with the codecs themselves, so that both paths hold the same bytes and
+    these tests compare attention alone (the fused quantize, which may move a coordinate at a boundary tie
+    by one code, is tested against the codec in tests/kernels)."""
+
+    def encode(layer, side, chunk):
+        codes = [codec.quantize(chunk[:, h]) for h, codec in enumerate(layer.codecs[side])]
+        layer.packed[side].append(
+            torch.stack([c.indices for c in codes], 1), torch.stack([c.norms for c in codes], 1)
+        )
+
+    monkeypatch.setattr(TurboQuantLayer, "_encode_packed", encode)
+
+
+def kernels_only(monkeypatch):
+    """Make the reference attention fail, so that a run shows the kernel path served every call."""
+
+    def fail(*args):
+        raise AssertionError("the reference path was taken")
+
+    monkeypatch.setattr(attention, "attend", fail)
+
+
+def run(model, chunks, kernels, spec_=None, attention_mask=None, **layout):
+    """Logits of `chunks` of token ids fed one call after another into one cache."""
+    cache = compress_kv(model, spec_ or spec(), kernels=kernels, **layout)
+    out = []
+    with torch.no_grad():
+        for ids in chunks:
+            out.append(model(ids, cache=cache, attention_mask=attention_mask).logits.double())
+    return torch.cat(out, dim=1), cache
+
+
+def ids(n, seed=1, batch=1):
+    return torch.randint(0, 97, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def assert_same(got, want, exact=None):
+    torch.testing.assert_close(got, want, rtol=0, atol=TOLERANCE * want.abs().max())
+    if exact is not None:  # the codes are read, not bypassed: compression moves the logits far more
+        assert (want - exact).abs().max() > 20 * TOLERANCE * want.abs().max()
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        dict(),  # all-quantized: the prompt in chunks of query tokens, then decode steps
+        dict(protocol="prefill_exact"),
+        dict(sink_tokens=2, recent_window=3),
+        dict(protocol="prefill_exact", sink_tokens=1),
+    ],
+)
+def test_kernel_path_equals_the_reference_path(layout, monkeypatch):
+    model = tiny()
+    chunks = [ids(21), ids(1, 2), ids(1, 3), ids(4, 4)]
+    with monkeypatch.context() as patch:
+        kernels_only(patch)
+        got, cache = run(model, chunks, "triton", **layout)
+    want, reference = run(model, chunks, "torch", **layout)
+    assert all(layer.packed is not None for layer in cache.layers)
+    assert all(layer.packed is None for layer in reference.layers)
+    with torch.no_grad():
+        exact = model(torch.cat(chunks, 1)).logits.double()
+    assert_same(got, want, exact)
+    assert cache.nbytes() == reference.nbytes()  # the same bytes stored, in one tensor per side
+
+
+def test_left_padded_batch_on_the_kernel_path(monkeypatch):
+    model = tiny()
+    kernels_only(monkeypatch)
+    short, long = ids(7, 5), ids(11, 6)
+    batch = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1), long])
+    mask = torch.cat([torch.cat([torch.zeros(1, 4), torch.ones(1, 7)], 1), torch.ones(1, 11)]).long()
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    together = model.generate(
+        batch, attention_mask=mask, cache=compress_kv(model, spec(), kernels="triton"), **kw
+    )
+    alone = [
+        model.generate(x, cache=compress_kv(model, spec(), kernels="triton"), **kw) for x in (short, long)
+    ]
+    assert torch.equal(together[0, 4:], alone[0][0]) and torch.equal(together[1], alone[1][0])
+
+
+def test_a_sliding_layer_longer_than_its_window_takes_the_reference_path():
+    model = tiny(sliding=True)
+    chunks = [ids(9), ids(1, 2), ids(1, 3)]
+    got, cache = run(model, chunks, "triton")
+    want, _ = run(model, chunks, "torch")
+    assert_same(got, want)
+
+
+def test_kernels_triton_refuses_codes_it_cannot_read():
+    model = tiny()
+    with pytest.raises(RuleError, match="not plain TurboQuant-MSE"):
+        run(model, [ids(3)], "triton", spec_=spec(bits=5))
+    with pytest.raises(RuleError, match="kernels='fast' is not allowed"):
+        compress_kv(model, spec(), kernels="fast")
