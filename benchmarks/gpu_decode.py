@@ -89,7 +89,7 @@ def row(batch, q_heads, kv_heads, context, bits, reference_max) -> str:
     tables = [centroid_table(c.centroids) for c in codecs]
     lengths = torch.full((batch,), context, dtype=torch.int32, device=device)
     qf = q.float()
-    call = lambda: decode_attention(qf, codes[0], norms[0], codes[1], norms[1], *tables, lengths, scaling)  # noqa: E731
+    call = lambda: decode_attention(qf, codes[0], norms[0], codes[1], norms[1], *tables, lengths, scaling)[0]  # noqa: E731
     ours = bench(call)
     read = sum(c.numel() + 2 * n.numel() for c, n in zip(codes, norms, strict=True))
     reference, error = "", ""

@@ -16,6 +16,7 @@ from tqlab.registry import RuleError  # noqa: E402
 
 # One layer: a second one would quantize keys that differ by the first one's roundoff, and a key at a
 # boundary tie would then take another code on the two paths.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 COMMON = dict(vocab_size=97, hidden_size=128, intermediate_size=96, num_hidden_layers=1, head_dim=32)
 TOLERANCE = 1e-3  # of the logits' scale: fp16 operands (2^-11 roundoff) in the kernel's scores and values
 
@@ -27,9 +28,9 @@ def tiny(sliding: bool = False, kv_heads: int = 2):
             **COMMON, num_attention_heads=4, num_key_value_heads=kv_heads, use_sliding_window=True,
             sliding_window=6, layer_types=["sliding_attention"],
         )  # fmt: skip
-        return Qwen2ForCausalLM(config).float().eval()
+        return Qwen2ForCausalLM(config).float().eval().to(DEVICE)
     config = LlamaConfig(**COMMON, num_attention_heads=8, num_key_value_heads=kv_heads)
-    return LlamaForCausalLM(config).float().eval()
+    return LlamaForCausalLM(config).float().eval().to(DEVICE)
 
 
 def spec(bits=3, **kw):
@@ -73,7 +74,7 @@ def run(model, chunks, kernels, spec_=None, attention_mask=None, **layout):
 
 
 def ids(n, seed=1, batch=1):
-    return torch.randint(0, 97, (batch, n), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(0, 97, (batch, n), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
 
 
 def assert_same(got, want, exact=None):
@@ -110,8 +111,10 @@ def test_left_padded_batch_on_the_kernel_path(monkeypatch):
     model = tiny()
     kernels_only(monkeypatch)
     short, long = ids(7, 5), ids(11, 6)
-    batch = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1), long])
-    mask = torch.cat([torch.cat([torch.zeros(1, 4), torch.ones(1, 7)], 1), torch.ones(1, 11)]).long()
+    batch = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long, device=DEVICE), short], 1), long])
+    mask = (
+        torch.cat([torch.cat([torch.zeros(1, 4), torch.ones(1, 7)], 1), torch.ones(1, 11)]).long().to(DEVICE)
+    )
     kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     together = model.generate(
         batch, attention_mask=mask, cache=compress_kv(model, spec(), kernels="triton"), **kw

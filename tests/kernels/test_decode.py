@@ -139,3 +139,14 @@ def test_codes_of_the_wrong_width_are_refused():
         decode_attention(
             q, code.indices, code.norms, code.indices, code.norms, table, table, torch.tensor([8]), 1.0
         )
+
+
+def test_more_query_rows_than_the_kernel_holds_are_refused():
+    codec = TurboQuantMSE(64, 2)
+    code = codec.quantize(gaussian(1, 1, 8, 64, seed=0))
+    q = torch.zeros(1, 8, 5, 64)  # 8 query heads on one KV head × 5 query tokens = 40 rows
+    table = centroid_table(codec.centroids)
+    with pytest.raises(ValueError, match="40 rows exceed the kernel's 32"):
+        decode_attention(
+            q, code.indices, code.norms, code.indices, code.norms, table, table, torch.tensor([8]), 1.0
+        )

@@ -5,7 +5,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from tqlab.kernels import quantize_mse  # noqa: E402
+from tqlab.kernels import quantize_mse, quantize_tables  # noqa: E402
 from tqlab.quant import TurboQuantMSE, lloyd_max_codebook, pack_bits, unpack_bits  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -15,8 +15,12 @@ NEAR_TIE = 1e-5  # |y − boundary| of a unit vector's rotated coordinate below 
 @pytest.mark.parametrize("dim", [64, 128, 256])
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_codes_equal_the_codec_and_a_float64_reference_up_to_boundary_ties(dim, bits):
-    rotation = "random_haar" if bits == 3 else "fast_hadamard"
-    dtype = {2: torch.float32, 3: torch.bfloat16, 4: torch.float16}[bits]
+    # every width meets both products: the exact ±1 one (fast Hadamard, bf16/fp16) and the tf32x3 one
+    rotation, dtype = [
+        ("fast_hadamard", torch.bfloat16),
+        ("fast_hadamard", torch.float32),
+        ("random_haar", torch.float16),
+    ][(dim.bit_length() + bits) % 3]
     codec = TurboQuantMSE(dim, bits, rotation=rotation, seed=dim + bits)
     x = (torch.randn(2, 35, dim, generator=torch.Generator().manual_seed(bits)) * 4).to(dtype)
     x[1, 3] = 0  # a zero vector codes as y = 0
@@ -61,6 +65,33 @@ def test_each_kv_head_is_coded_with_its_own_rotation():
         assert torch.equal(norms[:, h].cpu(), code.norms)
         differ = (unpack_bits(indices[:, h].cpu(), bits, dim) != unpack_bits(code.indices, bits, dim)).float()
         assert differ.mean() < 1e-3  # fp32 summation order only moves coordinates at a boundary tie
+
+
+def test_the_sign_product_is_chosen_only_for_a_scaled_sign_matrix_and_low_precision_input():
+    for dim in (64, 128):  # √128 is not a float: its ±1/√d entries are ±1 after scaling only up to round-off
+        hadamard = TurboQuantMSE(dim, 2, rotation="fast_hadamard").rotation.matrix()
+        tables = quantize_tables(hadamard, TurboQuantMSE(dim, 2).boundaries, torch.bfloat16)
+        assert tables.signs and set(tables.matrix.unique().tolist()) == {-1.0, 1.0}
+    hadamard = TurboQuantMSE(64, 2, rotation="fast_hadamard").rotation.matrix()
+    haar = TurboQuantMSE(64, 2, rotation="random_haar").rotation.matrix()
+    boundaries = TurboQuantMSE(64, 2).boundaries
+    assert not quantize_tables(hadamard, boundaries, torch.float32).signs
+    assert not quantize_tables(haar, boundaries, torch.bfloat16).signs
+    assert quantize_tables(haar, boundaries, torch.bfloat16).symmetric
+    assert not quantize_tables(haar, boundaries + 0.01, torch.bfloat16).symmetric
+
+
+def test_asymmetric_boundaries_are_counted_in_full():
+    dim, bits = 64, 3
+    codec = TurboQuantMSE(dim, bits, rotation="fast_hadamard", seed=1)
+    boundaries = codec.boundaries + 0.02  # no longer symmetric about 0
+    x = torch.randn(50, dim, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    matrix = codec.rotation.matrix()
+    indices, _ = quantize_mse(x.to(DEVICE), matrix.to(DEVICE), boundaries.to(DEVICE))
+    y = (x.double() / x.double().norm(dim=-1, keepdim=True)) @ matrix.double().T
+    near_tie = ((y.unsqueeze(-1) - boundaries.double()).abs() < NEAR_TIE).any(-1)
+    ours = unpack_bits(indices.cpu(), bits, dim)
+    assert torch.equal(ours[~near_tie], torch.bucketize(y, boundaries.double())[~near_tie])
 
 
 def test_rows_need_a_matching_square_rotation():

@@ -115,15 +115,16 @@ class TurboQuantLayer(CacheLayerMixin):
         return True
 
     def _init_packed(self) -> None:
-        from ..kernels import centroid_table
+        from ..kernels import centroid_table, quantize_tables
 
-        self.packed, self.rotations, self.tables = {}, {}, {}
+        self.packed, self.rotations, self.tables, self.quantize_tables = {}, {}, {}, {}
         for side in SIDES:
             first = self.codecs[side][0]
             self.packed[side] = PackedCodes(first.bits, first.dim, first.norm_dtype)
             with torch.no_grad():
                 self.rotations[side] = torch.stack([c.rotation.matrix() for c in self.codecs[side]])
             self.tables[side] = centroid_table(kernel_centroids(first))
+            self.quantize_tables[side] = quantize_tables(self.rotations[side], first.boundaries, self.dtype)
             if any(c.bits != first.bits or c.norm_dtype != first.norm_dtype for c in self.codecs[side]):
                 raise RuleError(f"layer {self.layer_idx}: the {side} codecs of its KV heads differ in bits")
 
@@ -182,7 +183,9 @@ class TurboQuantLayer(CacheLayerMixin):
         from ..kernels import quantize_mse
 
         codec = self.codecs[side][0]
-        indices, norms = quantize_mse(chunk, self.rotations[side], codec.boundaries, codec.norm_dtype)
+        indices, norms = quantize_mse(
+            chunk, self.rotations[side], codec.boundaries, codec.norm_dtype, self.quantize_tables[side]
+        )
         self.packed[side].append(indices, norms)
 
     def coded_tokens(self, side: str) -> int:

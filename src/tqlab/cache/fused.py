@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 
-MAX_ROWS = 64  # query rows (GQA heads × query tokens) per kernel call: the kernel's block of rows
 STARTS = "_tqlab_starts"  # attribute of a mask tensor: its per-row padding, or False when not left padding
 
 
@@ -41,12 +40,12 @@ def _left_padding(attention_mask, batch: int, q_len: int, held: int, device) -> 
 
 def attend_packed(layer, query: torch.Tensor, attention_mask, scaling: float, window) -> torch.Tensor | None:
     """Attention of query [B, Hq, Tq, d] over what `layer` holds, [B, Hq, Tq, d] fp32; None: use the reference."""
-    from ..kernels import decode_attention
+    from ..kernels.decode import MAX_ROWS, decode_attention
 
     batch, q_heads, q_len, dim = query.shape
     kv_heads, held = layer.num_kv_heads, layer.held
     group = q_heads // kv_heads
-    if window and window < held:
+    if (window and window < held) or group > MAX_ROWS:
         return None
     starts = _left_padding(attention_mask, batch, q_len, held, query.device)
     if starts is None:

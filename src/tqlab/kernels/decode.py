@@ -28,6 +28,7 @@ BLOCK_N = 128  # keys decoded per step
 MIN_BLOCKS_PER_SPLIT = 2  # shorter chunks spend more on the prologue and the merge than they save
 CTAS_PER_SM = 4  # enough independent chunks in flight to keep HBM busy
 NUM_WARPS = 4
+MAX_ROWS = 32  # query rows per (sequence, KV head): 64 fails to compile for sm_90 under Triton 3.6
 NUM_STAGES = 2  # prefetch the next block's words; 1 leaves HBM latency exposed (measured on an H200)
 
 
@@ -188,6 +189,11 @@ def decode_attention(
             )
 
     group = q_heads // kv_heads
+    if group * q_len > MAX_ROWS:
+        raise ValueError(
+            f"{group} query heads per KV head × {q_len} query tokens = {group * q_len} rows exceed the kernel's "
+            f"{MAX_ROWS}: call it on chunks of query tokens (as tqlab.cache.fused does)"
+        )
     block_m = max(16, triton.next_power_of_2(group * q_len))
     blocks = triton.cdiv(tokens, BLOCK_N)
     if num_splits is None:

@@ -1,15 +1,22 @@
 """Fused TurboQuant-MSE quantize: norm, rotation, Lloyd-Max bucketing and bit-packing in one pass.
 
-Per row x: ‖x‖ (stored in the norm dtype), y = Π (x / ‖x‖) as a dense [d, d] product (any rotation,
-via `rotation.matrix()`), idx_j = #{boundaries < y_j} exactly as `TurboQuantMSE.encode_rotated` counts,
-packed eight codes per b-byte group in `pack_bits`' layout. The output tensors are those of
-`TurboQuantMSE.quantize`: the indices agree bit for bit except where y_j lies within float32 round-off
-of a boundary (our sum runs in another order than the reference matmul, and on a GPU the product is
-"tf32x3": three TF32 tensor-core products, ~2^-22 relative error per term), and the fp16 norms agree
-except where ‖x‖ rounds to fp16 within an fp32 ulp of a tie.
+Per row x: ‖x‖ (stored in the norm dtype), y = Π (x / ‖x‖), idx_j = #{boundaries < y_j} exactly as
+`TurboQuantMSE.encode_rotated` counts, packed eight codes per b-byte group in `pack_bits`' layout and
+stored as whole words. Two products:
+- Π = D₂ H D₁ / √d (fast Hadamard: √d · Π has entries ±1) with bf16/fp16 input: one tensor-core product of
+  x in its own dtype with the ±1 matrix, exact term by term, accumulated in fp32, then scaled by 1/(√d ‖x‖);
+- any other Π (`rotation.matrix()`), or fp32 input: tiles of x/‖x‖ times Π in "tf32x3" (three TF32
+  products, ~2^-22 relative error per term).
+With a codebook symmetric about 0 (Lloyd-Max's are), the count runs over the positive half on |y|.
+The output tensors are those of `TurboQuantMSE.quantize`: the indices agree bit for bit except where y_j
+lies within float32 round-off of a boundary (the sums run in another order than the reference matmul), and
+the fp16 norms agree except where ‖x‖ rounds to fp16 within an fp32 ulp of a tie.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import math
 
 import torch
 import triton
@@ -18,61 +25,154 @@ import triton.language as tl
 from .packed import MAX_BITS
 
 BLOCK_ROWS = 64
-BLOCK_COLS = 32  # square tiles of the rotation: larger ones spill registers with tf32x3 on sm_90
+TF32_TILE = 32  # square tiles of a general rotation: larger ones spill registers with tf32x3 on sm_90
+SIGN_TILE = 128  # output columns per ±1 product (measured on an H200: wider spills at d = 256)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeTables:
+    """What the kernel reads for one codec (or one per KV head), built once by `quantize_tables`."""
+
+    matrix: torch.Tensor  # [(H,) d, d]: √d · Π in the input dtype when `signs`, else Π in fp32
+    boundaries: torch.Tensor  # fp32 [2^bits − 1]
+    signs: bool  # Π = (±1 matrix) / √d: the exact low-precision product applies
+    symmetric: bool  # boundaries = −reversed(boundaries)
+
+
+def quantize_tables(rotation: torch.Tensor, boundaries: torch.Tensor, dtype: torch.dtype) -> QuantizeTables:
+    """Inspect Π and the boundaries once (this reads them back from the GPU): per-call use would stall it."""
+    scaled = rotation.double() * math.sqrt(rotation.shape[-1])
+    # 1/√d is inexact in fp32 unless d is a power of 4, so the entries are ±1 only up to round-off
+    signs = dtype in (torch.bfloat16, torch.float16) and bool(((scaled.abs() - 1).abs() < 1e-5).all())
+    b = boundaries.float().contiguous()
+    return QuantizeTables(
+        scaled.round().to(dtype).contiguous() if signs else rotation.float().contiguous(),
+        b,
+        signs,
+        bool(torch.equal(b, -b.flip(0))),
+    )
+
+
+@triton.jit
+def _count(y, boundaries, BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
+    """#{boundaries < y} per element (int32)."""
+    if SYMMETRIC:  # the middle boundary is 0; count the positive ones below |y|
+        half: tl.constexpr = 1 << (BITS - 1)
+        above = tl.zeros(y.shape, tl.int32)
+        for k in tl.static_range(half - 1):
+            above += (tl.abs(y) > tl.load(boundaries + half + k)).to(tl.int32)
+        return tl.where(y > 0, half + above, half - 1 - above)
+    idx = tl.zeros(y.shape, tl.int32)
+    for k in tl.static_range((1 << BITS) - 1):
+        idx += (y > tl.load(boundaries + k)).to(tl.int32)
+    return idx
+
+
+@triton.jit
+def _store_codes(codes, row, valid, idx, col, DIM: tl.constexpr, BITS: tl.constexpr, COLS: tl.constexpr):
+    """Pack idx [rows, COLS] (coordinates col..col + COLS) into pack_bits' layout and store whole words."""
+    rows: tl.constexpr = idx.shape[0]
+    # Eight codes of a group have disjoint bits, so their shifted sum is their bitwise or.
+    shifts = tl.arange(0, 8) * BITS
+    groups = tl.sum(tl.reshape(idx, (rows, COLS // 8, 8)) << shifts[None, None, :], axis=2)
+    g = col // 8 + tl.arange(0, COLS // 8)
+    row = row.to(tl.int64)[:, None]
+    if BITS == 4:  # one group per int32
+        tl.store(
+            codes.to(tl.pointer_type(tl.int32)) + row * (DIM // 8) + g[None, :], groups, mask=valid[:, None]
+        )
+    elif BITS == 2:  # one group per int16
+        at = codes.to(tl.pointer_type(tl.int16)) + row * (DIM // 8) + g[None, :]
+        tl.store(at, groups.to(tl.int16), mask=valid[:, None])
+    elif COLS % 32 == 0:  # 3 bits: four 24-bit groups per three int32 words
+        quads = tl.reshape(groups, (rows, COLS // 32, 2, 2))  # (q, i, j): group 4q + 2i + j
+        even, odd = tl.split(quads)  # j = 0: groups 4q, 4q + 2; j = 1: 4q + 1, 4q + 3
+        g0, g2 = tl.split(even)
+        g1, g3 = tl.split(odd)
+        at = (
+            codes.to(tl.pointer_type(tl.int32))
+            + row * (DIM // 32 * 3)
+            + 3 * (col // 32 + tl.arange(0, COLS // 32))[None, :]
+        )
+        tl.store(at, g0 | (g1 << 24), mask=valid[:, None])
+        tl.store(at + 1, ((g1 >> 8) & 0xFFFF) | (g2 << 16), mask=valid[:, None])
+        tl.store(at + 2, ((g2 >> 16) & 0xFF) | (g3 << 8), mask=valid[:, None])
+    else:
+        at = codes + row * (DIM // 8 * BITS) + g[None, :] * BITS
+        for byte in tl.static_range(BITS):
+            tl.store(at + byte, ((groups >> (8 * byte)) & 0xFF).to(tl.uint8), mask=valid[:, None])
 
 
 @triton.jit
 def _quantize_rows(
-    x, rotation, boundaries, codes, norms, rows, x_stride_g, x_stride_t, rotations,
-    DIM: tl.constexpr, BITS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    x, matrix, boundaries, codes, norms, rows, x_stride_g, x_stride_t, rotations, inv_sqrt_d,
+    DIM: tl.constexpr, BITS: tl.constexpr, BLOCK_ROWS: tl.constexpr, COLS: tl.constexpr,
+    SIGNS: tl.constexpr, SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr, F32_DOT: tl.constexpr,
 ):  # fmt: skip
     g = tl.program_id(1).to(tl.int64)  # a group of rows that share one rotation (a KV head)
     row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     valid = row < rows
     x_rows = x + g * x_stride_g + row.to(tl.int64)[:, None] * x_stride_t
-    rotation += (g % rotations) * DIM * DIM
+    matrix += (g % rotations) * DIM * DIM
     row = g * rows + row  # the output's row
-    # Tiles of BLOCK_COLS along both axes keep the product's operands in registers at d = 256 (a whole
-    # row block and rotation would spill); x is read once from HBM and re-read from cache per tile.
-    part = tl.arange(0, BLOCK_COLS)
-    squares = tl.zeros((BLOCK_ROWS,), tl.float32)
-    for first in range(0, DIM, BLOCK_COLS):
-        v = tl.load(x_rows + first + part[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-        squares += tl.sum(v * v, axis=1)
-    norm = tl.sqrt(squares)
-    tl.store(norms + row, norm, mask=valid)
-    inv_norm = 1.0 / tl.maximum(norm, 1.1754943508222875e-38)  # clamp_min(finfo(float32).tiny)
-
-    row_bytes: tl.constexpr = DIM // 8 * BITS
-    out = codes + row.to(tl.int64)[:, None] * row_bytes
-    shifts = tl.arange(0, 8) * BITS
-    for col in range(0, DIM, BLOCK_COLS):
-        y = tl.zeros((BLOCK_ROWS, BLOCK_COLS), tl.float32)
-        for first in range(0, DIM, BLOCK_COLS):
+    if SIGNS:
+        dims = tl.arange(0, DIM)
+        xs = tl.load(x_rows + dims[None, :], mask=valid[:, None], other=0.0)
+        xf = xs.to(tl.float32)
+        norm = tl.sqrt(tl.sum(xf * xf, axis=1))
+        scale = inv_sqrt_d / tl.maximum(norm, 1.1754943508222875e-38)  # clamp_min(finfo(float32).tiny)
+        part = tl.arange(0, COLS)
+        for col in tl.static_range(0, DIM, COLS):
+            signs_t = tl.load(matrix + (col + part)[None, :] * DIM + dims[:, None])  # √d Πᵀ[:, col:]
+            if F32_DOT:  # Triton's interpreter mishandles bf16 products; ±1 products are exact either way
+                y = tl.dot(xf, signs_t.to(tl.float32), input_precision="ieee")
+            else:
+                y = tl.dot(xs, signs_t)
+            _store_codes(
+                codes,
+                row,
+                valid,
+                _count(y * scale[:, None], boundaries, BITS, SYMMETRIC),
+                col,
+                DIM,
+                BITS,
+                COLS,
+            )
+    else:
+        # Tiles of COLS along both axes keep the product's operands in registers at d = 256 (a whole
+        # row block and rotation would spill); x is read once from HBM and re-read from cache per tile.
+        part = tl.arange(0, COLS)
+        squares = tl.zeros((BLOCK_ROWS,), tl.float32)
+        for first in range(0, DIM, COLS):
             v = tl.load(x_rows + first + part[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-            unit = v * inv_norm[:, None]
-            # Πᵀ[first:, col:] so that y = unit · Πᵀ, as Rotation.apply(x) = x @ Π.T
-            rotation_t = tl.load(rotation + (col + part)[None, :] * DIM + (first + part)[:, None])
-            y += tl.dot(unit, rotation_t, input_precision=PRECISION)
-        idx = tl.zeros((BLOCK_ROWS, BLOCK_COLS), tl.int32)
-        for k in tl.static_range((1 << BITS) - 1):
-            idx += (y > tl.load(boundaries + k)).to(tl.int32)
-        # Eight codes of a group have disjoint bits, so their shifted sum is their bitwise or.
-        groups = tl.sum(tl.reshape(idx, (BLOCK_ROWS, BLOCK_COLS // 8, 8)) << shifts[None, None, :], axis=2)
-        at = out + (col // 8 + tl.arange(0, BLOCK_COLS // 8))[None, :] * BITS
-        for byte in tl.static_range(BITS):
-            tl.store(at + byte, ((groups >> (8 * byte)) & 0xFF).to(tl.uint8), mask=valid[:, None])
+            squares += tl.sum(v * v, axis=1)
+        norm = tl.sqrt(squares)
+        inv_norm = 1.0 / tl.maximum(norm, 1.1754943508222875e-38)
+        for col in range(0, DIM, COLS):
+            y = tl.zeros((BLOCK_ROWS, COLS), tl.float32)
+            for first in range(0, DIM, COLS):
+                v = tl.load(x_rows + first + part[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+                # Πᵀ[first:, col:] so that y = unit · Πᵀ, as Rotation.apply(x) = x @ Π.T
+                rotation_t = tl.load(matrix + (col + part)[None, :] * DIM + (first + part)[:, None])
+                y += tl.dot(v * inv_norm[:, None], rotation_t, input_precision=PRECISION)
+            _store_codes(codes, row, valid, _count(y, boundaries, BITS, SYMMETRIC), col, DIM, BITS, COLS)
+    tl.store(norms + row, norm, mask=valid)
 
 
 def quantize_mse(
-    x: torch.Tensor, rotation: torch.Tensor, boundaries: torch.Tensor, norm_dtype: torch.dtype = torch.float16
+    x: torch.Tensor,
+    rotation: torch.Tensor,
+    boundaries: torch.Tensor,
+    norm_dtype: torch.dtype = torch.float16,
+    tables: QuantizeTables | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., d] → (indices uint8 [..., packed_row_bytes(d, bits)], norms [...] in norm_dtype): the
     tensors of `TurboQuantMSE.quantize`. rotation: Π as [d, d] (`codec.rotation.matrix()`, built once), or
     one per KV head, [H, d, d], for x [..., H, T, d] (head h coded by codec h, as the cache does);
-    boundaries: `codec.boundaries` (2^bits − 1 of them). Unlike the codec it does not check for norms that
-    overflow norm_dtype (they come back inf): that check would stall the GPU stream on every call."""
+    boundaries: `codec.boundaries` (2^bits − 1 of them). tables: `quantize_tables(rotation, boundaries,
+    x.dtype)`, built once by a caller on the hot path (otherwise each call builds it, reading Π back).
+    Unlike the codec it does not check for norms that overflow norm_dtype (they come back inf): that
+    check would stall the GPU stream on every call."""
     dim = x.shape[-1]
     bits = boundaries.numel().bit_length()
     if boundaries.numel() != (1 << bits) - 1 or not 1 <= bits <= MAX_BITS:
@@ -97,16 +197,19 @@ def quantize_mse(
         raise ValueError(
             f"x ({x.dtype}, {x.device}), rotation and boundaries must be floating tensors on one device"
         )
+    tables = tables or quantize_tables(rotation, boundaries, x.dtype)
+    if tables.signs and tables.matrix.dtype != x.dtype:
+        raise ValueError(f"tables were built for {tables.matrix.dtype} input, x is {x.dtype}")
     rows = x.reshape(-1, x.shape[-2], dim) if per_head else x.reshape(1, -1, dim)  # [groups, rows, d]
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     codes = torch.empty(*x.shape[:-1], dim // 8 * bits, dtype=torch.uint8, device=x.device)
     norms = torch.empty(x.shape[:-1], dtype=norm_dtype, device=x.device)
-    precision = "tf32x3" if x.is_cuda else "ieee"
     _quantize_rows[(triton.cdiv(rows.shape[1], BLOCK_ROWS), rows.shape[0])](
-        rows, rotation.float().contiguous(), boundaries.float().contiguous(), codes, norms,
-        rows.shape[1], rows.stride(0), rows.stride(1), rotation.shape[0] if per_head else 1,
-        DIM=dim, BITS=bits, BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLS=BLOCK_COLS, PRECISION=precision,
-        num_warps=8, num_stages=1,
+        rows, tables.matrix, tables.boundaries, codes, norms, rows.shape[1], rows.stride(0), rows.stride(1),
+        rotation.shape[0] if per_head else 1, dim**-0.5,
+        DIM=dim, BITS=bits, BLOCK_ROWS=BLOCK_ROWS, COLS=min(dim, SIGN_TILE) if tables.signs else min(dim, TF32_TILE),
+        SIGNS=tables.signs, SYMMETRIC=tables.symmetric, PRECISION="tf32x3" if x.is_cuda else "ieee",
+        F32_DOT=not x.is_cuda, num_warps=4 if tables.signs else 8, num_stages=1,
     )  # fmt: skip
     return codes, norms

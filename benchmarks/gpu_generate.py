@@ -1,0 +1,162 @@
+"""End-to-end decode speed and memory on a GPU: a model generating with the compressed cache against a bf16 one.
+
+    PYTHONPATH=src python benchmarks/gpu_generate.py                   # → outputs/bench/benchmarks.md
+    PYTHONPATH=src python benchmarks/gpu_generate.py --out docs/benchmarks.md
+
+Randomly initialised bf16 models of two public architectures (no model hub on the GPU machine). Each run
+prefills `context` random tokens per sequence in one call (exact attention: the prefill-exact protocol, as
+vLLM serves), then decodes 4 untimed and `--steps` timed tokens one at a time, greedily, with `logits_to_keep=1`; tokens/s is
+batch × steps over the decode time (CUDA-synchronised wall clock, eager: no CUDA graphs for any cache).
+Caches: transformers' DynamicCache and StaticCache (bf16, SDPA) and TurboQuantCache (TurboQuant-MSE +
+fast Hadamard on K and V, every layer; on CUDA its Triton kernels quantize and attend). Memory: the cache's
+real tensor bytes after decoding, and the peak allocated memory of the whole run above the weights. The
+largest batch that fits at a context is estimated from those measurements: (GPU memory − weights −
+the run's transient peak) / cache bytes per sequence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+import triton
+from docs_section import write_section
+from gpu_memory import ARCHS
+from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
+
+from tqlab.cache import compress_kv
+from tqlab.kv import KVQuantSpec
+
+GiB = 2**30
+WARMUP = 4  # decode steps not timed
+
+
+def cache_bytes(cache) -> int:
+    if hasattr(cache, "nbytes") and callable(cache.nbytes):
+        return cache.nbytes()["stored"]
+    return sum(
+        t.numel() * t.element_size()
+        for layer in cache.layers
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+        if t is not None
+    )
+
+
+def make_cache(model, kind: str, max_len: int):
+    if kind == "bf16 dynamic":
+        model.set_attn_implementation("sdpa")
+        return DynamicCache(config=model.config)
+    if kind == "bf16 static":
+        model.set_attn_implementation("sdpa")
+        return StaticCache(config=model.config, max_cache_len=max_len)
+    bits = int(kind[1])  # "K4V4"
+    text = model.config.get_text_config(decoder=True)
+    dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    spec = KVQuantSpec.create(
+        "turboquant_mse", bits, "fast_hadamard", compress=("key", "value"), head_dim=dim
+    )
+    return compress_kv(model, spec, protocol="prefill_exact")
+
+
+@torch.no_grad()
+def run(model, kind: str, batch: int, context: int, steps: int) -> dict:
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    g = torch.Generator(device="cuda").manual_seed(0)
+    prompt = torch.randint(0, vocab, (batch, context), device="cuda", generator=g)
+    cache = make_cache(model, kind, context + WARMUP + steps + 2)
+    logits = model(prompt, cache=cache, use_cache=True, logits_to_keep=1).logits
+    token = logits[:, -1:].argmax(-1)
+    logits = model(token, cache=cache, use_cache=True, logits_to_keep=1).logits  # encodes the prompt
+    token = logits[:, -1:].argmax(-1)
+    for _ in range(WARMUP):  # compile every kernel specialisation the steps will meet before timing
+        token = model(token, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        token = model(token, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    stored = cache_bytes(cache)
+    peak = torch.cuda.max_memory_allocated() - base
+    del cache, logits
+    return {"ms": seconds / steps * 1e3, "tok_s": batch * steps / seconds, "stored": stored, "peak": peak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--archs", nargs="+", default=list(ARCHS))
+    parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 65536])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--caches", nargs="+", default=["bf16 dynamic", "bf16 static", "K4V4", "K3V3"])
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument(
+        "--out", type=Path, default=Path("outputs/bench/benchmarks.md"), help="'-' to print only"
+    )
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gpu_generate.py needs a CUDA GPU")
+    total = torch.cuda.get_device_properties(0).total_memory
+    rows = [
+        "| model | batch | context | cache | decode ms/step | tokens/s | vs bf16 dynamic | cache GiB | "
+        "peak GiB above weights | largest batch that fits (est.) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    print("\n".join(rows), flush=True)
+    for arch in args.archs:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(ARCHS[arch], torch_dtype=torch.bfloat16).cuda().eval()
+        weights = torch.cuda.memory_allocated()
+        for context in args.contexts:
+            for batch in args.batches:
+                baseline = None
+                for kind in args.caches:
+                    try:
+                        r = run(model, kind, batch, context, args.steps)
+                    except torch.OutOfMemoryError:
+                        rows.append(
+                            f"| {arch} | {batch} | {context // 1024}k | {kind} | out of memory | | | | | |"
+                        )
+                        print(rows[-1], flush=True)
+                        continue
+                    baseline = baseline or (r["tok_s"] if kind == "bf16 dynamic" else None)
+                    per_seq = r["stored"] / batch
+                    transient = max(r["peak"] - r["stored"], 0)
+                    fits = int((total - weights - transient) // per_seq)
+                    ratio = f"{r['tok_s'] / baseline:.2f}×" if baseline else ""
+                    rows.append(
+                        f"| {arch} | {batch} | {context // 1024}k | {kind} | {r['ms']:.2f} | {r['tok_s']:.0f} | "
+                        f"{ratio} | {r['stored'] / GiB:.2f} | {r['peak'] / GiB:.2f} | {fits} |"
+                    )
+                    print(rows[-1], flush=True)
+        del model
+        torch.cuda.empty_cache()
+    props = torch.cuda.get_device_properties(0)
+    section = "\n".join(
+        [
+            "## End-to-end decode on a GPU: tokens/s and memory, compressed cache vs bf16",
+            "",
+            f"`python {' '.join(sys.argv)}` — {datetime.date.today()}, {props.name}, torch {torch.__version__}, "
+            f"triton {triton.__version__}, transformers {transformers.__version__}. Random-weight bf16 models of "
+            f"the public architectures; prompt prefilled exactly in one call, then {args.steps} greedy decode steps "
+            "timed (eager, no CUDA graphs for any cache).",
+            "",
+            *rows,
+        ]
+    )
+    if str(args.out) != "-":
+        write_section(args.out, "gpu_generate", section)
+
+
+if __name__ == "__main__":
+    main()
