@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
 
 from tqlab.config import ConfigError, data_section, model_section, store_section
 from tqlab.tasks import capture, kv_source
@@ -55,6 +56,7 @@ def test_every_option_of_every_group_composes_and_validates_without_importing_to
 import sys
 from pathlib import Path
 from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
 from tqlab.config import ConfigError, fit_section, run_sections
 conf = Path("conf").resolve()
 groups = ["model", "data", "rotation", "kv", "codec", "trainer", "logger", "fit", "experiment", "debug"]
@@ -108,3 +110,20 @@ def test_what_the_machine_lacks_is_said_before_any_compute(monkeypatch):
     with pytest.raises(ConfigError, match="data=wikitext2 needs the package datasets"):
         check_environment(cfg("data=wikitext2", name="eval"))
     check_environment(cfg(name="eval"))  # the defaults need nothing more
+
+
+def test_asymmetric_lanes_from_the_command_line_and_old_fingerprints_kept():
+    from tqlab.config import kv_spec
+    from tqlab.runs import fingerprint
+
+    spec = kv_spec(cfg("kv=full_kv", "rotation=fast_hadamard", "k_codec=int8_block", "k_bits=8", name="eval"))
+    assert spec.columns()["codec"] == "K int8_block, V turboquant_mse"
+    with pytest.raises(ConfigError, match=r"v_codec=int8_block does not take bits=3; set v_bits: \[8\]"):
+        kv_spec(cfg("kv=full_kv", "v_codec=int8_block", name="eval"))
+    # unset, the new keys leave a run's fingerprint as it was before they existed
+    plain = cfg("kv=full_kv", name="eval")
+    without = plain.copy()
+    with open_dict(without):
+        del without["k_codec"], without["v_codec"]
+    assert fingerprint(plain) == fingerprint(without)
+    assert fingerprint(cfg("kv=full_kv", "v_codec=kivi", "v_bits=2", name="eval")) != fingerprint(plain)

@@ -121,6 +121,8 @@ def kv_spec(cfg: DictConfig) -> KVQuantSpec:
         compress=tuple(to_dict(cfg, "kv").get("compress") or ()),
         k_bits=cfg.get("k_bits"),
         v_bits=cfg.get("v_bits"),
+        k_codec=cfg.get("k_codec"),
+        v_codec=cfg.get("v_codec"),
         codec_options=codec,
         rotation_options=rotation,
         fitted=fitted_rotations(cfg),

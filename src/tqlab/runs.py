@@ -46,6 +46,10 @@ def resolved(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
 
 
+# options added after runs existed: left unset they do not change those runs' fingerprints
+_UNSET_NOT_FINGERPRINTED = ("k_codec", "v_codec")
+
+
 def fingerprint(cfg: DictConfig, extra: dict | None = None) -> str:
     conf = {k: v for k, v in resolved(cfg).items() if k not in _NOT_FINGERPRINTED}
     for section in _TASK_SECTIONS - _READS.get(conf.get("task"), set()):
@@ -54,6 +58,9 @@ def fingerprint(cfg: DictConfig, extra: dict | None = None) -> str:
     conf.get("model", {}).pop("device", None)
     conf.get("eval", {}).pop("batch_size", None)
     conf["trainer"] = {k: v for k, v in conf.get("trainer", {}).items() if k not in _TRAINER_PLACEMENT}
+    for key in _UNSET_NOT_FINGERPRINTED:
+        if conf.get(key) is None:
+            conf.pop(key, None)
     conf["extra"] = extra or {}
     return hashlib.sha256(json.dumps(conf, sort_keys=True, default=str).encode()).hexdigest()
 

@@ -198,3 +198,36 @@ def test_data_aware_codecs_and_rotations_are_fitted_on_what_the_codec_sees():
     rot = query_basis.get("key", 0, 0, "cpu").rotation
     top = torch.linalg.eigh(data["query"].T @ data["query"] / 2000).eigenvectors[:, -1]
     assert abs(torch.dot(rot.eigenvectors[:, 0], top)) > 0.99
+
+
+def test_asymmetric_lanes_build_each_sides_own_codec_and_name_both():
+    spec = KVQuantSpec.create(
+        "turboquant_mse", 3, "fast_hadamard", k_codec="int8_block", k_bits=8, head_dim=64
+    )
+    bank = CodecBank(spec, 64)
+    key, value = bank.get("key", 0, 0, "cpu"), bank.get("value", 0, 0, "cpu")
+    assert isinstance(key, quant.Int8Block) and isinstance(value, quant.TurboQuantMSE)
+    assert value.bits == 3 and value.rotation.__class__.__name__ == "FastHadamard"
+    columns = spec.columns()
+    assert columns["codec"] == "K int8_block, V turboquant_mse"
+    assert (columns["k_bits"], columns["v_bits"]) == (8, 3)
+    assert (columns["k_rotation"], columns["v_rotation"]) == ("identity", "fast_hadamard")
+    # the same codec named per side is not asymmetric: the spec is the plain one
+    plain = KVQuantSpec.create("turboquant_mse", 3, "fast_hadamard", head_dim=64)
+    assert (
+        KVQuantSpec.create("turboquant_mse", 3, "fast_hadamard", v_codec="turboquant_mse", head_dim=64)
+        == plain
+    )
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (dict(k_codec="int8_block"), r"k_codec=int8_block does not take bits=3; set k_bits: \[8\]"),
+        (dict(v_codec="zip", v_bits=2), "v_codec='zip' is not a codec; choose from"),
+        (dict(v_codec="kivi", compress=("key",)), r"v_codec=kivi is set but kv.compress=\['key'\]"),
+    ],
+)
+def test_asymmetric_lanes_refuse_what_cannot_be_built(options, message):
+    with pytest.raises(RuleError, match=message):
+        KVQuantSpec.create("turboquant_mse", 3, "fast_hadamard", head_dim=64, **options)

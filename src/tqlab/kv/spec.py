@@ -126,6 +126,8 @@ class KVQuantSpec:
         compress: tuple = registry.SIDES,
         k_bits: float | None = None,
         v_bits: float | None = None,
+        k_codec: str | None = None,
+        v_codec: str | None = None,
         codec_options: dict | None = None,
         rotation_options: dict | None = None,
         fitted: FittedRotations | str | Path | None = None,
@@ -133,7 +135,11 @@ class KVQuantSpec:
         head_dim: int | None = None,
         seed: int = 0,
     ) -> KVQuantSpec:
-        """Validate everything together; errors name the config key (bits, k_bits, codec.x, rotation, …)."""
+        """Validate everything together; errors name the config key (bits, k_bits, codec.x, rotation, …).
+
+        k_codec / v_codec: another codec for one side (asymmetric lanes, e.g. int8 keys with TurboQuant
+        values), with that codec's default options, and no rotation if that codec takes none (int8_block);
+        `codec_options` and `rotation` belong to `codec`'s sides."""
         if (
             not compress
             or any(s not in registry.SIDES for s in compress)
@@ -144,7 +150,16 @@ class KVQuantSpec:
             )
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise RuleError(f"seed={seed!r} must be an integer")
-        for key, value, side in (("k_bits", k_bits, "key"), ("v_bits", v_bits, "value")):
+        side_codecs = {"key": k_codec or codec, "value": v_codec or codec}
+        for key, name in (("k_codec", k_codec), ("v_codec", v_codec)):
+            if name is not None and name not in registry.CODECS:
+                raise RuleError(f"{key}={name!r} is not a codec; choose from {sorted(registry.CODECS)}")
+        for key, value, side in (
+            ("k_bits", k_bits, "key"),
+            ("v_bits", v_bits, "value"),
+            ("k_codec", k_codec, "key"),
+            ("v_codec", v_codec, "value"),
+        ):
             if value is not None and side not in compress:
                 raise RuleError(
                     f"{key}={value} is set but kv.compress={list(compress)} keeps the {side}s exact"
@@ -162,26 +177,39 @@ class KVQuantSpec:
         for side, override, key in (("key", k_bits, "k_bits"), ("value", v_bits, "v_bits")):
             if side not in compress:
                 continue
+            own = side_codecs[side] != codec  # a side with its own codec takes its defaults
+            side_options = registry.codec_options(side_codecs[side], {}) if own else options
+            codec_name = side_codecs[side]
             bits_key, width = (key, override) if override is not None else ("bits", bits)
-            width = registry.check_bits(codec, width, bits_key, head_dim)
+            if own and override is None:
+                try:
+                    width = registry.check_bits(codec_name, width, bits_key, head_dim)
+                except RuleError as err:
+                    raise RuleError(
+                        f"{key[0]}_codec={codec_name} does not take bits={bits}; set {key}: "
+                        f"{registry.codec_rule(codec_name).allowed_bits()}"
+                    ) from err
+            width = registry.check_bits(codec_name, width, bits_key, head_dim)
             rot = RotationSpec(rotation, tuple(sorted(rot_options.items())))
+            if own and registry.codec_rule(codec_name).rotations == ("identity",):
+                rot = RotationSpec("identity", ())  # a side codec that takes no rotation gets none
             if fitted is not None and side in fitted.sides():
                 rot = _fitted_rotation(
-                    fitted, side, codec, width, bits_key, model, options.get("center", False)
+                    fitted, side, codec_name, width, bits_key, model, side_options.get("center", False)
                 )
-            registry.check_codec_rotation(codec, rot.name)
+            registry.check_codec_rotation(codec_name, rot.name)
             if (
                 registry.rotation_is_learned(rot.name)
                 and rot.fitted is None
                 and not float(width).is_integer()
             ):
                 raise RuleError(f"{bits_key}={width}: learned rotations are fitted at integer bits")
-            if registry.rotation_is_data_aware(rot.name) and registry.splits_outliers(codec, width):
+            if registry.rotation_is_data_aware(rot.name) and registry.splits_outliers(codec_name, width):
                 raise RuleError(
                     f"{bits_key}={width}: rotation={rot.name} is fitted on a head's statistics, which an "
                     "outlier-channel split (fractional bits) does not keep whole; use integer bits"
                 )
-            sides[side] = SideSpec(CodecSpec(codec, width, tuple(sorted(options.items()))), rot)
+            sides[side] = SideSpec(CodecSpec(codec_name, width, tuple(sorted(side_options.items()))), rot)
         if fitted is not None and not set(sides) & fitted.sides():
             raise RuleError(
                 f"rotations={fitted.path} fitted {sorted(fitted.sides())} rotations but kv.compress="
@@ -214,8 +242,11 @@ class KVQuantSpec:
         first = next(iter(sides.values()))
         fitted = {s.rotation.fitted for s in sides.values() if s.rotation.fitted}
         artefact = fitted.pop() if fitted else None
-        return {
-            "codec": first.codec.name,
+        codecs = {s.codec.name for s in sides.values()}
+        return {  # one codec: its name; asymmetric lanes: each side's, e.g. "K int8_block, V turboquant_mse"
+            "codec": first.codec.name
+            if len(codecs) == 1
+            else ", ".join(f"{side[0].upper()} {s.codec.name}" for side, s in sides.items()),
             "kv": "+".join(sides),
             "k_bits": self.key.codec.bits if self.key else None,
             "v_bits": self.value.codec.bits if self.value else None,
@@ -224,7 +255,9 @@ class KVQuantSpec:
             "view": first.rotation.view,
             # every other option, so that two runs differing only in one never share a label silently
             "options": json.dumps(
-                {**dict(first.codec.options), **{k: v for k, v in first.rotation.options if k != "view"}},
+                {**dict(first.codec.options), **{k: v for k, v in first.rotation.options if k != "view"}}
+                if len(codecs) == 1
+                else {side: dict(s.codec.options) for side, s in sides.items()},
                 sort_keys=True,
             ),
             "rotations_from": artefact.path if artefact else None,
