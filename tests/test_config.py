@@ -69,7 +69,8 @@ with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
             for option in sorted(p.stem for p in (conf / group).glob("*.yaml")):
                 extra = {"model/hf": ["model.name_or_path=x"], "data/text_file": ["data.path=x"]}.get(f"{group}/{option}", [])
                 bits = {"codec/int8_block": ["bits=8", "rotation=identity"], "codec/int4_block": ["bits=4", "rotation=identity"],
-                        "codec/kivi": ["bits=2", "rotation=identity"], "codec/transform_coding": ["rotation=identity"]}.get(f"{group}/{option}", [])
+                        "codec/kivi": ["bits=2", "rotation=identity"], "codec/transform_coding": ["rotation=identity"],
+                        "codec/protected_channels": ["bits=2", "rotation=identity"]}.get(f"{group}/{option}", [])
                 cfg = compose(config_name=name, overrides=[f"{group}={option}", *extra, *bits])
                 run_sections(cfg)
                 if name == "train":

@@ -142,6 +142,7 @@ class CodecRule:
     rotations: tuple | None = None  # rotations the codec accepts; None: every rotation
     stage1_offset: int = 0  # Stage-1 (MSE) bits = bits − offset: Prod spends one bit on its QJL sketch
     budget: bool = False  # any width whose product with head_dim is whole: bits per vector are allocated
+    calibrated: bool = False  # built from train-split vectors of its unit (needs calibration data)
     options: dict = dataclasses.field(default_factory=dict)
 
     def allowed_bits(self) -> str:
@@ -193,10 +194,27 @@ CODECS: dict[str, CodecRule] = {
     # eigenbasis + reverse water-filling + a Gaussian Lloyd-Max codebook per component (quant.TransformCoder)
     "transform_coding": CodecRule(
         budget=True,
+        calibrated=True,
         rotations=("identity",),  # its eigenbasis is fitted on calibration vectors
         options={
             **_CENTER,
             "scale": Option(("norm", "none"), default="norm"),
+            "norm_dtype": _TURBOQUANT_NORM,
+        },
+    ),
+    # channel groups in tiers by sensitivity: exact / high_bits / the base bits, + a rank-r residual
+    # (quant.ProtectedChannels); bits: the base tier's
+    "protected_channels": CodecRule(
+        bits=(1, 2, 3),
+        rotations=("identity",),  # each tier has its own random rotation over its channels
+        calibrated=True,
+        options={
+            **_CENTER,
+            "exact_groups": Option(tuple(range(8)), default=1),  # groups of 8 channels
+            "high_groups": Option(tuple(range(8)), default=1),
+            "high_bits": Option((2, 3, 4, 5, 6, 7, 8), default=4),
+            "rank": Option((0, 1, 2, 4, 8, 16), default=0),
+            "ranking": Option(("attention", "energy"), default="attention"),
             "norm_dtype": _TURBOQUANT_NORM,
         },
     ),

@@ -3,7 +3,7 @@
 `pack_bits` puts coordinate i of a row at bits [i·b, i·b + b) of a little-endian bit stream, so every 8
 coordinates fill exactly b bytes: group g is the b-byte word starting at byte g·b, and coordinate 8g + e is
 (group >> b·e) & (2^b − 1) — for b = 3 too, whose codes straddle bytes but never a group. Groups are read
-as int32 words (b = 2, 4) or assembled from three bytes (b = 3), the codes cut out with shifts and masks,
+as int32 (b = 4) or int16 (b = 2) words, or assembled from three bytes (b = 3), the codes cut out with shifts and masks,
 and each code looked up in the fp16 codebook held in registers: `tl.gather` along a warp's lanes is one
 shuffle per code, where a gather from memory costs an L1 wavefront per distinct sector.
 """
@@ -49,13 +49,12 @@ def load_centroids(codes, table, tokens, valid, BITS: tl.constexpr, DIM: tl.cons
         words = tl.load(at, mask=valid[:, None], other=0).to(tl.int32)
         words |= tl.load(at + 1, mask=valid[:, None], other=0).to(tl.int32) << 8
         words |= tl.load(at + 2, mask=valid[:, None], other=0).to(tl.int32) << 16
-    else:  # int32 words, which the software pipeliner can prefetch (cp.async takes 4 bytes and up)
-        rows = codes.to(tl.pointer_type(tl.int32)) + tokens[:, None] * (DIM // 32 * BITS)
-        if BITS == 4:  # one group per word
-            words = tl.load(rows + tl.arange(0, DIM // 8)[None, :], mask=valid[:, None], other=0)
-        else:  # 2 bits: groups 2j and 2j + 1 in the low and high half of word j
-            w = tl.load(rows + tl.arange(0, DIM // 16)[None, :], mask=valid[:, None], other=0)
-            words = tl.reshape(tl.join(w & 0xFFFF, (w >> 16) & 0xFFFF), (tokens.shape[0], DIM // 8))
+    elif BITS == 4:  # one group per int32 word
+        rows = codes.to(tl.pointer_type(tl.int32)) + tokens[:, None] * (DIM // 8)
+        words = tl.load(rows + tl.arange(0, DIM // 8)[None, :], mask=valid[:, None], other=0)
+    else:  # 2 bits: one group per int16 (sign-extended; the masks below keep the low 16 bits' codes)
+        rows = codes.to(tl.pointer_type(tl.int16)) + tokens[:, None] * (DIM // 8)
+        words = tl.load(rows + tl.arange(0, DIM // 8)[None, :], mask=valid[:, None], other=0).to(tl.int32)
     mask: tl.constexpr = (1 << BITS) - 1
     src = tl.broadcast_to(table[None, :], (tokens.shape[0], 1 << BITS))
     e0 = tl.gather(src, words & mask, axis=1)

@@ -12,6 +12,7 @@ from ..dtypes import DTYPES
 from ..quant import (
     Centered,
     MixedPrecision,
+    ProtectedChannels,
     QueryWeighted,
     TransformCoder,
     make_codec,
@@ -176,11 +177,12 @@ class CodecBank:
                 options.update(rotation=s.rotation.name, **dict(s.rotation.options))
             options["seed"] = seed
         center = options.pop("center")
+        ranking = options.pop("ranking", None)  # protected channels: by attention weights or by energy
         query_metric = options.pop("key_metric") == "query" and side == "key"
         codec = make_codec(s.codec.name, self.dim, s.codec.bits, **options)
         fits = [p for p in _parts(options.get("rotation")) if isinstance(p, EigenHadamard)]
         fits = fits if s.rotation.fitted is None else []  # a fitted artefact holds its own statistics
-        calibrated = isinstance(codec, (MixedPrecision, TransformCoder))
+        calibrated = isinstance(codec, (MixedPrecision, TransformCoder, ProtectedChannels))
         # the vectors as the codec sees them: centred, then mapped into the query metric
         seen = self.calibration(side, layer, head).float() if center or calibrated or fits else None
         mean = seen.mean(0) if center else None
@@ -195,7 +197,9 @@ class CodecBank:
                 part.fit(queries if maps is None else queries @ maps[1])
             else:
                 part.fit(seen)
-        if calibrated:  # outlier channels, or the transform coder's basis and allocation
+        if ranking == "attention":  # each token weighted by Σ_q p_qt², from the unit's queries and keys
+            codec.calibrate(seen, self.calibration("weights", layer, head))
+        elif calibrated:  # outlier channels, the transform coder's basis and allocation, or channel tiers
             codec.calibrate(seen)
         if maps is not None:
             codec = QueryWeighted(codec, *maps)

@@ -109,7 +109,7 @@ class KVQuantSpec:
         or a rotation fitted from statistics (eigen_hadamard) that no fitted artefact supplies."""
         return any(
             registry.splits_outliers(s.codec.name, s.codec.bits)
-            or registry.codec_rule(s.codec.name).budget
+            or registry.codec_rule(s.codec.name).calibrated
             or (registry.rotation_is_data_aware(s.rotation.name) and s.rotation.fitted is None)
             or dict(s.codec.options).get("center")
             or dict(s.codec.options).get("key_metric") == "query"
@@ -224,6 +224,14 @@ class KVQuantSpec:
         """What needs the model's head_dim (known after loading for models that are not offline)."""
         for s in self.sides().values():
             registry.check_bits(s.codec.name, s.codec.bits, "bits", head_dim)
+            if s.codec.name == "protected_channels":
+                o = dict(s.codec.options)
+                if o["exact_groups"] + o["high_groups"] >= head_dim // 8 or o["high_bits"] <= s.codec.bits:
+                    raise RuleError(
+                        f"codec.exact_groups={o['exact_groups']} + codec.high_groups={o['high_groups']} must "
+                        f"leave one of head_dim {head_dim}'s {head_dim // 8} groups of 8 channels at bits="
+                        f"{s.codec.bits}, and codec.high_bits={o['high_bits']} must exceed it"
+                    )
             if registry.splits_outliers(s.codec.name, s.codec.bits):  # each channel group rotated alone
                 outliers = 8 * round((s.codec.bits - int(s.codec.bits)) * head_dim / 8)
                 for group in (outliers, head_dim - outliers):

@@ -18,6 +18,7 @@ from .mixed import MixedCode, MixedPrecision
 from .mse import MSECode, TurboQuantMSE
 from .packing import pack_bits, packed_row_bytes, unpack_bits
 from .prod import ProdCode, TurboQuantProd
+from .protected import ProtectedChannels, ProtectedCode
 from .transform import TransformCode, TransformCoder
 
 CODECS = tuple(registry.CODECS)
@@ -34,6 +35,8 @@ def make_codec(name: str, dim: int, bits: float, **options):
         return (TurboQuantMSE if base == "mse" else TurboQuantProd)(dim, bits, **options)
     if name == "transform_coding":
         return TransformCoder(dim, bits, **options)
+    if name == "protected_channels":
+        return ProtectedChannels(dim, bits, **options)
     if name == "kivi":
         return KIVI(dim, bits=bits, **options)
     return {"int8_block": Int8Block, "int4_block": Int4Block}[name](dim, **options)
@@ -48,6 +51,8 @@ __all__ = [
     "Code",
     "Int4Block",
     "Int8Block",
+    "ProtectedChannels",
+    "ProtectedCode",
     "MSECode",
     "MixedCode",
     "MixedPrecision",

@@ -59,6 +59,13 @@ class Evaluation:
         codec += " norm-corrected" if options.get("norm_correction") else ""
         codec += " unbiased decode" if options.get("unbiased") else ""
         codec += " no norm" if options.get("scale") == "none" else ""
+        if (
+            c["codec"] == "protected_channels"
+        ):  # its tiers: exact groups, high groups at their bits, residual rank
+            codec += (
+                f" ({options['exact_groups']} exact, {options['high_groups']}×{options['high_bits']}b"
+                f"{', rank ' + str(options['rank']) if options['rank'] else ''}, by {options['ranking']})"
+            )
         label = f"{codec} · {rot}" if rot else codec
         return label + self.layout_suffix
 

@@ -64,13 +64,27 @@ def calibration(cfg: DictConfig, spec: KVQuantSpec, source=None, sequences: int 
     @functools.lru_cache(maxsize=64)  # a unit's key, value and query statistics come from one read
     def unit(layer: int, head: int) -> dict[str, torch.Tensor]:
         blocks = [source.load("train", layer, s, head) for s in range(n)]
-        return {name: torch.cat([b[name].flatten(0, -2) for b in blocks]) for name in "qkv"}
+        out = {name: torch.cat([b[name].flatten(0, -2) for b in blocks]) for name in "qkv"}
+        out["weights"] = torch.cat([attention_weights(b["q"], b["k"]) for b in blocks])
+        return out
 
     def vectors(side: str, layer: int, head: int) -> torch.Tensor:
-        """[n, head_dim] train-split keys or values of a KV head, or the queries of the heads that read it."""
-        return unit(layer, head)[{"key": "k", "value": "v", "query": "q"}[side]]
+        """[n, head_dim] train-split keys or values of a KV head, or the queries of the heads that read it;
+        side="weights": [n] per token Σ_q p_qt², aligned with the keys and values."""
+        return unit(layer, head)[{"key": "k", "value": "v", "query": "q", "weights": "weights"}[side]]
 
     return vectors
+
+
+def attention_weights(q, k):
+    """Σ_q p_qt² per key token t of one sequence: q [G, T, d] (the query heads of a KV head), k [T, d], causal
+    softmax at the usual 1/√d scale, in float64."""
+    import torch
+
+    t, d = k.shape
+    logits = (q.double() @ k.double().T) / d**0.5
+    logits = logits.masked_fill(torch.ones(t, t, dtype=torch.bool, device=k.device).triu(1), float("-inf"))
+    return torch.softmax(logits, dim=-1).pow(2).sum((0, 1))
 
 
 def _loggers(cfg: DictConfig, out: Path, tags: list[str]):
