@@ -143,6 +143,7 @@ class CodecRule:
     stage1_offset: int = 0  # Stage-1 (MSE) bits = bits − offset: Prod spends one bit on its QJL sketch
     budget: bool = False  # any width whose product with head_dim is whole: bits per vector are allocated
     calibrated: bool = False  # built from train-split vectors of its unit (needs calibration data)
+    seeded: bool = False  # draws its own random rotations (no `rotation=`): takes the unit's seed
     options: dict = dataclasses.field(default_factory=dict)
 
     def allowed_bits(self) -> str:
@@ -208,6 +209,7 @@ CODECS: dict[str, CodecRule] = {
         bits=(1, 2, 3),
         rotations=("identity",),  # each tier has its own random rotation over its channels
         calibrated=True,
+        seeded=True,
         options={
             **_CENTER,
             "exact_groups": Option(tuple(range(8)), default=1),  # groups of 8 channels

@@ -33,10 +33,8 @@ def tiny(sliding: bool = False, kv_heads: int = 2):
     return LlamaForCausalLM(config).float().eval().to(DEVICE)
 
 
-def spec(bits=3, **kw):
-    return KVQuantSpec.create(
-        "turboquant_mse", bits, "fast_hadamard", compress=("key", "value"), head_dim=32, **kw
-    )
+def spec(bits=3, rotation="fast_hadamard", **kw):
+    return KVQuantSpec.create("turboquant_mse", bits, rotation, compress=("key", "value"), head_dim=32, **kw)
 
 
 @pytest.fixture(autouse=True)
@@ -123,6 +121,16 @@ def test_left_padded_batch_on_the_kernel_path(monkeypatch):
         model.generate(x, cache=compress_kv(model, spec(), kernels="triton"), **kw) for x in (short, long)
     ]
     assert torch.equal(together[0, 4:], alone[0][0]) and torch.equal(together[1], alone[1][0])
+
+
+def test_without_a_rotation_the_kernels_read_plain_codes(monkeypatch):
+    model = tiny()
+    chunks = [ids(9), ids(1, 2)]
+    with monkeypatch.context() as patch:
+        kernels_only(patch)
+        got, _ = run(model, chunks, "triton", spec_=spec(rotation="identity"))
+    want, _ = run(model, chunks, "torch", spec_=spec(rotation="identity"))
+    assert_same(got, want)
 
 
 def test_a_sliding_layer_longer_than_its_window_takes_the_reference_path():

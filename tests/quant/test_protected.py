@@ -106,6 +106,17 @@ def test_the_builder_ranks_by_the_units_attention_weights_and_the_spec_checks_th
         )  # fmt: skip
         codec = CodecBank(spec, 64, calibration).get("value", 0, 0, "cpu")
         assert codec.exact_channels.tolist() == list(range(8 * exact_group, 8 * exact_group + 8))
+
+    # every unit and every seed draws its own tier rotations
+    def rotation_of(seed, layer):
+        spec = KVQuantSpec.create(
+            "protected_channels", 2, "identity", compress=("value",), head_dim=64, seed=seed
+        )
+        return CodecBank(spec, 64, calibration).get("value", layer, 0, "cpu").base_codec.rotation.matrix()
+
+    assert not torch.equal(rotation_of(0, 0), rotation_of(1, 0))
+    assert not torch.equal(rotation_of(0, 0), rotation_of(0, 1))
+    assert torch.equal(rotation_of(0, 0), rotation_of(0, 0))
     with pytest.raises(RuleError, match="must leave one of head_dim 64's 8 groups"):
         KVQuantSpec.create(
             "protected_channels",

@@ -122,7 +122,10 @@ class TurboQuantLayer(CacheLayerMixin):
             first = self.codecs[side][0]
             self.packed[side] = PackedCodes(first.bits, first.dim, first.norm_dtype)
             with torch.no_grad():
-                self.rotations[side] = torch.stack([c.rotation.matrix() for c in self.codecs[side]])
+                # matrix() builds on the rotation's own device: CPU for one without tensors (identity)
+                self.rotations[side] = torch.stack(
+                    [c.rotation.matrix().to(self.device) for c in self.codecs[side]]
+                )
             self.tables[side] = centroid_table(kernel_centroids(first))
             self.quantize_tables[side] = quantize_tables(self.rotations[side], first.boundaries, self.dtype)
             if any(c.bits != first.bits or c.norm_dtype != first.norm_dtype for c in self.codecs[side]):

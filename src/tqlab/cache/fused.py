@@ -22,7 +22,7 @@ def _left_padding(attention_mask, batch: int, q_len: int, held: int, device) -> 
     (one host sync) runs once per forward call."""
     if attention_mask is None:
         return torch.zeros(batch, dtype=torch.int32, device=device)
-    if attention_mask.dtype != torch.bool:
+    if attention_mask.dtype != torch.bool or attention_mask.shape[0] != batch:
         return None
     known = getattr(attention_mask, STARTS, None)
     if known is None:
@@ -90,11 +90,13 @@ def attend_packed(layer, query: torch.Tensor, attention_mask, scaling: float, wi
 
 
 def _attend_exact(layer, query, starts, scaling: float, n_sink: int, coded: int):
-    """Softmax attention over the exact sinks and recent tokens alone (fp32), with its log-sum-exp."""
+    """Softmax attention over the exact sinks and recent tokens alone (fp32), with its log-sum-exp; one KV
+    head at a time, so a long chunk's [queries × exact keys] logits exist for one head's group at once."""
     batch, q_heads, q_len, dim = query.shape
     held, kv_heads = layer.held, layer.num_kv_heads
-    keys = torch.cat([t for t in layer.exact_tokens("key") if t is not None], dim=-2).float()
-    values = torch.cat([t for t in layer.exact_tokens("value") if t is not None], dim=-2).float()
+    group = q_heads // kv_heads
+    keys = torch.cat([t for t in layer.exact_tokens("key") if t is not None], dim=-2)
+    values = torch.cat([t for t in layer.exact_tokens("value") if t is not None], dim=-2)
     position = torch.cat(
         [torch.arange(n_sink), torch.arange(n_sink + coded, held)]
     ).to(query.device)  # fmt: skip
@@ -102,14 +104,17 @@ def _attend_exact(layer, query, starts, scaling: float, n_sink: int, coded: int)
     seen = (position[None, None, :] <= query_position[None, :, None]) & (
         position[None, None, :] >= starts[:, None, None]
     )  # [B, Tq, n]
-    group = q_heads // kv_heads
-    q = query.float().reshape(batch, kv_heads, group * q_len, dim)
-    logits = (q @ keys.transpose(-1, -2) * scaling).view(batch, kv_heads, group, q_len, -1)
-    logits = logits.masked_fill(~seen[:, None, None], float("-inf"))
-    lse = torch.logsumexp(logits, dim=-1)
-    p = torch.exp(logits - lse[..., None]).nan_to_num(0.0).view(batch, kv_heads, group * q_len, -1)
-    out = (p @ values).view(batch, q_heads, q_len, dim)
-    return out, lse.view(batch, q_heads, q_len)
+    out = torch.empty(batch, q_heads, q_len, dim, dtype=torch.float32, device=query.device)
+    lse = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=query.device)
+    for h in range(kv_heads):
+        heads = slice(h * group, (h + 1) * group)
+        q = query[:, heads].float()  # [B, G, Tq, d]
+        logits = (q @ keys[:, h, None].float().transpose(-1, -2)) * scaling  # [B, G, Tq, n]
+        logits = logits.masked_fill(~seen[:, None], float("-inf"))
+        lse[:, heads] = torch.logsumexp(logits, dim=-1)
+        p = torch.exp(logits - lse[:, heads, :, None]).nan_to_num(0.0)
+        out[:, heads] = p @ values[:, h, None].float()
+    return out, lse
 
 
 def _merge(out_a, lse_a, out_b, lse_b):

@@ -176,6 +176,8 @@ class CodecBank:
             else:  # the outlier split builds one rotation per channel group, of that group's size
                 options.update(rotation=s.rotation.name, **dict(s.rotation.options))
             options["seed"] = seed
+        elif registry.codec_rule(s.codec.name).seeded:
+            options["seed"] = seed
         center = options.pop("center")
         ranking = options.pop("ranking", None)  # protected channels: by attention weights or by energy
         query_metric = options.pop("key_metric") == "query" and side == "key"

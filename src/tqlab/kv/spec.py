@@ -138,8 +138,8 @@ class KVQuantSpec:
         """Validate everything together; errors name the config key (bits, k_bits, codec.x, rotation, …).
 
         k_codec / v_codec: another codec for one side (asymmetric lanes, e.g. int8 keys with TurboQuant
-        values), with that codec's default options, and no rotation if that codec takes none (int8_block);
-        `codec_options` and `rotation` belong to `codec`'s sides."""
+        values), with that codec's default options; it takes `rotation` if it accepts rotations and none
+        otherwise (int8_block). `codec_options` belong to `codec`'s sides."""
         if (
             not compress
             or any(s not in registry.SIDES for s in compress)

@@ -97,6 +97,11 @@ class ProtectedChannels(nn.Module):
 
     def _tiers(self, x: torch.Tensor) -> tuple:
         exact = x[..., self.exact_channels].to(torch.float16)
+        if not torch.isfinite(exact).all():
+            raise ValueError(
+                f"ProtectedChannels: an exact channel ({x[..., self.exact_channels].abs().max().item():.4g}) "
+                "overflows float16"
+            )
         high = self.high_codec.quantize(x[..., self.high_channels]) if self.high_codec else None
         return exact, high, self.base_codec.quantize(x[..., self.base_channels])
 

@@ -48,8 +48,9 @@ def load_rotations(path: str | Path) -> tuple[dict[str, Rotation], dict]:
             f"{path} is not a readable tqlab rotation file ({err}); re-run train.py to recreate it"
         ) from err
     rotations = {}
-    for unit in facts["units"]:
-        rot = make_rotation(facts["rotation"], facts["dim"], **facts.get("rotation_options", {}))
+    for unit in facts["units"]:  # a per-layer selection records each unit's own options (e.g. its view)
+        options = {**facts.get("rotation_options", {}), **facts.get("unit_options", {}).get(unit, {})}
+        rot = make_rotation(facts["rotation"], facts["dim"], **options)
         prefix = f"{unit}."
         rot.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
         rotations[unit] = rot

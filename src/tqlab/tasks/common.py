@@ -64,14 +64,19 @@ def calibration(cfg: DictConfig, spec: KVQuantSpec, source=None, sequences: int 
     @functools.lru_cache(maxsize=64)  # a unit's key, value and query statistics come from one read
     def unit(layer: int, head: int) -> dict[str, torch.Tensor]:
         blocks = [source.load("train", layer, s, head) for s in range(n)]
-        out = {name: torch.cat([b[name].flatten(0, -2) for b in blocks]) for name in "qkv"}
-        out["weights"] = torch.cat([attention_weights(b["q"], b["k"]) for b in blocks])
-        return out
+        return {name: torch.cat([b[name].flatten(0, -2) for b in blocks]) for name in "qkv"}
+
+    @functools.lru_cache(maxsize=64)
+    def weights(layer: int, head: int) -> torch.Tensor:  # only codecs that rank by attention ask for these
+        blocks = [source.load("train", layer, s, head) for s in range(n)]
+        return torch.cat([attention_weights(b["q"], b["k"]) for b in blocks])
 
     def vectors(side: str, layer: int, head: int) -> torch.Tensor:
         """[n, head_dim] train-split keys or values of a KV head, or the queries of the heads that read it;
         side="weights": [n] per token Σ_q p_qt², aligned with the keys and values."""
-        return unit(layer, head)[{"key": "k", "value": "v", "query": "q", "weights": "weights"}[side]]
+        if side == "weights":
+            return weights(layer, head)
+        return unit(layer, head)[{"key": "k", "value": "v", "query": "q"}[side]]
 
     return vectors
 
