@@ -10,6 +10,7 @@ import dataclasses
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from . import registry
 from .kv.layout import CacheLayout
 from .kv.spec import FittedRotations, KVQuantSpec
 from .registry import RuleError
@@ -254,4 +255,14 @@ def run_sections(cfg: DictConfig) -> dict:
             )
         sections["end_to_end"] = end_to_end_section(cfg)
         sections["cache"] = cache_section(cfg)
+        for side in sections["spec"].sides().values():
+            if not registry.codec_rule(side.codec.name).in_cache:
+                raise ConfigError(
+                    f"codec={side.codec.name} is evaluated on captured blocks only (task=eval): task={cfg.task} "
+                    "runs the model with TurboQuantCache, whose codes append token by token"
+                )
+    if cfg.task == "train" and any(
+        not registry.codec_rule(s.codec.name).in_cache for s in sections["spec"].sides().values()
+    ):
+        raise ConfigError("train.py fits rotations for codecs with a fixed width per token; use task=eval")
     return sections

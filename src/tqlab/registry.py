@@ -144,6 +144,8 @@ class CodecRule:
     budget: bool = False  # any width whose product with head_dim is whole: bits per vector are allocated
     calibrated: bool = False  # built from train-split vectors of its unit (needs calibration data)
     seeded: bool = False  # draws its own random rotations (no `rotation=`): takes the unit's seed
+    sides: tuple = ("key", "value")  # the sides it may code
+    in_cache: bool = True  # its codes append token by token (TurboQuantCache); False: captured blocks only
     options: dict = dataclasses.field(default_factory=dict)
 
     def allowed_bits(self) -> str:
@@ -217,6 +219,22 @@ CODECS: dict[str, CodecRule] = {
             "high_bits": Option((2, 3, 4, 5, 6, 7, 8), default=4),
             "rank": Option((0, 1, 2, 4, 8, 16), default=0),
             "ranking": Option(("attention", "energy"), default="attention"),
+            "norm_dtype": _TURBOQUANT_NORM,
+        },
+    ),
+    # per-key bits by a causal relevance gate (quant.RelevanceGated); bits: the low tier's
+    "relevance_gated": CodecRule(
+        bits=(1, 2, 3),
+        calibrated=True,
+        sides=("key",),
+        in_cache=False,  # a block's tiers hold different token counts: evaluated on captured blocks
+        options={
+            **_CENTER,
+            "high_bits": Option((2, 3, 4, 5, 6, 7, 8), default=4),
+            "share": Option((0.125, 0.25, 0.5), default=0.25),
+            "trim": Option((0.0, 0.1, 0.2, 0.3), default=0.0),
+            "half_life": Option(positive_int=True, nullable=True, default=None),
+            "gate": Option(("relevance", "random"), default="relevance"),
             "norm_dtype": _TURBOQUANT_NORM,
         },
     ),

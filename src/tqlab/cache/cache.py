@@ -31,6 +31,7 @@ from transformers.cache_utils import (
     get_layer_types_and_kwargs,
 )
 
+from .. import registry
 from ..capture.models import architecture_facts
 from ..kv.builder import CodecBank
 from ..kv.layout import CacheLayout
@@ -291,6 +292,12 @@ class TurboQuantCache(Cache):
         not allow; on CPU it needs TRITON_INTERPRET=1) or "torch" (the PyTorch reference path)."""
         if kernels not in KERNELS:
             raise RuleError(f"kernels={kernels!r} is not allowed; choose from {list(KERNELS)}")
+        for side in (spec.sides() if spec else {}).values():
+            if not registry.codec_rule(side.codec.name).in_cache:
+                raise RuleError(
+                    f"codec={side.codec.name} is evaluated on captured blocks (eval.py task=eval) only: its codes "
+                    "do not append token by token, so TurboQuantCache cannot hold them"
+                )
         layout = CacheLayout(**layout)
         text = config.get_text_config(decoder=True)
         arch = architecture_facts(text)

@@ -14,6 +14,7 @@ from ..quant import (
     MixedPrecision,
     ProtectedChannels,
     QueryWeighted,
+    RelevanceGated,
     TransformCoder,
     make_codec,
     query_metric_maps,
@@ -184,7 +185,7 @@ class CodecBank:
         codec = make_codec(s.codec.name, self.dim, s.codec.bits, **options)
         fits = [p for p in _parts(options.get("rotation")) if isinstance(p, EigenHadamard)]
         fits = fits if s.rotation.fitted is None else []  # a fitted artefact holds its own statistics
-        calibrated = isinstance(codec, (MixedPrecision, TransformCoder, ProtectedChannels))
+        calibrated = isinstance(codec, (MixedPrecision, TransformCoder, ProtectedChannels, RelevanceGated))
         # the vectors as the codec sees them: centred, then mapped into the query metric
         seen = self.calibration(side, layer, head).float() if center or calibrated or fits else None
         mean = seen.mean(0) if center else None
@@ -199,7 +200,9 @@ class CodecBank:
                 part.fit(queries if maps is None else queries @ maps[1])
             else:
                 part.fit(seen)
-        if ranking == "attention":  # each token weighted by Σ_q p_qt², from the unit's queries and keys
+        if isinstance(codec, RelevanceGated):  # the gate's query direction and threshold
+            codec.calibrate(seen, self.calibration("query", layer, head))
+        elif ranking == "attention":  # each token weighted by Σ_q p_qt², from the unit's queries and keys
             codec.calibrate(seen, self.calibration("weights", layer, head))
         elif calibrated:  # outlier channels, the transform coder's basis and allocation, or channel tiers
             codec.calibrate(seen)

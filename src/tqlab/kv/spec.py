@@ -177,6 +177,11 @@ class KVQuantSpec:
         for side, override, key in (("key", k_bits, "k_bits"), ("value", v_bits, "v_bits")):
             if side not in compress:
                 continue
+            if side not in registry.codec_rule(side_codecs[side]).sides:
+                raise RuleError(
+                    f"codec={side_codecs[side]} codes only {list(registry.codec_rule(side_codecs[side]).sides)}; "
+                    f"kv.compress={list(compress)} includes the {side}s (use kv=key_only, or v_codec=...)"
+                )
             own = side_codecs[side] != codec  # a side with its own codec takes its defaults
             side_options = registry.codec_options(side_codecs[side], {}) if own else options
             codec_name = side_codecs[side]

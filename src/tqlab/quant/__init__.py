@@ -13,6 +13,7 @@ from .baselines import KIVI, BlockCode, Int4Block, Int8Block
 from .centered import Centered
 from .codebook import coordinate_distortion, lloyd_max_codebook
 from .codes import Code
+from .gated import GatedCode, RelevanceGated
 from .metric import QueryWeighted, query_metric_maps
 from .mixed import MixedCode, MixedPrecision
 from .mse import MSECode, TurboQuantMSE
@@ -37,6 +38,8 @@ def make_codec(name: str, dim: int, bits: float, **options):
         return TransformCoder(dim, bits, **options)
     if name == "protected_channels":
         return ProtectedChannels(dim, bits, **options)
+    if name == "relevance_gated":
+        return RelevanceGated(dim, bits, **options)
     if name == "kivi":
         return KIVI(dim, bits=bits, **options)
     return {"int8_block": Int8Block, "int4_block": Int4Block}[name](dim, **options)
@@ -52,6 +55,8 @@ __all__ = [
     "Int4Block",
     "Int8Block",
     "ProtectedChannels",
+    "RelevanceGated",
+    "GatedCode",
     "ProtectedCode",
     "MSECode",
     "MixedCode",

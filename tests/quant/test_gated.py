@@ -1,0 +1,106 @@
+"""Relevance-gated key bits: the gate against a brute-force loop, causality (later keys never change earlier
+decisions), bytes counted by hand, the random control, and what the configuration refuses."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from tqlab import tasks
+from tqlab.config import ConfigError
+from tqlab.quant import RelevanceGated
+
+ROOT = Path(__file__).parents[2]
+
+
+def calibrated(**options):
+    g = torch.Generator().manual_seed(0)
+    queries = torch.randn(600, 64, generator=g) + 1.5  # a clear mean direction
+    keys = torch.randn(2000, 64, generator=g)
+    codec = RelevanceGated(64, 2, 4, rotation="fast_hadamard", **options)
+    codec.calibrate(keys, queries)
+    return codec, keys, queries
+
+
+def test_the_gate_is_trim_and_square_of_the_cosine_with_the_mean_query_damped_by_position():
+    codec, keys, queries = calibrated(share=0.25, trim=0.1, half_life=16)
+    mean = queries.mean(0)
+    x = torch.randn(40, 64, generator=torch.Generator().manual_seed(1))
+    want = []
+    for t in range(40):
+        cos = float(x[t] @ mean) / float(x[t].norm() * mean.norm())
+        want.append(max(cos - 0.1, 0.0) ** 2 * 16 / (16 + t))
+    torch.testing.assert_close(
+        codec.relevance(x).double(), torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-7
+    )
+    assert torch.equal(codec.flags(x), codec.relevance(x) > codec.threshold)
+    # the threshold is the (1 − share) quantile of the undamped relevance of the calibration keys (trimmed
+    # keys tie at 0, so with trim = 0.1 fewer than `share` pass: ≈ P(cos > 0.1) = 21 % at d = 64)
+    plain, keys, _ = calibrated(share=0.25)
+    undamped = torch.tensor([max(float(k @ mean) / float(k.norm() * mean.norm()), 0) ** 2 for k in keys])
+    assert (undamped > plain.threshold).float().mean() == pytest.approx(0.25, abs=0.01)
+
+
+@pytest.mark.parametrize("gate", ["relevance", "random"])
+def test_later_keys_never_change_earlier_decisions_or_codes(gate):
+    codec, _, _ = calibrated(gate=gate, half_life=32)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 50, 64, generator=g)
+    other = x.clone()
+    other[:, 30:] = torch.randn(2, 20, 64, generator=g) * 5  # a different future
+    for future in (x, other, x[:, :30]):
+        assert torch.equal(codec.flags(future)[:, :30], codec.flags(x)[:, :30])
+        torch.testing.assert_close(
+            codec.dequantize(codec.quantize(future))[:, :30], codec.dequantize(codec.quantize(x))[:, :30]
+        )
+
+
+def test_bytes_are_the_flags_and_each_tiers_codes_counted_by_hand():
+    codec, _, _ = calibrated()
+    x = torch.randn(3, 21, 64, generator=torch.Generator().manual_seed(3))
+    high = int(codec.flags(x).sum())
+    code = codec.quantize(x)
+    assert 0 < high < 63
+    assert code.nbytes == 3 * 3 + high * (64 * 4 // 8 + 2) + (63 - high) * (64 * 2 // 8 + 2)
+    decoded = codec.dequantize(code)
+    err = ((decoded - x) ** 2).sum(-1) / (x**2).sum(-1)
+    flags = codec.flags(x)
+    assert err[flags].mean() < err[~flags].mean() / 2  # the high tier is coded finer
+
+
+def test_random_gate_draws_the_share_per_position():
+    codec, _, _ = calibrated(gate="random", share=0.25)
+    flags = codec.flags(torch.zeros(1, 4000, 64))
+    assert flags.float().mean() == pytest.approx(0.25, abs=0.03)
+
+
+def compose_eval(tmp_path, *overrides):
+    synthetic = ["data=synthetic", "data.seq_len=32", "data.sequences={train:4,validation:2,test:2}"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        c = compose(config_name="eval", overrides=[*synthetic, "logger=none", "progress=false", *overrides])
+    c.results_root, c.output_dir = str(tmp_path / "runs"), str(tmp_path / "out")
+    return c
+
+
+def test_gated_keys_evaluate_on_blocks_and_are_refused_where_they_cannot_run(tmp_path):
+    c = compose_eval(tmp_path, "codec=relevance_gated", "bits=2", "rotation=fast_hadamard", "kv=key_only")
+    summary = json.loads((tasks.evaluate(c).folder / "summary.json").read_text())
+    bits = summary["overall"]["key_bits_per_coordinate"]
+    assert 2 + 16 / 64 < bits < 4 + 16 / 64 + 1  # between the tiers (flags: one bit per 64 coordinates)
+    with pytest.raises(ConfigError, match="codes only \\['key'\\]"):
+        tasks.evaluate(
+            compose_eval(tmp_path, "codec=relevance_gated", "bits=2", "rotation=fast_hadamard", "kv=full_kv")
+        )
+    with pytest.raises(ConfigError, match="evaluated on captured blocks only"):
+        tasks.evaluate(
+            compose_eval(
+                tmp_path,
+                "codec=relevance_gated",
+                "bits=2",
+                "rotation=fast_hadamard",
+                "task=perplexity",
+                "data=wiki",
+            )
+        )
