@@ -1,0 +1,76 @@
+"""Plot the GPU-memory study's table from docs/benchmarks.md (written by gpu_memory.py on an H200).
+
+    python benchmarks/plot_gpu_memory.py        # → docs/figures/gpu_memory.png
+
+Cache bytes against context, per model and cache (bf16, K4V4, K3V3, K2V2), at batch 1 and 8, on log axes, with
+the memory left next to the weights on the GPU drawn as a line: where a curve crosses it, that context no
+longer fits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+SECTION = re.compile(
+    r"<!-- GPU memory of the KV cache:begin -->(.*?)<!-- GPU memory of the KV cache:end -->", re.S
+)
+GPU_MIB = 140 * 1024  # the H200 of the run
+
+
+def rows(text: str) -> list[dict]:
+    body = SECTION.search(text)
+    if body is None:
+        raise SystemExit(
+            "docs/benchmarks.md has no GPU-memory section: run benchmarks/gpu_memory.py on a GPU first"
+        )
+    out = []
+    for line in body.group(1).splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 9 and cells[3].isdigit():
+            model, weights, cache, batch, context, stored = cells[:6]
+            out.append(
+                {"model": model, "weights": float(weights), "cache": cache, "batch": int(batch),
+                 "context": int(context), "stored": float(stored)}
+            )  # fmt: skip
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--docs", type=Path, default=Path("docs/benchmarks.md"))
+    parser.add_argument("--out", type=Path, default=Path("docs/figures/gpu_memory.png"))
+    args = parser.parse_args()
+    data = rows(args.docs.read_text())
+    models = sorted({r["model"] for r in data})
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), sharey=True)
+    for ax, model in zip(axes, models, strict=True):
+        mine = [r for r in data if r["model"] == model]
+        for cache, batch in sorted({(r["cache"], r["batch"]) for r in mine}):
+            points = sorted(
+                (r["context"], r["stored"]) for r in mine if r["cache"] == cache and r["batch"] == batch
+            )
+            ax.plot(*zip(*points, strict=True), "--o" if batch > 1 else "-o", label=f"{cache}, batch {batch}")
+        ax.axhline(GPU_MIB - mine[0]["weights"], color="k", lw=0.8)
+        ax.text(
+            4096, (GPU_MIB - mine[0]["weights"]) * 1.1, "H200 memory left next to the weights", fontsize=8
+        )
+        ax.set(xscale="log", yscale="log", xlabel="context (tokens)", title=model)
+        ax.legend(fontsize=7, loc="lower right")
+    axes[0].set_ylabel("KV cache, stored MiB")
+    fig.tight_layout()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=120)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
