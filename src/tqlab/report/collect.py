@@ -59,13 +59,7 @@ class Evaluation:
         codec += " norm-corrected" if options.get("norm_correction") else ""
         codec += " unbiased decode" if options.get("unbiased") else ""
         codec += " no norm" if options.get("scale") == "none" else ""
-        if (
-            c["codec"] == "protected_channels"
-        ):  # its tiers: exact groups, high groups at their bits, residual rank
-            codec += (
-                f" ({options['exact_groups']} exact, {options['high_groups']}×{options['high_bits']}b"
-                f"{', rank ' + str(options['rank']) if options['rank'] else ''}, by {options['ranking']})"
-            )
+        codec += _codec_settings(c["codec"], options)
         label = f"{codec} · {rot}" if rot else codec
         return label + self.layout_suffix
 
@@ -185,3 +179,18 @@ def _collect_one(path: Path, found: list, missing: list, seen: set) -> None:
             continue
         seen.add(folder)
         found.append(Evaluation(folder, *read_results(folder)))
+
+
+def _codec_settings(codec: str, options: dict) -> str:
+    """The settings that tell two configurations of a tiered codec apart, for its label."""
+    if codec == "protected_channels":  # its tiers: exact groups, high groups at their bits, residual rank
+        rank = f", rank {options['rank']}" if options["rank"] else ""
+        return (
+            f" ({options['exact_groups']} exact, {options['high_groups']}×{options['high_bits']}b{rank},"
+            f" by {options['ranking']})"
+        )
+    if codec == "relevance_gated":  # its gate: which share of keys, at which bits, how chosen
+        trim = f", trim {options['trim']}" if options["trim"] else ""
+        damping = f", half-life {options['half_life']}" if options["half_life"] else ""
+        return f" ({options['gate']} {options['share']:g} at {options['high_bits']}b{trim}{damping})"
+    return ""
