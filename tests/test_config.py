@@ -76,7 +76,7 @@ with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
                     try:  # its tiers hold different token counts: block evaluation only, refused here
                         run_sections(cfg)
                     except ConfigError as err:
-                        assert "use task=eval" in str(err)
+                        assert "use eval.py" in str(err)
                         continue
                     raise AssertionError("train.py accepted codec=relevance_gated")
                 run_sections(cfg)

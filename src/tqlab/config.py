@@ -256,13 +256,15 @@ def run_sections(cfg: DictConfig) -> dict:
         sections["end_to_end"] = end_to_end_section(cfg)
         sections["cache"] = cache_section(cfg)
         for side in sections["spec"].sides().values():
-            if not registry.codec_rule(side.codec.name).in_cache:
+            if dict(side.codec.options).get("half_life"):
                 raise ConfigError(
-                    f"codec={side.codec.name} is evaluated on captured blocks only (task=eval): task={cfg.task} "
-                    "runs the model with TurboQuantCache, whose codes append token by token"
+                    f"codec.half_life={dict(side.codec.options)['half_life']}: the positional damping needs each "
+                    f"key's absolute position, which task={cfg.task}'s cache does not give codecs yet; use task=eval"
                 )
     if cfg.task == "train" and any(
-        not registry.codec_rule(s.codec.name).in_cache for s in sections["spec"].sides().values()
+        not registry.codec_rule(s.codec.name).trainable for s in sections["spec"].sides().values()
     ):
-        raise ConfigError("train.py fits rotations for codecs with a fixed width per token; use task=eval")
+        raise ConfigError(
+            "train.py fits rotations for codecs that take one; this codec has a fixed one: use eval.py"
+        )
     return sections

@@ -145,7 +145,7 @@ class CodecRule:
     calibrated: bool = False  # built from train-split vectors of its unit (needs calibration data)
     seeded: bool = False  # draws its own random rotations (no `rotation=`): takes the unit's seed
     sides: tuple = ("key", "value")  # the sides it may code
-    in_cache: bool = True  # its codes append token by token (TurboQuantCache); False: captured blocks only
+    trainable: bool = True  # train.py can fit rotations for it
     options: dict = dataclasses.field(default_factory=dict)
 
     def allowed_bits(self) -> str:
@@ -227,7 +227,7 @@ CODECS: dict[str, CodecRule] = {
         bits=(1, 2, 3),
         calibrated=True,
         sides=("key",),
-        in_cache=False,  # a block's tiers hold different token counts: evaluated on captured blocks
+        trainable=False,  # its rotation is fixed: a gate, not a fit
         options={
             **_CENTER,
             "high_bits": Option((2, 3, 4, 5, 6, 7, 8), default=4),

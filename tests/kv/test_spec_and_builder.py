@@ -23,7 +23,7 @@ def test_config_and_library_read_one_registry():
         for bits in (1, 2, 2.5, 2.3, 3, 4, 8, 9):
             rot = "identity" if registry.CODECS[codec].rotations else "random_haar"
             try:
-                KVQuantSpec.create(codec, bits, rot, head_dim=64)
+                KVQuantSpec.create(codec, bits, rot, compress=registry.CODECS[codec].sides, head_dim=64)
                 spec_ok = True
             except RuleError:
                 spec_ok = False

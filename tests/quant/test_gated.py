@@ -89,18 +89,76 @@ def test_gated_keys_evaluate_on_blocks_and_are_refused_where_they_cannot_run(tmp
     summary = json.loads((tasks.evaluate(c).folder / "summary.json").read_text())
     bits = summary["overall"]["key_bits_per_coordinate"]
     assert 2 + 16 / 64 < bits < 4 + 16 / 64 + 1  # between the tiers (flags: one bit per 64 coordinates)
+    gated = ["codec=relevance_gated", "bits=2", "rotation=fast_hadamard"]
     with pytest.raises(ConfigError, match="codes only \\['key'\\]"):
-        tasks.evaluate(
-            compose_eval(tmp_path, "codec=relevance_gated", "bits=2", "rotation=fast_hadamard", "kv=full_kv")
-        )
-    with pytest.raises(ConfigError, match="evaluated on captured blocks only"):
-        tasks.evaluate(
-            compose_eval(
-                tmp_path,
-                "codec=relevance_gated",
-                "bits=2",
-                "rotation=fast_hadamard",
-                "task=perplexity",
-                "data=wiki",
-            )
-        )
+        tasks.evaluate(compose_eval(tmp_path, *gated, "kv=full_kv"))
+    with pytest.raises(ConfigError, match="positional damping needs each key's absolute position"):
+        tasks.evaluate(compose_eval(tmp_path, *gated, "codec.half_life=64", "task=perplexity", "data=wiki"))
+
+
+def tiny_model(sliding: bool = False):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    # one layer: its keys come from the embeddings alone, so feeding tokens whole or one by one stores the same
+    # keys (a second layer's keys would depend on what the first layer's early tokens saw)
+    common = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=1, head_dim=16)
+    if sliding:
+        config = Qwen2Config(
+            **common, num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=6,
+            layer_types=["sliding_attention"],
+        )  # fmt: skip
+        return Qwen2ForCausalLM(config).float().eval()
+    return (
+        LlamaForCausalLM(LlamaConfig(**common, num_attention_heads=4, num_key_value_heads=2)).float().eval()
+    )
+
+
+def gated_cache(model):
+    from tqlab.cache import compress_kv
+    from tqlab.kv import KVQuantSpec
+
+    spec = KVQuantSpec.create(
+        "turboquant_mse", 3, "random_haar", k_codec="relevance_gated", k_bits=2, head_dim=16
+    )
+    g = torch.Generator().manual_seed(5)
+    stats = {"key": torch.randn(300, 16, generator=g), "value": torch.randn(300, 16, generator=g)}
+    stats["query"] = torch.randn(300, 16, generator=g) + 1.0
+    return compress_kv(model, spec, lambda side, layer, head: stats[side])
+
+
+def logits(model, ids, cache):
+    with torch.no_grad():
+        return model(ids, cache=cache).logits.double()
+
+
+@pytest.mark.parametrize("sliding", [False, True])
+def test_gated_keys_in_the_cache_append_a_group_at_a_time(sliding):
+    """Fed whole or token by token, the cache ends holding the same codes (two whole groups of 8 keys coded,
+    5 waiting exact), so the next step's logits agree; the sliding layer has dropped whole groups."""
+    model = tiny_model(sliding)
+    ids = torch.randint(0, 97, (1, 22), generator=torch.Generator().manual_seed(6))
+    whole = gated_cache(model)
+    logits(model, ids[:, :21], whole)
+    steps = gated_cache(model)
+    for i in range(21):
+        logits(model, ids[:, i : i + 1], steps)
+    torch.testing.assert_close(
+        logits(model, ids[:, 21:], steps), logits(model, ids[:, 21:], whole), atol=1e-5, rtol=0
+    )
+    assert steps.nbytes() == whole.nbytes()
+    if not sliding:
+        parts = whole.layers[0].segments("key", 0)
+        assert [p[1].shape[-1] if p[1] is not None else p[2].shape[-2] for p in parts] == [16, 6]
+    if sliding:
+        layer = steps.layers[0]
+        assert layer.offset > 0 and layer.offset % 8 == 0
+
+
+def test_a_batch_of_gated_keys_equals_each_sequence_alone():
+    model = tiny_model()
+    g = torch.Generator().manual_seed(7)
+    a, b = torch.randint(0, 97, (1, 19), generator=g), torch.randint(0, 97, (1, 19), generator=g)
+    together = logits(model, torch.cat([a, b]), gated_cache(model))
+    alone = torch.cat([logits(model, x, gated_cache(model)) for x in (a, b)])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)

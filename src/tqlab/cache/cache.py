@@ -31,7 +31,6 @@ from transformers.cache_utils import (
     get_layer_types_and_kwargs,
 )
 
-from .. import registry
 from ..capture.models import architecture_facts
 from ..kv.builder import CodecBank
 from ..kv.layout import CacheLayout
@@ -293,10 +292,10 @@ class TurboQuantCache(Cache):
         if kernels not in KERNELS:
             raise RuleError(f"kernels={kernels!r} is not allowed; choose from {list(KERNELS)}")
         for side in (spec.sides() if spec else {}).values():
-            if not registry.codec_rule(side.codec.name).in_cache:
+            if dict(side.codec.options).get("half_life"):
                 raise RuleError(
-                    f"codec={side.codec.name} is evaluated on captured blocks (eval.py task=eval) only: its codes "
-                    "do not append token by token, so TurboQuantCache cannot hold them"
+                    "codec.half_life: the gate's positional damping needs each key's absolute position, which the "
+                    "cache does not give codecs yet; evaluate it on captured blocks (eval.py task=eval)"
                 )
         layout = CacheLayout(**layout)
         text = config.get_text_config(decoder=True)

@@ -25,6 +25,8 @@ def concat(a: Code | None, b: Code) -> Code:
     """`a` followed by `b` along the token axis (`a` may be None: nothing stored yet)."""
     if a is None:
         return b
+    if hasattr(a, "concat"):  # a code with its own token layout (gated keys)
+        return a.concat(b)
     if a.grouped_token_fields and a.shape[TOKEN_AXIS] % a.group:
         raise ValueError(
             f"cannot append to a code of {a.shape[TOKEN_AXIS]} tokens: not whole groups of {a.group}"
@@ -50,6 +52,8 @@ def drop_front(code: Code, n: int) -> Code:
     groups tokens drops whole groups."""
     if n == 0:
         return code
+    if hasattr(code, "drop_front"):
+        return code.drop_front(n)
     changes = {}
     for f in dataclasses.fields(code):
         x = getattr(code, f.name)

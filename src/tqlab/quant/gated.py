@@ -8,12 +8,14 @@ the token axis (0 first) and h = `half_life` tokens (None: no positional damping
 every later query can see, are favoured). Keys with r_t above a threshold fixed on the train split — the
 (1 − share) quantile of r over its keys, undamped — get `high_bits`, the others `bits`. gate="random": the
 same share drawn per position from the seed (the control). Per vector: one flag bit (packed), and the key's
-TurboQuant-MSE code at its tier's width with its norm; both tiers share one rotation.
+TurboQuant-MSE code at its tier's width with its norm; both tiers share one rotation. Positions count from the
+start of the tensor given, so in the cache (which codes chunks) only the undamped gate is used.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -21,12 +23,78 @@ from torch import nn
 from .codes import Code, buffer_nbytes, check_input
 from .mse import TurboQuantMSE, build_rotation
 
+GROUP = 8  # tokens per flag byte; a cache appends gated keys a whole group at a time
+
 
 @dataclasses.dataclass
 class GatedCode(Code):
-    flags: torch.Tensor  # uint8 [*shape[:-1], ceil(T / 8)]: bit t of the token axis set = high tier
-    high: Code  # the high-tier tokens in token order (flattened over the leading axes)
-    low: Code
+    """Keys [*lead, T] in two tiers. Flag bit j of byte g says whether token 8g + j has high bits. Each tier's
+    tokens are stored in (group, *lead, position in group) order, so appending whole groups of tokens appends
+    to both tiers and leaves every stored token where it was (what `concat` and `drop_front` rely on)."""
+
+    flags: torch.Tensor  # uint8 [*lead, ceil(T / 8)]
+    high: Code  # the high-tier tokens, shape (n_high,)
+    low: Code  # the low-tier tokens, shape (n_low,)
+    group: ClassVar[int] = GROUP
+    grouped_token_fields: ClassVar[tuple[str, ...]] = ("flags",)
+
+    def concat(self, other: GatedCode) -> GatedCode:
+        if self.shape[-1] % GROUP:
+            raise ValueError(
+                f"cannot append to gated keys of {self.shape[-1]} tokens: not whole groups of {GROUP}"
+            )
+        return dataclasses.replace(
+            self,
+            shape=(*self.shape[:-1], self.shape[-1] + other.shape[-1]),
+            flags=torch.cat([self.flags, other.flags], dim=-1),
+            high=_cat_flat(self.high, other.high),
+            low=_cat_flat(self.low, other.low),
+        )
+
+    def drop_front(self, n: int) -> GatedCode:
+        """Without the first n tokens (whole groups), copied."""
+        if n % GROUP:
+            raise ValueError(f"cannot drop {n} tokens from gated keys: whole groups of {GROUP} only")
+        dropped = _unpack(self.flags[..., : n // GROUP], n)
+        valid = torch.ones_like(dropped)
+        n_high, n_low = int(dropped.sum()), int((valid & ~dropped).sum())
+        return dataclasses.replace(
+            self,
+            shape=(*self.shape[:-1], self.shape[-1] - n),
+            flags=self.flags[..., n // GROUP :].clone(),
+            high=_drop_flat(self.high, n_high),
+            low=_drop_flat(self.low, n_low),
+        )
+
+
+def _cat_flat(a: Code, b: Code) -> Code:
+    tensors = {f.name: torch.cat([getattr(a, f.name), getattr(b, f.name)]) for f in _tensor_fields(a)}
+    return dataclasses.replace(a, shape=(a.shape[0] + b.shape[0],), **tensors)
+
+
+def _drop_flat(a: Code, n: int) -> Code:
+    tensors = {f.name: getattr(a, f.name)[n:].clone() for f in _tensor_fields(a)}
+    return dataclasses.replace(a, shape=(a.shape[0] - n,), **tensors)
+
+
+def _tensor_fields(code: Code) -> list:
+    return [f for f in dataclasses.fields(code) if isinstance(getattr(code, f.name), torch.Tensor)]
+
+
+def _unpack(flags: torch.Tensor, tokens: int) -> torch.Tensor:
+    bits = (flags.unsqueeze(-1) >> torch.arange(GROUP, device=flags.device, dtype=torch.uint8)) & 1
+    return bits.flatten(-2)[..., :tokens].bool()
+
+
+def _by_group(t: torch.Tensor, tokens: int) -> torch.Tensor:
+    """[*lead, T, ...] → [G, *lead, 8, ...] with T padded to G·8 (pad: zeros / False): the tiers' order."""
+    pad = -tokens % GROUP
+    lead = t.dim() - (2 if t.dtype != torch.bool else 1)
+    if pad:
+        widths = (0, 0, 0, pad) if t.dtype != torch.bool else (0, pad)
+        t = torch.nn.functional.pad(t, widths)
+    t = t.unflatten(lead, (-1, GROUP))
+    return t.movedim(lead, 0)
 
 
 class RelevanceGated(nn.Module):
@@ -51,6 +119,7 @@ class RelevanceGated(nn.Module):
             )
         self.dim, self.bits, self.high_bits, self.share, self.trim = dim, bits, high_bits, share, trim
         self.half_life, self.gate, self.seed = half_life, gate, seed
+        self.token_group = GROUP  # a cache encodes whole groups of 8 keys (their flags fill a byte)
         rot = build_rotation(rotation, dim, seed, {})
         self.low = TurboQuantMSE(dim, bits, rot, norm_dtype=norm_dtype)
         self.high = TurboQuantMSE(dim, high_bits, rot, norm_dtype=norm_dtype)
@@ -91,27 +160,30 @@ class RelevanceGated(nn.Module):
         x = check_input(x, self.dim, self.threshold.device, "RelevanceGated")
         if x.dim() < 2:
             raise ValueError("RelevanceGated codes keys along a token axis: x must be [..., T, dim]")
-        high = self.flags(x)
-        packed = torch.nn.functional.pad(high, (0, -high.shape[-1] % 8)).unflatten(-1, (-1, 8))
-        flags = (packed.to(torch.uint8) << torch.arange(8, device=x.device, dtype=torch.uint8)).sum(-1)
+        tokens = x.shape[-2]
+        high = self.flags(x)  # [*lead, T]
+        grouped_high = _by_group(high, tokens)
+        grouped_valid = _by_group(torch.ones_like(high), tokens)
+        grouped_x = _by_group(x, tokens)
+        padded = torch.nn.functional.pad(high, (0, -tokens % GROUP)).unflatten(-1, (-1, GROUP))
+        flags = (padded.to(torch.uint8) << torch.arange(GROUP, device=x.device, dtype=torch.uint8)).sum(-1)
         return GatedCode(
             tuple(x.shape[:-1]),
             self.dim,
             flags.to(torch.uint8),
-            self.high.quantize(x[high]),
-            self.low.quantize(x[~high]),
+            self.high.quantize(grouped_x[grouped_high]),
+            self.low.quantize(grouped_x[grouped_valid & ~grouped_high]),
         )
 
-    def _unpacked(self, code: GatedCode) -> torch.Tensor:
-        bits = (code.flags.unsqueeze(-1) >> torch.arange(8, device=code.flags.device, dtype=torch.uint8)) & 1
-        return bits.flatten(-2)[..., : code.shape[-1]].bool()
-
     def dequantize(self, code: GatedCode) -> torch.Tensor:
-        high = self._unpacked(code)
-        out = torch.empty(*code.shape, self.dim, device=self.threshold.device)
-        out[high] = self.high.dequantize(code.high)
-        out[~high] = self.low.dequantize(code.low)
-        return out
+        tokens = code.shape[-1]
+        high = _unpack(code.flags, tokens)
+        grouped_high = _by_group(high, tokens)
+        grouped_valid = _by_group(torch.ones_like(high), tokens)
+        out = torch.zeros(*grouped_high.shape, self.dim, device=self.threshold.device)
+        out[grouped_high] = self.high.dequantize(code.high)
+        out[grouped_valid & ~grouped_high] = self.low.dequantize(code.low)
+        return out.movedim(0, -3).flatten(-3, -2)[..., :tokens, :]
 
     def score(self, queries: torch.Tensor, code: GatedCode) -> torch.Tensor:
         q = check_input(queries, self.dim, self.threshold.device, "RelevanceGated.score")
