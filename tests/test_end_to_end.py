@@ -21,12 +21,18 @@ SHORT = [
 ]  # fmt: skip
 
 
-def run(tmp_path, *overrides):
+def run(tmp_path, *overrides, captures=None):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         c = compose(config_name="eval", overrides=[*SHORT, *overrides])
     c.results_root, c.output_dir = str(tmp_path / "runs"), str(tmp_path / "out")
-    c.store.root = str(tmp_path / "captures")
+    c.store.root = str(captures or tmp_path / "captures")
     return read_results(tasks.evaluate(c).folder)
+
+
+@pytest.fixture(scope="module")
+def small_captures(tmp_path_factory):
+    """One folder of captures shared by the calibrated codecs' runs (made by the first of them)."""
+    return tmp_path_factory.mktemp("captures")
 
 
 def test_perplexity_rows_bytes_and_the_reference_forward_pass(tmp_path, smollm2):
@@ -75,3 +81,32 @@ def test_sinks_and_the_recent_window_are_kept_exact_and_counted(tmp_path, smollm
     per_vector = {"exact": 64 * 4, "coded": 64 * 4 // 8 + 2}  # float32 | 4-bit payload + fp16 norm
     per_window = 30 * 3 * 2 * (exact * per_vector["exact"] + coded * per_vector["coded"])
     assert rows[0]["cache_bytes_per_token"] == per_window / 32
+
+
+@pytest.mark.parametrize(
+    "overrides,key_bytes,value_bytes",
+    [  # per (layer, KV head) and token: what each side stores
+        (
+            ["k_codec=int8_block", "k_bits=8", "bits=3"],
+            64 + 2 * 2,
+            64 * 3 // 8 + 2,
+        ),  # q8_0: int8 + fp16 per 32
+        (["codec=protected_channels", "rotation=identity", "bits=2", "kv=value_only"], 64 * 4, 16 + 6 + 14),
+        (["codec=relevance_gated", "bits=2", "kv=key_only"], None, 64 * 4),  # gated: between its tiers
+    ],
+)
+def test_the_seeds_options_run_end_to_end_with_honest_bytes(
+    tmp_path, smollm2, overrides, key_bytes, value_bytes
+):
+    """Asymmetric lanes, protected values and gated keys through the model (the last two calibrated on a small
+    capture made on the fly)."""
+    capture = ["data.seq_len=32", "data.sequences={train:2,validation:1,test:2}"]
+    summary, rows = run(tmp_path, "task=perplexity", *capture, *overrides, captures=small_captures)
+    per_token = rows[0]["cache_bytes_per_token"] / (30 * 3)  # over layers × KV heads
+    if (
+        key_bytes is None
+    ):  # keys: each a 2-bit (18 B) or 4-bit (34 B) code with its flag bit; 32 = 4 whole groups
+        assert 18 + 1 / 8 < per_token - value_bytes < 34 + 1 / 8
+    else:
+        assert per_token == pytest.approx(key_bytes + value_bytes, abs=1e-9)
+    assert 0 < summary["overall"]["final_hidden_cosine"] <= 1

@@ -162,3 +162,14 @@ def test_a_batch_of_gated_keys_equals_each_sequence_alone():
     together = logits(model, torch.cat([a, b]), gated_cache(model))
     alone = torch.cat([logits(model, x, gated_cache(model)) for x in (a, b)])
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
+
+
+def test_a_block_with_no_key_in_one_tier_codes_and_decodes():
+    codec, _, queries = calibrated()
+    mean = queries.mean(0)
+    x = torch.randn(9, 64, generator=torch.Generator().manual_seed(8))
+    x -= (x @ mean)[:, None] * mean / mean.dot(mean)  # orthogonal to q̄: relevance 0, every key low
+    code = codec.quantize(x)
+    assert code.high.shape == (0,) and code.low.shape == (9,)
+    decoded = codec.dequantize(code)
+    assert decoded.shape == x.shape and ((decoded - x).norm(dim=-1) < x.norm(dim=-1)).all()

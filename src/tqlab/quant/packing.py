@@ -27,18 +27,18 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
         return values.to(torch.uint8)
     if 8 % bits == 0:  # 1, 2, 4 bits: whole codes per byte, shift-or in uint8
         per = 8 // bits
-        v = values.to(torch.uint8).reshape(*values.shape[:-1], -1, per)
+        v = values.to(torch.uint8).unflatten(-1, (values.shape[-1] // per, per))  # no -1: rows may be 0
         packed = v[..., 0].clone()
         for j in range(1, per):
             packed |= v[..., j] << (bits * j)
         return packed
     # Eight b-bit values make one 8b-bit word (at most 56 bits: fits int64), split into b bytes.
-    groups = values.reshape(*values.shape[:-1], -1, 8).to(torch.int64)
+    groups = values.unflatten(-1, (values.shape[-1] // 8, 8)).to(torch.int64)
     shifts = torch.arange(0, 8 * bits, bits, device=values.device)
     words = (groups << shifts).sum(-1, keepdim=True)
     byte_shifts = torch.arange(0, 8 * bits, 8, device=values.device)
     packed = (words >> byte_shifts) & 0xFF
-    return packed.reshape(*values.shape[:-1], -1).to(torch.uint8)
+    return packed.flatten(-2).to(torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -56,13 +56,13 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if 8 % bits == 0:
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
         values = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-        return values.reshape(*packed.shape[:-1], -1)[..., :n].to(torch.int64)
-    groups = packed.reshape(*packed.shape[:-1], -1, bits).to(torch.int64)
+        return values.flatten(-2)[..., :n].to(torch.int64)
+    groups = packed.unflatten(-1, (packed.shape[-1] // bits, bits)).to(torch.int64)
     byte_shifts = torch.arange(0, 8 * bits, 8, device=packed.device)
     words = (groups << byte_shifts).sum(-1, keepdim=True)
     shifts = torch.arange(0, 8 * bits, bits, device=packed.device)
     values = (words >> shifts) & ((1 << bits) - 1)
-    return values.reshape(*packed.shape[:-1], -1)[..., :n]
+    return values.flatten(-2)[..., :n]
 
 
 def field_layout(widths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,7 +79,8 @@ def pack_fields(values: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
     row, ceil(Σ widths / 8) bytes: unequal widths with no padding between fields."""
     field, place = field_layout(widths)
     bits = (values[..., field].to(torch.int64) >> place) & 1
-    bits = torch.nn.functional.pad(bits, (0, -bits.shape[-1] % 8)).reshape(*bits.shape[:-1], -1, 8)
+    bits = torch.nn.functional.pad(bits, (0, -bits.shape[-1] % 8))
+    bits = bits.unflatten(-1, (bits.shape[-1] // 8, 8))
     return (bits << torch.arange(8, device=bits.device)).sum(-1).to(torch.uint8)
 
 
