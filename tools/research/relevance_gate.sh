@@ -13,3 +13,10 @@ run gated codec=relevance_gated bits=2 codec.high_bits=4 codec.share=0.125,0.25 
 run gated_damped codec=relevance_gated bits=2 codec.high_bits=4 codec.share=0.25 codec.half_life=64
 $PY report.py "runs=[$out/uniform,$out/gated,$out/gated_damped]" 'metrics=[output_cosine,attention_kl]' \
   unit=layer_head wandb.mode=disabled hydra.run.dir=outputs/research/relevance_gate
+# end to end: keys gated inside TurboQuantCache (values exact), all-quantized, 12 documents, one seed
+e2e=(task=perplexity logger=csv progress=false kv=key_only rotation=fast_hadamard seed=0)
+$PY eval.py -m "${e2e[@]}" codec=turboquant_mse bits=2,3 hydra.sweep.dir=$out/e2e_uniform
+$PY eval.py -m "${e2e[@]}" codec=relevance_gated bits=2 codec.share=0.25 codec.gate=relevance,random \
+  hydra.sweep.dir=$out/e2e_gated
+$PY report.py "runs=[$out/e2e_uniform,$out/e2e_gated]" 'metrics=[nll_increase,next_token_kl,final_hidden_cosine]' \
+  wandb.mode=disabled hydra.run.dir=outputs/research/relevance_gate_e2e
