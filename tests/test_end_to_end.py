@@ -96,7 +96,7 @@ def test_sinks_and_the_recent_window_are_kept_exact_and_counted(tmp_path, smollm
     ],
 )
 def test_the_seeds_options_run_end_to_end_with_honest_bytes(
-    tmp_path, smollm2, overrides, key_bytes, value_bytes
+    tmp_path, smollm2, small_captures, overrides, key_bytes, value_bytes
 ):
     """Asymmetric lanes, protected values and gated keys through the model (the last two calibrated on a small
     capture made on the fly)."""
