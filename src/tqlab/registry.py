@@ -228,8 +228,7 @@ CODECS: dict[str, CodecRule] = {
         calibrated=True,
         sides=("key",),
         trainable=False,  # its rotation is fixed: a gate, not a fit
-        options={
-            **_CENTER,
+        options={  # no center / key_metric: those wrappers would hide the positions the gate is given
             "high_bits": Option((2, 3, 4, 5, 6, 7, 8), default=4),
             "share": Option((0.125, 0.25, 0.5), default=0.25),
             "trim": Option((0.0, 0.1, 0.2, 0.3), default=0.0),

@@ -92,8 +92,8 @@ def test_gated_keys_evaluate_on_blocks_and_are_refused_where_they_cannot_run(tmp
     gated = ["codec=relevance_gated", "bits=2", "rotation=fast_hadamard"]
     with pytest.raises(ConfigError, match="codes only \\['key'\\]"):
         tasks.evaluate(compose_eval(tmp_path, *gated, "kv=full_kv"))
-    with pytest.raises(ConfigError, match="positional damping needs each key's absolute position"):
-        tasks.evaluate(compose_eval(tmp_path, *gated, "codec.half_life=64", "task=perplexity", "data=wiki"))
+    with pytest.raises(ConfigError, match=r"codec takes no option\(s\) \[.center.\]"):
+        tasks.evaluate(compose_eval(tmp_path, *gated, "kv=key_only", "+codec.center=true"))
 
 
 def tiny_model(sliding: bool = False):
@@ -114,12 +114,12 @@ def tiny_model(sliding: bool = False):
     )
 
 
-def gated_cache(model):
+def gated_cache(model, **gate):
     from tqlab.cache import compress_kv
     from tqlab.kv import KVQuantSpec
 
     spec = KVQuantSpec.create(
-        "turboquant_mse", 3, "random_haar", k_codec="relevance_gated", k_bits=2, head_dim=16
+        "relevance_gated", 2, "random_haar", compress=("key",), codec_options=gate, head_dim=16
     )
     g = torch.Generator().manual_seed(5)
     stats = {"key": torch.randn(300, 16, generator=g), "value": torch.randn(300, 16, generator=g)}
@@ -132,15 +132,17 @@ def logits(model, ids, cache):
         return model(ids, cache=cache).logits.double()
 
 
-@pytest.mark.parametrize("sliding", [False, True])
-def test_gated_keys_in_the_cache_append_a_group_at_a_time(sliding):
+@pytest.mark.parametrize(
+    "sliding,gate", [(False, {}), (True, {}), (False, {"half_life": 4}), (True, {"gate": "random"})]
+)
+def test_gated_keys_in_the_cache_append_a_group_at_a_time(sliding, gate):
     """Fed whole or token by token, the cache ends holding the same codes (two whole groups of 8 keys coded,
     5 waiting exact), so the next step's logits agree; the sliding layer has dropped whole groups."""
     model = tiny_model(sliding)
     ids = torch.randint(0, 97, (1, 22), generator=torch.Generator().manual_seed(6))
-    whole = gated_cache(model)
+    whole = gated_cache(model, **gate)
     logits(model, ids[:, :21], whole)
-    steps = gated_cache(model)
+    steps = gated_cache(model, **gate)
     for i in range(21):
         logits(model, ids[:, i : i + 1], steps)
     torch.testing.assert_close(
@@ -150,6 +152,10 @@ def test_gated_keys_in_the_cache_append_a_group_at_a_time(sliding):
     if not sliding:
         parts = whole.layers[0].segments("key", 0)
         assert [p[1].shape[-1] if p[1] is not None else p[2].shape[-2] for p in parts] == [16, 6]
+        # coded token by token (groups at positions 0 and 8) or whole (one chunk from 0), the gate saw each key at
+        # the same absolute position: the same flags (with damping, chunk-relative positions would differ)
+        stored = [c.layers[0].segments("key", h)[0][1].flags for c in (steps, whole) for h in range(2)]
+        assert torch.equal(stored[0], stored[2]) and torch.equal(stored[1], stored[3])
     if sliding:
         layer = steps.layers[0]
         assert layer.offset > 0 and layer.offset % 8 == 0

@@ -176,8 +176,13 @@ class TurboQuantLayer(CacheLayerMixin):
                 if self.packed is not None:
                     self._encode_packed(side, chunk)
                 else:
+                    # codecs that gate by position (relevance_gated) learn where the chunk starts: every token
+                    # sunk or coded before it, dropped ones included
+                    start = self.offset + self._sunk_held(side) + self.coded_tokens(side)
+                    positional = {"start": start} if getattr(codecs[0], "positional", False) else {}
                     for h, codec in enumerate(codecs):
-                        self._codes[side][h] = concat(self._codes[side][h], codec.quantize(chunk[:, h]))
+                        code = codec.quantize(chunk[:, h], **positional)
+                        self._codes[side][h] = concat(self._codes[side][h], code)
             if to_sink or encoded:  # a copy: a view would keep the whole old buffer alive
                 self._pending[side] = pending[..., to_sink + encoded :, :].clone()
 
@@ -190,6 +195,9 @@ class TurboQuantLayer(CacheLayerMixin):
             chunk, self.rotations[side], codec.boundaries, codec.norm_dtype, self.quantize_tables[side]
         )
         self.packed[side].append(indices, norms)
+
+    def _sunk_held(self, side: str) -> int:
+        return 0 if self._sink[side] is None else self._sink[side].shape[-2]
 
     def coded_tokens(self, side: str) -> int:
         if self.packed is not None:
@@ -291,12 +299,6 @@ class TurboQuantCache(Cache):
         not allow; on CPU it needs TRITON_INTERPRET=1) or "torch" (the PyTorch reference path)."""
         if kernels not in KERNELS:
             raise RuleError(f"kernels={kernels!r} is not allowed; choose from {list(KERNELS)}")
-        for side in (spec.sides() if spec else {}).values():
-            if dict(side.codec.options).get("half_life"):
-                raise RuleError(
-                    "codec.half_life: the gate's positional damping needs each key's absolute position, which the "
-                    "cache does not give codecs yet; evaluate it on captured blocks (eval.py task=eval)"
-                )
         layout = CacheLayout(**layout)
         text = config.get_text_config(decoder=True)
         arch = architecture_facts(text)

@@ -22,7 +22,11 @@ def compress_side(codec, x: torch.Tensor, sink_tokens: int) -> tuple[torch.Tenso
         return x, None, x.numel() * EXACT_BITS // 8
     if sink == len(x):
         return x, None, exact_bytes
-    code = codec.quantize(x[sink:])
+    code = (
+        codec.quantize(x[sink:], start=sink)
+        if getattr(codec, "positional", False)
+        else codec.quantize(x[sink:])
+    )
     return torch.cat([x[:sink].float(), codec.dequantize(code)]), code, exact_bytes + code.nbytes
 
 

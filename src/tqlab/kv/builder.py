@@ -179,9 +179,9 @@ class CodecBank:
             options["seed"] = seed
         elif registry.codec_rule(s.codec.name).seeded:
             options["seed"] = seed
-        center = options.pop("center")
+        center = options.pop("center", False)
         ranking = options.pop("ranking", None)  # protected channels: by attention weights or by energy
-        query_metric = options.pop("key_metric") == "query" and side == "key"
+        query_metric = options.pop("key_metric", "euclidean") == "query" and side == "key"
         codec = make_codec(s.codec.name, self.dim, s.codec.bits, **options)
         fits = [p for p in _parts(options.get("rotation")) if isinstance(p, EigenHadamard)]
         fits = fits if s.rotation.fitted is None else []  # a fitted artefact holds its own statistics

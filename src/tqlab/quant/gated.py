@@ -8,8 +8,8 @@ the token axis (0 first) and h = `half_life` tokens (None: no positional damping
 every later query can see, are favoured). Keys with r_t above a threshold fixed on the train split — the
 (1 − share) quantile of r over its keys, undamped — get `high_bits`, the others `bits`. gate="random": the
 same share drawn per position from the seed (the control). Per vector: one flag bit (packed), and the key's
-TurboQuant-MSE code at its tier's width with its norm; both tiers share one rotation. Positions count from the
-start of the tensor given, so in the cache (which codes chunks) only the undamped gate is used.
+TurboQuant-MSE code at its tier's width with its norm; both tiers share one rotation. `quantize(x, start)` takes
+the position of x's first token; the cache passes it for every chunk it codes.
 """
 
 from __future__ import annotations
@@ -120,18 +120,19 @@ class RelevanceGated(nn.Module):
         self.dim, self.bits, self.high_bits, self.share, self.trim = dim, bits, high_bits, share, trim
         self.half_life, self.gate, self.seed = half_life, gate, seed
         self.token_group = GROUP  # a cache encodes whole groups of 8 keys (their flags fill a byte)
+        self.positional = True  # quantize takes the position of the first key (`start`)
         rot = build_rotation(rotation, dim, seed, {})
         self.low = TurboQuantMSE(dim, bits, rot, norm_dtype=norm_dtype)
         self.high = TurboQuantMSE(dim, high_bits, rot, norm_dtype=norm_dtype)
         self.register_buffer("query_direction", torch.zeros(dim))
         self.register_buffer("threshold", torch.tensor(float("nan")))
 
-    def relevance(self, keys: torch.Tensor, damped: bool = True) -> torch.Tensor:
-        """r_t for keys [..., T, dim] in token order from position 0."""
+    def relevance(self, keys: torch.Tensor, damped: bool = True, start: int = 0) -> torch.Tensor:
+        """r_t for keys [..., T, dim] in token order, the first at position `start`."""
         cos = (keys @ self.query_direction) / keys.norm(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
         r = (cos - self.trim).clamp_min(0) ** 2
         if damped and self.half_life:
-            t = torch.arange(keys.shape[-2], device=keys.device, dtype=r.dtype)
+            t = start + torch.arange(keys.shape[-2], device=keys.device, dtype=r.dtype)
             r = r * self.half_life / (self.half_life + t)
         return r
 
@@ -145,23 +146,25 @@ class RelevanceGated(nn.Module):
         self.query_direction = mean / mean.norm().clamp_min(torch.finfo(torch.float32).tiny)
         self.threshold = torch.quantile(self.relevance(keys, damped=False).double(), 1 - self.share).float()
 
-    def flags(self, x: torch.Tensor) -> torch.Tensor:
-        """[..., T] bool: which keys get high bits — each from its own key and position only."""
+    def flags(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """[..., T] bool: which keys get high bits — each from its own key and position (start + t) only."""
         if self.gate == "random":
-            t = torch.arange(x.shape[-2])
+            t = start + torch.arange(x.shape[-2])
             g = torch.Generator().manual_seed(self.seed)
             draws = torch.rand(max(int(t.max()) + 1, 1), generator=g)[t]  # position t's draw, whatever T is
             return (draws < self.share).to(x.device).expand(x.shape[:-1])
         if torch.isnan(self.threshold):
             raise ValueError("RelevanceGated has no threshold yet: call calibrate(keys, queries) first")
-        return self.relevance(x) > self.threshold
+        return self.relevance(x, start=start) > self.threshold
 
-    def quantize(self, x: torch.Tensor) -> GatedCode:
+    def quantize(self, x: torch.Tensor, start: int = 0) -> GatedCode:
+        """Code keys x [..., T, dim] whose first sits at position `start` of its sequence (the cache passes how
+        many tokens came before; the gate's damping and the random control depend on it)."""
         x = check_input(x, self.dim, self.threshold.device, "RelevanceGated")
         if x.dim() < 2:
             raise ValueError("RelevanceGated codes keys along a token axis: x must be [..., T, dim]")
         tokens = x.shape[-2]
-        high = self.flags(x)  # [*lead, T]
+        high = self.flags(x, start)  # [*lead, T]
         grouped_high = _by_group(high, tokens)
         grouped_valid = _by_group(torch.ones_like(high), tokens)
         grouped_x = _by_group(x, tokens)
