@@ -43,6 +43,9 @@ def _random_signs(dim: int, generator: torch.Generator) -> torch.Tensor:
     return signs
 
 
+DENSE_MAX_DIM = 256  # up to this head_dim the dense product is the faster form on CPU as well
+
+
 class FastHadamard(Rotation):
     def __init__(self, dim: int, seed: int = 0):
         if dim < 4 or dim & (dim - 1):
@@ -63,15 +66,18 @@ class FastHadamard(Rotation):
         h = _sylvester(self.dim, self.signs_in)
         return (self.signs_out[:, None] * h * self.signs_in[None, :]) * self.scale
 
-    # On a GPU one dense d × d product beats the log₁₆ d butterfly passes (4.5× at d = 64 on an H200,
-    # benchmarks/codec_speed.py), so CUDA tensors take it; on CPU the passes win.
+    # One dense d × d product beats the butterfly passes on a GPU (4.5× at d = 64 on an H200) and, up to d = 256,
+    # on a CPU too (1.4–29× on 1–2 threads, 8–16k vectors; even at d = 512: benchmarks/hadamard_cpu.py).
+    def _dense_wins(self, x) -> bool:
+        return x.is_cuda or self.dim <= DENSE_MAX_DIM
+
     def _rotate(self, x):
-        if x.is_cuda:
+        if self._dense_wins(x):
             return x @ self._dense_on(x).T
         return fwht(x * self.signs_in) * (self.scale * self.signs_out)
 
     def _unrotate(self, y):
-        if y.is_cuda:
+        if self._dense_wins(y):
             return y @ self._dense_on(y)
         return fwht(y * self.signs_out) * (self.scale * self.signs_in)
 
