@@ -84,7 +84,9 @@ class FastHadamard(Rotation):
     def _dense_on(self, x: torch.Tensor) -> torch.Tensor:
         cached = self._dense_cache
         if cached is None or cached.device != x.device or cached.dtype != x.dtype:
-            cached = self._dense_cache = self.dense().to(device=x.device, dtype=x.dtype)
+            # a normal tensor even when first built under inference mode (an eval), so that a later fit may use it
+            with torch.inference_mode(False), torch.no_grad():
+                cached = self._dense_cache = self.dense().to(device=x.device, dtype=x.dtype)
         return cached
 
     @staticmethod

@@ -1,0 +1,23 @@
+"""FastHadamard's dense form (taken on GPUs and, up to d = 256, on CPUs) across inference and training."""
+
+import torch
+
+from tqlab.rotation import make_rotation
+
+
+def test_the_dense_form_built_during_inference_serves_a_later_fit():
+    r = make_rotation("fast_hadamard", 64, seed=1)
+    with torch.inference_mode():
+        r.apply(torch.randn(3, 64))  # builds the cached dense form, as an evaluation would
+    x = torch.randn(3, 64, requires_grad=True)
+    r.apply(x).pow(2).sum().backward()  # autograd through it, as a later fit would
+    torch.testing.assert_close(x.grad, 2 * x.detach(), rtol=1e-5, atol=1e-5)  # orthogonal: ∇‖Πx‖² = 2x
+
+
+def test_the_dense_form_and_the_butterfly_passes_are_one_rotation():
+    from tqlab.rotation.hadamard import fwht
+
+    r = make_rotation("fast_hadamard", 128, seed=2)
+    x = torch.randn(5, 128, dtype=torch.float64)
+    passes = fwht(x * r.signs_in.double()) * (r.scale * r.signs_out.double())
+    torch.testing.assert_close(r.apply(x), passes, rtol=0, atol=1e-6)  # the dense form is built in fp32
