@@ -9,9 +9,9 @@ the dense product is faster). `FastHadamard` takes the dense product up to `DENS
 from __future__ import annotations
 
 import functools
-import time
 
 import torch
+from codec_speed import best_time
 
 from tqlab.rotation import make_rotation
 from tqlab.rotation.hadamard import fwht
@@ -19,16 +19,6 @@ from tqlab.rotation.hadamard import fwht
 
 def _passes(x: torch.Tensor, r) -> torch.Tensor:
     return fwht(x * r.signs_in) * (r.scale * r.signs_out)
-
-
-def best(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:
@@ -43,7 +33,7 @@ def main() -> None:
                 passes = functools.partial(_passes, x, r)
                 product = functools.partial(torch.matmul, x, dense.T)
                 repeats = 20 if n < 1000 else 5
-                a, b = best(passes, repeats), best(product, repeats)
+                a, b = best_time(passes, repeats), best_time(product, repeats)
                 print(f"| {threads} | {n} | {d} | {a * 1e3:.3f} | {b * 1e3:.3f} | {a / b:.2f} |", flush=True)
 
 

@@ -6,7 +6,9 @@ mean; SO(8) blocks after eigenbasis × Hadamard in each view; 3 seeds).
         multirun/learned_data_aware/train_triality --out outputs/research/triality_selection
 
 Writes <out>/seed<s>/best.safetensors (eval.py rotations=<out>/seed<s>) and prints, per seed, how many layers
-chose each view and each candidate's mean validation output cosine.
+chose each view and each candidate's mean validation output cosine. With --control the same selection runs between
+two fits of one view (vector, seeds s and s + 1), so that picking the better of two fits per layer is not read as a
+gain from the views.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ def main() -> None:
     parser.add_argument("capture")
     parser.add_argument("fits", type=Path, help="a train multirun folder: jobs 0.. with result/best.safetensors")
     parser.add_argument("--out", type=Path, default=Path("outputs/research/triality_selection"))
+    parser.add_argument("--control", action="store_true", help="choose between two vector fits instead")
     args = parser.parse_args()
     store = CaptureStore(args.capture, verify=False)
     train_sequences = store.num_sequences("train")
@@ -44,6 +47,9 @@ def main() -> None:
         path = job / "result" / "best.safetensors"
         fitted = FittedRotations.read(path)
         by_seed.setdefault(fitted.seed, {})[fitted.facts["rotation_options"]["view"]] = path
+    if args.control:
+        control(by_seed, store, calibration, args.out)
+        return
     print("| seed | layers choosing vector / spinor_plus / spinor_minus | validation output cosine: vector | spinor_plus | spinor_minus | selected |")
     print("| --- | --- | --- | --- | --- | --- |")
     for seed, candidates in sorted(by_seed.items()):
@@ -60,6 +66,17 @@ def main() -> None:
             flush=True,
         )
         print(f"wrote {out}", flush=True)
+
+
+def control(by_seed: dict, store, calibration, out: Path) -> None:
+    seeds = sorted(by_seed)
+    for i, seed in enumerate(seeds):
+        other = seeds[(i + 1) % len(seeds)]
+        candidates = {f"seed{seed}": by_seed[seed]["vector"], f"seed{other}": by_seed[other]["vector"]}
+        choice, _ = select_per_layer(candidates, store, calibration)
+        path = merge_per_layer(choice, candidates, out / f"seed{seed}" / "best.safetensors", "best_of_two_seeds")
+        kept = sum(v == f"seed{seed}" for v in choice.values())
+        print(f"seed {seed} vs {other}: {kept} layers keep seed {seed}; wrote {path}", flush=True)
 
 
 if __name__ == "__main__":

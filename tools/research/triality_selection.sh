@@ -15,7 +15,7 @@ $PY report.py "runs=[multirun/triality_selection]" 'metrics=[output_cosine,atten
   wandb.mode=disabled hydra.run.dir=outputs/research/triality_selection_test
 # control: the same per-layer selection between two fits of one view (vector, seeds s and s + 1)
 ctl=outputs/research/triality_selection_control
-$PY tools/research/triality_selection_control.py captures/smollm2-135m-ca5dc1531e01 $fits --out $ctl
+$PY tools/research/triality_selection.py captures/smollm2-135m-ca5dc1531e01 $fits --control --out $ctl
 $PY eval.py -m "${evals[@]}" "rotations=$(ls -d $ctl/seed*/ | sed "s:/$::" | paste -sd, -)" hydra.sweep.dir=multirun/triality_selection_control
 $PY report.py "runs=[multirun/triality_selection,multirun/triality_selection_control]" 'metrics=[output_cosine,attention_kl]' \
   unit=layer_head wandb.mode=disabled hydra.run.dir=outputs/research/triality_selection_test

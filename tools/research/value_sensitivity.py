@@ -30,6 +30,7 @@ from scipy import stats
 from tqlab.capture.models import load_model
 from tqlab.capture.store import CaptureStore
 from tqlab.capture.text import split_documents, token_windows, wiki_documents
+from tqlab.tasks.common import attention_weights
 
 GROUP = 8  # channels per group, as the fractional-bit codecs split them
 
@@ -46,12 +47,10 @@ def attention_sensitivity(store: CaptureStore, split: str, sequences: int) -> np
                 block = store.load(split, layer, s, h)
                 q, k, v = (block[x].double() for x in "qkv")
                 t = k.shape[0]
-                logits = q @ k.T / d**0.5
-                logits = logits.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
-                p = torch.softmax(logits, dim=-1)  # [G, T, T]
                 group_energy = v.pow(2).view(t, d // GROUP, GROUP).sum(-1)  # [T, groups]
-                harm += (p.pow(2) @ group_energy).sum((0, 1))
-                energy += (p @ v).pow(2).sum().item()
+                harm += attention_weights(q, k) @ group_energy  # Σ_t (Σ_q p_qt²) ‖v_t[g]‖²
+                logits = (q @ k.T / d**0.5).masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+                energy += (torch.softmax(logits, dim=-1) @ v).pow(2).sum().item()
             out[i, h] = (harm / energy).numpy()
     return out
 

@@ -3,7 +3,7 @@
 indices [B, KVH, capacity, d/8 · bits] uint8 and norms [B, KVH, capacity], of which the first `length`
 tokens are filled. The capacity grows by half when it runs out, so appending a decode step's token is a
 write, not a copy of the cache (amortised: each token is copied at most a few times over a run).
-`nbytes` counts the filled tokens (what is stored); `reserved_nbytes` the whole allocation.
+`nbytes` counts the filled tokens (what is stored); the allocation holds up to half as many more.
 """
 
 from __future__ import annotations
@@ -74,8 +74,3 @@ class PackedCodes:
             return 0
         indices, norms = self.views()
         return indices.numel() * indices.element_size() + norms.numel() * norms.element_size()
-
-    def reserved_nbytes(self) -> int:
-        if self.indices is None:
-            return 0
-        return self.indices.nbytes + self.norms.nbytes

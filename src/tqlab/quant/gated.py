@@ -56,8 +56,8 @@ class GatedCode(Code):
         if n % GROUP:
             raise ValueError(f"cannot drop {n} tokens from gated keys: whole groups of {GROUP} only")
         dropped = _unpack(self.flags[..., : n // GROUP], n)
-        valid = torch.ones_like(dropped)
-        n_high, n_low = int(dropped.sum()), int((valid & ~dropped).sum())
+        n_high = int(dropped.sum())
+        n_low = dropped.numel() - n_high
         return dataclasses.replace(
             self,
             shape=(*self.shape[:-1], self.shape[-1] - n),
@@ -86,15 +86,13 @@ def _unpack(flags: torch.Tensor, tokens: int) -> torch.Tensor:
     return bits.flatten(-2)[..., :tokens].bool()
 
 
-def _by_group(t: torch.Tensor, tokens: int) -> torch.Tensor:
-    """[*lead, T, ...] → [G, *lead, 8, ...] with T padded to G·8 (pad: zeros / False): the tiers' order."""
-    pad = -tokens % GROUP
-    lead = t.dim() - (2 if t.dtype != torch.bool else 1)
+def _by_group(t: torch.Tensor, token_axis: int) -> torch.Tensor:
+    """[*lead, T, ...] → [G, *lead, 8, ...], T padded to G·8 with zeros (False): the order the tiers store."""
+    axis = t.dim() + token_axis
+    pad = -t.shape[axis] % GROUP
     if pad:
-        widths = (0, 0, 0, pad) if t.dtype != torch.bool else (0, pad)
-        t = torch.nn.functional.pad(t, widths)
-    t = t.unflatten(lead, (-1, GROUP))
-    return t.movedim(lead, 0)
+        t = torch.cat([t, t.new_zeros(*t.shape[:axis], pad, *t.shape[axis + 1 :])], dim=axis)
+    return t.unflatten(axis, (-1, GROUP)).movedim(axis, 0)
 
 
 class RelevanceGated(nn.Module):
@@ -163,13 +161,12 @@ class RelevanceGated(nn.Module):
         x = check_input(x, self.dim, self.threshold.device, "RelevanceGated")
         if x.dim() < 2:
             raise ValueError("RelevanceGated codes keys along a token axis: x must be [..., T, dim]")
-        tokens = x.shape[-2]
         high = self.flags(x, start)  # [*lead, T]
-        grouped_high = _by_group(high, tokens)
-        grouped_valid = _by_group(torch.ones_like(high), tokens)
-        grouped_x = _by_group(x, tokens)
-        padded = torch.nn.functional.pad(high, (0, -tokens % GROUP)).unflatten(-1, (-1, GROUP))
-        flags = (padded.to(torch.uint8) << torch.arange(GROUP, device=x.device, dtype=torch.uint8)).sum(-1)
+        grouped_high = _by_group(high, -1)  # [G, *lead, 8]
+        grouped_valid = _by_group(torch.ones_like(high), -1)
+        grouped_x = _by_group(x, -2)
+        bits = grouped_high.movedim(0, -2).to(torch.uint8)  # [*lead, G, 8]
+        flags = (bits << torch.arange(GROUP, device=x.device, dtype=torch.uint8)).sum(-1)
         return GatedCode(
             tuple(x.shape[:-1]),
             self.dim,
@@ -181,8 +178,8 @@ class RelevanceGated(nn.Module):
     def dequantize(self, code: GatedCode) -> torch.Tensor:
         tokens = code.shape[-1]
         high = _unpack(code.flags, tokens)
-        grouped_high = _by_group(high, tokens)
-        grouped_valid = _by_group(torch.ones_like(high), tokens)
+        grouped_high = _by_group(high, -1)
+        grouped_valid = _by_group(torch.ones_like(high), -1)
         out = torch.zeros(*grouped_high.shape, self.dim, device=self.threshold.device)
         out[grouped_high] = self.high.dequantize(code.high)
         out[grouped_valid & ~grouped_high] = self.low.dequantize(code.low)
