@@ -5,7 +5,8 @@
 
 One decode step (one query token per sequence) of one layer: every sequence holds `context` tokens.
 The kernel reads packed K and V codes (random bytes: every byte is a valid code) and fp16 norms; SDPA
-reads bf16 K and V with GQA. Times are medians of CUDA-graph replays (no Python or launch overhead, as in
+and FlexAttention (torch.compile'd; its split-K decoding kernel, the best bf16 decode kernel that installs
+without a registry: flash-attn and FlashInfer need one) read bf16 K and V with GQA. Times are medians of CUDA-graph replays (no Python or launch overhead, as in
 a served decode step) with the L2 cache flushed before each, so each step streams its cache from HBM. The query rotation and the output's
 inverse rotation are not timed: both fold into the q and o projection weights. The PyTorch reference
 path of attention over codes (per-KV-head loop, as in tqlab.cache.attention) is timed up to
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import statistics
 import sys
 from pathlib import Path
@@ -69,16 +71,47 @@ def bench(fn, reps: int = 30) -> float:
     return statistics.median(start.elapsed_time(end) for start, end in events) * 1e3
 
 
-def sdpa_time(q, kv_heads, context, scaling) -> float:
-    shape = (q.shape[0], kv_heads, context, DIM)
+# FlexAttention's split-K decoding kernel first; its general kernel where that one does not compile
+FLEX_KERNELS = [None, {"FORCE_USE_FLEX_ATTENTION": True}]
+
+
+@functools.cache
+def compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    torch._dynamo.config.recompile_limit = 64  # one compiled kernel per shape of the sweep
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def bf16_times(batch, q_heads, kv_heads, context, flex: bool) -> tuple[float, float | None]:
+    """µs of SDPA and of FlexAttention (None when not asked) over the same bf16 cache."""
+    scaling = DIM**-0.5
+    torch.manual_seed(0)
+    q = torch.randn(batch, q_heads, 1, DIM, device="cuda", dtype=torch.bfloat16)
+    shape = (batch, kv_heads, context, DIM)
     k, v = (torch.randn(shape, device=q.device, dtype=torch.bfloat16) for _ in range(2))
-    return bench(lambda: F.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=True))
+    sdpa = bench(lambda: F.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=True))
+    if not flex:
+        return sdpa, None
+    attend = compiled_flex_attention()
+    expected = F.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=True)
+    for options in FLEX_KERNELS:
+        call = functools.partial(attend, q, k, v, scale=scaling, enable_gqa=True, kernel_options=options)
+        try:
+            error = (call() - expected).abs().max() / expected.abs().max()
+        except Exception as exc:  # noqa: BLE001 — a kernel that does not compile is reported, not fatal
+            print(f"FlexAttention {options or 'decoding'} kernel failed: {str(exc).splitlines()[-1][:200]}")
+            continue
+        if error > 0.05:  # a baseline that computes something else is no baseline
+            raise RuntimeError(f"FlexAttention differs from SDPA by {error:.2g} of the output's scale")
+        return sdpa, bench(call)
+    return sdpa, float("nan")
 
 
-def row(batch, q_heads, kv_heads, context, bits, reference_max) -> str:
+def row(batch, q_heads, kv_heads, context, bits, reference_max, bf16) -> str:
     device, scaling = "cuda", DIM**-0.5
     q = torch.randn(batch, q_heads, 1, DIM, device=device, dtype=torch.bfloat16)
-    sdpa = sdpa_time(q, kv_heads, context, scaling)
+    (sdpa, flexed), flex = bf16, bf16[1] is not None
     codecs = [TurboQuantMSE(DIM, bits, rotation="fast_hadamard", seed=s).to(device) for s in (0, 1)]
     row_bytes = DIM // 8 * bits
     codes = [
@@ -98,8 +131,11 @@ def row(batch, q_heads, kv_heads, context, bits, reference_max) -> str:
         error = f"{((call() - expected).abs().max() / expected.abs().max()).item():.1e}"
         reference = f"{bench(lambda: reference_path(codecs, qf, codes, norms, scaling)):.0f}"
     return (
-        f"| {batch} | {q_heads}/{kv_heads} | {context // 1024}k | K{bits}V{bits} | {sdpa:.1f} | {ours:.1f} | "
-        f"{sdpa / ours:.2f}× | {read / ours / 1e3:.0f} | {reference} | {error} |"
+        f"| {batch} | {q_heads}/{kv_heads} | {context // 1024}k | K{bits}V{bits} | {sdpa:.1f} | "
+        + (f"{flexed:.1f} | " if flex else "")
+        + f"{ours:.1f} | {sdpa / ours:.2f}× | "
+        + (f"{min(sdpa, flexed) / ours:.2f}× | " if flex else "")
+        + f"{read / ours / 1e3:.0f} | {reference} | {error} |"
     )
 
 
@@ -113,21 +149,25 @@ def main() -> None:
     parser.add_argument("--bits", type=int, nargs="+", default=[3, 4])
     parser.add_argument("--reference-max", type=int, default=16384)
     parser.add_argument(
+        "--flex", action=argparse.BooleanOptionalAction, default=True, help="time FlexAttention too"
+    )
+    parser.add_argument(
         "--out", type=Path, default=Path("outputs/bench/benchmarks.md"), help="'-' to print only"
     )
     args = parser.parse_args()
-    rows = [
-        "| batch | q/KV heads | context | bits | SDPA bf16 µs | Triton codes µs | speed-up | codes GB/s | "
-        "PyTorch reference µs | max rel Δ vs reference |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    flex_columns = ("FlexAttention bf16 µs", "vs best bf16") if args.flex else ()
+    columns = ["batch", "q/KV heads", "context", "bits", "SDPA bf16 µs", *flex_columns[:1], "Triton codes µs",
+               "vs SDPA", *flex_columns[1:], "codes GB/s", "PyTorch reference µs", "max rel Δ vs reference"]  # fmt: skip
+    rows = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     print("\n".join(rows), flush=True)
     for layout in args.layouts:
         q_heads, kv_heads = map(int, layout.split("/"))
         for batch in args.batches:
             for context in args.contexts:
+                bf16 = bf16_times(batch, q_heads, kv_heads, context, args.flex)
+                torch.cuda.empty_cache()
                 for bits in args.bits:
-                    rows.append(row(batch, q_heads, kv_heads, context, bits, args.reference_max))
+                    rows.append(row(batch, q_heads, kv_heads, context, bits, args.reference_max, bf16))
                     print(rows[-1], flush=True)
                     torch.cuda.empty_cache()
     props = torch.cuda.get_device_properties(0)
