@@ -57,6 +57,8 @@ CASES = [  # dim, key bits, value bits, query heads per KV head, query tokens, l
     (128, 4, 4, 8, 1, [97], 2),
     (128, 4, 2, 4, 3, [70, 64], 2),
     (128, 2, 3, 1, 2, [65], 1),
+    (128, 2, 2, 4, 1, [300, 129], 2),  # the 2-bit pair lookup over several blocks
+    (128, 4, 2, 2, 3, [256, 200], 2),  # a whole last block that the causal cut still masks
     (256, 3, 3, 4, 1, [130, 65], 2),
     (256, 4, 3, 2, 2, [90], None),
 ]
@@ -79,12 +81,14 @@ def test_matches_float64_attention_over_the_decoded_codes(dim, k_bits, v_bits, g
     torch.testing.assert_close(out, expected, rtol=0, atol=TOLERANCE * scale)
 
 
-@pytest.mark.parametrize("dim,group,q_len,shift", [(64, 4, 1, 0), (64, 2, 3, 2), (128, 4, 2, 5)])
-def test_padding_starts_a_causal_shift_and_the_log_sum_exp(dim, group, q_len, shift):
+@pytest.mark.parametrize(
+    "dim,group,q_len,shift,bits", [(64, 4, 1, 0, 3), (64, 2, 3, 2, 3), (128, 4, 2, 5, 3), (128, 2, 3, 0, 2)]
+)
+def test_padding_starts_a_causal_shift_and_the_log_sum_exp(dim, group, q_len, shift, bits):
     """Left padding (keys before starts[b] unseen) and queries that follow the codes by `shift` exact
     tokens, with the log-sum-exp that merges this attention with attention over those exact tokens."""
     batch, kv_heads, tokens = 3, 2, 140
-    codec = TurboQuantMSE(dim, 3, rotation="fast_hadamard", seed=dim)
+    codec = TurboQuantMSE(dim, bits, rotation="fast_hadamard", seed=dim)
     k_code = codec.quantize(gaussian(batch, kv_heads, tokens, dim, seed=1) * 2)
     v_code = codec.quantize(gaussian(batch, kv_heads, tokens, dim, seed=2))
     q = gaussian(batch, kv_heads * group, q_len, dim, seed=3) * 2

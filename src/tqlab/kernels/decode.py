@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .packed import check_code_bits, load_centroids
+from .packed import check_code_bits, decode_table, load_centroids
 
 BLOCK_N = 128  # keys decoded per step
 MIN_BLOCKS_PER_SPLIT = 2  # shorter chunks spend more on the prologue and the merge than they save
@@ -65,8 +65,8 @@ def _attend_chunk(
     kn = k_norms + b.to(tl.int64) * kn_stride_b + h.to(tl.int64) * kn_stride_h
     vc = v_codes + b.to(tl.int64) * vc_stride_b + h.to(tl.int64) * vc_stride_h
     vn = v_norms + b.to(tl.int64) * vn_stride_b + h.to(tl.int64) * vn_stride_h
-    k_codebook = tl.load(k_table + tl.arange(0, 1 << K_BITS))
-    v_codebook = tl.load(v_table + tl.arange(0, 1 << V_BITS))
+    k_codebook = decode_table(k_table, K_BITS)
+    v_codebook = decode_table(v_table, V_BITS)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, DIM), tl.float32)

@@ -1,0 +1,86 @@
+"""The library's decode kernel against another version of it, in one run on one GPU (same inputs, same timer):
+how a kernel change was measured before it was kept.
+
+    mkdir -p prev_kernels && for f in decode packed; do git show 0f4216b:src/tqlab/kernels/$f.py > prev_kernels/$f.py; done
+    PYTHONPATH=src python tools/research/gpu_decode_ab.py --against prev_kernels --bits 2
+
+`--against` is a folder holding the other version's decode.py and packed.py (the GPU machine has no git, so the
+folder travels with the tree). Prints one line per case: SDPA over a bf16 cache, the other version, this one,
+and the largest difference between the two outputs relative to the output's scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, "benchmarks")  # run from the repository root
+from gpu_decode import DIM, bench, bf16_times  # noqa: E402
+
+from tqlab.kernels import centroid_table, decode_attention  # noqa: E402
+from tqlab.quant import TurboQuantMSE  # noqa: E402
+
+
+def load_kernels(folder: Path):
+    """decode.py of `folder` imported as a package next to its packed.py."""
+    spec = importlib.util.spec_from_file_location(
+        "other_kernels", folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["other_kernels"] = package
+    (folder / "__init__.py").touch()
+    spec.loader.exec_module(package)
+    return importlib.import_module("other_kernels.decode")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--against", type=Path, required=True)
+    parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--layouts", nargs="+", default=["32/8", "12/2"], help="query heads/KV heads")
+    args = parser.parse_args()
+    other = load_kernels(args.against)
+    print(
+        "| batch | q/KV heads | context | bits | SDPA bf16 µs | other µs | this µs | speed-up | vs SDPA | max rel Δ |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for layout in args.layouts:
+        q_heads, kv_heads = map(int, layout.split("/"))
+        for batch in args.batches:
+            for context in args.contexts:
+                sdpa, _ = bf16_times(batch, q_heads, kv_heads, context, flex=False)
+                for bits in args.bits:
+                    codecs = [
+                        TurboQuantMSE(DIM, bits, rotation="fast_hadamard", seed=s).to("cuda") for s in (0, 1)
+                    ]
+                    shape = (batch, kv_heads, context)
+                    codes = [
+                        torch.randint(0, 256, (*shape, DIM // 8 * bits), dtype=torch.uint8, device="cuda")
+                        for _ in "kv"
+                    ]
+                    norms = [(torch.rand(shape, device="cuda") + 0.5).half() for _ in "kv"]
+                    lengths = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+                    q = torch.randn(batch, q_heads, 1, DIM, device="cuda")
+                    inputs = (q, codes[0], norms[0], codes[1], norms[1])
+                    inputs += (*[centroid_table(c.centroids) for c in codecs], lengths, DIM**-0.5)
+                    theirs, ours = other.decode_attention(*inputs)[0], decode_attention(*inputs)[0]
+                    delta = ((ours - theirs).abs().max() / theirs.abs().max()).item()
+                    before = bench(functools.partial(other.decode_attention, *inputs))
+                    after = bench(functools.partial(decode_attention, *inputs))
+                    print(f"| {batch} | {layout} | {context // 1024}k | K{bits}V{bits} | {sdpa:.1f} | {before:.1f} | "
+                          f"{after:.1f} | {before / after:.2f}× | {sdpa / after:.2f}× | {delta:.0e} |", flush=True)  # fmt: skip
+                    del codes, norms, inputs
+                    torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Count what the decode kernel's main loop executes, without a GPU: compile `_attend_chunk` for sm_90 with the
+ptxas that ships inside the triton wheel, disassemble it, and print registers, shared memory and the opcode
+mix of the loop body (instructions per warp per block of BLOCK_N keys).
+
+    PYTHONPATH=src python tools/research/gpu_kernel_sass.py                # 2, 3 and 4 bits, GQA 4
+    PYTHONPATH=src python tools/research/gpu_kernel_sass.py --bits 2 --group 6
+
+What it told us (docs/benchmarks.md, "GPU speed"): the loop is ~2 000–2 500 instructions per warp per 128 keys,
+half of them decoding (shift, mask, lane index, shuffle, pack per code); at 2 bits looking codes up in pairs
+cut it by 32 %. Counts are static (one pass through the loop body) and depend on the triton version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from tqlab.kernels import decode
+
+POINTERS = {
+    "query": "*fp32", "k_codes": "*u8", "k_norms": "*fp16", "v_codes": "*u8", "v_norms": "*fp16",
+    "k_table": "*fp16", "v_table": "*fp16", "lengths": "*i32", "starts": "*i32", "part_out": "*fp32",
+    "part_lse": "*fp32", "scale_log2": "fp32",
+}  # fmt: skip
+OPCODE = re.compile(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)")
+LABEL = re.compile(r"(\.L_x_\d+):")
+BRANCH = re.compile(r"BRA `\((\.L_x_\d+)\)")
+
+
+def tool(name: str) -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def main_loop(sass: str) -> collections.Counter:
+    """Opcodes of the longest backward branch's body: the loop over blocks of keys."""
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := LABEL.match(line))}
+    loops = [
+        (labels[m.group(1)], i)
+        for i, line in enumerate(lines)
+        if (m := BRANCH.search(line)) and labels.get(m.group(1), i) < i
+    ]
+    first, last = max(loops, key=lambda span: span[1] - span[0])
+    return collections.Counter(m.group(1) for line in lines[first : last + 1] if (m := OPCODE.match(line)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
+    parser.add_argument("--group", type=int, default=4, help="query heads per KV head")
+    parser.add_argument("--dim", type=int, default=128)
+    args = parser.parse_args()
+    print(f"triton {triton.__version__}, sm_90, {decode.NUM_WARPS} warps, {decode.NUM_STAGES} stages, "
+          f"BLOCK_N {decode.BLOCK_N}, head_dim {args.dim}, group {args.group}")  # fmt: skip
+    for bits in args.bits:
+        constants = dict(
+            KV_HEADS=8, GROUP=args.group, Q_LEN=1, DIM=args.dim, K_BITS=bits, V_BITS=bits,
+            BLOCK_M=max(16, triton.next_power_of_2(args.group)), BLOCK_N=decode.BLOCK_N,
+        )  # fmt: skip
+        signature = {
+            name: "constexpr" if name in constants else POINTERS.get(name, "i32")
+            for name in decode._attend_chunk.arg_names
+        }
+        kernel = triton.compile(
+            ASTSource(fn=decode._attend_chunk, signature=signature, constexprs=constants),
+            target=GPUTarget("cuda", 90, 32),
+            options=dict(num_warps=decode.NUM_WARPS, num_stages=decode.NUM_STAGES),
+        )
+        cubin = f"/tmp/tqlab_decode_{bits}.cubin"
+        with open(cubin, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        usage = subprocess.run(
+            [tool("cuobjdump"), "-res-usage", cubin], capture_output=True, text=True
+        ).stdout
+        registers = re.search(r"REG:(\d+)", usage).group(1)
+        loop = main_loop(
+            subprocess.run([tool("nvdisasm"), "-c", cubin], capture_output=True, text=True).stdout
+        )
+        mix = ", ".join(f"{op} {n}" for op, n in loop.most_common(10))
+        print(f"K{bits}V{bits}: {registers} registers, {kernel.metadata.shared} B shared memory; "
+              f"loop {sum(loop.values())} instructions per warp per block: {mix}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
