@@ -84,7 +84,8 @@ class TurboQuantMSE(nn.Module):
         return count_below(y, self.boundaries, search=self.bits > 4 or y.is_cuda)
 
     def decode_rotated(self, idx: torch.Tensor) -> torch.Tensor:
-        y = self.centroids[idx.long()]
+        # index_select with int32 indices: 5–7× faster on CPU than advanced indexing with int64 ones
+        y = self.centroids.index_select(0, idx.reshape(-1).int()).view(idx.shape)
         if self.norm_correction:
             y = y / y.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(y.dtype).tiny)
         elif self.unbiased_scale is not None:
