@@ -64,7 +64,7 @@ def main() -> None:
     for bits in args.bits:
         constants = dict(
             KV_HEADS=8, GROUP=args.group, Q_LEN=1, DIM=args.dim, K_BITS=bits, V_BITS=bits,
-            BLOCK_M=max(16, triton.next_power_of_2(args.group)), BLOCK_N=decode.BLOCK_N,
+            BLOCK_M=max(16, triton.next_power_of_2(args.group)), BLOCK_N=decode.BLOCK_N, PERMUTE=True,
         )  # fmt: skip
         signature = {
             name: "constexpr" if name in constants else POINTERS.get(name, "i32")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import triton
@@ -41,6 +42,7 @@ def _attend_chunk(
     vc_stride_b, vc_stride_h, vn_stride_b, vn_stride_h,
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, Q_LEN: tl.constexpr, DIM: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PERMUTE: tl.constexpr,
 ):  # fmt: skip
     bh, split = tl.program_id(0), tl.program_id(1)
     b, h = bh // KV_HEADS, bh % KV_HEADS
@@ -73,7 +75,7 @@ def _attend_chunk(
     for block in range(start, stop, BLOCK_N):
         keys = block + tl.arange(0, BLOCK_N)
         key_valid = keys < stop
-        k = load_centroids(kc, k_codebook, keys, key_valid, K_BITS, DIM)
+        k = load_centroids(kc, k_codebook, keys, key_valid, K_BITS, DIM, PERMUTE)
         k_norm = tl.load(kn + keys, mask=key_valid, other=0.0).to(tl.float32)
         s = tl.dot(q16, tl.trans(k)) * q_scale[:, None] * k_norm[None, :]
         seen = key_valid[None, :] & (keys[None, :] <= last_key[:, None]) & (keys[None, :] >= first_key)
@@ -83,7 +85,7 @@ def _attend_chunk(
         p = tl.exp2(s - m_shift[:, None])
         alpha = tl.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = load_centroids(vc, v_codebook, keys, key_valid, V_BITS, DIM)
+        v = load_centroids(vc, v_codebook, keys, key_valid, V_BITS, DIM, PERMUTE)
         v_norm = tl.load(vn + keys, mask=key_valid, other=0.0).to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot((p * v_norm[None, :]).to(tl.float16), v)
         m_i = m_new
@@ -124,6 +126,10 @@ def _merge_chunks(
     # natural-log LSE of the scaled scores (−inf when the query sees no key), to merge with other keys
     lse = tl.where(total > 0, (m + tl.log2(tl.maximum(total, 1e-30))) * 0.6931471805599453, float("-inf"))
     tl.store(out_lse + (b * KV_HEADS * GROUP + head) * Q_LEN + token, lse)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @functools.cache
@@ -214,7 +220,8 @@ def decode_attention(
         *query.stride()[:3], *key_indices.stride()[:2], *key_norms.stride()[:2],
         *value_indices.stride()[:2], *value_norms.stride()[:2],
         KV_HEADS=kv_heads, GROUP=group, Q_LEN=q_len, DIM=dim, K_BITS=k_bits, V_BITS=v_bits,
-        BLOCK_M=block_m, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        BLOCK_M=block_m, BLOCK_N=BLOCK_N, PERMUTE=query.is_cuda and not _interpreting(),
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )  # fmt: skip
     out = torch.empty(batch, q_heads, q_len, dim, dtype=torch.float32, device=query.device)
     lse = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=query.device)

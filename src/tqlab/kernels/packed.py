@@ -72,10 +72,56 @@ def _split_pairs(pairs):
 
 
 @triton.jit
-def load_centroids(codes, table, tokens, valid, BITS: tl.constexpr, DIM: tl.constexpr):
+def _byte_planes(codebook, first: tl.constexpr):
+    """Bytes 0 (lo) and 1 (hi) of the fp16 entries c[first .. first + 7] as two pairs of int32 words, four
+    bytes each: the 8-byte tables one `prmt` indexes."""
+    j = tl.arange(0, 16)
+    bits = codebook.to(tl.int16, bitcast=True).to(tl.int32)
+    shift = (j % 4) * 8
+    lo, hi = (bits & 0xFF) << shift, ((bits >> 8) & 0xFF) << shift
+    low = (j >= first) & (j < first + 4)
+    high = (j >= first + 4) & (j < first + 8)
+    return (
+        tl.sum(tl.where(low, lo, 0), axis=0), tl.sum(tl.where(high, lo, 0), axis=0),
+        tl.sum(tl.where(low, hi, 0), axis=0), tl.sum(tl.where(high, hi, 0), axis=0),
+    )  # fmt: skip
+
+
+@triton.jit
+def _permute_decode(words, codebook):
+    """The 8 4-bit codes of each int32 word as fp16 centroids with byte permutes on the ALUs (no shuffle:
+    shuffles share the L1/shared-memory pipe that bounds the kernel). For each 4 codes: `prmt` looks up
+    their low and their high bytes among c[0..7] and among c[8..15] by the codes' low 3 bits; a sign-
+    replicating `prmt` of the codes' top bits picks between the two; two more interleave the bytes into
+    fp16 pairs. PTX, so GPUs only: the interpreter takes `tl.gather`."""
+    n_lo0, n_lo1, n_hi0, n_hi1 = _byte_planes(codebook, 0)
+    p_lo0, p_lo1, p_hi0, p_hi1 = _byte_planes(codebook, 8)
+    return tl.inline_asm_elementwise(
+        """{ .reg .b32 m, w4, ln, lp, hn, hp, k, l, h;
+        and.b32 m, $8, 0x77777777; shl.b32 w4, $8, 4;
+        prmt.b32 ln, $9, $10, m; prmt.b32 lp, $13, $14, m; prmt.b32 hn, $11, $12, m; prmt.b32 hp, $15, $16, m;
+        prmt.b32 k, w4, $8, 0xD9C8;
+        lop3.b32 l, lp, ln, k, 0xE4; lop3.b32 h, hp, hn, k, 0xE4;
+        prmt.b32 k, l, h, 0x5140; mov.b32 {$0, $1}, k; prmt.b32 k, l, h, 0x7362; mov.b32 {$2, $3}, k;
+        shr.b32 m, m, 16;
+        prmt.b32 ln, $9, $10, m; prmt.b32 lp, $13, $14, m; prmt.b32 hn, $11, $12, m; prmt.b32 hp, $15, $16, m;
+        prmt.b32 k, w4, $8, 0xFBEA;
+        lop3.b32 l, lp, ln, k, 0xE4; lop3.b32 h, hp, hn, k, 0xE4;
+        prmt.b32 k, l, h, 0x5140; mov.b32 {$4, $5}, k; prmt.b32 k, l, h, 0x7362; mov.b32 {$6, $7}, k; }""",
+        "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r,r",
+        [words, n_lo0, n_lo1, n_hi0, n_hi1, p_lo0, p_lo1, p_hi0, p_hi1],
+        dtype=(tl.float16,) * 8, is_pure=True, pack=1,
+    )  # fmt: skip
+
+
+@triton.jit
+def load_centroids(
+    codes, table, tokens, valid, BITS: tl.constexpr, DIM: tl.constexpr, PERMUTE: tl.constexpr = False
+):
     """fp16 [len(tokens), DIM] centroids c[idx] of the packed rows `tokens` (rows of DIM/8·BITS bytes from
     the byte pointer `codes`, 4-byte aligned for b = 2, 4); table: `decode_table`'s register tensor.
-    valid: which tokens to read (the others read as zeros)."""
+    valid: which tokens to read (the others read as zeros). PERMUTE: decode 4-bit codes with byte permutes
+    (PTX: GPUs only)."""
     n: tl.constexpr = tokens.shape[0]
     if BITS == 2:  # one group per int16; each 4-bit field is two codes, looked up as one pair
         rows = codes.to(tl.pointer_type(tl.int16)) + tokens[:, None] * (DIM // 8)
@@ -94,16 +140,19 @@ def load_centroids(codes, table, tokens, valid, BITS: tl.constexpr, DIM: tl.cons
         else:  # 4 bits: one group per int32 word
             rows = codes.to(tl.pointer_type(tl.int32)) + tokens[:, None] * (DIM // 8)
             words = tl.load(rows + tl.arange(0, DIM // 8)[None, :], mask=valid[:, None], other=0)
-        mask: tl.constexpr = (1 << BITS) - 1
-        src = tl.broadcast_to(table[None, :], (n, 1 << BITS))
-        e0 = tl.gather(src, words & mask, axis=1)
-        e1 = tl.gather(src, (words >> BITS) & mask, axis=1)
-        e2 = tl.gather(src, (words >> (2 * BITS)) & mask, axis=1)
-        e3 = tl.gather(src, (words >> (3 * BITS)) & mask, axis=1)
-        e4 = tl.gather(src, (words >> (4 * BITS)) & mask, axis=1)
-        e5 = tl.gather(src, (words >> (5 * BITS)) & mask, axis=1)
-        e6 = tl.gather(src, (words >> (6 * BITS)) & mask, axis=1)
-        e7 = tl.gather(src, (words >> (7 * BITS)) & mask, axis=1)
+        if PERMUTE and BITS == 4:
+            e0, e1, e2, e3, e4, e5, e6, e7 = _permute_decode(words, table)
+        else:
+            mask: tl.constexpr = (1 << BITS) - 1
+            src = tl.broadcast_to(table[None, :], (n, 1 << BITS))
+            e0 = tl.gather(src, words & mask, axis=1)
+            e1 = tl.gather(src, (words >> BITS) & mask, axis=1)
+            e2 = tl.gather(src, (words >> (2 * BITS)) & mask, axis=1)
+            e3 = tl.gather(src, (words >> (3 * BITS)) & mask, axis=1)
+            e4 = tl.gather(src, (words >> (4 * BITS)) & mask, axis=1)
+            e5 = tl.gather(src, (words >> (5 * BITS)) & mask, axis=1)
+            e6 = tl.gather(src, (words >> (6 * BITS)) & mask, axis=1)
+            e7 = tl.gather(src, (words >> (7 * BITS)) & mask, axis=1)
     # Interleave the eight planes back into coordinate order: in [N, DIM/8, 2, 2, 2] the index
     # (i, j, k) is coordinate 8g + 4i + 2j + k, so the innermost join picks i and the outermost k.
     even = tl.join(tl.join(e0, e4), tl.join(e2, e6))
