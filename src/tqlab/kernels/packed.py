@@ -8,7 +8,9 @@ and each code looked up in the fp16 codebook held in registers: `tl.gather` alon
 shuffle per code, where a gather from memory costs an L1 wavefront per distinct sector. At b = 2 the lookup
 takes two codes at once: a 16-entry table of fp16 pairs (one int32 each) fits a warp's lanes just as well,
 and halves the shuffles and the shifts (32 % fewer instructions per block of keys, counted in the sm_90
-SASS; at b = 3 and 4 the pair tables of 64 and 256 entries would not fit).
+SASS; at b = 3 and 4 the pair tables of 64 and 256 entries would not fit). Shuffles share the L1/shared-
+memory pipe that bounds the decode kernel (Nsight Compute), so on a GPU 4-bit codes take none: byte
+permutes on the integer ALUs decode them (`_permute_decode`); the interpreter keeps `tl.gather`.
 """
 
 from __future__ import annotations
