@@ -102,7 +102,32 @@ def test_kernel_path_equals_the_reference_path(layout, monkeypatch):
     with torch.no_grad():
         exact = model(torch.cat(chunks, 1)).logits.double()
     assert_same(got, want, exact)
-    assert cache.nbytes() == reference.nbytes()  # the same bytes stored, in one tensor per side
+    got_bytes, want_bytes = cache.nbytes(), reference.nbytes()
+    # the same bytes stored, in one tensor per side; the kernels' tensors hold rows ahead (grown by half)
+    assert got_bytes["stored"] == want_bytes["stored"] and got_bytes["constants"] == want_bytes["constants"]
+    assert want_bytes["allocated"] == want_bytes["stored"] <= got_bytes["allocated"]
+
+
+def test_reserved_tokens_are_allocated_at_once_and_never_regrown(monkeypatch):
+    """reserve_tokens sizes the code tensors once: within it, appending writes in place (the same storage),
+    the attention is unchanged, and `allocated` counts the reserve (rounded to the kernels' 128-row blocks)."""
+    model = tiny()
+    chunks = [ids(21), ids(1, 2), ids(1, 3), ids(4, 4)]  # 27 tokens
+    kernels_only(monkeypatch)
+    cache = compress_kv(model, spec(), kernels="triton", reserve_tokens=200)
+    storage, out = None, []
+    with torch.no_grad():
+        for chunk in chunks:
+            out.append(model(chunk, cache=cache).logits.double())
+            packed = cache.layers[0].packed["key"]
+            storage = storage or packed.indices.untyped_storage().data_ptr()
+            assert packed.indices.untyped_storage().data_ptr() == storage and packed.indices.shape[2] == 256
+    grown, _ = run(model, chunks, "triton")
+    assert_same(torch.cat(out, 1), grown)
+    row = 32 // 8 * 3 + 2  # a 3-bit code row of head_dim 32 and its fp16 norm, per KV head and side
+    assert cache.nbytes()["stored"] == 2 * 2 * 27 * row and cache.nbytes()["allocated"] == 2 * 2 * 256 * row
+    with pytest.raises(RuleError, match="reserve_tokens=0 must be a positive number"):
+        compress_kv(model, spec(), reserve_tokens=0)
 
 
 def test_left_padded_batch_on_the_kernel_path(monkeypatch):

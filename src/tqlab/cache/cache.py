@@ -74,11 +74,13 @@ class TurboQuantLayer(CacheLayerMixin):
         layout: CacheLayout,
         sliding_window=None,
         kernels: str = "auto",
+        reserve_tokens: int | None = None,
     ):
         super().__init__()
         self.layer_idx, self.num_kv_heads, self.sliding_window = layer_idx, num_kv_heads, sliding_window
         self.is_sliding = sliding_window is not None
         self.bank, self.layout, self.length, self.kernels = bank, layout, 0, kernels
+        self.reserve_tokens = reserve_tokens or 0
         self.packed = None  # {side: PackedCodes} when the Triton kernels read this layer's codes
         self.codecs = {side: [None] * num_kv_heads for side in SIDES}
         self.reset()
@@ -120,7 +122,7 @@ class TurboQuantLayer(CacheLayerMixin):
         self.packed, self.rotations, self.tables, self.quantize_tables = {}, {}, {}, {}
         for side in SIDES:
             first = self.codecs[side][0]
-            self.packed[side] = PackedCodes(first.bits, first.dim, first.norm_dtype)
+            self.packed[side] = PackedCodes(first.bits, first.dim, first.norm_dtype, self.reserve_tokens)
             with torch.no_grad():
                 # matrix() builds on the rotation's own device: CPU for one without tensors (identity)
                 self.rotations[side] = torch.stack(
@@ -269,15 +271,18 @@ class TurboQuantLayer(CacheLayerMixin):
         self._codes = {side: [None] * self.num_kv_heads for side in SIDES}
         self._pending: dict[str, torch.Tensor | None] = {side: None for side in SIDES}
         if self.packed is not None:
-            self.packed = {side: PackedCodes(p.bits, p.dim, p.norm_dtype) for side, p in self.packed.items()}
+            self.packed = {
+                side: PackedCodes(p.bits, p.dim, p.norm_dtype, p.reserve) for side, p in self.packed.items()
+            }
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise ValueError("beam search is not supported over compressed codes; use greedy or sampling")
 
-    def nbytes(self) -> int:
-        """Bytes of every stored tensor: codes (payload, norms, side information) and exact tokens."""
+    def nbytes(self, allocated: bool = False) -> int:
+        """Bytes of every stored tensor: codes (payload, norms, side information) and exact tokens; with
+        `allocated`, the code tensors the kernels read counted whole (filled or reserved rows alike)."""
         codes = sum(c.nbytes for side in self._codes.values() for c in side if c is not None)
-        codes += sum(p.nbytes() for p in (self.packed or {}).values())
+        codes += sum(p.allocated_nbytes() if allocated else p.nbytes() for p in (self.packed or {}).values())
         exact = [t for part in (self._sink, self._pending) for t in part.values() if t is not None]
         return codes + sum(t.numel() * t.element_size() for t in exact)
 
@@ -292,13 +297,25 @@ class TurboQuantCache(Cache):
 
     @classmethod
     def from_spec(
-        cls, config, spec: KVQuantSpec | None, calibration=None, kernels: str = "auto", **layout
+        cls,
+        config,
+        spec: KVQuantSpec | None,
+        calibration=None,
+        kernels: str = "auto",
+        reserve_tokens: int | None = None,
+        **layout,
     ) -> TurboQuantCache:
         """layout: the fields of `CacheLayout` (protocol, exact_layers, sink_tokens, recent_window).
         kernels: "auto" (Triton on CUDA where the codes allow), "triton" (always; an error where the codes do
-        not allow; on CPU it needs TRITON_INTERPRET=1) or "torch" (the PyTorch reference path)."""
+        not allow; on CPU it needs TRITON_INTERPRET=1) or "torch" (the PyTorch reference path).
+        reserve_tokens: tokens per sequence to allocate the kernels' code tensors for at once (the longest
+        prompt + generation expected), so that they never grow (by half, copying) within it; None: grow."""
         if kernels not in KERNELS:
             raise RuleError(f"kernels={kernels!r} is not allowed; choose from {list(KERNELS)}")
+        if reserve_tokens is not None and (
+            isinstance(reserve_tokens, bool) or not isinstance(reserve_tokens, int) or reserve_tokens < 1
+        ):
+            raise RuleError(f"reserve_tokens={reserve_tokens!r} must be a positive number of tokens, or None")
         layout = CacheLayout(**layout)
         text = config.get_text_config(decoder=True)
         arch = architecture_facts(text)
@@ -321,7 +338,13 @@ class TurboQuantCache(Cache):
                 layer_bank = None if i in exact else bank
                 layers.append(
                     TurboQuantLayer(
-                        layer_bank, i, num_kv_heads, layout, kwargs.get("sliding_window"), kernels
+                        layer_bank,
+                        i,
+                        num_kv_heads,
+                        layout,
+                        kwargs.get("sliding_window"),
+                        kernels,
+                        reserve_tokens,
                     )
                 )
             else:
@@ -329,16 +352,19 @@ class TurboQuantCache(Cache):
         return cls(layers, bank)
 
     def nbytes(self) -> dict:
-        """Real bytes: what is stored per token (codes and exact tokens), and the per-layer constants apart.
+        """Real bytes: what is stored per token (codes and exact tokens), the per-layer constants apart, and
+        what is allocated for the tokens (stored, plus the kernels' code rows grown or reserved ahead).
         Tokens a prefill_exact layer holds exact until the next call are encoded first, as that call would."""
-        stored = 0
+        stored = allocated = 0
         for layer in self.layers:
             if isinstance(layer, TurboQuantLayer):
                 if layer.is_initialized:
                     layer.settle()
                 stored += layer.nbytes()
+                allocated += layer.nbytes(allocated=True)
             elif getattr(layer, "keys", None) is not None:
-                stored += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+                exact = sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+                stored, allocated = stored + exact, allocated + exact
         units = [
             (layer.layer_idx, h)
             for layer in self.layers
@@ -348,17 +374,23 @@ class TurboQuantCache(Cache):
         device = next(
             (layer.device for layer in self.layers if getattr(layer, "is_initialized", False)), "cpu"
         )
-        return {"stored": stored, "constants": self.bank.constant_nbytes(units, device) if units else 0}
+        constants = self.bank.constant_nbytes(units, device) if units else 0
+        return {"stored": stored, "constants": constants, "allocated": allocated}
 
 
 def compress_kv(
-    model, spec: KVQuantSpec | None, calibration=None, kernels: str = "auto", **layout
+    model,
+    spec: KVQuantSpec | None,
+    calibration=None,
+    kernels: str = "auto",
+    reserve_tokens: int | None = None,
+    **layout,
 ) -> TurboQuantCache:
     """Switch `model` to attention that reads codes and return a fresh TurboQuantCache for it: pass it as
     `model.generate(..., cache=cache)` or `model(..., cache=cache)`. One cache per sequence batch; spec=None
-    gives the uncompressed cache under the same attention function (exactly SDPA). kernels: see
-    `TurboQuantCache.from_spec`. layout: the fields of `CacheLayout`, e.g. `protocol="prefill_exact",
+    gives the uncompressed cache under the same attention function (exactly SDPA). kernels, reserve_tokens:
+    see `TurboQuantCache.from_spec`. layout: the fields of `CacheLayout`, e.g. `protocol="prefill_exact",
     exact_layers=(0,), sink_tokens=4, recent_window=64`."""
     attention.register()
     model.set_attn_implementation(attention.NAME)
-    return TurboQuantCache.from_spec(model.config, spec, calibration, kernels, **layout)
+    return TurboQuantCache.from_spec(model.config, spec, calibration, kernels, reserve_tokens, **layout)

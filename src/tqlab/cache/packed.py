@@ -2,8 +2,9 @@
 
 indices [B, KVH, capacity, d/8 · bits] uint8 and norms [B, KVH, capacity], of which the first `length`
 tokens are filled. The capacity grows by half when it runs out, so appending a decode step's token is a
-write, not a copy of the cache (amortised: each token is copied at most a few times over a run).
-`nbytes` counts the filled tokens (what is stored); the allocation holds up to half as many more.
+write, not a copy of the cache (amortised: each token is copied at most a few times over a run); a
+`reserve` of tokens sizes the first allocation, so that a run that stays within it never grows or copies.
+`nbytes` counts the filled tokens (what is stored), `allocated_nbytes` the tensors whole.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ def kernel_centroids(codec) -> torch.Tensor | None:
 
 
 class PackedCodes:
-    def __init__(self, bits: int, dim: int, norm_dtype: torch.dtype):
-        self.bits, self.dim, self.norm_dtype = bits, dim, norm_dtype
+    def __init__(self, bits: int, dim: int, norm_dtype: torch.dtype, reserve: int = 0):
+        self.bits, self.dim, self.norm_dtype, self.reserve = bits, dim, norm_dtype, reserve
         self.indices: torch.Tensor | None = None
         self.norms: torch.Tensor | None = None
         self.length = 0
@@ -39,7 +40,7 @@ class PackedCodes:
         """Add tokens: indices [B, KVH, T, bytes], norms [B, KVH, T]."""
         need = self.length + indices.shape[2]
         if self.indices is None or need > self.indices.shape[2]:
-            capacity = -(-max(need, int(GROWTH * self.length)) // ALIGN) * ALIGN
+            capacity = -(-max(need, int(GROWTH * self.length), self.reserve) // ALIGN) * ALIGN
             grown_i = indices.new_empty(*indices.shape[:2], capacity, indices.shape[3])
             grown_n = norms.new_empty(*norms.shape[:2], capacity)
             if self.length:
@@ -68,6 +69,14 @@ class PackedCodes:
             return None
         indices, norms = self.views()
         return MSECode((indices.shape[0], self.length), self.dim, self.bits, indices[:, h], norms[:, h])
+
+    def allocated_nbytes(self) -> int:
+        if self.indices is None:
+            return 0
+        return (
+            self.indices.numel() * self.indices.element_size()
+            + self.norms.numel() * self.norms.element_size()
+        )
 
     def nbytes(self) -> int:
         if not self.length:
