@@ -5,8 +5,8 @@
 
 One decode step (one query token per sequence) of one layer: every sequence holds `context` tokens.
 The kernel reads packed K and V codes (random bytes: every byte is a valid code) and fp16 norms; SDPA
-and FlexAttention (torch.compile'd; its split-K decoding kernel, the best bf16 decode kernel that installs
-without a registry: flash-attn and FlashInfer need one) read bf16 K and V with GQA. Times are medians of CUDA-graph replays (no Python or launch overhead, as in
+reads bf16 K and V with GQA, and so does FlexAttention with `--flex` (torch.compile'd: the only other bf16
+decode kernel that installs without a registry; flash-attn and FlashInfer need one). Times are medians of CUDA-graph replays (no Python or launch overhead, as in
 a served decode step) with the L2 cache flushed before each, so each step streams its cache from HBM. The query rotation and the output's
 inverse rotation are not timed: both fold into the q and o projection weights. The PyTorch reference
 path of attention over codes (per-KV-head loop, as in tqlab.cache.attention) is timed up to
@@ -148,14 +148,14 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 65536, 131072])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--layouts", nargs="+", default=["32/8", "12/2"], help="query heads/KV heads")
-    parser.add_argument("--bits", type=int, nargs="+", default=[3, 4])
-    parser.add_argument("--reference-max", type=int, default=16384)
+    parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
+    parser.add_argument("--reference-max", type=int, default=4096)
     parser.add_argument(
         "--flex",
         action=argparse.BooleanOptionalAction,
         default=False,
         help="time FlexAttention too (torch 2.11 + Triton 3.6: its decoding kernel does not compile, the general "
-        "one runs 8–34× slower than SDPA; docs/benchmarks.md)",
+        "one runs 2.5–32× slower than SDPA; docs/benchmarks.md)",
     )
     parser.add_argument(
         "--out", type=Path, default=Path("outputs/bench/benchmarks.md"), help="'-' to print only"

@@ -53,12 +53,15 @@ def main() -> None:
     args = parser.parse_args()
     data = [r for r in rows(args.docs.read_text()) if r["cache"] in args.caches]
     models = list(dict.fromkeys(r["model"] for r in data))  # in the table's order
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), sharey=True)
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), sharey=True, squeeze=False)
+    axes = axes[0]
     for ax, model in zip(axes, models, strict=True):
         mine = [r for r in data if r["model"] == model]
         for cache, batch in sorted({(r["cache"], r["batch"]) for r in mine}):
             same = [r for r in mine if r["cache"] == cache and r["batch"] == batch]
             points = sorted((r["context"], r["stored"]) for r in same if r["stored"] is not None)
+            if not points:  # nothing of this series fitted: no line to draw, no bytes per token to place its crosses
+                continue
             line = ax.plot(
                 *zip(*points, strict=True), "--o" if batch > 1 else "-o", label=f"{cache}, batch {batch}"
             )

@@ -2,6 +2,7 @@
 the same codes, the same attention up to the kernels' fp16 operands, under both protocols, with exact sinks
 and a recent window merged by log-sum-exp, left padding, chunked prompts, and a sliding layer."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -109,25 +110,39 @@ def test_kernel_path_equals_the_reference_path(layout, monkeypatch):
 
 
 def test_reserved_tokens_are_allocated_at_once_and_never_regrown(monkeypatch):
-    """reserve_tokens sizes the code tensors once: within it, appending writes in place (the same storage),
-    the attention is unchanged, and `allocated` counts the reserve (rounded to the kernels' 128-row blocks)."""
+    """reserve_tokens sizes the code tensors once: within it appending writes in place where the default
+    grows (128 rows, then 256), the attention is unchanged, `allocated` counts the reserve (rounded to the
+    kernels' 128-row blocks), a reset keeps it, and a run past it still grows."""
     model = tiny()
-    chunks = [ids(21), ids(1, 2), ids(1, 3), ids(4, 4)]  # 27 tokens
+    chunks = [ids(100), ids(40, 2), ids(1, 3)]  # 141 tokens: past the default first capacity of 128
+
+    def storages(reserve_tokens):
+        cache = compress_kv(model, spec(), kernels="triton", reserve_tokens=reserve_tokens)
+        seen, out = [], []
+        with torch.no_grad():
+            for chunk in chunks:
+                out.append(model(chunk, cache=cache).logits.double())
+                packed = cache.layers[0].packed["key"]
+                seen.append((packed.indices.untyped_storage().data_ptr(), packed.indices.shape[2]))
+        return cache, seen, torch.cat(out, 1)
+
     kernels_only(monkeypatch)
-    cache = compress_kv(model, spec(), kernels="triton", reserve_tokens=200)
-    storage, out = None, []
-    with torch.no_grad():
-        for chunk in chunks:
-            out.append(model(chunk, cache=cache).logits.double())
-            packed = cache.layers[0].packed["key"]
-            storage = storage or packed.indices.untyped_storage().data_ptr()
-            assert packed.indices.untyped_storage().data_ptr() == storage and packed.indices.shape[2] == 256
-    grown, _ = run(model, chunks, "triton")
-    assert_same(torch.cat(out, 1), grown)
+    reserved, seen, got = storages(200)
+    assert len(set(seen)) == 1 and seen[0][1] == 256
+    grown, seen_grown, want = storages(None)
+    assert [capacity for _, capacity in seen_grown] == [128, 256, 256]
+    assert_same(got, want)
     row = 32 // 8 * 3 + 2  # a 3-bit code row of head_dim 32 and its fp16 norm, per KV head and side
-    assert cache.nbytes()["stored"] == 2 * 2 * 27 * row and cache.nbytes()["allocated"] == 2 * 2 * 256 * row
-    with pytest.raises(RuleError, match="reserve_tokens=0 must be a positive number"):
-        compress_kv(model, spec(), reserve_tokens=0)
+    assert reserved.nbytes()["stored"] == grown.nbytes()["stored"] == 2 * 2 * 141 * row
+    assert reserved.nbytes()["allocated"] == 2 * 2 * 256 * row
+    reserved.reset()
+    assert reserved.layers[0].packed["key"].reserve == 200
+    past, seen_past, _ = storages(100)  # 128 rows reserved, then grown like any other
+    assert [capacity for _, capacity in seen_past] == [128, 256, 256]
+    for bad in (0, -5, 2.5, "64", True):
+        with pytest.raises(RuleError, match="must be a positive number of tokens"):
+            compress_kv(model, spec(), reserve_tokens=bad)
+    assert compress_kv(model, spec(), reserve_tokens=np.int64(64)).layers[0].reserve_tokens == 64
 
 
 def test_left_padded_batch_on_the_kernel_path(monkeypatch):

@@ -58,6 +58,8 @@ CASES = [  # dim, key bits, value bits, query heads per KV head, query tokens, l
     (128, 4, 2, 4, 3, [70, 64], 2),
     (128, 2, 3, 1, 2, [65], 1),
     (128, 2, 2, 4, 1, [300, 129], 2),  # the 2-bit pair lookup over several blocks
+    (32, 2, 4, 2, 1, [40], None),  # the pair lookup where a row holds 4 groups, and at d = 256 (32)
+    (256, 2, 2, 4, 2, [150], 2),
     (128, 4, 2, 2, 3, [256, 200], 2),  # a whole last block that the causal cut still masks
     (256, 3, 3, 4, 1, [130, 65], 2),
     (256, 4, 3, 2, 2, [90], None),

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
+import importlib
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -27,14 +29,14 @@ from tqlab.quant import TurboQuantMSE  # noqa: E402
 
 
 def load_kernels(folder: Path):
-    """decode.py of `folder` imported as a package next to its packed.py."""
-    spec = importlib.util.spec_from_file_location(
-        "other_kernels", folder / "__init__.py", submodule_search_locations=[str(folder)]
-    )
-    package = importlib.util.module_from_spec(spec)
-    sys.modules["other_kernels"] = package
-    (folder / "__init__.py").touch()
-    spec.loader.exec_module(package)
+    """decode.py of `folder` imported as a package next to its packed.py (copied into a temporary package,
+    so that nothing is written into `folder`)."""
+    package_dir = Path(tempfile.mkdtemp()) / "other_kernels"
+    package_dir.mkdir()
+    for name in ("decode.py", "packed.py"):
+        shutil.copy(folder / name, package_dir / name)
+    (package_dir / "__init__.py").touch()
+    sys.path.insert(0, str(package_dir.parent))
     return importlib.import_module("other_kernels.decode")
 
 

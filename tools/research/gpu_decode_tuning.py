@@ -12,7 +12,7 @@ from gpu_decode import bench
 import tqlab.kernels.decode as lib
 from tqlab.kernels import centroid_table, decode_attention
 from tqlab.kernels.decode import _merge_chunks, _sm_count
-from tqlab.kernels.packed import load_centroids
+from tqlab.kernels.packed import decode_table, load_centroids
 from tqlab.quant import TurboQuantMSE
 
 
@@ -43,8 +43,8 @@ def _swap(
     kn = k_norms + b.to(tl.int64) * kn_stride_b + h.to(tl.int64) * kn_stride_h
     vc = v_codes + b.to(tl.int64) * vc_stride_b + h.to(tl.int64) * vc_stride_h
     vn = v_norms + b.to(tl.int64) * vn_stride_b + h.to(tl.int64) * vn_stride_h
-    k_codebook = tl.load(k_table + tl.arange(0, 1 << K_BITS))
-    v_codebook = tl.load(v_table + tl.arange(0, 1 << V_BITS))
+    k_codebook = decode_table(k_table, K_BITS)  # the gather lookups (no byte permutes: the library's 4-bit
+    v_codebook = decode_table(v_table, V_BITS)  # path has them since; compare it with PERMUTE off)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     accT = tl.zeros((DIM, BLOCK_M), tl.float32)

@@ -5,9 +5,11 @@ mix of the loop body (instructions per warp per block of BLOCK_N keys).
     PYTHONPATH=src python tools/research/gpu_kernel_sass.py                # 2, 3 and 4 bits, GQA 4
     PYTHONPATH=src python tools/research/gpu_kernel_sass.py --bits 2 --group 6
 
-What it told us (docs/benchmarks.md, "GPU speed"): the loop is ~2 000–2 500 instructions per warp per 128 keys,
-half of them decoding (shift, mask, lane index, shuffle, pack per code); at 2 bits looking codes up in pairs
-cut it by 32 %. Counts are static (one pass through the loop body) and depend on the triton version.
+What it told us (docs/benchmarks.md, "GPU speed"): the loop was ~2 050–2 500 instructions per warp per 128 keys,
+about half of them decoding (shift, mask, lane index, shuffle, pack per code); looking 2-bit codes up in pairs
+and decoding 4-bit ones with byte permutes took it to 1 447 and 1 725 (3 bits: 2 498). Counts are static (one
+pass through the loop body) and depend on the triton version; which instructions bound the time, only a
+profiler says (`gpu_decode_once.py`).
 """
 
 from __future__ import annotations

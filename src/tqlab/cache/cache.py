@@ -23,6 +23,8 @@ layers kept exact, the first `sink_tokens` of the cache kept exact (attention si
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from transformers.cache_utils import (
     DYNAMIC_LAYER_TYPE_MAPPING,
@@ -80,7 +82,8 @@ class TurboQuantLayer(CacheLayerMixin):
         self.layer_idx, self.num_kv_heads, self.sliding_window = layer_idx, num_kv_heads, sliding_window
         self.is_sliding = sliding_window is not None
         self.bank, self.layout, self.length, self.kernels = bank, layout, 0, kernels
-        self.reserve_tokens = reserve_tokens or 0
+        # a sliding layer holds about a window at a time: it grows to that instead of taking the reserve
+        self.reserve_tokens = 0 if self.is_sliding else reserve_tokens or 0
         self.packed = None  # {side: PackedCodes} when the Triton kernels read this layer's codes
         self.codecs = {side: [None] * num_kv_heads for side in SIDES}
         self.reset()
@@ -312,10 +315,15 @@ class TurboQuantCache(Cache):
         prompt + generation expected), so that they never grow (by half, copying) within it; None: grow."""
         if kernels not in KERNELS:
             raise RuleError(f"kernels={kernels!r} is not allowed; choose from {list(KERNELS)}")
-        if reserve_tokens is not None and (
-            isinstance(reserve_tokens, bool) or not isinstance(reserve_tokens, int) or reserve_tokens < 1
-        ):
-            raise RuleError(f"reserve_tokens={reserve_tokens!r} must be a positive number of tokens, or None")
+        if reserve_tokens is not None:
+            try:
+                if isinstance(reserve_tokens, bool) or operator.index(reserve_tokens) < 1:
+                    raise TypeError
+            except TypeError:
+                raise RuleError(
+                    f"reserve_tokens={reserve_tokens!r} must be a positive number of tokens, or None"
+                ) from None
+            reserve_tokens = operator.index(reserve_tokens)
         layout = CacheLayout(**layout)
         text = config.get_text_config(decoder=True)
         arch = architecture_facts(text)
@@ -391,6 +399,7 @@ def compress_kv(
     gives the uncompressed cache under the same attention function (exactly SDPA). kernels, reserve_tokens:
     see `TurboQuantCache.from_spec`. layout: the fields of `CacheLayout`, e.g. `protocol="prefill_exact",
     exact_layers=(0,), sink_tokens=4, recent_window=64`."""
-    attention.register()
+    cache = TurboQuantCache.from_spec(model.config, spec, calibration, kernels, reserve_tokens, **layout)
+    attention.register()  # after every argument was checked: a refused call leaves the model as it was
     model.set_attn_implementation(attention.NAME)
-    return TurboQuantCache.from_spec(model.config, spec, calibration, kernels, reserve_tokens, **layout)
+    return cache

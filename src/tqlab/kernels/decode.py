@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
 from .packed import check_code_bits, decode_table, load_centroids
 
@@ -96,6 +96,11 @@ def _attend_chunk(
     tl.store(part_lse + part, tl.where(l_i > 0, lse, float("-inf")))
 
 
+# Inline PTX (the 4-bit byte permutes) needs the compiler for an NVIDIA GPU: not Triton's interpreter (which
+# decorated the kernels if TRITON_INTERPRET was set at import), not ROCm.
+_PTX = not isinstance(_attend_chunk, InterpretedFunction) and torch.version.hip is None
+
+
 @triton.jit
 def _merge_chunks(
     part_out, part_lse, out, out_lse, splits, o_stride_b, o_stride_h, o_stride_t,
@@ -126,10 +131,6 @@ def _merge_chunks(
     # natural-log LSE of the scaled scores (−inf when the query sees no key), to merge with other keys
     lse = tl.where(total > 0, (m + tl.log2(tl.maximum(total, 1e-30))) * 0.6931471805599453, float("-inf"))
     tl.store(out_lse + (b * KV_HEADS * GROUP + head) * Q_LEN + token, lse)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @functools.cache
@@ -220,7 +221,7 @@ def decode_attention(
         *query.stride()[:3], *key_indices.stride()[:2], *key_norms.stride()[:2],
         *value_indices.stride()[:2], *value_norms.stride()[:2],
         KV_HEADS=kv_heads, GROUP=group, Q_LEN=q_len, DIM=dim, K_BITS=k_bits, V_BITS=v_bits,
-        BLOCK_M=block_m, BLOCK_N=BLOCK_N, PERMUTE=query.is_cuda and not _interpreting(),
+        BLOCK_M=block_m, BLOCK_N=BLOCK_N, PERMUTE=_PTX and query.is_cuda,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )  # fmt: skip
     out = torch.empty(batch, q_heads, q_len, dim, dtype=torch.float32, device=query.device)

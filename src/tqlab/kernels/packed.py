@@ -94,8 +94,9 @@ def _permute_decode(words, codebook):
     """The 8 4-bit codes of each int32 word as fp16 centroids with byte permutes on the ALUs (no shuffle:
     shuffles share the L1/shared-memory pipe that bounds the kernel). For each 4 codes: `prmt` looks up
     their low and their high bytes among c[0..7] and among c[8..15] by the codes' low 3 bits; a sign-
-    replicating `prmt` of the codes' top bits picks between the two; two more interleave the bytes into
-    fp16 pairs. PTX, so GPUs only: the interpreter takes `tl.gather`."""
+    replicating `prmt` turns the codes' top bits into a byte mask, with which `lop3` picks between the two;
+    two more `prmt` interleave the bytes into fp16 pairs. The byte planes are loop-invariant (the compiler
+    hoists them). PTX, so NVIDIA GPUs only: the interpreter takes `tl.gather`."""
     n_lo0, n_lo1, n_hi0, n_hi1 = _byte_planes(codebook, 0)
     p_lo0, p_lo1, p_hi0, p_hi1 = _byte_planes(codebook, 8)
     return tl.inline_asm_elementwise(
@@ -122,8 +123,8 @@ def load_centroids(
 ):
     """fp16 [len(tokens), DIM] centroids c[idx] of the packed rows `tokens` (rows of DIM/8·BITS bytes from
     the byte pointer `codes`, 4-byte aligned for b = 2, 4); table: `decode_table`'s register tensor.
-    valid: which tokens to read (the others read as zeros). PERMUTE: decode 4-bit codes with byte permutes
-    (PTX: GPUs only)."""
+    valid: which tokens to read (the others read as code 0, so the callers mask their scores and weights).
+    PERMUTE: decode 4-bit codes with byte permutes (PTX: NVIDIA GPUs only)."""
     n: tl.constexpr = tokens.shape[0]
     if BITS == 2:  # one group per int16; each 4-bit field is two codes, looked up as one pair
         rows = codes.to(tl.pointer_type(tl.int16)) + tokens[:, None] * (DIM // 8)

@@ -27,7 +27,8 @@ from .packed import MAX_BITS
 BLOCK_ROWS = 64
 TF32_TILE = 32  # square tiles of a general rotation: larger ones spill registers with tf32x3 on sm_90
 SIGN_TILE = 128  # output columns per ±1 product (measured on an H200: wider spills at d = 256)
-SIGN_WARPS = 4  # warps per program of the ±1 product
+SIGN_WARPS = 4  # warps per program of the ±1 product (tools/research/gpu_quantize_tuning.py)
+TF32_WARPS = 8  # warps per program of the tf32x3 product
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,6 +212,6 @@ def quantize_mse(
         rotation.shape[0] if per_head else 1, dim**-0.5,
         DIM=dim, BITS=bits, BLOCK_ROWS=BLOCK_ROWS, COLS=min(dim, SIGN_TILE) if tables.signs else min(dim, TF32_TILE),
         SIGNS=tables.signs, SYMMETRIC=tables.symmetric, PRECISION="tf32x3" if x.is_cuda else "ieee",
-        F32_DOT=not x.is_cuda, num_warps=SIGN_WARPS if tables.signs else 8, num_stages=1,
+        F32_DOT=not x.is_cuda, num_warps=SIGN_WARPS if tables.signs else TF32_WARPS, num_stages=1,
     )  # fmt: skip
     return codes, norms

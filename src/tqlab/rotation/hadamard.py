@@ -25,10 +25,12 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
     matmul: log_16(d) passes of 16 multiply-adds per element, O(d log d) like the radix-2 form but
     with far fewer passes over memory. The first stage acts on the last axis, so it is one GEMM of all
     rows with H_16 (H is symmetric) rather than a batch of matrix-vector products; the others are one
-    `bmm` with H_f expanded over the batch (a broadcast `H @ x` does not spread over CPU threads: 4× slower
-    at d = 256 on 2 threads; benchmarks/hadamard_cpu.py).
+    `bmm` with H_f expanded over the batch (a broadcast `H @ x` does not spread over CPU threads). Together:
+    16.4 → 5.3 ms for 16 384 vectors at d = 256 on 2 threads (docs/benchmarks.md, benchmarks/hadamard_cpu.py).
     """
     d = x.shape[-1]
+    if d < 1 or d & (d - 1):
+        raise ValueError(f"fwht needs a power-of-two length along the last axis, got {d}")
     shape = x.shape
     f = min(_RADIX, d)
     x = (x.reshape(-1, f) @ _sylvester(f, x)).reshape(-1, d)
@@ -71,8 +73,9 @@ class FastHadamard(Rotation):
         h = _sylvester(self.dim, self.signs_in)
         return (self.signs_out[:, None] * h * self.signs_in[None, :]) * self.scale
 
-    # One dense d × d product beats the butterfly passes on a GPU (4.5× at d = 64 on an H200) and, up to d = 256,
-    # on a CPU too (1.4–29× on 1–2 threads, 8–16k vectors; even at d = 512: benchmarks/hadamard_cpu.py).
+    # One dense d × d product beats the butterfly passes on a GPU (4.5× at d = 64 on an H200). On a CPU it wins on
+    # small batches (a decode step's vectors: 4–25× up to d = 256) and at d = 64, and its time does not depend on
+    # the allocator's state, where the passes' does (benchmarks/hadamard_cpu.py): the dense form up to d = 256.
     def _dense_wins(self, x) -> bool:
         return x.is_cuda or self.dim <= DENSE_MAX_DIM
 
