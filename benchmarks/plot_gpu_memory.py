@@ -60,7 +60,9 @@ def main() -> None:
         for cache, batch in sorted({(r["cache"], r["batch"]) for r in mine}):
             same = [r for r in mine if r["cache"] == cache and r["batch"] == batch]
             points = sorted((r["context"], r["stored"]) for r in same if r["stored"] is not None)
-            if not points:  # nothing of this series fitted: no line to draw, no bytes per token to place its crosses
+            if (
+                not points
+            ):  # nothing of this series fitted: no line to draw, no bytes per token to place its crosses
                 continue
             line = ax.plot(
                 *zip(*points, strict=True), "--o" if batch > 1 else "-o", label=f"{cache}, batch {batch}"
