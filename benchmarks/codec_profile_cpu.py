@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python benchmarks/codec_profile_cpu.py                          # prod, 3 bits, d = 256, 1 thread
     PYTHONPATH=src python benchmarks/codec_profile_cpu.py --codec turboquant_mse --threads 2
+    PYTHONPATH=src python benchmarks/codec_profile_cpu.py --compile      # torch.compile'd quantize beside eager
 
 Prints vectors per second and per CPU-second, then the operators by self time: the dense d × d products
 (rotation, QJL projection) against everything else.
@@ -30,6 +31,7 @@ def main() -> None:
     parser.add_argument("--vectors", type=int, default=16384)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile(codec.quantize)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     codec = CODECS[args.codec](args.dim, args.bits, rotation=args.rotation, seed=0)
@@ -45,6 +47,17 @@ def main() -> None:
           f"{torch.__version__}: {total / wall:.3g} vectors/s, {total / cpu:.3g} per CPU-second "
           "(profiler on: a few % slower)")  # fmt: skip
     print(profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    if args.compile:
+        quantize = torch.compile(codec.quantize, dynamic=False)
+        start = time.perf_counter()
+        code = quantize(x)
+        print(f"torch.compile: {time.perf_counter() - start:.0f} s to compile; codes equal to eager: "
+              f"{torch.equal(code.indices, codec.quantize(x).indices)}")  # fmt: skip
+        for name, fn in (("eager", codec.quantize), ("compiled", quantize)):
+            cpu = time.process_time()
+            for _ in range(args.repeats):
+                fn(x)
+            print(f"{name}: {total / (time.process_time() - cpu):.3g} vectors per CPU-second (profiler off)")
 
 
 if __name__ == "__main__":
