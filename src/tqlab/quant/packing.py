@@ -32,13 +32,20 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
         for j in range(1, per):
             packed |= v[..., j] << (bits * j)
         return packed
-    # Eight b-bit values make one 8b-bit word (at most 56 bits: fits int64), split into b bytes.
-    groups = values.unflatten(-1, (values.shape[-1] // 8, 8)).to(torch.int64)
-    shifts = torch.arange(0, 8 * bits, bits, device=values.device)
-    words = (groups << shifts).sum(-1, keepdim=True)
-    byte_shifts = torch.arange(0, 8 * bits, 8, device=values.device)
+    # Eight b-bit values make one 8b-bit word (at most 56 bits: fits int64; 24 at 3 bits: int32, half the
+    # traffic), split into b bytes.
+    word = _word_dtype(bits)
+    groups = values.unflatten(-1, (values.shape[-1] // 8, 8)).to(word)
+    shifts = torch.arange(0, 8 * bits, bits, device=values.device, dtype=word)
+    words = (groups << shifts).sum(-1, keepdim=True, dtype=word)
+    byte_shifts = torch.arange(0, 8 * bits, 8, device=values.device, dtype=word)
     packed = (words >> byte_shifts) & 0xFF
     return packed.flatten(-2).to(torch.uint8)
+
+
+def _word_dtype(bits: int) -> torch.dtype:
+    """The integer type that holds eight b-bit values."""
+    return torch.int32 if 8 * bits < 32 else torch.int64
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -57,12 +64,13 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
         values = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
         return values.flatten(-2)[..., :n].to(torch.int64)
-    groups = packed.unflatten(-1, (packed.shape[-1] // bits, bits)).to(torch.int64)
-    byte_shifts = torch.arange(0, 8 * bits, 8, device=packed.device)
-    words = (groups << byte_shifts).sum(-1, keepdim=True)
-    shifts = torch.arange(0, 8 * bits, bits, device=packed.device)
+    word = _word_dtype(bits)
+    groups = packed.unflatten(-1, (packed.shape[-1] // bits, bits)).to(word)
+    byte_shifts = torch.arange(0, 8 * bits, 8, device=packed.device, dtype=word)
+    words = (groups << byte_shifts).sum(-1, keepdim=True, dtype=word)
+    shifts = torch.arange(0, 8 * bits, bits, device=packed.device, dtype=word)
     values = (words >> shifts) & ((1 << bits) - 1)
-    return values.flatten(-2)[..., :n]
+    return values.flatten(-2)[..., :n].to(torch.int64)
 
 
 def field_layout(widths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
