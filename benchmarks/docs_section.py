@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
 import re
+import sys
 from pathlib import Path
 
 
@@ -17,3 +19,25 @@ def write_section(path: Path, key: str, body: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     print(f"wrote the {key} section of {path}")
+
+
+def write_gpu_section(
+    out: Path, key: str, title: str, note: str, rows: list[str], versions: str = ""
+) -> None:
+    """A GPU benchmark's section: its title, the command that ran with date, GPU, torch and triton (and
+    `versions`), `note`, then its table rows; written into `out` unless it is '-'."""
+    import torch
+    import triton
+
+    body = "\n".join(
+        [
+            f"## {title}",
+            "",
+            f"`python {' '.join(sys.argv)}` — {datetime.date.today()}, {torch.cuda.get_device_name(0)}, "
+            f"torch {torch.__version__}, triton {triton.__version__}{versions}. {note}",
+            "",
+            *rows,
+        ]
+    )
+    if str(out) != "-":
+        write_section(out, key, body)

@@ -16,16 +16,13 @@ path of attention over codes (per-KV-head loop, as in tqlab.cache.attention) is 
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
-from docs_section import write_section
+from docs_section import write_gpu_section
 
 from tqlab.kernels import centroid_table, decode_attention
 from tqlab.quant import MSECode, TurboQuantMSE
@@ -110,21 +107,24 @@ def bf16_times(batch, q_heads, kv_heads, context, flex: bool) -> tuple[float, fl
     return sdpa, float("nan")
 
 
-def row(batch, q_heads, kv_heads, context, bits, reference_max, bf16) -> str:
-    device, scaling = "cuda", DIM**-0.5
-    q = torch.randn(batch, q_heads, 1, DIM, device=device, dtype=torch.bfloat16)
-    (sdpa, flexed), flex = bf16, bf16[1] is not None
-    codecs = [TurboQuantMSE(DIM, bits, rotation="fast_hadamard", seed=s).to(device) for s in (0, 1)]
-    row_bytes = DIM // 8 * bits
-    codes = [
-        torch.randint(0, 256, (batch, kv_heads, context, row_bytes), dtype=torch.uint8, device=device)
-        for _ in range(2)
-    ]
-    norms = [(torch.rand(batch, kv_heads, context, device=device) + 0.5).half() for _ in range(2)]
-    tables = [centroid_table(c.centroids) for c in codecs]
+def decode_inputs(batch, q_heads, kv_heads, context, bits, dim=DIM, device="cuda"):
+    """`decode_attention`'s arguments for one decode step over random codes (every byte a valid code), fp16
+    norms in [0.5, 1.5), one codec per side and an fp32 query (bf16-valued); and the two codecs."""
+    codecs = [TurboQuantMSE(dim, bits, rotation="fast_hadamard", seed=s).to(device) for s in (0, 1)]
+    shape = (batch, kv_heads, context)
+    codes = [torch.randint(0, 256, (*shape, dim // 8 * bits), dtype=torch.uint8, device=device) for _ in "kv"]
+    norms = [(torch.rand(shape, device=device) + 0.5).half() for _ in "kv"]
+    q = torch.randn(batch, q_heads, 1, dim, device=device, dtype=torch.bfloat16).float()
     lengths = torch.full((batch,), context, dtype=torch.int32, device=device)
-    qf = q.float()
-    call = lambda: decode_attention(qf, codes[0], norms[0], codes[1], norms[1], *tables, lengths, scaling)[0]  # noqa: E731
+    tables = [centroid_table(c.centroids) for c in codecs]
+    return (q, codes[0], norms[0], codes[1], norms[1], *tables, lengths, dim**-0.5), codecs
+
+
+def row(batch, q_heads, kv_heads, context, bits, reference_max, bf16) -> str:
+    (sdpa, flexed), flex = bf16, bf16[1] is not None
+    inputs, codecs = decode_inputs(batch, q_heads, kv_heads, context, bits)
+    qf, codes, norms, scaling = inputs[0], inputs[1:5:2], inputs[2:5:2], inputs[-1]
+    call = lambda: decode_attention(*inputs)[0]  # noqa: E731
     ours = bench(call)
     read = sum(c.numel() + 2 * n.numel() for c, n in zip(codes, norms, strict=True))
     reference, error = "", ""
@@ -176,20 +176,11 @@ def main() -> None:
                     rows.append(row(batch, q_heads, kv_heads, context, bits, args.reference_max, bf16))
                     print(rows[-1], flush=True)
                     torch.cuda.empty_cache()
-    props = torch.cuda.get_device_properties(0)
-    section = "\n".join(
-        [
-            "## Decode attention over codes on a GPU (one layer, one step, head_dim 128)",
-            "",
-            f"`python {' '.join(sys.argv)}` — {datetime.date.today()}, {props.name}, torch {torch.__version__}, "
-            f"triton {triton.__version__}. Median of CUDA-graph replays with the L2 flushed between them; query "
-            "and output rotations not timed (they fold into the projections).",
-            "",
-            *rows,
-        ]
-    )
-    if str(args.out) != "-":
-        write_section(args.out, "gpu_decode", section)
+    write_gpu_section(
+        args.out, "gpu_decode", "Decode attention over codes on a GPU (one layer, one step, head_dim 128)",
+        "Median of CUDA-graph replays with the L2 flushed between them; query and output rotations not timed "
+        "(they fold into the projections).", rows,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -17,15 +17,13 @@ the run's transient peak) / cache bytes per sequence.
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
 import time
 from pathlib import Path
 
 import torch
 import transformers
-import triton
-from docs_section import write_section
+from docs_section import write_gpu_section
 from gpu_memory import ARCHS
 from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
 
@@ -141,21 +139,12 @@ def main() -> None:
                     print(rows[-1], flush=True)
         del model
         torch.cuda.empty_cache()
-    props = torch.cuda.get_device_properties(0)
-    section = "\n".join(
-        [
-            "## End-to-end decode on a GPU: tokens/s and memory, compressed cache vs bf16",
-            "",
-            f"`python {' '.join(sys.argv)}` — {datetime.date.today()}, {props.name}, torch {torch.__version__}, "
-            f"triton {triton.__version__}, transformers {transformers.__version__}. Random-weight bf16 models of "
-            f"the public architectures; prompt prefilled exactly in one call, then {args.steps} greedy decode steps "
-            "timed (eager, no CUDA graphs for any cache).",
-            "",
-            *rows,
-        ]
-    )
-    if str(args.out) != "-":
-        write_section(args.out, "gpu_generate", section)
+    write_gpu_section(
+        args.out, "gpu_generate", "End-to-end decode on a GPU: tokens/s and memory, compressed cache vs bf16",
+        f"Random-weight bf16 models of the public architectures; prompt prefilled exactly in one call, then "
+        f"{args.steps} greedy decode steps timed (eager, no CUDA graphs for any cache).", rows,
+        versions=f", transformers {transformers.__version__}",
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

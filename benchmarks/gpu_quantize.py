@@ -11,14 +11,12 @@ PyTorch `quantize` on the same GPU is timed alongside, and its indices are compa
 from __future__ import annotations
 
 import argparse
-import datetime
-import sys
 from functools import partial
 from pathlib import Path
 
 import torch
 import triton
-from docs_section import write_section
+from docs_section import write_gpu_section
 
 from tqlab.kernels import quantize_mse, quantize_tables
 from tqlab.quant import TurboQuantMSE
@@ -66,19 +64,10 @@ def main() -> None:
             )
             print(rows[-1], flush=True)
         del x, copy
-    props = torch.cuda.get_device_properties(0)
-    section = "\n".join(
-        [
-            "## Fused quantize on a GPU",
-            "",
-            f"`python {' '.join(sys.argv)}` — {datetime.date.today()}, {props.name}, torch {torch.__version__}, "
-            f"triton {triton.__version__}. Median of triton do_bench; the codec is timed on 65536 rows and scaled.",
-            "",
-            *rows,
-        ]
-    )
-    if str(args.out) != "-":
-        write_section(args.out, "gpu_quantize", section)
+    write_gpu_section(
+        args.out, "gpu_quantize", "Fused quantize on a GPU",
+        "Median of triton do_bench; the codec is timed on 65536 rows and scaled.", rows,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -22,10 +22,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, "benchmarks")  # run from the repository root
-from gpu_decode import DIM, bench, bf16_times  # noqa: E402
+from gpu_decode import bench, bf16_times, decode_inputs  # noqa: E402
 
-from tqlab.kernels import centroid_table, decode_attention  # noqa: E402
-from tqlab.quant import TurboQuantMSE  # noqa: E402
+from tqlab.kernels import decode_attention  # noqa: E402
 
 
 def load_kernels(folder: Path):
@@ -61,26 +60,14 @@ def main() -> None:
             for context in args.contexts:
                 sdpa, _ = bf16_times(batch, q_heads, kv_heads, context, flex=False)
                 for bits in args.bits:
-                    codecs = [
-                        TurboQuantMSE(DIM, bits, rotation="fast_hadamard", seed=s).to("cuda") for s in (0, 1)
-                    ]
-                    shape = (batch, kv_heads, context)
-                    codes = [
-                        torch.randint(0, 256, (*shape, DIM // 8 * bits), dtype=torch.uint8, device="cuda")
-                        for _ in "kv"
-                    ]
-                    norms = [(torch.rand(shape, device="cuda") + 0.5).half() for _ in "kv"]
-                    lengths = torch.full((batch,), context, dtype=torch.int32, device="cuda")
-                    q = torch.randn(batch, q_heads, 1, DIM, device="cuda")
-                    inputs = (q, codes[0], norms[0], codes[1], norms[1])
-                    inputs += (*[centroid_table(c.centroids) for c in codecs], lengths, DIM**-0.5)
+                    inputs, _ = decode_inputs(batch, q_heads, kv_heads, context, bits)
                     theirs, ours = other.decode_attention(*inputs)[0], decode_attention(*inputs)[0]
                     delta = ((ours - theirs).abs().max() / theirs.abs().max()).item()
                     before = bench(functools.partial(other.decode_attention, *inputs))
                     after = bench(functools.partial(decode_attention, *inputs))
                     print(f"| {batch} | {layout} | {context // 1024}k | K{bits}V{bits} | {sdpa:.1f} | {before:.1f} | "
                           f"{after:.1f} | {before / after:.2f}× | {sdpa / after:.2f}× | {delta:.0e} |", flush=True)  # fmt: skip
-                    del codes, norms, inputs
+                    del inputs
                     torch.cuda.empty_cache()
 
 

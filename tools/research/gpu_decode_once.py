@@ -7,11 +7,14 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
-from tqlab.kernels import centroid_table, decode_attention
-from tqlab.quant import TurboQuantMSE
+sys.path.insert(0, "benchmarks")  # run from the repository root
+from gpu_decode import decode_inputs  # noqa: E402
+
+from tqlab.kernels import decode_attention  # noqa: E402
 
 
 def main() -> None:
@@ -25,18 +28,9 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=128)
     args = parser.parse_args()
     q_heads, kv_heads = map(int, args.layout.split("/"))
-    codec = TurboQuantMSE(args.dim, args.bits, rotation="fast_hadamard").to("cuda")
-    shape = (args.batch, kv_heads, args.context)
-    codes = [
-        torch.randint(0, 256, (*shape, args.dim // 8 * args.bits), dtype=torch.uint8, device="cuda")
-        for _ in "kv"
-    ]
-    norms = [(torch.rand(shape, device="cuda") + 0.5).half() for _ in "kv"]
-    table = centroid_table(codec.centroids)
-    q = torch.randn(args.batch, q_heads, 1, args.dim, device="cuda")
-    lengths = torch.full((args.batch,), args.context, dtype=torch.int32, device="cuda")
+    inputs, _ = decode_inputs(args.batch, q_heads, kv_heads, args.context, args.bits, args.dim)
     for _ in range(3):
-        decode_attention(q, codes[0], norms[0], codes[1], norms[1], table, table, lengths, args.dim**-0.5)
+        decode_attention(*inputs)
     torch.cuda.synchronize()
 
 
