@@ -2,7 +2,6 @@
 a small emulator of the instructions it uses, with the byte tables `_byte_planes` builds (run in Triton's
 interpreter), against a direct codebook lookup. On a GPU the same path is checked end to end by test_decode."""
 
-import inspect
 import re
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
-from tqlab.kernels import packed  # noqa: E402
+from tqlab.kernels import decode_mma, packed  # noqa: E402
 
 MASK32 = 0xFFFFFFFF
 
@@ -44,6 +43,9 @@ OPS = {
     "shr.b32": lambda a: a[0] >> a[1],
     "prmt.b32": lambda a: prmt(*a),
     "lop3.b32": lambda a: lop3(*a),
+    "or.b32": lambda a: a[0] | a[1],
+    "xor.b32": lambda a: a[0] ^ a[1],
+    "mul.lo.u32": lambda a: (a[0] * a[1]) & MASK32,
 }
 
 
@@ -82,8 +84,7 @@ def fp16_bits(codebook: np.ndarray) -> list:
 
 
 def test_the_permute_ptx_decodes_every_code_of_random_codebooks():
-    source = inspect.getsource(packed._permute_decode.fn)
-    asm = next(text for text in re.findall(r'"""(.*?)"""', source, re.S) if "prmt.b32" in text)
+    asm = packed.PERMUTE4_ASM.value
     rng = np.random.default_rng(0)
     for trial in range(200):
         codebook = fp16_bits(np.sort(rng.standard_normal(16)))  # any 16 entries: no symmetry assumed
@@ -91,6 +92,38 @@ def test_the_permute_ptx_decodes_every_code_of_random_codebooks():
         operands = {f"${8 + i}": v for i, v in enumerate((word, *planes(codebook, 0), *planes(codebook, 8)))}
         regs = run_ptx(asm, operands)
         assert [regs[f"${e}"] for e in range(8)] == [codebook[(word >> 4 * e) & 15] for e in range(8)], trial
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_the_register_kernel_decoders_emit_each_code_in_their_stated_order(bits):
+    """`decode_mma`'s decoders: output j of a group is the centroid of code CODE_ORDER_<bits> nibble j."""
+    asm = {2: decode_mma._DECODE2_ASM, 3: decode_mma._DECODE3_ASM, 4: packed.PERMUTE4_ASM}[bits].value
+    order = getattr(decode_mma, f"CODE_ORDER_{bits}").value
+    assert sorted((order >> 4 * j) & 15 for j in range(8)) == list(range(8))
+    rng = np.random.default_rng(bits)
+    for trial in range(200):
+        codebook = fp16_bits(np.sort(rng.standard_normal(2**bits)))
+        group = int(rng.integers(0, 2 ** (8 * bits)))
+        tables = planes(codebook + [0] * 16, 0) + planes(codebook + [0] * 16, 8)
+        if bits == 2:  # low and high bytes of c[0..3] only
+            tables = (tables[0], tables[2])
+        operands = {f"${8 + i}": v for i, v in enumerate((group, *tables))}
+        regs = run_ptx(asm, operands)
+        codes = [(group >> bits * ((order >> 4 * j) & 15)) & (2**bits - 1) for j in range(8)]
+        assert [regs[f"${j}"] for j in range(8)] == [codebook[c] for c in codes], trial
+
+
+def test_the_symmetric_4_bit_decoder_matches_a_lookup_in_any_symmetric_codebook():
+    """`decode_mma._DECODE4_SYMMETRIC_ASM` reads only c[0..7] and takes c[15 − i] = −c[i] for the rest."""
+    rng = np.random.default_rng(7)
+    for trial in range(200):
+        half = np.sort(rng.standard_normal(8)).astype(np.float16)
+        codebook = fp16_bits(np.concatenate([half, -half[::-1]]))
+        assert codebook[15] == codebook[0] ^ 0x8000
+        group = int(rng.integers(0, 2**32))
+        operands = {f"${8 + i}": v for i, v in enumerate((group, *planes(codebook, 0)))}
+        regs = run_ptx(decode_mma._DECODE4_SYMMETRIC_ASM.value, operands)
+        assert [regs[f"${j}"] for j in range(8)] == [codebook[(group >> 4 * j) & 15] for j in range(8)], trial
 
 
 def test_byte_planes_in_the_interpreter_match_the_packing_the_ptx_reads():
@@ -108,9 +141,10 @@ def test_byte_planes_in_the_interpreter_match_the_packing_the_ptx_reads():
         tl.store(out + 6, b2)
         tl.store(out + 7, b3)
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     codebook = torch.linspace(-2.7, 2.7, 16).half()
-    out = torch.zeros(8, dtype=torch.int32)
-    kernel[(1,)](codebook, out)
+    out = torch.zeros(8, dtype=torch.int32, device=device)
+    kernel[(1,)](codebook.to(device), out)
     bits = fp16_bits(codebook.numpy())
     expected = [v - 2**32 if v >= 2**31 else v for v in (*planes(bits, 0), *planes(bits, 8))]  # as int32
-    assert out.tolist() == expected
+    assert out.cpu().tolist() == expected

@@ -30,6 +30,8 @@ MIN_BLOCKS_PER_SPLIT = 2  # shorter chunks spend more on the prologue and the me
 CTAS_PER_SM = 4  # enough independent chunks in flight to keep HBM busy
 NUM_WARPS = 4
 MAX_ROWS = 32  # query rows per (sequence, KV head): 64 fails to compile for sm_90 under Triton 3.6
+MERGE_SPLITS = 128  # chunks merged per step: a (sequence, KV head) may have hundreds of one-warp chunks
+MERGE_DIMS = 32  # output dimensions per merge program
 NUM_STAGES = 2  # prefetch the next block's words; 1 leaves HBM latency exposed (measured on an H200)
 
 
@@ -105,13 +107,15 @@ _PTX = not isinstance(_attend_chunk, InterpretedFunction) and torch.version.hip 
 def _merge_chunks(
     part_out, part_lse, out, out_lse, splits, o_stride_b, o_stride_h, o_stride_t,
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, Q_LEN: tl.constexpr, DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    bh, row = tl.program_id(0), tl.program_id(1)
-    dims = tl.arange(0, DIM)
+    """One query row's output over dimensions slice·BLOCK_D .. + BLOCK_D − 1 from its chunks' partial
+    outputs, weighted by their log-sum-exp (slices in parallel: a row may have hundreds of chunks)."""
+    bh, row, dim_slice = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    dims = dim_slice * BLOCK_D + tl.arange(0, BLOCK_D)
     m = float("-inf")
     total = 0.0
-    acc = tl.zeros((DIM,), tl.float32)
+    acc = tl.zeros((BLOCK_D,), tl.float32)
     for first in range(0, splits, BLOCK_S):
         split = first + tl.arange(0, BLOCK_S)
         part = (bh * splits + split) * BLOCK_M + row
@@ -128,9 +132,28 @@ def _merge_chunks(
     head, token = h * GROUP + row // Q_LEN, row % Q_LEN
     at = out + b * o_stride_b + head * o_stride_h + token * o_stride_t + dims
     tl.store(at, acc / tl.maximum(total, 1e-30))  # a query that sees no key gets 0, as in `attend`
-    # natural-log LSE of the scaled scores (−inf when the query sees no key), to merge with other keys
-    lse = tl.where(total > 0, (m + tl.log2(tl.maximum(total, 1e-30))) * 0.6931471805599453, float("-inf"))
-    tl.store(out_lse + (b * KV_HEADS * GROUP + head) * Q_LEN + token, lse)
+    if dim_slice == 0:  # natural-log LSE of the scaled scores (−inf when the query sees no key)
+        lse = tl.where(total > 0, (m + tl.log2(tl.maximum(total, 1e-30))) * 0.6931471805599453, float("-inf"))
+        tl.store(out_lse + (b * KV_HEADS * GROUP + head) * Q_LEN + token, lse)
+
+
+@functools.cache
+def _mma_kernel():
+    """`decode_mma` (Gluon, NVIDIA), or None where this triton has no Gluon."""
+    try:
+        from . import decode_mma
+    except ImportError:
+        return None
+    return decode_mma
+
+
+_RESIDENT: dict[tuple, int] = {}  # one-warp programs an SM holds, per compiled register-fragment kernel
+
+
+def _resident_programs(device_index: int | None, registers: int) -> int:
+    """One-warp programs one SM holds at `registers` per thread (allocated in units of 8), at most 32."""
+    per_sm = torch.cuda.get_device_properties(device_index).regs_per_multiprocessor
+    return max(1, min(32, per_sm // (32 * -(-registers // 8) * 8)))
 
 
 @functools.cache
@@ -201,12 +224,26 @@ def decode_attention(
             f"{group} query heads per KV head × {q_len} query tokens = {group * q_len} rows exceed the kernel's "
             f"{MAX_ROWS}: call it on chunks of query tokens (as tqlab.cache.fused does)"
         )
-    block_m = max(16, triton.next_power_of_2(group * q_len))
-    blocks = triton.cdiv(tokens, BLOCK_N)
+    registers = _PTX and query.is_cuda and _mma_kernel() is not None
+    registers = registers and _mma_kernel().supports(dim, k_bits, v_bits, group * q_len)
+    if registers:  # codes decoded into the tensor cores' operand registers: one warp per program
+        block_m, block_n, min_blocks = (
+            max(8, triton.next_power_of_2(group * q_len)), _mma_kernel().block_keys(dim),
+            _mma_kernel().MIN_BLOCKS_PER_SPLIT,
+        )  # fmt: skip
+        launch = (query.device.index, dim, k_bits, v_bits, block_m, group, q_len, kv_heads)
+        programs_per_sm = _RESIDENT.get(launch, _mma_kernel().PROGRAMS_PER_SM)
+    else:
+        block_m, block_n, programs_per_sm, min_blocks = (
+            max(16, triton.next_power_of_2(group * q_len)), BLOCK_N, CTAS_PER_SM, MIN_BLOCKS_PER_SPLIT,
+        )  # fmt: skip
+    blocks = triton.cdiv(tokens, block_n)
     if num_splits is None:
         sms = _sm_count(query.device.index) if query.is_cuda else 4
-        num_splits = min(triton.cdiv(CTAS_PER_SM * sms, batch * kv_heads), blocks // MIN_BLOCKS_PER_SPLIT)
-    chunk = triton.cdiv(blocks, max(1, min(num_splits, blocks))) * BLOCK_N
+        # as many chunks as fill the SMs' resident programs once (rounded down: a second, sparse wave
+        # would take as long as the first)
+        num_splits = min(max(1, programs_per_sm * sms // (batch * kv_heads)), blocks // min_blocks)
+    chunk = triton.cdiv(blocks, max(1, min(num_splits, blocks))) * block_n
     splits = triton.cdiv(tokens, chunk)
 
     lengths = lengths.to(device=query.device, dtype=torch.int32)
@@ -215,19 +252,30 @@ def decode_attention(
     )
     part_out = torch.empty(batch * kv_heads * splits * block_m, dim, dtype=torch.float32, device=query.device)
     part_lse = torch.empty(batch * kv_heads * splits * block_m, dtype=torch.float32, device=query.device)
-    _attend_chunk[(batch * kv_heads, splits)](
+    arguments = (
         query, key_indices, key_norms, value_indices, value_norms, key_table, value_table, lengths, starts,
         part_out, part_lse, scaling * math.log2(math.e), chunk, splits, causal_shift,
         *query.stride()[:3], *key_indices.stride()[:2], *key_norms.stride()[:2],
         *value_indices.stride()[:2], *value_norms.stride()[:2],
-        KV_HEADS=kv_heads, GROUP=group, Q_LEN=q_len, DIM=dim, K_BITS=k_bits, V_BITS=v_bits,
-        BLOCK_M=block_m, BLOCK_N=BLOCK_N, PERMUTE=_PTX and query.is_cuda,
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )  # fmt: skip
+    shape = dict(KV_HEADS=kv_heads, GROUP=group, Q_LEN=q_len, DIM=dim, K_BITS=k_bits, V_BITS=v_bits)
+    if registers:
+        kernel = _mma_kernel()._attend_chunk_mma[(batch * kv_heads, splits)](
+            *arguments, **shape, ROWS=block_m, BLOCK_N=block_n, **_mma_kernel().LAUNCH
+        )
+        if launch not in _RESIDENT:  # one full wave from the next call on: a partial one idles SMs
+            _RESIDENT[launch] = _resident_programs(query.device.index, kernel.n_regs)
+    else:
+        _attend_chunk[(batch * kv_heads, splits)](
+            *arguments, **shape, BLOCK_M=block_m, BLOCK_N=block_n, PERMUTE=_PTX and query.is_cuda,
+            num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        )  # fmt: skip
     out = torch.empty(batch, q_heads, q_len, dim, dtype=torch.float32, device=query.device)
     lse = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=query.device)
-    _merge_chunks[(batch * kv_heads, group * q_len)](
+    merge_dims = min(dim, MERGE_DIMS)
+    _merge_chunks[(batch * kv_heads, group * q_len, dim // merge_dims)](
         part_out, part_lse, out, lse, splits, *out.stride()[:3],
-        KV_HEADS=kv_heads, GROUP=group, Q_LEN=q_len, DIM=dim, BLOCK_M=block_m, BLOCK_S=16,
+        KV_HEADS=kv_heads, GROUP=group, Q_LEN=q_len, DIM=dim, BLOCK_M=block_m,
+        BLOCK_S=max(16, min(MERGE_SPLITS, triton.next_power_of_2(splits))), BLOCK_D=merge_dims,
     )  # fmt: skip
     return out, lse

@@ -73,6 +73,23 @@ def _split_pairs(pairs):
     return low, high
 
 
+PERMUTE4_ASM = tl.constexpr(
+    """{ .reg .b32 m, w4, ln, lp, hn, hp, k, l, h;
+    and.b32 m, $8, 0x77777777; shl.b32 w4, $8, 4;
+    prmt.b32 ln, $9, $10, m; prmt.b32 lp, $13, $14, m; prmt.b32 hn, $11, $12, m; prmt.b32 hp, $15, $16, m;
+    prmt.b32 k, w4, $8, 0xD9C8;
+    lop3.b32 l, lp, ln, k, 0xE4; lop3.b32 h, hp, hn, k, 0xE4;
+    prmt.b32 k, l, h, 0x5140; mov.b32 {$0, $1}, k; prmt.b32 k, l, h, 0x7362; mov.b32 {$2, $3}, k;
+    shr.b32 m, m, 16;
+    prmt.b32 ln, $9, $10, m; prmt.b32 lp, $13, $14, m; prmt.b32 hn, $11, $12, m; prmt.b32 hp, $15, $16, m;
+    prmt.b32 k, w4, $8, 0xFBEA;
+    lop3.b32 l, lp, ln, k, 0xE4; lop3.b32 h, hp, hn, k, 0xE4;
+    prmt.b32 k, l, h, 0x5140; mov.b32 {$4, $5}, k; prmt.b32 k, l, h, 0x7362; mov.b32 {$6, $7}, k; }"""
+)
+"""The byte-permute decode of 8 4-bit codes ($8) into fp16 centroids ($0..$7, in order): $9..$12 are the low and
+high bytes of c[0..7] (`_byte_planes(codebook, 0)`), $13..$16 those of c[8..15]. See `_permute_decode`."""
+
+
 @triton.jit
 def _byte_planes(codebook, first: tl.constexpr):
     """Bytes 0 (lo) and 1 (hi) of the fp16 entries c[first .. first + 7] as two pairs of int32 words, four
@@ -100,17 +117,7 @@ def _permute_decode(words, codebook):
     n_lo0, n_lo1, n_hi0, n_hi1 = _byte_planes(codebook, 0)
     p_lo0, p_lo1, p_hi0, p_hi1 = _byte_planes(codebook, 8)
     return tl.inline_asm_elementwise(
-        """{ .reg .b32 m, w4, ln, lp, hn, hp, k, l, h;
-        and.b32 m, $8, 0x77777777; shl.b32 w4, $8, 4;
-        prmt.b32 ln, $9, $10, m; prmt.b32 lp, $13, $14, m; prmt.b32 hn, $11, $12, m; prmt.b32 hp, $15, $16, m;
-        prmt.b32 k, w4, $8, 0xD9C8;
-        lop3.b32 l, lp, ln, k, 0xE4; lop3.b32 h, hp, hn, k, 0xE4;
-        prmt.b32 k, l, h, 0x5140; mov.b32 {$0, $1}, k; prmt.b32 k, l, h, 0x7362; mov.b32 {$2, $3}, k;
-        shr.b32 m, m, 16;
-        prmt.b32 ln, $9, $10, m; prmt.b32 lp, $13, $14, m; prmt.b32 hn, $11, $12, m; prmt.b32 hp, $15, $16, m;
-        prmt.b32 k, w4, $8, 0xFBEA;
-        lop3.b32 l, lp, ln, k, 0xE4; lop3.b32 h, hp, hn, k, 0xE4;
-        prmt.b32 k, l, h, 0x5140; mov.b32 {$4, $5}, k; prmt.b32 k, l, h, 0x7362; mov.b32 {$6, $7}, k; }""",
+        PERMUTE4_ASM,
         "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r,r",
         [words, n_lo0, n_lo1, n_hi0, n_hi1, p_lo0, p_lo1, p_hi0, p_hi1],
         dtype=(tl.float16,) * 8, is_pure=True, pack=1,

@@ -1,0 +1,413 @@
+"""Decode attention with the codes decoded straight into tensor-core operand registers (NVIDIA GPUs, Gluon).
+
+The Triton-language kernel (`decode._attend_chunk`) decodes a block of codes into an fp16 tile and hands it
+to `tl.dot`, which stages the tile through shared memory into the layout the tensor cores read; Nsight
+Compute showed that round trip (with the codebook shuffles) keeping the L1/shared-memory pipe 71–84 % busy
+while HBM idled. Here each lane loads exactly the code words whose centroids make up its own `mma.sync`
+operand fragments, decodes them with byte permutes (`prmt`) on the integer ALUs, and feeds the registers to
+the tensor cores: no shared memory, no shuffles, in the main loop.
+
+That works because scores and outputs are sums over coordinates in the rotated domain: any fixed order of
+the coordinates may be used on both sides of a product. Keys are the A operand of Sᵀ = K·Qᵀ (keys on the MMA's
+M axis, the GQA group's query rows on N, so a group of ≤ 8 rows wastes nothing); lane (g, c) of the warp holds
+DIM/4 coordinates of each of its keys, chosen to be its own contiguous DIM/4 stored coordinates (one 16-byte
+load at 4 bits, d = 128), and the query is loaded in the matching order. Values are the A operand of
+Oᵀ = Vᵀ·Pᵀ (coordinates on M, keys on K); lane g holds DIM/8 contiguous stored coordinates of its keys, and
+the output is written back through the same order. Within a group of 8 codes, the byte-permute decode emits
+the codes in an order of its own (`CODE_ORDER`), which the coordinate order absorbs.
+
+One warp per program, each program one chunk of one (sequence, KV head) — split-K as in `decode`, merged by
+the same `_merge_chunks`; codes for the next block are loaded into registers while this block computes.
+Gluon does not run in Triton's interpreter, so on a CPU `decode.decode_attention` uses the Triton-language
+kernel; this one is checked against the same float64 reference on a GPU, and compiled for sm_90 by the CPU
+tests (every layout conversion in the loop asserted free of data movement).
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+from .packed import PERMUTE4_ASM
+
+PROGRAMS_PER_SM = 12  # one-warp programs per SM until the compiled kernel's registers say (decode._RESIDENT)
+MIN_BLOCKS_PER_SPLIT = 8  # 256 keys: shorter chunks spend more on the prologue and the merge than they save
+LAUNCH = dict(num_warps=1)  # one warp per program: the MMA layouts below assume it
+MAX_ROWS = 16  # query rows per program (the MMA's N axis): the output accumulator is DIM·ROWS/32 registers
+# The order in which each decoder emits the 8 codes of a group (nibble j: the code at output j): 4 bits in
+# order, 2 bits evens then odds, 3 bits as its selectors assemble them.
+CODE_ORDER_2 = gl.constexpr(0x75316420)
+CODE_ORDER_3 = gl.constexpr(0x75634210)
+CODE_ORDER_4 = gl.constexpr(0x76543210)
+
+_DECODE3_ASM = gl.constexpr(
+    """{ .reg .b32 s, y, t, l, h, k;
+    and.b32 s, $8, 0x7007; shl.b32 t, $8, 1; and.b32 t, t, 0x70; or.b32 s, s, t;
+    shl.b32 t, $8, 2; and.b32 t, t, 0x700; or.b32 s, s, t;
+    prmt.b32 l, $9, $10, s; prmt.b32 h, $11, $12, s;
+    prmt.b32 k, l, h, 0x5140; mov.b32 {$0, $1}, k; prmt.b32 k, l, h, 0x7362; mov.b32 {$2, $3}, k;
+    shr.b32 y, $8, 9; and.b32 s, y, 0x7007; shl.b32 t, y, 2; and.b32 t, t, 0x700; or.b32 s, s, t;
+    shr.b32 t, y, 5; and.b32 t, t, 0x70; or.b32 s, s, t;
+    prmt.b32 l, $9, $10, s; prmt.b32 h, $11, $12, s;
+    prmt.b32 k, l, h, 0x5140; mov.b32 {$4, $5}, k; prmt.b32 k, l, h, 0x7362; mov.b32 {$6, $7}, k; }"""
+)
+"""The 8 3-bit codes of a 24-bit group ($8) as fp16 centroids: selectors put codes 0, 1, 2, 4 and then 3, 6,
+5, 7 one per nibble; `prmt` looks their low and high bytes up in c[0..7] ($9, $10 low bytes, $11, $12 high)."""
+
+_DECODE2_ASM = gl.constexpr(
+    """{ .reg .b32 s, l, h, k;
+    and.b32 s, $8, 0x3333; prmt.b32 l, $9, $9, s; prmt.b32 h, $10, $10, s;
+    prmt.b32 k, l, h, 0x5140; mov.b32 {$0, $1}, k; prmt.b32 k, l, h, 0x7362; mov.b32 {$2, $3}, k;
+    shr.b32 s, $8, 2; and.b32 s, s, 0x3333; prmt.b32 l, $9, $9, s; prmt.b32 h, $10, $10, s;
+    prmt.b32 k, l, h, 0x5140; mov.b32 {$4, $5}, k; prmt.b32 k, l, h, 0x7362; mov.b32 {$6, $7}, k; }"""
+)
+"""The 8 2-bit codes of a 16-bit group ($8), even codes first: masks put 4 codes one per nibble; `prmt` looks
+their low and high bytes up in c[0..3] ($9 low bytes, $10 high)."""
+
+
+_DECODE4_SYMMETRIC_ASM = gl.constexpr(
+    """{ .reg .b32 t, j, w4, l, h, k;
+    shr.b32 t, $8, 3; and.b32 t, t, 0x11111111; mul.lo.u32 t, t, 7; xor.b32 j, $8, t; and.b32 j, j, 0x77777777;
+    shl.b32 w4, $8, 4;
+    prmt.b32 l, $9, $10, j; prmt.b32 h, $11, $12, j; prmt.b32 k, w4, $8, 0xD9C8; and.b32 k, k, 0x80808080;
+    xor.b32 h, h, k; prmt.b32 k, l, h, 0x5140; mov.b32 {$0, $1}, k; prmt.b32 k, l, h, 0x7362; mov.b32 {$2, $3}, k;
+    shr.b32 j, j, 16;
+    prmt.b32 l, $9, $10, j; prmt.b32 h, $11, $12, j; prmt.b32 k, w4, $8, 0xFBEA; and.b32 k, k, 0x80808080;
+    xor.b32 h, h, k; prmt.b32 k, l, h, 0x5140; mov.b32 {$4, $5}, k; prmt.b32 k, l, h, 0x7362; mov.b32 {$6, $7}, k; }"""
+)
+"""The 8 4-bit codes of a group ($8) in order, for a codebook symmetric about 0 (c[15 − i] = −c[i], as Lloyd-Max
+codebooks are): code i >= 8 is −c[15 − i], so each code's low 3 bits, flipped when its top bit is set, look
+up c[0..7] ($9, $10 low bytes, $11, $12 high), and the top bit becomes the sign. A quarter fewer integer
+instructions than `PERMUTE4_ASM`, which has to look up both halves of the codebook and pick one."""
+
+
+def block_keys(dim: int) -> int:
+    """Keys per step: two m16 tiles of keys (one at d = 256, whose operands would spill registers)."""
+    return 32 if dim <= 128 else 16
+
+
+def supports(dim: int, k_bits: int, v_bits: int, rows: int) -> bool:
+    """Whether this kernel takes the shape (otherwise `decode` uses the Triton-language kernel): 3-bit rows
+    are read as whole 32-bit words (keys) and 16-bit halves (values), laid out for d = 128 only."""
+    return dim in (64, 128, 256) and rows <= MAX_ROWS and (dim == 128 or 3 not in (k_bits, v_bits))
+
+
+@gluon.jit
+def _plane(entries, first: gl.constexpr, HIGH: gl.constexpr):
+    """Byte HIGH (0 low, 1 high) of the fp16 entries c[first .. first + 3] as one 4-byte table for `prmt`."""
+    j = gl.arange(0, 4, layout=gl.BlockedLayout([1], [32], [1], [0]))
+    bits = gl.load(entries + first + j).to(gl.int32) & 0xFFFF
+    return gl.sum(((bits >> (8 * HIGH)) & 0xFF) << (8 * j), axis=0)
+
+
+@gluon.jit
+def _planes(table, BITS: gl.constexpr):
+    """The fp16 codebook `table` as the byte tables the decoders take: low bytes of c[0..3], of c[4..7], high
+    bytes of c[0..3], of c[4..7], then the same for c[8..15] (4 bits); at 2 bits low and high of c[0..3]."""
+    entries = table.to(gl.pointer_type(gl.int16))
+    first = _plane(entries, 0, 0)
+    if BITS == 2:  # padded with copies (unused): one tuple shape for every width
+        low = (first, _plane(entries, 0, 1), first, first)
+    else:
+        low = (first, _plane(entries, 4, 0), _plane(entries, 0, 1), _plane(entries, 4, 1))
+    if BITS < 4:
+        return low + (first, first, first, first)
+    return low + (
+        _plane(entries, 8, 0),
+        _plane(entries, 12, 0),
+        _plane(entries, 8, 1),
+        _plane(entries, 12, 1),
+    )
+
+
+@gluon.jit
+def _is_symmetric(table, BITS: gl.constexpr):
+    """Whether the fp16 codebook has c[2^BITS − 1 − i] = −c[i] bit for bit."""
+    i = gl.arange(0, 1 << BITS, layout=gl.BlockedLayout([1], [32], [1], [0]))
+    entries = table.to(gl.pointer_type(gl.int16))
+    mirrored = gl.load(entries + ((1 << BITS) - 1 - i)).to(gl.int32) ^ 0x8000
+    return gl.sum((gl.load(entries + i).to(gl.int32) & 0xFFFF) != (mirrored & 0xFFFF), axis=0) == 0
+
+
+@gluon.jit
+def _decode(groups, planes, SYMMETRIC: gl.constexpr, BITS: gl.constexpr):
+    """Eight fp16 tensors: the codes of each int32 group in CODE_ORDER_BITS, looked up by byte permutes in
+    `_planes`; SYMMETRIC (4 bits): the codebook is symmetric about 0, so the shorter decode applies."""
+    zero = gl.zeros_like(groups)
+    if BITS == 2:
+        return gl.inline_asm_elementwise(
+            _DECODE2_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [groups, zero + planes[0], zero + planes[1]],
+            dtype=(gl.float16,) * 8, is_pure=True, pack=1,
+        )  # fmt: skip
+    elif BITS == 3:
+        return gl.inline_asm_elementwise(
+            _DECODE3_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r",
+            [groups, zero + planes[0], zero + planes[1], zero + planes[2], zero + planes[3]],
+            dtype=(gl.float16,) * 8, is_pure=True, pack=1,
+        )  # fmt: skip
+    elif SYMMETRIC:
+        return gl.inline_asm_elementwise(
+            _DECODE4_SYMMETRIC_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r",
+            [groups, zero + planes[0], zero + planes[1], zero + planes[2], zero + planes[3]],
+            dtype=(gl.float16,) * 8, is_pure=True, pack=1,
+        )  # fmt: skip
+    else:
+        return gl.inline_asm_elementwise(
+            PERMUTE4_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r,r",
+            [groups, zero + planes[0], zero + planes[1], zero + planes[2], zero + planes[3],
+             zero + planes[4], zero + planes[5], zero + planes[6], zero + planes[7]],
+            dtype=(gl.float16,) * 8, is_pure=True, pack=1,
+        )  # fmt: skip
+
+
+@gluon.jit
+def _code(i, BITS: gl.constexpr):
+    """Which code of its group the decoder emits as output i (CODE_ORDER)."""
+    if BITS == 2:
+        order: gl.constexpr = CODE_ORDER_2
+    elif BITS == 3:
+        order: gl.constexpr = CODE_ORDER_3
+    else:
+        order: gl.constexpr = CODE_ORDER_4
+    return (order >> (4 * i)) & 7
+
+
+@gluon.jit
+def _interleave(e):
+    """The eight planes e[0..7] as one tensor with three more axes of 2: plane 4·i2 + 2·i1 + i0 at (i0, i1, i2)."""
+    low = gl.join(gl.join(e[0], e[1]), gl.join(e[2], e[3]))
+    high = gl.join(gl.join(e[4], e[5]), gl.join(e[6], e[7]))
+    return gl.join(low, high)
+
+
+@gluon.jit
+def _three_bit_groups(w0, w1, w2):
+    """Four 24-bit groups from three consecutive little-endian 32-bit words."""
+    return (
+        w0 & 0xFFFFFF,
+        ((w0 >> 24) & 0xFF) | ((w1 << 8) & 0xFFFF00),
+        ((w1 >> 16) & 0xFFFF) | ((w2 << 16) & 0xFF0000),
+        (w2 >> 8) & 0xFFFFFF,
+    )
+
+
+@gluon.jit
+def _key_groups(codes, block, stop, BITS: gl.constexpr, DIM: gl.constexpr, BLOCK_N: gl.constexpr):
+    """int32 groups [BLOCK_N, 4, W] (W = DIM/32) of keys block .. block + BLOCK_N − 1 (those >= stop read as
+    0): lane (g, c) of the warp reads groups W·c .. W·c + W − 1 of its keys, DIM·BITS/32 contiguous bytes."""
+    W: gl.constexpr = DIM // 32
+    if BITS == 3:  # lane c's 3W bytes are 3W/4 whole words: load them, assemble 4 groups per 3 words
+        gl.static_assert(W == 4, "3-bit keys: head_dim 128 only")
+        words: gl.constexpr = gl.BlockedLayout([1, 1, 1], [8, 4, 1], [1, 1, 1], [2, 1, 0])
+    else:
+        words: gl.constexpr = gl.BlockedLayout([1, 1, W], [8, 4, 1], [1, 1, 1], [2, 1, 0])
+    t = block + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, words)))[:, None, None]
+    c = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, words)))[None, :, None]
+    if BITS == 3:
+        row = codes.to(gl.pointer_type(gl.int32)) + t * (DIM // 8 * 3 // 4) + 3 * c
+        w0 = gl.load(row, mask=t < stop, other=0)
+        w1 = gl.load(row + 1, mask=t < stop, other=0)
+        w2 = gl.load(row + 2, mask=t < stop, other=0)
+        g0, g1, g2, g3 = _three_bit_groups(w0, w1, w2)
+        groups = gl.permute(gl.join(gl.join(g0, g1), gl.join(g2, g3)), (0, 1, 2, 4, 3))
+        groups = gl.reshape(groups, (BLOCK_N, 4, 4))
+    else:
+        w = gl.arange(0, W, layout=gl.SliceLayout(0, gl.SliceLayout(1, words)))[None, None, :]
+        if BITS == 2:
+            row = codes.to(gl.pointer_type(gl.int16)) + t * (DIM // 8) + W * c + w
+            groups = gl.load(row, mask=t < stop, other=0).to(gl.int32) & 0xFFFF
+        else:
+            row = codes.to(gl.pointer_type(gl.int32)) + t * (DIM // 8) + W * c + w
+            groups = gl.load(row, mask=t < stop, other=0)
+    return groups
+
+
+@gluon.jit
+def _key_operand(
+    groups, planes, SYMMETRIC: gl.constexpr, BITS: gl.constexpr, DIM: gl.constexpr, BLOCK_N: gl.constexpr
+):
+    """The A operand [BLOCK_N keys, DIM] of Sᵀ = K·Qᵀ from `_key_groups`; column k holds stored coordinate
+    `_key_coordinate(k)`."""
+    e = _interleave(_decode(groups, planes, SYMMETRIC, BITS))  # [t, c, w, i0, i1, i2]
+    # column k = 32·w + 16·i2 + 8·i1 + 2·c + i0: the mma.sync A fragment gives lane c the columns 2c, 2c + 1
+    # (and + 8) of every 16, so each lane's own groups land in its own registers.
+    return gl.reshape(gl.permute(e, (0, 2, 5, 4, 1, 3)), (BLOCK_N, DIM))
+
+
+@gluon.jit
+def _key_coordinate(k, BITS: gl.constexpr, DIM: gl.constexpr):
+    """The stored coordinate that column k of `_key_operand` holds."""
+    c, w = (k >> 1) & 3, k >> 5
+    i = (k & 1) | (((k >> 3) & 1) << 1) | (((k >> 4) & 1) << 2)
+    return 8 * ((DIM // 32) * c + w) + _code(i, BITS)
+
+
+@gluon.jit
+def _value_groups(codes, block, stop, BITS: gl.constexpr, DIM: gl.constexpr, BLOCK_N: gl.constexpr):
+    """int32 groups [BLOCK_N, 8, U] (U = DIM/64): lane (g, c) reads groups U·g .. U·g + U − 1 of its keys
+    2c, 2c + 1 (and + 8, + 16 …), DIM·BITS/64 contiguous bytes each."""
+    U: gl.constexpr = DIM // 64
+    if BITS == 3:  # lane g's 3U bytes as 16-bit halves: two 24-bit groups per three halves
+        gl.static_assert(U == 2, "3-bit values: head_dim 128 only")
+        words: gl.constexpr = gl.BlockedLayout([2, 1, 1], [4, 8, 1], [1, 1, 1], [2, 0, 1])
+    else:
+        words: gl.constexpr = gl.BlockedLayout([2, 1, U], [4, 8, 1], [1, 1, 1], [2, 0, 1])
+    t = block + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, words)))[:, None, None]
+    g = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, words)))[None, :, None]
+    if BITS == 3:
+        row = codes.to(gl.pointer_type(gl.int16)) + t * (DIM // 8 * 3 // 2) + 3 * g
+        h0 = gl.load(row, mask=t < stop, other=0).to(gl.int32) & 0xFFFF
+        h1 = gl.load(row + 1, mask=t < stop, other=0).to(gl.int32) & 0xFFFF
+        h2 = gl.load(row + 2, mask=t < stop, other=0).to(gl.int32) & 0xFFFF
+        groups = gl.join(h0 | ((h1 & 0xFF) << 16), (h1 >> 8) | (h2 << 8))
+        groups = gl.reshape(groups, (BLOCK_N, 8, 2))
+    else:
+        u = gl.arange(0, U, layout=gl.SliceLayout(0, gl.SliceLayout(1, words)))[None, None, :]
+        if BITS == 2:
+            row = codes.to(gl.pointer_type(gl.int16)) + t * (DIM // 8) + U * g + u
+            groups = gl.load(row, mask=t < stop, other=0).to(gl.int32) & 0xFFFF
+        else:
+            row = codes.to(gl.pointer_type(gl.int32)) + t * (DIM // 8) + U * g + u
+            groups = gl.load(row, mask=t < stop, other=0)
+    return groups
+
+
+@gluon.jit
+def _value_operand(
+    groups, planes, SYMMETRIC: gl.constexpr, BITS: gl.constexpr, DIM: gl.constexpr, BLOCK_N: gl.constexpr
+):
+    """The A operand [DIM, BLOCK_N keys] of Oᵀ = Vᵀ·Pᵀ from `_value_groups`; row m holds stored coordinate
+    `_value_coordinate(m)`."""
+    e = _interleave(_decode(groups, planes, SYMMETRIC, BITS))  # [t, g, u, i0, i1, i2]
+    # row m = 64·u + 32·i2 + 16·i1 + 8·i0 + g: the A fragment gives lane g the rows g and g + 8 of every 16.
+    return gl.reshape(gl.permute(e, (2, 5, 4, 3, 1, 0)), (DIM, BLOCK_N))
+
+
+@gluon.jit
+def _value_coordinate(m, BITS: gl.constexpr, DIM: gl.constexpr):
+    """The stored coordinate that row m of `_value_operand` holds."""
+    return 8 * ((DIM // 64) * (m & 7) + (m >> 6)) + _code((m >> 3) & 7, BITS)
+
+
+@gluon.jit
+def _attend_blocks(
+    q_op, q_scale, last_key, first_key, start, stop, kc, kn, vc, vn, k_planes, v_planes,
+    K_BITS: gl.constexpr, V_BITS: gl.constexpr, DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
+    SYMMETRIC: gl.constexpr,
+):  # fmt: skip
+    """The online softmax over keys start .. stop − 1 of one (sequence, KV head): (Oᵀ unnormalised, running
+    max, running sum) per query row."""
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
+    op_a: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    op_b: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+    key_axis: gl.constexpr = gl.SliceLayout(1, mma)
+    row_axis: gl.constexpr = gl.SliceLayout(0, mma)
+    m_i = gl.full([ROWS], float("-inf"), gl.float32, row_axis)
+    l_i = gl.zeros([ROWS], gl.float32, row_axis)
+    acc = gl.zeros([DIM, ROWS], gl.float32, mma)
+    k_groups = _key_groups(kc, start, stop, K_BITS, DIM, BLOCK_N)
+    v_groups = _value_groups(vc, start, stop, V_BITS, DIM, BLOCK_N)
+    for block in range(start, stop, BLOCK_N):
+        # the next block's codes load while this one computes
+        k_next = _key_groups(kc, block + BLOCK_N, stop, K_BITS, DIM, BLOCK_N)
+        v_next = _value_groups(vc, block + BLOCK_N, stop, V_BITS, DIM, BLOCK_N)
+        keys = block + gl.arange(0, BLOCK_N, layout=key_axis)
+        key_valid = keys < stop
+        k_norm = gl.load(kn + keys, mask=key_valid, other=0.0).to(gl.float32)
+        k_op = gl.convert_layout(
+            _key_operand(k_groups, k_planes, SYMMETRIC, K_BITS, DIM, BLOCK_N), op_a, assert_trivial=True
+        )
+        s = mma_v2(k_op, q_op, gl.zeros([BLOCK_N, ROWS], gl.float32, mma))
+        s = s * k_norm[:, None] * q_scale[None, :]
+        seen = key_valid[:, None] & (keys[:, None] <= last_key[None, :]) & (keys[:, None] >= first_key)
+        s = gl.where(seen, s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, axis=0))
+        m_shift = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
+        p = gl.exp2(s - m_shift[None, :])
+        alpha = gl.exp2(m_i - m_shift)
+        l_i = l_i * alpha + gl.sum(p, axis=0)
+        v_norm = gl.load(vn + keys, mask=key_valid, other=0.0).to(gl.float32)
+        p_op = gl.convert_layout((p * v_norm[:, None]).to(gl.float16), op_b)
+        v_op = gl.convert_layout(
+            _value_operand(v_groups, v_planes, SYMMETRIC, V_BITS, DIM, BLOCK_N), op_a, assert_trivial=True
+        )
+        acc = mma_v2(v_op, p_op, acc * alpha[None, :])
+        m_i = m_new
+        k_groups, v_groups = k_next, v_next
+
+    return acc, m_i, l_i
+
+
+@gluon.jit
+def _attend_chunk_mma(
+    query, k_codes, k_norms, v_codes, v_norms, k_table, v_table, lengths, starts, part_out, part_lse,
+    scale_log2, chunk, splits, causal_shift,
+    q_stride_b, q_stride_h, q_stride_t,
+    kc_stride_b, kc_stride_h, kn_stride_b, kn_stride_h,
+    vc_stride_b, vc_stride_h, vn_stride_b, vn_stride_h,
+    KV_HEADS: gl.constexpr, GROUP: gl.constexpr, Q_LEN: gl.constexpr, DIM: gl.constexpr,
+    K_BITS: gl.constexpr, V_BITS: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
+):  # fmt: skip
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
+    op_b: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+    plain: gl.constexpr = gl.BlockedLayout([1, 1], [4, 8], [1, 1], [0, 1])
+    row_axis: gl.constexpr = gl.SliceLayout(0, mma)
+
+    bh, split = gl.program_id(0), gl.program_id(1)
+    b, h = bh // KV_HEADS, bh % KV_HEADS
+    length = gl.load(lengths + b).to(gl.int32)
+    first_key = gl.load(starts + b).to(gl.int32)  # keys before it are padding
+    start = gl.maximum(split * chunk, first_key // BLOCK_N * BLOCK_N)
+    stop = gl.minimum(split * chunk + chunk, length)
+
+    # Qᵀ [DIM, ROWS] in the keys' coordinate order, each row scaled to max |·| = 1 for fp16 operands.
+    k_of = gl.arange(0, DIM, layout=gl.SliceLayout(1, plain))
+    r_of = gl.arange(0, ROWS, layout=gl.SliceLayout(0, plain))
+    q_at = (
+        query
+        + b.to(gl.int64) * q_stride_b
+        + (h * GROUP + r_of // Q_LEN) * q_stride_h
+        + (r_of % Q_LEN) * q_stride_t
+    )
+    q = (
+        gl.load(
+            q_at[None, :] + _key_coordinate(k_of, K_BITS, DIM)[:, None],
+            mask=(r_of < GROUP * Q_LEN)[None, :],
+            other=0.0,
+        ).to(gl.float32)
+        * scale_log2
+    )
+    q_scale = gl.max(gl.abs(q), axis=0)
+    q_scale = gl.where(q_scale > 0, q_scale, 1.0)
+    q_op = gl.convert_layout((q / q_scale[None, :]).to(gl.float16), op_b)
+    q_scale = gl.convert_layout(q_scale, row_axis)
+    rows = gl.arange(0, ROWS, layout=row_axis)
+    last_key = length - Q_LEN + rows % Q_LEN + causal_shift  # causal among the step's own tokens
+
+    kc = k_codes + b.to(gl.int64) * kc_stride_b + h.to(gl.int64) * kc_stride_h
+    kn = k_norms + b.to(gl.int64) * kn_stride_b + h.to(gl.int64) * kn_stride_h
+    vc = v_codes + b.to(gl.int64) * vc_stride_b + h.to(gl.int64) * vc_stride_h
+    vn = v_norms + b.to(gl.int64) * vn_stride_b + h.to(gl.int64) * vn_stride_h
+
+    k_planes, v_planes = _planes(k_table, K_BITS), _planes(v_table, V_BITS)
+    symmetric = (K_BITS < 4 or _is_symmetric(k_table, K_BITS)) and (
+        V_BITS < 4 or _is_symmetric(v_table, V_BITS)
+    )
+    if (K_BITS == 4 or V_BITS == 4) and symmetric:  # one loop per decoder: a branch inside costs registers
+        acc, m_i, l_i = _attend_blocks(
+            q_op, q_scale, last_key, first_key, start, stop, kc, kn, vc, vn, k_planes, v_planes,
+            K_BITS, V_BITS, DIM, ROWS, BLOCK_N, True,
+        )  # fmt: skip
+    else:
+        acc, m_i, l_i = _attend_blocks(
+            q_op, q_scale, last_key, first_key, start, stop, kc, kn, vc, vn, k_planes, v_planes,
+            K_BITS, V_BITS, DIM, ROWS, BLOCK_N, False,
+        )  # fmt: skip
+
+    m_of = gl.arange(0, DIM, layout=gl.SliceLayout(1, mma))
+    part = (bh * splits + split) * ROWS + rows
+    at = part_out + part[None, :] * DIM + _value_coordinate(m_of, V_BITS, DIM)[:, None]
+    gl.store(at, acc / gl.where(l_i > 0, l_i, 1.0)[None, :], mask=(rows < GROUP * Q_LEN)[None, :])
+    lse = m_i + gl.log2(gl.where(l_i > 0, l_i, 1.0))
+    gl.store(part_lse + part, gl.where(l_i > 0, lse, float("-inf")), mask=rows < GROUP * Q_LEN)

@@ -1,0 +1,85 @@
+"""The register-fragment decode kernel (`kernels/decode_mma.py`, Gluon) cannot run in Triton's interpreter, so on
+a CPU it is compiled for sm_90 instead: every layout conversion of an operand is asserted free of data movement
+at compile time (`assert_trivial`), and the compiled kernel must use no shared memory and no shuffle or
+shared-memory instruction in its main loop but the softmax's. Its numbers are checked by test_decode on a GPU."""
+
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+triton = pytest.importorskip("triton")
+pytest.importorskip("triton.experimental.gluon")
+
+# Compiled in a fresh process: the test session runs Triton in its interpreter, which cannot compile Gluon.
+COMPILE = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+from tqlab.kernels import decode_mma
+
+constants = json.loads(sys.argv[1])
+pointers = {
+    "query": "*fp32", "k_codes": "*u8", "k_norms": "*fp16", "v_codes": "*u8", "v_norms": "*fp16",
+    "k_table": "*fp16", "v_table": "*fp16", "lengths": "*i32", "starts": "*i32", "part_out": "*fp32",
+    "part_lse": "*fp32", "scale_log2": "fp32",
+}
+names = decode_mma._attend_chunk_mma.arg_names
+signature = {n: "constexpr" if n in constants else pointers.get(n, "i32") for n in names}
+aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if "stride" in n or "codes" in n}
+source = GluonASTSource(fn=decode_mma._attend_chunk_mma, signature=signature, constexprs=constants, attrs=aligned)
+kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=decode_mma.LAUNCH)
+open(sys.argv[2], "wb").write(kernel.asm["cubin"])
+print(json.dumps({"shared": kernel.metadata.shared}))
+"""
+
+
+def tool(name: str) -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def loop_opcodes(sass: str) -> collections.Counter:
+    """Opcodes of the longest loop (backward branch) of a disassembly."""
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"(\.L_x_\d+):", line))}
+    loops = [
+        (labels[m.group(1)], i)
+        for i, line in enumerate(lines)
+        if (m := re.search(r"BRA `\((\.L_x_\d+)\)", line)) and labels.get(m.group(1), i) < i
+    ]
+    first, last = max(loops, key=lambda span: span[1] - span[0])
+    opcode = re.compile(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)")
+    return collections.Counter(m.group(1) for line in lines[first : last + 1] if (m := opcode.match(line)))
+
+
+@pytest.mark.parametrize("dim,k_bits,v_bits,group", [(128, 4, 4, 4), (128, 3, 2, 6), (256, 2, 4, 8)])
+def test_compiles_for_sm90_with_operands_decoded_in_registers(dim, k_bits, v_bits, group, tmp_path):
+    if not os.path.exists(tool("ptxas")):
+        pytest.skip("this triton wheel ships no ptxas")
+    from tqlab.kernels import decode_mma
+
+    constants = dict(
+        KV_HEADS=8, GROUP=group, Q_LEN=1, DIM=dim, K_BITS=k_bits, V_BITS=v_bits, ROWS=8,
+        BLOCK_N=decode_mma.block_keys(dim),
+    )  # fmt: skip
+    cubin = tmp_path / "kernel.cubin"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILE, json.dumps(constants), str(cubin)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1])["shared"] == 0
+    loop = loop_opcodes(
+        subprocess.run([tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True).stdout
+    )
+    assert loop["HMMA"] == 2 * (dim // 16) * (decode_mma.block_keys(dim) // 16)  # Sᵀ = K·Qᵀ and Oᵀ = Vᵀ·Pᵀ
+    assert not any(op.startswith(("LDS", "STS", "LDSM")) for op in loop)
+    assert loop["SHFL"] <= 16  # the softmax's max and sum over keys and P's move into the B operand
