@@ -9,6 +9,19 @@ from tqlab.kernels import centroid_table, decode_attention  # noqa: E402
 from tqlab.quant import TurboQuantMSE, unpack_bits  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True, params=["tiles", "registers"] if DEVICE == "cuda" else ["tiles"])
+def kernel(request, monkeypatch):
+    """On a GPU every case runs on both kernels: the Triton-language one (also the interpreter's) and the
+    register-fragment one (`decode_mma`), which small problems would otherwise not reach."""
+    from tqlab.kernels import decode
+
+    threshold = 0 if request.param == "registers" else float("inf")
+    monkeypatch.setattr(decode, "REGISTER_KERNEL_MIN_KEYS", threshold)
+    return request.param
+
+
 # The kernel feeds tensor cores fp16 operands (unit roundoff 2^-11: the query, the centroids, p·‖v‖) and
 # accumulates in fp32; a few roundoffs of the output's scale bound its error.
 TOLERANCE = 8 * 2**-11

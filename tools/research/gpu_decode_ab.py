@@ -4,7 +4,7 @@ how a kernel change was measured before it was kept.
     mkdir -p prev_kernels && for f in decode packed; do git show 0f4216b:src/tqlab/kernels/$f.py > prev_kernels/$f.py; done
     PYTHONPATH=src python tools/research/gpu_decode_ab.py --against prev_kernels --bits 2
 
-`--against` is a folder holding the other version's decode.py and packed.py (the GPU machine has no git, so the
+`--against` is a folder holding the other version's decode.py, packed.py (and decode_mma.py) (the GPU machine has no git, so the
 folder travels with the tree). Prints one line per case: SDPA over a bf16 cache, the other version, this one,
 and the largest difference between the two outputs relative to the output's scale.
 """
@@ -28,12 +28,13 @@ from tqlab.kernels import decode_attention  # noqa: E402
 
 
 def load_kernels(folder: Path):
-    """decode.py of `folder` imported as a package next to its packed.py (copied into a temporary package,
-    so that nothing is written into `folder`)."""
+    """decode.py of `folder` imported as a package next to the folder's other modules (packed.py, and
+    decode_mma.py where that version has it), copied into a temporary package so that nothing is written
+    into `folder`."""
     package_dir = Path(tempfile.mkdtemp()) / "other_kernels"
     package_dir.mkdir()
-    for name in ("decode.py", "packed.py"):
-        shutil.copy(folder / name, package_dir / name)
+    for module in folder.glob("*.py"):
+        shutil.copy(module, package_dir / module.name)
     (package_dir / "__init__.py").touch()
     sys.path.insert(0, str(package_dir.parent))
     return importlib.import_module("other_kernels.decode")

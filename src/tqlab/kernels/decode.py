@@ -30,6 +30,9 @@ MIN_BLOCKS_PER_SPLIT = 2  # shorter chunks spend more on the prologue and the me
 CTAS_PER_SM = 4  # enough independent chunks in flight to keep HBM busy
 NUM_WARPS = 4
 MAX_ROWS = 32  # query rows per (sequence, KV head): 64 fails to compile for sm_90 under Triton 3.6
+# Keys × KV heads × sequences from which the register-fragment kernel (`decode_mma`) is used on a GPU: below it
+# the whole step takes ~20 µs and this kernel's four warps per program finish sooner (H200, docs/benchmarks.md).
+REGISTER_KERNEL_MIN_KEYS = 65536
 MERGE_SPLITS = 128  # chunks merged per step: a (sequence, KV head) may have hundreds of one-warp chunks
 MERGE_DIMS = 32  # output dimensions per merge program
 NUM_STAGES = 2  # prefetch the next block's words; 1 leaves HBM latency exposed (measured on an H200)
@@ -224,7 +227,8 @@ def decode_attention(
             f"{group} query heads per KV head × {q_len} query tokens = {group * q_len} rows exceed the kernel's "
             f"{MAX_ROWS}: call it on chunks of query tokens (as tqlab.cache.fused does)"
         )
-    registers = _PTX and query.is_cuda and _mma_kernel() is not None
+    registers = _PTX and query.is_cuda and batch * kv_heads * tokens >= REGISTER_KERNEL_MIN_KEYS
+    registers = registers and _mma_kernel() is not None
     registers = registers and _mma_kernel().supports(dim, k_bits, v_bits, group * q_len)
     if registers:  # codes decoded into the tensor cores' operand registers: one warp per program
         block_m, block_n, min_blocks = (
