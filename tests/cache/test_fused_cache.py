@@ -38,16 +38,6 @@ def spec(bits=3, rotation="fast_hadamard", **kw):
     return KVQuantSpec.create("turboquant_mse", bits, rotation, compress=("key", "value"), head_dim=32, **kw)
 
 
-@pytest.fixture(autouse=True, params=["tiles", "registers"] if DEVICE == "cuda" else ["tiles"])
-def decode_kernel(request, monkeypatch):
-    """On a GPU every test runs on both decode kernels (small problems would otherwise take only the
-    Triton-language one; see kernels.decode.REGISTER_KERNEL_MIN_KEYS)."""
-    from tqlab.kernels import decode
-
-    threshold = 0 if request.param == "registers" else float("inf")
-    monkeypatch.setattr(decode, "REGISTER_KERNEL_MIN_KEYS", threshold)
-
-
 @pytest.fixture(autouse=True)
 def codec_codes(monkeypatch):
     """The kernel path quantizes with the codecs themselves, so that both paths hold the same bytes and

@@ -14,12 +14,34 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.fixture(autouse=True, params=["tiles", "registers"] if DEVICE == "cuda" else ["tiles"])
 def kernel(request, monkeypatch):
     """On a GPU every case runs on both kernels: the Triton-language one (also the interpreter's) and the
-    register-fragment one (`decode_mma`), which small problems would otherwise not reach."""
+    register-fragment one (`decode_mma`), which small problems would otherwise not reach. For the latter the
+    fixture is the list of its launches, which the parity tests check is not empty."""
     from tqlab.kernels import decode
 
-    threshold = 0 if request.param == "registers" else float("inf")
-    monkeypatch.setattr(decode, "REGISTER_KERNEL_MIN_KEYS", threshold)
-    return request.param
+    if request.param == "tiles":
+        monkeypatch.setattr(decode, "REGISTER_KERNEL_MIN_KEYS", float("inf"))
+        return None
+    mma = decode._mma_kernel()
+    assert mma is not None, "this triton has no Gluon: the register-fragment kernel cannot run"
+    monkeypatch.setattr(decode, "REGISTER_KERNEL_MIN_KEYS", 0)
+    launches, kernel = [], mma._attend_chunk_mma
+
+    class Recorded:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(mma, "_attend_chunk_mma", Recorded())
+    return launches
+
+
+def register_kernel_takes(kernel, dim, k_bits, v_bits, rows):
+    """Skip a case the register-fragment kernel refuses (the other kernel serves it, tested with "tiles")."""
+    if kernel is not None:
+        from tqlab.kernels import decode_mma
+
+        if not decode_mma.supports(dim, k_bits, v_bits, rows):
+            pytest.skip("the register-fragment kernel does not take this shape")
 
 
 # The kernel feeds tensor cores fp16 operands (unit roundoff 2^-11: the query, the centroids, p·‖v‖) and
@@ -76,11 +98,17 @@ CASES = [  # dim, key bits, value bits, query heads per KV head, query tokens, l
     (128, 4, 2, 2, 3, [256, 200], 2),  # a whole last block that the causal cut still masks
     (256, 3, 3, 4, 1, [130, 65], 2),
     (256, 4, 3, 2, 2, [90], None),
+    pytest.param(  # default split count over many chunks (too slow for the interpreter)
+        128, 4, 3, 4, 1, [5000, 3001], None, marks=pytest.mark.skipif(DEVICE == "cpu", reason="GPU only")
+    ),
 ]
 
 
 @pytest.mark.parametrize("dim,k_bits,v_bits,group,q_len,lengths,splits", CASES)
-def test_matches_float64_attention_over_the_decoded_codes(dim, k_bits, v_bits, group, q_len, lengths, splits):
+def test_matches_float64_attention_over_the_decoded_codes(
+    dim, k_bits, v_bits, group, q_len, lengths, splits, kernel
+):
+    register_kernel_takes(kernel, dim, k_bits, v_bits, group * q_len)
     seed = dim + 10 * k_bits + v_bits + group
     batch, kv_heads, tokens = len(lengths), 2, max(lengths)
     k_codec = TurboQuantMSE(dim, k_bits, rotation="fast_hadamard", seed=seed)
@@ -94,14 +122,41 @@ def test_matches_float64_attention_over_the_decoded_codes(dim, k_bits, v_bits, g
     expected = reference(q, rotated_codes(k_codec, k_code), rotated_codes(v_codec, v_code), lengths, scaling)
     scale = expected.abs().max()
     torch.testing.assert_close(out, expected, rtol=0, atol=TOLERANCE * scale)
+    assert kernel is None or kernel  # the register-fragment kernel ran
+
+
+def test_an_asymmetric_codebook_takes_the_general_4_bit_decode(kernel):
+    """Lloyd-Max codebooks are symmetric, and the register-fragment kernel then decodes 4-bit codes by
+    magnitude and sign; any other codebook must take its general decode and still be exact."""
+    dim, batch, kv_heads, group, tokens = 128, 2, 2, 4, 200
+    codec = TurboQuantMSE(dim, 4, rotation="fast_hadamard", seed=3)
+    shifted = codec.centroids + 0.05  # no longer c[15 - i] = -c[i]
+    k_code = codec.quantize(gaussian(batch, kv_heads, tokens, dim, seed=4))
+    v_code = codec.quantize(gaussian(batch, kv_heads, tokens, dim, seed=5))
+    q = gaussian(batch, kv_heads * group, 1, dim, seed=6) * 2
+    lengths, scaling = torch.tensor([200, 77]), dim**-0.5
+    table = centroid_table(shifted.to(DEVICE))
+    out, _ = decode_attention(
+        q.to(DEVICE), k_code.indices.to(DEVICE), k_code.norms.to(DEVICE), v_code.indices.to(DEVICE),
+        v_code.norms.to(DEVICE), table, table, lengths.to(DEVICE), scaling,
+    )  # fmt: skip
+    decoded = [
+        shifted.double()[unpack_bits(c.indices, 4, dim)] * c.norms.double().unsqueeze(-1)
+        for c in (k_code, v_code)
+    ]
+    expected = reference(q, *decoded, lengths, scaling)
+    torch.testing.assert_close(out.cpu().double(), expected, rtol=0, atol=TOLERANCE * expected.abs().max())
+    assert kernel is None or kernel
 
 
 @pytest.mark.parametrize(
-    "dim,group,q_len,shift,bits", [(64, 4, 1, 0, 3), (64, 2, 3, 2, 3), (128, 4, 2, 5, 3), (128, 2, 3, 0, 2)]
+    "dim,group,q_len,shift,bits",
+    [(64, 4, 1, 0, 3), (64, 2, 3, 2, 3), (128, 4, 2, 5, 3), (128, 2, 3, 0, 2), (64, 4, 2, 1, 4)],
 )
-def test_padding_starts_a_causal_shift_and_the_log_sum_exp(dim, group, q_len, shift, bits):
+def test_padding_starts_a_causal_shift_and_the_log_sum_exp(dim, group, q_len, shift, bits, kernel):
     """Left padding (keys before starts[b] unseen) and queries that follow the codes by `shift` exact
     tokens, with the log-sum-exp that merges this attention with attention over those exact tokens."""
+    register_kernel_takes(kernel, dim, bits, bits, group * q_len)
     batch, kv_heads, tokens = 3, 2, 140
     codec = TurboQuantMSE(dim, bits, rotation="fast_hadamard", seed=dim)
     k_code = codec.quantize(gaussian(batch, kv_heads, tokens, dim, seed=1) * 2)
@@ -119,6 +174,7 @@ def test_padding_starts_a_causal_shift_and_the_log_sum_exp(dim, group, q_len, sh
     assert not seen[2].any() and torch.equal(lse.isfinite(), seen) and (out[2] == 0).all()
     # scores carry the fp16 operands' relative roundoff, and so does their log-sum-exp
     torch.testing.assert_close(lse[seen], expected_lse[seen], rtol=TOLERANCE, atol=0)
+    assert kernel is None or kernel
 
 
 def test_one_inverse_rotation_gives_attention_over_dequantized_keys_and_values():
@@ -169,3 +225,18 @@ def test_more_query_rows_than_the_kernel_holds_are_refused():
         decode_attention(
             q, code.indices, code.norms, code.indices, code.norms, table, table, torch.tensor([8]), 1.0
         )
+
+
+@pytest.mark.parametrize(
+    "registers,resident", [(255, 8), (167, 12), (168, 12), (169, 8), (128, 16), (104, 16), (96, 20), (40, 32)]
+)
+def test_one_warp_programs_per_sm_follow_the_register_file(registers, resident, monkeypatch):
+    """The CUDA occupancy rules for 65 536 registers: each of 4 sub-partitions holds 16 384, a warp takes
+    registers in units of 256 (8 per thread), an SM holds at most 32 blocks."""
+    from tqlab.kernels import decode
+
+    props = type("Properties", (), {"regs_per_multiprocessor": 65536})()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    assert decode._resident_programs(0, registers, default=12) == resident
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: object())
+    assert decode._resident_programs(0, registers, default=12) == 12  # torch without the field

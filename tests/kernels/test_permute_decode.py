@@ -1,6 +1,6 @@
-"""The 4-bit byte-permute decode (inline PTX, which only a GPU runs) checked on the CPU: its PTX text executed by
-a small emulator of the instructions it uses, with the byte tables `_byte_planes` builds (run in Triton's
-interpreter), against a direct codebook lookup. On a GPU the same path is checked end to end by test_decode."""
+"""The byte-permute decoders (inline PTX, which only a GPU runs) checked on the CPU: their PTX text executed by a
+small emulator of the instructions they use, with the byte tables `_byte_planes` builds (run in Triton's
+interpreter), against a direct codebook lookup. On a GPU the same paths are checked end to end by test_decode."""
 
 import re
 
@@ -11,7 +11,7 @@ import torch
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
-from tqlab.kernels import decode_mma, packed  # noqa: E402
+from tqlab.kernels import packed  # noqa: E402
 
 MASK32 = 0xFFFFFFFF
 
@@ -96,9 +96,9 @@ def test_the_permute_ptx_decodes_every_code_of_random_codebooks():
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_the_register_kernel_decoders_emit_each_code_in_their_stated_order(bits):
-    """`decode_mma`'s decoders: output j of a group is the centroid of code CODE_ORDER_<bits> nibble j."""
-    asm = {2: decode_mma._DECODE2_ASM, 3: decode_mma._DECODE3_ASM, 4: packed.PERMUTE4_ASM}[bits].value
-    order = getattr(decode_mma, f"CODE_ORDER_{bits}").value
+    """The decoders `decode_mma` uses: output j of a group is the centroid of code CODE_ORDER_<bits> nibble j."""
+    asm = {2: packed.DECODE2_ASM, 3: packed.DECODE3_ASM, 4: packed.PERMUTE4_ASM}[bits].value
+    order = getattr(packed, f"CODE_ORDER_{bits}").value
     assert sorted((order >> 4 * j) & 15 for j in range(8)) == list(range(8))
     rng = np.random.default_rng(bits)
     for trial in range(200):
@@ -114,7 +114,7 @@ def test_the_register_kernel_decoders_emit_each_code_in_their_stated_order(bits)
 
 
 def test_the_symmetric_4_bit_decoder_matches_a_lookup_in_any_symmetric_codebook():
-    """`decode_mma._DECODE4_SYMMETRIC_ASM` reads only c[0..7] and takes c[15 − i] = −c[i] for the rest."""
+    """`packed.DECODE4_SYMMETRIC_ASM` reads only c[0..7] and takes c[15 − i] = −c[i] for the rest."""
     rng = np.random.default_rng(7)
     for trial in range(200):
         half = np.sort(rng.standard_normal(8)).astype(np.float16)
@@ -122,11 +122,11 @@ def test_the_symmetric_4_bit_decoder_matches_a_lookup_in_any_symmetric_codebook(
         assert codebook[15] == codebook[0] ^ 0x8000
         group = int(rng.integers(0, 2**32))
         operands = {f"${8 + i}": v for i, v in enumerate((group, *planes(codebook, 0)))}
-        regs = run_ptx(decode_mma._DECODE4_SYMMETRIC_ASM.value, operands)
+        regs = run_ptx(packed.DECODE4_SYMMETRIC_ASM.value, operands)
         assert [regs[f"${j}"] for j in range(8)] == [codebook[(group >> 4 * j) & 15] for j in range(8)], trial
 
 
-def test_byte_planes_in_the_interpreter_match_the_packing_the_ptx_reads():
+def test_byte_planes_match_the_packing_the_ptx_reads():
     @triton.jit
     def kernel(table, out):
         codebook = tl.load(table + tl.arange(0, 16))

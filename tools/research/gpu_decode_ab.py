@@ -4,8 +4,8 @@ how a kernel change was measured before it was kept.
     mkdir -p prev_kernels && for f in decode packed; do git show 0f4216b:src/tqlab/kernels/$f.py > prev_kernels/$f.py; done
     PYTHONPATH=src python tools/research/gpu_decode_ab.py --against prev_kernels --bits 2
 
-`--against` is a folder holding the other version's decode.py, packed.py (and decode_mma.py) (the GPU machine has no git, so the
-folder travels with the tree). Prints one line per case: SDPA over a bf16 cache, the other version, this one,
+`--against` is a folder holding the other version's decode.py, packed.py and (from commit 1e89ca1 on)
+decode_mma.py (the GPU machine has no git, so the folder travels with the tree). Prints one line per case: SDPA over a bf16 cache, the other version, this one,
 and the largest difference between the two outputs relative to the output's scale.
 """
 

@@ -1,8 +1,12 @@
 """Launch shape of the register-fragment decode kernel (`kernels/decode_mma.py`) on a GPU: keys per step,
-one-warp programs per SM that the split-K aims for (0: as many as the compiled kernel's registers let one SM hold), the shortest chunk, and a register cap, each timed on
-the same inputs (CUDA-graph replays, L2 flushed) against SDPA over a bf16 cache.
+one-warp programs per SM that the split-K aims for (0: as many as the compiled kernel's registers let one
+SM hold), the shortest chunk in blocks, and a register cap, each timed on the same inputs (CUDA-graph
+replays, L2 flushed) against SDPA over a bf16 cache.
 
-    PYTHONPATH=src python tools/research/gpu_decode_mma_tuning.py
+    PYTHONPATH=src python tools/research/gpu_decode_mma_tuning.py --block-keys 32 --min-blocks 4 8 16 \
+        --programs-per-sm 0 24 --bits 3 4
+    PYTHONPATH=src python tools/research/gpu_decode_mma_tuning.py --block-keys 32 16 --min-blocks 8 \
+        --maxnreg 0 128 104
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ def main() -> None:
     parser.add_argument(
         "--programs-per-sm", type=int, nargs="+", default=[0], help="0: as the registers allow"
     )
-    parser.add_argument("--min-blocks", type=int, nargs="+", default=[4, 16])
+    parser.add_argument("--min-blocks", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--maxnreg", type=int, nargs="+", default=[0])
     args = parser.parse_args()
     resident = decode._resident_programs

@@ -9,6 +9,12 @@ keys at a time from their packed bytes into fp16 centroids (`packed.load_centroi
 group with one tensor-core `tl.dot`, and keeps an online softmax in base 2. A second kernel merges the
 chunks by their log-sum-exp. Query token j of Tq sits at position L_b − Tq + j and sees keys t ≤ that.
 
+On an NVIDIA GPU (sm_80 or newer) problems of at least REGISTER_KERNEL_MIN_KEYS keys × KV heads × sequences
+go to `decode_mma._attend_chunk_mma` instead, which computes the same sums with the codes decoded straight
+into tensor-core operand registers (no shared memory); this kernel serves the rest, the interpreter, and
+the shapes `decode_mma.supports` refuses. The two keep the same chunking, masking and partial outputs, so a
+change to one's masking belongs in the other too.
+
 Precision: dot operands are fp16 (each query row is scaled to max |·| = 1 first; centroids lie in
 [−1, 1]; p · ‖v‖ ≤ 65504 since norms are stored in fp16), accumulation and softmax are fp32.
 """
@@ -33,7 +39,7 @@ MAX_ROWS = 32  # query rows per (sequence, KV head): 64 fails to compile for sm_
 # Keys × KV heads × sequences from which the register-fragment kernel (`decode_mma`) is used on a GPU: below it
 # the whole step takes ~20 µs and this kernel's four warps per program finish sooner (H200, docs/benchmarks.md).
 REGISTER_KERNEL_MIN_KEYS = 65536
-MERGE_SPLITS = 128  # chunks merged per step: a (sequence, KV head) may have hundreds of one-warp chunks
+MERGE_SPLITS = 128  # most chunks one merge step reads: a (sequence, KV head) may have hundreds of them
 MERGE_DIMS = 32  # output dimensions per merge program
 NUM_STAGES = 2  # prefetch the next block's words; 1 leaves HBM latency exposed (measured on an H200)
 
@@ -153,15 +159,25 @@ def _mma_kernel():
 _RESIDENT: dict[tuple, int] = {}  # one-warp programs an SM holds, per compiled register-fragment kernel
 
 
-def _resident_programs(device_index: int | None, registers: int) -> int:
-    """One-warp programs one SM holds at `registers` per thread (allocated in units of 8), at most 32."""
-    per_sm = torch.cuda.get_device_properties(device_index).regs_per_multiprocessor
-    return max(1, min(32, per_sm // (32 * -(-registers // 8) * 8)))
+def _resident_programs(device_index: int | None, registers: int, default: int) -> int:
+    """One-warp programs one SM holds at `registers` per thread: each of its four sub-partitions holds a
+    quarter of the register file, allocated per warp in units of 256 (8 per thread); at most 32 blocks
+    per SM. `default` where torch does not report the register file."""
+    per_sm = getattr(torch.cuda.get_device_properties(device_index), "regs_per_multiprocessor", None)
+    if not per_sm:
+        return default
+    return max(1, min(32, 4 * (per_sm // 4 // (32 * -(-registers // 8) * 8))))
 
 
 @functools.cache
 def _sm_count(device_index: int | None) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.cache
+def _has_mma_sync(device_index: int | None) -> bool:
+    """`decode_mma` issues m16n8k16 fp16 `mma.sync`, which needs sm_80 or newer."""
+    return torch.cuda.get_device_capability(device_index) >= (8, 0)
 
 
 def decode_attention(
@@ -185,7 +201,7 @@ def decode_attention(
     elsewhere (exact), follow the codes.
 
     key_table / value_table: `centroid_table(codec.centroids)`. num_splits: chunks per (sequence, KV
-    head), by default enough to give every SM several. Returns fp32 [B, Hq, Tq, d] in the rotated domain
+    head), by default enough to fill every SM (`decode_mma`: once, at its compiled register count). Returns fp32 [B, Hq, Tq, d] in the rotated domain
     and the natural-log sum of exp of the scaled scores, [B, Hq, Tq] (−inf for a query that sees no key).
     """
     batch, q_heads, q_len, dim = query.shape
@@ -227,26 +243,23 @@ def decode_attention(
             f"{group} query heads per KV head × {q_len} query tokens = {group * q_len} rows exceed the kernel's "
             f"{MAX_ROWS}: call it on chunks of query tokens (as tqlab.cache.fused does)"
         )
-    registers = _PTX and query.is_cuda and batch * kv_heads * tokens >= REGISTER_KERNEL_MIN_KEYS
-    registers = registers and _mma_kernel() is not None
-    registers = registers and _mma_kernel().supports(dim, k_bits, v_bits, group * q_len)
-    if registers:  # codes decoded into the tensor cores' operand registers: one warp per program
-        block_m, block_n, min_blocks = (
-            max(8, triton.next_power_of_2(group * q_len)), _mma_kernel().block_keys(dim),
-            _mma_kernel().MIN_BLOCKS_PER_SPLIT,
-        )  # fmt: skip
+    mma = None
+    if _PTX and query.is_cuda and batch * kv_heads * tokens >= REGISTER_KERNEL_MIN_KEYS:
+        mma = _mma_kernel() if _has_mma_sync(query.device.index) else None
+        mma = mma if mma is not None and mma.supports(dim, k_bits, v_bits, group * q_len) else None
+    blocks = triton.cdiv(tokens, mma.block_keys(dim) if mma else BLOCK_N)
+    if mma:  # codes decoded into the tensor cores' operand registers: one warp per program
+        block_m, block_n = max(8, triton.next_power_of_2(group * q_len)), mma.block_keys(dim)
         launch = (query.device.index, dim, k_bits, v_bits, block_m, group, q_len, kv_heads)
-        programs_per_sm = _RESIDENT.get(launch, _mma_kernel().PROGRAMS_PER_SM)
+        if num_splits is None:  # fill the SMs' resident programs once, rounded down: a second, sparse
+            # wave would take as long as the first (the first call's estimate: PROGRAMS_PER_SM)
+            resident = _RESIDENT.get(launch, mma.PROGRAMS_PER_SM) * _sm_count(query.device.index)
+            num_splits = min(max(1, resident // (batch * kv_heads)), blocks // mma.MIN_BLOCKS_PER_SPLIT)
     else:
-        block_m, block_n, programs_per_sm, min_blocks = (
-            max(16, triton.next_power_of_2(group * q_len)), BLOCK_N, CTAS_PER_SM, MIN_BLOCKS_PER_SPLIT,
-        )  # fmt: skip
-    blocks = triton.cdiv(tokens, block_n)
-    if num_splits is None:
-        sms = _sm_count(query.device.index) if query.is_cuda else 4
-        # as many chunks as fill the SMs' resident programs once (rounded down: a second, sparse wave
-        # would take as long as the first)
-        num_splits = min(max(1, programs_per_sm * sms // (batch * kv_heads)), blocks // min_blocks)
+        block_m, block_n = max(16, triton.next_power_of_2(group * q_len)), BLOCK_N
+        if num_splits is None:
+            sms = _sm_count(query.device.index) if query.is_cuda else 4
+            num_splits = min(triton.cdiv(CTAS_PER_SM * sms, batch * kv_heads), blocks // MIN_BLOCKS_PER_SPLIT)
     chunk = triton.cdiv(blocks, max(1, min(num_splits, blocks))) * block_n
     splits = triton.cdiv(tokens, chunk)
 
@@ -263,12 +276,12 @@ def decode_attention(
         *value_indices.stride()[:2], *value_norms.stride()[:2],
     )  # fmt: skip
     shape = dict(KV_HEADS=kv_heads, GROUP=group, Q_LEN=q_len, DIM=dim, K_BITS=k_bits, V_BITS=v_bits)
-    if registers:
-        kernel = _mma_kernel()._attend_chunk_mma[(batch * kv_heads, splits)](
-            *arguments, **shape, ROWS=block_m, BLOCK_N=block_n, **_mma_kernel().LAUNCH
+    if mma:
+        kernel = mma._attend_chunk_mma[(batch * kv_heads, splits)](
+            *arguments, **shape, ROWS=block_m, BLOCK_N=block_n, **mma.LAUNCH
         )
-        if launch not in _RESIDENT:  # one full wave from the next call on: a partial one idles SMs
-            _RESIDENT[launch] = _resident_programs(query.device.index, kernel.n_regs)
+        if launch not in _RESIDENT:
+            _RESIDENT[launch] = _resident_programs(query.device.index, kernel.n_regs, mma.PROGRAMS_PER_SM)
     else:
         _attend_chunk[(batch * kv_heads, splits)](
             *arguments, **shape, BLOCK_M=block_m, BLOCK_N=block_n, PERMUTE=_PTX and query.is_cuda,

@@ -5,7 +5,8 @@ to `tl.dot`, which stages the tile through shared memory into the layout the ten
 Compute showed that round trip (with the codebook shuffles) keeping the L1/shared-memory pipe 71–84 % busy
 while HBM idled. Here each lane loads exactly the code words whose centroids make up its own `mma.sync`
 operand fragments, decodes them with byte permutes (`prmt`) on the integer ALUs, and feeds the registers to
-the tensor cores: no shared memory, no shuffles, in the main loop.
+the tensor cores: no shared memory and no codebook shuffles in the main loop (the only shuffles are the
+softmax's reductions over keys and P's move from the score accumulator into the B operand of P·V).
 
 That works because scores and outputs are sums over coordinates in the rotated domain: any fixed order of
 the coordinates may be used on both sides of a product. Keys are the A operand of Sᵀ = K·Qᵀ (keys on the MMA's
@@ -14,13 +15,15 @@ DIM/4 coordinates of each of its keys, chosen to be its own contiguous DIM/4 sto
 load at 4 bits, d = 128), and the query is loaded in the matching order. Values are the A operand of
 Oᵀ = Vᵀ·Pᵀ (coordinates on M, keys on K); lane g holds DIM/8 contiguous stored coordinates of its keys, and
 the output is written back through the same order. Within a group of 8 codes, the byte-permute decode emits
-the codes in an order of its own (`CODE_ORDER`), which the coordinate order absorbs.
+the codes in an order of its own (`packed.CODE_ORDER_*`), which the coordinate order absorbs. A 4-bit
+codebook symmetric about 0 (Lloyd-Max's are; checked in the kernel) takes the shorter decode
+`packed.DECODE4_SYMMETRIC_ASM`; others run a second copy of the loop with the general one.
 
 One warp per program, each program one chunk of one (sequence, KV head) — split-K as in `decode`, merged by
 the same `_merge_chunks`; codes for the next block are loaded into registers while this block computes.
 Gluon does not run in Triton's interpreter, so on a CPU `decode.decode_attention` uses the Triton-language
 kernel; this one is checked against the same float64 reference on a GPU, and compiled for sm_90 by the CPU
-tests (every layout conversion in the loop asserted free of data movement).
+tests (the conversions of the decoded K and V into operands asserted free of data movement).
 """
 
 from __future__ import annotations
@@ -29,57 +32,20 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from .packed import PERMUTE4_ASM
+from .packed import (
+    CODE_ORDER_2,
+    CODE_ORDER_3,
+    CODE_ORDER_4,
+    DECODE2_ASM,
+    DECODE3_ASM,
+    DECODE4_SYMMETRIC_ASM,
+    PERMUTE4_ASM,
+)
 
 PROGRAMS_PER_SM = 12  # one-warp programs per SM until the compiled kernel's registers say (decode._RESIDENT)
-MIN_BLOCKS_PER_SPLIT = 8  # 256 keys: shorter chunks spend more on the prologue and the merge than they save
+MIN_BLOCKS_PER_SPLIT = 8  # blocks per chunk at least: shorter chunks spend more on the prologue and merge
 LAUNCH = dict(num_warps=1)  # one warp per program: the MMA layouts below assume it
 MAX_ROWS = 16  # query rows per program (the MMA's N axis): the output accumulator is DIM·ROWS/32 registers
-# The order in which each decoder emits the 8 codes of a group (nibble j: the code at output j): 4 bits in
-# order, 2 bits evens then odds, 3 bits as its selectors assemble them.
-CODE_ORDER_2 = gl.constexpr(0x75316420)
-CODE_ORDER_3 = gl.constexpr(0x75634210)
-CODE_ORDER_4 = gl.constexpr(0x76543210)
-
-_DECODE3_ASM = gl.constexpr(
-    """{ .reg .b32 s, y, t, l, h, k;
-    and.b32 s, $8, 0x7007; shl.b32 t, $8, 1; and.b32 t, t, 0x70; or.b32 s, s, t;
-    shl.b32 t, $8, 2; and.b32 t, t, 0x700; or.b32 s, s, t;
-    prmt.b32 l, $9, $10, s; prmt.b32 h, $11, $12, s;
-    prmt.b32 k, l, h, 0x5140; mov.b32 {$0, $1}, k; prmt.b32 k, l, h, 0x7362; mov.b32 {$2, $3}, k;
-    shr.b32 y, $8, 9; and.b32 s, y, 0x7007; shl.b32 t, y, 2; and.b32 t, t, 0x700; or.b32 s, s, t;
-    shr.b32 t, y, 5; and.b32 t, t, 0x70; or.b32 s, s, t;
-    prmt.b32 l, $9, $10, s; prmt.b32 h, $11, $12, s;
-    prmt.b32 k, l, h, 0x5140; mov.b32 {$4, $5}, k; prmt.b32 k, l, h, 0x7362; mov.b32 {$6, $7}, k; }"""
-)
-"""The 8 3-bit codes of a 24-bit group ($8) as fp16 centroids: selectors put codes 0, 1, 2, 4 and then 3, 6,
-5, 7 one per nibble; `prmt` looks their low and high bytes up in c[0..7] ($9, $10 low bytes, $11, $12 high)."""
-
-_DECODE2_ASM = gl.constexpr(
-    """{ .reg .b32 s, l, h, k;
-    and.b32 s, $8, 0x3333; prmt.b32 l, $9, $9, s; prmt.b32 h, $10, $10, s;
-    prmt.b32 k, l, h, 0x5140; mov.b32 {$0, $1}, k; prmt.b32 k, l, h, 0x7362; mov.b32 {$2, $3}, k;
-    shr.b32 s, $8, 2; and.b32 s, s, 0x3333; prmt.b32 l, $9, $9, s; prmt.b32 h, $10, $10, s;
-    prmt.b32 k, l, h, 0x5140; mov.b32 {$4, $5}, k; prmt.b32 k, l, h, 0x7362; mov.b32 {$6, $7}, k; }"""
-)
-"""The 8 2-bit codes of a 16-bit group ($8), even codes first: masks put 4 codes one per nibble; `prmt` looks
-their low and high bytes up in c[0..3] ($9 low bytes, $10 high)."""
-
-
-_DECODE4_SYMMETRIC_ASM = gl.constexpr(
-    """{ .reg .b32 t, j, w4, l, h, k;
-    shr.b32 t, $8, 3; and.b32 t, t, 0x11111111; mul.lo.u32 t, t, 7; xor.b32 j, $8, t; and.b32 j, j, 0x77777777;
-    shl.b32 w4, $8, 4;
-    prmt.b32 l, $9, $10, j; prmt.b32 h, $11, $12, j; prmt.b32 k, w4, $8, 0xD9C8; and.b32 k, k, 0x80808080;
-    xor.b32 h, h, k; prmt.b32 k, l, h, 0x5140; mov.b32 {$0, $1}, k; prmt.b32 k, l, h, 0x7362; mov.b32 {$2, $3}, k;
-    shr.b32 j, j, 16;
-    prmt.b32 l, $9, $10, j; prmt.b32 h, $11, $12, j; prmt.b32 k, w4, $8, 0xFBEA; and.b32 k, k, 0x80808080;
-    xor.b32 h, h, k; prmt.b32 k, l, h, 0x5140; mov.b32 {$4, $5}, k; prmt.b32 k, l, h, 0x7362; mov.b32 {$6, $7}, k; }"""
-)
-"""The 8 4-bit codes of a group ($8) in order, for a codebook symmetric about 0 (c[15 − i] = −c[i], as Lloyd-Max
-codebooks are): code i >= 8 is −c[15 − i], so each code's low 3 bits, flipped when its top bit is set, look
-up c[0..7] ($9, $10 low bytes, $11, $12 high), and the top bit becomes the sign. A quarter fewer integer
-instructions than `PERMUTE4_ASM`, which has to look up both halves of the codebook and pick one."""
 
 
 def block_keys(dim: int) -> int:
@@ -132,23 +98,23 @@ def _is_symmetric(table, BITS: gl.constexpr):
 
 @gluon.jit
 def _decode(groups, planes, SYMMETRIC: gl.constexpr, BITS: gl.constexpr):
-    """Eight fp16 tensors: the codes of each int32 group in CODE_ORDER_BITS, looked up by byte permutes in
+    """Eight fp16 tensors: the codes of each int32 group in CODE_ORDER_<BITS>, looked up by byte permutes in
     `_planes`; SYMMETRIC (4 bits): the codebook is symmetric about 0, so the shorter decode applies."""
     zero = gl.zeros_like(groups)
     if BITS == 2:
         return gl.inline_asm_elementwise(
-            _DECODE2_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [groups, zero + planes[0], zero + planes[1]],
+            DECODE2_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [groups, zero + planes[0], zero + planes[1]],
             dtype=(gl.float16,) * 8, is_pure=True, pack=1,
         )  # fmt: skip
     elif BITS == 3:
         return gl.inline_asm_elementwise(
-            _DECODE3_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r",
+            DECODE3_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r",
             [groups, zero + planes[0], zero + planes[1], zero + planes[2], zero + planes[3]],
             dtype=(gl.float16,) * 8, is_pure=True, pack=1,
         )  # fmt: skip
     elif SYMMETRIC:
         return gl.inline_asm_elementwise(
-            _DECODE4_SYMMETRIC_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r",
+            DECODE4_SYMMETRIC_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r",
             [groups, zero + planes[0], zero + planes[1], zero + planes[2], zero + planes[3]],
             dtype=(gl.float16,) * 8, is_pure=True, pack=1,
         )  # fmt: skip
@@ -163,7 +129,7 @@ def _decode(groups, planes, SYMMETRIC: gl.constexpr, BITS: gl.constexpr):
 
 @gluon.jit
 def _code(i, BITS: gl.constexpr):
-    """Which code of its group the decoder emits as output i (CODE_ORDER)."""
+    """Which code of its group the decoder emits as output i (packed.CODE_ORDER_<BITS>)."""
     if BITS == 2:
         order: gl.constexpr = CODE_ORDER_2
     elif BITS == 3:

@@ -89,6 +89,53 @@ PERMUTE4_ASM = tl.constexpr(
 """The byte-permute decode of 8 4-bit codes ($8) into fp16 centroids ($0..$7, in order): $9..$12 are the low and
 high bytes of c[0..7] (`_byte_planes(codebook, 0)`), $13..$16 those of c[8..15]. See `_permute_decode`."""
 
+# The decoders below serve `decode_mma`, which feeds their fp16 outputs straight into tensor-core operands.
+# The order in which each decoder emits the 8 codes of a group (nibble j: the code at output j): 4 bits in
+# order, 2 bits evens then odds, 3 bits as its selectors assemble them.
+CODE_ORDER_2 = tl.constexpr(0x75316420)
+CODE_ORDER_3 = tl.constexpr(0x75634210)
+CODE_ORDER_4 = tl.constexpr(0x76543210)
+
+DECODE3_ASM = tl.constexpr(
+    """{ .reg .b32 s, y, t, l, h, k;
+    and.b32 s, $8, 0x7007; shl.b32 t, $8, 1; and.b32 t, t, 0x70; or.b32 s, s, t;
+    shl.b32 t, $8, 2; and.b32 t, t, 0x700; or.b32 s, s, t;
+    prmt.b32 l, $9, $10, s; prmt.b32 h, $11, $12, s;
+    prmt.b32 k, l, h, 0x5140; mov.b32 {$0, $1}, k; prmt.b32 k, l, h, 0x7362; mov.b32 {$2, $3}, k;
+    shr.b32 y, $8, 9; and.b32 s, y, 0x7007; shl.b32 t, y, 2; and.b32 t, t, 0x700; or.b32 s, s, t;
+    shr.b32 t, y, 5; and.b32 t, t, 0x70; or.b32 s, s, t;
+    prmt.b32 l, $9, $10, s; prmt.b32 h, $11, $12, s;
+    prmt.b32 k, l, h, 0x5140; mov.b32 {$4, $5}, k; prmt.b32 k, l, h, 0x7362; mov.b32 {$6, $7}, k; }"""
+)
+"""The 8 3-bit codes of a 24-bit group ($8) as fp16 centroids: selectors put codes 0, 1, 2, 4 and then 3, 6,
+5, 7 one per nibble; `prmt` looks their low and high bytes up in c[0..7] ($9, $10 low bytes, $11, $12 high)."""
+
+DECODE2_ASM = tl.constexpr(
+    """{ .reg .b32 s, l, h, k;
+    and.b32 s, $8, 0x3333; prmt.b32 l, $9, $9, s; prmt.b32 h, $10, $10, s;
+    prmt.b32 k, l, h, 0x5140; mov.b32 {$0, $1}, k; prmt.b32 k, l, h, 0x7362; mov.b32 {$2, $3}, k;
+    shr.b32 s, $8, 2; and.b32 s, s, 0x3333; prmt.b32 l, $9, $9, s; prmt.b32 h, $10, $10, s;
+    prmt.b32 k, l, h, 0x5140; mov.b32 {$4, $5}, k; prmt.b32 k, l, h, 0x7362; mov.b32 {$6, $7}, k; }"""
+)
+"""The 8 2-bit codes of a 16-bit group ($8), even codes first: masks put 4 codes one per nibble; `prmt` looks
+their low and high bytes up in c[0..3] ($9 low bytes, $10 high)."""
+
+
+DECODE4_SYMMETRIC_ASM = tl.constexpr(
+    """{ .reg .b32 t, j, w4, l, h, k;
+    shr.b32 t, $8, 3; and.b32 t, t, 0x11111111; mul.lo.u32 t, t, 7; xor.b32 j, $8, t; and.b32 j, j, 0x77777777;
+    shl.b32 w4, $8, 4;
+    prmt.b32 l, $9, $10, j; prmt.b32 h, $11, $12, j; prmt.b32 k, w4, $8, 0xD9C8; and.b32 k, k, 0x80808080;
+    xor.b32 h, h, k; prmt.b32 k, l, h, 0x5140; mov.b32 {$0, $1}, k; prmt.b32 k, l, h, 0x7362; mov.b32 {$2, $3}, k;
+    shr.b32 j, j, 16;
+    prmt.b32 l, $9, $10, j; prmt.b32 h, $11, $12, j; prmt.b32 k, w4, $8, 0xFBEA; and.b32 k, k, 0x80808080;
+    xor.b32 h, h, k; prmt.b32 k, l, h, 0x5140; mov.b32 {$4, $5}, k; prmt.b32 k, l, h, 0x7362; mov.b32 {$6, $7}, k; }"""
+)
+"""The 8 4-bit codes of a group ($8) in order, for a codebook symmetric about 0 (c[15 − i] = −c[i], as Lloyd-Max
+codebooks are): code i >= 8 is −c[15 − i], so each code's low 3 bits, flipped when its top bit is set, look
+up c[0..7] ($9, $10 low bytes, $11, $12 high), and the top bit becomes the sign. A quarter fewer integer
+instructions than `PERMUTE4_ASM`, which has to look up both halves of the codebook and pick one."""
+
 
 @triton.jit
 def _byte_planes(codebook, first: tl.constexpr):
