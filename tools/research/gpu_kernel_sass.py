@@ -4,6 +4,11 @@ mix of the loop body (instructions per warp per block of BLOCK_N keys).
 
     PYTHONPATH=src python tools/research/gpu_kernel_sass.py                # 2, 3 and 4 bits, GQA 4
     PYTHONPATH=src python tools/research/gpu_kernel_sass.py --bits 2 --group 6
+    PYTHONPATH=src python tools/research/gpu_kernel_sass.py --registers    # decode_mma (Gluon), per loop
+
+With `--registers` it compiles the register-fragment kernel (`kernels/decode_mma.py`) instead and prints each
+of its loops (one per decoder: symmetric and general 4-bit), per warp per block of 32 keys, with the share of
+integer-ALU instructions (PRMT, LOP3, SHF, ISETP, LEA, FSEL, FMNMX, IADD3), the pipe that bounds it.
 
 What it told us (docs/benchmarks.md, "GPU speed"): the loop was ~2 050–2 500 instructions per warp per 128 keys,
 about half of them decoding (shift, mask, lane index, shuffle, pack per code); looking 2-bit codes up in pairs
@@ -24,7 +29,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from tqlab.kernels import decode
+from tqlab.kernels import decode, decode_mma
 
 POINTERS = {
     "query": "*fp32", "k_codes": "*u8", "k_norms": "*fp16", "v_codes": "*u8", "v_norms": "*fp16",
@@ -33,6 +38,7 @@ POINTERS = {
 }  # fmt: skip
 OPCODE = re.compile(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)")
 LABEL = re.compile(r"(\.L_x_\d+):")
+ALU = ("PRMT", "LOP3", "SHF", "ISETP", "LEA", "FSEL", "FMNMX", "IADD3", "SEL")
 BRANCH = re.compile(r"BRA `\((\.L_x_\d+)\)")
 
 
@@ -40,17 +46,61 @@ def tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def main_loop(sass: str) -> collections.Counter:
-    """Opcodes of the longest backward branch's body: the loop over blocks of keys."""
+def loops(sass: str) -> list[collections.Counter]:
+    """Opcodes of each backward branch's body that issues tensor-core instructions, longest first."""
     lines = sass.splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := LABEL.match(line))}
-    loops = [
+    spans = [
         (labels[m.group(1)], i)
         for i, line in enumerate(lines)
         if (m := BRANCH.search(line)) and labels.get(m.group(1), i) < i
     ]
-    first, last = max(loops, key=lambda span: span[1] - span[0])
-    return collections.Counter(m.group(1) for line in lines[first : last + 1] if (m := OPCODE.match(line)))
+    counted = [
+        collections.Counter(m.group(1) for line in lines[a : b + 1] if (m := OPCODE.match(line)))
+        for a, b in sorted(spans, key=lambda span: span[0] - span[1])
+    ]
+    return [c for c in counted if c["HMMA"]]
+
+
+def main_loop(sass: str) -> collections.Counter:
+    """Opcodes of the longest loop: the loop over blocks of keys."""
+    return loops(sass)[0]
+
+
+def disassemble(kernel, name: str) -> tuple[str, str]:
+    """(registers, SASS) of a compiled kernel, through the cuobjdump and nvdisasm inside the triton wheel."""
+    cubin = f"/tmp/tqlab_{name}.cubin"
+    with open(cubin, "wb") as f:
+        f.write(kernel.asm["cubin"])
+    usage = subprocess.run([tool("cuobjdump"), "-res-usage", cubin], capture_output=True, text=True).stdout
+    sass = subprocess.run([tool("nvdisasm"), "-c", cubin], capture_output=True, text=True).stdout
+    return re.search(r"REG:(\d+)", usage).group(1), sass
+
+
+def register_kernel(bits: int, group: int, dim: int) -> None:
+    """Compile `decode_mma._attend_chunk_mma` for sm_90 (strides and code pointers 16-byte aligned, as the
+    JIT specialises them on a GPU) and print its loops."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    constants = dict(
+        KV_HEADS=8, GROUP=group, Q_LEN=1, DIM=dim, K_BITS=bits, V_BITS=bits, ROWS=max(8, group),
+        BLOCK_N=decode_mma.block_keys(dim),
+    )  # fmt: skip
+    names = decode_mma._attend_chunk_mma.arg_names
+    signature = {n: "constexpr" if n in constants else POINTERS.get(n, "i32") for n in names}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if "stride" in n or "codes" in n}
+    source = GluonASTSource(
+        fn=decode_mma._attend_chunk_mma, signature=signature, constexprs=constants, attrs=aligned
+    )
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=decode_mma.LAUNCH)
+    registers, sass = disassemble(kernel, f"decode_mma_{bits}")
+    print(f"K{bits}V{bits}: {registers} registers, {kernel.metadata.shared} B shared memory")
+    for loop in loops(sass):
+        total, alu = sum(loop.values()), sum(loop[op] for op in ALU)
+        mix = ", ".join(f"{op} {n}" for op, n in loop.most_common(10))
+        print(
+            f"  loop: {total} instructions per warp per block, {alu} ({alu / total:.0%}) integer-ALU: {mix}"
+        )
 
 
 def main() -> None:
@@ -60,7 +110,13 @@ def main() -> None:
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
     parser.add_argument("--group", type=int, default=4, help="query heads per KV head")
     parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--registers", action="store_true", help="the register-fragment kernel (decode_mma)")
     args = parser.parse_args()
+    if args.registers:
+        print(f"triton {triton.__version__}, sm_90, decode_mma, head_dim {args.dim}, group {args.group}")
+        for bits in args.bits:
+            register_kernel(bits, args.group, args.dim)
+        return
     print(f"triton {triton.__version__}, sm_90, {decode.NUM_WARPS} warps, {decode.NUM_STAGES} stages, "
           f"BLOCK_N {decode.BLOCK_N}, head_dim {args.dim}, group {args.group}")  # fmt: skip
     for bits in args.bits:
@@ -77,16 +133,8 @@ def main() -> None:
             target=GPUTarget("cuda", 90, 32),
             options=dict(num_warps=decode.NUM_WARPS, num_stages=decode.NUM_STAGES),
         )
-        cubin = f"/tmp/tqlab_decode_{bits}.cubin"
-        with open(cubin, "wb") as f:
-            f.write(kernel.asm["cubin"])
-        usage = subprocess.run(
-            [tool("cuobjdump"), "-res-usage", cubin], capture_output=True, text=True
-        ).stdout
-        registers = re.search(r"REG:(\d+)", usage).group(1)
-        loop = main_loop(
-            subprocess.run([tool("nvdisasm"), "-c", cubin], capture_output=True, text=True).stdout
-        )
+        registers, sass = disassemble(kernel, f"decode_{bits}")
+        loop = main_loop(sass)
         mix = ", ".join(f"{op} {n}" for op, n in loop.most_common(10))
         print(f"K{bits}V{bits}: {registers} registers, {kernel.metadata.shared} B shared memory; "
               f"loop {sum(loop.values())} instructions per warp per block: {mix}")  # fmt: skip
