@@ -10,7 +10,7 @@ pytest.importorskip("triton")
 
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
-from tqlab.cache import attention, compress_kv  # noqa: E402
+from tqlab.cache import attention, compress_kv, fused  # noqa: E402
 from tqlab.cache.cache import TurboQuantLayer  # noqa: E402
 from tqlab.kv import KVQuantSpec  # noqa: E402
 from tqlab.registry import RuleError  # noqa: E402
@@ -91,7 +91,13 @@ def assert_same(got, want, exact=None):
         dict(protocol="prefill_exact", sink_tokens=1),
     ],
 )
-def test_kernel_path_equals_the_reference_path(layout, monkeypatch):
+@pytest.mark.parametrize("exact_logits", [None, 1])
+def test_kernel_path_equals_the_reference_path(layout, exact_logits, monkeypatch):
+    """exact_logits=1: the exact tokens' attention one KV head at a time (as for long chunks), not all at once."""
+    if exact_logits is not None:
+        if not layout:
+            pytest.skip("no exact tokens to attend")
+        monkeypatch.setattr(fused, "EXACT_LOGITS", exact_logits)
     model = tiny()
     chunks = [ids(21), ids(1, 2), ids(1, 3), ids(4, 4)]
     with monkeypatch.context() as patch:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 STARTS = "_tqlab_starts"  # attribute of a mask tensor: its per-row padding, or False when not left padding
+EXACT_LOGITS = 1 << 24  # most fp32 logits over exact tokens held at once (64 MiB)
 
 
 def _left_padding(attention_mask, batch: int, q_len: int, held: int, device) -> torch.Tensor | None:
@@ -90,8 +91,9 @@ def attend_packed(layer, query: torch.Tensor, attention_mask, scaling: float, wi
 
 
 def _attend_exact(layer, query, starts, scaling: float, n_sink: int, coded: int):
-    """Softmax attention over the exact sinks and recent tokens alone (fp32), with its log-sum-exp; one KV
-    head at a time, so a long chunk's [queries × exact keys] logits exist for one head's group at once."""
+    """Softmax attention over the exact sinks and recent tokens alone (fp32), with its log-sum-exp; as many
+    KV heads at a time as keep the [queries × exact keys] logits within EXACT_LOGITS (all of them in a
+    decode step: a loop over heads costs a dozen small ops per head per layer per token)."""
     batch, q_heads, q_len, dim = query.shape
     held, kv_heads = layer.held, layer.num_kv_heads
     group = q_heads // kv_heads
@@ -106,14 +108,17 @@ def _attend_exact(layer, query, starts, scaling: float, n_sink: int, coded: int)
     )  # [B, Tq, n]
     out = torch.empty(batch, q_heads, q_len, dim, dtype=torch.float32, device=query.device)
     lse = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=query.device)
-    for h in range(kv_heads):
-        heads = slice(h * group, (h + 1) * group)
-        q = query[:, heads].float()  # [B, G, Tq, d]
-        logits = (q @ keys[:, h, None].float().transpose(-1, -2)) * scaling  # [B, G, Tq, n]
-        logits = logits.masked_fill(~seen[:, None], float("-inf"))
-        lse[:, heads] = torch.logsumexp(logits, dim=-1)
-        p = torch.exp(logits - lse[:, heads, :, None]).nan_to_num(0.0)
-        out[:, heads] = p @ values[:, h, None].float()
+    step = max(1, min(kv_heads, EXACT_LOGITS // (batch * group * q_len * keys.shape[-2])))
+    for first in range(0, kv_heads, step):
+        kv = slice(first, first + step)
+        heads = slice(first * group, min(first + step, kv_heads) * group)
+        q = query[:, heads].float().unflatten(1, (-1, group))  # [B, H, G, Tq, d]
+        logits = torch.einsum("bhgtd,bhnd->bhgtn", q, keys[:, kv].float()) * scaling
+        logits = logits.masked_fill(~seen[:, None, None], float("-inf"))
+        head_lse = torch.logsumexp(logits, dim=-1)
+        p = torch.exp(logits - head_lse[..., None]).nan_to_num(0.0)
+        out[:, heads] = torch.einsum("bhgtn,bhnd->bhgtd", p, values[:, kv].float()).flatten(1, 2)
+        lse[:, heads] = head_lse.flatten(1, 2)
     return out, lse
 
 

@@ -1,0 +1,54 @@
+"""Host cost of the exact-token attention that `cache/fused.py` merges into every layer's decode step
+(`_attend_exact`: under prefill_exact the step's own token, and any sinks or recent window), per call, on
+this machine's CPU, one KV head at a time (EXACT_LOGITS = 0, how it ran before) against all heads at once.
+
+    PYTHONPATH=src python tools/research/exact_merge_overhead.py
+
+A decode step calls it once per layer, so on a GPU, where each of these small ops is a kernel launch, the
+difference is paid per layer per token.
+"""
+
+from __future__ import annotations
+
+import time
+import types
+
+import torch
+
+from tqlab.cache import fused
+
+
+def exact_layer(batch: int, kv_heads: int, tokens: int, dim: int, coded: int):
+    """What `_attend_exact` reads of a layer: `tokens` recent exact tokens after `coded` codes."""
+    keys, values = (torch.randn(batch, kv_heads, tokens, dim) for _ in range(2))
+    layer = types.SimpleNamespace(held=coded + tokens, num_kv_heads=kv_heads)
+    layer.exact_tokens = lambda side: (None, keys if side == "key" else values)
+    return layer
+
+
+def per_call_us(layer, query, reps: int = 300) -> float:
+    starts = torch.zeros(query.shape[0], dtype=torch.int32)
+    for _ in range(20):
+        fused._attend_exact(layer, query, starts, 0.125, 0, layer.held - 1)
+    begin = time.perf_counter()
+    for _ in range(reps):
+        fused._attend_exact(layer, query, starts, 0.125, 0, layer.held - 1)
+    return (time.perf_counter() - begin) / reps * 1e6
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    print(f"torch {torch.__version__}, 1 thread; µs per call, one exact token (the step's own), head_dim 64")
+    print("| batch | q/KV heads | one KV head at a time | all heads at once |\n| --- | --- | --- | --- |")
+    for batch, q_heads, kv_heads in [(1, 32, 8), (8, 32, 8), (1, 12, 2), (8, 12, 2)]:
+        layer, query = exact_layer(batch, kv_heads, 1, 64, 4096), torch.randn(batch, q_heads, 1, 64)
+        budget = fused.EXACT_LOGITS
+        fused.EXACT_LOGITS = 0
+        looped = per_call_us(layer, query)
+        fused.EXACT_LOGITS = budget
+        print(f"| {batch} | {q_heads}/{kv_heads} | {looped:.0f} | {per_call_us(layer, query):.0f} |")
+
+
+if __name__ == "__main__":
+    main()
