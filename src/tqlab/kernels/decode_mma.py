@@ -159,6 +159,17 @@ def _three_bit_groups(w0, w1, w2):
 
 
 @gluon.jit
+def _whole_groups(codes, t, group, stop, BITS: gl.constexpr, DIM: gl.constexpr):
+    """Groups `group` of key rows `t` (broadcast together) at 2 or 4 bits, where each group is one whole
+    int16 / int32 word, as int32 (rows >= stop read as 0)."""
+    if BITS == 2:
+        row = codes.to(gl.pointer_type(gl.int16)) + t * (DIM // 8) + group
+        return gl.load(row, mask=t < stop, other=0).to(gl.int32) & 0xFFFF
+    row = codes.to(gl.pointer_type(gl.int32)) + t * (DIM // 8) + group
+    return gl.load(row, mask=t < stop, other=0)
+
+
+@gluon.jit
 def _key_groups(codes, block, stop, BITS: gl.constexpr, DIM: gl.constexpr, BLOCK_N: gl.constexpr):
     """int32 groups [BLOCK_N, 4, W] (W = DIM/32) of keys block .. block + BLOCK_N − 1 (those >= stop read as
     0): lane (g, c) of the warp reads groups W·c .. W·c + W − 1 of its keys, DIM·BITS/32 contiguous bytes."""
@@ -180,12 +191,7 @@ def _key_groups(codes, block, stop, BITS: gl.constexpr, DIM: gl.constexpr, BLOCK
         groups = gl.reshape(groups, (BLOCK_N, 4, 4))
     else:
         w = gl.arange(0, W, layout=gl.SliceLayout(0, gl.SliceLayout(1, words)))[None, None, :]
-        if BITS == 2:
-            row = codes.to(gl.pointer_type(gl.int16)) + t * (DIM // 8) + W * c + w
-            groups = gl.load(row, mask=t < stop, other=0).to(gl.int32) & 0xFFFF
-        else:
-            row = codes.to(gl.pointer_type(gl.int32)) + t * (DIM // 8) + W * c + w
-            groups = gl.load(row, mask=t < stop, other=0)
+        groups = _whole_groups(codes, t, W * c + w, stop, BITS, DIM)
     return groups
 
 
@@ -230,12 +236,7 @@ def _value_groups(codes, block, stop, BITS: gl.constexpr, DIM: gl.constexpr, BLO
         groups = gl.reshape(groups, (BLOCK_N, 8, 2))
     else:
         u = gl.arange(0, U, layout=gl.SliceLayout(0, gl.SliceLayout(1, words)))[None, None, :]
-        if BITS == 2:
-            row = codes.to(gl.pointer_type(gl.int16)) + t * (DIM // 8) + U * g + u
-            groups = gl.load(row, mask=t < stop, other=0).to(gl.int32) & 0xFFFF
-        else:
-            row = codes.to(gl.pointer_type(gl.int32)) + t * (DIM // 8) + U * g + u
-            groups = gl.load(row, mask=t < stop, other=0)
+        groups = _whole_groups(codes, t, U * g + u, stop, BITS, DIM)
     return groups
 
 
