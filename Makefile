@@ -55,6 +55,7 @@ bench-gpu: $(STAMP)  ## Triton decode and quantize vs bf16 SDPA / a copy, and ge
 	$(PY) benchmarks/gpu_decode.py $(if $(DOCS),--out docs/benchmarks.md)
 	$(PY) benchmarks/gpu_quantize.py $(if $(DOCS),--out docs/benchmarks.md)
 	$(PY) benchmarks/gpu_generate.py $(if $(DOCS),--out docs/benchmarks.md)
+	$(PY) benchmarks/gpu_generate.py --graphs $(if $(DOCS),--out docs/benchmarks.md)
 
 capture: $(STAMP)  ## capture q, k, v of the default model on the default text (ARGS="model=... data=...")
 	$(PY) capture.py $(ARGS)

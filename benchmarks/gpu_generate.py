@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python benchmarks/gpu_generate.py                   # → outputs/bench/benchmarks.md
     PYTHONPATH=src python benchmarks/gpu_generate.py --out docs/benchmarks.md
+    PYTHONPATH=src python benchmarks/gpu_generate.py --graphs --out docs/benchmarks.md   # CUDA graphs
 
 Randomly initialised bf16 models of two public architectures (no model hub on the GPU machine). Each run
 prefills `context` random tokens per sequence in one call (exact attention: the prefill-exact protocol, as
@@ -12,6 +13,10 @@ fast Hadamard on K and V, every layer; on CUDA its Triton kernels quantize and a
 real tensor bytes after decoding, and the peak allocated memory of the whole run above the weights. The
 largest batch that fits at a context is estimated from those measurements: (GPU memory − weights −
 the run's transient peak) / cache bytes per sequence.
+
+With --graphs every decode step is replayed from a CUDA graph (`tqlab.cache.GraphDecoder`), so a step costs
+what the GPU does rather than the host's per-layer Python: TurboQuantCache frozen after the prompt against
+transformers' StaticCache under the same decoder (DynamicCache grows, so no graph can replay it).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from docs_section import write_gpu_section
 from gpu_memory import ARCHS
 from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
 
-from tqlab.cache import compress_kv
+from tqlab.cache import GraphDecoder, compress_kv
 from tqlab.kv import KVQuantSpec
 
 GiB = 2**30
@@ -62,7 +67,7 @@ def make_cache(model, kind: str, max_len: int):
 
 
 @torch.no_grad()
-def run(model, kind: str, batch: int, context: int, steps: int) -> dict:
+def run(model, kind: str, batch: int, context: int, steps: int, graphs: bool = False) -> dict:
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
@@ -71,6 +76,18 @@ def run(model, kind: str, batch: int, context: int, steps: int) -> dict:
     g = torch.Generator(device="cuda").manual_seed(0)
     prompt = torch.randint(0, vocab, (batch, context), device="cuda", generator=g)
     cache = make_cache(model, kind, context + WARMUP + steps + 2)
+    if graphs:  # prefill, then warm-up steps (the capture among them), then replays timed
+        decoder = GraphDecoder(model, cache)
+        decoder.prefill(prompt, max_new_tokens=WARMUP + steps + 1)
+        decoder.decode(WARMUP)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        decoder.decode(steps)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        stored, peak = cache_bytes(cache), torch.cuda.max_memory_allocated() - base
+        del cache, decoder
+        return {"ms": seconds / steps * 1e3, "tok_s": batch * steps / seconds, "stored": stored, "peak": peak}
     logits = model(prompt, cache=cache, use_cache=True, logits_to_keep=1).logits
     token = logits[:, -1:].argmax(-1)
     logits = model(token, cache=cache, use_cache=True, logits_to_keep=1).logits  # encodes the prompt
@@ -96,17 +113,22 @@ def main() -> None:
     parser.add_argument("--archs", nargs="+", default=list(ARCHS))
     parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 65536])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--caches", nargs="+", default=["bf16 dynamic", "bf16 static", "K4V4", "K3V3"])
+    parser.add_argument(
+        "--caches", nargs="+", help="default: bf16 dynamic (not with --graphs), bf16 static, K4V4, K3V3"
+    )
+    parser.add_argument("--graphs", action="store_true", help="replay every decode step from a CUDA graph")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument(
         "--out", type=Path, default=Path("outputs/bench/benchmarks.md"), help="'-' to print only"
     )
     args = parser.parse_args()
+    baseline_kind = "bf16 static" if args.graphs else "bf16 dynamic"
+    args.caches = args.caches or [*([] if args.graphs else ["bf16 dynamic"]), "bf16 static", "K4V4", "K3V3"]
     if not torch.cuda.is_available():
         sys.exit("gpu_generate.py needs a CUDA GPU")
     total = torch.cuda.get_device_properties(0).total_memory
     rows = [
-        "| model | batch | context | cache | decode ms/step | tokens/s | vs bf16 dynamic | cache GiB | "
+        f"| model | batch | context | cache | decode ms/step | tokens/s | vs {baseline_kind} | cache GiB | "
         "peak GiB above weights | largest batch that fits (est.) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -120,14 +142,14 @@ def main() -> None:
                 baseline = None
                 for kind in args.caches:
                     try:
-                        r = run(model, kind, batch, context, args.steps)
+                        r = run(model, kind, batch, context, args.steps, args.graphs)
                     except torch.OutOfMemoryError:
                         rows.append(
                             f"| {arch} | {batch} | {context // 1024}k | {kind} | out of memory | | | | | |"
                         )
                         print(rows[-1], flush=True)
                         continue
-                    baseline = baseline or (r["tok_s"] if kind == "bf16 dynamic" else None)
+                    baseline = baseline or (r["tok_s"] if kind == baseline_kind else None)
                     per_seq = r["stored"] / batch
                     transient = max(r["peak"] - r["stored"], 0)
                     fits = int((total - weights - transient) // per_seq)
@@ -139,10 +161,13 @@ def main() -> None:
                     print(rows[-1], flush=True)
         del model
         torch.cuda.empty_cache()
+    how = "each step replayed from a CUDA graph" if args.graphs else "eager, no CUDA graphs for any cache"
     write_gpu_section(
-        args.out, "gpu_generate", "End-to-end decode on a GPU: tokens/s and memory, compressed cache vs bf16",
+        args.out, "gpu_generate_graphs" if args.graphs else "gpu_generate",
+        "End-to-end decode on a GPU" + (" with CUDA graphs" if args.graphs else "")
+        + ": tokens/s and memory, compressed cache vs bf16",
         f"Random-weight bf16 models of the public architectures; prompt prefilled exactly in one call, then "
-        f"{args.steps} greedy decode steps timed (eager, no CUDA graphs for any cache).", rows,
+        f"{args.steps} greedy decode steps timed ({how}).", rows,
         versions=f", transformers {transformers.__version__}",
     )  # fmt: skip
 

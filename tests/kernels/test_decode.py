@@ -177,6 +177,30 @@ def test_padding_starts_a_causal_shift_and_the_log_sum_exp(dim, group, q_len, sh
     assert kernel is None or kernel
 
 
+@pytest.mark.parametrize("dim,bits,splits", [(64, 4, 3), (128, 3, 8), (128, 2, None)])
+def test_a_static_launch_splits_each_sequence_by_its_own_length(dim, bits, splits, kernel):
+    """static_launch (what a CUDA graph replays): the launch is sized from the capacity T, the chunks from
+    each sequence's length on the device; sequences far shorter than T, padded or empty, stay exact."""
+    register_kernel_takes(kernel, dim, bits, bits, 4)
+    batch, kv_heads, group, tokens = 4, 2, 4, 400
+    codec = TurboQuantMSE(dim, bits, rotation="fast_hadamard", seed=dim + bits)
+    k_code = codec.quantize(gaussian(batch, kv_heads, tokens, dim, seed=11) * 2)
+    v_code = codec.quantize(gaussian(batch, kv_heads, tokens, dim, seed=12))
+    q = gaussian(batch, kv_heads * group, 1, dim, seed=13) * 2
+    lengths, starts = torch.tensor([400, 37, 161, 0]), torch.tensor([0, 5, 100, 0])
+    scaling = dim**-0.5
+    out, lse = run(
+        q, codec, k_code, codec, v_code, lengths, scaling, splits, True, starts=starts, static_launch=True
+    )
+    keys, values = rotated_codes(codec, k_code), rotated_codes(codec, v_code)
+    expected, expected_lse = reference(q, keys, values, lengths, scaling, starts, with_lse=True)
+    torch.testing.assert_close(out, expected, rtol=0, atol=TOLERANCE * expected.abs().max())
+    seen = expected_lse.isfinite()
+    assert not seen[3].any() and torch.equal(lse.isfinite(), seen)
+    torch.testing.assert_close(lse[seen], expected_lse[seen], rtol=TOLERANCE, atol=0)
+    assert kernel is None or kernel
+
+
 def test_one_inverse_rotation_gives_attention_over_dequantized_keys_and_values():
     dim, batch, kv_heads, group, tokens = 128, 2, 2, 4, 90
     k_codec = TurboQuantMSE(dim, 3, rotation="random_haar", seed=5)

@@ -11,28 +11,24 @@ difference is paid per layer per token.
 from __future__ import annotations
 
 import time
-import types
 
 import torch
 
 from tqlab.cache import fused
 
 
-def exact_layer(batch: int, kv_heads: int, tokens: int, dim: int, coded: int):
-    """What `_attend_exact` reads of a layer: `tokens` recent exact tokens after `coded` codes."""
+def exact_inputs(batch: int, kv_heads: int, tokens: int, dim: int):
+    """What `_attend_exact` takes in a decode step: `tokens` exact keys and values, all seen."""
     keys, values = (torch.randn(batch, kv_heads, tokens, dim) for _ in range(2))
-    layer = types.SimpleNamespace(held=coded + tokens, num_kv_heads=kv_heads)
-    layer.exact_tokens = lambda side: (None, keys if side == "key" else values)
-    return layer
+    return keys, values, torch.ones(batch, 1, tokens, dtype=torch.bool)
 
 
-def per_call_us(layer, query, reps: int = 300) -> float:
-    starts = torch.zeros(query.shape[0], dtype=torch.int32)
+def per_call_us(inputs, query, reps: int = 300) -> float:
     for _ in range(20):
-        fused._attend_exact(layer, query, starts, 0.125, 0, layer.held - 1)
+        fused._attend_exact(query, *inputs, 0.125)
     begin = time.perf_counter()
     for _ in range(reps):
-        fused._attend_exact(layer, query, starts, 0.125, 0, layer.held - 1)
+        fused._attend_exact(query, *inputs, 0.125)
     return (time.perf_counter() - begin) / reps * 1e6
 
 
@@ -42,12 +38,12 @@ def main() -> None:
     print(f"torch {torch.__version__}, 1 thread; µs per call, one exact token (the step's own), head_dim 64")
     print("| batch | q/KV heads | one KV head at a time | all heads at once |\n| --- | --- | --- | --- |")
     for batch, q_heads, kv_heads in [(1, 32, 8), (8, 32, 8), (1, 12, 2), (8, 12, 2)]:
-        layer, query = exact_layer(batch, kv_heads, 1, 64, 4096), torch.randn(batch, q_heads, 1, 64)
+        inputs, query = exact_inputs(batch, kv_heads, 1, 64), torch.randn(batch, q_heads, 1, 64)
         budget = fused.EXACT_LOGITS
         fused.EXACT_LOGITS = 0
-        looped = per_call_us(layer, query)
+        looped = per_call_us(inputs, query)
         fused.EXACT_LOGITS = budget
-        print(f"| {batch} | {q_heads}/{kv_heads} | {looped:.0f} | {per_call_us(layer, query):.0f} |")
+        print(f"| {batch} | {q_heads}/{kv_heads} | {looped:.0f} | {per_call_us(inputs, query):.0f} |")
 
 
 if __name__ == "__main__":

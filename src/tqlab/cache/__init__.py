@@ -1,8 +1,10 @@
 """A compressed KV cache inside `model.generate`: TurboQuantCache, the attention that reads its codes, and
-the one verb that applies a spec to a model (`compress_kv`)."""
+the one verb that applies a spec to a model (`compress_kv`), and greedy decoding replayed from a CUDA graph
+(`GraphDecoder`)."""
 
 from ..kv.layout import CacheLayout
 from ..registry import PROTOCOLS
 from .cache import TurboQuantCache, TurboQuantLayer, compress_kv
+from .graphs import GraphDecoder
 
-__all__ = ["PROTOCOLS", "CacheLayout", "TurboQuantCache", "TurboQuantLayer", "compress_kv"]
+__all__ = ["PROTOCOLS", "CacheLayout", "GraphDecoder", "TurboQuantCache", "TurboQuantLayer", "compress_kv"]

@@ -85,6 +85,7 @@ class TurboQuantLayer(CacheLayerMixin):
         # a sliding layer holds about a window at a time: it grows to that instead of taking the reserve
         self.reserve_tokens = 0 if self.is_sliding else reserve_tokens or 0
         self.packed = None  # {side: PackedCodes} when the Triton kernels read this layer's codes
+        self.static = False  # frozen for CUDA-graph decode steps (`freeze`)
         self.codecs = {side: [None] * num_kv_heads for side in SIDES}
         self.reset()
 
@@ -149,6 +150,8 @@ class TurboQuantLayer(CacheLayerMixin):
         marked with this layer, so that the tqlab attention function reads what the layer holds."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.static:
+            return self._update_static(key_states, value_states)
         if self.is_sliding and self.held > 2 * self.sliding_window:  # amortised: drops come in batches
             self._drop_oldest(self.held - (self.sliding_window - 1))
         prefill_exact = self.layout.protocol == "prefill_exact"
@@ -159,6 +162,69 @@ class TurboQuantLayer(CacheLayerMixin):
         self.length += key_states.shape[-2]
         if not prefill_exact:
             self.settle()
+        marked = key_states.view_as(key_states)
+        setattr(marked, attention.LAYER_MARK, self)
+        return marked, value_states
+
+    def freeze(self, capacity: int, starts: torch.Tensor | None = None) -> None:
+        """Make decode steps capturable in a CUDA graph: every token encoded now, the code tensors sized for
+        `capacity` tokens per sequence once, and from here on the count of codes kept on the device, so that
+        a step's work (quantize, write at that count, attend over the whole capacity with the lengths read on
+        the device) never depends on a host value. starts: per sequence the padding keys no query sees.
+        Python counters follow through `advance`, which the graph's owner calls after each replay."""
+        why = self.why_not_freezable(capacity)
+        if why is not None:
+            raise RuleError(f"layer {self.layer_idx} cannot decode in a CUDA graph: {why}")
+        for side in SIDES:
+            if self._pending[side] is not None and self._pending[side].shape[-2]:
+                self._encode_packed(side, self._pending[side])
+            self._pending[side] = None
+            self.packed[side].grow_to(capacity)
+        self._codes_held = torch.tensor(self.packed["key"].length, dtype=torch.long, device=self.device)
+        batch = self.packed["key"].indices.shape[0]
+        starts = torch.zeros(batch) if starts is None else starts
+        self._starts = starts.to(device=self.device, dtype=torch.int32)
+        self._step_states = None
+        self.static = True
+
+    def why_not_freezable(self, capacity: int) -> str | None:
+        if not self.is_initialized:
+            return "it has not seen the prompt"
+        if self.packed is None:
+            return "its codes are not the Triton kernels' (kernels='torch', an exact layer, or codes they cannot read)"
+        if self.is_sliding or self.layout.sink_tokens or self.layout.recent_window:
+            return "it keeps exact tokens beside the codes (a sliding window, sink_tokens or recent_window)"
+        if capacity < self.length:
+            return f"capacity={capacity} is less than the {self.length} tokens it holds"
+        return None
+
+    def thaw(self) -> None:
+        """Back to the eager path (every token stays coded)."""
+        self.static = False
+
+    def advance(self, tokens: int) -> None:
+        """Move the Python-side counts of a frozen layer by `tokens` (a CUDA graph's replay wrote them)."""
+        self.length += tokens
+        for packed in self.packed.values():
+            packed.length += tokens
+
+    def _update_static(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """A frozen layer's step: every new token coded at once, at the device-side count (prefill_exact keeps
+        the step's own states too: its queries see them exactly, not their codes)."""
+        from ..kernels import quantize_mse
+
+        tokens = key_states.shape[-2]
+        positions = self._codes_held + torch.arange(tokens, device=self.device)
+        for side, states in (("key", key_states), ("value", value_states)):
+            codec = self.codecs[side][0]
+            indices, norms = quantize_mse(
+                states, self.rotations[side], codec.boundaries, codec.norm_dtype, self.quantize_tables[side]
+            )
+            self.packed[side].write(positions, indices, norms)
+        self._codes_held.add_(tokens)
+        self.advance(tokens)
+        exact = self.layout.protocol == "prefill_exact"
+        self._step_states = (key_states, value_states) if exact else None
         marked = key_states.view_as(key_states)
         setattr(marked, attention.LAYER_MARK, self)
         return marked, value_states
@@ -269,6 +335,7 @@ class TurboQuantLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.length = self.offset = 0
+        self.static = False
         self._sunk = {side: 0 for side in SIDES}
         self._sink: dict[str, torch.Tensor | None] = {side: None for side in SIDES}
         self._codes = {side: [None] * self.num_kv_heads for side in SIDES}
@@ -358,6 +425,36 @@ class TurboQuantCache(Cache):
             else:
                 layers.append(DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs))
         return cls(layers, bank)
+
+    def freeze(self, capacity: int, starts: torch.Tensor | None = None) -> None:
+        """Make the decode steps capturable in a CUDA graph (`TurboQuantLayer.freeze`), for sequences of up to
+        `capacity` tokens; starts: per sequence the left-padding tokens (default none). Refused, naming the
+        layer, where a layer keeps exact tokens or its codes are not the kernels'."""
+        why = {
+            i: layer.why_not_freezable(capacity)
+            if isinstance(layer, TurboQuantLayer)
+            else "not a TurboQuantLayer"
+            for i, layer in enumerate(self.layers)
+        }  # every layer checked before any is changed
+        refused = {i: reason for i, reason in why.items() if reason is not None}
+        if refused:
+            i, reason = next(iter(refused.items()))
+            raise RuleError(
+                f"this cache cannot decode in a CUDA graph: layer {i}: {reason} ({len(refused)} layers refused)"
+            )
+        for layer in self.layers:
+            layer.freeze(capacity, starts)
+
+    def thaw(self) -> None:
+        for layer in self.layers:
+            if isinstance(layer, TurboQuantLayer):
+                layer.thaw()
+
+    def advance(self, tokens: int) -> None:
+        """Python-side counts of a frozen cache after a CUDA graph's replay wrote `tokens` more per sequence."""
+        for layer in self.layers:
+            if isinstance(layer, TurboQuantLayer) and layer.static:
+                layer.advance(tokens)
 
     def nbytes(self) -> dict:
         """Real bytes: what is stored per token (codes and exact tokens), the per-layer constants apart, and

@@ -46,6 +46,8 @@ def attend_packed(layer, query: torch.Tensor, attention_mask, scaling: float, wi
     batch, q_heads, q_len, dim = query.shape
     kv_heads, held = layer.num_kv_heads, layer.held
     group = q_heads // kv_heads
+    if layer.static:
+        return _attend_static(layer, query, attention_mask, scaling)
     if (window and window < held) or group > MAX_ROWS:
         return None
     starts = _left_padding(attention_mask, batch, q_len, held, query.device)
@@ -86,26 +88,61 @@ def attend_packed(layer, query: torch.Tensor, attention_mask, scaling: float, wi
     )
     out = out.reshape(batch, q_heads, q_len, dim)
     if n_sink or n_recent:
-        out, lse = _merge(out, lse, *_attend_exact(layer, query, starts, scaling, n_sink, coded))
+        keys = torch.cat([t for t in layer.exact_tokens("key") if t is not None], dim=-2)
+        values = torch.cat([t for t in layer.exact_tokens("value") if t is not None], dim=-2)
+        position = torch.cat(
+            [torch.arange(n_sink, device=query.device), torch.arange(n_sink + coded, held, device=query.device)]
+        )  # fmt: skip
+        query_position = torch.arange(held - q_len, held, device=query.device)
+        seen = (position[None, None, :] <= query_position[None, :, None]) & (
+            position[None, None, :] >= starts[:, None, None]
+        )  # [B, Tq, n]
+        out, lse = _merge(out, lse, *_attend_exact(query, keys, values, seen, scaling))
     return out
 
 
-def _attend_exact(layer, query, starts, scaling: float, n_sink: int, coded: int):
-    """Softmax attention over the exact sinks and recent tokens alone (fp32), with its log-sum-exp; as many
-    KV heads at a time as keep the [queries × exact keys] logits within EXACT_LOGITS (all of them in a
-    decode step: a loop over heads costs a dozen small ops per head per layer per token)."""
+def _attend_static(layer, query: torch.Tensor, attention_mask, scaling: float) -> torch.Tensor:
+    """A frozen layer's decode step (`TurboQuantLayer.freeze`): one kernel call over the whole capacity, the
+    lengths read on the device, so that a CUDA graph can replay it; under prefill_exact the step's own
+    tokens, coded already, are attended exactly instead and merged."""
+    from ..kernels.decode import MAX_ROWS, decode_attention
+
     batch, q_heads, q_len, dim = query.shape
-    held, kv_heads = layer.held, layer.num_kv_heads
+    kv_heads = layer.num_kv_heads
     group = q_heads // kv_heads
-    keys = torch.cat([t for t in layer.exact_tokens("key") if t is not None], dim=-2)
-    values = torch.cat([t for t in layer.exact_tokens("value") if t is not None], dim=-2)
-    position = torch.cat(
-        [torch.arange(n_sink), torch.arange(n_sink + coded, held)]
-    ).to(query.device)  # fmt: skip
-    query_position = torch.arange(held - q_len, held, device=query.device)
-    seen = (position[None, None, :] <= query_position[None, :, None]) & (
-        position[None, None, :] >= starts[:, None, None]
-    )  # [B, Tq, n]
+    if attention_mask is not None or group * q_len > MAX_ROWS:
+        raise ValueError(
+            f"a frozen cache takes decode steps of at most {MAX_ROWS // group} tokens without an attention mask "
+            f"(its padding was fixed by freeze); got {q_len} tokens, mask {'given' if attention_mask is not None else 'None'}"
+        )
+    own = q_len if layer._step_states is not None else 0  # prefill_exact: the step's codes are not read
+    lengths = (layer._codes_held - own).to(torch.int32).expand(batch).contiguous()
+    q = query.float().reshape(batch, kv_heads, group, q_len, dim)
+    q_rot = torch.einsum("bhgtd,hed->bhgte", q, layer.rotations["key"]).reshape(batch, q_heads, q_len, dim)
+    out, lse = decode_attention(
+        q_rot, layer.packed["key"].indices, layer.packed["key"].norms, layer.packed["value"].indices,
+        layer.packed["value"].norms, layer.tables["key"], layer.tables["value"], lengths, scaling,
+        starts=layer._starts, causal_shift=own, static_launch=True,
+    )  # fmt: skip
+    out = torch.einsum(
+        "bhnd,hde->bhne", out.view(batch, kv_heads, group * q_len, dim), layer.rotations["value"]
+    )
+    out = out.reshape(batch, q_heads, q_len, dim)
+    if own:
+        keys, values = layer._step_states
+        seen = torch.ones(q_len, q_len, dtype=torch.bool, device=query.device).tril().expand(batch, -1, -1)
+        out, lse = _merge(out, lse, *_attend_exact(query, keys, values, seen, scaling))
+    return out
+
+
+def _attend_exact(query, keys, values, seen, scaling: float):
+    """Softmax attention of query [B, Hq, Tq, d] over exact keys and values [B, KVH, n, d] alone (fp32) where
+    seen [B, Tq, n] allows, with its log-sum-exp; as many KV heads at a time as keep the [queries × exact keys]
+    logits within EXACT_LOGITS (all of them in a decode step: a loop over heads costs a dozen small ops per
+    head per layer per token)."""
+    batch, q_heads, q_len, dim = query.shape
+    kv_heads = keys.shape[1]
+    group = q_heads // kv_heads
     out = torch.empty(batch, q_heads, q_len, dim, dtype=torch.float32, device=query.device)
     lse = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=query.device)
     step = max(1, min(kv_heads, EXACT_LOGITS // (batch * group * q_len * keys.shape[-2])))

@@ -40,16 +40,31 @@ class PackedCodes:
         """Add tokens: indices [B, KVH, T, bytes], norms [B, KVH, T]."""
         need = self.length + indices.shape[2]
         if self.indices is None or need > self.indices.shape[2]:
-            capacity = -(-max(need, int(GROWTH * self.length), self.reserve) // ALIGN) * ALIGN
-            grown_i = indices.new_empty(*indices.shape[:2], capacity, indices.shape[3])
-            grown_n = norms.new_empty(*norms.shape[:2], capacity)
-            if self.length:
-                grown_i[:, :, : self.length] = self.indices[:, :, : self.length]
-                grown_n[:, :, : self.length] = self.norms[:, :, : self.length]
-            self.indices, self.norms = grown_i, grown_n
+            capacity = max(need, int(GROWTH * self.length), self.reserve)
+            self._allocate(indices.shape[:2], capacity, indices.device)
         self.indices[:, :, self.length : need] = indices
         self.norms[:, :, self.length : need] = norms
         self.length = need
+
+    def grow_to(self, capacity: int) -> None:
+        """Room for at least `capacity` tokens (one copy if the tensors are smaller)."""
+        if self.indices is not None and capacity > self.indices.shape[2]:
+            self._allocate(self.indices.shape[:2], capacity, self.indices.device)
+
+    def _allocate(self, leading, capacity: int, device) -> None:
+        capacity = -(-capacity // ALIGN) * ALIGN
+        grown_i = torch.empty(*leading, capacity, self.dim // 8 * self.bits, dtype=torch.uint8, device=device)
+        grown_n = torch.empty(*leading, capacity, dtype=self.norm_dtype, device=device)
+        if self.length:
+            grown_i[:, :, : self.length] = self.indices[:, :, : self.length]
+            grown_n[:, :, : self.length] = self.norms[:, :, : self.length]
+        self.indices, self.norms = grown_i, grown_n
+
+    def write(self, positions: torch.Tensor, indices: torch.Tensor, norms: torch.Tensor) -> None:
+        """Store tokens at token positions given on the device ([T] int64), within the capacity; the
+        caller moves `length` (a CUDA graph replays this write without the host)."""
+        self.indices.index_copy_(2, positions, indices)
+        self.norms.index_copy_(2, positions, norms)
 
     def drop_front(self, n: int) -> None:
         """Forget the first n tokens (copied down: the kernels read rows from the start)."""

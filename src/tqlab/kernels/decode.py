@@ -59,6 +59,8 @@ def _attend_chunk(
     b, h = bh // KV_HEADS, bh % KV_HEADS
     length = tl.load(lengths + b).to(tl.int32)
     first_key = tl.load(starts + b).to(tl.int32)  # keys before it are padding
+    if chunk == 0:  # a launch that does not depend on the lengths: this sequence's keys split evenly
+        chunk = tl.cdiv(length, splits * BLOCK_N) * BLOCK_N
     start = tl.maximum(split * chunk, first_key // BLOCK_N * BLOCK_N)
     stop = tl.minimum(split * chunk + chunk, length)
 
@@ -193,6 +195,7 @@ def decode_attention(
     num_splits: int | None = None,
     starts: torch.Tensor | None = None,
     causal_shift: int = 0,
+    static_launch: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of rotated queries [B, Hq, Tq, d] over packed codes [B, KVH, T, packed bytes] with norms
     [B, KVH, T]; sequence b holds its first lengths[b] tokens, of which the first starts[b] (default 0) are
@@ -201,7 +204,10 @@ def decode_attention(
     elsewhere (exact), follow the codes.
 
     key_table / value_table: `centroid_table(codec.centroids)`. num_splits: chunks per (sequence, KV
-    head), by default enough to fill every SM (`decode_mma`: once, at its compiled register count). Returns fp32 [B, Hq, Tq, d] in the rotated domain
+    head), by default enough to fill every SM (`decode_mma`: once, at its compiled register count).
+    static_launch: the launch depends on T (the tensors' capacity) alone, never on the lengths, whose values
+    are read on the device only — each sequence's keys are split evenly over the chunks in the kernel — so
+    that a CUDA graph may replay it while the lengths grow. Returns fp32 [B, Hq, Tq, d] in the rotated domain
     and the natural-log sum of exp of the scaled scores, [B, Hq, Tq] (−inf for a query that sees no key).
     """
     batch, q_heads, q_len, dim = query.shape
@@ -260,8 +266,11 @@ def decode_attention(
         if num_splits is None:
             sms = _sm_count(query.device.index) if query.is_cuda else 4
             num_splits = min(triton.cdiv(CTAS_PER_SM * sms, batch * kv_heads), blocks // MIN_BLOCKS_PER_SPLIT)
-    chunk = triton.cdiv(blocks, max(1, min(num_splits, blocks))) * block_n
-    splits = triton.cdiv(tokens, chunk)
+    if static_launch:
+        chunk, splits = 0, max(1, min(num_splits, blocks))
+    else:
+        chunk = triton.cdiv(blocks, max(1, min(num_splits, blocks))) * block_n
+        splits = triton.cdiv(tokens, chunk)
 
     lengths = lengths.to(device=query.device, dtype=torch.int32)
     starts = (

@@ -325,6 +325,8 @@ def _attend_chunk_mma(
     b, h = bh // KV_HEADS, bh % KV_HEADS
     length = gl.load(lengths + b).to(gl.int32)
     first_key = gl.load(starts + b).to(gl.int32)  # keys before it are padding
+    if chunk == 0:  # a launch that does not depend on the lengths: this sequence's keys split evenly
+        chunk = gl.cdiv(length, splits * BLOCK_N) * BLOCK_N
     start = gl.maximum(split * chunk, first_key // BLOCK_N * BLOCK_N)
     stop = gl.minimum(split * chunk + chunk, length)
 
