@@ -124,6 +124,8 @@ def main() -> None:
     args = parser.parse_args()
     baseline_kind = "bf16 static" if args.graphs else "bf16 dynamic"
     args.caches = args.caches or [*([] if args.graphs else ["bf16 dynamic"]), "bf16 static", "K4V4", "K3V3"]
+    if args.graphs and "bf16 dynamic" in args.caches:
+        parser.error("--graphs cannot replay 'bf16 dynamic' (a DynamicCache grows every step)")
     if not torch.cuda.is_available():
         sys.exit("gpu_generate.py needs a CUDA GPU")
     total = torch.cuda.get_device_properties(0).total_memory

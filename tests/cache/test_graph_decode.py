@@ -1,6 +1,7 @@
 """Decode steps of a frozen TurboQuantCache (what a CUDA graph replays) against the eager kernel path, and
 GraphDecoder's greedy tokens against an eager greedy loop. On CPU the kernels run in Triton's interpreter
-and the steps eagerly; on a GPU the same tests capture and replay CUDA graphs."""
+and every step eagerly; on a GPU the decoder captures and replays CUDA graphs, each test runs on both decode
+kernels, and prompts are long enough for several chunks per sequence."""
 
 import pytest
 import torch
@@ -14,23 +15,33 @@ from tqlab.kv import KVQuantSpec  # noqa: E402
 from tqlab.registry import RuleError  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+PROMPT = 300 if DEVICE == "cuda" else 9
 TOLERANCE = 1e-3  # of the logits' scale: the two paths split the keys into different chunks (fp16 operands)
+
+
+@pytest.fixture(autouse=True, params=["tiles", "registers"] if DEVICE == "cuda" else ["tiles"])
+def kernel(request, monkeypatch):
+    """On a GPU every test runs on the Triton-language decode kernel and on the register-fragment one."""
+    from tqlab.kernels import decode
+
+    monkeypatch.setattr(decode, "REGISTER_KERNEL_MIN_KEYS", float("inf") if request.param == "tiles" else 0)
+    return request.param
 
 
 def tiny(layers: int = 1):
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=97, hidden_size=128, intermediate_size=96, num_hidden_layers=layers, head_dim=32,
+        vocab_size=97, hidden_size=128, intermediate_size=96, num_hidden_layers=layers, head_dim=64,
         num_attention_heads=8, num_key_value_heads=2,
     )  # fmt: skip
     return LlamaForCausalLM(config).float().eval().to(DEVICE)
 
 
-def spec(bits=3):
-    return KVQuantSpec.create("turboquant_mse", bits, "fast_hadamard", compress=("key", "value"), head_dim=32)
+def spec(bits=4):
+    return KVQuantSpec.create("turboquant_mse", bits, "fast_hadamard", compress=("key", "value"), head_dim=64)
 
 
-def prompt(batch=2, length=9, pad=(0, 3)):
+def prompt(batch=2, length=PROMPT, pad=(0, 3)):
     ids = torch.randint(0, 97, (batch, length), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     mask = torch.ones(batch, length, dtype=torch.long, device=DEVICE)
     for row, n in enumerate(pad):
@@ -42,7 +53,7 @@ def positions(mask):
     return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
 
 
-@pytest.mark.parametrize("protocol,bits", [("all_quantized", 3), ("prefill_exact", 4), ("all_quantized", 2)])
+@pytest.mark.parametrize("protocol,bits", [("all_quantized", 4), ("prefill_exact", 4), ("all_quantized", 2)])
 def test_frozen_steps_equal_the_eager_kernel_path(protocol, bits):
     """The same forced tokens into an eager cache and a frozen one (one layer: both hold the same codes),
     left padding included; the frozen one takes no mask, its padding fixed at freeze."""
@@ -50,7 +61,7 @@ def test_frozen_steps_equal_the_eager_kernel_path(protocol, bits):
     ids, mask = prompt()
     eager = compress_kv(model, spec(bits), kernels="triton", protocol=protocol)
     frozen = compress_kv(model, spec(bits), kernels="triton", protocol=protocol)
-    forced = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    forced = torch.randint(0, 97, (2, 4), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     with torch.no_grad():
         for cache in (eager, frozen):
             model(ids, attention_mask=mask, position_ids=positions(mask), cache=cache)
@@ -79,15 +90,18 @@ def eager_greedy(model, cache, ids, mask, new_tokens):
     return torch.cat([ids, *out], dim=1)
 
 
-def test_graph_decoder_generates_the_eager_greedy_tokens():
+@pytest.mark.parametrize("protocol", ["all_quantized", "prefill_exact"])
+def test_graph_decoder_generates_the_eager_greedy_tokens(protocol):
     model = tiny(layers=2)
     ids, mask = prompt()
-    want = eager_greedy(model, compress_kv(model, spec(), kernels="triton"), ids, mask, 6)
-    cache = compress_kv(model, spec(), kernels="triton")
+    want = eager_greedy(model, compress_kv(model, spec(), kernels="triton", protocol=protocol), ids, mask, 4)
+    cache = compress_kv(model, spec(), kernels="triton", protocol=protocol)
     decoder = GraphDecoder(model, cache)
-    got = decoder.generate(ids, mask, max_new_tokens=6)
+    got = decoder.generate(ids, mask, max_new_tokens=4)
     assert torch.equal(got, want)
-    assert cache.get_seq_length() == ids.shape[1] + 5  # the last new token is not fed back
+    held = ids.shape[1] + 3  # the last new token is not fed back
+    assert cache.get_seq_length() == held
+    assert all(layer._codes_held.item() == layer.packed["key"].length == held for layer in cache.layers)
     if DEVICE == "cuda":
         assert decoder._graph is not None  # the later steps were replayed
 
@@ -103,7 +117,7 @@ def test_graph_decoder_on_transformers_static_cache():
 
 def test_what_cannot_be_frozen_is_refused_before_anything_changes():
     model = tiny(layers=2)
-    ids, _ = prompt(pad=(0, 0))
+    ids, _ = prompt(length=9, pad=(0, 0))
     with pytest.raises(RuleError, match="GraphDecoder needs a TurboQuantCache"):
         GraphDecoder(model, DynamicCache(config=model.config))
     for layout, match in [
@@ -122,14 +136,32 @@ def test_what_cannot_be_frozen_is_refused_before_anything_changes():
         model(ids, cache=cache)
     with pytest.raises(RuleError, match="capacity=4 is less than the 9 tokens"):
         cache.freeze(4)
-    decoder = GraphDecoder(model, compress_kv(model, spec(), kernels="triton"))
+    with pytest.raises(ValueError, match=r"starts has shape \(3,\); expected \(2,\)"):
+        cache.freeze(64, starts=torch.zeros(3))
+    cache = compress_kv(model, spec(), kernels="triton")
+    decoder = GraphDecoder(model, cache)
     with pytest.raises(RuleError, match="after prefill"):
         decoder.decode(1)
-    decoder.prefill(ids, max_new_tokens=3)
-    with pytest.raises(RuleError, match="3 more steps exceed the 2"):
-        decoder.decode(3)
+    decoder.prefill(ids, max_new_tokens=4)
+    with pytest.raises(RuleError, match="4 more steps exceed the 3"):
+        decoder.decode(4)
     with pytest.raises(RuleError, match="fresh cache"):
         decoder.prefill(ids)
+    decoder.decode(1)
+    with torch.no_grad(), pytest.raises(RuleError, match="frozen for one token per step"):
+        model(ids[:, :2], cache=cache)
+    with torch.no_grad():
+        model(ids[:, :1], cache=cache)  # a frozen cache fed eagerly: right, but no longer the decoder's
+    with pytest.raises(RuleError, match="the cache changed"):
+        decoder.decode(1)
+    with torch.no_grad():
+        for _ in range(2):  # to the capacity, 9 + 4 tokens
+            model(ids[:, :1], cache=cache)
+    with torch.no_grad(), pytest.raises(RuleError, match="frozen for one token per step and 13 tokens"):
+        model(ids[:, :1], cache=cache)
+    cache.thaw()
+    with torch.no_grad():
+        model(ids[:, :1], cache=cache)  # thawed: the eager path, growing past the frozen capacity
     with pytest.raises(ValueError, match="left padding"):
         GraphDecoder(model, compress_kv(model, spec(), kernels="triton")).prefill(
             ids, torch.tensor([[1] * 8 + [0]] * 2, device=DEVICE)

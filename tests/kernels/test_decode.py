@@ -178,10 +178,23 @@ def test_padding_starts_a_causal_shift_and_the_log_sum_exp(dim, group, q_len, sh
 
 
 @pytest.mark.parametrize("dim,bits,splits", [(64, 4, 3), (128, 3, 8), (128, 2, None)])
-def test_a_static_launch_splits_each_sequence_by_its_own_length(dim, bits, splits, kernel):
+def test_a_static_launch_splits_each_sequence_by_its_own_length(dim, bits, splits, kernel, monkeypatch):
     """static_launch (what a CUDA graph replays): the launch is sized from the capacity T, the chunks from
-    each sequence's length on the device; sequences far shorter than T, padded or empty, stay exact."""
+    each sequence's length on the device; sequences far shorter than T, padded or empty, stay exact, and
+    other lengths launch the same grid."""
+    from tqlab.kernels import decode
+
     register_kernel_takes(kernel, dim, bits, bits, 4)
+    grids = kernel
+    if kernel is None:
+        grids, tiles = [], decode._attend_chunk
+
+        class Recorded:
+            def __getitem__(self, grid):
+                grids.append(grid)
+                return tiles[grid]
+
+        monkeypatch.setattr(decode, "_attend_chunk", Recorded())
     batch, kv_heads, group, tokens = 4, 2, 4, 400
     codec = TurboQuantMSE(dim, bits, rotation="fast_hadamard", seed=dim + bits)
     k_code = codec.quantize(gaussian(batch, kv_heads, tokens, dim, seed=11) * 2)
@@ -198,7 +211,14 @@ def test_a_static_launch_splits_each_sequence_by_its_own_length(dim, bits, split
     seen = expected_lse.isfinite()
     assert not seen[3].any() and torch.equal(lse.isfinite(), seen)
     torch.testing.assert_close(lse[seen], expected_lse[seen], rtol=TOLERANCE, atol=0)
-    assert kernel is None or kernel
+    for shorter in (lengths // 3, lengths // 2):
+        out = run(
+            q, codec, k_code, codec, v_code, shorter, scaling, splits, starts=starts, static_launch=True
+        )
+        expected = reference(q, keys, values, shorter, scaling, starts)
+        torch.testing.assert_close(out, expected, rtol=0, atol=TOLERANCE * expected.abs().max())
+    # the register kernel's first call launches at a default residency, later ones at the measured one
+    assert len(grids) >= 3 and grids[-1] == grids[-2]
 
 
 def test_one_inverse_rotation_gives_attention_over_dequantized_keys_and_values():

@@ -85,7 +85,6 @@ class TurboQuantLayer(CacheLayerMixin):
         # a sliding layer holds about a window at a time: it grows to that instead of taking the reserve
         self.reserve_tokens = 0 if self.is_sliding else reserve_tokens or 0
         self.packed = None  # {side: PackedCodes} when the Triton kernels read this layer's codes
-        self.static = False  # frozen for CUDA-graph decode steps (`freeze`)
         self.codecs = {side: [None] * num_kv_heads for side in SIDES}
         self.reset()
 
@@ -171,23 +170,26 @@ class TurboQuantLayer(CacheLayerMixin):
         `capacity` tokens per sequence once, and from here on the count of codes kept on the device, so that
         a step's work (quantize, write at that count, attend over the whole capacity with the lengths read on
         the device) never depends on a host value. starts: per sequence the padding keys no query sees.
-        Python counters follow through `advance`, which the graph's owner calls after each replay."""
+        The Python-side count follows each eager step; after a graph's replays its owner sets it (`set_length`)."""
         why = self.why_not_freezable(capacity)
         if why is not None:
             raise RuleError(f"layer {self.layer_idx} cannot decode in a CUDA graph: {why}")
+        held = self.packed["key"].indices if self.packed["key"].length else self._pending["key"]
+        batch = held.shape[0]
+        if starts is not None and tuple(starts.shape) != (batch,):
+            raise ValueError(f"starts has shape {tuple(starts.shape)}; expected ({batch},): one per sequence")
         for side in SIDES:
             if self._pending[side] is not None and self._pending[side].shape[-2]:
                 self._encode_packed(side, self._pending[side])
             self._pending[side] = None
             self.packed[side].grow_to(capacity)
         self._codes_held = torch.tensor(self.packed["key"].length, dtype=torch.long, device=self.device)
-        batch = self.packed["key"].indices.shape[0]
         starts = torch.zeros(batch) if starts is None else starts
         self._starts = starts.to(device=self.device, dtype=torch.int32)
-        self._step_states = None
-        self.static = True
+        self.capacity, self.static = capacity, True
 
     def why_not_freezable(self, capacity: int) -> str | None:
+        """Why this layer cannot be frozen for `capacity` tokens per sequence, or None."""
         if not self.is_initialized:
             return "it has not seen the prompt"
         if self.packed is None:
@@ -199,14 +201,14 @@ class TurboQuantLayer(CacheLayerMixin):
         return None
 
     def thaw(self) -> None:
-        """Back to the eager path (every token stays coded)."""
+        """Back to the eager path (every token stays coded; a padded batch needs its attention mask again)."""
         self.static = False
 
-    def advance(self, tokens: int) -> None:
-        """Move the Python-side counts of a frozen layer by `tokens` (a CUDA graph's replay wrote them)."""
-        self.length += tokens
+    def set_length(self, tokens: int) -> None:
+        """A frozen layer's Python-side count of tokens per sequence (all of them coded)."""
+        self.length = tokens
         for packed in self.packed.values():
-            packed.length += tokens
+            packed.length = tokens
 
     def _update_static(self, key_states: torch.Tensor, value_states: torch.Tensor):
         """A frozen layer's step: every new token coded at once, at the device-side count (prefill_exact keeps
@@ -214,6 +216,11 @@ class TurboQuantLayer(CacheLayerMixin):
         from ..kernels import quantize_mse
 
         tokens = key_states.shape[-2]
+        if tokens != 1 or self.length + 1 > self.capacity:
+            raise RuleError(
+                f"layer {self.layer_idx} is frozen for one token per step and {self.capacity} tokens per sequence; "
+                f"got {tokens} new tokens with {self.length} held (cache.thaw() returns it to the eager path)"
+            )
         positions = self._codes_held + torch.arange(tokens, device=self.device)
         for side, states in (("key", key_states), ("value", value_states)):
             codec = self.codecs[side][0]
@@ -222,7 +229,7 @@ class TurboQuantLayer(CacheLayerMixin):
             )
             self.packed[side].write(positions, indices, norms)
         self._codes_held.add_(tokens)
-        self.advance(tokens)
+        self.set_length(self.length + tokens)
         exact = self.layout.protocol == "prefill_exact"
         self._step_states = (key_states, value_states) if exact else None
         marked = key_states.view_as(key_states)
@@ -335,7 +342,8 @@ class TurboQuantLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.length = self.offset = 0
-        self.static = False
+        self.static, self.capacity = False, None  # frozen for CUDA-graph decode steps (`freeze`)
+        self._codes_held = self._starts = self._step_states = None
         self._sunk = {side: 0 for side in SIDES}
         self._sink: dict[str, torch.Tensor | None] = {side: None for side in SIDES}
         self._codes = {side: [None] * self.num_kv_heads for side in SIDES}
@@ -440,21 +448,26 @@ class TurboQuantCache(Cache):
         if refused:
             i, reason = next(iter(refused.items()))
             raise RuleError(
-                f"this cache cannot decode in a CUDA graph: layer {i}: {reason} ({len(refused)} layers refused)"
+                f"this cache cannot decode in a CUDA graph: layer {i}: {reason} "
+                f"({len(refused)} of {len(self.layers)} layers refused)"
             )
-        for layer in self.layers:
+        for layer in self.layers:  # the first refuses a wrong `starts` before any layer changes
             layer.freeze(capacity, starts)
 
+    @property
+    def frozen(self) -> bool:
+        return all(isinstance(layer, TurboQuantLayer) and layer.static for layer in self.layers)
+
     def thaw(self) -> None:
+        """Back to the eager path (a padded batch needs its attention mask again)."""
         for layer in self.layers:
             if isinstance(layer, TurboQuantLayer):
                 layer.thaw()
 
-    def advance(self, tokens: int) -> None:
-        """Python-side counts of a frozen cache after a CUDA graph's replay wrote `tokens` more per sequence."""
+    def set_length(self, tokens: int) -> None:
+        """A frozen cache's Python-side count of tokens per sequence, after a CUDA graph's replays wrote them."""
         for layer in self.layers:
-            if isinstance(layer, TurboQuantLayer) and layer.static:
-                layer.advance(tokens)
+            layer.set_length(tokens)
 
     def nbytes(self) -> dict:
         """Real bytes: what is stored per token (codes and exact tokens), the per-layer constants apart, and

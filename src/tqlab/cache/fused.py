@@ -102,35 +102,33 @@ def attend_packed(layer, query: torch.Tensor, attention_mask, scaling: float, wi
 
 
 def _attend_static(layer, query: torch.Tensor, attention_mask, scaling: float) -> torch.Tensor:
-    """A frozen layer's decode step (`TurboQuantLayer.freeze`): one kernel call over the whole capacity, the
-    lengths read on the device, so that a CUDA graph can replay it; under prefill_exact the step's own
-    tokens, coded already, are attended exactly instead and merged."""
-    from ..kernels.decode import MAX_ROWS, decode_attention
+    """A frozen layer's decode step (`TurboQuantLayer.freeze`: one token, its codes written already): one kernel
+    call over the whole capacity with the lengths read on the device, so that a CUDA graph can replay it; under
+    prefill_exact the token's own codes are left out and its exact key and value merged instead."""
+    from ..kernels.decode import decode_attention
 
-    batch, q_heads, q_len, dim = query.shape
+    batch, q_heads, _, dim = query.shape
     kv_heads = layer.num_kv_heads
     group = q_heads // kv_heads
-    if attention_mask is not None or group * q_len > MAX_ROWS:
+    if attention_mask is not None:
         raise ValueError(
-            f"a frozen cache takes decode steps of at most {MAX_ROWS // group} tokens without an attention mask "
-            f"(its padding was fixed by freeze); got {q_len} tokens, mask {'given' if attention_mask is not None else 'None'}"
+            "a frozen cache takes its padding from freeze(starts) and no attention mask (cache.thaw() returns "
+            "it to the eager path)"
         )
-    own = q_len if layer._step_states is not None else 0  # prefill_exact: the step's codes are not read
+    own = 0 if layer._step_states is None else 1  # prefill_exact: the step's own codes are not read
     lengths = (layer._codes_held - own).to(torch.int32).expand(batch).contiguous()
-    q = query.float().reshape(batch, kv_heads, group, q_len, dim)
-    q_rot = torch.einsum("bhgtd,hed->bhgte", q, layer.rotations["key"]).reshape(batch, q_heads, q_len, dim)
+    q = query.float().reshape(batch, kv_heads, group, 1, dim)
+    q_rot = torch.einsum("bhgtd,hed->bhgte", q, layer.rotations["key"]).reshape(batch, q_heads, 1, dim)
     out, lse = decode_attention(
         q_rot, layer.packed["key"].indices, layer.packed["key"].norms, layer.packed["value"].indices,
         layer.packed["value"].norms, layer.tables["key"], layer.tables["value"], lengths, scaling,
         starts=layer._starts, causal_shift=own, static_launch=True,
     )  # fmt: skip
-    out = torch.einsum(
-        "bhnd,hde->bhne", out.view(batch, kv_heads, group * q_len, dim), layer.rotations["value"]
-    )
-    out = out.reshape(batch, q_heads, q_len, dim)
+    out = torch.einsum("bhnd,hde->bhne", out.view(batch, kv_heads, group, dim), layer.rotations["value"])
+    out = out.reshape(batch, q_heads, 1, dim)
     if own:
         keys, values = layer._step_states
-        seen = torch.ones(q_len, q_len, dtype=torch.bool, device=query.device).tril().expand(batch, -1, -1)
+        seen = torch.ones(batch, 1, 1, dtype=torch.bool, device=query.device)
         out, lse = _merge(out, lse, *_attend_exact(query, keys, values, seen, scaling))
     return out
 

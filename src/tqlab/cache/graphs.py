@@ -9,7 +9,7 @@ the GPU does. That needs a step whose work never depends on a host value: `Turbo
 its layers write each token's codes at a count kept on the device and attend over the whole capacity with
 the lengths read on the device (`decode_attention(..., static_launch=True)`); transformers' StaticCache is
 built that way already and serves as the bf16 baseline. The prompt is prefilled eagerly; the first
-`warmup_steps` steps run eagerly too (they compile kernels and size the launch), then one is captured and
+WARMUP_STEPS steps run eagerly too (they compile kernels and size the launch), then one is captured and
 replayed for the rest. Off CUDA (or with graphs=False) every step runs eagerly through the same frozen path.
 
 Greedy only, exactly max_new_tokens new tokens: stopping at an end-of-sequence token would need the host to
@@ -25,20 +25,26 @@ from transformers import StaticCache
 from ..registry import RuleError
 from .cache import TurboQuantCache
 
+# Eager steps before the capture: the first compiles the kernels and measures the decode kernel's residency,
+# the second launches at the split count that measurement gives (and compiles the merge for it), so that
+# nothing compiles while the graph records.
+WARMUP_STEPS = 2
+
 
 class GraphDecoder:
-    def __init__(self, model, cache, graphs: bool | None = None, warmup_steps: int = 2):
+    def __init__(self, model, cache, graphs: bool | None = None):
         if not isinstance(cache, TurboQuantCache | StaticCache):
             raise RuleError(
                 f"GraphDecoder needs a TurboQuantCache (compress_kv) or transformers' StaticCache, not "
                 f"{type(cache).__name__}: a growing cache cannot be replayed from a graph"
             )
-        self.model, self.cache, self.warmup_steps = model, cache, warmup_steps
+        self.model, self.cache = model, cache
         on_cuda = next(model.parameters()).is_cuda
         self.graphs = on_cuda if graphs is None else graphs
         if self.graphs and not on_cuda:
             raise RuleError("graphs=True needs the model on a CUDA device")
         self._graph, self._warm, self._tokens, self._positions = None, 0, None, None
+        self._length = self._left = 0  # tokens per sequence in the cache; steps prefill left room for
 
     @torch.no_grad()
     def generate(
@@ -86,7 +92,7 @@ class GraphDecoder:
             self.cache.freeze(capacity, starts)
         self._tokens = token.clone()  # the next step's input, then its output: the graph's static buffers
         self._positions = (length - starts)[:, None].clone()
-        self._left = max_new_tokens - 1
+        self._length, self._left = length, max_new_tokens - 1
         return token
 
     @torch.no_grad()
@@ -97,6 +103,13 @@ class GraphDecoder:
         if steps > self._left:
             raise RuleError(
                 f"{steps} more steps exceed the {self._left} that prefill's max_new_tokens left room for"
+            )
+        if isinstance(self.cache, TurboQuantCache) and (
+            not self.cache.frozen or self.cache.get_seq_length() != self._length
+        ):
+            raise RuleError(
+                "the cache changed since this decoder's last step (thawed, reset or fed eagerly): its graph would "
+                "write where the cache no longer is; decode with a fresh cache and decoder"
             )
         self._left -= steps
         out = torch.empty(self._tokens.shape[0], steps, dtype=torch.long, device=self._tokens.device)
@@ -114,9 +127,10 @@ class GraphDecoder:
         return self._tokens
 
     def _next(self) -> torch.Tensor:
+        self._length += 1
         if not self.graphs:
             return self._step()
-        if self._graph is None and self._warm < self.warmup_steps:
+        if self._graph is None and self._warm < WARMUP_STEPS:
             self._warm += 1
             side = torch.cuda.Stream()  # warm-up on a side stream, as CUDA graph capture asks
             side.wait_stream(torch.cuda.current_stream())
@@ -125,14 +139,17 @@ class GraphDecoder:
             torch.cuda.current_stream().wait_stream(side)
             return self._tokens
         if self._graph is None:
-            self._graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._graph):
-                self._step()
-            self._advance(-1)  # capture ran the step's Python (its counts) but none of its kernels
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    self._step()
+            finally:  # the capture ran the step's Python (the cache's counts) but none of its kernels
+                self._set_length(self._length - 1)
+            self._graph = graph
         self._graph.replay()
-        self._advance(1)
+        self._set_length(self._length)
         return self._tokens
 
-    def _advance(self, tokens: int) -> None:
+    def _set_length(self, tokens: int) -> None:
         if isinstance(self.cache, TurboQuantCache):
-            self.cache.advance(tokens)
+            self.cache.set_length(tokens)
