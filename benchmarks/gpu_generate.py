@@ -163,6 +163,10 @@ def main() -> None:
                     print(rows[-1], flush=True)
         del model
         torch.cuda.empty_cache()
+        write(args, rows)  # after each architecture: a run cut short keeps what it measured
+
+
+def write(args, rows: list[str]) -> None:
     how = "each step replayed from a CUDA graph" if args.graphs else "eager, no CUDA graphs for any cache"
     write_gpu_section(
         args.out, "gpu_generate_graphs" if args.graphs else "gpu_generate",
