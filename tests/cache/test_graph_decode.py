@@ -116,7 +116,7 @@ def test_graph_decoder_on_transformers_static_cache():
 
 
 def test_what_cannot_be_frozen_is_refused_before_anything_changes():
-    model = tiny(layers=2)
+    model = tiny()
     ids, _ = prompt(length=9, pad=(0, 0))
     with pytest.raises(RuleError, match="GraphDecoder needs a TurboQuantCache"):
         GraphDecoder(model, DynamicCache(config=model.config))

@@ -127,27 +127,27 @@ class GraphDecoder:
         return self._tokens
 
     def _next(self) -> torch.Tensor:
-        self._length += 1
         if not self.graphs:
-            return self._step()
-        if self._graph is None and self._warm < WARMUP_STEPS:
-            self._warm += 1
+            self._step()
+        elif self._graph is None and self._warm < WARMUP_STEPS:
             side = torch.cuda.Stream()  # warm-up on a side stream, as CUDA graph capture asks
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 self._step()
             torch.cuda.current_stream().wait_stream(side)
-            return self._tokens
-        if self._graph is None:
-            graph = torch.cuda.CUDAGraph()
-            try:
-                with torch.cuda.graph(graph):
-                    self._step()
-            finally:  # the capture ran the step's Python (the cache's counts) but none of its kernels
-                self._set_length(self._length - 1)
-            self._graph = graph
-        self._graph.replay()
-        self._set_length(self._length)
+            self._warm += 1
+        else:
+            if self._graph is None:
+                graph = torch.cuda.CUDAGraph()
+                try:
+                    with torch.cuda.graph(graph):
+                        self._step()
+                finally:  # the capture ran the step's Python (the cache's counts) but none of its kernels
+                    self._set_length(self._length)
+                self._graph = graph
+            self._graph.replay()
+            self._set_length(self._length + 1)
+        self._length += 1
         return self._tokens
 
     def _set_length(self, tokens: int) -> None:
