@@ -111,10 +111,10 @@ class GraphDecoder:
                 "the cache changed since this decoder's last step (thawed, reset or fed eagerly): its graph would "
                 "write where the cache no longer is; decode with a fresh cache and decoder"
             )
-        self._left -= steps
         out = torch.empty(self._tokens.shape[0], steps, dtype=torch.long, device=self._tokens.device)
         for i in range(steps):
             out[:, i : i + 1] = self._next()
+            self._left -= 1
         return out
 
     def _step(self) -> torch.Tensor:
