@@ -24,14 +24,19 @@ def kernel(request, monkeypatch):
     mma = decode._mma_kernel()
     assert mma is not None, "this triton has no Gluon: the register-fragment kernel cannot run"
     monkeypatch.setattr(decode, "REGISTER_KERNEL_MIN_KEYS", 0)
-    launches, kernel = [], mma._attend_chunk_mma
+    return record_launches(monkeypatch, mma, "_attend_chunk_mma")
+
+
+def record_launches(monkeypatch, module, name: str) -> list:
+    """The launch grids of the kernel `module.name`, recorded while it still launches."""
+    launches, kernel = [], getattr(module, name)
 
     class Recorded:
         def __getitem__(self, grid):
             launches.append(grid)
             return kernel[grid]
 
-    monkeypatch.setattr(mma, "_attend_chunk_mma", Recorded())
+    monkeypatch.setattr(module, name, Recorded())
     return launches
 
 
@@ -185,16 +190,7 @@ def test_a_static_launch_splits_each_sequence_by_its_own_length(dim, bits, split
     from tqlab.kernels import decode
 
     register_kernel_takes(kernel, dim, bits, bits, 4)
-    grids = kernel
-    if kernel is None:
-        grids, tiles = [], decode._attend_chunk
-
-        class Recorded:
-            def __getitem__(self, grid):
-                grids.append(grid)
-                return tiles[grid]
-
-        monkeypatch.setattr(decode, "_attend_chunk", Recorded())
+    grids = kernel if kernel is not None else record_launches(monkeypatch, decode, "_attend_chunk")
     batch, kv_heads, group, tokens = 4, 2, 4, 400
     codec = TurboQuantMSE(dim, bits, rotation="fast_hadamard", seed=dim + bits)
     k_code = codec.quantize(gaussian(batch, kv_heads, tokens, dim, seed=11) * 2)

@@ -58,8 +58,7 @@ def attend_packed(layer, query: torch.Tensor, attention_mask, scaling: float, wi
     n_recent = 0 if recent is None else recent.shape[-2]
     coded = held - n_sink - n_recent
 
-    q = query.float().reshape(batch, kv_heads, group, q_len, dim)
-    q_rot = torch.einsum("bhgtd,hed->bhgte", q, layer.rotations["key"]).reshape(batch, q_heads, q_len, dim)
+    q_rot = _rotate(query, layer.rotations["key"])
     k_idx, k_norms = layer.packed["key"].views()
     v_idx, v_norms = layer.packed["value"].views()
     code_starts = (starts - n_sink).clamp(0, coded)
@@ -83,10 +82,7 @@ def attend_packed(layer, query: torch.Tensor, attention_mask, scaling: float, wi
         outs.append(out)
         lses.append(lse)
     out, lse = torch.cat(outs, dim=2), torch.cat(lses, dim=2)
-    out = torch.einsum(
-        "bhnd,hde->bhne", out.view(batch, kv_heads, group * q_len, dim), layer.rotations["value"]
-    )
-    out = out.reshape(batch, q_heads, q_len, dim)
+    out = _rotate_back(out, layer.rotations["value"])
     if n_sink or n_recent:
         keys = torch.cat([t for t in layer.exact_tokens("key") if t is not None], dim=-2)
         values = torch.cat([t for t in layer.exact_tokens("value") if t is not None], dim=-2)
@@ -107,9 +103,7 @@ def _attend_static(layer, query: torch.Tensor, attention_mask, scaling: float) -
     prefill_exact the token's own codes are left out and its exact key and value merged instead."""
     from ..kernels.decode import decode_attention
 
-    batch, q_heads, _, dim = query.shape
-    kv_heads = layer.num_kv_heads
-    group = q_heads // kv_heads
+    batch = query.shape[0]
     if attention_mask is not None:
         raise ValueError(
             "a frozen cache takes its padding from freeze(starts) and no attention mask (cache.thaw() returns "
@@ -117,15 +111,13 @@ def _attend_static(layer, query: torch.Tensor, attention_mask, scaling: float) -
         )
     own = 0 if layer._step_states is None else 1  # prefill_exact: the step's own codes are not read
     lengths = (layer._codes_held - own).to(torch.int32).expand(batch).contiguous()
-    q = query.float().reshape(batch, kv_heads, group, 1, dim)
-    q_rot = torch.einsum("bhgtd,hed->bhgte", q, layer.rotations["key"]).reshape(batch, q_heads, 1, dim)
+    q_rot = _rotate(query, layer.rotations["key"])
     out, lse = decode_attention(
         q_rot, layer.packed["key"].indices, layer.packed["key"].norms, layer.packed["value"].indices,
         layer.packed["value"].norms, layer.tables["key"], layer.tables["value"], lengths, scaling,
         starts=layer._starts, causal_shift=own, static_launch=True,
     )  # fmt: skip
-    out = torch.einsum("bhnd,hde->bhne", out.view(batch, kv_heads, group, dim), layer.rotations["value"])
-    out = out.reshape(batch, q_heads, 1, dim)
+    out = _rotate_back(out, layer.rotations["value"])
     if own:
         keys, values = layer._step_states
         seen = torch.ones(batch, 1, 1, dtype=torch.bool, device=query.device)
@@ -155,6 +147,20 @@ def _attend_exact(query, keys, values, seen, scaling: float):
         out[:, heads] = torch.einsum("bhgtn,bhnd->bhgtd", p, values[:, kv].float()).flatten(1, 2)
         lse[:, heads] = head_lse.flatten(1, 2)
     return out, lse
+
+
+def _rotate(query: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """Πq in fp32 for query [B, Hq, Tq, d], each query head by its KV head's rotation ([KVH, d, d])."""
+    batch, q_heads, q_len, dim = query.shape
+    q = query.float().reshape(batch, rotations.shape[0], -1, q_len, dim)
+    return torch.einsum("bhgtd,hed->bhgte", q, rotations).reshape(batch, q_heads, q_len, dim)
+
+
+def _rotate_back(out: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """Πᵀo for the kernel's rotated-domain output [B, Hq, Tq, d] (the value rotations, [KVH, d, d])."""
+    batch, q_heads, q_len, dim = out.shape
+    rows = out.reshape(batch, rotations.shape[0], -1, dim)
+    return torch.einsum("bhnd,hde->bhne", rows, rotations).reshape(batch, q_heads, q_len, dim)
 
 
 def _merge(out_a, lse_a, out_b, lse_b):
