@@ -54,10 +54,11 @@ def test_codes_equal_the_codec_and_a_float64_reference_up_to_boundary_ties(dim, 
     assert (ulps <= 1.01).all() and (norms == code.norms).float().mean() > 0.95
 
 
-def test_each_kv_head_is_coded_with_its_own_rotation():
-    dim, heads, bits = 64, 3, 3
+@pytest.mark.parametrize("dim, dtype", [(64, torch.float32), (256, torch.bfloat16)])  # tf32x3; signed halves
+def test_each_kv_head_is_coded_with_its_own_rotation(dim, dtype):
+    heads, bits = 3, 3
     codecs = [TurboQuantMSE(dim, bits, rotation="fast_hadamard", seed=h) for h in range(heads)]
-    x = torch.randn(2, heads, 70, dim, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, heads, 70, dim, generator=torch.Generator().manual_seed(0)).to(dtype)
     rotations = torch.stack([c.rotation.matrix() for c in codecs])
     indices, norms = quantize_mse(x.to(DEVICE), rotations.to(DEVICE), codecs[0].boundaries.to(DEVICE))
     for h, codec in enumerate(codecs):
@@ -79,6 +80,28 @@ def test_the_sign_product_is_chosen_only_for_a_scaled_sign_matrix_and_low_precis
     assert not quantize_tables(haar, boundaries, torch.bfloat16).signs
     assert quantize_tables(haar, boundaries, torch.bfloat16).symmetric
     assert not quantize_tables(haar, boundaries + 0.01, torch.bfloat16).symmetric
+
+
+def test_a_sign_matrix_without_signed_halves_takes_the_whole_product():
+    dim, bits = 256, 2
+    codec = TurboQuantMSE(dim, bits, rotation="fast_hadamard", seed=4)
+    hadamard = codec.rotation.matrix()
+    halves = quantize_tables(hadamard, codec.boundaries, torch.bfloat16).row_signs
+    assert halves is not None and set(halves.unique().tolist()) == {-1.0, 1.0}
+    assert quantize_tables(torch.stack([hadamard] * 2), codec.boundaries, torch.bfloat16).row_signs.shape == (
+        2, 2, dim // 2,
+    )  # fmt: skip
+    # Swapping two columns across the halves keeps Π orthogonal and ±1/√d but breaks the structure.
+    swapped = hadamard.clone()
+    swapped[:, [0, dim - 1]] = swapped[:, [dim - 1, 0]]
+    tables = quantize_tables(swapped, codec.boundaries, torch.bfloat16)
+    assert tables.signs and tables.row_signs is None
+    x = torch.randn(40, dim, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    indices, _ = quantize_mse(x.to(DEVICE), swapped.to(DEVICE), codec.boundaries.to(DEVICE))
+    y = (x.double() / x.double().norm(dim=-1, keepdim=True)) @ swapped.double().T
+    near_tie = ((y.unsqueeze(-1) - codec.boundaries.double()).abs() < NEAR_TIE).any(-1)
+    ours = unpack_bits(indices.cpu(), bits, dim)
+    assert torch.equal(ours[~near_tie], torch.bucketize(y, codec.boundaries.double())[~near_tie])
 
 
 def test_asymmetric_boundaries_are_counted_in_full():

@@ -4,7 +4,9 @@ Per row x: ‖x‖ (stored in the norm dtype), y = Π (x / ‖x‖), idx_j = #{b
 `TurboQuantMSE.encode_rotated` counts, packed eight codes per b-byte group in `pack_bits`' layout and
 stored as whole words. Two products:
 - Π = D₂ H D₁ / √d (fast Hadamard: √d · Π has entries ±1) with bf16/fp16 input: one tensor-core product of
-  x in its own dtype with the ±1 matrix, exact term by term, accumulated in fp32, then scaled by 1/(√d ‖x‖);
+  x in its own dtype with the ±1 matrix, exact term by term, accumulated in fp32, then scaled by 1/(√d ‖x‖).
+  At d = 256 the matrix is [[A₀, A₁], [r₀ ⊙ A₀, r₁ ⊙ A₁]] (H₂₅₆ = H₂ ⊗ H₁₂₈; r the lower rows' signs), so
+  y = [P₀ + P₁, r₀ ⊙ P₀ + r₁ ⊙ P₁] with P_j = A_j x_j: two products of half the width, half the work;
 - any other Π (`rotation.matrix()`), or fp32 input: tiles of x/‖x‖ times Π in "tf32x3" (three TF32
   products, ~2^-22 relative error per term).
 With a codebook symmetric about 0 (Lloyd-Max's are), the count runs over the positive half on |y|.
@@ -27,6 +29,7 @@ from .packed import MAX_BITS
 BLOCK_ROWS = 64
 TF32_TILE = 32  # square tiles of a general rotation: larger ones spill registers with tf32x3 on sm_90
 SIGN_TILE = 128  # output columns per ±1 product (measured on an H200: wider spills at d = 256)
+HALVES_TILE = 64  # output columns of each half per step of the signed-halves product (fewer live registers)
 SIGN_WARPS = 4  # warps per program of the ±1 product (tools/research/gpu_quantize_tuning.py)
 TF32_WARPS = 8  # warps per program of the tf32x3 product
 
@@ -39,6 +42,19 @@ class QuantizeTables:
     boundaries: torch.Tensor  # fp32 [2^bits − 1]
     signs: bool  # Π = (±1 matrix) / √d: the exact low-precision product applies
     symmetric: bool  # boundaries = −reversed(boundaries)
+    row_signs: torch.Tensor | None = None  # fp32 [(H,) 2, d/2]: r₀, r₁ when the ±1 matrix has signed halves
+
+
+def signed_halves(signs: torch.Tensor) -> torch.Tensor | None:
+    """[(H,) 2, d/2] row signs r_j when the ±1 matrix [(H,) d, d] is [[A₀, A₁], [r₀ ⊙ A₀, r₁ ⊙ A₁]]
+    (each lower block's rows are the upper block's, signed), else None. D₂ (H₂ ⊗ H_{d/2}) D₁ always is."""
+    half = signs.shape[-1] // 2
+    blocks = signs.unflatten(-1, (2, half)).unflatten(-3, (2, half))  # [..., i, row, j, col]
+    top, bottom = blocks[..., 0, :, :, :], blocks[..., 1, :, :, :]
+    rows = bottom[..., 0] * top[..., 0]  # [..., row, j]
+    if not torch.equal(bottom, rows[..., None] * top):
+        return None
+    return rows.transpose(-1, -2).float().contiguous()
 
 
 def quantize_tables(rotation: torch.Tensor, boundaries: torch.Tensor, dtype: torch.dtype) -> QuantizeTables:
@@ -47,11 +63,13 @@ def quantize_tables(rotation: torch.Tensor, boundaries: torch.Tensor, dtype: tor
     # 1/√d is inexact in fp32 unless d is a power of 4, so the entries are ±1 only up to round-off
     signs = dtype in (torch.bfloat16, torch.float16) and bool(((scaled.abs() - 1).abs() < 1e-5).all())
     b = boundaries.float().contiguous()
+    halves = signs and rotation.shape[-1] == 2 * SIGN_TILE
     return QuantizeTables(
         scaled.round().to(dtype).contiguous() if signs else rotation.float().contiguous(),
         b,
         signs,
         bool(torch.equal(b, -b.flip(0))),
+        signed_halves(scaled.round()) if halves else None,
     )
 
 
@@ -106,10 +124,19 @@ def _store_codes(codes, row, valid, idx, col, DIM: tl.constexpr, BITS: tl.conste
 
 
 @triton.jit
+def _sign_product(xs, xf, signs_t, F32_DOT: tl.constexpr):
+    """xs · signs_t in fp32 (xf: xs in fp32)."""
+    if F32_DOT:  # Triton's interpreter mishandles bf16 products; ±1 products are exact either way
+        return tl.dot(xf, signs_t.to(tl.float32), input_precision="ieee")
+    return tl.dot(xs, signs_t)
+
+
+@triton.jit
 def _quantize_rows(
-    x, matrix, boundaries, codes, norms, rows, x_stride_g, x_stride_t, rotations, inv_sqrt_d,
+    x, matrix, boundaries, codes, norms, row_signs, rows, x_stride_g, x_stride_t, rotations, inv_sqrt_d,
     DIM: tl.constexpr, BITS: tl.constexpr, BLOCK_ROWS: tl.constexpr, COLS: tl.constexpr,
-    SIGNS: tl.constexpr, SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr, F32_DOT: tl.constexpr,
+    SIGNS: tl.constexpr, HALVES: tl.constexpr, OUT_COLS: tl.constexpr, SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr,
+    F32_DOT: tl.constexpr,
 ):  # fmt: skip
     g = tl.program_id(1).to(tl.int64)  # a group of rows that share one rotation (a KV head)
     row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -117,7 +144,29 @@ def _quantize_rows(
     x_rows = x + g * x_stride_g + row.to(tl.int64)[:, None] * x_stride_t
     matrix += (g % rotations) * DIM * DIM
     row = g * rows + row  # the output's row
-    if SIGNS:
+    if HALVES:  # DIM = 2 COLS, √d Π = [[A₀, A₁], [r₀ ⊙ A₀, r₁ ⊙ A₁]]
+        part = tl.arange(0, COLS)
+        xs0 = tl.load(x_rows + part[None, :], mask=valid[:, None], other=0.0)
+        xs1 = tl.load(x_rows + COLS + part[None, :], mask=valid[:, None], other=0.0)
+        xf0, xf1 = xs0.to(tl.float32), xs1.to(tl.float32)
+        norm = tl.sqrt(tl.sum(xf0 * xf0, axis=1) + tl.sum(xf1 * xf1, axis=1))
+        scale = inv_sqrt_d / tl.maximum(norm, 1.1754943508222875e-38)
+        row_signs += (g % rotations) * DIM
+        for first in tl.static_range(0, COLS, OUT_COLS):  # output columns of both halves at a time
+            out = first + tl.arange(0, OUT_COLS)
+            # P_j = x_j A_jᵀ: A_jᵀ[k, c] = √d Π[c, j COLS + k]
+            a0_t = tl.load(matrix + out[None, :] * DIM + part[:, None])
+            a1_t = tl.load(matrix + out[None, :] * DIM + (COLS + part)[:, None])
+            p0, p1 = _sign_product(xs0, xf0, a0_t, F32_DOT), _sign_product(xs1, xf1, a1_t, F32_DOT)
+            r0, r1 = tl.load(row_signs + out), tl.load(row_signs + COLS + out)
+            for block in tl.static_range(2):  # rows of the upper, then of the lower half of √d Π
+                if block == 0:
+                    y = p0 + p1
+                else:
+                    y = p0 * r0[None, :] + p1 * r1[None, :]
+                idx = _count(y * scale[:, None], boundaries, BITS, SYMMETRIC)
+                _store_codes(codes, row, valid, idx, block * COLS + first, DIM, BITS, OUT_COLS)
+    elif SIGNS:
         dims = tl.arange(0, DIM)
         xs = tl.load(x_rows + dims[None, :], mask=valid[:, None], other=0.0)
         xf = xs.to(tl.float32)
@@ -126,10 +175,7 @@ def _quantize_rows(
         part = tl.arange(0, COLS)
         for col in tl.static_range(0, DIM, COLS):
             signs_t = tl.load(matrix + (col + part)[None, :] * DIM + dims[:, None])  # √d Πᵀ[:, col:]
-            if F32_DOT:  # Triton's interpreter mishandles bf16 products; ±1 products are exact either way
-                y = tl.dot(xf, signs_t.to(tl.float32), input_precision="ieee")
-            else:
-                y = tl.dot(xs, signs_t)
+            y = _sign_product(xs, xf, signs_t, F32_DOT)
             _store_codes(
                 codes,
                 row,
@@ -208,10 +254,10 @@ def quantize_mse(
     codes = torch.empty(*x.shape[:-1], dim // 8 * bits, dtype=torch.uint8, device=x.device)
     norms = torch.empty(x.shape[:-1], dtype=norm_dtype, device=x.device)
     _quantize_rows[(triton.cdiv(rows.shape[1], BLOCK_ROWS), rows.shape[0])](
-        rows, tables.matrix, tables.boundaries, codes, norms, rows.shape[1], rows.stride(0), rows.stride(1),
-        rotation.shape[0] if per_head else 1, dim**-0.5,
+        rows, tables.matrix, tables.boundaries, codes, norms, tables.row_signs, rows.shape[1], rows.stride(0),
+        rows.stride(1), rotation.shape[0] if per_head else 1, dim**-0.5,
         DIM=dim, BITS=bits, BLOCK_ROWS=BLOCK_ROWS, COLS=min(dim, SIGN_TILE) if tables.signs else min(dim, TF32_TILE),
-        SIGNS=tables.signs, SYMMETRIC=tables.symmetric, PRECISION="tf32x3" if x.is_cuda else "ieee",
+        SIGNS=tables.signs, HALVES=tables.row_signs is not None, OUT_COLS=HALVES_TILE, SYMMETRIC=tables.symmetric, PRECISION="tf32x3" if x.is_cuda else "ieee",
         F32_DOT=not x.is_cuda, num_warps=SIGN_WARPS if tables.signs else TF32_WARPS, num_stages=1,
     )  # fmt: skip
     return codes, norms
