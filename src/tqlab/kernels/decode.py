@@ -296,9 +296,17 @@ def decode_attention(
             *arguments, **shape, BLOCK_M=block_m, BLOCK_N=block_n, PERMUTE=_PTX and query.is_cuda,
             num_warps=NUM_WARPS, num_stages=NUM_STAGES,
         )  # fmt: skip
+    if (
+        splits == 1
+    ):  # nothing to merge: the one chunk's rows, in the output's layout (what the merge would give)
+        rows = group * q_len
+        out = part_out.view(batch, kv_heads, block_m, dim)[:, :, :rows].reshape(batch, q_heads, q_len, dim)
+        lse = part_lse.view(batch, kv_heads, block_m)[:, :, :rows].reshape(batch, q_heads, q_len)
+        return out, lse * math.log(2)
     out = torch.empty(batch, q_heads, q_len, dim, dtype=torch.float32, device=query.device)
     lse = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=query.device)
-    merge_dims = min(dim, MERGE_DIMS)
+    # slices in parallel on a GPU; one program per row in the interpreter, whose cost is per program
+    merge_dims = min(dim, MERGE_DIMS) if query.is_cuda else dim
     _merge_chunks[(batch * kv_heads, group * q_len, dim // merge_dims)](
         part_out, part_lse, out, lse, splits, *out.stride()[:3],
         KV_HEADS=kv_heads, GROUP=group, Q_LEN=q_len, DIM=dim, BLOCK_M=block_m,
