@@ -166,3 +166,109 @@ def test_what_cannot_be_frozen_is_refused_before_anything_changes():
         GraphDecoder(model, compress_kv(model, spec(), kernels="triton")).prefill(
             ids, torch.tensor([[1] * 8 + [0]] * 2, device=DEVICE)
         )
+
+
+def warped_distribution(logits, temperature, top_k, top_p):
+    """float64 brute force of transformers' temperature → top-k → top-p filtering, then softmax."""
+    scores = logits.double() / temperature
+    order = scores.argsort(descending=True)
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    keep[order[:top_k]] = True
+    probs = torch.where(keep, scores, -torch.inf).softmax(-1)
+    below = 0.0  # probability of the tokens less likely than this one: dropped while it is ≤ 1 − top_p
+    for token in order.flip(0):
+        below += probs[token].item()
+        if below <= 1 - top_p and token != order[0]:
+            keep[token] = False
+    return torch.where(keep, scores, -torch.inf).softmax(-1)
+
+
+def test_sampled_tokens_follow_the_warped_distribution():
+    from scipy.stats import chisquare
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from tqlab.cache.graphs import pick_tokens
+
+    logits = torch.tensor([2.0, 1.5, 1.4, 0.3, 0.2, -0.5, 1.9, -1.0, 0.0, 1.0])
+    temperature, top_k, top_p = 0.7, 6, 0.8
+    want = warped_distribution(logits, temperature, top_k, top_p)
+    assert 2 < (want > 0).sum() < top_k  # top-k and top-p both cut something
+    warpers = LogitsProcessorList(
+        [TemperatureLogitsWarper(temperature), TopKLogitsWarper(top_k), TopPLogitsWarper(top_p)]
+    )
+    torch.manual_seed(3)
+    draws = 40_000
+    tokens = pick_tokens(logits.expand(draws, -1).to(DEVICE), warpers).cpu()
+    counts = torch.bincount(tokens.flatten(), minlength=logits.numel()).double()
+    assert counts[want == 0].sum() == 0
+    kept = want > 0
+    assert chisquare(counts[kept], draws * want[kept]).pvalue > 1e-3
+
+
+def test_graph_decoder_stops_at_eos_as_transformers_generate_does(monkeypatch):
+    from tqlab.cache import graphs
+
+    model = tiny()
+    ids, mask = prompt()
+    new, start = 5, ids.shape[1]
+    free = GraphDecoder(model, compress_kv(model, spec(), kernels="triton")).generate(ids, mask, new)
+    ends = [free[0, start + 1].item(), free[1, start + 2].item()]
+    # All sequences end (decode stops at its check, generate cuts), or maybe not all (a check that never comes).
+    for eos, check_every in [(ends, 2), (ends[:1], 16)]:
+        monkeypatch.setattr(graphs, "STOP_CHECK_EVERY", check_every)
+        kw = dict(max_new_tokens=new, eos_token_id=eos, pad_token_id=96)
+        cache = compress_kv(model, spec(), kernels="triton")
+        want = model.generate(ids, attention_mask=mask, cache=cache, do_sample=False, **kw)
+        got = GraphDecoder(model, compress_kv(model, spec(), kernels="triton")).generate(ids, mask, **kw)
+        assert torch.equal(got, want)
+        if len(eos) == 2:  # both rows ended by the third new token: the output is cut there or before
+            assert got.shape[1] <= start + 3
+
+
+def forced_logits(model, cache, ids, mask, forced):
+    """Eager logits before each forced token [B, n, V]: the prompt's last, then each forced token's."""
+    out = []
+    with torch.no_grad():
+        out.append(model(ids, attention_mask=mask, position_ids=positions(mask), cache=cache).logits[:, -1:])
+        for t in range(forced.shape[1] - 1):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            pos = positions(mask)[:, -1:]
+            out.append(model(forced[:, t : t + 1], attention_mask=mask, position_ids=pos, cache=cache).logits)
+    return torch.cat(out, dim=1)
+
+
+def test_graph_decoder_samples_from_the_top_k():
+    model = tiny()
+    ids, mask = prompt()
+    new, top_k = 5, 3
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(4)
+        decoder = GraphDecoder(model, compress_kv(model, spec(), kernels="triton"))
+        runs.append(decoder.generate(ids, mask, new, do_sample=True, temperature=1.5, top_k=top_k))
+    assert torch.equal(runs[0], runs[1])  # seeded
+    sampled = runs[0][:, ids.shape[1] :]
+    # Each sampled token is among the top k of the eager path's logits for the sequence so far, and not
+    # always the first of them.
+    steps = forced_logits(model, compress_kv(model, spec(), kernels="triton"), ids, mask, sampled)
+    assert not torch.equal(sampled, steps.argmax(-1))
+    chosen = steps.gather(-1, sampled[..., None])[..., 0]
+    kth = steps.topk(top_k, dim=-1).values[..., -1]
+    assert (chosen >= kth - TOLERANCE * steps.abs().max()).all()
+
+
+def test_sampling_and_eos_arguments_are_checked_before_the_prompt_runs():
+    model = tiny()
+    ids, _ = prompt(length=9, pad=(0, 0))
+    for kw, match in [
+        (dict(temperature=0.5), "apply with do_sample=True only"),
+        (dict(do_sample=True, top_p=1.5), "top_p"),
+        (dict(do_sample=True, temperature=0.0), "temperature"),
+        (dict(eos_token_id=97), "eos_token_id=97 is not a token of the model's 97-token vocabulary"),
+        (dict(eos_token_id=[]), "empty"),
+        (dict(pad_token_id=0), "needs eos_token_id"),
+    ]:
+        cache = compress_kv(model, spec(), kernels="triton")
+        with pytest.raises(ValueError, match=match):
+            GraphDecoder(model, cache).generate(ids, max_new_tokens=2, **kw)
+        assert cache.get_seq_length() == 0

@@ -1,7 +1,10 @@
-"""Greedy decoding with every decode step replayed from one CUDA graph.
+"""Decoding with every decode step replayed from one CUDA graph.
 
     cache = compress_kv(model, spec)
     tokens = GraphDecoder(model, cache).generate(input_ids, attention_mask, max_new_tokens=256)
+    tokens = GraphDecoder(model, compress_kv(model, spec)).generate(
+        input_ids, attention_mask, 256, do_sample=True, temperature=0.7, top_p=0.9, eos_token_id=2
+    )
 
 An eager decode step of a small model is mostly host work: Python and a kernel launch per op, per layer.
 A CUDA graph records one step's kernels once and replays them with a single launch, so the step costs what
@@ -12,15 +15,26 @@ built that way already and serves as the bf16 baseline. The prompt is prefilled 
 WARMUP_STEPS steps run eagerly too (they compile kernels and size the launch), then one is captured and
 replayed for the rest. Off CUDA (or with graphs=False) every step runs eagerly through the same frozen path.
 
-Greedy only, exactly max_new_tokens new tokens: stopping at an end-of-sequence token would need the host to
-look at each token. Prompts may be left-padded (TurboQuantCache only; StaticCache batches must be unpadded).
-One decoder per cache, and one cache per prompt batch.
+Greedy, or sampled after transformers' temperature / top-k / top-p warpers (in that order, as
+`model.generate` applies them) by the exponential race argmax(p / E), E ~ Exponential(1): the law of
+torch.multinomial, drawn without a host sync so that it can be captured (seed with torch.manual_seed).
+With eos_token_id, a sequence that produced one gets pad_token_id from then on (transformers' rule), and the
+host looks at the finished flags every STOP_CHECK_EVERY steps, stopping once all are set; the output is then
+cut after the step in which the last sequence ended, as `model.generate` returns it. Prompts may be
+left-padded (TurboQuantCache only; StaticCache batches must be unpadded). One decoder per cache, and one
+cache per prompt batch.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import StaticCache
+from transformers import (
+    LogitsProcessorList,
+    StaticCache,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from ..registry import RuleError
 from .cache import TurboQuantCache
@@ -29,6 +43,17 @@ from .cache import TurboQuantCache
 # the second launches at the split count that measurement gives (and compiles the merge for it), so that
 # nothing compiles while the graph records.
 WARMUP_STEPS = 2
+STOP_CHECK_EVERY = 16  # decode steps between host reads of the finished flags (each read waits for the GPU)
+
+
+def pick_tokens(logits: torch.Tensor, warpers: LogitsProcessorList | None) -> torch.Tensor:
+    """[B, V] logits → [B, 1] tokens: the argmax, or with warpers a sample of softmax(warpers(logits)) in fp32."""
+    if warpers is None:
+        return logits.argmax(-1, keepdim=True)
+    probs = warpers(None, logits.float()).softmax(-1)
+    # P(argmax p_i / E_i = j) = p_j for i.i.d. E ~ Exponential(1); the clamp keeps 0 / 0 (a NaN) out
+    race = torch.empty_like(probs).exponential_().clamp_min_(torch.finfo(torch.float32).tiny)
+    return (probs / race).argmax(-1, keepdim=True)
 
 
 class GraphDecoder:
@@ -45,24 +70,48 @@ class GraphDecoder:
             raise RuleError("graphs=True needs the model on a CUDA device")
         self._graph, self._warm, self._tokens, self._positions = None, 0, None, None
         self._length = self._left = 0  # tokens per sequence in the cache; steps prefill left room for
+        self._warpers = self._eos = self._pad = self._finished = None
 
     @torch.no_grad()
-    def generate(
-        self, input_ids: torch.Tensor, attention_mask=None, max_new_tokens: int = 32
+    def generate(self, input_ids: torch.Tensor, attention_mask=None, max_new_tokens: int = 32, **sampling):
+        """The prompt [B, P] followed by up to max_new_tokens new tokens, [B, P + n]: n = max_new_tokens
+        unless every sequence ended (eos_token_id) before. sampling: `prefill`'s keywords."""
+        first = self.prefill(input_ids, attention_mask, max_new_tokens, **sampling)
+        new = first
+        if max_new_tokens > 1 and not (self._finished is not None and bool(self._finished.all())):
+            new = torch.cat([first, self.decode(max_new_tokens - 1)], dim=1)
+        if self._eos is not None:  # cut after the step in which the last sequence ended, if all did
+            ended = (new[..., None] == self._eos).any(-1)
+            if bool(ended.any(-1).all()):
+                new = new[:, : int(ended.int().argmax(-1).max()) + 1]
+        return torch.cat([input_ids, new], dim=1)
+
+    @torch.no_grad()
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask=None,
+        max_new_tokens: int = 32,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
     ) -> torch.Tensor:
-        """The prompt [B, P] followed by max_new_tokens greedy tokens, [B, P + max_new_tokens]."""
-        first = self.prefill(input_ids, attention_mask, max_new_tokens)
-        return torch.cat([input_ids, first, self.decode(max_new_tokens - 1)], dim=1)
-
-    @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, attention_mask=None, max_new_tokens: int = 32) -> torch.Tensor:
-        """Run the prompt eagerly, freeze the cache for max_new_tokens more, return the first new token [B, 1]."""
+        """Run the prompt eagerly, freeze the cache for max_new_tokens more, return the first new token [B, 1].
+        do_sample: sample (temperature, then top_k, then top_p) instead of the argmax — unlike
+        `model.generate`, no top-k unless asked. eos_token_id: the token(s) that end a sequence;
+        pad_token_id (default: the first of them) fills a sequence after its end."""
         if self._tokens is not None or self.cache.get_seq_length():
             raise RuleError(
                 "GraphDecoder.prefill takes a fresh cache: one decoder and one cache per prompt batch"
             )
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
+        self._warpers = self._sampling(do_sample, temperature, top_k, top_p)
+        self._eos, self._pad = self._ends(eos_token_id, pad_token_id, input_ids.device)
         batch, length = input_ids.shape
         capacity = length + max_new_tokens
         starts = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
@@ -87,7 +136,9 @@ class GraphDecoder:
             cache=self.cache,
             logits_to_keep=1,
         ).logits
-        token = logits[:, -1:].argmax(-1)
+        token = pick_tokens(logits[:, -1], self._warpers)
+        if self._eos is not None:
+            self._finished = (token[..., None] == self._eos).any(-1)  # [B, 1], a static buffer of the graph
         if isinstance(self.cache, TurboQuantCache):
             self.cache.freeze(capacity, starts)
         self._tokens = token.clone()  # the next step's input, then its output: the graph's static buffers
@@ -95,9 +146,37 @@ class GraphDecoder:
         self._length, self._left = length, max_new_tokens - 1
         return token
 
+    def _sampling(self, do_sample, temperature, top_k, top_p) -> LogitsProcessorList | None:
+        if not do_sample:
+            if temperature != 1.0 or top_k is not None or top_p is not None:
+                raise ValueError("temperature, top_k and top_p apply with do_sample=True only")
+            return None
+        # transformers' warpers check their arguments (a clear ValueError for a bad one)
+        warpers = [] if temperature == 1.0 else [TemperatureLogitsWarper(temperature)]
+        warpers += [] if top_k is None else [TopKLogitsWarper(top_k)]
+        warpers += [] if top_p is None else [TopPLogitsWarper(top_p)]
+        return LogitsProcessorList(warpers)
+
+    def _ends(self, eos_token_id, pad_token_id, device):
+        if eos_token_id is None:
+            if pad_token_id is not None:
+                raise ValueError("pad_token_id fills sequences after their end: it needs eos_token_id")
+            return None, None
+        ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        vocabulary = self.model.config.get_text_config().vocab_size
+        for name, token in [*(("eos_token_id", t) for t in ids), ("pad_token_id", pad_token_id)]:
+            if token is not None and not (isinstance(token, int) and 0 <= token < vocabulary):
+                raise ValueError(
+                    f"{name}={token!r} is not a token of the model's {vocabulary}-token vocabulary"
+                )
+        if not ids:
+            raise ValueError("eos_token_id is an empty list")
+        return torch.tensor(ids, device=device), ids[0] if pad_token_id is None else pad_token_id
+
     @torch.no_grad()
     def decode(self, steps: int) -> torch.Tensor:
-        """The next `steps` greedy tokens, [B, steps]."""
+        """The next `steps` tokens, [B, steps] — fewer if every sequence has ended (eos_token_id): then up to
+        STOP_CHECK_EVERY − 1 steps past the last end, all padding."""
         if self._tokens is None:
             raise RuleError("GraphDecoder.decode comes after prefill")
         if steps > self._left:
@@ -115,6 +194,8 @@ class GraphDecoder:
         for i in range(steps):
             out[:, i : i + 1] = self._next()
             self._left -= 1
+            if self._eos is not None and (i + 1) % STOP_CHECK_EVERY == 0 and bool(self._finished.all()):
+                return out[:, : i + 1]
         return out
 
     def _step(self) -> torch.Tensor:
@@ -122,7 +203,11 @@ class GraphDecoder:
         logits = self.model(
             self._tokens, position_ids=self._positions, cache=self.cache, logits_to_keep=1
         ).logits
-        self._tokens.copy_(logits[:, -1:].argmax(-1))
+        token = pick_tokens(logits[:, -1], self._warpers)
+        if self._eos is not None:
+            token = token.masked_fill(self._finished, self._pad)
+            self._finished |= (token[..., None] == self._eos).any(-1)
+        self._tokens.copy_(token)
         self._positions.add_(1)
         return self._tokens
 
