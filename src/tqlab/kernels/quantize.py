@@ -155,17 +155,14 @@ def _quantize_rows(
         for first in tl.static_range(0, COLS, OUT_COLS):  # output columns of both halves at a time
             out = first + tl.arange(0, OUT_COLS)
             # P_j = x_j A_jᵀ: A_jᵀ[k, c] = √d Π[c, j COLS + k]
-            a0_t = tl.load(matrix + out[None, :] * DIM + part[:, None])
+            p0 = _sign_product(xs0, xf0, tl.load(matrix + out[None, :] * DIM + part[:, None]), F32_DOT)
             a1_t = tl.load(matrix + out[None, :] * DIM + (COLS + part)[:, None])
-            p0, p1 = _sign_product(xs0, xf0, a0_t, F32_DOT), _sign_product(xs1, xf1, a1_t, F32_DOT)
+            p1 = _sign_product(xs1, xf1, a1_t, F32_DOT)
+            idx = _count((p0 + p1) * scale[:, None], boundaries, BITS, SYMMETRIC)  # the upper rows of √d Π
+            _store_codes(codes, row, valid, idx, first, DIM, BITS, OUT_COLS)
             r0, r1 = tl.load(row_signs + out), tl.load(row_signs + COLS + out)
-            for block in tl.static_range(2):  # rows of the upper, then of the lower half of √d Π
-                if block == 0:
-                    y = p0 + p1
-                else:
-                    y = p0 * r0[None, :] + p1 * r1[None, :]
-                idx = _count(y * scale[:, None], boundaries, BITS, SYMMETRIC)
-                _store_codes(codes, row, valid, idx, block * COLS + first, DIM, BITS, OUT_COLS)
+            idx = _count((p0 * r0[None, :] + p1 * r1[None, :]) * scale[:, None], boundaries, BITS, SYMMETRIC)
+            _store_codes(codes, row, valid, idx, COLS + first, DIM, BITS, OUT_COLS)
     elif SIGNS:
         dims = tl.arange(0, DIM)
         xs = tl.load(x_rows + dims[None, :], mask=valid[:, None], other=0.0)
