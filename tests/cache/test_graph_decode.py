@@ -28,11 +28,12 @@ def kernel(request, monkeypatch):
     return request.param
 
 
-def tiny(layers: int = 1):
+def tiny(layers: int = 1, init: float = 0.02):
+    """init: the weights' standard deviation; at the default a greedy tiny model repeats one token."""
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=97, hidden_size=128, intermediate_size=96, num_hidden_layers=layers, head_dim=64,
-        num_attention_heads=8, num_key_value_heads=2,
+        num_attention_heads=8, num_key_value_heads=2, initializer_range=init,
     )  # fmt: skip
     return LlamaForCausalLM(config).float().eval().to(DEVICE)
 
@@ -185,17 +186,14 @@ def warped_distribution(logits, temperature, top_k, top_p):
 
 def test_sampled_tokens_follow_the_warped_distribution():
     from scipy.stats import chisquare
-    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-    from tqlab.cache.graphs import pick_tokens
+    from tqlab.cache.graphs import pick_tokens, sampling_warpers
 
     logits = torch.tensor([2.0, 1.5, 1.4, 0.3, 0.2, -0.5, 1.9, -1.0, 0.0, 1.0])
     temperature, top_k, top_p = 0.7, 6, 0.8
     want = warped_distribution(logits, temperature, top_k, top_p)
     assert 2 < (want > 0).sum() < top_k  # top-k and top-p both cut something
-    warpers = LogitsProcessorList(
-        [TemperatureLogitsWarper(temperature), TopKLogitsWarper(top_k), TopPLogitsWarper(top_p)]
-    )
+    warpers = sampling_warpers(True, temperature, top_k, top_p)  # what GraphDecoder samples with
     torch.manual_seed(3)
     draws = 40_000
     tokens = pick_tokens(logits.expand(draws, -1).to(DEVICE), warpers).cpu()
@@ -205,24 +203,40 @@ def test_sampled_tokens_follow_the_warped_distribution():
     assert chisquare(counts[kept], draws * want[kept]).pvalue > 1e-3
 
 
+def ends_at(free, early, late):
+    """End tokens (t0, t1) and where rows 0 and 1 first produce one of them (i0 in `early`, i1 in `late`),
+    chosen from free-running greedy tokens [2, n]."""
+    for i0 in early:
+        for i1 in late:
+            t0, t1 = free[0, i0].item(), free[1, i1].item()
+            before0, through1 = free[0, :i0].tolist(), free[1, : i1 + 1].tolist()
+            if t0 != t1 and t0 not in before0 + through1 and t1 not in before0 + through1[:-1]:
+                return (t0, t1), (i0, i1)
+    raise AssertionError(f"no distinct end tokens in {free.tolist()}: the tiny model repeats itself")
+
+
 def test_graph_decoder_stops_at_eos_as_transformers_generate_does(monkeypatch):
+    """Row 0 ends early, row 1 at the fifth to seventh new token (on a GPU: in a replayed step)."""
     from tqlab.cache import graphs
 
-    model = tiny()
+    model = tiny(init=0.1)
     ids, mask = prompt()
-    new, start = 5, ids.shape[1]
+    new, start = 9, ids.shape[1]
     free = GraphDecoder(model, compress_kv(model, spec(), kernels="triton")).generate(ids, mask, new)
-    ends = [free[0, start + 1].item(), free[1, start + 2].item()]
-    # All sequences end (decode stops at its check, generate cuts), or maybe not all (a check that never comes).
-    for eos, check_every in [(ends, 2), (ends[:1], 16)]:
+    ends, (i0, i1) = ends_at(free[:, start:], early=(1, 2, 3), late=(4, 5, 6))
+    # Both rows end (decode stops at its first check after row 1's end, generate cuts), only row 0 ends (a
+    # check that stops at the first finished row would cut too early), or the check never comes.
+    for eos, check_every in [(list(ends), 2), ([ends[0]], 2), (list(ends), 16)]:
         monkeypatch.setattr(graphs, "STOP_CHECK_EVERY", check_every)
         kw = dict(max_new_tokens=new, eos_token_id=eos, pad_token_id=96)
         cache = compress_kv(model, spec(), kernels="triton")
         want = model.generate(ids, attention_mask=mask, cache=cache, do_sample=False, **kw)
-        got = GraphDecoder(model, compress_kv(model, spec(), kernels="triton")).generate(ids, mask, **kw)
+        decoder = GraphDecoder(model, compress_kv(model, spec(), kernels="triton"))
+        got = decoder.generate(ids, mask, **kw)
         assert torch.equal(got, want)
-        if len(eos) == 2:  # both rows ended by the third new token: the output is cut there or before
-            assert got.shape[1] <= start + 3
+        if len(eos) == 2:  # cut after row 1's end; decode stopped at the first check (every 2 steps) past it
+            assert got.shape[1] == start + i1 + 1
+            assert decoder._left == (new - 1 - 2 * ((i1 + 1) // 2) if check_every == 2 else 0)
 
 
 def forced_logits(model, cache, ids, mask, forced):

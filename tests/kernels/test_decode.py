@@ -155,10 +155,16 @@ def test_an_asymmetric_codebook_takes_the_general_4_bit_decode(kernel):
 
 
 @pytest.mark.parametrize(
-    "dim,group,q_len,shift,bits",
-    [(64, 4, 1, 0, 3), (64, 2, 3, 2, 3), (128, 4, 2, 5, 3), (128, 2, 3, 0, 2), (64, 4, 2, 1, 4)],
+    "dim,group,q_len,shift,bits,splits",  # one chunk per sequence: its rows are the output, with no merge
+    [
+        (64, 4, 1, 0, 3, 3),
+        (64, 2, 3, 2, 3, 1),
+        (128, 4, 2, 5, 3, 3),
+        (128, 2, 3, 0, 2, 3),
+        (64, 4, 2, 1, 4, 1),
+    ],
 )
-def test_padding_starts_a_causal_shift_and_the_log_sum_exp(dim, group, q_len, shift, bits, kernel):
+def test_padding_starts_a_causal_shift_and_the_log_sum_exp(dim, group, q_len, shift, bits, splits, kernel):
     """Left padding (keys before starts[b] unseen) and queries that follow the codes by `shift` exact
     tokens, with the log-sum-exp that merges this attention with attention over those exact tokens."""
     register_kernel_takes(kernel, dim, bits, bits, group * q_len)
@@ -170,7 +176,7 @@ def test_padding_starts_a_causal_shift_and_the_log_sum_exp(dim, group, q_len, sh
     lengths, starts = torch.tensor([140, 90, 7]), torch.tensor([0, 30, 7])  # the last row sees nothing
     scaling = dim**-0.5
     out, lse = run(
-        q, codec, k_code, codec, v_code, lengths, scaling, 3, True, starts=starts, causal_shift=shift
+        q, codec, k_code, codec, v_code, lengths, scaling, splits, True, starts=starts, causal_shift=shift
     )
     keys, values = rotated_codes(codec, k_code), rotated_codes(codec, v_code)
     expected, expected_lse = reference(q, keys, values, lengths, scaling, starts, shift, with_lse=True)

@@ -54,9 +54,12 @@ def test_codes_equal_the_codec_and_a_float64_reference_up_to_boundary_ties(dim, 
     assert (ulps <= 1.01).all() and (norms == code.norms).float().mean() > 0.95
 
 
-@pytest.mark.parametrize("dim, dtype", [(64, torch.float32), (256, torch.bfloat16)])  # tf32x3; signed halves
-def test_each_kv_head_is_coded_with_its_own_rotation(dim, dtype):
-    heads, bits = 3, 3
+@pytest.mark.parametrize(  # tf32x3; the signed halves at every width (int16, three-int32 and int32 stores)
+    "dim, dtype, bits",
+    [(64, torch.float32, 3), (256, torch.bfloat16, 2), (256, torch.bfloat16, 3), (256, torch.bfloat16, 4)],
+)
+def test_each_kv_head_is_coded_with_its_own_rotation(dim, dtype, bits):
+    heads = 3
     codecs = [TurboQuantMSE(dim, bits, rotation="fast_hadamard", seed=h) for h in range(heads)]
     x = torch.randn(2, heads, 70, dim, generator=torch.Generator().manual_seed(0)).to(dtype)
     rotations = torch.stack([c.rotation.matrix() for c in codecs])

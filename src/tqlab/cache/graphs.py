@@ -46,6 +46,19 @@ WARMUP_STEPS = 2
 STOP_CHECK_EVERY = 16  # decode steps between host reads of the finished flags (each read waits for the GPU)
 
 
+def sampling_warpers(do_sample: bool, temperature: float, top_k, top_p) -> LogitsProcessorList | None:
+    """transformers' warpers in `model.generate`'s order (temperature, top-k, top-p), or None for greedy.
+    The warpers check their own arguments (a clear ValueError for a bad one)."""
+    if not do_sample:
+        if temperature != 1.0 or top_k is not None or top_p is not None:
+            raise ValueError("temperature, top_k and top_p apply with do_sample=True only")
+        return None
+    warpers = [] if temperature == 1.0 else [TemperatureLogitsWarper(temperature)]
+    warpers += [] if top_k is None else [TopKLogitsWarper(top_k)]
+    warpers += [] if top_p is None else [TopPLogitsWarper(top_p)]
+    return LogitsProcessorList(warpers)
+
+
 def pick_tokens(logits: torch.Tensor, warpers: LogitsProcessorList | None) -> torch.Tensor:
     """[B, V] logits → [B, 1] tokens: the argmax, or with warpers a sample of softmax(warpers(logits)) in fp32."""
     if warpers is None:
@@ -101,16 +114,18 @@ class GraphDecoder:
         pad_token_id: int | None = None,
     ) -> torch.Tensor:
         """Run the prompt eagerly, freeze the cache for max_new_tokens more, return the first new token [B, 1].
-        do_sample: sample (temperature, then top_k, then top_p) instead of the argmax — unlike
-        `model.generate`, no top-k unless asked. eos_token_id: the token(s) that end a sequence;
-        pad_token_id (default: the first of them) fills a sequence after its end."""
+        do_sample: sample (temperature, then top_k, then top_p) instead of the argmax. eos_token_id: the
+        token(s) that end a sequence; pad_token_id (default: the model's generation config's, else the first
+        end) fills a sequence after its end. Unlike `model.generate`, nothing comes from the generation config
+        but that padding: no top-k unless asked, and no end unless eos_token_id is given (a benchmark runs
+        exactly max_new_tokens steps)."""
         if self._tokens is not None or self.cache.get_seq_length():
             raise RuleError(
                 "GraphDecoder.prefill takes a fresh cache: one decoder and one cache per prompt batch"
             )
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
-        self._warpers = self._sampling(do_sample, temperature, top_k, top_p)
+        self._warpers = sampling_warpers(do_sample, temperature, top_k, top_p)
         self._eos, self._pad = self._ends(eos_token_id, pad_token_id, input_ids.device)
         batch, length = input_ids.shape
         capacity = length + max_new_tokens
@@ -146,17 +161,6 @@ class GraphDecoder:
         self._length, self._left = length, max_new_tokens - 1
         return token
 
-    def _sampling(self, do_sample, temperature, top_k, top_p) -> LogitsProcessorList | None:
-        if not do_sample:
-            if temperature != 1.0 or top_k is not None or top_p is not None:
-                raise ValueError("temperature, top_k and top_p apply with do_sample=True only")
-            return None
-        # transformers' warpers check their arguments (a clear ValueError for a bad one)
-        warpers = [] if temperature == 1.0 else [TemperatureLogitsWarper(temperature)]
-        warpers += [] if top_k is None else [TopKLogitsWarper(top_k)]
-        warpers += [] if top_p is None else [TopPLogitsWarper(top_p)]
-        return LogitsProcessorList(warpers)
-
     def _ends(self, eos_token_id, pad_token_id, device):
         if eos_token_id is None:
             if pad_token_id is not None:
@@ -171,12 +175,16 @@ class GraphDecoder:
                 )
         if not ids:
             raise ValueError("eos_token_id is an empty list")
-        return torch.tensor(ids, device=device), ids[0] if pad_token_id is None else pad_token_id
+        if pad_token_id is None:  # as model.generate: the generation config's padding, else the first end
+            configured = getattr(getattr(self.model, "generation_config", None), "pad_token_id", None)
+            pad_token_id = configured if isinstance(configured, int) else ids[0]
+        return torch.tensor(ids, device=device), pad_token_id
 
     @torch.no_grad()
     def decode(self, steps: int) -> torch.Tensor:
-        """The next `steps` tokens, [B, steps] — fewer if every sequence has ended (eos_token_id): then up to
-        STOP_CHECK_EVERY − 1 steps past the last end, all padding."""
+        """The next `steps` tokens, [B, steps] — fewer if every sequence has ended (eos_token_id): the host
+        checks after every STOP_CHECK_EVERY steps of this call, so up to STOP_CHECK_EVERY steps of padding
+        follow the last end."""
         if self._tokens is None:
             raise RuleError("GraphDecoder.decode comes after prefill")
         if steps > self._left:

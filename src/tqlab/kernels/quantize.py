@@ -74,8 +74,18 @@ def quantize_tables(rotation: torch.Tensor, boundaries: torch.Tensor, dtype: tor
 
 
 @triton.jit
-def _count(y, boundaries, BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
-    """#{boundaries < y} per element (int32)."""
+def _count(y, boundaries, BITS: tl.constexpr, SYMMETRIC: tl.constexpr, SEARCH: tl.constexpr = False):
+    """#{boundaries < y} per element (int32). SEARCH: at 4 bits, a binary search over the 7 positive
+    boundaries (3 comparisons, not 7; where it pays, see `_quantize_rows`)."""
+    if SYMMETRIC and BITS == 4 and SEARCH:
+        a, b = tl.abs(y), boundaries + 8
+        c0 = a > tl.load(b + 3)
+        c1 = a > tl.where(c0, tl.load(b + 5), tl.load(b + 1))
+        c2 = a > tl.where(
+            c0, tl.where(c1, tl.load(b + 6), tl.load(b + 4)), tl.where(c1, tl.load(b + 2), tl.load(b))
+        )
+        above = c0.to(tl.int32) * 4 + c1.to(tl.int32) * 2 + c2.to(tl.int32)
+        return tl.where(y > 0, 8 + above, 7 - above)
     if SYMMETRIC:  # the middle boundary is 0; count the positive ones below |y|
         half: tl.constexpr = 1 << (BITS - 1)
         above = tl.zeros(y.shape, tl.int32)
@@ -173,16 +183,9 @@ def _quantize_rows(
         for col in tl.static_range(0, DIM, COLS):
             signs_t = tl.load(matrix + (col + part)[None, :] * DIM + dims[:, None])  # √d Πᵀ[:, col:]
             y = _sign_product(xs, xf, signs_t, F32_DOT)
-            _store_codes(
-                codes,
-                row,
-                valid,
-                _count(y * scale[:, None], boundaries, BITS, SYMMETRIC),
-                col,
-                DIM,
-                BITS,
-                COLS,
-            )
+            # SEARCH: at 4 bits 55 → 66 % (d = 64), 51 → 63 % (d = 128) of a copy; no gain in the halves form
+            idx = _count(y * scale[:, None], boundaries, BITS, SYMMETRIC, SEARCH=True)
+            _store_codes(codes, row, valid, idx, col, DIM, BITS, COLS)
     else:
         # Tiles of COLS along both axes keep the product's operands in registers at d = 256 (a whole
         # row block and rotation would spill); x is read once from HBM and re-read from cache per tile.
@@ -250,11 +253,15 @@ def quantize_mse(
         rows = rows.contiguous()
     codes = torch.empty(*x.shape[:-1], dim // 8 * bits, dtype=torch.uint8, device=x.device)
     norms = torch.empty(x.shape[:-1], dtype=norm_dtype, device=x.device)
+    halves = (
+        tables.signs and tables.row_signs is not None and dim == 2 * SIGN_TILE
+    )  # the kernel's COLS = d / 2
     _quantize_rows[(triton.cdiv(rows.shape[1], BLOCK_ROWS), rows.shape[0])](
         rows, tables.matrix, tables.boundaries, codes, norms, tables.row_signs, rows.shape[1], rows.stride(0),
         rows.stride(1), rotation.shape[0] if per_head else 1, dim**-0.5,
         DIM=dim, BITS=bits, BLOCK_ROWS=BLOCK_ROWS, COLS=min(dim, SIGN_TILE) if tables.signs else min(dim, TF32_TILE),
-        SIGNS=tables.signs, HALVES=tables.row_signs is not None, OUT_COLS=HALVES_TILE, SYMMETRIC=tables.symmetric, PRECISION="tf32x3" if x.is_cuda else "ieee",
-        F32_DOT=not x.is_cuda, num_warps=SIGN_WARPS if tables.signs else TF32_WARPS, num_stages=1,
+        SIGNS=tables.signs, HALVES=halves, OUT_COLS=HALVES_TILE, SYMMETRIC=tables.symmetric,
+        PRECISION="tf32x3" if x.is_cuda else "ieee", F32_DOT=not x.is_cuda,
+        num_warps=SIGN_WARPS if tables.signs else TF32_WARPS, num_stages=1,
     )  # fmt: skip
     return codes, norms

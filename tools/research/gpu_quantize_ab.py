@@ -1,0 +1,84 @@
+"""The library's fused quantize against another version of it, in one run on one GPU (same inputs, same timer):
+how a quantize change was measured before it was kept.
+
+    mkdir -p prev_quantize && for f in quantize packed; do git show 7cdcc7b:src/tqlab/kernels/$f.py > prev_quantize/$f.py; done
+    PYTHONPATH=src python tools/research/gpu_quantize_ab.py --against prev_quantize
+
+`--against` is a folder holding the other version's quantize.py and packed.py (the GPU machine has no git, so
+the folder travels with the tree). Each version runs twice, alternating; prints % of a device copy of the same
+bf16 input for both, per d and width, and the share of code bytes on which the two versions agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import shutil
+import sys
+import tempfile
+from functools import partial
+from pathlib import Path
+
+import torch
+import triton
+
+from tqlab.kernels import quantize as this
+from tqlab.quant import TurboQuantMSE
+
+
+def load_quantize(folder: Path):
+    """quantize.py of `folder` imported as a package module beside its packed.py, from a temporary copy (the
+    module's own source differs from this one's, so Triton compiles and caches it separately)."""
+    package_dir = Path(tempfile.mkdtemp()) / "other_quantize"
+    package_dir.mkdir()
+    for module in folder.glob("*.py"):
+        shutil.copy(module, package_dir / module.name)
+    (package_dir / "__init__.py").touch()
+    sys.path.insert(0, str(package_dir.parent))
+    return importlib.import_module("other_quantize.quantize")
+
+
+def seconds(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median") * 1e-3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--against", type=Path, required=True)
+    parser.add_argument("--dims", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
+    args = parser.parse_args()
+    other = load_quantize(args.against)
+    print("| d | bits | other % of copy | this % of copy | codes equal |")
+    print("| --- | --- | --- | --- | --- |")
+    for dim in args.dims:
+        x = torch.randn(256 * 2**20 // (2 * dim), dim, device="cuda", dtype=torch.bfloat16)
+        copy = torch.empty_like(x)
+        copy_s = seconds(partial(copy.copy_, x))
+        for bits in args.bits:
+            codec = TurboQuantMSE(dim, bits, rotation="fast_hadamard").cuda()
+            matrix = codec.rotation.matrix()
+            runs = {"other": [], "this": []}
+            for name, module in [("other", other), ("this", this)] * 2:
+                tables = module.quantize_tables(matrix, codec.boundaries, x.dtype)
+                runs[name].append(
+                    seconds(partial(module.quantize_mse, x, matrix, codec.boundaries, tables=tables))
+                )
+            sample = x[: 1 << 16]
+            equal = (
+                other.quantize_mse(sample, matrix, codec.boundaries)[0] == this.quantize_mse(sample, matrix, codec.boundaries)[0]
+            ).float().mean()  # fmt: skip
+            share = {
+                name: " / ".join(f"{100 * copy_s / t:.1f}" for t in times) for name, times in runs.items()
+            }
+            print(
+                f"| {dim} | {bits} | {share['other']} | {share['this']} | {100 * equal.item():.4f} % |",
+                flush=True,
+            )
+        del x, copy
+
+
+if __name__ == "__main__":
+    main()
