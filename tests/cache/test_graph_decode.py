@@ -54,14 +54,19 @@ def positions(mask):
     return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
 
 
-@pytest.mark.parametrize("protocol,bits", [("all_quantized", 4), ("prefill_exact", 4), ("all_quantized", 2)])
-def test_frozen_steps_equal_the_eager_kernel_path(protocol, bits):
+@pytest.mark.parametrize(
+    "protocol,bits,sinks",
+    [("all_quantized", 4, 0), ("prefill_exact", 4, 0), ("all_quantized", 2, 0), ("prefill_exact", 4, 2),
+     ("all_quantized", 3, 5)],
+)  # fmt: skip
+def test_frozen_steps_equal_the_eager_kernel_path(protocol, bits, sinks):
     """The same forced tokens into an eager cache and a frozen one (one layer: both hold the same codes),
-    left padding included; the frozen one takes no mask, its padding fixed at freeze."""
+    left padding included (the padded row's first 3 positions: 2 sinks unseen, or 3 of 5); the frozen one
+    takes no mask, its padding fixed at freeze."""
     model = tiny()
     ids, mask = prompt()
-    eager = compress_kv(model, spec(bits), kernels="triton", protocol=protocol)
-    frozen = compress_kv(model, spec(bits), kernels="triton", protocol=protocol)
+    eager = compress_kv(model, spec(bits), kernels="triton", protocol=protocol, sink_tokens=sinks)
+    frozen = compress_kv(model, spec(bits), kernels="triton", protocol=protocol, sink_tokens=sinks)
     forced = torch.randint(0, 97, (2, 4), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     with torch.no_grad():
         for cache in (eager, frozen):
@@ -91,18 +96,20 @@ def eager_greedy(model, cache, ids, mask, new_tokens):
     return torch.cat([ids, *out], dim=1)
 
 
-@pytest.mark.parametrize("protocol", ["all_quantized", "prefill_exact"])
-def test_graph_decoder_generates_the_eager_greedy_tokens(protocol):
-    model = tiny(layers=2)
+@pytest.mark.parametrize("protocol,sinks", [("all_quantized", 0), ("prefill_exact", 4)])
+def test_graph_decoder_generates_the_eager_greedy_tokens(protocol, sinks):
+    model = tiny(layers=2, init=0.1)
     ids, mask = prompt()
-    want = eager_greedy(model, compress_kv(model, spec(), kernels="triton", protocol=protocol), ids, mask, 4)
-    cache = compress_kv(model, spec(), kernels="triton", protocol=protocol)
+    layout = dict(kernels="triton", protocol=protocol, sink_tokens=sinks)
+    want = eager_greedy(model, compress_kv(model, spec(), **layout), ids, mask, 4)
+    cache = compress_kv(model, spec(), **layout)
     decoder = GraphDecoder(model, cache)
     got = decoder.generate(ids, mask, max_new_tokens=4)
     assert torch.equal(got, want)
     held = ids.shape[1] + 3  # the last new token is not fed back
     assert cache.get_seq_length() == held
-    assert all(layer._codes_held.item() == layer.packed["key"].length == held for layer in cache.layers)
+    codes = held - sinks  # the sinks stay exact
+    assert all(layer._codes_held.item() == layer.packed["key"].length == codes for layer in cache.layers)
     if DEVICE == "cuda":
         assert decoder._graph is not None  # the later steps were replayed
 
@@ -122,7 +129,8 @@ def test_what_cannot_be_frozen_is_refused_before_anything_changes():
     with pytest.raises(RuleError, match="GraphDecoder needs a TurboQuantCache"):
         GraphDecoder(model, DynamicCache(config=model.config))
     for layout, match in [
-        (dict(recent_window=4), "layer 0: it keeps exact tokens"),
+        (dict(recent_window=4), "layer 0: it keeps a window of exact tokens"),
+        (dict(sink_tokens=12), "layer 0: its 9 tokens do not fill its 12 sink tokens"),
         (dict(kernels="torch"), "layer 0: its codes are not the Triton kernels'"),
     ]:
         cache = compress_kv(model, spec(), **{"kernels": "triton", **layout})

@@ -170,6 +170,7 @@ class TurboQuantLayer(CacheLayerMixin):
         `capacity` tokens per sequence once, and from here on the count of codes kept on the device, so that
         a step's work (quantize, write at that count, attend over the whole capacity with the lengths read on
         the device) never depends on a host value. starts: per sequence the padding keys no query sees.
+        Sink tokens stay exact and are merged into every step, as on the eager path.
         The Python-side count follows each eager step; after a graph's replays its owner sets it (`set_length`)."""
         why = self.why_not_freezable(capacity)
         if why is not None:
@@ -178,11 +179,11 @@ class TurboQuantLayer(CacheLayerMixin):
         batch = held.shape[0]
         if starts is not None and tuple(starts.shape) != (batch,):
             raise ValueError(f"starts has shape {tuple(starts.shape)}; expected ({batch},): one per sequence")
+        self.settle()  # the sinks filled, every other token coded (no recent window: refused above)
+        sinks = self._sunk_held("key")
         for side in SIDES:
-            if self._pending[side] is not None and self._pending[side].shape[-2]:
-                self._encode_packed(side, self._pending[side])
             self._pending[side] = None
-            self.packed[side].grow_to(capacity)
+            self.packed[side].grow_to(capacity - sinks)
         self._codes_held = torch.tensor(self.packed["key"].length, dtype=torch.long, device=self.device)
         starts = torch.zeros(batch) if starts is None else starts
         self._starts = starts.to(device=self.device, dtype=torch.int32)
@@ -194,10 +195,12 @@ class TurboQuantLayer(CacheLayerMixin):
             return "it has not seen the prompt"
         if self.packed is None:
             return "its codes are not the Triton kernels' (kernels='torch', an exact layer, or codes they cannot read)"
-        if self.is_sliding or self.layout.sink_tokens or self.layout.recent_window:
-            return "it keeps exact tokens beside the codes (a sliding window, sink_tokens or recent_window)"
+        if self.is_sliding or self.layout.recent_window:
+            return "it keeps a window of exact tokens beside the codes (a sliding window or recent_window)"
         if capacity < self.length:
             return f"capacity={capacity} is less than the {self.length} tokens it holds"
+        if self.length < self.layout.sink_tokens:
+            return f"its {self.length} tokens do not fill its {self.layout.sink_tokens} sink tokens"
         return None
 
     def thaw(self) -> None:
@@ -205,10 +208,10 @@ class TurboQuantLayer(CacheLayerMixin):
         self.static = False
 
     def set_length(self, tokens: int) -> None:
-        """A frozen layer's Python-side count of tokens per sequence (all of them coded)."""
+        """A frozen layer's Python-side count of tokens per sequence (all coded but the sinks)."""
         self.length = tokens
-        for packed in self.packed.values():
-            packed.length = tokens
+        for side, packed in self.packed.items():
+            packed.length = tokens - self._sunk_held(side)
 
     def _update_static(self, key_states: torch.Tensor, value_states: torch.Tensor):
         """A frozen layer's step: every new token coded at once, at the device-side count (prefill_exact keeps
@@ -437,7 +440,7 @@ class TurboQuantCache(Cache):
     def freeze(self, capacity: int, starts: torch.Tensor | None = None) -> None:
         """Make the decode steps capturable in a CUDA graph (`TurboQuantLayer.freeze`), for sequences of up to
         `capacity` tokens; starts: per sequence the left-padding tokens (default none). Refused, naming the
-        layer, where a layer keeps exact tokens or its codes are not the kernels'."""
+        layer, where a layer keeps a window of exact tokens or its codes are not the kernels'."""
         why = {
             i: layer.why_not_freezable(capacity)
             if isinstance(layer, TurboQuantLayer)
