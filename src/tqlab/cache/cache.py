@@ -166,8 +166,8 @@ class TurboQuantLayer(CacheLayerMixin):
         return marked, value_states
 
     def freeze(self, capacity: int, starts: torch.Tensor | None = None) -> None:
-        """Make decode steps capturable in a CUDA graph: every token encoded now, the code tensors sized for
-        `capacity` tokens per sequence once, and from here on the count of codes kept on the device, so that
+        """Make decode steps capturable in a CUDA graph: every token but the sinks encoded now, the code tensors
+        sized for `capacity` tokens per sequence once, and from here on the count of codes kept on the device, so that
         a step's work (quantize, write at that count, attend over the whole capacity with the lengths read on
         the device) never depends on a host value. starts: per sequence the padding keys no query sees.
         Sink tokens stay exact and are merged into every step, as on the eager path.
@@ -182,11 +182,16 @@ class TurboQuantLayer(CacheLayerMixin):
         self.settle()  # the sinks filled, every other token coded (no recent window: refused above)
         sinks = self._sunk_held("key")
         for side in SIDES:
+            assert not self._pending[side].shape[-2], "packed codecs code one token at a time"
             self._pending[side] = None
             self.packed[side].grow_to(capacity - sinks)
         self._codes_held = torch.tensor(self.packed["key"].length, dtype=torch.long, device=self.device)
-        starts = torch.zeros(batch) if starts is None else starts
-        self._starts = starts.to(device=self.device, dtype=torch.int32)
+        starts = (torch.zeros(batch) if starts is None else starts).to(device=self.device, dtype=torch.int32)
+        self._code_starts = (starts - sinks).clamp_min(0)  # the padding among the codes
+        # which exact keys each query sees: the sinks not in the padding, then (prefill_exact) its own token
+        own = int(self.layout.protocol == "prefill_exact")
+        self._exact_seen = torch.ones(batch, 1, sinks + own, dtype=torch.bool, device=self.device)
+        self._exact_seen[:, 0, :sinks] = torch.arange(sinks, device=self.device) >= starts[:, None]
         self.capacity, self.static = capacity, True
 
     def why_not_freezable(self, capacity: int) -> str | None:
@@ -199,12 +204,13 @@ class TurboQuantLayer(CacheLayerMixin):
             return "it keeps a window of exact tokens beside the codes (a sliding window or recent_window)"
         if capacity < self.length:
             return f"capacity={capacity} is less than the {self.length} tokens it holds"
-        if self.length < self.layout.sink_tokens:
-            return f"its {self.length} tokens do not fill its {self.layout.sink_tokens} sink tokens"
+        if self.layout.sink_tokens and self.length <= self.layout.sink_tokens:
+            return f"its {self.length} tokens leave nothing to code beyond its {self.layout.sink_tokens} sink tokens"
         return None
 
     def thaw(self) -> None:
-        """Back to the eager path (every token stays coded; a padded batch needs its attention mask again)."""
+        """Back to the eager path (every token but the sinks stays coded; a padded batch needs its attention
+        mask again)."""
         self.static = False
 
     def set_length(self, tokens: int) -> None:
@@ -346,7 +352,7 @@ class TurboQuantLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.length = self.offset = 0
         self.static, self.capacity = False, None  # frozen for CUDA-graph decode steps (`freeze`)
-        self._codes_held = self._starts = self._step_states = None
+        self._codes_held = self._code_starts = self._exact_seen = self._step_states = None
         self._sunk = {side: 0 for side in SIDES}
         self._sink: dict[str, torch.Tensor | None] = {side: None for side in SIDES}
         self._codes = {side: [None] * self.num_kv_heads for side in SIDES}
@@ -440,7 +446,8 @@ class TurboQuantCache(Cache):
     def freeze(self, capacity: int, starts: torch.Tensor | None = None) -> None:
         """Make the decode steps capturable in a CUDA graph (`TurboQuantLayer.freeze`), for sequences of up to
         `capacity` tokens; starts: per sequence the left-padding tokens (default none). Refused, naming the
-        layer, where a layer keeps a window of exact tokens or its codes are not the kernels'."""
+        layer, where a layer keeps a window of exact tokens, its codes are not the kernels', or the prompt does
+        not reach past its sink tokens."""
         why = {
             i: layer.why_not_freezable(capacity)
             if isinstance(layer, TurboQuantLayer)

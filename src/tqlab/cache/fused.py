@@ -113,21 +113,18 @@ def _attend_static(layer, query: torch.Tensor, attention_mask, scaling: float) -
     own = 0 if layer._step_states is None else 1  # prefill_exact: the step's own codes are not read
     lengths = (layer._codes_held - own).to(torch.int32).expand(batch).contiguous()
     sink_keys, sink_values = layer.exact_tokens("key")[0], layer.exact_tokens("value")[0]
-    n_sink = 0 if sink_keys is None else sink_keys.shape[-2]
     q_rot = _rotate(query, layer.rotations["key"])
     out, lse = decode_attention(
         q_rot, layer.packed["key"].indices, layer.packed["key"].norms, layer.packed["value"].indices,
         layer.packed["value"].norms, layer.tables["key"], layer.tables["value"], lengths, scaling,
-        starts=(layer._starts - n_sink).clamp_min(0), causal_shift=own, static_launch=True,
+        starts=layer._code_starts, causal_shift=own, static_launch=True,
     )  # fmt: skip
     out = _rotate_back(out, layer.rotations["value"])
-    exact = [(sink_keys, sink_values)] if n_sink else []
+    exact = [] if sink_keys is None else [(sink_keys, sink_values)]
     exact += [layer._step_states] if own else []
-    if exact:
+    if exact:  # seen at freeze: the sinks not in the padding, then the step's own token
         keys, values = (torch.cat(parts, dim=-2) for parts in zip(*exact, strict=True))
-        seen = torch.ones(batch, 1, n_sink + own, dtype=torch.bool, device=query.device)
-        seen[:, 0, :n_sink] = torch.arange(n_sink, device=query.device) >= layer._starts[:, None]
-        out, lse = _merge(out, lse, *_attend_exact(query, keys, values, seen, scaling))
+        out, lse = _merge(out, lse, *_attend_exact(query, keys, values, layer._exact_seen, scaling))
     return out
 
 
