@@ -62,24 +62,28 @@ def positions(mask):
 def test_frozen_steps_equal_the_eager_kernel_path(protocol, bits, sinks):
     """The same forced tokens into an eager cache and a frozen one (one layer: both hold the same codes),
     left padding included (the padded row's first 3 positions: 2 sinks unseen, or 3 of 5); the frozen one
-    takes no mask, its padding fixed at freeze."""
+    takes no mask, its padding fixed at freeze. Thawed, it goes on past its capacity on the eager path."""
     model = tiny()
     ids, mask = prompt()
     eager = compress_kv(model, spec(bits), kernels="triton", protocol=protocol, sink_tokens=sinks)
     frozen = compress_kv(model, spec(bits), kernels="triton", protocol=protocol, sink_tokens=sinks)
-    forced = torch.randint(0, 97, (2, 4), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    forced = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     with torch.no_grad():
         for cache in (eager, frozen):
             model(ids, attention_mask=mask, position_ids=positions(mask), cache=cache)
-        frozen.freeze(ids.shape[1] + forced.shape[1], starts=(mask == 0).sum(-1))
+        frozen.freeze(ids.shape[1] + 4, starts=(mask == 0).sum(-1))
         for t in range(forced.shape[1]):
+            if t == 4:
+                frozen.thaw()
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             pos = positions(mask)[:, -1:]
             want = model(forced[:, t : t + 1], attention_mask=mask, position_ids=pos, cache=eager).logits
-            got = model(forced[:, t : t + 1], position_ids=pos, cache=frozen).logits
+            thawed = dict(attention_mask=mask) if t == 4 else {}
+            got = model(forced[:, t : t + 1], position_ids=pos, cache=frozen, **thawed).logits
             torch.testing.assert_close(got, want, rtol=0, atol=TOLERANCE * want.abs().max())
     assert frozen.get_seq_length() == eager.get_seq_length()
-    eager.layers[0].settle()  # prefill_exact holds the last token exact until the next call
+    for cache in (eager, frozen):
+        cache.layers[0].settle()  # prefill_exact holds the last token exact until the next call
     assert frozen.nbytes()["stored"] == eager.nbytes()["stored"]
 
 
