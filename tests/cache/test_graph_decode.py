@@ -55,18 +55,21 @@ def positions(mask):
 
 
 @pytest.mark.parametrize(
-    "protocol,bits,sinks",
-    [("all_quantized", 4, 0), ("prefill_exact", 4, 0), ("all_quantized", 2, 0), ("prefill_exact", 4, 2),
-     ("all_quantized", 4, 2), ("all_quantized", 3, 5)],
+    "protocol,bits,sinks,window",
+    [("all_quantized", 4, 0, 0), ("prefill_exact", 4, 0, 0), ("all_quantized", 2, 0, 0), ("prefill_exact", 4, 2, 0),
+     ("all_quantized", 4, 2, 0), ("all_quantized", 3, 5, 0), ("all_quantized", 4, 2, 3), ("prefill_exact", 4, 0, 3),
+     ("prefill_exact", 3, 2, 3)],
 )  # fmt: skip
-def test_frozen_steps_equal_the_eager_kernel_path(protocol, bits, sinks):
+def test_frozen_steps_equal_the_eager_kernel_path(protocol, bits, sinks, window):
     """The same forced tokens into an eager cache and a frozen one (one layer: both hold the same codes),
-    left padding included (the padded row's first 3 positions: 2 sinks unseen, or 3 of 5); the frozen one
-    takes no mask, its padding fixed at freeze. Thawed, it goes on past its capacity on the eager path."""
+    left padding included (the padded row's first 3 positions: 2 sinks unseen, or 3 of 5; with a window, all
+    but its last 2 prompt tokens, so that the window starts in the padding); the frozen one takes no mask, its
+    padding fixed at freeze. Thawed, it goes on past its capacity on the eager path."""
     model = tiny()
-    ids, mask = prompt()
-    eager = compress_kv(model, spec(bits), kernels="triton", protocol=protocol, sink_tokens=sinks)
-    frozen = compress_kv(model, spec(bits), kernels="triton", protocol=protocol, sink_tokens=sinks)
+    ids, mask = prompt(pad=(0, PROMPT - 2 if window else 3))
+    layout = dict(kernels="triton", protocol=protocol, sink_tokens=sinks, recent_window=window)
+    eager = compress_kv(model, spec(bits), **layout)
+    frozen = compress_kv(model, spec(bits), **layout)
     forced = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     with torch.no_grad():
         for cache in (eager, frozen):
@@ -81,6 +84,8 @@ def test_frozen_steps_equal_the_eager_kernel_path(protocol, bits, sinks):
             thawed = dict(attention_mask=mask) if t == 4 else {}
             got = model(forced[:, t : t + 1], position_ids=pos, cache=frozen, **thawed).logits
             torch.testing.assert_close(got, want, rtol=0, atol=TOLERANCE * want.abs().max())
+            if t == 3:  # frozen, the same bytes held (codes, sinks, window, the last token)
+                assert frozen.nbytes()["stored"] == eager.nbytes()["stored"]
     assert frozen.get_seq_length() == eager.get_seq_length()
     for cache in (eager, frozen):
         cache.layers[0].settle()  # prefill_exact holds the last token exact until the next call
@@ -100,11 +105,15 @@ def eager_greedy(model, cache, ids, mask, new_tokens):
     return torch.cat([ids, *out], dim=1)
 
 
-@pytest.mark.parametrize("protocol,sinks", [("all_quantized", 0), ("prefill_exact", 0), ("prefill_exact", 4)])
-def test_graph_decoder_generates_the_eager_greedy_tokens(protocol, sinks):
+@pytest.mark.parametrize(
+    "protocol,sinks,window",
+    [("all_quantized", 0, 0), ("prefill_exact", 0, 0), ("prefill_exact", 4, 0), ("all_quantized", 2, 3),
+     ("prefill_exact", 2, 3)],
+)  # fmt: skip
+def test_graph_decoder_generates_the_eager_greedy_tokens(protocol, sinks, window):
     model = tiny(layers=2, init=0.1)
     ids, mask = prompt()
-    layout = dict(kernels="triton", protocol=protocol, sink_tokens=sinks)
+    layout = dict(kernels="triton", protocol=protocol, sink_tokens=sinks, recent_window=window)
     want = eager_greedy(model, compress_kv(model, spec(), **layout), ids, mask, 4)
     cache = compress_kv(model, spec(), **layout)
     decoder = GraphDecoder(model, cache)
@@ -112,7 +121,8 @@ def test_graph_decoder_generates_the_eager_greedy_tokens(protocol, sinks):
     assert torch.equal(got, want)
     held = ids.shape[1] + 3  # the last new token is not fed back
     assert cache.get_seq_length() == held
-    codes = held - sinks  # the sinks stay exact
+    # exact: the sinks, the window, and under prefill_exact with a window the last token fed
+    codes = held - sinks - window - (protocol == "prefill_exact" and window > 0)
     assert all(layer._codes_held.item() == layer.packed["key"].length == codes for layer in cache.layers)
     if DEVICE == "cuda":
         assert decoder._graph is not None  # the later steps were replayed
@@ -133,8 +143,11 @@ def test_what_cannot_be_frozen_is_refused_before_anything_changes():
     with pytest.raises(RuleError, match="GraphDecoder needs a TurboQuantCache"):
         GraphDecoder(model, DynamicCache(config=model.config))
     for layout, match in [
-        (dict(recent_window=4), "layer 0: it keeps a window of exact tokens"),
-        (dict(sink_tokens=9), "layer 0: its 9 tokens leave nothing to code beyond its 9 sink tokens"),
+        (
+            dict(recent_window=9),
+            "layer 0: its 9 tokens leave nothing to code beyond its 0 sink tokens and 9-token",
+        ),
+        (dict(sink_tokens=5, recent_window=4), "beyond its 5 sink tokens and 4-token window"),
         (dict(kernels="torch"), "layer 0: its codes are not the Triton kernels'"),
     ]:
         cache = compress_kv(model, spec(), **{"kernels": "triton", **layout})

@@ -170,7 +170,10 @@ class TurboQuantLayer(CacheLayerMixin):
         sized for `capacity` tokens per sequence once, and from here on the count of codes kept on the device, so that
         a step's work (quantize, write at that count, attend over the whole capacity with the lengths read on
         the device) never depends on a host value. starts: per sequence the padding keys no query sees.
-        Sink tokens stay exact and are merged into every step, as on the eager path.
+        Sink tokens and the recent window stay exact and are merged into every step, as on the eager path:
+        the window is a buffer of its last `recent_window` tokens in order, shifted in place each step, the
+        token leaving it coded at the device-side count (under prefill_exact the step's own token joins the
+        window at the next step, as the eager path settles it then).
         The Python-side count follows each eager step; after a graph's replays its owner sets it (`set_length`)."""
         why = self.why_not_freezable(capacity)
         if why is not None:
@@ -179,19 +182,24 @@ class TurboQuantLayer(CacheLayerMixin):
         batch = held.shape[0]
         if starts is not None and tuple(starts.shape) != (batch,):
             raise ValueError(f"starts has shape {tuple(starts.shape)}; expected ({batch},): one per sequence")
-        self.settle()  # the sinks filled, every other token coded (no recent window: refused above)
-        sinks = self._sunk_held("key")
+        self.settle()  # the sinks filled, the window holding its last tokens, every other token coded
+        sinks, window = self._sunk_held("key"), self.layout.recent_window
+        own = int(self.layout.protocol == "prefill_exact")
         for side in SIDES:
-            assert not self._pending[side].shape[-2], "packed codecs code one token at a time"
-            self._pending[side] = None
+            assert self._pending[side].shape[-2] == window, "packed codecs code one token at a time"
+            if not window:
+                self._pending[side] = None
             self.packed[side].grow_to(capacity - sinks)
+            # prefill_exact: the previous step's token, which joins the window at this step
+            self._last[side] = torch.zeros_like(self._pending[side][..., :1, :]) if window and own else None
+        self._has_last = torch.zeros((), dtype=torch.bool, device=self.device)
         self._codes_held = torch.tensor(self.packed["key"].length, dtype=torch.long, device=self.device)
         starts = (torch.zeros(batch) if starts is None else starts).to(device=self.device, dtype=torch.int32)
+        self._starts = starts
         self._code_starts = (starts - sinks).clamp_min(0)  # the padding among the codes
-        # which exact keys each query sees: the sinks not in the padding, then (prefill_exact) its own token
-        own = int(self.layout.protocol == "prefill_exact")
-        self._exact_seen = torch.ones(batch, 1, sinks + own, dtype=torch.bool, device=self.device)
-        self._exact_seen[:, 0, :sinks] = torch.arange(sinks, device=self.device) >= starts[:, None]
+        # which sinks each query sees (those not in the padding); the window's are found per step
+        self._sinks_seen = (torch.arange(sinks, device=self.device) >= starts[:, None])[:, None]  # [B, 1, S]
+        self._frozen_at = self.length
         self.capacity, self.static = capacity, True
 
     def why_not_freezable(self, capacity: int) -> str | None:
@@ -200,28 +208,39 @@ class TurboQuantLayer(CacheLayerMixin):
             return "it has not seen the prompt"
         if self.packed is None:
             return "its codes are not the Triton kernels' (kernels='torch', an exact layer, or codes they cannot read)"
-        if self.is_sliding or self.layout.recent_window:
-            return "it keeps a window of exact tokens beside the codes (a sliding window or recent_window)"
+        if self.is_sliding:
+            return "it is a sliding-window layer (it drops its oldest tokens)"
         if capacity < self.length:
             return f"capacity={capacity} is less than the {self.length} tokens it holds"
-        if self.layout.sink_tokens and self.length <= self.layout.sink_tokens:
-            return f"its {self.length} tokens leave nothing to code beyond its {self.layout.sink_tokens} sink tokens"
+        exact = self.layout.sink_tokens + self.layout.recent_window
+        if exact and self.length <= exact:
+            return (
+                f"its {self.length} tokens leave nothing to code beyond its {self.layout.sink_tokens} sink "
+                f"tokens and {self.layout.recent_window}-token window"
+            )
         return None
 
     def thaw(self) -> None:
-        """Back to the eager path (every token but the sinks stays coded; a padded batch needs its attention
-        mask again)."""
+        """Back to the eager path (a padded batch needs its attention mask again): what it holds stays, the
+        last step's token (prefill_exact with a window) back among the exact tokens."""
+        if self._last["key"] is not None and self.length > self._frozen_at:
+            for side in SIDES:
+                self._pending[side] = torch.cat([self._pending[side], self._last[side]], dim=-2)
+        self._last = {side: None for side in SIDES}
         self.static = False
 
     def set_length(self, tokens: int) -> None:
-        """A frozen layer's Python-side count of tokens per sequence (all coded but the sinks)."""
+        """A frozen layer's Python-side count of tokens per sequence (all coded but the sinks, the window and,
+        after a step under prefill_exact with a window, that step's token)."""
         self.length = tokens
+        last = int(self._last["key"] is not None and tokens > self._frozen_at)
         for side, packed in self.packed.items():
-            packed.length = tokens - self._sunk_held(side)
+            packed.length = tokens - self._sunk_held(side) - self.layout.recent_window - last
 
     def _update_static(self, key_states: torch.Tensor, value_states: torch.Tensor):
-        """A frozen layer's step: every new token coded at once, at the device-side count (prefill_exact keeps
-        the step's own states too: its queries see them exactly, not their codes)."""
+        """A frozen layer's step: one token coded at the device-side count — the new one, or with a recent
+        window the one leaving it — (prefill_exact keeps the step's own states too: its queries see them
+        exactly, not their codes)."""
         from ..kernels import quantize_mse
 
         tokens = key_states.shape[-2]
@@ -230,14 +249,28 @@ class TurboQuantLayer(CacheLayerMixin):
                 f"layer {self.layer_idx} is frozen for one token per step and {self.capacity} tokens per sequence; "
                 f"got {tokens} new tokens with {self.length} held (cache.thaw() returns it to the eager path)"
             )
-        positions = self._codes_held + torch.arange(tokens, device=self.device)
+        window, last = self.layout.recent_window, self._last["key"] is not None
+        # Coded now: the new token, or the window's oldest, which the new token (or under prefill_exact the
+        # previous step's, once there is one) replaces.
         for side, states in (("key", key_states), ("value", value_states)):
             codec = self.codecs[side][0]
+            coded = self._pending[side][..., :1, :] if window else states
             indices, norms = quantize_mse(
-                states, self.rotations[side], codec.boundaries, codec.norm_dtype, self.quantize_tables[side]
+                coded, self.rotations[side], codec.boundaries, codec.norm_dtype, self.quantize_tables[side]
             )
-            self.packed[side].write(positions, indices, norms)
-        self._codes_held.add_(tokens)
+            self.packed[side].write(self._codes_held[None], indices, norms)  # past the count if it stays
+            if window:
+                shifted = torch.cat(
+                    [self._pending[side][..., 1:, :], self._last[side] if last else states], -2
+                )
+                self._pending[side].copy_(
+                    torch.where(self._has_last, shifted, self._pending[side]) if last else shifted
+                )
+            if last:
+                self._last[side].copy_(states)
+        self._codes_held.add_(self._has_last.long() if last else 1)
+        if last:
+            self._has_last.fill_(True)
         self.set_length(self.length + tokens)
         exact = self.layout.protocol == "prefill_exact"
         self._step_states = (key_states, value_states) if exact else None
@@ -352,7 +385,9 @@ class TurboQuantLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.length = self.offset = 0
         self.static, self.capacity = False, None  # frozen for CUDA-graph decode steps (`freeze`)
-        self._codes_held = self._code_starts = self._exact_seen = self._step_states = None
+        self._codes_held = self._starts = self._code_starts = self._sinks_seen = self._step_states = None
+        self._has_last, self._frozen_at = None, 0
+        self._last: dict[str, torch.Tensor | None] = {side: None for side in SIDES}
         self._sunk = {side: 0 for side in SIDES}
         self._sink: dict[str, torch.Tensor | None] = {side: None for side in SIDES}
         self._codes = {side: [None] * self.num_kv_heads for side in SIDES}
@@ -371,6 +406,12 @@ class TurboQuantLayer(CacheLayerMixin):
         codes = sum(c.nbytes for side in self._codes.values() for c in side if c is not None)
         codes += sum(p.allocated_nbytes() if allocated else p.nbytes() for p in (self.packed or {}).values())
         exact = [t for part in (self._sink, self._pending) for t in part.values() if t is not None]
+        if self._last["key"] is not None and allocated:  # a frozen prefill_exact layer's last-token buffer
+            exact += list(self._last.values())
+        elif self._last["key"] is not None and self.length > self._frozen_at:
+            # its last token, counted coded, as the next step codes one (`TurboQuantCache.nbytes` settles
+            # an eager prefill_exact layer the same way)
+            codes += sum(p.nbytes() // p.length for p in self.packed.values())
         return codes + sum(t.numel() * t.element_size() for t in exact)
 
 
@@ -446,8 +487,8 @@ class TurboQuantCache(Cache):
     def freeze(self, capacity: int, starts: torch.Tensor | None = None) -> None:
         """Make the decode steps capturable in a CUDA graph (`TurboQuantLayer.freeze`), for sequences of up to
         `capacity` tokens; starts: per sequence the left-padding tokens (default none). Refused, naming the
-        layer, where a layer keeps a window of exact tokens, its codes are not the kernels', or the prompt does
-        not reach past its sink tokens."""
+        layer, for a sliding-window layer, codes that are not the kernels', or a prompt that does not reach
+        past the sink tokens and the recent window."""
         why = {
             i: layer.why_not_freezable(capacity)
             if isinstance(layer, TurboQuantLayer)

@@ -100,8 +100,8 @@ def attend_packed(layer, query: torch.Tensor, attention_mask, scaling: float, wi
 def _attend_static(layer, query: torch.Tensor, attention_mask, scaling: float) -> torch.Tensor:
     """A frozen layer's decode step (`TurboQuantLayer.freeze`: one token, its codes written already): one kernel
     call over the whole capacity with the lengths read on the device, so that a CUDA graph can replay it; the
-    exact sink tokens merged in (those at padded positions unseen), and under prefill_exact the token's own
-    codes left out and its exact key and value merged instead."""
+    exact sink tokens and recent window merged in (those at padded positions unseen), and under prefill_exact
+    the token's own exact key and value."""
     from ..kernels.decode import decode_attention
 
     batch = query.shape[0]
@@ -110,21 +110,33 @@ def _attend_static(layer, query: torch.Tensor, attention_mask, scaling: float) -
             "a frozen cache takes its padding from freeze(starts) and no attention mask (cache.thaw() returns "
             "it to the eager path)"
         )
-    own = 0 if layer._step_states is None else 1  # prefill_exact: the step's own codes are not read
-    lengths = (layer._codes_held - own).to(torch.int32).expand(batch).contiguous()
-    sink_keys, sink_values = layer.exact_tokens("key")[0], layer.exact_tokens("value")[0]
+    own = 0 if layer._step_states is None else 1  # prefill_exact: the step's own token is attended exactly
+    window = layer.layout.recent_window
+    # codes read: without a window the step's own token is coded already, and left out
+    read = layer._codes_held - (0 if window else own)
+    lengths = read.to(torch.int32).expand(batch).contiguous()
     q_rot = _rotate(query, layer.rotations["key"])
     out, lse = decode_attention(
         q_rot, layer.packed["key"].indices, layer.packed["key"].norms, layer.packed["value"].indices,
         layer.packed["value"].norms, layer.tables["key"], layer.tables["value"], lengths, scaling,
-        starts=layer._code_starts, causal_shift=own, static_launch=True,
+        starts=layer._code_starts, causal_shift=window + own, static_launch=True,
     )  # fmt: skip
     out = _rotate_back(out, layer.rotations["value"])
-    exact = [] if sink_keys is None else [(sink_keys, sink_values)]
-    exact += [layer._step_states] if own else []
-    if exact:  # seen at freeze: the sinks not in the padding, then the step's own token
-        keys, values = (torch.cat(parts, dim=-2) for parts in zip(*exact, strict=True))
-        out, lse = _merge(out, lse, *_attend_exact(query, keys, values, layer._exact_seen, scaling))
+    # The exact keys in order: the sinks, the window (just after the codes), the step's own token.
+    sinks = layer.exact_tokens("key")[0]
+    parts = [] if sinks is None else [(sinks, layer.exact_tokens("value")[0], layer._sinks_seen)]
+    if window:
+        position = layer._sunk_held("key") + read + torch.arange(window, device=query.device)
+        seen = (position >= layer._starts[:, None])[:, None]  # [B, 1, W]
+        parts.append((layer._pending["key"], layer._pending["value"], seen))
+    if own:
+        ones = torch.ones(batch, 1, 1, dtype=torch.bool, device=query.device)
+        parts.append((*layer._step_states, ones))
+    if parts:
+        keys, values, seen = (
+            torch.cat(column, dim=-1 if i == 2 else -2) for i, column in enumerate(zip(*parts, strict=True))
+        )
+        out, lse = _merge(out, lse, *_attend_exact(query, keys, values, seen, scaling))
     return out
 
 
