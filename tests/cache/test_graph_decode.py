@@ -63,10 +63,10 @@ def positions(mask):
 def test_frozen_steps_equal_the_eager_kernel_path(protocol, bits, sinks, window):
     """The same forced tokens into an eager cache and a frozen one (one layer: both hold the same codes),
     left padding included (the padded row's first 3 positions: 2 sinks unseen, or 3 of 5; with a window, all
-    but its last 2 prompt tokens, so that the window starts in the padding); the frozen one takes no mask, its
+    but its last prompt token, so that the window attended at the first steps starts in the padding); the frozen one takes no mask, its
     padding fixed at freeze. Thawed, it goes on past its capacity on the eager path."""
     model = tiny()
-    ids, mask = prompt(pad=(0, PROMPT - 2 if window else 3))
+    ids, mask = prompt(pad=(0, PROMPT - 1 if window else 3))
     layout = dict(kernels="triton", protocol=protocol, sink_tokens=sinks, recent_window=window)
     eager = compress_kv(model, spec(bits), **layout)
     frozen = compress_kv(model, spec(bits), **layout)
@@ -89,6 +89,27 @@ def test_frozen_steps_equal_the_eager_kernel_path(protocol, bits, sinks, window)
     assert frozen.get_seq_length() == eager.get_seq_length()
     for cache in (eager, frozen):
         cache.layers[0].settle()  # prefill_exact holds the last token exact until the next call
+    assert frozen.nbytes()["stored"] == eager.nbytes()["stored"]
+
+
+@pytest.mark.parametrize("protocol", ["all_quantized", "prefill_exact"])
+def test_a_cache_thawed_before_any_frozen_step_is_the_eager_one(protocol):
+    model = tiny()
+    ids, mask = prompt()
+    layout = dict(kernels="triton", protocol=protocol, sink_tokens=2, recent_window=3)
+    eager, frozen = compress_kv(model, spec(), **layout), compress_kv(model, spec(), **layout)
+    forced = torch.randint(0, 97, (2, 2), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    with torch.no_grad():
+        for cache in (eager, frozen):
+            model(ids, attention_mask=mask, position_ids=positions(mask), cache=cache)
+        frozen.freeze(ids.shape[1] + 4, starts=(mask == 0).sum(-1))
+        frozen.thaw()
+        for t in range(forced.shape[1]):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            kw = dict(attention_mask=mask, position_ids=positions(mask)[:, -1:])
+            want = model(forced[:, t : t + 1], cache=eager, **kw).logits
+            got = model(forced[:, t : t + 1], cache=frozen, **kw).logits
+            torch.testing.assert_close(got, want, rtol=0, atol=TOLERANCE * want.abs().max())
     assert frozen.nbytes()["stored"] == eager.nbytes()["stored"]
 
 
@@ -169,6 +190,8 @@ def test_what_cannot_be_frozen_is_refused_before_anything_changes():
     with pytest.raises(RuleError, match="after prefill"):
         decoder.decode(1)
     decoder.prefill(ids, max_new_tokens=4)
+    with pytest.raises(RuleError, match=r"layer 0: it is frozen already \(cache.thaw\(\) first\)"):
+        cache.freeze(64)
     with pytest.raises(RuleError, match="4 more steps exceed the 3"):
         decoder.decode(4)
     with pytest.raises(RuleError, match="fresh cache"):

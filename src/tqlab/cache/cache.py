@@ -166,8 +166,8 @@ class TurboQuantLayer(CacheLayerMixin):
         return marked, value_states
 
     def freeze(self, capacity: int, starts: torch.Tensor | None = None) -> None:
-        """Make decode steps capturable in a CUDA graph: every token but the sinks encoded now, the code tensors
-        sized for `capacity` tokens per sequence once, and from here on the count of codes kept on the device, so that
+        """Make decode steps capturable in a CUDA graph: every token but the sinks and the window encoded now,
+        the code tensors sized for `capacity` tokens per sequence once, and from here on the count of codes kept on the device, so that
         a step's work (quantize, write at that count, attend over the whole capacity with the lengths read on
         the device) never depends on a host value. starts: per sequence the padding keys no query sees.
         Sink tokens and the recent window stay exact and are merged into every step, as on the eager path:
@@ -186,7 +186,7 @@ class TurboQuantLayer(CacheLayerMixin):
         sinks, window = self._sunk_held("key"), self.layout.recent_window
         own = int(self.layout.protocol == "prefill_exact")
         for side in SIDES:
-            assert self._pending[side].shape[-2] == window, "packed codecs code one token at a time"
+            assert self._pending[side].shape[-2] == window, "settled: the window holds its last tokens"
             if not window:
                 self._pending[side] = None
             self.packed[side].grow_to(capacity - sinks)
@@ -206,6 +206,8 @@ class TurboQuantLayer(CacheLayerMixin):
         """Why this layer cannot be frozen for `capacity` tokens per sequence, or None."""
         if not self.is_initialized:
             return "it has not seen the prompt"
+        if self.static:
+            return "it is frozen already (cache.thaw() first)"
         if self.packed is None:
             return "its codes are not the Triton kernels' (kernels='torch', an exact layer, or codes they cannot read)"
         if self.is_sliding:
