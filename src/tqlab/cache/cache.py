@@ -192,7 +192,7 @@ class TurboQuantLayer(CacheLayerMixin):
             self.packed[side].grow_to(capacity - sinks)
             # prefill_exact: the previous step's token, which joins the window at this step
             self._last[side] = torch.zeros_like(self._pending[side][..., :1, :]) if window and own else None
-        self._has_last = torch.zeros((), dtype=torch.bool, device=self.device)
+        self._has_last = torch.zeros((), dtype=torch.bool, device=self.device) if window and own else None
         self._codes_held = torch.tensor(self.packed["key"].length, dtype=torch.long, device=self.device)
         starts = (torch.zeros(batch) if starts is None else starts).to(device=self.device, dtype=torch.int32)
         self._starts = starts
