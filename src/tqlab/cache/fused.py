@@ -98,7 +98,7 @@ def attend_packed(layer, query: torch.Tensor, attention_mask, scaling: float, wi
 
 
 def _attend_static(layer, query: torch.Tensor, attention_mask, scaling: float) -> torch.Tensor:
-    """A frozen layer's decode step (`TurboQuantLayer.freeze`: one token, its codes written already): one kernel
+    """A frozen layer's decode step (`TurboQuantLayer.freeze`: one token, the cache updated already): one kernel
     call over the whole capacity with the lengths read on the device, so that a CUDA graph can replay it; the
     exact sink tokens and recent window merged in (those at padded positions unseen), and under prefill_exact
     the token's own exact key and value."""

@@ -296,9 +296,8 @@ def decode_attention(
             *arguments, **shape, BLOCK_M=block_m, BLOCK_N=block_n, PERMUTE=_PTX and query.is_cuda,
             num_warps=NUM_WARPS, num_stages=NUM_STAGES,
         )  # fmt: skip
-    if (
-        splits == 1
-    ):  # nothing to merge: the one chunk's rows, in the output's layout (what the merge would give)
+    # One chunk per sequence: nothing to merge, its rows are the output (what the merge would write).
+    if splits == 1:
         rows = group * q_len
         out = part_out.view(batch, kv_heads, block_m, dim)[:, :, :rows].reshape(batch, q_heads, q_len, dim)
         lse = part_lse.view(batch, kv_heads, block_m)[:, :, :rows].reshape(batch, q_heads, q_len)
