@@ -27,17 +27,17 @@ from gpu_decode import bench, bf16_times, decode_inputs  # noqa: E402
 from tqlab.kernels import decode_attention  # noqa: E402
 
 
-def load_kernels(folder: Path):
-    """decode.py of `folder` imported as a package next to the folder's other modules (packed.py, and
+def load_kernels(folder: Path, module: str = "decode"):
+    """`module`.py of `folder` imported as a package next to the folder's other modules (packed.py, and
     decode_mma.py where that version has it), copied into a temporary package so that nothing is written
-    into `folder`."""
+    into `folder` (its source differs from the library's, so Triton compiles and caches it apart)."""
     package_dir = Path(tempfile.mkdtemp()) / "other_kernels"
     package_dir.mkdir()
-    for module in folder.glob("*.py"):
-        shutil.copy(module, package_dir / module.name)
+    for source in folder.glob("*.py"):
+        shutil.copy(source, package_dir / source.name)
     (package_dir / "__init__.py").touch()
     sys.path.insert(0, str(package_dir.parent))
-    return importlib.import_module("other_kernels.decode")
+    return importlib.import_module(f"other_kernels.{module}")
 
 
 def main() -> None:

@@ -12,30 +12,15 @@ bf16 input for both, per d and width, and the share of code bytes on which the t
 from __future__ import annotations
 
 import argparse
-import importlib
-import shutil
-import sys
-import tempfile
 from functools import partial
 from pathlib import Path
 
 import torch
 import triton
+from gpu_decode_ab import load_kernels  # beside this script
 
 from tqlab.kernels import quantize as this
 from tqlab.quant import TurboQuantMSE
-
-
-def load_quantize(folder: Path):
-    """quantize.py of `folder` imported as a package module beside its packed.py, from a temporary copy (the
-    module's own source differs from this one's, so Triton compiles and caches it separately)."""
-    package_dir = Path(tempfile.mkdtemp()) / "other_quantize"
-    package_dir.mkdir()
-    for module in folder.glob("*.py"):
-        shutil.copy(module, package_dir / module.name)
-    (package_dir / "__init__.py").touch()
-    sys.path.insert(0, str(package_dir.parent))
-    return importlib.import_module("other_quantize.quantize")
 
 
 def seconds(fn) -> float:
@@ -50,7 +35,7 @@ def main() -> None:
     parser.add_argument("--dims", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
     args = parser.parse_args()
-    other = load_quantize(args.against)
+    other = load_kernels(args.against, "quantize")
     print("| d | bits | other % of copy | this % of copy | codes equal |")
     print("| --- | --- | --- | --- | --- |")
     for dim in args.dims:

@@ -1,5 +1,5 @@
 """A compressed KV cache inside `model.generate`: TurboQuantCache, the attention that reads its codes, the
-one verb that applies a spec to a model (`compress_kv`), and greedy decoding replayed from a CUDA graph
+one verb that applies a spec to a model (`compress_kv`), and decoding replayed from a CUDA graph
 (`GraphDecoder`)."""
 
 from ..kv.layout import CacheLayout

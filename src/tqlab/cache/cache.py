@@ -167,9 +167,9 @@ class TurboQuantLayer(CacheLayerMixin):
 
     def freeze(self, capacity: int, starts: torch.Tensor | None = None) -> None:
         """Make decode steps capturable in a CUDA graph: every token but the sinks and the window encoded now,
-        the code tensors sized for `capacity` tokens per sequence once, and from here on the count of codes kept on the device, so that
-        a step's work (quantize, write at that count, attend over the whole capacity with the lengths read on
-        the device) never depends on a host value. starts: per sequence the padding keys no query sees.
+        the code tensors sized for `capacity` tokens per sequence once, and from here on the count of codes
+        kept on the device, so that a step's work (quantize, write at that count, attend over the whole
+        capacity with the lengths read on the device) never depends on a host value. starts: per sequence the padding keys no query sees.
         Sink tokens and the recent window stay exact and are merged into every step, as on the eager path:
         the window is a buffer of its last `recent_window` tokens in order, shifted in place each step, the
         token leaving it coded at the device-side count (under prefill_exact the step's own token joins the

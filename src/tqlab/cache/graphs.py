@@ -94,7 +94,7 @@ class GraphDecoder:
         if max_new_tokens > 1 and not (self._finished is not None and bool(self._finished.all())):
             new = torch.cat([first, self.decode(max_new_tokens - 1)], dim=1)
         if self._eos is not None:  # cut after the step in which the last sequence ended, if all did
-            ended = (new[..., None] == self._eos).any(-1)
+            ended = self._is_end(new)
             if bool(ended.any(-1).all()):
                 new = new[:, : int(ended.int().argmax(-1).max()) + 1]
         return torch.cat([input_ids, new], dim=1)
@@ -153,7 +153,7 @@ class GraphDecoder:
         ).logits
         token = pick_tokens(logits[:, -1], self._warpers)
         if self._eos is not None:
-            self._finished = (token[..., None] == self._eos).any(-1)  # [B, 1], a static buffer of the graph
+            self._finished = self._is_end(token)  # [B, 1], a static buffer of the graph
         if isinstance(self.cache, TurboQuantCache):
             self.cache.freeze(capacity, starts)
         self._tokens = token.clone()  # the next step's input, then its output: the graph's static buffers
@@ -179,6 +179,10 @@ class GraphDecoder:
             configured = getattr(getattr(self.model, "generation_config", None), "pad_token_id", None)
             pad_token_id = configured if isinstance(configured, int) else ids[0]
         return torch.tensor(ids, device=device), pad_token_id
+
+    def _is_end(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Which tokens are one of eos_token_id (same shape, bool)."""
+        return (tokens[..., None] == self._eos).any(-1)
 
     @torch.no_grad()
     def decode(self, steps: int) -> torch.Tensor:
@@ -214,7 +218,7 @@ class GraphDecoder:
         token = pick_tokens(logits[:, -1], self._warpers)
         if self._eos is not None:
             token = token.masked_fill(self._finished, self._pad)
-            self._finished |= (token[..., None] == self._eos).any(-1)
+            self._finished |= self._is_end(token)
         self._tokens.copy_(token)
         self._positions.add_(1)
         return self._tokens
