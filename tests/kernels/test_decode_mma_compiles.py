@@ -73,7 +73,7 @@ def test_compiles_for_sm90_with_operands_decoded_in_registers(dim, k_bits, v_bit
     constants = dict(
         KV_HEADS=8, GROUP=group, Q_LEN=q_len, DIM=dim, K_BITS=k_bits, V_BITS=v_bits,
         ROWS=max(8, group * q_len),
-        BLOCK_N=decode_mma.block_keys(dim),
+        BLOCK_N=decode_mma.block_keys(dim), PADDED=True,
     )  # fmt: skip
     cubin = tmp_path / "kernel.cubin"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

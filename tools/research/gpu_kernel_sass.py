@@ -83,7 +83,7 @@ def register_kernel(bits: int, group: int, dim: int) -> None:
     from triton.experimental.gluon._runtime import GluonASTSource
 
     constants = dict(
-        KV_HEADS=8, GROUP=group, Q_LEN=1, DIM=dim, K_BITS=bits, V_BITS=bits, ROWS=max(8, group),
+        KV_HEADS=8, GROUP=group, Q_LEN=1, DIM=dim, K_BITS=bits, V_BITS=bits, ROWS=max(8, group), PADDED=True,
         BLOCK_N=decode_mma.block_keys(dim),
     )  # fmt: skip
     names = decode_mma._attend_chunk_mma.arg_names
@@ -122,7 +122,7 @@ def main() -> None:
     for bits in args.bits:
         constants = dict(
             KV_HEADS=8, GROUP=args.group, Q_LEN=1, DIM=args.dim, K_BITS=bits, V_BITS=bits,
-            BLOCK_M=max(16, triton.next_power_of_2(args.group)), BLOCK_N=decode.BLOCK_N, PERMUTE=True,
+            BLOCK_M=max(16, triton.next_power_of_2(args.group)), BLOCK_N=decode.BLOCK_N, PERMUTE=True, PADDED=True,
         )  # fmt: skip
         signature = {
             name: "constexpr" if name in constants else POINTERS.get(name, "i32")

@@ -53,12 +53,12 @@ def _attend_chunk(
     vc_stride_b, vc_stride_h, vn_stride_b, vn_stride_h,
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, Q_LEN: tl.constexpr, DIM: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PERMUTE: tl.constexpr,
+    PERMUTE: tl.constexpr, PADDED: tl.constexpr,
 ):  # fmt: skip
     bh, split = tl.program_id(0), tl.program_id(1)
     b, h = bh // KV_HEADS, bh % KV_HEADS
     length = tl.load(lengths + b).to(tl.int32)
-    first_key = tl.load(starts + b).to(tl.int32)  # keys before it are padding
+    first_key = tl.load(starts + b).to(tl.int32) if PADDED else 0  # keys before it are padding
     if chunk == 0:  # a launch that does not depend on the lengths: this sequence's keys split evenly
         chunk = tl.cdiv(length, splits * BLOCK_N) * BLOCK_N
     start = tl.maximum(split * chunk, first_key // BLOCK_N * BLOCK_N)
@@ -273,9 +273,8 @@ def decode_attention(
         splits = triton.cdiv(tokens, chunk)
 
     lengths = lengths.to(device=query.device, dtype=torch.int32)
-    starts = (
-        torch.zeros_like(lengths) if starts is None else starts.to(device=query.device, dtype=torch.int32)
-    )
+    padded = starts is not None  # otherwise no padding: nothing to read (and no kernel to fill zeros)
+    starts = starts.to(device=query.device, dtype=torch.int32) if padded else lengths
     part_out = torch.empty(batch * kv_heads * splits * block_m, dim, dtype=torch.float32, device=query.device)
     part_lse = torch.empty(batch * kv_heads * splits * block_m, dtype=torch.float32, device=query.device)
     arguments = (
@@ -284,7 +283,9 @@ def decode_attention(
         *query.stride()[:3], *key_indices.stride()[:2], *key_norms.stride()[:2],
         *value_indices.stride()[:2], *value_norms.stride()[:2],
     )  # fmt: skip
-    shape = dict(KV_HEADS=kv_heads, GROUP=group, Q_LEN=q_len, DIM=dim, K_BITS=k_bits, V_BITS=v_bits)
+    shape = dict(
+        KV_HEADS=kv_heads, GROUP=group, Q_LEN=q_len, DIM=dim, K_BITS=k_bits, V_BITS=v_bits, PADDED=padded
+    )
     if mma:
         kernel = mma._attend_chunk_mma[(batch * kv_heads, splits)](
             *arguments, **shape, ROWS=block_m, BLOCK_N=block_n, **mma.LAUNCH

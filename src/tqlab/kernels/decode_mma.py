@@ -314,7 +314,7 @@ def _attend_chunk_mma(
     kc_stride_b, kc_stride_h, kn_stride_b, kn_stride_h,
     vc_stride_b, vc_stride_h, vn_stride_b, vn_stride_h,
     KV_HEADS: gl.constexpr, GROUP: gl.constexpr, Q_LEN: gl.constexpr, DIM: gl.constexpr,
-    K_BITS: gl.constexpr, V_BITS: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
+    K_BITS: gl.constexpr, V_BITS: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, PADDED: gl.constexpr,
 ):  # fmt: skip
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
     op_b: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
@@ -324,7 +324,7 @@ def _attend_chunk_mma(
     bh, split = gl.program_id(0), gl.program_id(1)
     b, h = bh // KV_HEADS, bh % KV_HEADS
     length = gl.load(lengths + b).to(gl.int32)
-    first_key = gl.load(starts + b).to(gl.int32)  # keys before it are padding
+    first_key = gl.load(starts + b).to(gl.int32) if PADDED else 0  # keys before it are padding
     if chunk == 0:  # a launch that does not depend on the lengths: this sequence's keys split evenly
         chunk = gl.cdiv(length, splits * BLOCK_N) * BLOCK_N
     start = gl.maximum(split * chunk, first_key // BLOCK_N * BLOCK_N)
