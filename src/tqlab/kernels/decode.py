@@ -39,7 +39,7 @@ MAX_ROWS = 32  # query rows per (sequence, KV head): 64 fails to compile for sm_
 # Keys × KV heads × sequences from which the register-fragment kernel (`decode_mma`) is used on a GPU: below it
 # the whole step takes ~20 µs and this kernel's four warps per program finish sooner (H200, docs/benchmarks.md).
 REGISTER_KERNEL_MIN_KEYS = 65536
-MERGE_SPLITS = 128  # most chunks one merge step reads: a (sequence, KV head) may have hundreds of them
+MERGE_SPLITS = 512  # most chunks one merge step reads (128: 2–3 µs slower at 512 chunks, H200)
 MERGE_DIMS = 32  # output dimensions per merge program
 NUM_STAGES = 2  # prefetch the next block's words; 1 leaves HBM latency exposed (measured on an H200)
 
@@ -260,7 +260,11 @@ def decode_attention(
         if num_splits is None:  # fill the SMs' resident programs once, rounded down: a second, sparse
             # wave would take as long as the first (the first call's estimate: PROGRAMS_PER_SM)
             resident = _RESIDENT.get(launch, mma.PROGRAMS_PER_SM) * _sm_count(query.device.index)
-            num_splits = min(max(1, resident // (batch * kv_heads)), blocks // mma.MIN_BLOCKS_PER_SPLIT)
+            per_head = max(1, resident // (batch * kv_heads))
+            if blocks // mma.SHORT_BLOCKS_PER_SPLIT <= per_head:  # short chunks, all in one wave
+                num_splits = max(1, blocks // mma.SHORT_BLOCKS_PER_SPLIT)
+            else:
+                num_splits = min(per_head, blocks // mma.MIN_BLOCKS_PER_SPLIT)
     else:
         block_m, block_n = max(16, triton.next_power_of_2(group * q_len)), BLOCK_N
         if num_splits is None:

@@ -44,6 +44,9 @@ from .packed import (
 
 PROGRAMS_PER_SM = 12  # one-warp programs per SM until the compiled kernel's registers say (decode._RESIDENT)
 MIN_BLOCKS_PER_SPLIT = 8  # blocks per chunk at least: shorter chunks spend more on the prologue and merge
+SHORT_BLOCKS_PER_SPLIT = (
+    4  # ... unless chunks this short all fit in one wave (tools/research/gpu_decode_breakdown.py)
+)
 LAUNCH = dict(num_warps=1)  # one warp per program: the MMA layouts below assume it
 MAX_ROWS = 16  # query rows per program (the MMA's N axis): the output accumulator is DIM·ROWS/32 registers
 
