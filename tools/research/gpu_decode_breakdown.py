@@ -1,10 +1,12 @@
 """Where one decode step's time goes: the attention kernel, the merge of its chunks, and the rest of the
-graph replay, per shape, with chunks of at least 2, 4 or 8 blocks (decode_mma.MIN_BLOCKS_PER_SPLIT = 8).
+graph replay, per shape, with the chunks' length and the merge's shape varied.
 
-    PYTHONPATH=src:benchmarks python tools/research/gpu_decode_breakdown.py
+    PYTHONPATH=src:benchmarks python tools/research/gpu_decode_breakdown.py --batches 1 --min-blocks 4 8 --merge-splits 128 512
 
-Each row: the step replayed from a CUDA graph with the L2 flushed before it (as benchmarks/gpu_decode.py
-times it; µs, median of 30), then the device time of each kernel in those replays from the profiler.
+Each row: chunks of at least --min-blocks blocks of keys (as many as fill the SMs' resident programs once, at
+most), the merge reading --merge-dims output dimensions per program and --merge-splits chunks per step; the
+step replayed from a CUDA graph with the L2 flushed before it (as benchmarks/gpu_decode.py times it; µs,
+median of 30), then the device time of each kernel inside those replays, from the profiler.
 """
 
 from __future__ import annotations
