@@ -80,12 +80,12 @@ def compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def bf16_times(batch, q_heads, kv_heads, context, flex: bool) -> tuple[float, float | None]:
+def bf16_times(batch, q_heads, kv_heads, context, flex: bool, dim=DIM) -> tuple[float, float | None]:
     """µs of SDPA and of FlexAttention (None when not asked) over the same bf16 cache."""
-    scaling = DIM**-0.5
+    scaling = dim**-0.5
     torch.manual_seed(0)
-    q = torch.randn(batch, q_heads, 1, DIM, device="cuda", dtype=torch.bfloat16)
-    shape = (batch, kv_heads, context, DIM)
+    q = torch.randn(batch, q_heads, 1, dim, device="cuda", dtype=torch.bfloat16)
+    shape = (batch, kv_heads, context, dim)
     k, v = (torch.randn(shape, device=q.device, dtype=torch.bfloat16) for _ in range(2))
     sdpa = bench(lambda: F.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=True))
     if not flex:

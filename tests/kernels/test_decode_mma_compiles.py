@@ -63,7 +63,14 @@ def loops(sass: str) -> list[collections.Counter]:
 
 @pytest.mark.parametrize(
     "dim,k_bits,v_bits,group,q_len",
-    [(128, 4, 4, 4, 1), (128, 3, 2, 6, 1), (256, 2, 4, 8, 1), (64, 4, 2, 4, 4)],
+    [
+        (128, 4, 4, 4, 1),
+        (128, 3, 2, 6, 1),
+        (256, 2, 4, 8, 1),
+        (64, 4, 2, 4, 4),
+        (64, 3, 3, 4, 1),
+        (256, 3, 3, 4, 1),
+    ],
 )
 def test_compiles_for_sm90_with_operands_decoded_in_registers(dim, k_bits, v_bits, group, q_len, tmp_path):
     if not (os.path.exists(tool("ptxas")) and os.path.exists(tool("nvdisasm"))):

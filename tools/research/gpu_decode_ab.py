@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--layouts", nargs="+", default=["32/8", "12/2"], help="query heads/KV heads")
+    parser.add_argument("--dim", type=int, default=128, help="head_dim")
     args = parser.parse_args()
     other = load_kernels(args.against)
     print(
@@ -59,9 +60,9 @@ def main() -> None:
         q_heads, kv_heads = map(int, layout.split("/"))
         for batch in args.batches:
             for context in args.contexts:
-                sdpa, _ = bf16_times(batch, q_heads, kv_heads, context, flex=False)
+                sdpa, _ = bf16_times(batch, q_heads, kv_heads, context, flex=False, dim=args.dim)
                 for bits in args.bits:
-                    inputs, _ = decode_inputs(batch, q_heads, kv_heads, context, bits)
+                    inputs, _ = decode_inputs(batch, q_heads, kv_heads, context, bits, dim=args.dim)
                     theirs, ours = other.decode_attention(*inputs)[0], decode_attention(*inputs)[0]
                     delta = ((ours - theirs).abs().max() / theirs.abs().max()).item()
                     before = bench(functools.partial(other.decode_attention, *inputs))

@@ -57,9 +57,8 @@ def block_keys(dim: int) -> int:
 
 
 def supports(dim: int, k_bits: int, v_bits: int, rows: int) -> bool:
-    """Whether this kernel takes the shape (otherwise `decode` uses the Triton-language kernel): 3-bit rows
-    are read as whole 32-bit words (keys) and 16-bit halves (values), laid out for d = 128 only."""
-    return dim in (64, 128, 256) and rows <= MAX_ROWS and (dim == 128 or 3 not in (k_bits, v_bits))
+    """Whether this kernel takes the shape (otherwise `decode` uses the Triton-language kernel)."""
+    return dim in (64, 128, 256) and rows <= MAX_ROWS
 
 
 @gluon.jit
@@ -162,6 +161,48 @@ def _three_bit_groups(w0, w1, w2):
 
 
 @gluon.jit
+def _three_bit_lane_groups(codes, t, lane, stop, N: gl.constexpr, DIM: gl.constexpr):
+    """int32 groups [T, L, N] of 3-bit key rows `t` (those >= stop read as 0): lane l's N groups are the 3N
+    bytes at byte 3N·l of each row, read as whole int32 words where N is a multiple of 4 (3 words per 4
+    groups), as three int16 halves where N = 2, as three bytes where N = 1."""
+    row_bytes: gl.constexpr = DIM // 8 * 3
+    valid = t < stop
+    if N == 1:
+        at = codes + t * row_bytes + 3 * lane
+        b0 = gl.load(at, mask=valid, other=0).to(gl.int32) & 0xFF
+        b1 = gl.load(at + 1, mask=valid, other=0).to(gl.int32) & 0xFF
+        b2 = gl.load(at + 2, mask=valid, other=0).to(gl.int32) & 0xFF
+        groups = b0 | (b1 << 8) | (b2 << 16)
+    elif N == 2:
+        at = codes.to(gl.pointer_type(gl.int16)) + t * (row_bytes // 2) + 3 * lane
+        h0 = gl.load(at, mask=valid, other=0).to(gl.int32) & 0xFFFF
+        h1 = gl.load(at + 1, mask=valid, other=0).to(gl.int32) & 0xFFFF
+        h2 = gl.load(at + 2, mask=valid, other=0).to(gl.int32) & 0xFFFF
+        groups = gl.join(h0 | ((h1 & 0xFF) << 16), (h1 >> 8) | (h2 << 8))
+        groups = gl.reshape(groups, (t.shape[0], lane.shape[1], 2))
+    else:
+        gl.static_assert(N == 4 or N == 8, "3-bit groups per lane: 1, 2, 4 or 8")
+        at = codes.to(gl.pointer_type(gl.int32)) + t * (row_bytes // 4) + (3 * N // 4) * lane
+        groups = _three_bit_quad(at, valid, t.shape[0], lane.shape[1])
+        if N == 8:  # groups 4·q + i: the second quad's three words follow the first's
+            second = _three_bit_quad(at + 3, valid, t.shape[0], lane.shape[1])
+            groups = gl.reshape(
+                gl.permute(gl.join(groups, second), (0, 1, 3, 2)), (t.shape[0], lane.shape[1], 8)
+            )
+    return groups
+
+
+@gluon.jit
+def _three_bit_quad(at, valid, T: gl.constexpr, L: gl.constexpr):
+    """Four 24-bit groups [T, L, 4] from the three int32 words at `at`."""
+    w0 = gl.load(at, mask=valid, other=0)
+    w1 = gl.load(at + 1, mask=valid, other=0)
+    w2 = gl.load(at + 2, mask=valid, other=0)
+    g0, g1, g2, g3 = _three_bit_groups(w0, w1, w2)
+    return gl.reshape(gl.permute(gl.join(gl.join(g0, g1), gl.join(g2, g3)), (0, 1, 2, 4, 3)), (T, L, 4))
+
+
+@gluon.jit
 def _whole_groups(codes, t, group, stop, BITS: gl.constexpr, DIM: gl.constexpr):
     """Groups `group` of key rows `t` (broadcast together) at 2 or 4 bits, where each group is one whole
     int16 / int32 word, as int32 (rows >= stop read as 0)."""
@@ -177,21 +218,14 @@ def _key_groups(codes, block, stop, BITS: gl.constexpr, DIM: gl.constexpr, BLOCK
     """int32 groups [BLOCK_N, 4, W] (W = DIM/32) of keys block .. block + BLOCK_N − 1 (those >= stop read as
     0): lane (g, c) of the warp reads groups W·c .. W·c + W − 1 of its keys, DIM·BITS/32 contiguous bytes."""
     W: gl.constexpr = DIM // 32
-    if BITS == 3:  # lane c's 3W bytes are 3W/4 whole words: load them, assemble 4 groups per 3 words
-        gl.static_assert(W == 4, "3-bit keys: head_dim 128 only")
+    if BITS == 3:  # lane c's 3W bytes: loaded as words, halves or bytes, assembled into groups
         words: gl.constexpr = gl.BlockedLayout([1, 1, 1], [8, 4, 1], [1, 1, 1], [2, 1, 0])
     else:
         words: gl.constexpr = gl.BlockedLayout([1, 1, W], [8, 4, 1], [1, 1, 1], [2, 1, 0])
     t = block + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, words)))[:, None, None]
     c = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, words)))[None, :, None]
     if BITS == 3:
-        row = codes.to(gl.pointer_type(gl.int32)) + t * (DIM // 8 * 3 // 4) + 3 * c
-        w0 = gl.load(row, mask=t < stop, other=0)
-        w1 = gl.load(row + 1, mask=t < stop, other=0)
-        w2 = gl.load(row + 2, mask=t < stop, other=0)
-        g0, g1, g2, g3 = _three_bit_groups(w0, w1, w2)
-        groups = gl.permute(gl.join(gl.join(g0, g1), gl.join(g2, g3)), (0, 1, 2, 4, 3))
-        groups = gl.reshape(groups, (BLOCK_N, 4, 4))
+        groups = _three_bit_lane_groups(codes, t, c, stop, W, DIM)
     else:
         w = gl.arange(0, W, layout=gl.SliceLayout(0, gl.SliceLayout(1, words)))[None, None, :]
         groups = _whole_groups(codes, t, W * c + w, stop, BITS, DIM)
@@ -223,20 +257,14 @@ def _value_groups(codes, block, stop, BITS: gl.constexpr, DIM: gl.constexpr, BLO
     """int32 groups [BLOCK_N, 8, U] (U = DIM/64): lane (g, c) reads groups U·g .. U·g + U − 1 of its keys
     2c, 2c + 1 (and + 8, + 16 …), DIM·BITS/64 contiguous bytes each."""
     U: gl.constexpr = DIM // 64
-    if BITS == 3:  # lane g's 3U bytes as 16-bit halves: two 24-bit groups per three halves
-        gl.static_assert(U == 2, "3-bit values: head_dim 128 only")
+    if BITS == 3:  # lane g's 3U bytes: loaded as words, halves or bytes, assembled into groups
         words: gl.constexpr = gl.BlockedLayout([2, 1, 1], [4, 8, 1], [1, 1, 1], [2, 0, 1])
     else:
         words: gl.constexpr = gl.BlockedLayout([2, 1, U], [4, 8, 1], [1, 1, 1], [2, 0, 1])
     t = block + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, words)))[:, None, None]
     g = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, words)))[None, :, None]
     if BITS == 3:
-        row = codes.to(gl.pointer_type(gl.int16)) + t * (DIM // 8 * 3 // 2) + 3 * g
-        h0 = gl.load(row, mask=t < stop, other=0).to(gl.int32) & 0xFFFF
-        h1 = gl.load(row + 1, mask=t < stop, other=0).to(gl.int32) & 0xFFFF
-        h2 = gl.load(row + 2, mask=t < stop, other=0).to(gl.int32) & 0xFFFF
-        groups = gl.join(h0 | ((h1 & 0xFF) << 16), (h1 >> 8) | (h2 << 8))
-        groups = gl.reshape(groups, (BLOCK_N, 8, 2))
+        groups = _three_bit_lane_groups(codes, t, g, stop, U, DIM)
     else:
         u = gl.arange(0, U, layout=gl.SliceLayout(0, gl.SliceLayout(1, words)))[None, None, :]
         groups = _whole_groups(codes, t, U * g + u, stop, BITS, DIM)
