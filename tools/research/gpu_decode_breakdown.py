@@ -17,6 +17,7 @@ import itertools
 import statistics
 
 import torch
+import triton
 from gpu_decode import FLUSH_BYTES, decode_inputs
 
 from tqlab.kernels import decode, decode_attention, decode_mma
@@ -71,13 +72,18 @@ def main() -> None:
         "| batch | heads | context | bits | least blocks: splits per head | merge dims, chunks per step | replay µs | kernels (µs) |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    library = decode.MERGE_DIMS, decode.MERGE_SPLITS
     for batch, q_heads, kv_heads, context in [s for s in SHAPES if s[0] in args.batches]:
         for bits in args.bits:
             inputs, _ = decode_inputs(batch, q_heads, kv_heads, context, bits)
             decode_attention(*inputs)  # fills decode's register-count cache
-            launch = next(k for k in decode._RESIDENT if k[2] == bits and k[5] == q_heads // kv_heads)
+            launch = next(
+                k
+                for k in decode._RESIDENT
+                if k[2] == bits and k[5] == q_heads // kv_heads and k[7] == kv_heads
+            )
             resident = decode._RESIDENT[launch] * decode._sm_count(0)
-            blocks = context // decode_mma.block_keys(128)
+            blocks = triton.cdiv(context, decode_mma.block_keys(inputs[0].shape[-1]))
             for least, merge in itertools.product(
                 args.min_blocks, itertools.product(args.merge_dims, args.merge_splits)
             ):
@@ -89,6 +95,8 @@ def main() -> None:
                 parts = ", ".join(f"{name} {t:.1f}" for name, t in kernels.items())
                 print(f"| {batch} | {q_heads}/{kv_heads} | {context // 1024}k | {bits} | "
                       f"{least}: {splits} | {merge} | {total:.1f} | {parts} |", flush=True)  # fmt: skip
+
+    decode.MERGE_DIMS, decode.MERGE_SPLITS = library
 
 
 if __name__ == "__main__":

@@ -53,7 +53,8 @@ def main() -> None:
             times = []
             for block_keys, programs, min_blocks, maxnreg in configs:
                 decode_mma.block_keys = lambda dim, n=block_keys: n
-                decode_mma.MIN_BLOCKS_PER_SPLIT = min_blocks
+                # both lengths: the library's rule is then "at least min_blocks, at most one wave"
+                decode_mma.MIN_BLOCKS_PER_SPLIT = decode_mma.SHORT_BLOCKS_PER_SPLIT = min_blocks
                 decode._RESIDENT.clear()
                 decode._resident_programs = (
                     resident if not programs else lambda index, registers, p=programs: p

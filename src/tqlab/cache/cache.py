@@ -196,7 +196,8 @@ class TurboQuantLayer(CacheLayerMixin):
         self._codes_held = torch.tensor(self.packed["key"].length, dtype=torch.long, device=self.device)
         starts = (torch.zeros(batch) if starts is None else starts).to(device=self.device, dtype=torch.int32)
         self._starts = starts
-        self._code_starts = (starts - sinks).clamp_min(0)  # the padding among the codes
+        code_starts = (starts - sinks).clamp_min(0)  # the padding among the codes
+        self._code_starts = code_starts if bool(code_starts.any()) else None  # None: the kernel reads none
         # which sinks each query sees (those not in the padding); the window's are found per step
         self._sinks_seen = (torch.arange(sinks, device=self.device) >= starts[:, None])[:, None]  # [B, 1, S]
         self._frozen_at = self.length

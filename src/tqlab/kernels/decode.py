@@ -204,7 +204,9 @@ def decode_attention(
     elsewhere (exact), follow the codes.
 
     key_table / value_table: `centroid_table(codec.centroids)`. num_splits: chunks per (sequence, KV
-    head), by default enough to fill every SM (`decode_mma`: once, at its compiled register count).
+    head); by default enough to fill every SM, and for `decode_mma` at most one wave of its resident programs
+    (at its compiled register count) in chunks of its SHORT_BLOCKS_PER_SPLIT or MIN_BLOCKS_PER_SPLIT blocks.
+    starts=None: no padding (the kernels then neither read nor compare it).
     static_launch: the launch depends on T (the tensors' capacity) alone, never on the lengths, whose values
     are read on the device only — each sequence's keys are split evenly over the chunks in the kernel — so
     that a CUDA graph may replay it while the lengths grow. Returns fp32 [B, Hq, Tq, d] in the rotated domain
@@ -256,9 +258,19 @@ def decode_attention(
     blocks = triton.cdiv(tokens, mma.block_keys(dim) if mma else BLOCK_N)
     if mma:  # codes decoded into the tensor cores' operand registers: one warp per program
         block_m, block_n = max(8, triton.next_power_of_2(group * q_len)), mma.block_keys(dim)
-        launch = (query.device.index, dim, k_bits, v_bits, block_m, group, q_len, kv_heads)
-        if num_splits is None:  # fill the SMs' resident programs once, rounded down: a second, sparse
-            # wave would take as long as the first (the first call's estimate: PROGRAMS_PER_SM)
+        launch = (
+            query.device.index,
+            dim,
+            k_bits,
+            v_bits,
+            block_m,
+            group,
+            q_len,
+            kv_heads,
+            starts is not None,
+        )
+        if num_splits is None:  # at most one wave of resident programs: a second, sparse wave would take as
+            # long as the first (the first call's estimate: PROGRAMS_PER_SM)
             resident = _RESIDENT.get(launch, mma.PROGRAMS_PER_SM) * _sm_count(query.device.index)
             per_head = max(1, resident // (batch * kv_heads))
             if blocks // mma.SHORT_BLOCKS_PER_SPLIT <= per_head:  # short chunks, all in one wave

@@ -43,10 +43,11 @@ from .packed import (
 )
 
 PROGRAMS_PER_SM = 12  # one-warp programs per SM until the compiled kernel's registers say (decode._RESIDENT)
-MIN_BLOCKS_PER_SPLIT = 8  # blocks per chunk at least: shorter chunks spend more on the prologue and merge
-SHORT_BLOCKS_PER_SPLIT = (
-    4  # ... unless chunks this short all fit in one wave (tools/research/gpu_decode_breakdown.py)
-)
+# Blocks per chunk: SHORT_BLOCKS_PER_SPLIT where chunks that short all fit in one wave of resident programs,
+# else at least MIN_BLOCKS_PER_SPLIT (shorter chunks spend more on the prologue and the merge than they save;
+# tools/research/gpu_decode_breakdown.py, docs/benchmarks.md "Launch shape and merge").
+MIN_BLOCKS_PER_SPLIT = 8
+SHORT_BLOCKS_PER_SPLIT = 4
 LAUNCH = dict(num_warps=1)  # one warp per program: the MMA layouts below assume it
 MAX_ROWS = 16  # query rows per program (the MMA's N axis): the output accumulator is DIM·ROWS/32 registers
 
@@ -162,16 +163,16 @@ def _three_bit_groups(w0, w1, w2):
 
 @gluon.jit
 def _three_bit_lane_groups(codes, t, lane, stop, N: gl.constexpr, DIM: gl.constexpr):
-    """int32 groups [T, L, N] of 3-bit key rows `t` (those >= stop read as 0): lane l's N groups are the 3N
+    """int32 groups [T, L, N] of 3-bit rows `t` (those >= stop read as 0): lane l's N groups are the 3N
     bytes at byte 3N·l of each row, read as whole int32 words where N is a multiple of 4 (3 words per 4
     groups), as three int16 halves where N = 2, as three bytes where N = 1."""
     row_bytes: gl.constexpr = DIM // 8 * 3
     valid = t < stop
     if N == 1:
         at = codes + t * row_bytes + 3 * lane
-        b0 = gl.load(at, mask=valid, other=0).to(gl.int32) & 0xFF
-        b1 = gl.load(at + 1, mask=valid, other=0).to(gl.int32) & 0xFF
-        b2 = gl.load(at + 2, mask=valid, other=0).to(gl.int32) & 0xFF
+        b0 = gl.load(at, mask=valid, other=0).to(gl.int32)  # uint8: zero-extended
+        b1 = gl.load(at + 1, mask=valid, other=0).to(gl.int32)
+        b2 = gl.load(at + 2, mask=valid, other=0).to(gl.int32)
         groups = b0 | (b1 << 8) | (b2 << 16)
     elif N == 2:
         at = codes.to(gl.pointer_type(gl.int16)) + t * (row_bytes // 2) + 3 * lane

@@ -256,10 +256,12 @@ def quantize_mse(
     halves = (
         tables.signs and tables.row_signs is not None and dim == 2 * SIGN_TILE
     )  # the kernel's COLS = d / 2
+    # the interpreter's cost is per operation, not per element: one tile of the whole rotation there
+    tile = min(dim, SIGN_TILE) if tables.signs else (min(dim, TF32_TILE) if x.is_cuda else dim)
     _quantize_rows[(triton.cdiv(rows.shape[1], BLOCK_ROWS), rows.shape[0])](
         rows, tables.matrix, tables.boundaries, codes, norms, tables.row_signs, rows.shape[1], rows.stride(0),
         rows.stride(1), rotation.shape[0] if per_head else 1, dim**-0.5,
-        DIM=dim, BITS=bits, BLOCK_ROWS=BLOCK_ROWS, COLS=min(dim, SIGN_TILE) if tables.signs else min(dim, TF32_TILE),
+        DIM=dim, BITS=bits, BLOCK_ROWS=BLOCK_ROWS, COLS=tile,
         SIGNS=tables.signs, HALVES=halves, OUT_COLS=HALVES_TILE, SYMMETRIC=tables.symmetric,
         PRECISION="tf32x3" if x.is_cuda else "ieee", F32_DOT=not x.is_cuda,
         num_warps=SIGN_WARPS if tables.signs else TF32_WARPS, num_stages=1,
