@@ -256,19 +256,10 @@ def decode_attention(
         mma = _mma_kernel() if _has_mma_sync(query.device.index) else None
         mma = mma if mma is not None and mma.supports(dim, k_bits, v_bits, group * q_len) else None
     blocks = triton.cdiv(tokens, mma.block_keys(dim) if mma else BLOCK_N)
+    padded = starts is not None  # otherwise no padding: nothing to read (and no kernel to fill zeros)
     if mma:  # codes decoded into the tensor cores' operand registers: one warp per program
         block_m, block_n = max(8, triton.next_power_of_2(group * q_len)), mma.block_keys(dim)
-        launch = (
-            query.device.index,
-            dim,
-            k_bits,
-            v_bits,
-            block_m,
-            group,
-            q_len,
-            kv_heads,
-            starts is not None,
-        )
+        launch = (query.device.index, dim, k_bits, v_bits, block_m, group, q_len, kv_heads, padded)
         if num_splits is None:  # at most one wave of resident programs: a second, sparse wave would take as
             # long as the first (the first call's estimate: PROGRAMS_PER_SM)
             resident = _RESIDENT.get(launch, mma.PROGRAMS_PER_SM) * _sm_count(query.device.index)
@@ -289,7 +280,6 @@ def decode_attention(
         splits = triton.cdiv(tokens, chunk)
 
     lengths = lengths.to(device=query.device, dtype=torch.int32)
-    padded = starts is not None  # otherwise no padding: nothing to read (and no kernel to fill zeros)
     starts = starts.to(device=query.device, dtype=torch.int32) if padded else lengths
     part_out = torch.empty(batch * kv_heads * splits * block_m, dim, dtype=torch.float32, device=query.device)
     part_lse = torch.empty(batch * kv_heads * splits * block_m, dtype=torch.float32, device=query.device)
