@@ -262,6 +262,21 @@ def test_codes_of_the_wrong_width_are_refused():
         )
 
 
+def test_lengths_and_starts_not_one_per_sequence_are_refused():
+    """The kernels index them by sequence: a shorter tensor would be read past its end."""
+    codec = TurboQuantMSE(64, 2)
+    code = codec.quantize(gaussian(2, 1, 8, 64, seed=0))
+    q, table = torch.zeros(2, 1, 1, 64), centroid_table(codec.centroids)
+    args = (q, code.indices, code.norms, code.indices, code.norms, table, table)
+    for lengths, starts, match in [
+        (torch.tensor([8]), None, r"lengths must be an integer tensor of shape \(2,\)"),
+        (torch.tensor([8.0, 8.0]), None, "lengths must be an integer tensor"),
+        (torch.tensor([8, 8]), torch.tensor([[0, 0]]), r"starts must be an integer tensor of shape \(2,\)"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            decode_attention(*args, lengths, 1.0, starts=starts)
+
+
 def test_more_query_rows_than_the_kernel_holds_are_refused():
     codec = TurboQuantMSE(64, 2)
     code = codec.quantize(gaussian(1, 1, 8, 64, seed=0))

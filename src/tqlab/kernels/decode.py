@@ -228,6 +228,12 @@ def decode_attention(
             raise ValueError(
                 f"{name} has shape {tuple(t.shape)} on {t.device}; expected {shape} on {query.device}"
             )
+    for name, t in [("lengths", lengths), ("starts", starts)]:
+        if t is not None and (tuple(t.shape) != (batch,) or t.is_floating_point() or t.is_complex()):
+            raise ValueError(
+                f"{name} must be an integer tensor of shape ({batch},), one per sequence; got {t.dtype} "
+                f"{tuple(t.shape)}"
+            )
     if key_indices.dtype != torch.uint8 or value_indices.dtype != torch.uint8:
         raise ValueError("key_indices and value_indices must be uint8 packed codes (MSECode.indices)")
     for name, t in [("key_indices", key_indices), ("value_indices", value_indices)]:
