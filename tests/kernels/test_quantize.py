@@ -13,7 +13,7 @@ NEAR_TIE = 1e-5  # |y − boundary| of a unit vector's rotated coordinate below 
 
 
 @pytest.mark.parametrize("dim", [64, 128, 256])
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
 def test_codes_equal_the_codec_and_a_float64_reference_up_to_boundary_ties(dim, bits):
     # every width meets both products: the exact ±1 one (fast Hadamard, bf16/fp16) and the tf32x3 one
     rotation, dtype = [
@@ -69,6 +69,24 @@ def test_each_kv_head_is_coded_with_its_own_rotation(dim, dtype, bits):
         assert torch.equal(norms[:, h].cpu(), code.norms)
         differ = (unpack_bits(indices[:, h].cpu(), bits, dim) != unpack_bits(code.indices, bits, dim)).float()
         assert differ.mean() < 1e-3  # fp32 summation order only moves coordinates at a boundary tie
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_the_tiled_tf32_product_codes_as_the_codec(bits, monkeypatch):
+    """On a GPU the general product runs in tiles of TF32_TILE; the interpreter takes one tile unless told."""
+    from tqlab.kernels import quantize
+
+    monkeypatch.setattr(quantize, "INTERPRETER_TILE", quantize.TF32_TILE)
+    dim = 128  # four tiles along each axis: every tile offset, and 3-bit words stored past the first tile
+    codec = TurboQuantMSE(dim, bits, rotation="random_haar", seed=5)
+    x = torch.randn(70, dim, generator=torch.Generator().manual_seed(3))
+    indices, norms = quantize_mse(
+        x.to(DEVICE), codec.rotation.matrix().to(DEVICE), codec.boundaries.to(DEVICE)
+    )
+    code = codec.quantize(x)
+    assert torch.equal(norms.cpu(), code.norms)
+    differ = unpack_bits(indices.cpu(), bits, dim) != unpack_bits(code.indices, bits, dim)
+    assert differ.float().mean() < 1e-3  # fp32 summation order only moves coordinates at a boundary tie
 
 
 def test_the_sign_product_is_chosen_only_for_a_scaled_sign_matrix_and_low_precision_input():

@@ -32,6 +32,7 @@ SIGN_TILE = 128  # output columns per ±1 product (measured on an H200: wider sp
 HALVES_TILE = 64  # output columns of each half per step of the signed-halves product (fewer live registers)
 SIGN_WARPS = 4  # warps per program of the ±1 product (tools/research/gpu_quantize_tuning.py)
 TF32_WARPS = 8  # warps per program of the tf32x3 product
+INTERPRETER_TILE = 256  # Triton's interpreter costs per operation, not per element: one tile of the rotation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +115,7 @@ def _store_codes(codes, row, valid, idx, col, DIM: tl.constexpr, BITS: tl.conste
     elif BITS == 2:  # one group per int16
         at = codes.to(tl.pointer_type(tl.int16)) + row * (DIM // 8) + g[None, :]
         tl.store(at, groups.to(tl.int16), mask=valid[:, None])
-    elif COLS % 32 == 0:  # 3 bits: four 24-bit groups per three int32 words
+    elif BITS == 3 and COLS % 32 == 0:  # four 24-bit groups per three int32 words
         quads = tl.reshape(groups, (rows, COLS // 32, 2, 2))  # (q, i, j): group 4q + 2i + j
         even, odd = tl.split(quads)  # j = 0: groups 4q, 4q + 2; j = 1: 4q + 1, 4q + 3
         g0, g2 = tl.split(even)
@@ -256,8 +257,7 @@ def quantize_mse(
     halves = (
         tables.signs and tables.row_signs is not None and dim == 2 * SIGN_TILE
     )  # the kernel's COLS = d / 2
-    # the interpreter's cost is per operation, not per element: one tile of the whole rotation there
-    tile = min(dim, SIGN_TILE) if tables.signs else (min(dim, TF32_TILE) if x.is_cuda else dim)
+    tile = min(dim, SIGN_TILE) if tables.signs else min(dim, TF32_TILE if x.is_cuda else INTERPRETER_TILE)
     _quantize_rows[(triton.cdiv(rows.shape[1], BLOCK_ROWS), rows.shape[0])](
         rows, tables.matrix, tables.boundaries, codes, norms, tables.row_signs, rows.shape[1], rows.stride(0),
         rows.stride(1), rotation.shape[0] if per_head else 1, dim**-0.5,
