@@ -138,6 +138,17 @@ def test_asymmetric_boundaries_are_counted_in_full():
     assert torch.equal(ours[~near_tie], torch.bucketize(y, boundaries.double())[~near_tie])
 
 
+def test_tables_of_another_codec_are_refused():
+    """Tables are built once by the caller; ones built for another width or rotation would code silently wrong."""
+    narrow, wide = TurboQuantMSE(64, 2), TurboQuantMSE(64, 3)
+    tables = quantize_tables(narrow.rotation.matrix(), narrow.boundaries, torch.float32)
+    with pytest.raises(ValueError, match="3 boundaries, not these"):
+        quantize_mse(torch.zeros(3, 64), wide.rotation.matrix(), wide.boundaries, tables=tables)
+    per_head = torch.stack([narrow.rotation.matrix()] * 2)
+    with pytest.raises(ValueError, match=r"built for a \(64, 64\) rotation"):
+        quantize_mse(torch.zeros(2, 3, 64), per_head, narrow.boundaries, tables=tables)
+
+
 def test_rows_need_a_matching_square_rotation():
     codec = TurboQuantMSE(64, 2)
     with pytest.raises(ValueError, match=r"needs a \[64, 64\] rotation"):

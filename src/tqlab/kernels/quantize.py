@@ -249,6 +249,12 @@ def quantize_mse(
     tables = tables or quantize_tables(rotation, boundaries, x.dtype)
     if tables.signs and tables.matrix.dtype != x.dtype:
         raise ValueError(f"tables were built for {tables.matrix.dtype} input, x is {x.dtype}")
+    if tables.matrix.shape != rotation.shape or tables.boundaries.numel() != boundaries.numel():
+        raise ValueError(
+            f"tables were built for a {tuple(tables.matrix.shape)} rotation and {tables.boundaries.numel()} "
+            f"boundaries, not these ({tuple(rotation.shape)}, {boundaries.numel()}): quantize_tables(rotation, "
+            "boundaries, x.dtype)"
+        )
     rows = x.reshape(-1, x.shape[-2], dim) if per_head else x.reshape(1, -1, dim)  # [groups, rows, d]
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
