@@ -18,7 +18,7 @@ import statistics
 
 import torch
 import triton
-from gpu_decode import FLUSH_BYTES, decode_inputs
+from gpu_decode import bench, decode_inputs
 
 from tqlab.kernels import decode, decode_attention, decode_mma
 
@@ -29,29 +29,17 @@ SHAPES = [
 
 
 def replay_times(fn, reps: int = 30) -> tuple[float, dict[str, float]]:
-    """(median µs of a flushed replay, median µs per kernel name inside the replays)."""
-    fn()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
-    events = [
-        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)
-    ]
+    """(median µs of a flushed replay, as gpu_decode.bench times it; median µs per kernel name inside the
+    replays, from the profiler)."""
+    fn()  # compiled before the profiler starts
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for start, end in events:
-            flush.zero_()
-            start.record()
-            graph.replay()
-            end.record()
-        torch.cuda.synchronize()
+        total = bench(fn, reps)
     kernels = collections.defaultdict(list)
     for event in prof.events():
         if (
             event.device_type == torch.autograd.DeviceType.CUDA and "elementwise" not in event.name
         ):  # not the flush
             kernels[event.name[:40]].append(event.device_time)
-    total = statistics.median(start.elapsed_time(end) for start, end in events) * 1e3
     return total, {name: statistics.median(times) for name, times in kernels.items()}
 
 
@@ -59,7 +47,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     parser.add_argument(
-        "--min-blocks", type=int, nargs="+", default=[2, 4, 8], help="blocks per chunk at least (default 8)"
+        "--min-blocks",
+        type=int,
+        nargs="+",
+        default=[2, 4, 8],
+        help="blocks per chunk at least (the library takes 4 or 8)",
     )
     parser.add_argument(
         "--merge-dims", type=int, nargs="+", default=[decode.MERGE_DIMS], help="output dims per merge program"
