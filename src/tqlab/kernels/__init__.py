@@ -19,6 +19,13 @@ except ImportError as err:
 
 from .decode import decode_attention
 from .packed import centroid_table
-from .quantize import QuantizeTables, quantize_mse, quantize_tables
+from .quantize import QuantizeTables, quantize_mse, quantize_prod, quantize_tables
 
-__all__ = ["QuantizeTables", "centroid_table", "decode_attention", "quantize_mse", "quantize_tables"]
+__all__ = [
+    "QuantizeTables",
+    "centroid_table",
+    "decode_attention",
+    "quantize_mse",
+    "quantize_prod",
+    "quantize_tables",
+]

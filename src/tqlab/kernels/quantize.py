@@ -27,6 +27,7 @@ import triton.language as tl
 from .packed import MAX_BITS
 
 BLOCK_ROWS = 64
+SKETCH_ROWS = 32  # rows per program of quantize_prod: its S r accumulator holds d fp32 per row
 TF32_TILE = 32  # square tiles of a general rotation: larger ones spill registers with tf32x3 on sm_90
 SIGN_TILE = 128  # output columns per ±1 product (measured on an H200: wider spills at d = 256)
 HALVES_TILE = 64  # output columns of each half per step of the signed-halves product (fewer live registers)
@@ -44,6 +45,8 @@ class QuantizeTables:
     signs: bool  # Π = (±1 matrix) / √d: the exact low-precision product applies
     symmetric: bool  # boundaries = −reversed(boundaries)
     row_signs: torch.Tensor | None = None  # fp32 [(H,) 2, d/2]: r₀, r₁ when the ±1 matrix has signed halves
+    sketch_t: torch.Tensor | None = None  # Prod: Sᵀ, fp32 [(H,) d, d] (the QJL projections transposed)
+    centroids: torch.Tensor | None = None  # Prod: the Stage-1 codebook, fp32 [2^bits]
 
 
 def signed_halves(signs: torch.Tensor) -> torch.Tensor | None:
@@ -58,8 +61,16 @@ def signed_halves(signs: torch.Tensor) -> torch.Tensor | None:
     return rows.transpose(-1, -2).float().contiguous()
 
 
-def quantize_tables(rotation: torch.Tensor, boundaries: torch.Tensor, dtype: torch.dtype) -> QuantizeTables:
-    """Inspect Π and the boundaries once (this reads them back from the GPU): per-call use would stall it."""
+def quantize_tables(
+    rotation: torch.Tensor,
+    boundaries: torch.Tensor,
+    dtype: torch.dtype,
+    projection: torch.Tensor | None = None,
+    centroids: torch.Tensor | None = None,
+) -> QuantizeTables:
+    """Inspect Π and the boundaries once (this reads them back from the GPU): per-call use would stall it.
+    For `quantize_prod`, also the QJL projections S ([(H,) d, d], `codec.projection`) and the Stage-1
+    centroids (`codec.mse.centroids`)."""
     scaled = rotation.double() * math.sqrt(rotation.shape[-1])
     # 1/√d is inexact in fp32 unless d is a power of 4, so the entries are ±1 only up to round-off
     signs = dtype in (torch.bfloat16, torch.float16) and bool(((scaled.abs() - 1).abs() < 1e-5).all())
@@ -71,6 +82,8 @@ def quantize_tables(rotation: torch.Tensor, boundaries: torch.Tensor, dtype: tor
         signs,
         bool(torch.equal(b, -b.flip(0))),
         signed_halves(scaled.round()) if halves else None,
+        None if projection is None else projection.float().transpose(-1, -2).contiguous(),
+        None if centroids is None else centroids.float().contiguous(),
     )
 
 
@@ -143,11 +156,25 @@ def _sign_product(xs, xf, signs_t, F32_DOT: tl.constexpr):
 
 
 @triton.jit
+def _sketch_step(
+    sketched, squares, y, idx, centroids, sketch_t, col, DIM: tl.constexpr, PRECISION: tl.constexpr
+):
+    """Prod's residual r = y − c[idx] of the output columns col.. (y [rows, cols], unit-scaled): ‖r‖²
+    and S r accumulated, S r += r · Sᵀ[col:, :] (sketch_t: Sᵀ, [DIM, DIM] fp32)."""
+    cols: tl.constexpr = y.shape[1]
+    r = y - tl.load(centroids + idx)
+    part = tl.arange(0, cols)
+    s_t = tl.load(sketch_t + (col + part)[:, None] * DIM + tl.arange(0, DIM)[None, :])
+    return sketched + tl.dot(r, s_t, input_precision=PRECISION), squares + tl.sum(r * r, axis=1)
+
+
+@triton.jit
 def _quantize_rows(
     x, matrix, boundaries, codes, norms, row_signs, rows, x_stride_g, x_stride_t, rotations, inv_sqrt_d,
+    centroids, sketch_t, sketch_signs, residual_norms,
     DIM: tl.constexpr, BITS: tl.constexpr, BLOCK_ROWS: tl.constexpr, COLS: tl.constexpr,
     SIGNS: tl.constexpr, HALVES: tl.constexpr, OUT_COLS: tl.constexpr, SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr,
-    F32_DOT: tl.constexpr,
+    F32_DOT: tl.constexpr, SKETCH: tl.constexpr,
 ):  # fmt: skip
     g = tl.program_id(1).to(tl.int64)  # a group of rows that share one rotation (a KV head)
     row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -155,6 +182,10 @@ def _quantize_rows(
     x_rows = x + g * x_stride_g + row.to(tl.int64)[:, None] * x_stride_t
     matrix += (g % rotations) * DIM * DIM
     row = g * rows + row  # the output's row
+    # Prod (SKETCH): S r and ‖r‖² of each row's residual, accumulated over the output columns
+    sketch_t += (g % rotations) * DIM * DIM
+    sketched = tl.zeros((BLOCK_ROWS, DIM if SKETCH else 16), tl.float32)
+    r_squares = tl.zeros((BLOCK_ROWS,), tl.float32)
     if HALVES:  # DIM = 2 COLS, √d Π = [[A₀, A₁], [r₀ ⊙ A₀, r₁ ⊙ A₁]]
         part = tl.arange(0, COLS)
         xs0 = tl.load(x_rows + part[None, :], mask=valid[:, None], other=0.0)
@@ -169,11 +200,21 @@ def _quantize_rows(
             p0 = _sign_product(xs0, xf0, tl.load(matrix + out[None, :] * DIM + part[:, None]), F32_DOT)
             a1_t = tl.load(matrix + out[None, :] * DIM + (COLS + part)[:, None])
             p1 = _sign_product(xs1, xf1, a1_t, F32_DOT)
-            idx = _count((p0 + p1) * scale[:, None], boundaries, BITS, SYMMETRIC)  # the upper rows of √d Π
+            y = (p0 + p1) * scale[:, None]  # the upper rows of √d Π
+            idx = _count(y, boundaries, BITS, SYMMETRIC)
             _store_codes(codes, row, valid, idx, first, DIM, BITS, OUT_COLS)
+            if SKETCH:
+                sketched, r_squares = _sketch_step(
+                    sketched, r_squares, y, idx, centroids, sketch_t, first, DIM, PRECISION
+                )
             r0, r1 = tl.load(row_signs + out), tl.load(row_signs + COLS + out)
-            idx = _count((p0 * r0[None, :] + p1 * r1[None, :]) * scale[:, None], boundaries, BITS, SYMMETRIC)
+            y = (p0 * r0[None, :] + p1 * r1[None, :]) * scale[:, None]
+            idx = _count(y, boundaries, BITS, SYMMETRIC)
             _store_codes(codes, row, valid, idx, COLS + first, DIM, BITS, OUT_COLS)
+            if SKETCH:
+                sketched, r_squares = _sketch_step(
+                    sketched, r_squares, y, idx, centroids, sketch_t, COLS + first, DIM, PRECISION
+                )
     elif SIGNS:
         dims = tl.arange(0, DIM)
         xs = tl.load(x_rows + dims[None, :], mask=valid[:, None], other=0.0)
@@ -183,10 +224,14 @@ def _quantize_rows(
         part = tl.arange(0, COLS)
         for col in tl.static_range(0, DIM, COLS):
             signs_t = tl.load(matrix + (col + part)[None, :] * DIM + dims[:, None])  # √d Πᵀ[:, col:]
-            y = _sign_product(xs, xf, signs_t, F32_DOT)
+            y = _sign_product(xs, xf, signs_t, F32_DOT) * scale[:, None]
             # SEARCH: at 4 bits 55 → 66 % (d = 64), 51 → 63 % (d = 128) of a copy; no gain in the halves form
-            idx = _count(y * scale[:, None], boundaries, BITS, SYMMETRIC, SEARCH=True)
+            idx = _count(y, boundaries, BITS, SYMMETRIC, SEARCH=True)
             _store_codes(codes, row, valid, idx, col, DIM, BITS, COLS)
+            if SKETCH:
+                sketched, r_squares = _sketch_step(
+                    sketched, r_squares, y, idx, centroids, sketch_t, col, DIM, PRECISION
+                )
     else:
         # Tiles of COLS along both axes keep the product's operands in registers at d = 256 (a whole
         # row block and rotation would spill); x is read once from HBM and re-read from cache per tile.
@@ -204,8 +249,16 @@ def _quantize_rows(
                 # Πᵀ[first:, col:] so that y = unit · Πᵀ, as Rotation.apply(x) = x @ Π.T
                 rotation_t = tl.load(matrix + (col + part)[None, :] * DIM + (first + part)[:, None])
                 y += tl.dot(v * inv_norm[:, None], rotation_t, input_precision=PRECISION)
-            _store_codes(codes, row, valid, _count(y, boundaries, BITS, SYMMETRIC), col, DIM, BITS, COLS)
+            idx = _count(y, boundaries, BITS, SYMMETRIC)
+            _store_codes(codes, row, valid, idx, col, DIM, BITS, COLS)
+            if SKETCH:
+                sketched, r_squares = _sketch_step(
+                    sketched, r_squares, y, idx, centroids, sketch_t, col, DIM, PRECISION
+                )
     tl.store(norms + row, norm, mask=valid)
+    if SKETCH:  # sign bits of S r (set: >= 0), one bit per coordinate in pack_bits' layout, and ‖r‖
+        _store_codes(sketch_signs, row, valid, (sketched >= 0).to(tl.int32), 0, DIM, 1, DIM)
+        tl.store(residual_norms + row, tl.sqrt(r_squares), mask=valid)
 
 
 def quantize_mse(
@@ -222,6 +275,45 @@ def quantize_mse(
     x.dtype)`, built once by a caller on the hot path (otherwise each call builds it, reading Π back).
     Unlike the codec it does not check for norms that overflow norm_dtype (they come back inf): that
     check would stall the GPU stream on every call."""
+    tables = tables or quantize_tables(rotation, boundaries, x.dtype)
+    return _quantize(x, rotation, boundaries, norm_dtype, tables, sketch=False)
+
+
+def quantize_prod(
+    x: torch.Tensor,
+    rotation: torch.Tensor,
+    boundaries: torch.Tensor,
+    projection: torch.Tensor,
+    centroids: torch.Tensor,
+    norm_dtype: torch.dtype = torch.float16,
+    tables: QuantizeTables | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [..., d] → (indices, signs, norms, residual_norms): the tensors of `TurboQuantProd.quantize` (its
+    `ProdCode` fields), in the same pass: the Stage-1 codes as `quantize_mse` (rotation and boundaries of
+    `codec.mse`), then the residual r = Πu − c[idx] in registers, the sign bits of S r (projection:
+    `codec.projection`, [d, d] or one per KV head, [H, d, d]; qjl_dim = d only) and ‖r‖. S r is summed in
+    tf32x3 on a GPU: a sign may differ from the codec's where |S r| is within round-off of 0.
+    centroids: `codec.mse.centroids`. tables: `quantize_tables(rotation, boundaries, x.dtype, projection,
+    centroids)`, built once on the hot path."""
+    dim = x.shape[-1]
+    if tuple(projection.shape) != tuple(rotation.shape):
+        raise ValueError(
+            f"projection has shape {tuple(projection.shape)}; the kernel takes qjl_dim = head_dim, one "
+            f"[{dim}, {dim}] projection per rotation ({tuple(rotation.shape)})"
+        )
+    tables = tables or quantize_tables(rotation, boundaries, x.dtype, projection, centroids)
+    if (
+        tables.sketch_t is None
+        or tables.centroids is None
+        or tables.centroids.numel() != boundaries.numel() + 1
+    ):
+        raise ValueError(
+            "tables lack Prod's projection or its centroids: quantize_tables(..., projection, centroids)"
+        )
+    return _quantize(x, rotation, boundaries, norm_dtype, tables, sketch=True)
+
+
+def _quantize(x, rotation, boundaries, norm_dtype, tables: QuantizeTables, sketch: bool):
     dim = x.shape[-1]
     bits = boundaries.numel().bit_length()
     if boundaries.numel() != (1 << bits) - 1 or not 1 <= bits <= MAX_BITS:
@@ -246,7 +338,6 @@ def quantize_mse(
         raise ValueError(
             f"x ({x.dtype}, {x.device}), rotation and boundaries must be floating tensors on one device"
         )
-    tables = tables or quantize_tables(rotation, boundaries, x.dtype)
     if tables.signs and tables.matrix.dtype != x.dtype:
         raise ValueError(f"tables were built for {tables.matrix.dtype} input, x is {x.dtype}")
     if tables.matrix.shape != rotation.shape or tables.boundaries.numel() != boundaries.numel():
@@ -264,12 +355,16 @@ def quantize_mse(
         tables.signs and tables.row_signs is not None and dim == 2 * SIGN_TILE
     )  # the kernel's COLS = d / 2
     tile = min(dim, SIGN_TILE) if tables.signs else min(dim, TF32_TILE if x.is_cuda else INTERPRETER_TILE)
-    _quantize_rows[(triton.cdiv(rows.shape[1], BLOCK_ROWS), rows.shape[0])](
+    signs = torch.empty(*x.shape[:-1], dim // 8, dtype=torch.uint8, device=x.device) if sketch else None
+    residual_norms = torch.empty(x.shape[:-1], dtype=norm_dtype, device=x.device) if sketch else None
+    block_rows = SKETCH_ROWS if sketch else BLOCK_ROWS
+    _quantize_rows[(triton.cdiv(rows.shape[1], block_rows), rows.shape[0])](
         rows, tables.matrix, tables.boundaries, codes, norms, tables.row_signs, rows.shape[1], rows.stride(0),
         rows.stride(1), rotation.shape[0] if per_head else 1, dim**-0.5,
-        DIM=dim, BITS=bits, BLOCK_ROWS=BLOCK_ROWS, COLS=tile,
+        tables.centroids, tables.sketch_t, signs, residual_norms,
+        DIM=dim, BITS=bits, BLOCK_ROWS=block_rows, COLS=tile,
         SIGNS=tables.signs, HALVES=halves, OUT_COLS=HALVES_TILE, SYMMETRIC=tables.symmetric,
-        PRECISION="tf32x3" if x.is_cuda else "ieee", F32_DOT=not x.is_cuda,
+        PRECISION="tf32x3" if x.is_cuda else "ieee", F32_DOT=not x.is_cuda, SKETCH=sketch,
         num_warps=SIGN_WARPS if tables.signs else TF32_WARPS, num_stages=1,
     )  # fmt: skip
-    return codes, norms
+    return (codes, signs, norms, residual_norms) if sketch else (codes, norms)
