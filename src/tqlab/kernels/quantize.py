@@ -183,7 +183,8 @@ def _quantize_rows(
     matrix += (g % rotations) * DIM * DIM
     row = g * rows + row  # the output's row
     # Prod (SKETCH): S r and ‖r‖² of each row's residual, accumulated over the output columns
-    sketch_t += (g % rotations) * DIM * DIM
+    if SKETCH:
+        sketch_t += (g % rotations) * DIM * DIM
     sketched = tl.zeros((BLOCK_ROWS, DIM if SKETCH else 16), tl.float32)
     r_squares = tl.zeros((BLOCK_ROWS,), tl.float32)
     if HALVES:  # DIM = 2 COLS, √d Π = [[A₀, A₁], [r₀ ⊙ A₀, r₁ ⊙ A₁]]
