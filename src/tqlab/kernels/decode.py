@@ -21,6 +21,7 @@ Precision: dot operands are fp16 (each query row is scaled to max |·| = 1 first
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -29,7 +30,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from .packed import check_code_bits, decode_table, load_centroids
+from .packed import check_code_bits, decode_table, load_centroids, load_signs
 
 BLOCK_N = 128  # keys decoded per step
 MIN_BLOCKS_PER_SPLIT = 2  # shorter chunks spend more on the prologue and the merge than they save
@@ -45,15 +46,27 @@ NUM_STAGES = 2  # prefetch the next block's words; 1 leaves HBM latency exposed 
 
 
 @triton.jit
+def _sketch_rows(codes, residual_norms, b, h, stride_b, stride_h, norm_stride_b, norm_stride_h):
+    """Pointers to one (sequence, KV head)'s sign bits and residual norms (Prod's second stage)."""
+    return (
+        codes + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h,
+        residual_norms + b.to(tl.int64) * norm_stride_b + h.to(tl.int64) * norm_stride_h,
+    )
+
+
+@triton.jit
 def _attend_chunk(
     query, k_codes, k_norms, v_codes, v_norms, k_table, v_table, lengths, starts, part_out, part_lse,
     scale_log2, chunk, splits, causal_shift,
     q_stride_b, q_stride_h, q_stride_t,
     kc_stride_b, kc_stride_h, kn_stride_b, kn_stride_h,
     vc_stride_b, vc_stride_h, vn_stride_b, vn_stride_h,
+    q_sketch, k_signs, k_residual_norms, v_signs, v_residual_norms, k_qjl_scale,
+    qs_stride_b, qs_stride_h, qs_stride_t,
+    ks_stride_b, ks_stride_h, kr_stride_b, kr_stride_h, vs_stride_b, vs_stride_h, vr_stride_b, vr_stride_h,
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, Q_LEN: tl.constexpr, DIM: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PERMUTE: tl.constexpr, PADDED: tl.constexpr,
+    PERMUTE: tl.constexpr, PADDED: tl.constexpr, K_SKETCH: tl.constexpr = False, V_SKETCH: tl.constexpr = False,
 ):  # fmt: skip
     bh, split = tl.program_id(0), tl.program_id(1)
     b, h = bh // KV_HEADS, bh % KV_HEADS
@@ -75,6 +88,22 @@ def _attend_chunk(
     q_scale = tl.where(q_scale > 0, q_scale, 1.0)
     q16 = (q / q_scale[:, None]).to(tl.float16)
     last_key = length - Q_LEN + token + causal_shift  # causal among the step's own tokens
+    if K_SKETCH:  # Prod keys: the query's projection S Πq, scaled as q
+        sq_at = q_sketch + b.to(tl.int64) * qs_stride_b + head * qs_stride_h + token * qs_stride_t
+        sq = tl.load(sq_at[:, None] + dims[None, :], mask=row_valid[:, None], other=0.0).to(tl.float32)
+        sq *= scale_log2
+        sq_scale = tl.max(tl.abs(sq), axis=1)
+        sq_scale = tl.where(sq_scale > 0, sq_scale, 1.0)
+        sq16 = (sq / sq_scale[:, None]).to(tl.float16)
+        sq_scale *= k_qjl_scale
+        ks, kr = _sketch_rows(
+            k_signs, k_residual_norms, b, h, ks_stride_b, ks_stride_h, kr_stride_b, kr_stride_h
+        )
+    if V_SKETCH:  # Prod values: Σ p ‖v‖ ‖r‖ s, to which the caller applies Sᵀ and √(π/2)/d once
+        vs, vr = _sketch_rows(
+            v_signs, v_residual_norms, b, h, vs_stride_b, vs_stride_h, vr_stride_b, vr_stride_h
+        )
+        acc_sketch = tl.zeros((BLOCK_M, DIM), tl.float32)
 
     kc = k_codes + b.to(tl.int64) * kc_stride_b + h.to(tl.int64) * kc_stride_h
     kn = k_norms + b.to(tl.int64) * kn_stride_b + h.to(tl.int64) * kn_stride_h
@@ -90,7 +119,12 @@ def _attend_chunk(
         key_valid = keys < stop
         k = load_centroids(kc, k_codebook, keys, key_valid, K_BITS, DIM, PERMUTE)
         k_norm = tl.load(kn + keys, mask=key_valid, other=0.0).to(tl.float32)
-        s = tl.dot(q16, tl.trans(k)) * q_scale[:, None] * k_norm[None, :]
+        if K_SKETCH:  # ‖k‖ (⟨q, c[idx]⟩ + √(π/2)/d ‖r‖ ⟨S q, s⟩)
+            r_norm = tl.load(kr + keys, mask=key_valid, other=0.0).to(tl.float32)
+            qjl = tl.dot(sq16, tl.trans(load_signs(ks, keys, key_valid, DIM))) * sq_scale[:, None]
+            s = (tl.dot(q16, tl.trans(k)) * q_scale[:, None] + qjl * r_norm[None, :]) * k_norm[None, :]
+        else:
+            s = tl.dot(q16, tl.trans(k)) * q_scale[:, None] * k_norm[None, :]
         seen = key_valid[None, :] & (keys[None, :] <= last_key[:, None]) & (keys[None, :] >= first_key)
         s = tl.where(seen, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -101,10 +135,19 @@ def _attend_chunk(
         v = load_centroids(vc, v_codebook, keys, key_valid, V_BITS, DIM, PERMUTE)
         v_norm = tl.load(vn + keys, mask=key_valid, other=0.0).to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot((p * v_norm[None, :]).to(tl.float16), v)
+        if V_SKETCH:
+            w = p * (v_norm * tl.load(vr + keys, mask=key_valid, other=0.0).to(tl.float32))[None, :]
+            acc_sketch = acc_sketch * alpha[:, None] + tl.dot(
+                w.to(tl.float16), load_signs(vs, keys, key_valid, DIM)
+            )
         m_i = m_new
 
     part = (bh * splits + split) * BLOCK_M + rows
-    tl.store(part_out + part[:, None] * DIM + dims[None, :], acc / tl.where(l_i > 0, l_i, 1.0)[:, None])
+    out_dim: tl.constexpr = 2 * DIM if V_SKETCH else DIM  # Prod values: the sketch's sum after the output
+    norm = tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(part_out + part[:, None] * out_dim + dims[None, :], acc / norm)
+    if V_SKETCH:
+        tl.store(part_out + part[:, None] * out_dim + DIM + dims[None, :], acc_sketch / norm)
     lse = m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))
     tl.store(part_lse + part, tl.where(l_i > 0, lse, float("-inf")))
 
@@ -158,6 +201,40 @@ def _mma_kernel():
     return decode_mma
 
 
+@dataclasses.dataclass(frozen=True)
+class QJLSketch:
+    """TurboQuant-Prod's second stage of one side, for `decode_attention`: per token the sign bits of S r and
+    ‖r‖ of its residual (`ProdCode.signs`, `.residual_norms`), and per KV head S itself."""
+
+    signs: torch.Tensor  # uint8 [B, KVH, T, d/8]
+    residual_norms: torch.Tensor  # [B, KVH, T]
+    projection: torch.Tensor  # fp32 [KVH, d, d]: each KV head's codec.projection (qjl_dim = d)
+    scale: float  # codec.qjl_scale, √(π/2)/d
+
+    def check(self, name: str, batch: int, kv_heads: int, tokens: int, dim: int, device) -> None:
+        for field, t, shape in [
+            ("signs", self.signs, (batch, kv_heads, tokens, dim // 8)),
+            ("residual_norms", self.residual_norms, (batch, kv_heads, tokens)),
+            ("projection", self.projection, (kv_heads, dim, dim)),
+        ]:
+            if tuple(t.shape) != shape or t.device != device:
+                raise ValueError(
+                    f"{name}.{field} has shape {tuple(t.shape)} on {t.device}; expected {shape} on {device}"
+                )
+        signs = self.signs
+        if (
+            signs.dtype != torch.uint8
+            or signs.stride(-1) != 1
+            or signs.stride(-2) != dim // 8
+            or signs.data_ptr() % 4
+        ):
+            raise ValueError(
+                f"{name}.signs must be uint8 rows of {dim // 8} bytes, contiguous, 4-byte aligned"
+            )
+        if self.residual_norms.stride(-1) != 1:
+            raise ValueError(f"{name}.residual_norms must be contiguous along the tokens")
+
+
 _RESIDENT: dict[tuple, int] = {}  # one-warp programs an SM holds, per compiled register-fragment kernel
 
 
@@ -196,6 +273,8 @@ def decode_attention(
     starts: torch.Tensor | None = None,
     causal_shift: int = 0,
     static_launch: bool = False,
+    key_sketch: QJLSketch | None = None,
+    value_sketch: QJLSketch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of rotated queries [B, Hq, Tq, d] over packed codes [B, KVH, T, packed bytes] with norms
     [B, KVH, T]; sequence b holds its first lengths[b] tokens, of which the first starts[b] (default 0) are
@@ -209,7 +288,11 @@ def decode_attention(
     starts=None: no padding (the kernels then neither read nor compare it).
     static_launch: the launch depends on T (the tensors' capacity) alone, never on the lengths, whose values
     are read on the device only — each sequence's keys are split evenly over the chunks in the kernel — so
-    that a CUDA graph may replay it while the lengths grow. Returns fp32 [B, Hq, Tq, d] in the rotated domain
+    that a CUDA graph may replay it while the lengths grow.
+    key_sketch / value_sketch: the side's codes are TurboQuant-Prod's — key_indices / value_indices then
+    hold its Stage-1 codes (tables of codec.mse's centroids) — scored with Prod's estimator ‖k‖(⟨q, c[idx]⟩
+    + √(π/2)/d ‖r‖ ⟨Sq, s⟩) and accumulated as its dequantized values ‖v‖(c[idx] + √(π/2)/d ‖r‖ Sᵀs) (S
+    applied once to the weighted sum of signs); these take the Triton-language kernel. Returns fp32 [B, Hq, Tq, d] in the rotated domain
     and the natural-log sum of exp of the scaled scores, [B, Hq, Tq] (−inf for a query that sees no key).
     """
     batch, q_heads, q_len, dim = query.shape
@@ -251,6 +334,10 @@ def decode_attention(
                 f"{name} must be centroid_table(centroids) of a {bits}-bit codebook on {query.device}"
             )
 
+    for name, sketch in [("key_sketch", key_sketch), ("value_sketch", value_sketch)]:
+        if sketch is not None:
+            sketch.check(name, batch, kv_heads, tokens, dim, query.device)
+
     group = q_heads // kv_heads
     if group * q_len > MAX_ROWS:
         raise ValueError(
@@ -258,7 +345,8 @@ def decode_attention(
             f"{MAX_ROWS}: call it on chunks of query tokens (as tqlab.cache.fused does)"
         )
     mma = None
-    if _PTX and query.is_cuda and batch * kv_heads * tokens >= REGISTER_KERNEL_MIN_KEYS:
+    sketched = key_sketch is not None or value_sketch is not None
+    if _PTX and query.is_cuda and batch * kv_heads * tokens >= REGISTER_KERNEL_MIN_KEYS and not sketched:
         mma = _mma_kernel() if _has_mma_sync(query.device.index) else None
         mma = mma if mma is not None and mma.supports(dim, k_bits, v_bits, group * q_len) else None
     blocks = triton.cdiv(tokens, mma.block_keys(dim) if mma else BLOCK_N)
@@ -287,7 +375,10 @@ def decode_attention(
 
     lengths = lengths.to(device=query.device, dtype=torch.int32)
     starts = starts.to(device=query.device, dtype=torch.int32) if padded else lengths
-    part_out = torch.empty(batch * kv_heads * splits * block_m, dim, dtype=torch.float32, device=query.device)
+    out_dim = 2 * dim if value_sketch is not None else dim  # Prod values: their weighted signs follow
+    part_out = torch.empty(
+        batch * kv_heads * splits * block_m, out_dim, dtype=torch.float32, device=query.device
+    )
     part_lse = torch.empty(batch * kv_heads * splits * block_m, dtype=torch.float32, device=query.device)
     arguments = (
         query, key_indices, key_norms, value_indices, value_norms, key_table, value_table, lengths, starts,
@@ -306,22 +397,57 @@ def decode_attention(
             _RESIDENT[launch] = _resident_programs(query.device.index, kernel.n_regs, mma.PROGRAMS_PER_SM)
     else:
         _attend_chunk[(batch * kv_heads, splits)](
-            *arguments, **shape, BLOCK_M=block_m, BLOCK_N=block_n, PERMUTE=_PTX and query.is_cuda,
-            num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+            *arguments, *_sketch_arguments(query, key_sketch, value_sketch), **shape, BLOCK_M=block_m,
+            BLOCK_N=block_n, PERMUTE=_PTX and query.is_cuda, K_SKETCH=key_sketch is not None,
+            V_SKETCH=value_sketch is not None, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
         )  # fmt: skip
     # One chunk per sequence: nothing to merge, its rows are the output (what the merge would write).
     if splits == 1:
         rows = group * q_len
-        out = part_out.view(batch, kv_heads, block_m, dim)[:, :, :rows].reshape(batch, q_heads, q_len, dim)
+        out = part_out.view(batch, kv_heads, block_m, out_dim)[:, :, :rows].reshape(
+            batch, q_heads, q_len, out_dim
+        )
         lse = part_lse.view(batch, kv_heads, block_m)[:, :, :rows].reshape(batch, q_heads, q_len)
-        return out, lse * math.log(2)
-    out = torch.empty(batch, q_heads, q_len, dim, dtype=torch.float32, device=query.device)
+        return _with_value_sketch(out, value_sketch), lse * math.log(2)
+    out = torch.empty(batch, q_heads, q_len, out_dim, dtype=torch.float32, device=query.device)
     lse = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=query.device)
     # slices in parallel on a GPU; one program per row in the interpreter, whose cost is per program
-    merge_dims = min(dim, MERGE_DIMS) if query.is_cuda else dim
-    _merge_chunks[(batch * kv_heads, group * q_len, dim // merge_dims)](
+    merge_dims = min(out_dim, MERGE_DIMS) if query.is_cuda else out_dim
+    _merge_chunks[(batch * kv_heads, group * q_len, out_dim // merge_dims)](
         part_out, part_lse, out, lse, splits, *out.stride()[:3],
-        KV_HEADS=kv_heads, GROUP=group, Q_LEN=q_len, DIM=dim, BLOCK_M=block_m,
+        KV_HEADS=kv_heads, GROUP=group, Q_LEN=q_len, DIM=out_dim, BLOCK_M=block_m,
         BLOCK_S=max(16, min(MERGE_SPLITS, triton.next_power_of_2(splits))), BLOCK_D=merge_dims,
     )  # fmt: skip
-    return out, lse
+    return _with_value_sketch(out, value_sketch), lse
+
+
+def _sketch_arguments(
+    query: torch.Tensor, key_sketch: QJLSketch | None, value_sketch: QJLSketch | None
+) -> tuple:
+    """`_attend_chunk`'s Prod arguments: the queries' projections S Πq (fp32, one S per KV head) and each
+    side's sign and residual-norm tensors with their strides (dummies where a side has none)."""
+    dummy = QJLSketch(query, query, query, 0.0)  # a side without a sketch: the kernel reads none of it
+    k, v, q_sketch = key_sketch or dummy, value_sketch or dummy, query
+    if key_sketch is not None:
+        batch, q_heads, q_len, dim = query.shape
+        q = query.float().reshape(batch, key_sketch.projection.shape[0], -1, q_len, dim)
+        q_sketch = torch.einsum("bhgtd,hed->bhgte", q, key_sketch.projection).reshape(query.shape)
+    return (
+        q_sketch, k.signs, k.residual_norms, v.signs, v.residual_norms, k.scale,
+        *q_sketch.stride()[:3], *k.signs.stride()[:2], *k.residual_norms.stride()[:2],
+        *v.signs.stride()[:2], *v.residual_norms.stride()[:2],
+    )  # fmt: skip
+
+
+def _with_value_sketch(out: torch.Tensor, value_sketch: QJLSketch | None) -> torch.Tensor:
+    """The rotated-domain output: with Prod values, the weighted sum of their signs (the second half) times
+    √(π/2)/d · S of each query head's KV head, added to the Stage-1 part."""
+    if value_sketch is None:
+        return out
+    batch, q_heads, q_len, width = out.shape
+    dim, kv_heads = width // 2, value_sketch.projection.shape[0]
+    signs = out[..., dim:].reshape(batch, kv_heads, -1, q_len, dim)
+    sketch = torch.einsum("bhgtm,hmd->bhgtd", signs, value_sketch.projection).reshape(
+        batch, q_heads, q_len, dim
+    )
+    return out[..., :dim] + value_sketch.scale * sketch

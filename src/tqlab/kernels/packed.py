@@ -215,3 +215,15 @@ def load_centroids(
     even = tl.join(tl.join(e0, e4), tl.join(e2, e6))
     odd = tl.join(tl.join(e1, e5), tl.join(e3, e7))
     return tl.reshape(tl.join(even, odd), (n, DIM))
+
+
+@triton.jit
+def load_signs(signs, tokens, valid, DIM: tl.constexpr):
+    """±1 fp16 [len(tokens), DIM] from rows of DIM/8 bytes of sign bits (`pack_bits` at 1 bit: coordinate i
+    is bit i % 8 of byte i / 8, set = +1), read as int32 words (coordinate 32w + j is bit j of word w).
+    Tokens not `valid` read as all −1 (the callers mask their scores and weights)."""
+    n: tl.constexpr = tokens.shape[0]
+    rows = signs.to(tl.pointer_type(tl.int32)) + tokens[:, None] * (DIM // 32)
+    words = tl.load(rows + tl.arange(0, DIM // 32)[None, :], mask=valid[:, None], other=0)
+    bits = (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
+    return tl.reshape(bits.to(tl.float16) * 2 - 1, (n, DIM))
