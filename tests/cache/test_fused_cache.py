@@ -46,9 +46,8 @@ def codec_codes(monkeypatch):
 
     def encode(layer, side, chunk):
         codes = [codec.quantize(chunk[:, h]) for h, codec in enumerate(layer.codecs[side])]
-        layer.packed[side].append(
-            torch.stack([c.indices for c in codes], 1), torch.stack([c.norms for c in codes], 1)
-        )
+        packed = layer.packed[side]
+        packed.append(*(torch.stack([getattr(c, name) for c in codes], 1) for name in packed.fields))
 
     monkeypatch.setattr(TurboQuantLayer, "_encode_packed", encode)
 
@@ -113,6 +112,27 @@ def test_kernel_path_equals_the_reference_path(layout, exact_logits, monkeypatch
     # the same bytes stored, in one tensor per side; the kernels' tensors hold rows ahead (grown by half)
     assert got_bytes["stored"] == want_bytes["stored"] and got_bytes["constants"] == want_bytes["constants"]
     assert want_bytes["allocated"] == want_bytes["stored"] <= got_bytes["allocated"]
+
+
+@pytest.mark.parametrize("layout", [dict(), dict(protocol="prefill_exact", sink_tokens=1, recent_window=2)])
+@pytest.mark.parametrize("k_bits, v_bits", [(3, 4), (5, 3)])
+def test_prod_codes_on_the_kernel_path_equal_the_reference_path(layout, k_bits, v_bits, monkeypatch):
+    """TurboQuant-Prod (Stage-1 codes of 2–4 bits + QJL signs): the kernels score keys with its estimator
+    and accumulate values as its dequantized vectors, as the reference's codec.score and dequantize do."""
+    model = tiny()
+    prod = KVQuantSpec.create(
+        "turboquant_prod", k_bits=k_bits, v_bits=v_bits, rotation="fast_hadamard", head_dim=32
+    )
+    chunks = [ids(21), ids(1, 2), ids(3, 4)]
+    with monkeypatch.context() as patch:
+        kernels_only(patch)
+        got, cache = run(model, chunks, "triton", prod, **layout)
+    want, reference = run(model, chunks, "torch", prod, **layout)
+    assert all(layer.packed["key"].sketch for layer in cache.layers)
+    with torch.no_grad():
+        exact = model(torch.cat(chunks, 1)).logits.double()
+    assert_same(got, want, exact)
+    assert cache.nbytes()["stored"] == reference.nbytes()["stored"]
 
 
 def test_reserved_tokens_are_allocated_at_once_and_never_regrown(monkeypatch):

@@ -15,6 +15,7 @@ from tqlab.kv import KVQuantSpec  # noqa: E402
 from tqlab.registry import RuleError  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+MSE, PROD = "turboquant_mse", "turboquant_prod"  # Prod: its Stage-1 codes and QJL signs, one bit fewer
 PROMPT = 300 if DEVICE == "cuda" else 9
 TOLERANCE = 1e-3  # of the logits' scale: the two paths split the keys into different chunks (fp16 operands)
 
@@ -38,8 +39,8 @@ def tiny(layers: int = 1, init: float = 0.02):
     return LlamaForCausalLM(config).float().eval().to(DEVICE)
 
 
-def spec(bits=4):
-    return KVQuantSpec.create("turboquant_mse", bits, "fast_hadamard", compress=("key", "value"), head_dim=64)
+def spec(bits=4, codec="turboquant_mse"):
+    return KVQuantSpec.create(codec, bits, "fast_hadamard", compress=("key", "value"), head_dim=64)
 
 
 def prompt(batch=2, length=PROMPT, pad=(0, 3)):
@@ -55,12 +56,13 @@ def positions(mask):
 
 
 @pytest.mark.parametrize(
-    "protocol,bits,sinks,window",
-    [("all_quantized", 4, 0, 0), ("prefill_exact", 4, 0, 0), ("all_quantized", 2, 0, 0), ("prefill_exact", 4, 2, 0),
-     ("all_quantized", 4, 2, 0), ("all_quantized", 3, 5, 0), ("all_quantized", 4, 2, 3), ("prefill_exact", 4, 0, 3),
-     ("prefill_exact", 3, 2, 3)],
+    "protocol,bits,sinks,window,codec",
+    [("all_quantized", 4, 0, 0, MSE), ("prefill_exact", 4, 0, 0, MSE), ("all_quantized", 2, 0, 0, MSE),
+     ("prefill_exact", 4, 2, 0, MSE), ("all_quantized", 4, 2, 0, MSE), ("all_quantized", 3, 5, 0, MSE),
+     ("all_quantized", 4, 2, 3, MSE), ("prefill_exact", 4, 0, 3, MSE), ("prefill_exact", 3, 2, 3, MSE),
+     ("all_quantized", 4, 0, 0, PROD), ("prefill_exact", 5, 2, 3, PROD)],
 )  # fmt: skip
-def test_frozen_steps_equal_the_eager_kernel_path(protocol, bits, sinks, window):
+def test_frozen_steps_equal_the_eager_kernel_path(protocol, bits, sinks, window, codec):
     """The same forced tokens into an eager cache and a frozen one (one layer: both hold the same codes),
     left padding included (the padded row's first 3 positions: 2 sinks unseen, or 3 of 5; with a window, all
     but its last prompt token, so that the window attended at the first steps starts in the padding); the frozen one takes no mask, its
@@ -68,8 +70,8 @@ def test_frozen_steps_equal_the_eager_kernel_path(protocol, bits, sinks, window)
     model = tiny()
     ids, mask = prompt(pad=(0, PROMPT - 1 if window else 3))
     layout = dict(kernels="triton", protocol=protocol, sink_tokens=sinks, recent_window=window)
-    eager = compress_kv(model, spec(bits), **layout)
-    frozen = compress_kv(model, spec(bits), **layout)
+    eager = compress_kv(model, spec(bits, codec), **layout)
+    frozen = compress_kv(model, spec(bits, codec), **layout)
     forced = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     with torch.no_grad():
         for cache in (eager, frozen):
@@ -127,16 +129,16 @@ def eager_greedy(model, cache, ids, mask, new_tokens):
 
 
 @pytest.mark.parametrize(
-    "protocol,sinks,window",
-    [("all_quantized", 0, 0), ("prefill_exact", 0, 0), ("prefill_exact", 4, 0), ("all_quantized", 2, 3),
-     ("prefill_exact", 2, 3)],
+    "protocol,sinks,window,codec",
+    [("all_quantized", 0, 0, MSE), ("prefill_exact", 0, 0, MSE), ("prefill_exact", 4, 0, MSE),
+     ("all_quantized", 2, 3, MSE), ("prefill_exact", 2, 3, MSE), ("all_quantized", 2, 3, PROD)],
 )  # fmt: skip
-def test_graph_decoder_generates_the_eager_greedy_tokens(protocol, sinks, window):
+def test_graph_decoder_generates_the_eager_greedy_tokens(protocol, sinks, window, codec):
     model = tiny(layers=2, init=0.1)
     ids, mask = prompt()
     layout = dict(kernels="triton", protocol=protocol, sink_tokens=sinks, recent_window=window)
-    want = eager_greedy(model, compress_kv(model, spec(), **layout), ids, mask, 4)
-    cache = compress_kv(model, spec(), **layout)
+    want = eager_greedy(model, compress_kv(model, spec(4, codec), **layout), ids, mask, 4)
+    cache = compress_kv(model, spec(4, codec), **layout)
     decoder = GraphDecoder(model, cache)
     got = decoder.generate(ids, mask, max_new_tokens=4)
     assert torch.equal(got, want)

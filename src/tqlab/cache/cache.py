@@ -12,8 +12,9 @@ Protocols: "all_quantized" (default, the papers'): every query, the prompt's inc
 stored. "prefill_exact" (what vLLM and transformers' quantized cache do): the tokens of each forward call
 attend to their own keys and values exactly and to earlier tokens through the codes.
 
-On CUDA, layers whose codes are plain TurboQuant-MSE codes (2–4 bits, head_dim a power of two >= 32) store
-them in one tensor per side (`PackedCodes`), quantize with the fused Triton kernel and attend with the
+On CUDA, layers whose codes are plain TurboQuant-MSE codes (2–4 bits, head_dim a power of two >= 32), or
+TurboQuant-Prod codes over such a Stage 1 (3–5 bits, qjl_dim = head_dim), store them in one tensor per side
+and field (`PackedCodes`), quantize with the fused Triton kernel and attend with the
 Triton decode kernel (`tqlab.cache.fused`); `kernels="torch"` keeps the PyTorch reference everywhere.
 
 Options the field found necessary (`CacheLayout`), each off by default and each counted in the bytes: whole
@@ -40,7 +41,7 @@ from ..kv.spec import KVQuantSpec
 from ..registry import SIDES, RuleError
 from . import attention
 from .codes import concat, drop_front
-from .packed import PackedCodes, kernel_centroids
+from .packed import PackedCodes, kernel_centroids, stage1
 
 ATTENTION_LAYERS = ("full_attention", "sliding_attention")
 KERNELS = ("auto", "triton", "torch")  # auto: the Triton kernels on CUDA where the codes allow them
@@ -112,8 +113,9 @@ class TurboQuantLayer(CacheLayerMixin):
         if unreadable:
             raise RuleError(
                 f"kernels='triton': layer {self.layer_idx}'s {unreadable} codes are not plain TurboQuant-MSE "
-                "codes of 2–4 bits with head_dim a power of two >= 32 (no center, query metric or norm "
-                "correction, both sides compressed); use kernels='auto' or 'torch'"
+                "codes of 2–4 bits or TurboQuant-Prod codes of 3–5 bits (qjl_dim = head_dim) with head_dim a "
+                "power of two >= 32 (no center, query metric or norm correction, both sides compressed); use "
+                "kernels='auto' or 'torch'"
             )
         if not _triton_available():
             raise RuleError("kernels='triton' needs triton: `pip install triton` (CPU: TRITON_INTERPRET=1)")
@@ -122,19 +124,43 @@ class TurboQuantLayer(CacheLayerMixin):
     def _init_packed(self) -> None:
         from ..kernels import centroid_table, quantize_tables
 
-        self.packed, self.rotations, self.tables, self.quantize_tables = {}, {}, {}, {}
+        self.packed, self.rotations, self.tables, self.quantize_tables, self.projections = {}, {}, {}, {}, {}
         for side in SIDES:
             first = self.codecs[side][0]
-            self.packed[side] = PackedCodes(first.bits, first.dim, first.norm_dtype, self.reserve_tokens)
+            mse = stage1(first)
+            prod = mse is not first
+            if any(
+                type(c) is not type(first) or c.bits != first.bits or c.norm_dtype != first.norm_dtype
+                for c in self.codecs[side]
+            ):
+                raise RuleError(f"layer {self.layer_idx}: the {side} codecs of its KV heads differ in bits")
+            self.packed[side] = PackedCodes(mse.bits, mse.dim, first.norm_dtype, self.reserve_tokens, prod)
             with torch.no_grad():
                 # matrix() builds on the rotation's own device: CPU for one without tensors (identity)
                 self.rotations[side] = torch.stack(
                     [c.rotation.matrix().to(self.device) for c in self.codecs[side]]
                 )
+            # Prod: each KV head's QJL projection S, [KVH, d, d]
+            self.projections[side] = torch.stack([c.projection for c in self.codecs[side]]) if prod else None
             self.tables[side] = centroid_table(kernel_centroids(first))
-            self.quantize_tables[side] = quantize_tables(self.rotations[side], first.boundaries, self.dtype)
-            if any(c.bits != first.bits or c.norm_dtype != first.norm_dtype for c in self.codecs[side]):
-                raise RuleError(f"layer {self.layer_idx}: the {side} codecs of its KV heads differ in bits")
+            self.quantize_tables[side] = quantize_tables(
+                self.rotations[side], mse.boundaries, self.dtype, self.projections[side],
+                mse.centroids if prod else None,
+            )  # fmt: skip
+
+    def _quantize(self, side: str, states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """All KV heads of [B, KVH, T, d] in one fused quantize (each head with its own rotation): the
+        tensors of `PackedCodes.fields`."""
+        from ..kernels import quantize_mse, quantize_prod
+
+        codec = self.codecs[side][0]
+        mse, tables = stage1(codec), self.quantize_tables[side]
+        if self.projections[side] is not None:
+            return quantize_prod(
+                states, self.rotations[side], mse.boundaries, self.projections[side], mse.centroids,
+                codec.norm_dtype, tables,
+            )  # fmt: skip
+        return quantize_mse(states, self.rotations[side], codec.boundaries, codec.norm_dtype, tables)
 
     @property
     def key_codecs(self) -> list:
@@ -244,8 +270,6 @@ class TurboQuantLayer(CacheLayerMixin):
         """A frozen layer's step: one token coded at the device-side count — the new one, or with a recent
         window the one leaving it — (prefill_exact keeps the step's own states too: its queries see them
         exactly, not their codes)."""
-        from ..kernels import quantize_mse
-
         tokens = key_states.shape[-2]
         if tokens != 1 or self.length + 1 > self.capacity:
             raise RuleError(
@@ -256,12 +280,9 @@ class TurboQuantLayer(CacheLayerMixin):
         # Coded now: the new token, or the window's oldest, which the new token (or under prefill_exact the
         # previous step's, once there is one) replaces.
         for side, states in (("key", key_states), ("value", value_states)):
-            codec = self.codecs[side][0]
             coded = self._pending[side][..., :1, :] if window else states
-            indices, norms = quantize_mse(
-                coded, self.rotations[side], codec.boundaries, codec.norm_dtype, self.quantize_tables[side]
-            )
-            self.packed[side].write(self._codes_held[None], indices, norms)  # past the count if it stays
+            # written at the count, past it if it stays
+            self.packed[side].write(self._codes_held[None], *self._quantize(side, coded))
             if window:
                 shifted = torch.cat(
                     [self._pending[side][..., 1:, :], self._last[side] if last else states], -2
@@ -310,14 +331,7 @@ class TurboQuantLayer(CacheLayerMixin):
                 self._pending[side] = pending[..., to_sink + encoded :, :].clone()
 
     def _encode_packed(self, side: str, chunk: torch.Tensor) -> None:
-        """All KV heads of [B, KVH, T, d] in one fused quantize (each head with its own rotation)."""
-        from ..kernels import quantize_mse
-
-        codec = self.codecs[side][0]
-        indices, norms = quantize_mse(
-            chunk, self.rotations[side], codec.boundaries, codec.norm_dtype, self.quantize_tables[side]
-        )
-        self.packed[side].append(indices, norms)
+        self.packed[side].append(*self._quantize(side, chunk))
 
     def _sunk_held(self, side: str) -> int:
         return 0 if self._sink[side] is None else self._sink[side].shape[-2]
@@ -397,7 +411,8 @@ class TurboQuantLayer(CacheLayerMixin):
         self._pending: dict[str, torch.Tensor | None] = {side: None for side in SIDES}
         if self.packed is not None:
             self.packed = {
-                side: PackedCodes(p.bits, p.dim, p.norm_dtype, p.reserve) for side, p in self.packed.items()
+                side: PackedCodes(p.bits, p.dim, p.norm_dtype, p.reserve, p.sketch)
+                for side, p in self.packed.items()
             }
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:

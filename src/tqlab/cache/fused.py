@@ -59,8 +59,7 @@ def attend_packed(layer, query: torch.Tensor, attention_mask, scaling: float, wi
     coded = held - n_sink - n_recent
 
     q_rot = _rotate(query, layer.rotations["key"])
-    k_idx, k_norms = layer.packed["key"].views()
-    v_idx, v_norms = layer.packed["value"].views()
+    keys, values = layer.packed["key"].views(), layer.packed["value"].views()
     code_starts = (starts - n_sink).clamp(0, coded)
     outs, lses = [], []
     rows = max(1, MAX_ROWS // group)
@@ -73,11 +72,13 @@ def attend_packed(layer, query: torch.Tensor, attention_mask, scaling: float, wi
             outs.append(q_rot.new_zeros(batch, q_heads, n, dim))
             lses.append(q_rot.new_full((batch, q_heads, n), float("-inf")))
             continue
+        k, v = ({name: t[:, :, :length] for name, t in side.items()} for side in (keys, values))
         out, lse = decode_attention(
-            q_rot[:, :, first : first + n].contiguous(), k_idx[:, :, :length], k_norms[:, :, :length],
-            v_idx[:, :, :length], v_norms[:, :, :length], layer.tables["key"], layer.tables["value"],
+            q_rot[:, :, first : first + n].contiguous(), k["indices"], k["norms"], v["indices"], v["norms"],
+            layer.tables["key"], layer.tables["value"],
             torch.full((batch,), length, dtype=torch.int32, device=query.device), scaling,
             starts=code_starts, causal_shift=end - length,
+            key_sketch=_sketch(layer, "key", k), value_sketch=_sketch(layer, "value", v),
         )  # fmt: skip
         outs.append(out)
         lses.append(lse)
@@ -116,10 +117,11 @@ def _attend_static(layer, query: torch.Tensor, attention_mask, scaling: float) -
     read = layer._codes_held - (0 if window else own)
     lengths = read.to(torch.int32).expand(batch).contiguous()
     q_rot = _rotate(query, layer.rotations["key"])
+    k, v = layer.packed["key"].tensors, layer.packed["value"].tensors
     out, lse = decode_attention(
-        q_rot, layer.packed["key"].indices, layer.packed["key"].norms, layer.packed["value"].indices,
-        layer.packed["value"].norms, layer.tables["key"], layer.tables["value"], lengths, scaling,
-        starts=layer._code_starts, causal_shift=window + own, static_launch=True,
+        q_rot, k["indices"], k["norms"], v["indices"], v["norms"], layer.tables["key"], layer.tables["value"],
+        lengths, scaling, starts=layer._code_starts, causal_shift=window + own, static_launch=True,
+        key_sketch=_sketch(layer, "key", k), value_sketch=_sketch(layer, "value", v),
     )  # fmt: skip
     out = _rotate_back(out, layer.rotations["value"])
     # The exact keys in order: the sinks, the window (just after the codes), the step's own token.
@@ -138,6 +140,17 @@ def _attend_static(layer, query: torch.Tensor, attention_mask, scaling: float) -
         )
         out, lse = _merge(out, lse, *_attend_exact(query, keys, values, seen, scaling))
     return out
+
+
+def _sketch(layer, side: str, codes: dict):
+    """A Prod side's QJL sketch for the kernel (its signs and residual norms among `codes`), else None."""
+    from ..kernels.decode import QJLSketch
+
+    projection = layer.projections[side]
+    if projection is None:
+        return None
+    scale = layer.codecs[side][0].qjl_scale
+    return QJLSketch(codes["signs"], codes["residual_norms"], projection, scale)
 
 
 def _attend_exact(query, keys, values, seen, scaling: float):
