@@ -27,7 +27,11 @@ import triton.language as tl
 from .packed import MAX_BITS
 
 BLOCK_ROWS = 64
-SKETCH_ROWS = 32  # rows per program of quantize_prod: its S r accumulator holds d fp32 per row
+# quantize_prod per head_dim: rows per program (its S r accumulator holds d fp32 per row) and rotation output
+# columns per step (each step multiplies by an fp32 [step, d] tile of Sᵀ); four warps. Measured on an H200
+# (tools/research/gpu_prod_quantize_tuning.py): at d = 256, 32 rows and 64 columns spill, 15× slower.
+SKETCH_SHAPE = {64: (32, 64), 128: (32, 64), 256: (16, 32)}
+SKETCH_WARPS = 4
 TF32_TILE = 32  # square tiles of a general rotation: larger ones spill registers with tf32x3 on sm_90
 SIGN_TILE = 128  # output columns per ±1 product (measured on an H200: wider spills at d = 256)
 HALVES_TILE = 64  # output columns of each half per step of the signed-halves product (fewer live registers)
@@ -355,17 +359,26 @@ def _quantize(x, rotation, boundaries, norm_dtype, tables: QuantizeTables, sketc
     halves = (
         tables.signs and tables.row_signs is not None and dim == 2 * SIGN_TILE
     )  # the kernel's COLS = d / 2
-    tile = min(dim, SIGN_TILE) if tables.signs else min(dim, TF32_TILE if x.is_cuda else INTERPRETER_TILE)
+    # the product's output columns per step (a half's at d = 256); Prod's fewer: each step multiplies S too
+    sketch_rows, sketch_step = SKETCH_SHAPE.get(dim, (16, 32))
+    sketch_step = sketch_step if sketch and x.is_cuda else None
+    step = sketch_step or HALVES_TILE  # read under HALVES only
+    if halves:
+        tile = SIGN_TILE
+    elif tables.signs:
+        tile = min(dim, sketch_step or SIGN_TILE)
+    else:
+        tile = min(dim, TF32_TILE if x.is_cuda else INTERPRETER_TILE)
     signs = torch.empty(*x.shape[:-1], dim // 8, dtype=torch.uint8, device=x.device) if sketch else None
     residual_norms = torch.empty(x.shape[:-1], dtype=norm_dtype, device=x.device) if sketch else None
-    block_rows = SKETCH_ROWS if sketch else BLOCK_ROWS
+    block_rows = sketch_rows if sketch else BLOCK_ROWS
     _quantize_rows[(triton.cdiv(rows.shape[1], block_rows), rows.shape[0])](
         rows, tables.matrix, tables.boundaries, codes, norms, tables.row_signs, rows.shape[1], rows.stride(0),
         rows.stride(1), rotation.shape[0] if per_head else 1, dim**-0.5,
         tables.centroids, tables.sketch_t, signs, residual_norms,
         DIM=dim, BITS=bits, BLOCK_ROWS=block_rows, COLS=tile,
-        SIGNS=tables.signs, HALVES=halves, OUT_COLS=HALVES_TILE, SYMMETRIC=tables.symmetric,
+        SIGNS=tables.signs, HALVES=halves, OUT_COLS=step, SYMMETRIC=tables.symmetric,
         PRECISION="tf32x3" if x.is_cuda else "ieee", F32_DOT=not x.is_cuda, SKETCH=sketch,
-        num_warps=SIGN_WARPS if tables.signs else TF32_WARPS, num_stages=1,
+        num_warps=SKETCH_WARPS if sketch else SIGN_WARPS if tables.signs else TF32_WARPS, num_stages=1,
     )  # fmt: skip
     return (codes, signs, norms, residual_norms) if sketch else (codes, norms)
