@@ -1,4 +1,4 @@
-"""Fused decode attention over TurboQuant-MSE codes (split-K flash decoding, never a dequantized cache).
+"""Fused decode attention over TurboQuant-MSE and -Prod codes (split-K flash decoding, never a dequantized cache).
 
 For query rows r (the query heads of one KV head × the step's query tokens) and key tokens t < L_b,
 all in the rotated domain (the caller passes Πq and applies Πᵀ to the output once):
@@ -13,7 +13,8 @@ On an NVIDIA GPU (sm_80 or newer) problems of at least REGISTER_KERNEL_MIN_KEYS 
 go to `decode_mma._attend_chunk_mma` instead, which computes the same sums with the codes decoded straight
 into tensor-core operand registers (no shared memory); this kernel serves the rest, the interpreter, and
 the shapes `decode_mma.supports` refuses. The two keep the same chunking, masking and partial outputs, so a
-change to one's masking belongs in the other too.
+change to one's masking belongs in the other too. Prod codes (`QJLSketch`) take this kernel only: their keys
+add √(π/2)/d · ‖r_t‖ ⟨S Πq_r, s_t⟩ to the inner product, their values √(π/2)/d · ‖r_t‖ Sᵀ s_t to c[idx^v_t].
 
 Precision: dot operands are fp16 (each query row is scaled to max |·| = 1 first; centroids lie in
 [−1, 1]; p · ‖v‖ ≤ 65504 since norms are stored in fp16), accumulation and softmax are fp32.
