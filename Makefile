@@ -51,9 +51,10 @@ lint: $(STAMP)  ## ruff lint and format check
 bench: $(STAMP)  ## codec encode/decode throughput on CPU → outputs/bench/ (DOCS=1: docs/benchmarks.md)
 	$(PY) benchmarks/codec_speed.py $(if $(DOCS),--out docs/benchmarks.md)
 
-bench-gpu: $(STAMP)  ## Triton decode and quantize vs bf16 SDPA / a copy, and generate tokens/s, on a CUDA GPU → outputs/bench/ (DOCS=1: docs/)
+bench-gpu: $(STAMP)  ## Triton decode and quantize (MSE, Prod) vs bf16 SDPA / a copy, and generate tokens/s, on a CUDA GPU → outputs/bench/ (DOCS=1: docs/)
 	$(PY) benchmarks/gpu_decode.py $(if $(DOCS),--out docs/benchmarks.md)
 	$(PY) benchmarks/gpu_quantize.py $(if $(DOCS),--out docs/benchmarks.md)
+	$(PY) benchmarks/gpu_prod.py $(if $(DOCS),--out docs/benchmarks.md)
 	$(PY) benchmarks/gpu_generate.py $(if $(DOCS),--out docs/benchmarks.md)
 	$(PY) benchmarks/gpu_generate.py --graphs $(if $(DOCS),--out docs/benchmarks.md)
 
