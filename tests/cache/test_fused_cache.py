@@ -199,11 +199,15 @@ def test_without_a_rotation_the_kernels_read_plain_codes(monkeypatch):
     assert_same(got, want)
 
 
-def test_a_sliding_layer_longer_than_its_window_takes_the_reference_path():
+@pytest.mark.parametrize("codec", ["turboquant_mse", "turboquant_prod"])
+def test_a_sliding_layer_longer_than_its_window_takes_the_reference_path(codec):
+    """The reference path reads the kernel layout's codes back as the codec's own (`PackedCodes.head`)."""
     model = tiny(sliding=True)
     chunks = [ids(9), ids(1, 2), ids(1, 3)]
-    got, cache = run(model, chunks, "triton")
-    want, _ = run(model, chunks, "torch")
+    spec_ = KVQuantSpec.create(codec, 4, "fast_hadamard", head_dim=32)
+    got, cache = run(model, chunks, "triton", spec_)
+    want, _ = run(model, chunks, "torch", spec_)
+    assert cache.layers[0].packed is not None
     assert_same(got, want)
 
 

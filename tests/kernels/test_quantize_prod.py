@@ -96,5 +96,11 @@ def test_prod_needs_its_projection_in_the_tables():
         quantize_prod(
             torch.zeros(3, 64), matrix, mse.boundaries, codec.projection, mse.centroids, tables=plain
         )
+    per_head = torch.stack([matrix] * 2)
+    with pytest.raises(ValueError, match=r"tables hold a \(64, 64\) projection"):
+        quantize_prod(
+            torch.zeros(2, 3, 64), per_head, mse.boundaries, torch.stack([codec.projection] * 2), mse.centroids,
+            tables=quantize_tables(matrix, mse.boundaries, torch.float32, codec.projection, mse.centroids),
+        )  # fmt: skip
     with pytest.raises(ValueError, match="qjl_dim = head_dim"):
         quantize_prod(torch.zeros(3, 64), matrix, mse.boundaries, codec.projection[:32], mse.centroids)

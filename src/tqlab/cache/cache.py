@@ -133,7 +133,9 @@ class TurboQuantLayer(CacheLayerMixin):
                 type(c) is not type(first) or c.bits != first.bits or c.norm_dtype != first.norm_dtype
                 for c in self.codecs[side]
             ):
-                raise RuleError(f"layer {self.layer_idx}: the {side} codecs of its KV heads differ in bits")
+                raise RuleError(
+                    f"layer {self.layer_idx}: the {side} codecs of its KV heads differ in kind, bits or norm dtype"
+                )
             self.packed[side] = PackedCodes(mse.bits, mse.dim, first.norm_dtype, self.reserve_tokens, prod)
             with torch.no_grad():
                 # matrix() builds on the rotation's own device: CPU for one without tensors (identity)

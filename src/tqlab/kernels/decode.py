@@ -223,6 +223,11 @@ class QJLSketch:
                     f"{name}.{field} has shape {tuple(t.shape)} on {t.device}; expected {shape} on {device}"
                 )
         signs = self.signs
+        if any(s % 4 for s in signs.stride()[:2]) or self.projection.dtype != torch.float32:
+            raise ValueError(
+                f"{name}: signs rows must start at multiples of 4 bytes per (sequence, head) and the projection "
+                "must be fp32"
+            )
         if (
             signs.dtype != torch.uint8
             or signs.stride(-1) != 1

@@ -1,4 +1,5 @@
-"""Fused TurboQuant-MSE quantize: norm, rotation, Lloyd-Max bucketing and bit-packing in one pass.
+"""Fused TurboQuant-MSE quantize: norm, rotation, Lloyd-Max bucketing and bit-packing in one pass (and, for
+TurboQuant-Prod, `quantize_prod`: the same Stage-1 codes with the QJL sketch of the residual, below).
 
 Per row x: ‖x‖ (stored in the norm dtype), y = Π (x / ‖x‖), idx_j = #{boundaries < y_j} exactly as
 `TurboQuantMSE.encode_rotated` counts, packed eight codes per b-byte group in `pack_bits`' layout and
@@ -314,6 +315,13 @@ def quantize_prod(
     ):
         raise ValueError(
             "tables lack Prod's projection or its centroids: quantize_tables(..., projection, centroids)"
+        )
+    if tables.sketch_t.shape != rotation.shape or {tables.sketch_t.device, tables.centroids.device} != {
+        x.device
+    }:
+        raise ValueError(
+            f"tables hold a {tuple(tables.sketch_t.shape)} projection on {tables.sketch_t.device}; x needs one per "
+            f"rotation ({tuple(rotation.shape)}) on {x.device}: quantize_tables(..., projection, centroids)"
         )
     return _quantize(x, rotation, boundaries, norm_dtype, tables, sketch=True)
 
