@@ -131,7 +131,9 @@ def eager_greedy(model, cache, ids, mask, new_tokens):
 @pytest.mark.parametrize(
     "protocol,sinks,window,codec",
     [("all_quantized", 0, 0, MSE), ("prefill_exact", 0, 0, MSE), ("prefill_exact", 4, 0, MSE),
-     ("all_quantized", 2, 3, MSE), ("prefill_exact", 2, 3, MSE), ("all_quantized", 2, 3, PROD)],
+     ("all_quantized", 2, 3, MSE), ("prefill_exact", 2, 3, MSE),
+     pytest.param("all_quantized", 2, 3, PROD, marks=pytest.mark.skipif(
+         DEVICE == "cpu", reason="the captured graph is the point; on CPU the frozen-steps test covers Prod"))],
 )  # fmt: skip
 def test_graph_decoder_generates_the_eager_greedy_tokens(protocol, sinks, window, codec):
     model = tiny(layers=2, init=0.1)
