@@ -118,12 +118,42 @@ def _count(y, boundaries, BITS: tl.constexpr, SYMMETRIC: tl.constexpr, SEARCH: t
 
 
 @triton.jit
-def _store_codes(codes, row, valid, idx, col, DIM: tl.constexpr, BITS: tl.constexpr, COLS: tl.constexpr):
-    """Pack idx [rows, COLS] (coordinates col..col + COLS) into pack_bits' layout and store whole words."""
+def _column_order(first, N: tl.constexpr, PERMUTED: tl.constexpr):
+    """The coordinates of a product step's N output columns, from `first`: in order or, PERMUTED (N >= 32),
+    column 8k + 2t + e takes coordinate first + (N/4) t + 2k + e. A tensor-core accumulator gives lane t of
+    each quad the columns 8k + 2t + {0, 1}, so each lane then holds N/4 consecutive coordinates, whole groups
+    of eight, and packs them in its own registers."""
+    j = tl.arange(0, N)
+    if PERMUTED and N >= 32:
+        return first + (N // 4) * ((j % 8) // 2) + 2 * (j // 8) + (j % 2)
+    return first + j
+
+
+@triton.jit
+def _groups(idx, BITS: tl.constexpr, PERMUTED: tl.constexpr):
+    """[rows, N/8] words of eight BITS-wide codes each, in group order, from codes idx [rows, N] in
+    `_column_order`. Eight codes of a group have disjoint bits, so their shifted sum is their bitwise or."""
     rows: tl.constexpr = idx.shape[0]
-    # Eight codes of a group have disjoint bits, so their shifted sum is their bitwise or.
+    n: tl.constexpr = idx.shape[1]
+    if PERMUTED and n >= 32:  # columns (kh, kl, t, e): coordinate (n/4) t + 8 kh + 2 kl + e
+        kl, e = tl.arange(0, 4), tl.arange(0, 2)
+        shifts = (2 * kl[:, None] + e[None, :]) * BITS
+        parts = tl.reshape(idx, (rows, n // 32, 4, 4, 2)) << shifts[None, None, :, None, :]
+        groups = tl.sum(tl.sum(parts, axis=4), axis=2)  # [rows, kh, t]: group (n/32) t + kh
+        return tl.reshape(tl.permute(groups, (0, 2, 1)), (rows, n // 8))
     shifts = tl.arange(0, 8) * BITS
-    groups = tl.sum(tl.reshape(idx, (rows, COLS // 8, 8)) << shifts[None, None, :], axis=2)
+    return tl.sum(tl.reshape(idx, (rows, n // 8, 8)) << shifts[None, None, :], axis=2)
+
+
+@triton.jit
+def _store_codes(
+    codes, row, valid, idx, col, DIM: tl.constexpr, BITS: tl.constexpr, COLS: tl.constexpr,
+    PERMUTED: tl.constexpr = False,
+):  # fmt: skip
+    """Pack idx [rows, COLS] (coordinates col..col + COLS in `_column_order`) into pack_bits' layout and
+    store whole words."""
+    rows: tl.constexpr = idx.shape[0]
+    groups = _groups(idx, BITS, PERMUTED)
     g = col // 8 + tl.arange(0, COLS // 8)
     row = row.to(tl.int64)[:, None]
     if BITS == 4:  # one group per int32
@@ -162,14 +192,12 @@ def _sign_product(xs, xf, signs_t, F32_DOT: tl.constexpr):
 
 @triton.jit
 def _sketch_step(
-    sketched, squares, y, idx, centroids, sketch_t, col, DIM: tl.constexpr, PRECISION: tl.constexpr
+    sketched, squares, y, idx, centroids, sketch_t, coords, DIM: tl.constexpr, PRECISION: tl.constexpr
 ):
-    """Prod's residual r = y − c[idx] of the output columns col.. (y [rows, cols], unit-scaled): ‖r‖²
-    and S r accumulated, S r += r · Sᵀ[col:, :] (sketch_t: Sᵀ, [DIM, DIM] fp32)."""
-    cols: tl.constexpr = y.shape[1]
+    """Prod's residual r = y − c[idx] of the output columns at coordinates `coords` (y [rows, cols],
+    unit-scaled): ‖r‖² and S r accumulated, S r += r · Sᵀ[coords, :] (sketch_t: Sᵀ, [DIM, DIM] fp32)."""
     r = y - tl.load(centroids + idx)
-    part = tl.arange(0, cols)
-    s_t = tl.load(sketch_t + (col + part)[:, None] * DIM + tl.arange(0, DIM)[None, :])
+    s_t = tl.load(sketch_t + coords[:, None] * DIM + tl.arange(0, DIM)[None, :])
     return sketched + tl.dot(r, s_t, input_precision=PRECISION), squares + tl.sum(r * r, axis=1)
 
 
@@ -179,7 +207,7 @@ def _quantize_rows(
     centroids, sketch_t, sketch_signs, residual_norms,
     DIM: tl.constexpr, BITS: tl.constexpr, BLOCK_ROWS: tl.constexpr, COLS: tl.constexpr,
     SIGNS: tl.constexpr, HALVES: tl.constexpr, OUT_COLS: tl.constexpr, SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr,
-    F32_DOT: tl.constexpr, SKETCH: tl.constexpr,
+    F32_DOT: tl.constexpr, SKETCH: tl.constexpr, PERMUTED: tl.constexpr,
 ):  # fmt: skip
     g = tl.program_id(1).to(tl.int64)  # a group of rows that share one rotation (a KV head)
     row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -201,25 +229,25 @@ def _quantize_rows(
         scale = inv_sqrt_d / tl.maximum(norm, 1.1754943508222875e-38)
         row_signs += (g % rotations) * DIM
         for first in tl.static_range(0, COLS, OUT_COLS):  # output columns of both halves at a time
-            out = first + tl.arange(0, OUT_COLS)
+            out = _column_order(first, OUT_COLS, PERMUTED)
             # P_j = x_j A_jᵀ: A_jᵀ[k, c] = √d Π[c, j COLS + k]
             p0 = _sign_product(xs0, xf0, tl.load(matrix + out[None, :] * DIM + part[:, None]), F32_DOT)
             a1_t = tl.load(matrix + out[None, :] * DIM + (COLS + part)[:, None])
             p1 = _sign_product(xs1, xf1, a1_t, F32_DOT)
             y = (p0 + p1) * scale[:, None]  # the upper rows of √d Π
             idx = _count(y, boundaries, BITS, SYMMETRIC)
-            _store_codes(codes, row, valid, idx, first, DIM, BITS, OUT_COLS)
+            _store_codes(codes, row, valid, idx, first, DIM, BITS, OUT_COLS, PERMUTED)
             if SKETCH:
                 sketched, r_squares = _sketch_step(
-                    sketched, r_squares, y, idx, centroids, sketch_t, first, DIM, PRECISION
+                    sketched, r_squares, y, idx, centroids, sketch_t, out, DIM, PRECISION
                 )
             r0, r1 = tl.load(row_signs + out), tl.load(row_signs + COLS + out)
             y = (p0 * r0[None, :] + p1 * r1[None, :]) * scale[:, None]
             idx = _count(y, boundaries, BITS, SYMMETRIC)
-            _store_codes(codes, row, valid, idx, COLS + first, DIM, BITS, OUT_COLS)
+            _store_codes(codes, row, valid, idx, COLS + first, DIM, BITS, OUT_COLS, PERMUTED)
             if SKETCH:
                 sketched, r_squares = _sketch_step(
-                    sketched, r_squares, y, idx, centroids, sketch_t, COLS + first, DIM, PRECISION
+                    sketched, r_squares, y, idx, centroids, sketch_t, COLS + out, DIM, PRECISION
                 )
     elif SIGNS:
         dims = tl.arange(0, DIM)
@@ -227,16 +255,16 @@ def _quantize_rows(
         xf = xs.to(tl.float32)
         norm = tl.sqrt(tl.sum(xf * xf, axis=1))
         scale = inv_sqrt_d / tl.maximum(norm, 1.1754943508222875e-38)  # clamp_min(finfo(float32).tiny)
-        part = tl.arange(0, COLS)
         for col in tl.static_range(0, DIM, COLS):
-            signs_t = tl.load(matrix + (col + part)[None, :] * DIM + dims[:, None])  # √d Πᵀ[:, col:]
+            coords = _column_order(col, COLS, PERMUTED)
+            signs_t = tl.load(matrix + coords[None, :] * DIM + dims[:, None])  # √d Πᵀ[:, coords]
             y = _sign_product(xs, xf, signs_t, F32_DOT) * scale[:, None]
             # SEARCH: at 4 bits 55 → 66 % (d = 64), 51 → 63 % (d = 128) of a copy; no gain in the halves form
             idx = _count(y, boundaries, BITS, SYMMETRIC, SEARCH=True)
-            _store_codes(codes, row, valid, idx, col, DIM, BITS, COLS)
+            _store_codes(codes, row, valid, idx, col, DIM, BITS, COLS, PERMUTED)
             if SKETCH:
                 sketched, r_squares = _sketch_step(
-                    sketched, r_squares, y, idx, centroids, sketch_t, col, DIM, PRECISION
+                    sketched, r_squares, y, idx, centroids, sketch_t, coords, DIM, PRECISION
                 )
     else:
         # Tiles of COLS along both axes keep the product's operands in registers at d = 256 (a whole
@@ -259,12 +287,20 @@ def _quantize_rows(
             _store_codes(codes, row, valid, idx, col, DIM, BITS, COLS)
             if SKETCH:
                 sketched, r_squares = _sketch_step(
-                    sketched, r_squares, y, idx, centroids, sketch_t, col, DIM, PRECISION
+                    sketched, r_squares, y, idx, centroids, sketch_t, col + part, DIM, PRECISION
                 )
     tl.store(norms + row, norm, mask=valid)
     if SKETCH:  # sign bits of S r (set: >= 0), one bit per coordinate in pack_bits' layout, and ‖r‖
         _store_codes(sketch_signs, row, valid, (sketched >= 0).to(tl.int32), 0, DIM, 1, DIM)
         tl.store(residual_norms + row, tl.sqrt(r_squares), mask=valid)
+
+
+def _permuted_columns(bits: int, halves: bool, sketch: bool) -> bool:
+    """Whether the ±1 products take their output columns in `_column_order`'s permuted order. Measured on an
+    H200 against the natural order (docs/benchmarks.md, "Permuted output columns"): faster at 2 bits (+2 to
+    +12 points of a copy) and in the signed halves at d = 256 (4 bits: 41 → 46 %), slower at 4 bits at
+    d = 64 and 128 (−8 to −10 points) and for Prod."""
+    return not sketch and (bits == 2 or halves)
 
 
 def quantize_mse(
@@ -387,6 +423,7 @@ def _quantize(x, rotation, boundaries, norm_dtype, tables: QuantizeTables, sketc
         DIM=dim, BITS=bits, BLOCK_ROWS=block_rows, COLS=tile,
         SIGNS=tables.signs, HALVES=halves, OUT_COLS=step, SYMMETRIC=tables.symmetric,
         PRECISION="tf32x3" if x.is_cuda else "ieee", F32_DOT=not x.is_cuda, SKETCH=sketch,
+        PERMUTED=_permuted_columns(bits, halves, sketch),
         num_warps=SKETCH_WARPS if sketch else SIGN_WARPS if tables.signs else TF32_WARPS, num_stages=1,
     )  # fmt: skip
     return (codes, signs, norms, residual_norms) if sketch else (codes, norms)
