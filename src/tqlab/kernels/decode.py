@@ -298,8 +298,9 @@ def decode_attention(
     key_sketch / value_sketch: the side's codes are TurboQuant-Prod's — key_indices / value_indices then
     hold its Stage-1 codes (tables of codec.mse's centroids) — scored with Prod's estimator ‖k‖(⟨q, c[idx]⟩
     + √(π/2)/d ‖r‖ ⟨Sq, s⟩) and accumulated as its dequantized values ‖v‖(c[idx] + √(π/2)/d ‖r‖ Sᵀs) (S
-    applied once to the weighted sum of signs); these take the Triton-language kernel. Returns fp32 [B, Hq, Tq, d] in the rotated domain
-    and the natural-log sum of exp of the scaled scores, [B, Hq, Tq] (−inf for a query that sees no key).
+    applied once to the weighted sum of signs); these take the Triton-language kernel.
+    Returns fp32 [B, Hq, Tq, d] in the rotated domain and the natural-log sum of exp of the scaled scores,
+    [B, Hq, Tq] (−inf for a query that sees no key).
     """
     batch, q_heads, q_len, dim = query.shape
     _, kv_heads, tokens, _ = key_indices.shape
