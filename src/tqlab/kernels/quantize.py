@@ -359,9 +359,8 @@ def quantize_prod(
         raise ValueError(
             "tables lack Prod's projection or its centroids: quantize_tables(..., projection, centroids)"
         )
-    if tables.sketch_t.shape != rotation.shape or {tables.sketch_t.device, tables.centroids.device} != {
-        x.device
-    }:
+    devices = {tables.sketch_t.device, tables.centroids.device}
+    if tables.sketch_t.shape != rotation.shape or devices != {x.device}:
         raise ValueError(
             f"tables hold a {tuple(tables.sketch_t.shape)} projection on {tables.sketch_t.device}; x needs one per "
             f"rotation ({tuple(rotation.shape)}) on {x.device}: quantize_tables(..., projection, centroids)"
