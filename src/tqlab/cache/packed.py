@@ -44,35 +44,16 @@ def kernel_centroids(codec) -> torch.Tensor | None:
 class PackedCodes:
     def __init__(self, bits: int, dim: int, norm_dtype: torch.dtype, reserve: int = 0, sketch: bool = False):
         """bits: of the stored indices (Prod's Stage 1); sketch: Prod's signs and residual norms too."""
-        self.bits, self.dim, self.norm_dtype, self.reserve, self.sketch = (
-            bits,
-            dim,
-            norm_dtype,
-            reserve,
-            sketch,
-        )
+        self.bits, self.dim, self.norm_dtype = bits, dim, norm_dtype
+        self.reserve, self.sketch = reserve, sketch
         self.fields = ("indices", "signs", "norms", "residual_norms") if sketch else ("indices", "norms")
         self.tensors: dict[str, torch.Tensor] | None = None
         self.length = 0
 
-    def _field(self, name: str) -> torch.Tensor | None:
-        return None if self.tensors is None else self.tensors.get(name)
-
     @property
-    def indices(self) -> torch.Tensor | None:  # the whole tensors, filled or not
-        return self._field("indices")
-
-    @property
-    def norms(self) -> torch.Tensor | None:
-        return self._field("norms")
-
-    @property
-    def signs(self) -> torch.Tensor | None:
-        return self._field("signs")
-
-    @property
-    def residual_norms(self) -> torch.Tensor | None:
-        return self._field("residual_norms")
+    def indices(self) -> torch.Tensor | None:
+        """The whole indices tensor, filled or not (its shape gives the capacity)."""
+        return None if self.tensors is None else self.tensors["indices"]
 
     def _row_shape(self, name: str) -> tuple:
         return {"indices": (self.dim // 8 * self.bits,), "signs": (self.dim // 8,)}.get(name, ())
