@@ -128,6 +128,9 @@ def test_a_sketch_of_the_wrong_shape_is_refused():
     short = QJLSketch(good.signs[:, :, :5], good.residual_norms, good.projection, good.scale)
     with pytest.raises(ValueError, match=r"key_sketch.signs has shape \(1, 2, 5, 8\)"):
         decode_attention(*args, key_sketch=short)
+    integer_norms = QJLSketch(good.signs, good.residual_norms.to(torch.int16), good.projection, good.scale)
+    with pytest.raises(ValueError, match="residual_norms must be floating"):
+        decode_attention(*args, key_sketch=integer_norms)
     one_head = QJLSketch(good.signs, good.residual_norms, good.projection[:1], good.scale)
     with pytest.raises(ValueError, match=r"value_sketch.projection has shape \(1, 64, 64\)"):
         decode_attention(*args, value_sketch=one_head)

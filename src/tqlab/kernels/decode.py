@@ -237,8 +237,8 @@ class QJLSketch:
             raise ValueError(
                 f"{name}.signs must be uint8 rows of {dim // 8} bytes, contiguous, 4-byte aligned"
             )
-        if self.residual_norms.stride(-1) != 1:
-            raise ValueError(f"{name}.residual_norms must be contiguous along the tokens")
+        if self.residual_norms.stride(-1) != 1 or not self.residual_norms.is_floating_point():
+            raise ValueError(f"{name}.residual_norms must be floating, contiguous along the tokens")
 
 
 _RESIDENT: dict[tuple, int] = {}  # one-warp programs an SM holds, per compiled register-fragment kernel
