@@ -19,9 +19,9 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import triton
 from docs_section import write_gpu_section
 from gpu_decode import bench, bf16_times, decode_inputs
+from gpu_quantize import seconds
 
 from tqlab.kernels import decode_attention, quantize_mse, quantize_prod, quantize_tables
 from tqlab.kernels.decode import QJLSketch
@@ -30,10 +30,6 @@ from tqlab.quant import TurboQuantMSE, TurboQuantProd
 from tqlab.quant.prod import ProdCode
 
 DIM = 128
-
-
-def seconds(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median") * 1e-3
 
 
 def quantize_rows(dims, widths, mib) -> list[str]:

@@ -47,6 +47,17 @@ NUM_STAGES = 2  # prefetch the next block's words; 1 leaves HBM latency exposed 
 
 
 @triton.jit
+def _scaled_rows(base, b, head, token, stride_b, stride_h, stride_t, dims, row_valid, scale_log2):
+    """Query rows (times scale_log2) as fp16 scaled to max |·| = 1, and their fp32 scales (1 for a zero row)."""
+    at = base + b.to(tl.int64) * stride_b + head * stride_h + token * stride_t
+    x = tl.load(at[:, None] + dims[None, :], mask=row_valid[:, None], other=0.0).to(tl.float32)
+    x *= scale_log2
+    scale = tl.max(tl.abs(x), axis=1)
+    scale = tl.where(scale > 0, scale, 1.0)
+    return (x / scale[:, None]).to(tl.float16), scale
+
+
+@triton.jit
 def _sketch_rows(codes, residual_norms, b, h, stride_b, stride_h, norm_stride_b, norm_stride_h):
     """Pointers to one (sequence, KV head)'s sign bits and residual norms (Prod's second stage)."""
     return (
@@ -82,20 +93,14 @@ def _attend_chunk(
     row_valid = rows < GROUP * Q_LEN
     head, token = h * GROUP + rows // Q_LEN, rows % Q_LEN
     dims = tl.arange(0, DIM)
-    q_at = query + b.to(tl.int64) * q_stride_b + head * q_stride_h + token * q_stride_t
-    q = tl.load(q_at[:, None] + dims[None, :], mask=row_valid[:, None], other=0.0).to(tl.float32)
-    q *= scale_log2
-    q_scale = tl.max(tl.abs(q), axis=1)
-    q_scale = tl.where(q_scale > 0, q_scale, 1.0)
-    q16 = (q / q_scale[:, None]).to(tl.float16)
+    q16, q_scale = _scaled_rows(
+        query, b, head, token, q_stride_b, q_stride_h, q_stride_t, dims, row_valid, scale_log2
+    )
     last_key = length - Q_LEN + token + causal_shift  # causal among the step's own tokens
     if K_SKETCH:  # Prod keys: the query's projection S Πq, scaled as q
-        sq_at = q_sketch + b.to(tl.int64) * qs_stride_b + head * qs_stride_h + token * qs_stride_t
-        sq = tl.load(sq_at[:, None] + dims[None, :], mask=row_valid[:, None], other=0.0).to(tl.float32)
-        sq *= scale_log2
-        sq_scale = tl.max(tl.abs(sq), axis=1)
-        sq_scale = tl.where(sq_scale > 0, sq_scale, 1.0)
-        sq16 = (sq / sq_scale[:, None]).to(tl.float16)
+        sq16, sq_scale = _scaled_rows(
+            q_sketch, b, head, token, qs_stride_b, qs_stride_h, qs_stride_t, dims, row_valid, scale_log2
+        )
         sq_scale *= k_qjl_scale
         ks, kr = _sketch_rows(
             k_signs, k_residual_norms, b, h, ks_stride_b, ks_stride_h, kr_stride_b, kr_stride_h
