@@ -68,3 +68,26 @@ def test_attention_softcapping_is_refused_from_the_config_before_any_weights(tmp
     assert not (tmp_path / "captures").exists()  # refused before anything was written
     with pytest.raises(ValueError, match=message), AttentionRecorder(Gemma2ForCausalLM(config)):
         pass
+
+
+def test_a_reassembled_gguf_in_the_cache_serves_without_the_chunk_packages(monkeypatch, tmp_path):
+    import dataclasses
+    import hashlib
+
+    from tqlab.capture import models
+
+    monkeypatch.setattr(models, "_package_dir", lambda package: None)
+    monkeypatch.setenv("TQLAB_CACHE", str(tmp_path))
+    content = b"GGUF and some weights"
+    model = dataclasses.replace(
+        OFFLINE_MODELS["qwen2.5-coder-1.5b"], sha256=hashlib.sha256(content).hexdigest()
+    )
+    target = tmp_path / "gguf" / model.gguf_name
+    with pytest.raises(ModelNotFound, match=f"or place the reassembled {model.gguf_name} at {target}"):
+        model.gguf_path()
+    target.parent.mkdir()
+    target.write_bytes(content)
+    assert model.gguf_path() == target
+    target.write_bytes(content[:-1])  # truncated in the copy
+    with pytest.raises(ModelNotFound, match=f"{target} has sha256 .*, expected {model.sha256}"):
+        model.gguf_path()

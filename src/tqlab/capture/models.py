@@ -56,18 +56,26 @@ class OfflineModel:
     sha256: str | None = None  # of the reassembled GGUF, where the parts come from an unknown publisher
 
     def gguf_path(self) -> Path:
-        """The GGUF file: inside its package, or reassembled from chunk packages into the cache."""
+        """The GGUF file: inside its package, or reassembled from chunk packages into the cache. Where the
+        chunk packages are missing, a reassembled file already in the cache (copied there from another
+        machine, say) serves once its sha256 matches."""
+        target = cache_root() / "gguf" / self.gguf_name
         located = []
         for package, rel in self.parts:
             base = _package_dir(package)
             if base is None or not (base / rel).is_file():
+                if len(self.parts) > 1 and target.is_file():
+                    return self._checked(target)
+                also = (
+                    f", or place the reassembled {self.gguf_name} at {target}" if len(self.parts) > 1 else ""
+                )
                 raise ModelNotFound(
-                    f"model {self.key!r} needs the PyPI package {package!r}, which is not installed: {self.install}"
+                    f"model {self.key!r} needs the PyPI package {package!r}, which is not installed: "
+                    f"{self.install}{also}"
                 )
             located.append(base / rel)
         if len(located) == 1:
             return located[0]
-        target = cache_root() / "gguf" / self.gguf_name
         if not target.is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
@@ -82,6 +90,12 @@ class OfflineModel:
                 )
             os.replace(tmp.name, target)
         return target
+
+    def _checked(self, path: Path) -> Path:
+        digest = sha256_file(path)
+        if self.sha256 and digest != self.sha256:
+            raise ModelNotFound(f"{path} has sha256 {digest}, expected {self.sha256}: remove or replace it")
+        return path
 
 
 class ModelNotFound(RuntimeError):
