@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 from tqlab.cache import attention, compress_kv, fused  # noqa: E402
 from tqlab.cache.cache import TurboQuantLayer  # noqa: E402
@@ -133,6 +133,83 @@ def test_prod_codes_on_the_kernel_path_equal_the_reference_path(layout, k_bits, 
         exact = model(torch.cat(chunks, 1)).logits.double()
     assert_same(got, want, exact)
     assert cache.nbytes()["stored"] == reference.nbytes()["stored"]
+
+
+def biased():
+    """The tiny model with large key and value biases (Qwen2.5's keys carry one): keys and values sit far from
+    0, around means that centering removes."""
+    model = tiny()
+    with torch.no_grad():
+        for name in ("k_proj", "v_proj"):
+            proj = getattr(model.model.layers[0].self_attn, name)
+            proj.bias = torch.nn.Parameter(
+                3 * torch.randn(proj.out_features, generator=torch.Generator().manual_seed(11))
+            )
+    return model.to(DEVICE)
+
+
+def centered_cache(model, codec="turboquant_mse", bits=3, **layout):
+    """A cache whose codecs code x − μ, μ each KV head's mean key and value over other text of the model's."""
+    spec_ = KVQuantSpec.create(
+        codec, bits, "fast_hadamard", compress=("key", "value"), head_dim=32, codec_options={"center": True}
+    )
+    seen = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids(64, seed=20), cache=seen)
+
+    def calibration(side, layer, head):
+        states = seen.layers[layer].keys if side == "key" else seen.layers[layer].values
+        return states[0, head].float().cpu()
+
+    return compress_kv(model, spec_, calibration, **layout)
+
+
+@pytest.mark.parametrize(
+    "codec, bits, layout",
+    [
+        ("turboquant_mse", 3, dict()),
+        ("turboquant_mse", 4, dict(protocol="prefill_exact", sink_tokens=1, recent_window=2)),
+        ("turboquant_prod", 4, dict(sink_tokens=2)),
+    ],
+)
+def test_centered_codes_on_the_kernel_path_equal_the_reference_path(codec, bits, layout, monkeypatch):
+    """Codes of x − μ (`codec.center=true`): the kernels attend over them, and the cache adds scaling·q·μ_k to
+    their log-sum-exp and μ_v to their output, as the reference's codec.score and dequantize do."""
+    model = biased()
+    chunks = [ids(21), ids(1, 2), ids(3, 4)]
+
+    def logits(kernels):
+        cache = centered_cache(model, codec, bits, kernels=kernels, **layout)
+        with torch.no_grad():
+            return torch.cat([model(c, cache=cache).logits.double() for c in chunks], 1), cache
+
+    with monkeypatch.context() as patch:
+        kernels_only(patch)
+        got, cache = logits("triton")
+        patch.setattr(fused, "_with_means", lambda layer, query, out, lse, scaling: (out, lse))
+        without_means, _ = logits("triton")
+    want, reference = logits("torch")
+    assert all(layer.means["key"] is not None for layer in cache.layers)
+    assert_same(got, want)
+    assert (without_means - want).abs().max() > 20 * TOLERANCE * want.abs().max()
+    assert cache.nbytes() == {**reference.nbytes(), "allocated": cache.nbytes()["allocated"]}
+
+
+@pytest.mark.parametrize("codec", ["turboquant_mse", "turboquant_prod"])
+def test_the_fused_quantize_codes_x_minus_the_mean(codec, monkeypatch):
+    """`_quantize` (the fused kernel, not the codec) on centered codecs stores what Centered.quantize does."""
+    model = biased()
+    cache = centered_cache(model, codec, 4, kernels="triton")
+    with torch.no_grad():
+        model(ids(5), cache=cache)
+    layer = cache.layers[0]
+    states = 3 * torch.randn(2, 2, 7, 32, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    got = dict(zip(layer.packed["key"].fields, layer._quantize("key", states.to(layer.dtype)), strict=True))
+    for h, centered in enumerate(layer.codecs["key"]):
+        want = centered.quantize(states[:, h])
+        same = (got["indices"][:, h] == want.indices).float().mean()
+        assert same > 0.98, same  # a code may differ at a boundary tie (fp32 round-off of the rotation)
+        torch.testing.assert_close(got["norms"][:, h].float(), want.norms.float(), rtol=2e-3, atol=0)
 
 
 def test_reserved_tokens_are_allocated_at_once_and_never_regrown(monkeypatch):

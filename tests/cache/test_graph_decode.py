@@ -16,6 +16,7 @@ from tqlab.registry import RuleError  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MSE, PROD = "turboquant_mse", "turboquant_prod"  # Prod: its Stage-1 codes and QJL signs, one bit fewer
+CENTERED = "centered"  # TurboQuant-MSE around each head's mean (codec.center=true)
 PROMPT = 300 if DEVICE == "cuda" else 9
 TOLERANCE = 1e-3  # of the logits' scale: the two paths split the keys into different chunks (fp16 operands)
 
@@ -43,6 +44,21 @@ def spec(bits=4, codec="turboquant_mse"):
     return KVQuantSpec.create(codec, bits, "fast_hadamard", compress=("key", "value"), head_dim=64)
 
 
+def cache_for(model, bits, codec, **layout):
+    """compress_kv with `spec`; CENTERED: around means of vectors offset from the keys' and values' own."""
+    if codec != CENTERED:
+        return compress_kv(model, spec(bits, codec), **layout)
+    centered = KVQuantSpec.create(
+        MSE, bits, "fast_hadamard", compress=("key", "value"), head_dim=64, codec_options={"center": True}
+    )
+    offset = torch.randn(64, generator=torch.Generator().manual_seed(11))
+
+    def calibration(side, layer, head):
+        return offset + torch.randn(32, 64, generator=torch.Generator().manual_seed(head))
+
+    return compress_kv(model, centered, calibration, **layout)
+
+
 def prompt(batch=2, length=PROMPT, pad=(0, 3)):
     ids = torch.randint(0, 97, (batch, length), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     mask = torch.ones(batch, length, dtype=torch.long, device=DEVICE)
@@ -60,7 +76,8 @@ def positions(mask):
     [("all_quantized", 4, 0, 0, MSE), ("prefill_exact", 4, 0, 0, MSE), ("all_quantized", 2, 0, 0, MSE),
      ("prefill_exact", 4, 2, 0, MSE), ("all_quantized", 4, 2, 0, MSE), ("all_quantized", 3, 5, 0, MSE),
      ("all_quantized", 4, 2, 3, MSE), ("prefill_exact", 4, 0, 3, MSE), ("prefill_exact", 3, 2, 3, MSE),
-     ("all_quantized", 4, 0, 0, PROD), ("prefill_exact", 5, 2, 3, PROD)],
+     ("all_quantized", 4, 0, 0, PROD), ("prefill_exact", 5, 2, 3, PROD), ("prefill_exact", 4, 2, 3, CENTERED),
+     ("all_quantized", 3, 0, 0, CENTERED)],
 )  # fmt: skip
 def test_frozen_steps_equal_the_eager_kernel_path(protocol, bits, sinks, window, codec):
     """The same forced tokens into an eager cache and a frozen one (one layer: both hold the same codes),
@@ -70,8 +87,7 @@ def test_frozen_steps_equal_the_eager_kernel_path(protocol, bits, sinks, window,
     model = tiny()
     ids, mask = prompt(pad=(0, PROMPT - 1 if window else 3))
     layout = dict(kernels="triton", protocol=protocol, sink_tokens=sinks, recent_window=window)
-    eager = compress_kv(model, spec(bits, codec), **layout)
-    frozen = compress_kv(model, spec(bits, codec), **layout)
+    eager, frozen = (cache_for(model, bits, codec, **layout) for _ in range(2))
     forced = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     with torch.no_grad():
         for cache in (eager, frozen):

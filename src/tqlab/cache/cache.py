@@ -41,7 +41,7 @@ from ..kv.spec import KVQuantSpec
 from ..registry import SIDES, RuleError
 from . import attention
 from .codes import concat, drop_front
-from .packed import PackedCodes, kernel_centroids, stage1
+from .packed import PackedCodes, kernel_centroids, stage1, stored
 
 ATTENTION_LAYERS = ("full_attention", "sliding_attention")
 KERNELS = ("auto", "triton", "torch")  # auto: the Triton kernels on CUDA where the codes allow them
@@ -114,7 +114,7 @@ class TurboQuantLayer(CacheLayerMixin):
             raise RuleError(
                 f"kernels='triton': layer {self.layer_idx}'s {unreadable} codes are not plain TurboQuant-MSE "
                 "codes of 2–4 bits or TurboQuant-Prod codes of 3–5 bits (qjl_dim = head_dim) with head_dim a "
-                "power of two >= 32 (no center, query metric or norm correction, both sides compressed); use "
+                "power of two >= 32 (no query metric or norm correction, both sides compressed); use "
                 "kernels='auto' or 'torch'"
             )
         if not _triton_available():
@@ -124,30 +124,35 @@ class TurboQuantLayer(CacheLayerMixin):
     def _init_packed(self) -> None:
         from ..kernels import centroid_table, quantize_tables
 
-        self.packed, self.rotations, self.tables, self.quantize_tables, self.projections = {}, {}, {}, {}, {}
+        self.packed, self.rotations, self.tables, self.quantize_tables = {}, {}, {}, {}
+        self.projections, self.means = {}, {}
         for side in SIDES:
-            first = self.codecs[side][0]
+            codecs = [stored(c) for c in self.codecs[side]]
+            centered = {c is not wrapped for c, wrapped in zip(codecs, self.codecs[side], strict=True)}
+            first = codecs[0]
             mse = stage1(first)
             prod = mse is not first
-            if any(
+            if len(centered) > 1 or any(
                 type(c) is not type(first) or c.bits != first.bits or c.norm_dtype != first.norm_dtype
-                for c in self.codecs[side]
+                for c in codecs
             ):
                 raise RuleError(
-                    f"layer {self.layer_idx}: the {side} codecs of its KV heads differ in kind, bits or norm dtype"
+                    f"layer {self.layer_idx}: the {side} codecs of its KV heads differ in kind, bits, norm dtype "
+                    "or mean removal"
                 )
+            centered = centered == {True}
             self.packed[side] = PackedCodes(mse.bits, mse.dim, first.norm_dtype, self.reserve_tokens, prod)
             with torch.no_grad():
                 # matrix() builds on the rotation's own device: CPU for one without tensors (identity)
-                self.rotations[side] = torch.stack(
-                    [c.rotation.matrix().to(self.device) for c in self.codecs[side]]
-                )
+                self.rotations[side] = torch.stack([c.rotation.matrix().to(self.device) for c in codecs])
             # Prod: each KV head's QJL projection S, [KVH, d, d]
-            self.projections[side] = torch.stack([c.projection for c in self.codecs[side]]) if prod else None
+            self.projections[side] = torch.stack([c.projection for c in codecs]) if prod else None
+            # Centered: each KV head's mean [KVH, d]; its codes are of x − μ, formed in fp32 as the codec does
+            self.means[side] = torch.stack([c.mean for c in self.codecs[side]]) if centered else None
             self.tables[side] = centroid_table(kernel_centroids(first))
             self.quantize_tables[side] = quantize_tables(
-                self.rotations[side], mse.boundaries, self.dtype, self.projections[side],
-                mse.centroids if prod else None,
+                self.rotations[side], mse.boundaries, torch.float32 if centered else self.dtype,
+                self.projections[side], mse.centroids if prod else None,
             )  # fmt: skip
 
     def _quantize(self, side: str, states: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -155,8 +160,10 @@ class TurboQuantLayer(CacheLayerMixin):
         tensors of `PackedCodes.fields`."""
         from ..kernels import quantize_mse, quantize_prod
 
-        codec = self.codecs[side][0]
+        codec = stored(self.codecs[side][0])
         mse, tables = stage1(codec), self.quantize_tables[side]
+        if self.means[side] is not None:
+            states = states.float() - self.means[side][:, None, :]
         if self.projections[side] is not None:
             return quantize_prod(
                 states, self.rotations[side], mse.boundaries, self.projections[side], mse.centroids,

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from .packed import stored
+
 STARTS = "_tqlab_starts"  # attribute of a mask tensor: its per-row padding, or False when not left padding
 EXACT_LOGITS = 1 << 24  # most fp32 logits over exact tokens held at once (64 MiB)
 
@@ -83,7 +85,7 @@ def attend_packed(layer, query: torch.Tensor, attention_mask, scaling: float, wi
         outs.append(out)
         lses.append(lse)
     out, lse = torch.cat(outs, dim=2), torch.cat(lses, dim=2)
-    out = _rotate_back(out, layer.rotations["value"])
+    out, lse = _with_means(layer, query, _rotate_back(out, layer.rotations["value"]), lse, scaling)
     if n_sink or n_recent:
         keys = torch.cat([t for t in layer.exact_tokens("key") if t is not None], dim=-2)
         values = torch.cat([t for t in layer.exact_tokens("value") if t is not None], dim=-2)
@@ -123,7 +125,7 @@ def _attend_static(layer, query: torch.Tensor, attention_mask, scaling: float) -
         lengths, scaling, starts=layer._code_starts, causal_shift=window + own, static_launch=True,
         key_sketch=_sketch(layer, "key", k), value_sketch=_sketch(layer, "value", v),
     )  # fmt: skip
-    out = _rotate_back(out, layer.rotations["value"])
+    out, lse = _with_means(layer, query, _rotate_back(out, layer.rotations["value"]), lse, scaling)
     # The exact keys in order: the sinks, the window (just after the codes), the step's own token.
     sinks = layer.exact_tokens("key")[0]
     parts = [] if sinks is None else [(sinks, layer.exact_tokens("value")[0], layer._sinks_seen)]
@@ -149,8 +151,25 @@ def _sketch(layer, side: str, codes: dict):
     projection = layer.projections[side]
     if projection is None:
         return None
-    scale = layer.codecs[side][0].qjl_scale
+    scale = stored(layer.codecs[side][0]).qjl_scale
     return QJLSketch(codes["signs"], codes["residual_norms"], projection, scale)
+
+
+def _with_means(layer, query: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, scaling: float):
+    """The kernels' attention over centered codes (`Centered`: codes of x − μ) made attention over the keys
+    and values they stand for: a key mean adds q·μ to each coded score of a query, which moves its
+    log-sum-exp by scaling·q·μ and its softmax not at all; a value mean adds (Σ p) μ = μ to the normalised
+    output of a query that saw any code."""
+    key_mean, value_mean = layer.means["key"], layer.means["value"]
+    group = query.shape[1] // layer.num_kv_heads
+    if key_mean is not None:
+        lse = lse + scaling * torch.einsum(
+            "bhtd,hd->bht", query.float(), key_mean.repeat_interleave(group, 0)
+        )
+    if value_mean is not None:
+        seen = lse.isfinite()[..., None]
+        out = out + seen * value_mean.repeat_interleave(group, 0)[None, :, None, :]
+    return out, lse
 
 
 def _attend_exact(query, keys, values, seen, scaling: float):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quant import TurboQuantMSE, TurboQuantProd
+from ..quant import Centered, TurboQuantMSE, TurboQuantProd
 from ..quant.mse import MSECode
 from ..quant.prod import ProdCode
 
@@ -21,16 +21,24 @@ GROWTH = 1.5
 ALIGN = 128  # capacities in whole kernel blocks of tokens
 
 
+def stored(codec):
+    """The codec whose codes are stored: `codec`, or the one under its mean removal (`Centered`: the kernels
+    read the codes of x − μ, and the cache adds the mean's share to their attention)."""
+    return codec.inner if type(codec) is Centered else codec
+
+
 def stage1(codec):
-    """The TurboQuant-MSE codec whose codes the kernels decode: the codec itself, or Prod's Stage 1."""
+    """The TurboQuant-MSE codec whose codes the kernels decode: the stored codec, or its Prod's Stage 1."""
+    codec = stored(codec)
     return codec.mse if type(codec) is TurboQuantProd else codec
 
 
 def kernel_centroids(codec) -> torch.Tensor | None:
     """The codebook the kernels decode `codec`'s codes with (centroids, times the unbiased scale), or None
-    when its codes are not plain TurboQuant-MSE or -Prod codes the kernels read (other codecs, a mean, a
+    when its stored codes are not plain TurboQuant-MSE or -Prod codes the kernels read (other codecs, a
     query metric, norm correction, Stage-1 widths outside 2..4 bits, a QJL sketch of other than head_dim
-    coordinates, head_dim not a power of two >= 32)."""
+    coordinates, head_dim not a power of two >= 32). A mean removed around them is fine."""
+    codec = stored(codec)
     if type(codec) is TurboQuantProd and codec.qjl_dim != codec.dim:
         return None
     mse = stage1(codec)
