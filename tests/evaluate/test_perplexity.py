@@ -71,3 +71,15 @@ def test_windows_per_document_spread_the_windows_over_documents():
     docs = [(name, list(range(100))) for name in "abc"]
     ws = windows(docs, context=16, stride=8, limit=3, per_document=1)
     assert [(w.document, w.start) for w in ws] == [("a", 0), ("b", 0), ("c", 0)]
+
+
+def test_windows_too_short_to_score_are_left_out():
+    """Under prefill_exact a window no longer than its prompt scores nothing (a NaN that would poison the
+    summary): with min_tokens = prefill + 1 short documents give no window and max_windows counts the rest."""
+    docs = [("short", list(range(30))), ("long", list(range(100))), ("long2", list(range(100)))]
+    ws = windows(docs, context=64, stride=8, limit=2, per_document=1, min_tokens=57)
+    assert [(w.document, len(w.ids)) for w in ws] == [("long", 64), ("long2", 64)]
+    assert [w.document for w in windows(docs, context=64, stride=8, limit=2, per_document=1)] == [
+        "short",
+        "long",
+    ]

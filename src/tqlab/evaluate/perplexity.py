@@ -35,16 +35,19 @@ def windows(
     stride: int,
     limit: int | None = None,
     per_document: int | None = None,
+    min_tokens: int = 2,
 ) -> list[Window]:
     """Sliding windows per document (the usual strided perplexity): every token after a document's first is
     scored exactly once — within the first `per_document` windows of each document, when that is set (fewer
-    windows from more documents make more independent units)."""
+    windows from more documents make more independent units). A window shorter than `min_tokens` (a
+    document's last, or a whole short document) is left out: under prefill-exact a window no longer than
+    its prompt has nothing to score."""
     out = []
     for title, ids in documents:
         starts = range(0, max(1, len(ids) - context + stride), stride)
         for start in starts[:per_document]:
             chunk = ids[start : start + context]
-            if len(chunk) < 2:
+            if len(chunk) < max(2, min_tokens):
                 break
             out.append(Window(title, start, torch.tensor(chunk), 0 if start == 0 else context - stride))
             if start + context >= len(ids):

@@ -75,7 +75,15 @@ def run(cfg: DictConfig, sections: dict, results) -> None:
         per_document = (
             None if sections["data"]["source"] == "wikitext2" else sections["data"]["windows_per_document"]
         )
-        items = windows(docs, context, stride, settings["max_windows"], per_document)
+        # prefill_exact scores the tokens after the prompt only: windows no longer than it would score none
+        shortest = prefill + 1 if protocol == "prefill_exact" else 2
+        items = windows(docs, context, stride, settings["max_windows"], per_document, shortest)
+        if not items:
+            raise RuleError(
+                f"task=perplexity: no test document reaches past a {prefill}-token prompt "
+                f"(perplexity.context={context}, perplexity.stride={stride}, cache.protocol={protocol}); "
+                "lower perplexity.context or raise perplexity.stride"
+            )
         for w in tqdm(items, desc="perplexity", unit="window", disable=not progress):
             out = compare_window(model, w, spec, layout, prefill, settings["chunk_size"], calibration)
             rows.append({**columns, **out["row"]})
