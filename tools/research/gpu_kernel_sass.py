@@ -5,6 +5,7 @@ mix of the loop body (instructions per warp per block of BLOCK_N keys).
     PYTHONPATH=src python tools/research/gpu_kernel_sass.py                # 2, 3 and 4 bits, GQA 4
     PYTHONPATH=src python tools/research/gpu_kernel_sass.py --bits 2 --group 6
     PYTHONPATH=src python tools/research/gpu_kernel_sass.py --registers    # decode_mma (Gluon), per loop
+    PYTHONPATH=src python tools/research/gpu_kernel_sass.py --registers --maxnreg 128   # capped: spills?
 
 With `--registers` it compiles the register-fragment kernel (`kernels/decode_mma.py`) instead and prints each
 of its loops (one per decoder: symmetric and general 4-bit), per warp per block of 32 keys, with the share of
@@ -77,7 +78,7 @@ def disassemble(kernel, name: str) -> tuple[str, str]:
     return re.search(r"REG:(\d+)", usage).group(1), sass
 
 
-def register_kernel(bits: int, group: int, dim: int) -> None:
+def register_kernel(bits: int, group: int, dim: int, maxnreg: int = 0) -> None:
     """Compile `decode_mma._attend_chunk_mma` for sm_90 (strides and code pointers 16-byte aligned, as the
     JIT specialises them on a GPU) and print its loops."""
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -92,14 +93,17 @@ def register_kernel(bits: int, group: int, dim: int) -> None:
     source = GluonASTSource(
         fn=decode_mma._attend_chunk_mma, signature=signature, constexprs=constants, attrs=aligned
     )
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=decode_mma.LAUNCH)
+    options = {**decode_mma.LAUNCH, **({"maxnreg": maxnreg} if maxnreg else {})}
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     registers, sass = disassemble(kernel, f"decode_mma_{bits}")
     print(f"K{bits}V{bits}: {registers} registers, {kernel.metadata.shared} B shared memory")
     for loop in loops(sass):
         total, alu = sum(loop.values()), sum(loop[op] for op in ALU)
         mix = ", ".join(f"{op} {n}" for op, n in loop.most_common(10))
+        spills = loop["LDL"] + loop["STL"]
         print(
-            f"  loop: {total} instructions per warp per block, {alu} ({alu / total:.0%}) integer-ALU: {mix}"
+            f"  loop: {total} instructions per warp per block, {alu} ({alu / total:.0%}) integer-ALU, "
+            f"{spills} local (spill) loads/stores: {mix}"
         )
 
 
@@ -111,11 +115,12 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=4, help="query heads per KV head")
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--registers", action="store_true", help="the register-fragment kernel (decode_mma)")
+    parser.add_argument("--maxnreg", type=int, default=0, help="with --registers: cap registers per thread")
     args = parser.parse_args()
     if args.registers:
         print(f"triton {triton.__version__}, sm_90, decode_mma, head_dim {args.dim}, group {args.group}")
         for bits in args.bits:
-            register_kernel(bits, args.group, args.dim)
+            register_kernel(bits, args.group, args.dim, args.maxnreg)
         return
     print(f"triton {triton.__version__}, sm_90, {decode.NUM_WARPS} warps, {decode.NUM_STAGES} stages, "
           f"BLOCK_N {decode.BLOCK_N}, head_dim {args.dim}, group {args.group}")  # fmt: skip
