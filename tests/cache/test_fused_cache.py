@@ -183,28 +183,47 @@ def test_centered_codes_on_the_kernel_path_equal_the_reference_path(codec, bits,
         with torch.no_grad():
             return torch.cat([model(c, cache=cache).logits.double() for c in chunks], 1), cache
 
+    original = fused._with_means
+
+    def leaving_out(side):  # the kernel path with one side's mean term missing
+        def with_means(layer, *args):
+            means, layer.means = layer.means, {**layer.means, side: None}
+            try:
+                return original(layer, *args)
+            finally:
+                layer.means = means
+
+        return with_means
+
     with monkeypatch.context() as patch:
         kernels_only(patch)
         got, cache = logits("triton")
-        patch.setattr(fused, "_with_means", lambda layer, query, out, lse, scaling: (out, lse))
-        without_means, _ = logits("triton")
+        missing = {}
+        for side in ("key", "value"):
+            patch.setattr(fused, "_with_means", leaving_out(side))
+            missing[side], _ = logits("triton")
     want, reference = logits("torch")
     assert all(layer.means["key"] is not None for layer in cache.layers)
     assert_same(got, want)
-    assert (without_means - want).abs().max() > 20 * TOLERANCE * want.abs().max()
+    far = 20 * TOLERANCE * want.abs().max()
+    assert (missing["value"] - want).abs().max() > far
+    if layout:  # the key term moves the codes' log-sum-exp, which counts only against exact tokens (past roundoff)
+        assert (missing["key"] - want).abs().max() > 2 * TOLERANCE * want.abs().max()
     assert cache.nbytes() == {**reference.nbytes(), "allocated": cache.nbytes()["allocated"]}
 
 
-@pytest.mark.parametrize("codec", ["turboquant_mse", "turboquant_prod"])
-def test_the_fused_quantize_codes_x_minus_the_mean(codec, monkeypatch):
-    """`_quantize` (the fused kernel, not the codec) on centered codecs stores what Centered.quantize does."""
-    model = biased()
+@pytest.mark.parametrize("codec, dtype", [("turboquant_mse", torch.float32), ("turboquant_prod", torch.float32),
+                                          ("turboquant_mse", torch.bfloat16)])  # fmt: skip
+def test_the_fused_quantize_codes_x_minus_the_mean(codec, dtype, monkeypatch):
+    """`_quantize` (the fused kernel, not the codec) on centered codecs stores what Centered.quantize does,
+    for a bf16 model too (x − μ is formed in fp32, as the codec forms it)."""
+    model = biased().to(dtype)
     cache = centered_cache(model, codec, 4, kernels="triton")
     with torch.no_grad():
         model(ids(5), cache=cache)
     layer = cache.layers[0]
-    states = 3 * torch.randn(2, 2, 7, 32, generator=torch.Generator().manual_seed(3)).to(DEVICE)
-    got = dict(zip(layer.packed["key"].fields, layer._quantize("key", states.to(layer.dtype)), strict=True))
+    states = (3 * torch.randn(2, 2, 7, 32, generator=torch.Generator().manual_seed(3))).to(DEVICE, dtype)
+    got = dict(zip(layer.packed["key"].fields, layer._quantize("key", states), strict=True))
     for h, centered in enumerate(layer.codecs["key"]):
         want = centered.quantize(states[:, h])
         same = (got["indices"][:, h] == want.indices).float().mean()

@@ -91,3 +91,5 @@ def test_a_reassembled_gguf_in_the_cache_serves_without_the_chunk_packages(monke
     target.write_bytes(content[:-1])  # truncated in the copy
     with pytest.raises(ModelNotFound, match=f"{target} has sha256 .*, expected {model.sha256}"):
         model.gguf_path()
+    with pytest.raises(ValueError, match="a GGUF reassembled from parts needs its sha256"):
+        dataclasses.replace(model, sha256=None)

@@ -75,10 +75,17 @@ def test_windows_per_document_spread_the_windows_over_documents():
 
 def test_windows_too_short_to_score_are_left_out():
     """Under prefill_exact a window no longer than its prompt scores nothing (a NaN that would poison the
-    summary): with min_tokens = prefill + 1 short documents give no window and max_windows counts the rest."""
+    summary): with min_tokens = prefill + 2 short documents give no window and max_windows counts the rest;
+    a window of exactly min_tokens is kept."""
     docs = [("short", list(range(30))), ("long", list(range(100))), ("long2", list(range(100)))]
-    ws = windows(docs, context=64, stride=8, limit=2, per_document=1, min_tokens=57)
+    ws = windows(docs, context=64, stride=8, limit=2, per_document=1, min_tokens=58)
     assert [(w.document, len(w.ids)) for w in ws] == [("long", 64), ("long2", 64)]
+    assert [w.document for w in windows(docs, context=64, stride=8, min_tokens=30, per_document=1)] == [
+        "short",
+        "long",
+        "long2",
+    ]
+    assert windows(docs[:1], context=64, stride=8, min_tokens=31) == []
     assert [w.document for w in windows(docs, context=64, stride=8, limit=2, per_document=1)] == [
         "short",
         "long",

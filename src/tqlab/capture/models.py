@@ -53,7 +53,7 @@ class OfflineModel:
     install: str  # what to run when the package is missing
     gguf_name: str
     parts: tuple[tuple[str, str], ...]  # (package, file inside it), concatenated in order
-    sha256: str | None = None  # of the reassembled GGUF, where the parts come from an unknown publisher
+    sha256: str | None = None  # of the reassembled GGUF: required where it comes in parts
 
     def gguf_path(self) -> Path:
         """The GGUF file: inside its package, or reassembled from chunk packages into the cache. Where the
@@ -76,24 +76,27 @@ class OfflineModel:
             located.append(base / rel)
         if len(located) == 1:
             return located[0]
-        if not target.is_file():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
-                for part in located:
-                    with open(part, "rb") as f:
-                        shutil.copyfileobj(f, tmp)
-            digest = sha256_file(Path(tmp.name))
-            if self.sha256 and digest != self.sha256:
-                os.unlink(tmp.name)
-                raise ModelNotFound(
-                    f"reassembled {self.gguf_name} has sha256 {digest}, expected {self.sha256}"
-                )
-            os.replace(tmp.name, target)
+        if target.is_file():  # assembled earlier, or placed there: checked either way
+            return self._checked(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
+            for part in located:
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, tmp)
+        digest = sha256_file(Path(tmp.name))
+        if digest != self.sha256:
+            os.unlink(tmp.name)
+            raise ModelNotFound(f"reassembled {self.gguf_name} has sha256 {digest}, expected {self.sha256}")
+        os.replace(tmp.name, target)
         return target
+
+    def __post_init__(self):
+        if len(self.parts) > 1 and not self.sha256:
+            raise ValueError(f"offline model {self.key!r}: a GGUF reassembled from parts needs its sha256")
 
     def _checked(self, path: Path) -> Path:
         digest = sha256_file(path)
-        if self.sha256 and digest != self.sha256:
+        if digest != self.sha256:
             raise ModelNotFound(f"{path} has sha256 {digest}, expected {self.sha256}: remove or replace it")
         return path
 

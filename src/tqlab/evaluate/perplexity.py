@@ -40,8 +40,8 @@ def windows(
     """Sliding windows per document (the usual strided perplexity): every token after a document's first is
     scored exactly once — within the first `per_document` windows of each document, when that is set (fewer
     windows from more documents make more independent units). A window shorter than `min_tokens` (a
-    document's last, or a whole short document) is left out: under prefill-exact a window no longer than
-    its prompt has nothing to score."""
+    document's last, or a whole short document) is left out: under prefill-exact a window needs the prompt
+    and two more tokens for one prediction that reads codes."""
     out = []
     for title, ids in documents:
         starts = range(0, max(1, len(ids) - context + stride), stride)

@@ -75,14 +75,15 @@ def run(cfg: DictConfig, sections: dict, results) -> None:
         per_document = (
             None if sections["data"]["source"] == "wikitext2" else sections["data"]["windows_per_document"]
         )
-        # prefill_exact scores the tokens after the prompt only: windows no longer than it would score none
-        shortest = prefill + 1 if protocol == "prefill_exact" else 2
+        # prefill_exact scores the tokens after the prompt, the first predicted by the exact prompt itself:
+        # a window needs two more tokens than the prompt for one prediction that reads codes
+        shortest = prefill + 2 if protocol == "prefill_exact" else 2
         items = windows(docs, context, stride, settings["max_windows"], per_document, shortest)
         if not items:
             raise RuleError(
-                f"task=perplexity: no test document reaches past a {prefill}-token prompt "
-                f"(perplexity.context={context}, perplexity.stride={stride}, cache.protocol={protocol}); "
-                "lower perplexity.context or raise perplexity.stride"
+                f"task=perplexity: no test document has the {shortest} tokens a window needs (a {prefill}-token "
+                f"first chunk under cache.protocol={protocol}, perplexity.context={context}); lower "
+                "perplexity.context or perplexity.prefill"
             )
         for w in tqdm(items, desc="perplexity", unit="window", disable=not progress):
             out = compare_window(model, w, spec, layout, prefill, settings["chunk_size"], calibration)
