@@ -207,7 +207,8 @@ def test_centered_codes_on_the_kernel_path_equal_the_reference_path(codec, bits,
     assert_same(got, want)
     far = 20 * TOLERANCE * want.abs().max()
     assert (missing["value"] - want).abs().max() > far
-    if layout:  # the key term moves the codes' log-sum-exp, which counts only against exact tokens (past roundoff)
+    # the key term moves the codes' log-sum-exp, which counts only against exact tokens (past roundoff)
+    if layout:
         assert (missing["key"] - want).abs().max() > 2 * TOLERANCE * want.abs().max()
     assert cache.nbytes() == {**reference.nbytes(), "allocated": cache.nbytes()["allocated"]}
 
