@@ -128,19 +128,18 @@ class TurboQuantLayer(CacheLayerMixin):
         self.projections, self.means = {}, {}
         for side in SIDES:
             codecs = [stored(c) for c in self.codecs[side]]
-            centered = {c is not wrapped for c, wrapped in zip(codecs, self.codecs[side], strict=True)}
-            first = codecs[0]
+            first, centered = codecs[0], codecs[0] is not self.codecs[side][0]
             mse = stage1(first)
             prod = mse is not first
-            if len(centered) > 1 or any(
+            if any(
                 type(c) is not type(first) or c.bits != first.bits or c.norm_dtype != first.norm_dtype
-                for c in codecs
-            ):
+                or (c is not wrapped) != centered
+                for c, wrapped in zip(codecs, self.codecs[side], strict=True)
+            ):  # fmt: skip
                 raise RuleError(
                     f"layer {self.layer_idx}: the {side} codecs of its KV heads differ in kind, bits, norm dtype "
                     "or mean removal"
                 )
-            centered = centered == {True}
             self.packed[side] = PackedCodes(mse.bits, mse.dim, first.norm_dtype, self.reserve_tokens, prod)
             with torch.no_grad():
                 # matrix() builds on the rotation's own device: CPU for one without tensors (identity)

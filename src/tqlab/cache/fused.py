@@ -161,14 +161,15 @@ def _with_means(layer, query: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
     log-sum-exp by scaling·q·μ and its softmax not at all; a value mean adds (Σ p) μ = μ to the normalised
     output of a query that saw any code."""
     key_mean, value_mean = layer.means["key"], layer.means["value"]
-    group = query.shape[1] // layer.num_kv_heads
+    batch, _, q_len, dim = query.shape
+    # query head h reads KV head h // group, as in _rotate
+    by_kv_head = (batch, layer.num_kv_heads, -1, q_len)
     if key_mean is not None:
-        lse = lse + scaling * torch.einsum(
-            "bhtd,hd->bht", query.float(), key_mean.repeat_interleave(group, 0)
-        )
+        q = query.float().reshape(*by_kv_head, dim)
+        lse = lse + scaling * torch.einsum("bhgtd,hd->bhgt", q, key_mean).reshape(lse.shape)
     if value_mean is not None:
-        seen = lse.isfinite()[..., None]
-        out = out + seen * value_mean.repeat_interleave(group, 0)[None, :, None, :]
+        seen = lse.isfinite().reshape(*by_kv_head, 1)
+        out = out + (seen * value_mean[None, :, None, None, :]).reshape(out.shape)
     return out, lse
 
 
