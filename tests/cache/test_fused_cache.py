@@ -12,6 +12,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Confi
 
 from tqlab.cache import attention, compress_kv, fused  # noqa: E402
 from tqlab.cache.cache import TurboQuantLayer  # noqa: E402
+from tqlab.kernels import decode  # noqa: E402
 from tqlab.kv import KVQuantSpec  # noqa: E402
 from tqlab.registry import RuleError  # noqa: E402
 
@@ -173,8 +174,8 @@ def centered_cache(model, codec="turboquant_mse", bits=3, **layout):
     ],
 )
 def test_centered_codes_on_the_kernel_path_equal_the_reference_path(codec, bits, layout, monkeypatch):
-    """Codes of x − μ (`codec.center=true`): the kernels attend over them, and the cache adds scaling·q·μ_k to
-    their log-sum-exp and μ_v to their output, as the reference's codec.score and dequantize do."""
+    """Codes of x − μ (`codec.center=true`): the kernels attend over them with each side's Πμ, adding
+    scaling·q·μ_k to every score and μ_v to the output, as the reference's codec.score and dequantize do."""
     model = biased()
     chunks = [ids(21), ids(1, 2), ids(3, 4)]
 
@@ -183,27 +184,23 @@ def test_centered_codes_on_the_kernel_path_equal_the_reference_path(codec, bits,
         with torch.no_grad():
             return torch.cat([model(c, cache=cache).logits.double() for c in chunks], 1), cache
 
-    original = fused._with_means
+    original = decode.decode_attention
 
     def leaving_out(side):  # the kernel path with one side's mean term missing
-        def with_means(layer, *args):
-            means, layer.means = layer.means, {**layer.means, side: None}
-            try:
-                return original(layer, *args)
-            finally:
-                layer.means = means
+        def attention(*args, **kwargs):
+            return original(*args, **{**kwargs, f"{side}_mean": None})
 
-        return with_means
+        return attention
 
     with monkeypatch.context() as patch:
         kernels_only(patch)
         got, cache = logits("triton")
         missing = {}
         for side in ("key", "value"):
-            patch.setattr(fused, "_with_means", leaving_out(side))
+            patch.setattr(decode, "decode_attention", leaving_out(side))
             missing[side], _ = logits("triton")
     want, reference = logits("torch")
-    assert all(layer.means["key"] is not None for layer in cache.layers)
+    assert all(layer.rotated_means["key"] is not None for layer in cache.layers)
     assert_same(got, want)
     far = 20 * TOLERANCE * want.abs().max()
     assert (missing["value"] - want).abs().max() > far
@@ -217,7 +214,7 @@ def test_centered_codes_on_the_kernel_path_equal_the_reference_path(codec, bits,
                                           ("turboquant_mse", torch.bfloat16)])  # fmt: skip
 def test_the_fused_quantize_codes_x_minus_the_mean(codec, dtype, monkeypatch):
     """`_quantize` (the fused kernel, not the codec) on centered codecs stores what Centered.quantize does,
-    for a bf16 model too (x − μ is formed in fp32, as the codec forms it)."""
+    for a bf16 model too (its exact ±1 product, less the mean's)."""
     model = biased().to(dtype)
     cache = centered_cache(model, codec, 4, kernels="triton")
     with torch.no_grad():

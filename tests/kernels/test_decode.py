@@ -188,6 +188,35 @@ def test_padding_starts_a_causal_shift_and_the_log_sum_exp(dim, group, q_len, sh
     assert kernel is None or kernel
 
 
+@pytest.mark.parametrize("dim,group,q_len,bits,splits", [(64, 4, 1, 4, 3), (128, 2, 2, 3, 1)])
+def test_means_add_to_every_score_and_to_the_output(dim, group, q_len, bits, splits, kernel):
+    """Codes of x − μ (`Centered`) with key_mean / value_mean (Πμ): attention over the codes plus the means,
+    with padding (a row that sees no key keeps 0 and −inf) and the log-sum-exp, merged over chunks or not."""
+    register_kernel_takes(kernel, dim, bits, bits, group * q_len)
+    batch, kv_heads, tokens = 3, 2, 140
+    codec = TurboQuantMSE(dim, bits, rotation="fast_hadamard", seed=dim)
+    k_code = codec.quantize(gaussian(batch, kv_heads, tokens, dim, seed=1))
+    v_code = codec.quantize(gaussian(batch, kv_heads, tokens, dim, seed=2))
+    key_mean, value_mean = gaussian(2, kv_heads, dim, seed=3) * 4  # far from 0, as a key bias puts them
+    q = gaussian(batch, kv_heads * group, q_len, dim, seed=4)
+    lengths, starts = torch.tensor([140, 90, 7]), torch.tensor([0, 30, 7])
+    scaling = dim**-0.5
+    out, lse = run(
+        q, codec, k_code, codec, v_code, lengths, scaling, splits, True, starts=starts,
+        key_mean=key_mean.to(DEVICE), value_mean=value_mean.to(DEVICE),
+    )  # fmt: skip
+    keys = rotated_codes(codec, k_code) + key_mean.double()[None, :, None]
+    values = rotated_codes(codec, v_code) + value_mean.double()[None, :, None]
+    expected, expected_lse = reference(q, keys, values, lengths, scaling, starts, with_lse=True)
+    torch.testing.assert_close(out, expected, rtol=0, atol=TOLERANCE * expected.abs().max())
+    seen = expected_lse.isfinite()
+    assert not seen[2].any() and torch.equal(lse.isfinite(), seen) and (out[2] == 0).all()
+    torch.testing.assert_close(lse[seen], expected_lse[seen], rtol=TOLERANCE, atol=0)
+    assert kernel is None or kernel
+    with pytest.raises(ValueError, match=r"key_mean must be a contiguous fp32 \[2, "):
+        run(q, codec, k_code, codec, v_code, lengths, scaling, splits, key_mean=key_mean[:1].to(DEVICE))
+
+
 @pytest.mark.parametrize("dim,bits,splits", [(64, 4, 3), (128, 3, 8), (128, 2, None)])
 def test_a_static_launch_splits_each_sequence_by_its_own_length(dim, bits, splits, kernel, monkeypatch):
     """static_launch (what a CUDA graph replays): the launch is sized from the capacity T, the chunks from

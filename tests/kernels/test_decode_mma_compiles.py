@@ -28,7 +28,7 @@ constants = json.loads(sys.argv[1])
 pointers = {
     "query": "*fp32", "k_codes": "*u8", "k_norms": "*fp16", "v_codes": "*u8", "v_norms": "*fp16",
     "k_table": "*fp16", "v_table": "*fp16", "lengths": "*i32", "starts": "*i32", "part_out": "*fp32",
-    "part_lse": "*fp32", "scale_log2": "fp32",
+    "part_lse": "*fp32", "scale_log2": "fp32", "key_mean": "*fp32", "value_mean": "*fp32",
 }
 names = decode_mma._attend_chunk_mma.arg_names
 signature = {n: "constexpr" if n in constants else pointers.get(n, "i32") for n in names}
@@ -62,17 +62,19 @@ def loops(sass: str) -> list[collections.Counter]:
 
 
 @pytest.mark.parametrize(
-    "dim,k_bits,v_bits,group,q_len",
+    "dim,k_bits,v_bits,group,q_len,means",
     [
-        (128, 4, 4, 4, 1),
-        (128, 3, 2, 6, 1),
-        (256, 2, 4, 8, 1),
-        (64, 4, 2, 4, 4),
-        (64, 3, 3, 4, 1),
-        (256, 3, 3, 4, 1),
+        (128, 4, 4, 4, 1, False),
+        (128, 3, 2, 6, 1, False),
+        (256, 2, 4, 8, 1, False),
+        (64, 4, 2, 4, 4, True),  # centered codes: the means' terms after the loop
+        (64, 3, 3, 4, 1, False),
+        (256, 3, 3, 4, 1, False),
     ],
 )
-def test_compiles_for_sm90_with_operands_decoded_in_registers(dim, k_bits, v_bits, group, q_len, tmp_path):
+def test_compiles_for_sm90_with_operands_decoded_in_registers(
+    dim, k_bits, v_bits, group, q_len, means, tmp_path
+):
     if not (os.path.exists(tool("ptxas")) and os.path.exists(tool("nvdisasm"))):
         pytest.skip("this triton wheel ships no ptxas or nvdisasm")
     from tqlab.kernels import decode_mma
@@ -80,7 +82,7 @@ def test_compiles_for_sm90_with_operands_decoded_in_registers(dim, k_bits, v_bit
     constants = dict(
         KV_HEADS=8, GROUP=group, Q_LEN=q_len, DIM=dim, K_BITS=k_bits, V_BITS=v_bits,
         ROWS=max(8, group * q_len),
-        BLOCK_N=decode_mma.block_keys(dim), PADDED=True,
+        BLOCK_N=decode_mma.block_keys(dim), PADDED=True, KEY_MEAN=means, VALUE_MEAN=means,
     )  # fmt: skip
     cubin = tmp_path / "kernel.cubin"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

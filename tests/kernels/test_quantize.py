@@ -6,7 +6,7 @@ import torch
 pytest.importorskip("triton")
 
 from tqlab.kernels import quantize_mse, quantize_tables  # noqa: E402
-from tqlab.quant import TurboQuantMSE, lloyd_max_codebook, pack_bits, unpack_bits  # noqa: E402
+from tqlab.quant import Centered, TurboQuantMSE, lloyd_max_codebook, pack_bits, unpack_bits  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NEAR_TIE = 1e-5  # |y − boundary| of a unit vector's rotated coordinate below which fp32 sums may disagree
@@ -69,6 +69,35 @@ def test_each_kv_head_is_coded_with_its_own_rotation(dim, dtype, bits):
         assert torch.equal(norms[:, h].cpu(), code.norms)
         differ = (unpack_bits(indices[:, h].cpu(), bits, dim) != unpack_bits(code.indices, bits, dim)).float()
         assert differ.mean() < 1e-3  # fp32 summation order only moves coordinates at a boundary tie
+
+
+@pytest.mark.parametrize(  # the ±1 product, its signed halves (d = 256) and tf32x3 (fp32 input)
+    "dim, dtype, bits", [(128, torch.bfloat16, 4), (256, torch.bfloat16, 3), (64, torch.float32, 2)]
+)
+def test_centered_codes_equal_the_centered_codec_and_a_float64_reference(dim, dtype, bits):
+    """mean=μ codes x − μ as Centered(codec, μ) does, with μ far larger than x − μ (a key bias): the ±1
+    product subtracts (√d Π) μ from its output, so a slip there or in the norm moves nearly every code."""
+    heads = 2
+    codecs = [TurboQuantMSE(dim, bits, rotation="fast_hadamard", seed=h) for h in range(heads)]
+    generator = torch.Generator().manual_seed(dim)
+    means = 20 * torch.randn(heads, dim, generator=generator)
+    x = (means[None, :, None] + torch.randn(2, heads, 33, dim, generator=generator)).to(dtype)
+    rotations = torch.stack([c.rotation.matrix() for c in codecs])
+    indices, norms = quantize_mse(
+        x.to(DEVICE), rotations.to(DEVICE), codecs[0].boundaries.to(DEVICE), mean=means.to(DEVICE)
+    )
+    for h, codec in enumerate(codecs):
+        code = Centered(codec, means[h]).quantize(x[:, h])
+        torch.testing.assert_close(norms[:, h].cpu().float(), code.norms.float(), rtol=1e-3, atol=0)
+        c64 = x[:, h].double() - means[h].double()
+        y = (c64 / c64.norm(dim=-1, keepdim=True)) @ rotations[h].double().T
+        near_tie = ((y.unsqueeze(-1) - codec.boundaries.double()).abs() < NEAR_TIE).any(-1)
+        ours = unpack_bits(indices[:, h].cpu(), bits, dim)
+        assert torch.equal(ours[~near_tie], torch.bucketize(y, codec.boundaries.double())[~near_tie])
+        assert not ((ours != unpack_bits(code.indices, bits, dim)) & ~near_tie).any()
+    with pytest.raises(ValueError, match="centered codes need both"):
+        tables = quantize_tables(rotations, codecs[0].boundaries, dtype)
+        quantize_mse(x, rotations, codecs[0].boundaries, tables=tables, mean=means)
 
 
 @pytest.mark.parametrize("bits", [3, 4])

@@ -7,7 +7,7 @@ import torch
 pytest.importorskip("triton")
 
 from tqlab.kernels import quantize_prod, quantize_tables  # noqa: E402
-from tqlab.quant import TurboQuantProd, unpack_bits  # noqa: E402
+from tqlab.quant import Centered, TurboQuantProd, unpack_bits  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NEAR_TIE = 1e-5  # |y − boundary| below which fp32 sums may put a coordinate in the neighbouring cell
@@ -86,6 +86,29 @@ def test_prod_in_the_tiled_tf32_product(monkeypatch):
     certain = rows[:, None] & (sketch.abs() > NEAR_ZERO)
     assert torch.equal(unpack_bits(signs.cpu(), 1, dim).bool()[certain], (sketch >= 0)[certain])
     assert torch.allclose(residual_norms.cpu().double()[rows], r_norm[rows], rtol=1e-3)
+
+
+def test_centered_prod_codes_equal_the_centered_codec():
+    """mean=μ: Stage-1 codes, signs and ‖r‖ of x − μ, as Centered(codec, μ) stores them (bf16: the ±1 product)."""
+    dim, bits = 64, 3
+    codec = TurboQuantProd(dim, bits, rotation="fast_hadamard", seed=6)
+    mean = 20 * torch.randn(dim, generator=torch.Generator().manual_seed(7))
+    x = (mean + torch.randn(41, dim, generator=torch.Generator().manual_seed(8))).to(torch.bfloat16)
+    indices, signs, norms, residual_norms = quantize_prod(
+        x.to(DEVICE), codec.rotation.matrix().to(DEVICE), codec.mse.boundaries.to(DEVICE),
+        codec.projection.to(DEVICE), codec.mse.centroids.to(DEVICE), mean=mean.to(DEVICE),
+    )  # fmt: skip
+    code = Centered(codec, mean).quantize(x)
+    idx, sketch, r_norm, near_tie = _reference(codec, x.float() - mean)
+    ours = unpack_bits(indices.cpu(), bits - 1, dim)
+    assert torch.equal(ours[~near_tie], idx[~near_tie])
+    assert not ((ours != unpack_bits(code.indices, bits - 1, dim)) & ~near_tie).any()
+    rows = (ours == idx).all(-1)
+    certain = rows[:, None] & (sketch.abs() > NEAR_ZERO)
+    assert rows.float().mean() > 0.95
+    assert torch.equal(unpack_bits(signs.cpu(), 1, dim).bool()[certain], (sketch >= 0)[certain])
+    assert torch.allclose(residual_norms.cpu().double()[rows], r_norm[rows], rtol=1e-3)
+    torch.testing.assert_close(norms.cpu().float(), code.norms.float(), rtol=1e-3, atol=0)
 
 
 def test_prod_needs_its_projection_in_the_tables():

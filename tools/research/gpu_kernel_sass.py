@@ -35,7 +35,7 @@ from tqlab.kernels import decode, decode_mma
 POINTERS = {
     "query": "*fp32", "k_codes": "*u8", "k_norms": "*fp16", "v_codes": "*u8", "v_norms": "*fp16",
     "k_table": "*fp16", "v_table": "*fp16", "lengths": "*i32", "starts": "*i32", "part_out": "*fp32",
-    "part_lse": "*fp32", "scale_log2": "fp32",
+    "part_lse": "*fp32", "scale_log2": "fp32", "key_mean": "*fp32", "value_mean": "*fp32",
 }  # fmt: skip
 OPCODE = re.compile(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)")
 LABEL = re.compile(r"(\.L_x_\d+):")
@@ -78,14 +78,14 @@ def disassemble(kernel, name: str) -> tuple[str, str]:
     return re.search(r"REG:(\d+)", usage).group(1), sass
 
 
-def register_kernel(bits: int, group: int, dim: int, maxnreg: int = 0) -> None:
+def register_kernel(bits: int, group: int, dim: int, maxnreg: int = 0, means: bool = False) -> None:
     """Compile `decode_mma._attend_chunk_mma` for sm_90 (strides and code pointers 16-byte aligned, as the
     JIT specialises them on a GPU) and print its loops."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
     constants = dict(
         KV_HEADS=8, GROUP=group, Q_LEN=1, DIM=dim, K_BITS=bits, V_BITS=bits, ROWS=max(8, group), PADDED=True,
-        BLOCK_N=decode_mma.block_keys(dim),
+        BLOCK_N=decode_mma.block_keys(dim), KEY_MEAN=means, VALUE_MEAN=means,
     )  # fmt: skip
     names = decode_mma._attend_chunk_mma.arg_names
     signature = {n: "constexpr" if n in constants else POINTERS.get(n, "i32") for n in names}
@@ -116,11 +116,12 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--registers", action="store_true", help="the register-fragment kernel (decode_mma)")
     parser.add_argument("--maxnreg", type=int, default=0, help="with --registers: cap registers per thread")
+    parser.add_argument("--means", action="store_true", help="with --registers: centered codes' mean terms")
     args = parser.parse_args()
     if args.registers:
         print(f"triton {triton.__version__}, sm_90, decode_mma, head_dim {args.dim}, group {args.group}")
         for bits in args.bits:
-            register_kernel(bits, args.group, args.dim, args.maxnreg)
+            register_kernel(bits, args.group, args.dim, args.maxnreg, args.means)
         return
     print(f"triton {triton.__version__}, sm_90, {decode.NUM_WARPS} warps, {decode.NUM_STAGES} stages, "
           f"BLOCK_N {decode.BLOCK_N}, head_dim {args.dim}, group {args.group}")  # fmt: skip

@@ -125,7 +125,7 @@ class TurboQuantLayer(CacheLayerMixin):
         from ..kernels import centroid_table, quantize_tables
 
         self.packed, self.rotations, self.tables, self.quantize_tables = {}, {}, {}, {}
-        self.projections, self.means = {}, {}
+        self.projections, self.means, self.rotated_means = {}, {}, {}
         for side in SIDES:
             codecs = [stored(c) for c in self.codecs[side]]
             first, centered = codecs[0], codecs[0] is not self.codecs[side][0]
@@ -146,12 +146,19 @@ class TurboQuantLayer(CacheLayerMixin):
                 self.rotations[side] = torch.stack([c.rotation.matrix().to(self.device) for c in codecs])
             # Prod: each KV head's QJL projection S, [KVH, d, d]
             self.projections[side] = torch.stack([c.projection for c in codecs]) if prod else None
-            # Centered: each KV head's mean [KVH, d]; its codes are of x − μ, formed in fp32 as the codec does
-            self.means[side] = torch.stack([c.mean for c in self.codecs[side]]) if centered else None
+            # Centered: each KV head's mean μ [KVH, d]; its codes are of x − μ (the fused quantize subtracts it),
+            # and the decode kernels add Πμ's terms to their scores and outputs
+            means = torch.stack([c.mean for c in self.codecs[side]]) if centered else None
+            self.means[side] = means
+            self.rotated_means[side] = (
+                None
+                if means is None
+                else (self.rotations[side].double() @ means.double()[..., None])[..., 0].float()
+            )
             self.tables[side] = centroid_table(kernel_centroids(first))
             self.quantize_tables[side] = quantize_tables(
-                self.rotations[side], mse.boundaries, torch.float32 if centered else self.dtype,
-                self.projections[side], mse.centroids if prod else None,
+                self.rotations[side], mse.boundaries, self.dtype, self.projections[side],
+                mse.centroids if prod else None, means,
             )  # fmt: skip
 
     def _quantize(self, side: str, states: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -160,15 +167,13 @@ class TurboQuantLayer(CacheLayerMixin):
         from ..kernels import quantize_mse, quantize_prod
 
         codec = stored(self.codecs[side][0])
-        mse, tables = stage1(codec), self.quantize_tables[side]
-        if self.means[side] is not None:
-            states = states.float() - self.means[side][:, None, :]
+        mse, tables, mean = stage1(codec), self.quantize_tables[side], self.means[side]
         if self.projections[side] is not None:
             return quantize_prod(
                 states, self.rotations[side], mse.boundaries, self.projections[side], mse.centroids,
-                codec.norm_dtype, tables,
+                codec.norm_dtype, tables, mean,
             )  # fmt: skip
-        return quantize_mse(states, self.rotations[side], codec.boundaries, codec.norm_dtype, tables)
+        return quantize_mse(states, self.rotations[side], codec.boundaries, codec.norm_dtype, tables, mean)
 
     @property
     def key_codecs(self) -> list:

@@ -81,11 +81,11 @@ def attend_packed(layer, query: torch.Tensor, attention_mask, scaling: float, wi
             torch.full((batch,), length, dtype=torch.int32, device=query.device), scaling,
             starts=code_starts, causal_shift=end - length,
             key_sketch=_sketch(layer, "key", k), value_sketch=_sketch(layer, "value", v),
+            key_mean=layer.rotated_means["key"], value_mean=layer.rotated_means["value"],
         )  # fmt: skip
         outs.append(out)
         lses.append(lse)
-    out, lse = torch.cat(outs, dim=2), torch.cat(lses, dim=2)
-    out, lse = _with_means(layer, query, _rotate_back(out, layer.rotations["value"]), lse, scaling)
+    out, lse = _rotate_back(torch.cat(outs, dim=2), layer.rotations["value"]), torch.cat(lses, dim=2)
     if n_sink or n_recent:
         keys = torch.cat([t for t in layer.exact_tokens("key") if t is not None], dim=-2)
         values = torch.cat([t for t in layer.exact_tokens("value") if t is not None], dim=-2)
@@ -124,8 +124,9 @@ def _attend_static(layer, query: torch.Tensor, attention_mask, scaling: float) -
         q_rot, k["indices"], k["norms"], v["indices"], v["norms"], layer.tables["key"], layer.tables["value"],
         lengths, scaling, starts=layer._code_starts, causal_shift=window + own, static_launch=True,
         key_sketch=_sketch(layer, "key", k), value_sketch=_sketch(layer, "value", v),
+        key_mean=layer.rotated_means["key"], value_mean=layer.rotated_means["value"],
     )  # fmt: skip
-    out, lse = _with_means(layer, query, _rotate_back(out, layer.rotations["value"]), lse, scaling)
+    out = _rotate_back(out, layer.rotations["value"])
     # The exact keys in order: the sinks, the window (just after the codes), the step's own token.
     sinks = layer.exact_tokens("key")[0]
     parts = [] if sinks is None else [(sinks, layer.exact_tokens("value")[0], layer._sinks_seen)]
@@ -153,24 +154,6 @@ def _sketch(layer, side: str, codes: dict):
         return None
     scale = stored(layer.codecs[side][0]).qjl_scale
     return QJLSketch(codes["signs"], codes["residual_norms"], projection, scale)
-
-
-def _with_means(layer, query: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, scaling: float):
-    """The kernels' attention over centered codes (`Centered`: codes of x − μ) made attention over the keys
-    and values they stand for: a key mean adds q·μ to each coded score of a query, which moves its
-    log-sum-exp by scaling·q·μ and its softmax not at all; a value mean adds (Σ p) μ = μ to the normalised
-    output of a query that saw any code."""
-    key_mean, value_mean = layer.means["key"], layer.means["value"]
-    batch, _, q_len, dim = query.shape
-    # query head h reads KV head h // group, as in _rotate
-    by_kv_head = (batch, layer.num_kv_heads, -1, q_len)
-    if key_mean is not None:
-        q = query.float().reshape(*by_kv_head, dim)
-        lse = lse + scaling * torch.einsum("bhgtd,hd->bhgt", q, key_mean).reshape(lse.shape)
-    if value_mean is not None:
-        seen = lse.isfinite().reshape(*by_kv_head, 1)
-        out = out + (seen * value_mean[None, :, None, None, :]).reshape(out.shape)
-    return out, lse
 
 
 def _attend_exact(query, keys, values, seen, scaling: float):

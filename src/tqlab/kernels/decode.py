@@ -58,6 +58,14 @@ def _scaled_rows(base, b, head, token, stride_b, stride_h, stride_t, dims, row_v
 
 
 @triton.jit
+def _mean_scores(base, b, head, token, stride_b, stride_h, stride_t, dims, row_valid, scale_log2, mean):
+    """scale_log2 · ⟨q, μ⟩ per query row (fp32): what a key mean μ adds to each of the row's scores."""
+    at = base + b.to(tl.int64) * stride_b + head * stride_h + token * stride_t
+    q = tl.load(at[:, None] + dims[None, :], mask=row_valid[:, None], other=0.0).to(tl.float32)
+    return tl.sum(q * tl.load(mean + dims)[None, :], axis=1) * scale_log2
+
+
+@triton.jit
 def _sketch_rows(codes, residual_norms, b, h, stride_b, stride_h, norm_stride_b, norm_stride_h):
     """Pointers to one (sequence, KV head)'s sign bits and residual norms (Prod's second stage)."""
     return (
@@ -76,9 +84,11 @@ def _attend_chunk(
     q_sketch, k_signs, k_residual_norms, v_signs, v_residual_norms, k_qjl_scale,
     qs_stride_b, qs_stride_h, qs_stride_t,
     ks_stride_b, ks_stride_h, kr_stride_b, kr_stride_h, vs_stride_b, vs_stride_h, vr_stride_b, vr_stride_h,
+    key_mean, value_mean,
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, Q_LEN: tl.constexpr, DIM: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PERMUTE: tl.constexpr, PADDED: tl.constexpr, K_SKETCH: tl.constexpr = False, V_SKETCH: tl.constexpr = False,
+    KEY_MEAN: tl.constexpr = False, VALUE_MEAN: tl.constexpr = False,
 ):  # fmt: skip
     bh, split = tl.program_id(0), tl.program_id(1)
     b, h = bh // KV_HEADS, bh % KV_HEADS
@@ -151,10 +161,18 @@ def _attend_chunk(
     part = (bh * splits + split) * BLOCK_M + rows
     out_dim: tl.constexpr = 2 * DIM if V_SKETCH else DIM  # Prod values: the sketch's sum after the output
     norm = tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(part_out + part[:, None] * out_dim + dims[None, :], acc / norm)
+    out = acc / norm
+    if VALUE_MEAN:  # codes of v − μ: a row that saw any adds Σ p μ = μ
+        out += (l_i > 0).to(tl.float32)[:, None] * tl.load(value_mean + h * DIM + dims)[None, :]
+    tl.store(part_out + part[:, None] * out_dim + dims[None, :], out)
     if V_SKETCH:
         tl.store(part_out + part[:, None] * out_dim + DIM + dims[None, :], acc_sketch / norm)
     lse = m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))
+    if KEY_MEAN:  # codes of k − μ: every score of a row plus scaling · q·μ, and so its log-sum-exp
+        lse += _mean_scores(
+            query, b, head, token, q_stride_b, q_stride_h, q_stride_t, dims, row_valid, scale_log2,
+            key_mean + h * DIM,
+        )  # fmt: skip
     tl.store(part_lse + part, tl.where(l_i > 0, lse, float("-inf")))
 
 
@@ -286,6 +304,8 @@ def decode_attention(
     static_launch: bool = False,
     key_sketch: QJLSketch | None = None,
     value_sketch: QJLSketch | None = None,
+    key_mean: torch.Tensor | None = None,
+    value_mean: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of rotated queries [B, Hq, Tq, d] over packed codes [B, KVH, T, packed bytes] with norms
     [B, KVH, T]; sequence b holds its first lengths[b] tokens, of which the first starts[b] (default 0) are
@@ -304,6 +324,10 @@ def decode_attention(
     hold its Stage-1 codes (tables of codec.mse's centroids) — scored with Prod's estimator ‖k‖(⟨q, c[idx]⟩
     + √(π/2)/d ‖r‖ ⟨Sq, s⟩) and accumulated as its dequantized values ‖v‖(c[idx] + √(π/2)/d ‖r‖ Sᵀs) (S
     applied once to the weighted sum of signs); these take the Triton-language kernel.
+    key_mean / value_mean: the side's codes are of x − μ (`Centered`); Πμ, fp32 [KVH, d] in the rotated
+    domain. Each score then adds scaling·⟨Πq, Πμ_k⟩ (so the log-sum-exp moves and the softmax does not),
+    and the output of a query that saw any code adds Πμ_v: the attention over the keys and values the codes
+    stand for, with no pass of its own.
     Returns fp32 [B, Hq, Tq, d] in the rotated domain and the natural-log sum of exp of the scaled scores,
     [B, Hq, Tq] (−inf for a query that sees no key).
     """
@@ -349,6 +373,15 @@ def decode_attention(
     for name, sketch in [("key_sketch", key_sketch), ("value_sketch", value_sketch)]:
         if sketch is not None:
             sketch.check(name, batch, kv_heads, tokens, dim, query.device)
+    for name, mean in [("key_mean", key_mean), ("value_mean", value_mean)]:
+        if mean is not None and (
+            tuple(mean.shape) != (kv_heads, dim) or mean.dtype != torch.float32 or mean.device != query.device
+            or not mean.is_contiguous()
+        ):  # fmt: skip
+            raise ValueError(
+                f"{name} must be a contiguous fp32 [{kv_heads}, {dim}] tensor on {query.device} (Πμ per KV head); "
+                f"got {mean.dtype} {tuple(mean.shape)} on {mean.device}"
+            )
 
     group = q_heads // kv_heads
     if group * q_len > MAX_ROWS:
@@ -365,7 +398,10 @@ def decode_attention(
     padded = starts is not None  # otherwise no padding: nothing to read (and no kernel to fill zeros)
     if mma:  # codes decoded into the tensor cores' operand registers: one warp per program
         block_m, block_n = max(8, triton.next_power_of_2(group * q_len)), mma.block_keys(dim)
-        launch = (query.device.index, dim, k_bits, v_bits, block_m, group, q_len, kv_heads, padded)
+        launch = (
+            query.device.index, dim, k_bits, v_bits, block_m, group, q_len, kv_heads, padded,
+            key_mean is not None, value_mean is not None,
+        )  # fmt: skip
         if num_splits is None:  # at most one wave of resident programs: a second, sparse wave would take as
             # long as the first (the first call's estimate: PROGRAMS_PER_SM)
             resident = _RESIDENT.get(launch, mma.PROGRAMS_PER_SM) * _sm_count(query.device.index)
@@ -399,17 +435,22 @@ def decode_attention(
         *value_indices.stride()[:2], *value_norms.stride()[:2],
     )  # fmt: skip
     shape = dict(
-        KV_HEADS=kv_heads, GROUP=group, Q_LEN=q_len, DIM=dim, K_BITS=k_bits, V_BITS=v_bits, PADDED=padded
+        KV_HEADS=kv_heads, GROUP=group, Q_LEN=q_len, DIM=dim, K_BITS=k_bits, V_BITS=v_bits, PADDED=padded,
+        KEY_MEAN=key_mean is not None, VALUE_MEAN=value_mean is not None,
+    )  # fmt: skip
+    means = dict(  # the query stands in for an absent mean, which the kernels do not read
+        key_mean=query if key_mean is None else key_mean,
+        value_mean=query if value_mean is None else value_mean,
     )
     if mma:
         kernel = mma._attend_chunk_mma[(batch * kv_heads, splits)](
-            *arguments, **shape, ROWS=block_m, BLOCK_N=block_n, **mma.LAUNCH
+            *arguments, **means, **shape, ROWS=block_m, BLOCK_N=block_n, **mma.LAUNCH
         )
         if launch not in _RESIDENT:
             _RESIDENT[launch] = _resident_programs(query.device.index, kernel.n_regs, mma.PROGRAMS_PER_SM)
     else:
         _attend_chunk[(batch * kv_heads, splits)](
-            *arguments, *_sketch_arguments(query, key_sketch, value_sketch), **shape, BLOCK_M=block_m,
+            *arguments, *_sketch_arguments(query, key_sketch, value_sketch), **means, **shape, BLOCK_M=block_m,
             BLOCK_N=block_n, PERMUTE=_PTX and query.is_cuda, K_SKETCH=key_sketch is not None,
             V_SKETCH=value_sketch is not None, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
         )  # fmt: skip

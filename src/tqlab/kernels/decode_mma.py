@@ -344,9 +344,10 @@ def _attend_chunk_mma(
     scale_log2, chunk, splits, causal_shift,
     q_stride_b, q_stride_h, q_stride_t,
     kc_stride_b, kc_stride_h, kn_stride_b, kn_stride_h,
-    vc_stride_b, vc_stride_h, vn_stride_b, vn_stride_h,
+    vc_stride_b, vc_stride_h, vn_stride_b, vn_stride_h, key_mean, value_mean,
     KV_HEADS: gl.constexpr, GROUP: gl.constexpr, Q_LEN: gl.constexpr, DIM: gl.constexpr,
     K_BITS: gl.constexpr, V_BITS: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, PADDED: gl.constexpr,
+    KEY_MEAN: gl.constexpr, VALUE_MEAN: gl.constexpr,
 ):  # fmt: skip
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
     op_b: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
@@ -406,9 +407,22 @@ def _attend_chunk_mma(
             K_BITS, V_BITS, DIM, ROWS, BLOCK_N, False,
         )  # fmt: skip
 
+    # After the loop (no registers held through it): codes of x − μ (`decode.decode_attention`'s means).
     m_of = gl.arange(0, DIM, layout=gl.SliceLayout(1, mma))
     part = (bh * splits + split) * ROWS + rows
-    at = part_out + part[None, :] * DIM + _value_coordinate(m_of, V_BITS, DIM)[:, None]
-    gl.store(at, acc / gl.where(l_i > 0, l_i, 1.0)[None, :], mask=(rows < GROUP * Q_LEN)[None, :])
+    coordinate = _value_coordinate(m_of, V_BITS, DIM)
+    out = acc / gl.where(l_i > 0, l_i, 1.0)[None, :]
+    if VALUE_MEAN:  # a row that saw any code adds Σ p μ = μ
+        out += gl.load(value_mean + h * DIM + coordinate)[:, None] * (l_i > 0).to(gl.float32)[None, :]
+    gl.store(part_out + part[None, :] * DIM + coordinate[:, None], out, mask=(rows < GROUP * Q_LEN)[None, :])
     lse = m_i + gl.log2(gl.where(l_i > 0, l_i, 1.0))
+    if KEY_MEAN:  # every score of a row plus scale · q·μ
+        row_at = (
+            query
+            + b.to(gl.int64) * q_stride_b
+            + (h * GROUP + rows // Q_LEN) * q_stride_h
+            + (rows % Q_LEN) * q_stride_t
+        )
+        q_t = gl.load(row_at[None, :] + m_of[:, None], mask=(rows < GROUP * Q_LEN)[None, :], other=0.0)
+        lse += gl.sum(q_t.to(gl.float32) * gl.load(key_mean + h * DIM + m_of)[:, None], axis=0) * scale_log2
     gl.store(part_lse + part, gl.where(l_i > 0, lse, float("-inf")), mask=rows < GROUP * Q_LEN)

@@ -10,7 +10,9 @@ stored as whole words. Two products:
   y = [P₀ + P₁, r₀ ⊙ P₀ + r₁ ⊙ P₁] with P_j = A_j x_j: two products of half the width, half the work;
 - any other Π (`rotation.matrix()`), or fp32 input: tiles of x/‖x‖ times Π in "tf32x3" (three TF32
   products, ~2^-22 relative error per term).
-With a codebook symmetric about 0 (Lloyd-Max's are), the count runs over the positive half on |y|.
+With a codebook symmetric about 0 (Lloyd-Max's are), the count runs over the positive half on |y|. Centered
+codes (`Centered`: of x − μ) take the same products: x − μ is formed in fp32 for the norm, and the ±1
+product's output less (√d Π) μ (precomputed) is that of x − μ, so bf16/fp16 input keeps the exact product.
 The output tensors are those of `TurboQuantMSE.quantize`: the indices agree bit for bit except where y_j
 lies within float32 round-off of a boundary (the sums run in another order than the reference matmul), and
 the fp16 norms agree except where ‖x‖ rounds to fp16 within an fp32 ulp of a tie.
@@ -52,6 +54,10 @@ class QuantizeTables:
     row_signs: torch.Tensor | None = None  # fp32 [(H,) 2, d/2]: r₀, r₁ when the ±1 matrix has signed halves
     sketch_t: torch.Tensor | None = None  # Prod: Sᵀ, fp32 [(H,) d, d] (the QJL projections transposed)
     centroids: torch.Tensor | None = None  # Prod: the Stage-1 codebook, fp32 [2^bits]
+    mean: torch.Tensor | None = None  # centered codes (of x − μ): μ, fp32 [(H,) d]
+    signed_mean: torch.Tensor | None = (
+        None  # with `signs`: (√d · Π) μ, fp32 [(H,) d], subtracted from (√d · Π) x
+    )
 
 
 def signed_halves(signs: torch.Tensor) -> torch.Tensor | None:
@@ -72,10 +78,11 @@ def quantize_tables(
     dtype: torch.dtype,
     projection: torch.Tensor | None = None,
     centroids: torch.Tensor | None = None,
+    mean: torch.Tensor | None = None,
 ) -> QuantizeTables:
     """Inspect Π and the boundaries once (this reads them back from the GPU): per-call use would stall it.
     For `quantize_prod`, also the QJL projections S ([(H,) d, d], `codec.projection`) and the Stage-1
-    centroids (`codec.mse.centroids`)."""
+    centroids (`codec.mse.centroids`). mean: μ ([(H,) d], `Centered.mean`) for codes of x − μ."""
     scaled = rotation.double() * math.sqrt(rotation.shape[-1])
     # 1/√d is inexact in fp32 unless d is a power of 4, so the entries are ±1 only up to round-off
     signs = dtype in (torch.bfloat16, torch.float16) and bool(((scaled.abs() - 1).abs() < 1e-5).all())
@@ -89,6 +96,11 @@ def quantize_tables(
         signed_halves(scaled.round()) if halves else None,
         None if projection is None else projection.float().transpose(-1, -2).contiguous(),
         None if centroids is None else centroids.float().contiguous(),
+        None if mean is None else mean.float().contiguous(),
+        # exact ±1 products of x, less the mean's (formed in fp64): the one-product path serves centered codes
+        (scaled.round() @ mean.double()[..., None])[..., 0].float().contiguous()
+        if signs and mean is not None
+        else None,
     )
 
 
@@ -197,6 +209,22 @@ def _sign_product(xs, xf, signs_t, F32_DOT: tl.constexpr):
 
 
 @triton.jit
+def _centered(xf, mean, coords, CENTERED: tl.constexpr):
+    """xf − μ[coords] in fp32 (as `Centered.quantize` forms it) when CENTERED, else xf."""
+    if CENTERED:
+        return xf - tl.load(mean + coords)[None, :]
+    return xf
+
+
+@triton.jit
+def _less_mean(product, signed_mean, coords, CENTERED: tl.constexpr):
+    """A ±1 product's output columns `coords` of x, made those of x − μ: less (√d Π μ)[coords]."""
+    if CENTERED:
+        return product - tl.load(signed_mean + coords)[None, :]
+    return product
+
+
+@triton.jit
 def _sketch_step(
     sketched, squares, y, idx, centroids, sketch_t, coords, DIM: tl.constexpr, PRECISION: tl.constexpr
 ):
@@ -210,16 +238,17 @@ def _sketch_step(
 @triton.jit
 def _quantize_rows(
     x, matrix, boundaries, codes, norms, row_signs, rows, x_stride_g, x_stride_t, rotations, inv_sqrt_d,
-    centroids, sketch_t, sketch_signs, residual_norms,
+    centroids, sketch_t, sketch_signs, residual_norms, mean, signed_mean,
     DIM: tl.constexpr, BITS: tl.constexpr, BLOCK_ROWS: tl.constexpr, COLS: tl.constexpr,
     SIGNS: tl.constexpr, HALVES: tl.constexpr, OUT_COLS: tl.constexpr, SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr,
-    F32_DOT: tl.constexpr, SKETCH: tl.constexpr, PERMUTED: tl.constexpr,
+    F32_DOT: tl.constexpr, SKETCH: tl.constexpr, PERMUTED: tl.constexpr, CENTERED: tl.constexpr,
 ):  # fmt: skip
     g = tl.program_id(1).to(tl.int64)  # a group of rows that share one rotation (a KV head)
     row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     valid = row < rows
     x_rows = x + g * x_stride_g + row.to(tl.int64)[:, None] * x_stride_t
     matrix += (g % rotations) * DIM * DIM
+    head = (g % rotations) * DIM  # CENTERED: codes of x − μ, this head's μ and (√d Π) μ start at `head`
     row = g * rows + row  # the output's row
     # Prod (SKETCH): S r and ‖r‖² of each row's residual, accumulated over the output columns
     if SKETCH:
@@ -231,7 +260,11 @@ def _quantize_rows(
         xs0 = tl.load(x_rows + part[None, :], mask=valid[:, None], other=0.0)
         xs1 = tl.load(x_rows + COLS + part[None, :], mask=valid[:, None], other=0.0)
         xf0, xf1 = xs0.to(tl.float32), xs1.to(tl.float32)
-        norm = tl.sqrt(tl.sum(xf0 * xf0, axis=1) + tl.sum(xf1 * xf1, axis=1))
+        c0, c1 = (
+            _centered(xf0, mean, head + part, CENTERED),
+            _centered(xf1, mean, head + COLS + part, CENTERED),
+        )
+        norm = tl.sqrt(tl.sum(c0 * c0, axis=1) + tl.sum(c1 * c1, axis=1))
         scale = inv_sqrt_d / tl.maximum(norm, 1.1754943508222875e-38)
         row_signs += (g % rotations) * DIM
         for first in tl.static_range(0, COLS, OUT_COLS):  # output columns of both halves at a time
@@ -240,7 +273,9 @@ def _quantize_rows(
             p0 = _sign_product(xs0, xf0, tl.load(matrix + out[None, :] * DIM + part[:, None]), F32_DOT)
             a1_t = tl.load(matrix + out[None, :] * DIM + (COLS + part)[:, None])
             p1 = _sign_product(xs1, xf1, a1_t, F32_DOT)
-            y = (p0 + p1) * scale[:, None]  # the upper rows of √d Π
+            y = (_less_mean(p0 + p1, signed_mean, head + out, CENTERED)) * scale[
+                :, None
+            ]  # the upper rows of √d Π
             # SEARCH with permuted columns: 50 → 53 % (3 bits), 46 → 55 % (4 bits) of a copy
             idx = _count(y, boundaries, BITS, SYMMETRIC, SEARCH=True)
             _store_codes(codes, row, valid, idx, first, DIM, BITS, OUT_COLS, PERMUTED)
@@ -249,7 +284,10 @@ def _quantize_rows(
                     sketched, r_squares, y, idx, centroids, sketch_t, out, DIM, PRECISION
                 )
             r0, r1 = tl.load(row_signs + out), tl.load(row_signs + COLS + out)
-            y = (p0 * r0[None, :] + p1 * r1[None, :]) * scale[:, None]
+            y = (
+                _less_mean(p0 * r0[None, :] + p1 * r1[None, :], signed_mean, head + COLS + out, CENTERED)
+                * scale[:, None]
+            )
             idx = _count(y, boundaries, BITS, SYMMETRIC, SEARCH=True)
             _store_codes(codes, row, valid, idx, COLS + first, DIM, BITS, OUT_COLS, PERMUTED)
             if SKETCH:
@@ -260,12 +298,16 @@ def _quantize_rows(
         dims = tl.arange(0, DIM)
         xs = tl.load(x_rows + dims[None, :], mask=valid[:, None], other=0.0)
         xf = xs.to(tl.float32)
-        norm = tl.sqrt(tl.sum(xf * xf, axis=1))
+        c = _centered(xf, mean, head + dims, CENTERED)
+        norm = tl.sqrt(tl.sum(c * c, axis=1))
         scale = inv_sqrt_d / tl.maximum(norm, 1.1754943508222875e-38)  # clamp_min(finfo(float32).tiny)
         for col in tl.static_range(0, DIM, COLS):
             coords = _column_order(col, COLS, PERMUTED)
             signs_t = tl.load(matrix + coords[None, :] * DIM + dims[:, None])  # √d Πᵀ[:, coords]
-            y = _sign_product(xs, xf, signs_t, F32_DOT) * scale[:, None]
+            y = (
+                _less_mean(_sign_product(xs, xf, signs_t, F32_DOT), signed_mean, head + coords, CENTERED)
+                * scale[:, None]
+            )
             # SEARCH at 4 bits: 55 → 66 % (d = 64), 51 → 63 % (d = 128) of a copy; at 3 bits 1–3 points slower
             idx = _count(y, boundaries, BITS, SYMMETRIC, SEARCH=BITS == 4)
             _store_codes(codes, row, valid, idx, col, DIM, BITS, COLS, PERMUTED)
@@ -280,6 +322,7 @@ def _quantize_rows(
         squares = tl.zeros((BLOCK_ROWS,), tl.float32)
         for first in range(0, DIM, COLS):
             v = tl.load(x_rows + first + part[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            v = _centered(v, mean, head + first + part, CENTERED)
             squares += tl.sum(v * v, axis=1)
         norm = tl.sqrt(squares)
         inv_norm = 1.0 / tl.maximum(norm, 1.1754943508222875e-38)
@@ -287,6 +330,7 @@ def _quantize_rows(
             y = tl.zeros((BLOCK_ROWS, COLS), tl.float32)
             for first in range(0, DIM, COLS):
                 v = tl.load(x_rows + first + part[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+                v = _centered(v, mean, head + first + part, CENTERED)
                 # Πᵀ[first:, col:] so that y = unit · Πᵀ, as Rotation.apply(x) = x @ Π.T
                 rotation_t = tl.load(matrix + (col + part)[None, :] * DIM + (first + part)[:, None])
                 y += tl.dot(v * inv_norm[:, None], rotation_t, input_precision=PRECISION)
@@ -316,16 +360,18 @@ def quantize_mse(
     boundaries: torch.Tensor,
     norm_dtype: torch.dtype = torch.float16,
     tables: QuantizeTables | None = None,
+    mean: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., d] → (indices uint8 [..., packed_row_bytes(d, bits)], norms [...] in norm_dtype): the
     tensors of `TurboQuantMSE.quantize`. rotation: Π as [d, d] (`codec.rotation.matrix()`, built once), or
     one per KV head, [H, d, d], for x [..., H, T, d] (head h coded by codec h, as the cache does);
     boundaries: `codec.boundaries` (2^bits − 1 of them). tables: `quantize_tables(rotation, boundaries,
-    x.dtype)`, built once by a caller on the hot path (otherwise each call builds it, reading Π back).
-    Unlike the codec it does not check for norms that overflow norm_dtype (they come back inf): that
+    x.dtype, mean=mean)`, built once by a caller on the hot path (otherwise each call builds it, reading Π
+    back). mean: μ, [d] or one per KV head, [H, d]: the codes of x − μ (those of `Centered(codec, μ)`),
+    formed in fp32 in the kernel; with the exact ±1 product, as (√d Π) x − (√d Π) μ. Unlike the codec it does not check for norms that overflow norm_dtype (they come back inf): that
     check would stall the GPU stream on every call."""
-    tables = tables or quantize_tables(rotation, boundaries, x.dtype)
-    return _quantize(x, rotation, boundaries, norm_dtype, tables, sketch=False)
+    tables = tables or quantize_tables(rotation, boundaries, x.dtype, mean=mean)
+    return _quantize(x, rotation, boundaries, norm_dtype, tables, sketch=False, mean=mean)
 
 
 def quantize_prod(
@@ -336,6 +382,7 @@ def quantize_prod(
     centroids: torch.Tensor,
     norm_dtype: torch.dtype = torch.float16,
     tables: QuantizeTables | None = None,
+    mean: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [..., d] → (indices, signs, norms, residual_norms): the tensors of `TurboQuantProd.quantize` (its
     `ProdCode` fields), in the same pass: the Stage-1 codes as `quantize_mse` (rotation and boundaries of
@@ -343,14 +390,14 @@ def quantize_prod(
     `codec.projection`, [d, d] or one per KV head, [H, d, d]; qjl_dim = d only) and ‖r‖. S r is summed in
     tf32x3 on a GPU: a sign may differ from the codec's where |S r| is within round-off of 0.
     centroids: `codec.mse.centroids`. tables: `quantize_tables(rotation, boundaries, x.dtype, projection,
-    centroids)`, built once on the hot path."""
+    centroids, mean)`, built once on the hot path. mean: as in `quantize_mse`."""
     dim = x.shape[-1]
     if tuple(projection.shape) != tuple(rotation.shape):
         raise ValueError(
             f"projection has shape {tuple(projection.shape)}; the kernel takes qjl_dim = head_dim, one "
             f"[{dim}, {dim}] projection per rotation ({tuple(rotation.shape)})"
         )
-    tables = tables or quantize_tables(rotation, boundaries, x.dtype, projection, centroids)
+    tables = tables or quantize_tables(rotation, boundaries, x.dtype, projection, centroids, mean)
     if (
         tables.sketch_t is None
         or tables.centroids is None
@@ -365,10 +412,10 @@ def quantize_prod(
             f"tables hold a {tuple(tables.sketch_t.shape)} projection on {tables.sketch_t.device}; x needs one per "
             f"rotation ({tuple(rotation.shape)}) on {x.device}: quantize_tables(..., projection, centroids)"
         )
-    return _quantize(x, rotation, boundaries, norm_dtype, tables, sketch=True)
+    return _quantize(x, rotation, boundaries, norm_dtype, tables, sketch=True, mean=mean)
 
 
-def _quantize(x, rotation, boundaries, norm_dtype, tables: QuantizeTables, sketch: bool):
+def _quantize(x, rotation, boundaries, norm_dtype, tables: QuantizeTables, sketch: bool, mean):
     dim = x.shape[-1]
     bits = boundaries.numel().bit_length()
     if boundaries.numel() != (1 << bits) - 1 or not 1 <= bits <= MAX_BITS:
@@ -389,9 +436,13 @@ def _quantize(x, rotation, boundaries, norm_dtype, tables: QuantizeTables, sketc
             f"{rotation.shape[0]} per-head rotations need x of shape [..., {rotation.shape[0]}, T, {dim}], "
             f"got {tuple(x.shape)}"
         )
-    if not x.is_floating_point() or x.device != rotation.device or x.device != boundaries.device:
+    if not x.is_floating_point() or {
+        rotation.device,
+        boundaries.device,
+        getattr(mean, "device", x.device),
+    } != {x.device}:
         raise ValueError(
-            f"x ({x.dtype}, {x.device}), rotation and boundaries must be floating tensors on one device"
+            f"x ({x.dtype}, {x.device}), rotation, boundaries and mean must be floating tensors on one device"
         )
     if tables.signs and tables.matrix.dtype != x.dtype:
         raise ValueError(f"tables were built for {tables.matrix.dtype} input, x is {x.dtype}")
@@ -400,6 +451,14 @@ def _quantize(x, rotation, boundaries, norm_dtype, tables: QuantizeTables, sketc
             f"tables were built for a {tuple(tables.matrix.shape)} rotation and {tables.boundaries.numel()} "
             f"boundaries, not these ({tuple(rotation.shape)}, {boundaries.numel()}): quantize_tables(rotation, "
             "boundaries, x.dtype)"
+        )
+    if (mean is None) != (tables.mean is None) or (
+        mean is not None and (mean.shape != rotation.shape[:-1] or tables.mean.shape != mean.shape)
+    ):
+        raise ValueError(
+            f"mean has shape {None if mean is None else tuple(mean.shape)} and the tables' "
+            f"{None if tables.mean is None else tuple(tables.mean.shape)}; centered codes need both, of shape "
+            f"{tuple(rotation.shape[:-1])} (one per rotation): quantize_tables(..., mean=mean)"
         )
     rows = x.reshape(-1, x.shape[-2], dim) if per_head else x.reshape(1, -1, dim)  # [groups, rows, d]
     if rows.stride(-1) != 1:
@@ -425,11 +484,11 @@ def _quantize(x, rotation, boundaries, norm_dtype, tables: QuantizeTables, sketc
     _quantize_rows[(triton.cdiv(rows.shape[1], block_rows), rows.shape[0])](
         rows, tables.matrix, tables.boundaries, codes, norms, tables.row_signs, rows.shape[1], rows.stride(0),
         rows.stride(1), rotation.shape[0] if per_head else 1, dim**-0.5,
-        tables.centroids, tables.sketch_t, signs, residual_norms,
+        tables.centroids, tables.sketch_t, signs, residual_norms, tables.mean, tables.signed_mean,
         DIM=dim, BITS=bits, BLOCK_ROWS=block_rows, COLS=tile,
         SIGNS=tables.signs, HALVES=halves, OUT_COLS=step, SYMMETRIC=tables.symmetric,
         PRECISION="tf32x3" if x.is_cuda else "ieee", F32_DOT=not x.is_cuda, SKETCH=sketch,
-        PERMUTED=_permuted_columns(bits, halves, sketch),
+        PERMUTED=_permuted_columns(bits, halves, sketch), CENTERED=mean is not None,
         num_warps=SKETCH_WARPS if sketch else SIGN_WARPS if tables.signs else TF32_WARPS, num_stages=1,
     )  # fmt: skip
     return (codes, signs, norms, residual_norms) if sketch else (codes, norms)
