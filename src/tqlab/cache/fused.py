@@ -2,9 +2,9 @@
 
 The same sums as the reference (`attention.attend`), computed in two parts: the codes by
 `kernels.decode_attention` (queries rotated once per KV head, output rotated back once), the exact sinks and
-recent tokens in PyTorch (fp32); the two softmaxes are joined by their log-sum-exp. A query block of more
-rows than the kernel holds (a prompt, under the all-quantized protocol) is cut into chunks of query tokens,
-each a kernel call that stops at its own last key. Calls the kernel cannot serve return None and the caller
+recent tokens in PyTorch (fp32), joined by one softmax over the codes' log-sum-exp and the exact logits. A
+query block of more rows than the kernel holds (a prompt, under the all-quantized protocol) is cut into
+chunks of query tokens, each a kernel call that stops at its own last key. Calls the kernel cannot serve return None and the caller
 takes the reference path: a sliding window shorter than what the layer holds, or a mask that is not causal
 attention after left padding (checked once per mask tensor).
 """
@@ -85,10 +85,12 @@ def attend_packed(layer, query: torch.Tensor, attention_mask, scaling: float, wi
         )  # fmt: skip
         outs.append(out)
         lses.append(lse)
-    out, lse = _rotate_back(torch.cat(outs, dim=2), layer.rotations["value"]), torch.cat(lses, dim=2)
+    out, lse = (outs[0], lses[0]) if len(outs) == 1 else (torch.cat(outs, dim=2), torch.cat(lses, dim=2))
+    out = _rotate_back(out, layer.rotations["value"])
     if n_sink or n_recent:
-        keys = torch.cat([t for t in layer.exact_tokens("key") if t is not None], dim=-2)
-        values = torch.cat([t for t in layer.exact_tokens("value") if t is not None], dim=-2)
+        keys, values = (
+            _joined([t for t in layer.exact_tokens(side) if t is not None], -2) for side in ("key", "value")
+        )
         position = torch.cat(
             [torch.arange(n_sink, device=query.device), torch.arange(n_sink + coded, held, device=query.device)]
         )  # fmt: skip
@@ -96,7 +98,7 @@ def attend_packed(layer, query: torch.Tensor, attention_mask, scaling: float, wi
         seen = (position[None, None, :] <= query_position[None, :, None]) & (
             position[None, None, :] >= starts[:, None, None]
         )  # [B, Tq, n]
-        out, lse = _merge(out, lse, *_attend_exact(query, keys, values, seen, scaling))
+        out = _with_exact(out, lse, query, keys, values, seen, scaling)
     return out
 
 
@@ -139,10 +141,15 @@ def _attend_static(layer, query: torch.Tensor, attention_mask, scaling: float) -
         parts.append((*layer._step_states, ones))
     if parts:
         keys, values, seen = (
-            torch.cat(column, dim=-1 if i == 2 else -2) for i, column in enumerate(zip(*parts, strict=True))
+            _joined(column, -1 if i == 2 else -2) for i, column in enumerate(zip(*parts, strict=True))
         )
-        out, lse = _merge(out, lse, *_attend_exact(query, keys, values, seen, scaling))
+        out = _with_exact(out, lse, query, keys, values, seen, scaling)
     return out
+
+
+def _joined(tensors, dim: int) -> torch.Tensor:
+    """torch.cat, without its copy for a single tensor (an eager decode step's usual case)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
 
 
 def _sketch(layer, side: str, codes: dict):
@@ -156,28 +163,28 @@ def _sketch(layer, side: str, codes: dict):
     return QJLSketch(codes["signs"], codes["residual_norms"], projection, scale)
 
 
-def _attend_exact(query, keys, values, seen, scaling: float):
-    """Softmax attention of query [B, Hq, Tq, d] over exact keys and values [B, KVH, n, d] alone (fp32) where
-    seen [B, Tq, n] allows, with its log-sum-exp; as many KV heads at a time as keep the [queries × exact keys]
-    logits within EXACT_LOGITS (all of them in a decode step: a loop over heads costs a dozen small ops per
-    head per layer per token)."""
+def _with_exact(out, lse, query, keys, values, seen, scaling: float) -> torch.Tensor:
+    """Attention over the codes (their normalised output `out` [B, Hq, Tq, d] and log-sum-exp `lse`) and exact
+    keys and values [B, KVH, n, d] where seen [B, Tq, n] allows, in fp32: one softmax over the codes' log-sum-exp
+    and the exact logits weighs the codes' output and each exact value (a query that sees nothing gets 0). As
+    many KV heads at a time as keep the [queries × exact keys] logits within EXACT_LOGITS (all of them in a
+    decode step: a loop over heads costs a dozen small ops per head per layer per token)."""
     batch, q_heads, q_len, dim = query.shape
     kv_heads = keys.shape[1]
     group = q_heads // kv_heads
-    out = torch.empty(batch, q_heads, q_len, dim, dtype=torch.float32, device=query.device)
-    lse = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=query.device)
     step = max(1, min(kv_heads, EXACT_LOGITS // (batch * group * q_len * keys.shape[-2])))
+    parts = []
     for first in range(0, kv_heads, step):
         kv = slice(first, first + step)
         heads = slice(first * group, min(first + step, kv_heads) * group)
-        q = query[:, heads].float().unflatten(1, (-1, group))  # [B, H, G, Tq, d]
-        logits = torch.einsum("bhgtd,bhnd->bhgtn", q, keys[:, kv].float()) * scaling
+        q = query[:, heads].float().unflatten(1, (-1, group)) * scaling  # [B, H, G, Tq, d]
+        logits = torch.einsum("bhgtd,bhnd->bhgtn", q, keys[:, kv].float())
         logits = logits.masked_fill(~seen[:, None, None], float("-inf"))
-        head_lse = torch.logsumexp(logits, dim=-1)
-        p = torch.exp(logits - head_lse[..., None]).nan_to_num(0.0)
-        out[:, heads] = torch.einsum("bhgtn,bhnd->bhgtd", p, values[:, kv].float()).flatten(1, 2)
-        lse[:, heads] = head_lse.flatten(1, 2)
-    return out, lse
+        codes_lse = lse[:, heads].unflatten(1, (-1, group))[..., None]
+        weights = torch.softmax(torch.cat([codes_lse, logits], dim=-1), dim=-1).nan_to_num(0.0)
+        exact = torch.einsum("bhgtn,bhnd->bhgtd", weights[..., 1:], values[:, kv].float())
+        parts.append((weights[..., :1] * out[:, heads].unflatten(1, (-1, group)) + exact).flatten(1, 2))
+    return _joined(parts, 1)
 
 
 def _rotate(query: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
@@ -192,13 +199,3 @@ def _rotate_back(out: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     batch, q_heads, q_len, dim = out.shape
     rows = out.reshape(batch, rotations.shape[0], -1, dim)
     return torch.einsum("bhnd,hde->bhne", rows, rotations).reshape(batch, q_heads, q_len, dim)
-
-
-def _merge(out_a, lse_a, out_b, lse_b):
-    """Attention over two disjoint key sets, from each one's normalised output and log-sum-exp."""
-    lse = torch.logaddexp(lse_a, lse_b)
-    finite = lse.isfinite()
-    safe = torch.where(finite, lse, 0.0)
-    w_a = torch.exp(lse_a - safe).masked_fill(~finite, 0.0)[..., None]
-    w_b = torch.exp(lse_b - safe).masked_fill(~finite, 0.0)[..., None]
-    return w_a * out_a + w_b * out_b, lse
