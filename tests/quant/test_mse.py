@@ -121,3 +121,34 @@ def test_unbiased_decoding_makes_inner_products_unbiased_over_rotations():
     assert abs(shrink * exact - exact) > 20 * se  # plain decoding is biased by the factor 1 − D
     with pytest.raises(ValueError, match="choose one"):
         TurboQuantMSE(d, bits, norm_correction=True, unbiased=True)
+
+
+@pytest.mark.parametrize("codec_class", ["mse", "prod"])
+def test_large_inputs_are_coded_in_row_blocks_as_a_float64_reference_codes_them(codec_class, monkeypatch):
+    """On a CPU, rows go through quantize in blocks (whose temporaries stay in cache) — fast Hadamard's passes
+    in whole blocks of 128 rows at d = 256, its dense product in the last, shorter one: every code as a
+    float64 reference computes it, up to boundary ties."""
+    from tqlab.quant import TurboQuantProd, codes, unpack_bits
+
+    monkeypatch.setattr(codes, "CPU_BLOCK_ELEMENTS", 1 << 15)  # 128 rows of 256
+    d, bits = 256, 3
+    codec = TurboQuantMSE(d, bits, seed=4) if codec_class == "mse" else TurboQuantProd(d, bits, seed=4)
+    mse = codec if codec_class == "mse" else codec.mse
+    blocks = []
+    rows_of = codec._quantize_rows
+    monkeypatch.setattr(codec, "_quantize_rows", lambda rows: blocks.append(len(rows)) or rows_of(rows))
+    x = gaussian(3, 100, d, seed=5) * 2
+    code = codec.quantize(x)
+    assert blocks == [128, 128, 44] and code.shape == (3, 100) and code.norms.shape == (3, 100)
+    y = (x.double() / x.double().norm(dim=-1, keepdim=True)) @ mse.rotation.matrix().double().T
+    boundaries = mse.boundaries.double()
+    idx = torch.bucketize(y, boundaries)
+    tie = ((y.unsqueeze(-1) - boundaries).abs() < 1e-5).any(-1)
+    ours = unpack_bits(code.indices, mse.bits, d)
+    assert torch.equal(ours[~tie], idx[~tie])
+    torch.testing.assert_close(code.norms.float(), x.norm(dim=-1), rtol=1e-3, atol=0)
+    if codec_class == "prod":
+        sketch = (y - mse.centroids.double()[idx]) @ codec.projection.double().T
+        rows = ~tie.any(-1, keepdim=True) & (sketch.abs() > 1e-4)
+        signs = unpack_bits(code.signs, 1, d).bool()
+        assert torch.equal(signs[rows.expand_as(signs)], (sketch >= 0)[rows.expand_as(signs)])

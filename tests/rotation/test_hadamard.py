@@ -1,4 +1,5 @@
-"""FastHadamard's dense form (taken on GPUs and, up to d = 256, on CPUs) across inference and training."""
+"""FastHadamard's dense form (taken on GPUs and on CPUs up to d = 128 or outside the passes' batch sizes) across
+inference and training."""
 
 import pytest
 import torch

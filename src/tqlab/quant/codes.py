@@ -65,6 +65,27 @@ def check_input(x: torch.Tensor, dim: int, device: torch.device, codec: str) -> 
     return x
 
 
+# Elements per block of rows that a CPU quantize runs at a time (512 rows at d = 256): each of its dozen
+# full-size temporaries then stays in a core's L2 (512 KiB of fp32), where over 16 384 rows each pass streams
+# from memory, and fast Hadamard's passes beat its dense product (`rotation.hadamard.PASSES_ELEMENTS`;
+# docs/benchmarks.md, "The CPU target").
+CPU_BLOCK_ELEMENTS = 1 << 17
+
+
+def in_row_blocks(quantize_rows, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`quantize_rows` ([n, d] → tensors with n leading rows) over x [..., d], on a CPU in blocks of
+    CPU_BLOCK_ELEMENTS elements; each tensor is returned with x's leading shape. Rows are coded independently,
+    so the blocks change no code (up to a product's summation order at a boundary tie)."""
+    rows = x.reshape(-1, x.shape[-1])
+    block = max(1, CPU_BLOCK_ELEMENTS // max(1, x.shape[-1]))
+    if x.device.type != "cpu" or rows.shape[0] <= block:
+        parts = quantize_rows(rows)
+    else:
+        blocks = [quantize_rows(rows[i : i + block]) for i in range(0, rows.shape[0], block)]
+        parts = tuple(torch.cat(column) for column in zip(*blocks, strict=True))
+    return tuple(t.reshape(*x.shape[:-1], *t.shape[1:]) for t in parts)
+
+
 def store_norms(norms: torch.Tensor, dtype: torch.dtype, codec: str) -> torch.Tensor:
     stored = norms.to(dtype)
     if not torch.isfinite(stored).all():

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..rotation import Rotation, make_rotation
 from .codebook import check_dim_bits, coordinate_distortion, lloyd_max_codebook
-from .codes import Code, buffer_nbytes, check_input, store_norms
+from .codes import Code, buffer_nbytes, check_input, in_row_blocks, store_norms
 from .packing import pack_bits, unpack_bits
 
 
@@ -100,9 +100,12 @@ class TurboQuantMSE(nn.Module):
 
     # -- public API --------------------------------------------------------------------------------
     def quantize(self, x: torch.Tensor) -> MSECode:
+        indices, norms = in_row_blocks(self._quantize_rows, x)
+        return MSECode(tuple(x.shape[:-1]), self.dim, self.bits, indices, norms)
+
+    def _quantize_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         unit, norms = self._unit(x, "TurboQuantMSE")
-        idx = self.encode_rotated(self.rotation.apply(unit))
-        return MSECode(tuple(x.shape[:-1]), self.dim, self.bits, pack_bits(idx, self.bits), norms)
+        return pack_bits(self.encode_rotated(self.rotation.apply(unit)), self.bits), norms
 
     def rotated_centroids(self, code: MSECode) -> torch.Tensor:
         """c[idx] · ‖x‖ in the rotated domain (fp32): what attention over codes multiplies with."""

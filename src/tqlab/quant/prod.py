@@ -17,7 +17,7 @@ from torch import nn
 
 from ..rotation import Rotation
 from .codebook import MAX_BITS
-from .codes import Code, buffer_nbytes, check_input, store_norms
+from .codes import Code, buffer_nbytes, check_input, in_row_blocks, store_norms
 from .mse import TurboQuantMSE
 from .packing import pack_bits, unpack_bits
 
@@ -68,16 +68,19 @@ class TurboQuantProd(nn.Module):
         return self.mse.rotation
 
     def quantize(self, x: torch.Tensor) -> ProdCode:
+        packed, signs, norms, residual_norms = in_row_blocks(self._quantize_rows, x)
+        return ProdCode(
+            tuple(x.shape[:-1]), self.dim, self.bits, self.qjl_dim, packed, signs, norms, residual_norms
+        )
+
+    def _quantize_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         unit, norms = self.mse._unit(x, "TurboQuantProd")
         y = self.rotation.apply(unit)
         idx = self.mse.encode_rotated(y)
         residual = y - self.mse.decode_rotated(idx)
         signs = pack_bits((residual @ self.projection.T >= 0).to(torch.uint8), 1)
         residual_norms = store_norms(residual.norm(dim=-1), self.norm_dtype, "TurboQuantProd")
-        packed = pack_bits(idx, self.bits - 1)
-        return ProdCode(
-            tuple(x.shape[:-1]), self.dim, self.bits, self.qjl_dim, packed, signs, norms, residual_norms
-        )
+        return pack_bits(idx, self.bits - 1), signs, norms, residual_norms
 
     def _parts(self, code: ProdCode) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotated Stage-1 vectors and ±1 sign vectors, both fp32."""

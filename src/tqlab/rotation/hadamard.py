@@ -50,7 +50,11 @@ def _random_signs(dim: int, generator: torch.Generator) -> torch.Tensor:
     return signs
 
 
-DENSE_MAX_DIM = 256  # up to this head_dim the dense product is the faster form on CPU as well
+DENSE_MAX_DIM = 128  # up to this head_dim the dense product is the faster form on CPU as well
+# Beyond it, on a CPU, the butterfly passes win on batches of this many elements (rows × d: from 128 rows at
+# d = 256, 64 at d = 512), up to a CPU quantize's block of rows (`quant.codes.CPU_BLOCK_ELEMENTS`), whose
+# temporaries stay in L2; the dense product takes the rest (benchmarks/hadamard_cpu.py, docs/benchmarks.md).
+PASSES_ELEMENTS = (1 << 15, 1 << 17)
 
 
 class FastHadamard(Rotation):
@@ -74,10 +78,11 @@ class FastHadamard(Rotation):
         return (self.signs_out[:, None] * h * self.signs_in[None, :]) * self.scale
 
     # One dense d × d product beats the butterfly passes on a GPU (4.5× at d = 64 on an H200). On a CPU it wins on
-    # small batches (a decode step's vectors: 4–25× up to d = 256) and at d = 64, and its time does not depend on
-    # the allocator's state, where the passes' does (benchmarks/hadamard_cpu.py): the dense form up to d = 256.
+    # small batches (a decode step's vectors: 3–9× up to d = 256) and up to d = 128; on large ones the passes'
+    # time depends on the allocator's state (their temporaries leave the cache), the product's does not.
     def _dense_wins(self, x) -> bool:
-        return x.is_cuda or self.dim <= DENSE_MAX_DIM
+        few, many = PASSES_ELEMENTS
+        return x.is_cuda or self.dim <= DENSE_MAX_DIM or not few <= x.numel() <= many
 
     def _rotate(self, x):
         if self._dense_wins(x):
