@@ -130,7 +130,7 @@ def test_large_inputs_are_coded_in_row_blocks_as_a_float64_reference_codes_them(
     float64 reference computes it, up to boundary ties."""
     from tqlab.quant import TurboQuantProd, codes, unpack_bits
 
-    monkeypatch.setattr(codes, "CPU_BLOCK_ELEMENTS", 1 << 15)  # 128 rows of 256
+    monkeypatch.setattr(codes, "CPU_BLOCK_ELEMENTS", (1 << 15) // torch.get_num_threads())  # 128 rows of 256
     d, bits = 256, 3
     codec = TurboQuantMSE(d, bits, seed=4) if codec_class == "mse" else TurboQuantProd(d, bits, seed=4)
     mse = codec if codec_class == "mse" else codec.mse
@@ -139,7 +139,10 @@ def test_large_inputs_are_coded_in_row_blocks_as_a_float64_reference_codes_them(
     monkeypatch.setattr(codec, "_quantize_rows", lambda rows: blocks.append(len(rows)) or rows_of(rows))
     x = gaussian(3, 100, d, seed=5) * 2
     code = codec.quantize(x)
-    assert blocks == [128, 128, 44] and code.shape == (3, 100) and code.norms.shape == (3, 100)
+    block = codes.CPU_BLOCK_ELEMENTS * torch.get_num_threads() // d
+    assert (
+        blocks == [block, block, 300 - 2 * block] and code.shape == (3, 100) and code.norms.shape == (3, 100)
+    )
     y = (x.double() / x.double().norm(dim=-1, keepdim=True)) @ mse.rotation.matrix().double().T
     boundaries = mse.boundaries.double()
     idx = torch.bucketize(y, boundaries)

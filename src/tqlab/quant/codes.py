@@ -65,19 +65,19 @@ def check_input(x: torch.Tensor, dim: int, device: torch.device, codec: str) -> 
     return x
 
 
-# Elements per block of rows that a CPU quantize runs at a time (512 rows at d = 256): each of its dozen
-# full-size temporaries then stays in a core's L2 (512 KiB of fp32), where over 16 384 rows each pass streams
-# from memory, and fast Hadamard's passes beat its dense product (`rotation.hadamard.PASSES_ELEMENTS`;
-# docs/benchmarks.md, "The CPU target").
+# Elements per thread of a block of rows that a CPU quantize runs at a time (512 rows at d = 256 on one
+# thread): each of its dozen full-size temporaries then stays in a core's L2 (512 KiB of fp32), where over
+# 16 384 rows each pass streams from memory, and fast Hadamard's passes beat its dense product there
+# (`rotation.hadamard.PASSES_ELEMENTS`; docs/benchmarks.md, "The CPU target").
 CPU_BLOCK_ELEMENTS = 1 << 17
 
 
 def in_row_blocks(quantize_rows, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """`quantize_rows` ([n, d] → tensors with n leading rows) over x [..., d], on a CPU in blocks of
-    CPU_BLOCK_ELEMENTS elements; each tensor is returned with x's leading shape. Rows are coded independently,
+    CPU_BLOCK_ELEMENTS elements per thread; each tensor is returned with x's leading shape. Rows are coded independently,
     so the blocks change no code (up to a product's summation order at a boundary tie)."""
     rows = x.reshape(-1, x.shape[-1])
-    block = max(1, CPU_BLOCK_ELEMENTS // max(1, x.shape[-1]))
+    block = max(1, CPU_BLOCK_ELEMENTS * torch.get_num_threads() // max(1, x.shape[-1]))
     if x.device.type != "cpu" or rows.shape[0] <= block:
         parts = quantize_rows(rows)
     else:

@@ -50,10 +50,11 @@ def _random_signs(dim: int, generator: torch.Generator) -> torch.Tensor:
     return signs
 
 
-DENSE_MAX_DIM = 128  # up to this head_dim the dense product is the faster form on CPU as well
-# Beyond it, on a CPU, the butterfly passes win on batches of this many elements (rows × d: from 128 rows at
-# d = 256, 64 at d = 512), up to a CPU quantize's block of rows (`quant.codes.CPU_BLOCK_ELEMENTS`), whose
-# temporaries stay in L2; the dense product takes the rest (benchmarks/hadamard_cpu.py, docs/benchmarks.md).
+# On a CPU: the dense product below d = 256, the butterfly passes above it; at d = 256 the passes for batches of
+# PASSES_ELEMENTS per thread (rows × d: 128 to 512 rows on one thread, up to a CPU quantize's block of rows,
+# whose temporaries stay in L2: `quant.codes.CPU_BLOCK_ELEMENTS`), the dense product for the rest
+# (benchmarks/hadamard_cpu.py).
+DENSE_MAX_DIM = 256
 PASSES_ELEMENTS = (1 << 15, 1 << 17)
 
 
@@ -78,11 +79,13 @@ class FastHadamard(Rotation):
         return (self.signs_out[:, None] * h * self.signs_in[None, :]) * self.scale
 
     # One dense d × d product beats the butterfly passes on a GPU (4.5× at d = 64 on an H200). On a CPU it wins on
-    # small batches (a decode step's vectors: 3–9× up to d = 256) and up to d = 128; on large ones the passes'
+    # small batches (a decode step's vectors: 3–10× up to d = 256) and up to d = 128; on large ones the passes'
     # time depends on the allocator's state (their temporaries leave the cache), the product's does not.
     def _dense_wins(self, x) -> bool:
+        if x.is_cuda or self.dim != DENSE_MAX_DIM:
+            return x.is_cuda or self.dim < DENSE_MAX_DIM
         few, many = PASSES_ELEMENTS
-        return x.is_cuda or self.dim <= DENSE_MAX_DIM or not few <= x.numel() <= many
+        return not few <= x.numel() <= many * torch.get_num_threads()
 
     def _rotate(self, x):
         if self._dense_wins(x):
