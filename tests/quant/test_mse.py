@@ -150,6 +150,8 @@ def test_large_inputs_are_coded_in_row_blocks_as_a_float64_reference_codes_them(
     ours = unpack_bits(code.indices, mse.bits, d)
     assert torch.equal(ours[~tie], idx[~tie])
     torch.testing.assert_close(code.norms.float(), x.norm(dim=-1), rtol=1e-3, atol=0)
+    with pytest.raises(ValueError, match=r"dim=256; got a tensor of shape \(3, 100, 128\)"):
+        codec.quantize(gaussian(3, 100, 128))  # the whole input named, not a block of it
     if codec_class == "prod":
         sketch = (y - mse.centroids.double()[idx]) @ codec.projection.double().T
         rows = ~tie.any(-1, keepdim=True) & (sketch.abs() > 1e-4)

@@ -4,9 +4,9 @@ The same sums as the reference (`attention.attend`), computed in two parts: the 
 `kernels.decode_attention` (queries rotated once per KV head, output rotated back once), the exact sinks and
 recent tokens in PyTorch (fp32), joined by one softmax over the codes' log-sum-exp and the exact logits. A
 query block of more rows than the kernel holds (a prompt, under the all-quantized protocol) is cut into
-chunks of query tokens, each a kernel call that stops at its own last key. Calls the kernel cannot serve return None and the caller
-takes the reference path: a sliding window shorter than what the layer holds, or a mask that is not causal
-attention after left padding (checked once per mask tensor).
+chunks of query tokens, each a kernel call that stops at its own last key. Calls the kernel cannot serve
+return None and the caller takes the reference path: a sliding window shorter than what the layer holds, or
+a mask that is not causal attention after left padding (checked once per mask tensor).
 """
 
 from __future__ import annotations

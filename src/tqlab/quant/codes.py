@@ -72,18 +72,20 @@ def check_input(x: torch.Tensor, dim: int, device: torch.device, codec: str) -> 
 CPU_BLOCK_ELEMENTS = 1 << 17
 
 
-def in_row_blocks(quantize_rows, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """`quantize_rows` ([n, d] → tensors with n leading rows) over x [..., d], on a CPU in blocks of
-    CPU_BLOCK_ELEMENTS elements per thread; each tensor is returned with x's leading shape. Rows are coded independently,
-    so the blocks change no code (up to a product's summation order at a boundary tie)."""
-    rows = x.reshape(-1, x.shape[-1])
-    block = max(1, CPU_BLOCK_ELEMENTS * torch.get_num_threads() // max(1, x.shape[-1]))
-    if x.device.type != "cpu" or rows.shape[0] <= block:
-        parts = quantize_rows(rows)
-    else:
-        blocks = [quantize_rows(rows[i : i + block]) for i in range(0, rows.shape[0], block)]
-        parts = tuple(torch.cat(column) for column in zip(*blocks, strict=True))
-    return tuple(t.reshape(*x.shape[:-1], *t.shape[1:]) for t in parts)
+def in_row_blocks(quantize_rows, x: torch.Tensor, dim: int) -> tuple[torch.Tensor, ...]:
+    """`quantize_rows` (tensors with x's leading shape from x [..., dim]) over x, on a CPU in blocks of
+    CPU_BLOCK_ELEMENTS elements per thread. Rows are coded independently, so the blocks change no code (up to a
+    product's summation order at a boundary tie)."""
+    if not isinstance(x, torch.Tensor) or x.ndim == 0 or x.shape[-1] != dim or x.device.type != "cpu":
+        return tuple(quantize_rows(x))  # its own checks name what is wrong with x
+    rows = x.reshape(-1, dim)
+    block = max(1, CPU_BLOCK_ELEMENTS * torch.get_num_threads() // dim)
+    if rows.shape[0] <= block:
+        return tuple(quantize_rows(x))
+    blocks = [quantize_rows(rows[i : i + block]) for i in range(0, rows.shape[0], block)]
+    return tuple(
+        torch.cat(column).reshape(*x.shape[:-1], *column[0].shape[1:]) for column in zip(*blocks, strict=True)
+    )
 
 
 def store_norms(norms: torch.Tensor, dtype: torch.dtype, codec: str) -> torch.Tensor:

@@ -100,7 +100,7 @@ class TurboQuantMSE(nn.Module):
 
     # -- public API --------------------------------------------------------------------------------
     def quantize(self, x: torch.Tensor) -> MSECode:
-        indices, norms = in_row_blocks(self._quantize_rows, x)
+        indices, norms = in_row_blocks(self._quantize_rows, x, self.dim)
         return MSECode(tuple(x.shape[:-1]), self.dim, self.bits, indices, norms)
 
     def _quantize_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -68,7 +68,7 @@ class TurboQuantProd(nn.Module):
         return self.mse.rotation
 
     def quantize(self, x: torch.Tensor) -> ProdCode:
-        packed, signs, norms, residual_norms = in_row_blocks(self._quantize_rows, x)
+        packed, signs, norms, residual_norms = in_row_blocks(self._quantize_rows, x, self.dim)
         return ProdCode(
             tuple(x.shape[:-1]), self.dim, self.bits, self.qjl_dim, packed, signs, norms, residual_norms
         )
