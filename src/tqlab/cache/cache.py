@@ -233,6 +233,10 @@ class TurboQuantLayer(CacheLayerMixin):
             self._last[side] = torch.zeros_like(self._pending[side][..., :1, :]) if window and own else None
         self._has_last = torch.zeros((), dtype=torch.bool, device=self.device) if window and own else None
         self._codes_held = torch.tensor(self.packed["key"].length, dtype=torch.long, device=self.device)
+        # the codes a step attends to, per sequence in the kernels' int32 (without a window, under prefill_exact
+        # the step's own token is coded already and attended exactly instead), counted with _codes_held
+        read = self._codes_held - (0 if window else own)
+        self._read_lengths = read.to(torch.int32).expand(batch).contiguous()
         starts = (torch.zeros(batch) if starts is None else starts).to(device=self.device, dtype=torch.int32)
         self._starts = starts
         code_starts = (starts - sinks).clamp_min(0)  # the padding among the codes
@@ -305,7 +309,9 @@ class TurboQuantLayer(CacheLayerMixin):
                 )
             if last:
                 self._last[side].copy_(states)
-        self._codes_held.add_(self._has_last.long() if last else 1)
+        coded = self._has_last.long() if last else 1
+        self._codes_held.add_(coded)
+        self._read_lengths.add_(coded)
         if last:
             self._has_last.fill_(True)
         self.set_length(self.length + tokens)
@@ -415,7 +421,8 @@ class TurboQuantLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.length = self.offset = 0
         self.static, self.capacity = False, None  # frozen for CUDA-graph decode steps (`freeze`)
-        self._codes_held = self._starts = self._code_starts = self._sinks_seen = self._step_states = None
+        self._codes_held = self._read_lengths = self._starts = self._code_starts = self._sinks_seen = None
+        self._step_states = None
         self._has_last, self._frozen_at = None, 0
         self._last: dict[str, torch.Tensor | None] = {side: None for side in SIDES}
         self._sunk = {side: 0 for side in SIDES}

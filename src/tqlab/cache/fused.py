@@ -117,32 +117,33 @@ def _attend_static(layer, query: torch.Tensor, attention_mask, scaling: float) -
         )
     own = 0 if layer._step_states is None else 1  # prefill_exact: the step's own token is attended exactly
     window = layer.layout.recent_window
-    # codes read: without a window the step's own token is coded already, and left out
-    read = layer._codes_held - (0 if window else own)
-    lengths = read.to(torch.int32).expand(batch).contiguous()
+    query = query.float()  # once, for the rotation and the exact tokens
     q_rot = _rotate(query, layer.rotations["key"])
     k, v = layer.packed["key"].tensors, layer.packed["value"].tensors
     out, lse = decode_attention(
         q_rot, k["indices"], k["norms"], v["indices"], v["norms"], layer.tables["key"], layer.tables["value"],
-        lengths, scaling, starts=layer._code_starts, causal_shift=window + own, static_launch=True,
+        layer._read_lengths, scaling, starts=layer._code_starts, causal_shift=window + own, static_launch=True,
         key_sketch=_sketch(layer, "key", k), value_sketch=_sketch(layer, "value", v),
         key_mean=layer.rotated_means["key"], value_mean=layer.rotated_means["value"],
     )  # fmt: skip
     out = _rotate_back(out, layer.rotations["value"])
-    # The exact keys in order: the sinks, the window (just after the codes), the step's own token.
+    # The exact keys in order: the sinks, the window (just after the codes), the step's own token (always seen).
     sinks = layer.exact_tokens("key")[0]
     parts = [] if sinks is None else [(sinks, layer.exact_tokens("value")[0], layer._sinks_seen)]
     if window:
-        position = layer._sunk_held("key") + read + torch.arange(window, device=query.device)
+        position = (
+            layer._sunk_held("key") + layer._read_lengths[:, None] + torch.arange(window, device=query.device)
+        )
         seen = (position >= layer._starts[:, None])[:, None]  # [B, 1, W]
         parts.append((layer._pending["key"], layer._pending["value"], seen))
     if own:
-        ones = torch.ones(batch, 1, 1, dtype=torch.bool, device=query.device)
-        parts.append((*layer._step_states, ones))
+        parts.append((*layer._step_states, None))
     if parts:
-        keys, values, seen = (
-            _joined(column, -1 if i == 2 else -2) for i, column in enumerate(zip(*parts, strict=True))
-        )
+        keys, values = _joined([p[0] for p in parts], -2), _joined([p[1] for p in parts], -2)
+        seen = None  # the step's own token alone: seen by every query, nothing to mask
+        if any(p[2] is not None for p in parts):
+            ones = torch.ones(batch, 1, 1, dtype=torch.bool, device=query.device)
+            seen = _joined([ones if p[2] is None else p[2] for p in parts], -1)
         out = _with_exact(out, lse, query, keys, values, seen, scaling)
     return out
 
@@ -165,8 +166,9 @@ def _sketch(layer, side: str, codes: dict):
 
 def _with_exact(out, lse, query, keys, values, seen, scaling: float) -> torch.Tensor:
     """Attention over the codes (their normalised output `out` [B, Hq, Tq, d] and log-sum-exp `lse`) and exact
-    keys and values [B, KVH, n, d] where seen [B, Tq, n] allows, in fp32: one softmax over the codes' log-sum-exp
-    and the exact logits weighs the codes' output and each exact value (a query that sees nothing gets 0). As
+    keys and values [B, KVH, n, d] where seen [B, Tq, n] allows (None: all of them, for every query), in fp32:
+    one softmax over the codes' log-sum-exp and the exact logits weighs the codes' output and each exact value
+    (a query that sees nothing gets 0). As
     many KV heads at a time as keep the [queries × exact keys] logits within EXACT_LOGITS (all of them in a
     decode step: a loop over heads costs a dozen small ops per head per layer per token)."""
     batch, q_heads, q_len, dim = query.shape
@@ -179,9 +181,12 @@ def _with_exact(out, lse, query, keys, values, seen, scaling: float) -> torch.Te
         heads = slice(first * group, min(first + step, kv_heads) * group)
         q = query[:, heads].float().unflatten(1, (-1, group)) * scaling  # [B, H, G, Tq, d]
         logits = torch.einsum("bhgtd,bhnd->bhgtn", q, keys[:, kv].float())
-        logits = logits.masked_fill(~seen[:, None, None], float("-inf"))
         codes_lse = lse[:, heads].unflatten(1, (-1, group))[..., None]
-        weights = torch.softmax(torch.cat([codes_lse, logits], dim=-1), dim=-1).nan_to_num(0.0)
+        if seen is None:  # a seen exact key in every row: no row of -inf, so no NaN
+            weights = torch.softmax(torch.cat([codes_lse, logits], dim=-1), dim=-1)
+        else:
+            logits = logits.masked_fill(~seen[:, None, None], float("-inf"))
+            weights = torch.softmax(torch.cat([codes_lse, logits], dim=-1), dim=-1).nan_to_num(0.0)
         exact = torch.einsum("bhgtn,bhnd->bhgtd", weights[..., 1:], values[:, kv].float())
         parts.append((weights[..., :1] * out[:, heads].unflatten(1, (-1, group)) + exact).flatten(1, 2))
     return _joined(parts, 1)
