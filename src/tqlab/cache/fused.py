@@ -19,12 +19,10 @@ STARTS = "_tqlab_starts"  # attribute of a mask tensor: its per-row padding, or 
 EXACT_LOGITS = 1 << 24  # most fp32 logits over exact tokens held at once (64 MiB)
 
 
-def _left_padding(attention_mask, batch: int, q_len: int, held: int, device) -> torch.Tensor | None:
+def _left_padding(attention_mask, batch: int, q_len: int, held: int) -> torch.Tensor | None:
     """Per sequence the number of leading keys no query sees, if the mask is exactly causal attention after
     that many padding keys (else None). transformers passes one mask to every layer of a kind, so the check
     (one host sync) runs once per forward call."""
-    if attention_mask is None:
-        return torch.zeros(batch, dtype=torch.int32, device=device)
     if attention_mask.dtype != torch.bool or attention_mask.shape[0] != batch:
         return None
     known = getattr(attention_mask, STARTS, None)
@@ -52,17 +50,20 @@ def attend_packed(layer, query: torch.Tensor, attention_mask, scaling: float, wi
         return _attend_static(layer, query, attention_mask, scaling)
     if (window and window < held) or group > MAX_ROWS:
         return None
-    starts = _left_padding(attention_mask, batch, q_len, held, query.device)
-    if starts is None:
-        return None
+    starts = None  # no mask: causal attention without padding
+    if attention_mask is not None:
+        starts = _left_padding(attention_mask, batch, q_len, held)
+        if starts is None:
+            return None
     sinks, recent = layer.exact_tokens("key")
     n_sink = 0 if sinks is None else sinks.shape[-2]
     n_recent = 0 if recent is None else recent.shape[-2]
     coded = held - n_sink - n_recent
 
+    query = query.float()  # once, for the rotation and the exact tokens
     q_rot = _rotate(query, layer.rotations["key"])
     keys, values = layer.packed["key"].views(), layer.packed["value"].views()
-    code_starts = (starts - n_sink).clamp(0, coded)
+    code_starts = None if starts is None else (starts - n_sink).clamp(0, coded)
     outs, lses = [], []
     rows = max(1, MAX_ROWS // group)
     for first in range(0, q_len, rows):
@@ -91,13 +92,17 @@ def attend_packed(layer, query: torch.Tensor, attention_mask, scaling: float, wi
         keys, values = (
             _joined([t for t in layer.exact_tokens(side) if t is not None], -2) for side in ("key", "value")
         )
-        position = torch.cat(
-            [torch.arange(n_sink, device=query.device), torch.arange(n_sink + coded, held, device=query.device)]
-        )  # fmt: skip
-        query_position = torch.arange(held - q_len, held, device=query.device)
-        seen = (position[None, None, :] <= query_position[None, :, None]) & (
-            position[None, None, :] >= starts[:, None, None]
-        )  # [B, Tq, n]
+        seen = None  # one query token and no padding: it sees every exact token (all precede it or are it)
+        if q_len > 1 or starts is not None:
+            position = torch.cat(
+                [torch.arange(n_sink, device=query.device), torch.arange(n_sink + coded, held, device=query.device)]
+            )  # fmt: skip
+            seen = (
+                position[None, None, :]
+                <= torch.arange(held - q_len, held, device=query.device)[None, :, None]
+            )
+            if starts is not None:
+                seen = seen & (position[None, None, :] >= starts[:, None, None])  # [B, Tq, n]
         out = _with_exact(out, lse, query, keys, values, seen, scaling)
     return out
 
@@ -166,11 +171,11 @@ def _sketch(layer, side: str, codes: dict):
 
 def _with_exact(out, lse, query, keys, values, seen, scaling: float) -> torch.Tensor:
     """Attention over the codes (their normalised output `out` [B, Hq, Tq, d] and log-sum-exp `lse`) and exact
-    keys and values [B, KVH, n, d] where seen [B, Tq, n] allows (None: all of them, for every query), in fp32:
-    one softmax over the codes' log-sum-exp and the exact logits weighs the codes' output and each exact value
-    (a query that sees nothing gets 0). As
-    many KV heads at a time as keep the [queries × exact keys] logits within EXACT_LOGITS (all of them in a
-    decode step: a loop over heads costs a dozen small ops per head per layer per token)."""
+    keys and values [B, KVH, n, d] where seen [B or 1, Tq, n] allows (None: all of them, for every query), in
+    fp32: one softmax over the codes' log-sum-exp and the exact logits weighs the codes' output and each exact
+    value (a query that sees nothing gets 0). As many KV heads at a time as keep the [queries × exact keys]
+    logits within EXACT_LOGITS (all of them in a decode step: a loop over heads costs a dozen small ops per
+    head per layer per token)."""
     batch, q_heads, q_len, dim = query.shape
     kv_heads = keys.shape[1]
     group = q_heads // kv_heads
