@@ -184,28 +184,37 @@ def _with_exact(out, lse, query, keys, values, seen, scaling: float) -> torch.Te
     for first in range(0, kv_heads, step):
         kv = slice(first, first + step)
         heads = slice(first * group, min(first + step, kv_heads) * group)
-        q = query[:, heads].float().unflatten(1, (-1, group)) * scaling  # [B, H, G, Tq, d]
-        logits = torch.einsum("bhgtd,bhnd->bhgtn", q, keys[:, kv].float())
-        codes_lse = lse[:, heads].unflatten(1, (-1, group))[..., None]
+        rows = (batch, -1, group * q_len)  # [B, H, G·Tq, ...]: a KV head's query rows, head-major
+        q = query[:, heads].float().reshape(*rows, dim) * scaling
+        logits = q @ keys[:, kv].float().transpose(-1, -2)  # [B, H, G·Tq, n]
+        codes_lse = lse[:, heads].reshape(*rows, 1)
         if seen is None:  # a seen exact key in every row: no row of -inf, so no NaN
             weights = torch.softmax(torch.cat([codes_lse, logits], dim=-1), dim=-1)
         else:
-            logits = logits.masked_fill(~seen[:, None, None], float("-inf"))
+            hidden = ~seen[:, None, None]  # [B, 1, 1, Tq, n] against the rows as [B, H, G, Tq, n]
+            logits = logits.unflatten(2, (group, q_len)).masked_fill(hidden, float("-inf")).flatten(2, 3)
             weights = torch.softmax(torch.cat([codes_lse, logits], dim=-1), dim=-1).nan_to_num(0.0)
-        exact = torch.einsum("bhgtn,bhnd->bhgtd", weights[..., 1:], values[:, kv].float())
-        parts.append((weights[..., :1] * out[:, heads].unflatten(1, (-1, group)) + exact).flatten(1, 2))
+        exact = weights[..., 1:] @ values[:, kv].float()
+        mixed = weights[..., :1] * out[:, heads].reshape(*rows, dim) + exact
+        parts.append(mixed.reshape(batch, -1, q_len, dim))
     return _joined(parts, 1)
 
 
 def _rotate(query: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """Πq in fp32 for query [B, Hq, Tq, d], each query head by its KV head's rotation ([KVH, d, d])."""
-    batch, q_heads, q_len, dim = query.shape
-    q = query.float().reshape(batch, rotations.shape[0], -1, q_len, dim)
-    return torch.einsum("bhgtd,hed->bhgte", q, rotations).reshape(batch, q_heads, q_len, dim)
+    return _by_kv_head(query.float(), rotations.transpose(-1, -2))
 
 
 def _rotate_back(out: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """Πᵀo for the kernel's rotated-domain output [B, Hq, Tq, d] (the value rotations, [KVH, d, d])."""
-    batch, q_heads, q_len, dim = out.shape
-    rows = out.reshape(batch, rotations.shape[0], -1, dim)
-    return torch.einsum("bhnd,hde->bhne", rows, rotations).reshape(batch, q_heads, q_len, dim)
+    return _by_kv_head(out, rotations)
+
+
+def _by_kv_head(x: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
+    """Each query head's rows of x [B, Hq, Tq, d] times its KV head's matrix ([KVH, d, d]) on the right, in one
+    bmm over the KV heads (x and the result are copied to and from head-major order only where B > 1)."""
+    batch, q_heads, q_len, dim = x.shape
+    kv_heads = matrices.shape[0]
+    rows = x.reshape(batch, kv_heads, -1, dim).transpose(0, 1).reshape(kv_heads, -1, dim)
+    product = torch.bmm(rows, matrices)
+    return product.reshape(kv_heads, batch, -1, dim).transpose(0, 1).reshape(batch, q_heads, q_len, dim)
