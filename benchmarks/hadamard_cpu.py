@@ -4,8 +4,8 @@
     PYTHONPATH=src python benchmarks/hadamard_cpu.py --vectors 16 32 64 128 512 1024 --dims 128 256 --threads 1
 
 Best of 20 (small batches) or 5 timed calls each; prints a markdown table of passes / dense time ratios (above 1:
-the dense product is faster). `FastHadamard` takes the dense product on a GPU, up to `DENSE_MAX_DIM`, and for
-fewer than `PASSES_MIN_ROWS` rows.
+the dense product is faster). `FastHadamard` takes the dense product on a GPU, below d = `DENSE_MAX_DIM`, and
+at that d outside `PASSES_ELEMENTS` (rows × d per thread); the passes above it.
 """
 
 from __future__ import annotations
