@@ -82,8 +82,10 @@ class FastHadamard(Rotation):
     # small batches (a decode step's vectors: 3–10× up to d = 256) and up to d = 128; on large ones the passes'
     # time depends on the allocator's state (their temporaries leave the cache), the product's does not.
     def _dense_wins(self, x) -> bool:
-        if x.is_cuda or self.dim != DENSE_MAX_DIM:
-            return x.is_cuda or self.dim < DENSE_MAX_DIM
+        if x.is_cuda or self.dim < DENSE_MAX_DIM:
+            return True
+        if self.dim > DENSE_MAX_DIM:
+            return False
         few, many = PASSES_ELEMENTS
         return not few <= x.numel() <= many * torch.get_num_threads()
 
