@@ -100,6 +100,62 @@ def test_centered_codes_equal_the_centered_codec_and_a_float64_reference(dim, dt
         quantize_mse(x, rotations, codecs[0].boundaries, tables=tables, mean=means)
 
 
+def _store(shapes, capacity: int, device=DEVICE):
+    """A cache-like store of `capacity` tokens per row, filled with a marker that no code or norm equals."""
+    return tuple(
+        torch.full((*lead, capacity, *rest), 0xA5, dtype=torch.uint8, device=device)
+        if rest
+        else torch.full((*lead, capacity), -3.0, dtype=torch.float16, device=device)
+        for lead, rest in shapes
+    )
+
+
+@pytest.mark.parametrize(  # per-head rotations with the signed halves (d = 256); one shared rotation
+    "dim, bits, heads", [(64, 3, 2), (256, 4, 2), (128, 2, None)]
+)
+def test_codes_written_into_a_store_land_at_the_device_count(dim, bits, heads):
+    """into/at (a frozen cache's step): x's codes are those of a plain call, at tokens at..at + T of every
+    row of the store; every other token keeps what it held."""
+    generator = torch.Generator().manual_seed(dim + bits)
+    codecs = [TurboQuantMSE(dim, bits, rotation="fast_hadamard", seed=h) for h in range(heads or 1)]
+    rotation = torch.stack([c.rotation.matrix() for c in codecs]) if heads else codecs[0].rotation.matrix()
+    lead, tokens, capacity, first = (3, heads or 2), 2, 9, 5
+    x = torch.randn(*lead, tokens, dim, generator=generator).to(DEVICE, torch.bfloat16)
+    rotation, boundaries = rotation.to(DEVICE), codecs[0].boundaries.to(DEVICE)
+    plain = quantize_mse(x, rotation, boundaries)
+    store = _store([(lead, (dim // 8 * bits,)), (lead, ())], capacity)
+    before = [t.clone() for t in store]
+    written = quantize_mse(x, rotation, boundaries, into=store, at=torch.tensor(first, device=DEVICE))
+    assert all(w is s for w, s in zip(written, store, strict=True))
+    for got, old, want in zip(store, before, plain, strict=True):
+        assert torch.equal(got[:, :, first : first + tokens], want)
+        others = torch.ones(capacity, dtype=torch.bool)
+        others[first : first + tokens] = False
+        assert torch.equal(got[:, :, others], old[:, :, others])
+
+
+def test_a_store_of_another_shape_or_no_position_is_refused():
+    codec = TurboQuantMSE(64, 2)
+    x, matrix = torch.zeros(2, 3, 64), codec.rotation.matrix()
+    at = torch.tensor(0)
+    store = _store([((2,), (16,)), ((2,), ())], 4, "cpu")
+    with pytest.raises(ValueError, match="pass both or neither"):
+        quantize_mse(x, matrix, codec.boundaries, at=at)
+    with pytest.raises(ValueError, match="into needs at"):
+        quantize_mse(x, matrix, codec.boundaries, into=store)
+    with pytest.raises(ValueError, match="into needs at"):
+        quantize_mse(x, matrix, codec.boundaries, into=store, at=at.int())
+    with pytest.raises(
+        ValueError,
+        match=r"into's indices is \(2, 4, 16\) torch.uint8 on cpu; expected a contiguous \(2, 4, 24\)",
+    ):
+        quantize_mse(x, matrix, TurboQuantMSE(64, 3).boundaries, into=store, at=at)
+    with pytest.raises(ValueError, match="fewer than x's 3"):
+        quantize_mse(x, matrix, codec.boundaries, into=_store([((2,), (16,)), ((2,), ())], 2, "cpu"), at=at)
+    with pytest.raises(ValueError, match="into takes 2 tensors"):
+        quantize_mse(x, matrix, codec.boundaries, into=store[:1], at=at)
+
+
 @pytest.mark.parametrize("bits", [3, 4])
 def test_the_tiled_tf32_product_codes_as_the_codec(bits, monkeypatch):
     """On a GPU the general product runs in tiles of TF32_TILE; the interpreter takes one tile unless told."""

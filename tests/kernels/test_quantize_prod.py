@@ -127,3 +127,22 @@ def test_prod_needs_its_projection_in_the_tables():
         )  # fmt: skip
     with pytest.raises(ValueError, match="qjl_dim = head_dim"):
         quantize_prod(torch.zeros(3, 64), matrix, mse.boundaries, codec.projection[:32], mse.centroids)
+
+
+def test_prod_codes_written_into_a_store_land_at_the_device_count():
+    """into/at with Prod's four tensors: a plain call's codes, signs and norms at tokens at..at + T."""
+    dim, bits, heads, capacity, first = 64, 3, 2, 6, 4
+    codecs = [TurboQuantProd(dim, bits, rotation="fast_hadamard", seed=h) for h in range(heads)]
+    rotation = torch.stack([c.rotation.matrix() for c in codecs]).to(DEVICE)
+    projection = torch.stack([c.projection for c in codecs]).to(DEVICE)
+    mse = codecs[0].mse
+    args = (rotation, mse.boundaries.to(DEVICE), projection, mse.centroids.to(DEVICE))
+    x = torch.randn(2, heads, 2, dim, generator=torch.Generator().manual_seed(9)).to(DEVICE, torch.bfloat16)
+    plain = quantize_prod(x, *args)
+    store = tuple(
+        torch.full((2, heads, capacity, *t.shape[3:]), 7, dtype=t.dtype, device=DEVICE) for t in plain
+    )
+    quantize_prod(x, *args, into=store, at=torch.tensor(first, device=DEVICE))
+    for got, want in zip(store, plain, strict=True):
+        assert torch.equal(got[:, :, first:], want)
+        assert (got[:, :, :first] == 7).all()

@@ -161,19 +161,25 @@ class TurboQuantLayer(CacheLayerMixin):
                 mse.centroids if prod else None, means,
             )  # fmt: skip
 
-    def _quantize(self, side: str, states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _quantize(
+        self, side: str, states: torch.Tensor, at: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
         """All KV heads of [B, KVH, T, d] in one fused quantize (each head with its own rotation): the
-        tensors of `PackedCodes.fields`."""
+        tensors of `PackedCodes.fields`, or with `at` (a token count on the device) written straight into
+        the layer's storage from that token on."""
         from ..kernels import quantize_mse, quantize_prod
 
         codec = stored(self.codecs[side][0])
         mse, tables, mean = stage1(codec), self.quantize_tables[side], self.means[side]
+        into = None if at is None else self.packed[side].stores()
         if self.projections[side] is not None:
             return quantize_prod(
                 states, self.rotations[side], mse.boundaries, self.projections[side], mse.centroids,
-                codec.norm_dtype, tables, mean,
+                codec.norm_dtype, tables, mean, into, at,
             )  # fmt: skip
-        return quantize_mse(states, self.rotations[side], codec.boundaries, codec.norm_dtype, tables, mean)
+        return quantize_mse(
+            states, self.rotations[side], codec.boundaries, codec.norm_dtype, tables, mean, into, at
+        )
 
     @property
     def key_codecs(self) -> list:
@@ -298,8 +304,7 @@ class TurboQuantLayer(CacheLayerMixin):
         # previous step's, once there is one) replaces.
         for side, states in (("key", key_states), ("value", value_states)):
             coded = self._pending[side][..., :1, :] if window else states
-            # written at the count, past it if it stays
-            self.packed[side].write(self._codes_held[None], *self._quantize(side, coded))
+            self._quantize(side, coded, at=self._codes_held)  # written at the count, past it if it stays
             if window:
                 shifted = torch.cat(
                     [self._pending[side][..., 1:, :], self._last[side] if last else states], -2

@@ -91,11 +91,10 @@ class PackedCodes:
                 grown[name][:, :, : self.length] = self.tensors[name][:, :, : self.length]
         self.tensors = grown
 
-    def write(self, positions: torch.Tensor, *tensors: torch.Tensor) -> None:
-        """Store tokens at token positions given on the device ([T] int64), within the capacity, one tensor
-        per field; the caller moves `length` (a CUDA graph replays this write without the host)."""
-        for name, t in zip(self.fields, tensors, strict=True):
-            self.tensors[name].index_copy_(2, positions, t)
+    def stores(self) -> tuple[torch.Tensor, ...]:
+        """The whole tensors, filled or not, in `fields` order: what a fused quantize writes into at a
+        token position held on the device (the caller moves `length`)."""
+        return tuple(self.tensors[name] for name in self.fields)
 
     def drop_front(self, n: int) -> None:
         """Forget the first n tokens (copied down: the kernels read rows from the start)."""

@@ -238,10 +238,10 @@ def _sketch_step(
 @triton.jit
 def _quantize_rows(
     x, matrix, boundaries, codes, norms, row_signs, rows, x_stride_g, x_stride_t, rotations, inv_sqrt_d,
-    centroids, sketch_t, sketch_signs, residual_norms, mean, signed_mean,
+    centroids, sketch_t, sketch_signs, residual_norms, mean, signed_mean, out_rows, at,
     DIM: tl.constexpr, BITS: tl.constexpr, BLOCK_ROWS: tl.constexpr, COLS: tl.constexpr,
     SIGNS: tl.constexpr, HALVES: tl.constexpr, OUT_COLS: tl.constexpr, SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr,
-    F32_DOT: tl.constexpr, SKETCH: tl.constexpr, PERMUTED: tl.constexpr, CENTERED: tl.constexpr,
+    F32_DOT: tl.constexpr, SKETCH: tl.constexpr, PERMUTED: tl.constexpr, CENTERED: tl.constexpr, AT: tl.constexpr,
 ):  # fmt: skip
     g = tl.program_id(1).to(tl.int64)  # a group of rows that share one rotation (a KV head)
     row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -249,7 +249,9 @@ def _quantize_rows(
     x_rows = x + g * x_stride_g + row.to(tl.int64)[:, None] * x_stride_t
     matrix += (g % rotations) * DIM * DIM
     head = (g % rotations) * DIM  # CENTERED: codes of x − μ, this head's μ and (√d Π) μ start at `head`
-    row = g * rows + row  # the output's row
+    row = g * out_rows + row  # the output's row: out_rows per group
+    if AT:  # into a longer store, from a token position held on the device (a CUDA graph replays it)
+        row += tl.load(at)
     # Prod (SKETCH): S r and ‖r‖² of each row's residual, accumulated over the output columns
     if SKETCH:
         sketch_t += (g % rotations) * DIM * DIM
@@ -361,6 +363,8 @@ def quantize_mse(
     norm_dtype: torch.dtype = torch.float16,
     tables: QuantizeTables | None = None,
     mean: torch.Tensor | None = None,
+    into: tuple[torch.Tensor, ...] | None = None,
+    at: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., d] → (indices uint8 [..., packed_row_bytes(d, bits)], norms [...] in norm_dtype): the
     tensors of `TurboQuantMSE.quantize`. rotation: Π as [d, d] (`codec.rotation.matrix()`, built once), or
@@ -368,10 +372,14 @@ def quantize_mse(
     boundaries: `codec.boundaries` (2^bits − 1 of them). tables: `quantize_tables(rotation, boundaries,
     x.dtype, mean=mean)`, built once by a caller on the hot path (otherwise each call builds it, reading Π
     back). mean: μ, [d] or one per KV head, [H, d]: the codes of x − μ (those of `Centered(codec, μ)`),
-    formed in fp32 in the kernel; with the exact ±1 product, as (√d Π) x − (√d Π) μ. Unlike the codec it does not check for norms that overflow norm_dtype (they come back inf): that
-    check would stall the GPU stream on every call."""
+    formed in fp32 in the kernel; with the exact ±1 product, as (√d Π) x − (√d Π) μ. into, at: write the
+    codes of x [..., T, d] into these tensors (a cache's storage, [..., capacity, bytes] and [..., capacity],
+    returned) from token `at` on (an int64 tensor of one element on x's device, read by the kernel, so a CUDA
+    graph replays the write at a count that moves); at + T must not exceed the capacity, which is not checked
+    (that would stall the stream). Unlike the codec it does not check for norms that overflow norm_dtype (they
+    come back inf): that check too would stall the GPU stream on every call."""
     tables = tables or quantize_tables(rotation, boundaries, x.dtype, mean=mean)
-    return _quantize(x, rotation, boundaries, norm_dtype, tables, sketch=False, mean=mean)
+    return _quantize(x, rotation, boundaries, norm_dtype, tables, sketch=False, mean=mean, into=into, at=at)
 
 
 def quantize_prod(
@@ -383,6 +391,8 @@ def quantize_prod(
     norm_dtype: torch.dtype = torch.float16,
     tables: QuantizeTables | None = None,
     mean: torch.Tensor | None = None,
+    into: tuple[torch.Tensor, ...] | None = None,
+    at: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [..., d] → (indices, signs, norms, residual_norms): the tensors of `TurboQuantProd.quantize` (its
     `ProdCode` fields), in the same pass: the Stage-1 codes as `quantize_mse` (rotation and boundaries of
@@ -390,7 +400,7 @@ def quantize_prod(
     `codec.projection`, [d, d] or one per KV head, [H, d, d]; qjl_dim = d only) and ‖r‖. S r is summed in
     tf32x3 on a GPU: a sign may differ from the codec's where |S r| is within round-off of 0.
     centroids: `codec.mse.centroids`. tables: `quantize_tables(rotation, boundaries, x.dtype, projection,
-    centroids, mean)`, built once on the hot path. mean: as in `quantize_mse`."""
+    centroids, mean)`, built once on the hot path. mean, into (the four tensors), at: as in `quantize_mse`."""
     dim = x.shape[-1]
     if tuple(projection.shape) != tuple(rotation.shape):
         raise ValueError(
@@ -412,10 +422,10 @@ def quantize_prod(
             f"tables hold a {tuple(tables.sketch_t.shape)} projection on {tables.sketch_t.device}; x needs one per "
             f"rotation ({tuple(rotation.shape)}) on {x.device}: quantize_tables(..., projection, centroids)"
         )
-    return _quantize(x, rotation, boundaries, norm_dtype, tables, sketch=True, mean=mean)
+    return _quantize(x, rotation, boundaries, norm_dtype, tables, sketch=True, mean=mean, into=into, at=at)
 
 
-def _quantize(x, rotation, boundaries, norm_dtype, tables: QuantizeTables, sketch: bool, mean):
+def _quantize(x, rotation, boundaries, norm_dtype, tables: QuantizeTables, sketch: bool, mean, into, at):
     dim = x.shape[-1]
     bits = boundaries.numel().bit_length()
     if boundaries.numel() != (1 << bits) - 1 or not 1 <= bits <= MAX_BITS:
@@ -460,11 +470,24 @@ def _quantize(x, rotation, boundaries, norm_dtype, tables: QuantizeTables, sketc
             f"{None if tables.mean is None else tuple(tables.mean.shape)}; centered codes need both, of shape "
             f"{tuple(rotation.shape[:-1])} (one per rotation): quantize_tables(..., mean=mean)"
         )
-    rows = x.reshape(-1, x.shape[-2], dim) if per_head else x.reshape(1, -1, dim)  # [groups, rows, d]
+    shapes = {"indices": (dim // 8 * bits,), "signs": (dim // 8,), "norms": (), "residual_norms": ()}
+    if not sketch:
+        del shapes["signs"], shapes["residual_norms"]
+    if into is not None:
+        out_rows = _check_into(x, into, at, shapes, norm_dtype)
+    elif at is not None:
+        raise ValueError("at is where x's codes go in `into`: pass both or neither")
+    # [groups, rows, d]: a group per rotation, or per token run of a store written into
+    rows = x.reshape(-1, x.shape[-2], dim) if per_head or into else x.reshape(1, -1, dim)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
-    codes = torch.empty(*x.shape[:-1], dim // 8 * bits, dtype=torch.uint8, device=x.device)
-    norms = torch.empty(x.shape[:-1], dtype=norm_dtype, device=x.device)
+    if into is None:
+        out_rows = rows.shape[1]
+        into = [
+            torch.empty(*x.shape[:-1], *shape, dtype=torch.uint8 if shape else norm_dtype, device=x.device)
+            for shape in shapes.values()
+        ]
+    codes, norms = into[0], into[-2 if sketch else -1]
     halves = (
         tables.signs and tables.row_signs is not None and dim == 2 * SIGN_TILE
     )  # the kernel's COLS = d / 2
@@ -478,17 +501,42 @@ def _quantize(x, rotation, boundaries, norm_dtype, tables: QuantizeTables, sketc
         tile = min(dim, sketch_step or SIGN_TILE)
     else:
         tile = min(dim, TF32_TILE if x.is_cuda else INTERPRETER_TILE)
-    signs = torch.empty(*x.shape[:-1], dim // 8, dtype=torch.uint8, device=x.device) if sketch else None
-    residual_norms = torch.empty(x.shape[:-1], dtype=norm_dtype, device=x.device) if sketch else None
+    signs, residual_norms = (into[1], into[3]) if sketch else (None, None)
     block_rows = sketch_rows if sketch else BLOCK_ROWS
     _quantize_rows[(triton.cdiv(rows.shape[1], block_rows), rows.shape[0])](
         rows, tables.matrix, tables.boundaries, codes, norms, tables.row_signs, rows.shape[1], rows.stride(0),
         rows.stride(1), rotation.shape[0] if per_head else 1, dim**-0.5,
-        tables.centroids, tables.sketch_t, signs, residual_norms, tables.mean, tables.signed_mean,
+        tables.centroids, tables.sketch_t, signs, residual_norms, tables.mean, tables.signed_mean, out_rows, at,
         DIM=dim, BITS=bits, BLOCK_ROWS=block_rows, COLS=tile,
         SIGNS=tables.signs, HALVES=halves, OUT_COLS=step, SYMMETRIC=tables.symmetric,
         PRECISION="tf32x3" if x.is_cuda else "ieee", F32_DOT=not x.is_cuda, SKETCH=sketch,
-        PERMUTED=_permuted_columns(bits, halves, sketch), CENTERED=mean is not None,
+        PERMUTED=_permuted_columns(bits, halves, sketch), CENTERED=mean is not None, AT=at is not None,
         num_warps=SKETCH_WARPS if sketch else SIGN_WARPS if tables.signs else TF32_WARPS, num_stages=1,
     )  # fmt: skip
-    return (codes, signs, norms, residual_norms) if sketch else (codes, norms)
+    return tuple(into)
+
+
+def _check_into(x, into, at, shapes: dict, norm_dtype) -> int:
+    """The token capacity of the store `into` that x [..., T, d] is written into from token `at`."""
+    if x.dim() < 2 or len(into) != len(shapes):
+        raise ValueError(
+            f"into takes {len(shapes)} tensors ({', '.join(shapes)}) with a token axis, for x [..., T, d]; got "
+            f"{len(into)} for x of shape {tuple(x.shape)}"
+        )
+    lead, tokens = tuple(x.shape[:-2]), x.shape[-2]
+    capacity = into[0].shape[len(lead)] if into[0].dim() > len(lead) else -1
+    for (name, shape), t in zip(shapes.items(), into, strict=True):
+        dtype = torch.uint8 if shape else norm_dtype
+        want = (*lead, capacity, *shape)
+        if tuple(t.shape) != want or t.dtype != dtype or t.device != x.device or not t.is_contiguous():
+            raise ValueError(
+                f"into's {name} is {tuple(t.shape)} {t.dtype} on {t.device}; expected a contiguous {want} "
+                f"{dtype} on {x.device}"
+            )
+    if capacity < tokens:
+        raise ValueError(f"into holds {capacity} tokens per row, fewer than x's {tokens}")
+    if at is None or at.dtype != torch.int64 or at.numel() != 1 or at.device != x.device:
+        raise ValueError(
+            f"into needs at: an int64 tensor of one element on {x.device} (the first token written)"
+        )
+    return capacity
