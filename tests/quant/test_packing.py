@@ -26,6 +26,19 @@ def test_pack_matches_bitstream_reference_and_round_trips(bits, rows, n, seed):
     assert torch.equal(unpack_bits(packed, bits, n), values)
 
 
+def test_flags_strided_rows_and_no_rows_pack_as_contiguous_integers():
+    """The 1/2/4-bit fold reads rows as machine words: a bool input, a transposed view and zero rows must
+    pack as the same values would, contiguous and integer."""
+    values = torch.randint(0, 2, (24, 5), generator=torch.Generator().manual_seed(0))
+    for bits in (1, 2, 4):
+        strided = values.T  # [5, 24], not contiguous
+        assert torch.equal(pack_bits(strided, bits), pack_bits(strided.contiguous(), bits))
+    assert torch.equal(pack_bits(values.T.bool(), 1), pack_bits(values.T, 1))
+    for r in range(5):
+        assert pack_bits(values.T.bool(), 1)[r].tolist() == reference_pack(values[:, r].tolist(), 1)
+    assert pack_bits(torch.zeros(0, 16, dtype=torch.uint8), 2).shape == (0, 4)
+
+
 def test_packed_size_is_tight_when_n_is_a_multiple_of_8():
     for bits in range(1, 9):
         assert packed_row_bytes(128, bits) * 8 == 128 * bits

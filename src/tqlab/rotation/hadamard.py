@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -16,6 +17,14 @@ def _sylvester(n: int, like: torch.Tensor) -> torch.Tensor:
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     return h
+
+
+@functools.cache
+def _factor(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """H_n of a butterfly stage (n <= 16), built once per dtype and device: rebuilding it was a dozen small
+    ops per stage. A normal tensor even when first built under inference mode, so that a fit may use it."""
+    with torch.inference_mode(False), torch.no_grad():
+        return _sylvester(n, torch.empty(0, dtype=dtype, device=device))
 
 
 def fwht(x: torch.Tensor) -> torch.Tensor:
@@ -33,12 +42,12 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"fwht needs a power-of-two length along the last axis, got {d}")
     shape = x.shape
     f = min(_RADIX, d)
-    x = (x.reshape(-1, f) @ _sylvester(f, x)).reshape(-1, d)
+    x = (x.reshape(-1, f) @ _factor(f, x.dtype, x.device)).reshape(-1, d)
     inner = f  # product of the factors already applied (the trailing axes)
     while inner < d:
         f = min(_RADIX, d // inner)
         blocks = x.reshape(-1, f, inner)
-        x = torch.bmm(_sylvester(f, x).expand(blocks.shape[0], f, f), blocks).reshape(-1, d)
+        x = torch.bmm(_factor(f, x.dtype, x.device).expand(blocks.shape[0], f, f), blocks).reshape(-1, d)
         inner *= f
     return x.reshape(shape)
 
