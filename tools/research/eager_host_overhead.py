@@ -32,7 +32,7 @@ def stub_kernels(monkeypatch_targets: list) -> None:
     def decode_attention(query, key_indices, *args, **kwargs):
         return torch.zeros_like(query, dtype=torch.float32), torch.zeros(query.shape[:-1])
 
-    def quantize_mse(x, rotation, boundaries, norm_dtype=torch.float16, tables=None, mean=None):
+    def quantize_mse(x, rotation, boundaries, norm_dtype=torch.float16, tables=None, mean=None, into=None, at=None):
         bits = boundaries.numel().bit_length()
         codes = torch.zeros(*x.shape[:-1], x.shape[-1] // 8 * bits, dtype=torch.uint8)
         return codes, torch.ones(x.shape[:-1], dtype=norm_dtype)
