@@ -154,6 +154,10 @@ def test_a_store_of_another_shape_or_no_position_is_refused():
         quantize_mse(x, matrix, codec.boundaries, into=_store([((2,), (16,)), ((2,), ())], 2, "cpu"), at=at)
     with pytest.raises(ValueError, match="into takes 2 tensors"):
         quantize_mse(x, matrix, codec.boundaries, into=store[:1], at=at)
+    with pytest.raises(ValueError, match="with a token axis; x has shape"):
+        quantize_mse(x[0, 0], matrix, codec.boundaries, into=store, at=at)
+    with pytest.raises(ValueError, match=r"expected a contiguous \(2, 'capacity', 16\)"):
+        quantize_mse(x, matrix, codec.boundaries, into=(store[0][:, 0], store[1]), at=at)
 
 
 @pytest.mark.parametrize("bits", [3, 4])

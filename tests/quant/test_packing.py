@@ -37,6 +37,9 @@ def test_flags_strided_rows_and_no_rows_pack_as_contiguous_integers():
     for r in range(5):
         assert pack_bits(values.T.bool(), 1)[r].tolist() == reference_pack(values[:, r].tolist(), 1)
     assert pack_bits(torch.zeros(0, 16, dtype=torch.uint8), 2).shape == (0, 4)
+    codes = torch.randint(0, 2, (3, 12), generator=torch.Generator().manual_seed(1)).to(torch.uint8)
+    for view in (codes[0, 3:11], codes[:1, :8], codes[:, 4:]):  # uint8 at an odd offset or stride
+        assert pack_bits(view, 1).tolist() == pack_bits(view.clone().long(), 1).tolist()
 
 
 def test_packed_size_is_tight_when_n_is_a_multiple_of_8():

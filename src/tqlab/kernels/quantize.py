@@ -518,13 +518,15 @@ def _quantize(x, rotation, boundaries, norm_dtype, tables: QuantizeTables, sketc
 
 def _check_into(x, into, at, shapes: dict, norm_dtype) -> int:
     """The token capacity of the store `into` that x [..., T, d] is written into from token `at`."""
-    if x.dim() < 2 or len(into) != len(shapes):
+    if x.dim() < 2:
         raise ValueError(
-            f"into takes {len(shapes)} tensors ({', '.join(shapes)}) with a token axis, for x [..., T, d]; got "
-            f"{len(into)} for x of shape {tuple(x.shape)}"
+            f"into takes the codes of x [..., T, d], with a token axis; x has shape {tuple(x.shape)}"
         )
+    if len(into) != len(shapes):
+        raise ValueError(f"into takes {len(shapes)} tensors ({', '.join(shapes)}); got {len(into)}")
     lead, tokens = tuple(x.shape[:-2]), x.shape[-2]
-    capacity = into[0].shape[len(lead)] if into[0].dim() > len(lead) else -1
+    first = into[0]
+    capacity = first.shape[len(lead)] if first.dim() == len(lead) + 2 else "capacity"
     for (name, shape), t in zip(shapes.items(), into, strict=True):
         dtype = torch.uint8 if shape else norm_dtype
         want = (*lead, capacity, *shape)

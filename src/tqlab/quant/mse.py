@@ -31,7 +31,7 @@ def build_rotation(rotation: str | Rotation, dim: int, seed: int, options: dict)
 
 
 def count_below(y: torch.Tensor, boundaries: torch.Tensor, search: bool) -> torch.Tensor:
-    """#{boundaries < y} per element (uint8 for up to 15 boundaries, else int64). search: one binary search
+    """#{boundaries < y} per element (uint8, or int64 from the search past 15 boundaries). search: one binary search
     (bucketize) — on an H200 2.5× / 5.6× / 10.9× faster than the passes at 2 / 3 / 4 bits
     (benchmarks/gpu_encode_search.py); otherwise 2^b − 1 vectorised compare passes, 2–4× faster on CPU than
     bucketize at these sizes. Both count ties the same way (a boundary equal to y is

@@ -30,7 +30,10 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
         # step ORs in the word shifted down by (8 − b)·2^i, which moves the codes of bytes 2^i further up
         # next to those below them (3–4× faster on CPU than a shift-or per code position).
         per = 8 // bits
-        word = values.to(torch.uint8).contiguous().view(_FOLD_WORDS[per])
+        # a fresh contiguous copy: a view as wider words needs an aligned offset and strides, which a slice
+        # of uint8 codes need not have (little-endian words, as on x86-64 and ARM64, and as the kernels read)
+        codes = torch.empty(values.shape, dtype=torch.uint8, device=values.device).copy_(values)
+        word = codes.view(_FOLD_WORDS[per])
         for step in range(per.bit_length() - 1):
             word = word | (word >> ((8 - bits) << step))
         return word.to(torch.uint8)  # the low byte
