@@ -24,6 +24,8 @@ def test_pack_matches_bitstream_reference_and_round_trips(bits, rows, n, seed):
     for r in range(rows):
         assert packed[r].tolist() == reference_pack(values[r].tolist(), bits)
     assert torch.equal(unpack_bits(packed, bits, n), values)
+    as_int32 = unpack_bits(packed, bits, n, torch.int32)  # what the decoders gather centroids with
+    assert as_int32.dtype == torch.int32 and torch.equal(as_int32.long(), values)
 
 
 def test_flags_strided_rows_and_no_rows_pack_as_contiguous_integers():

@@ -58,8 +58,9 @@ def _word_dtype(bits: int) -> torch.dtype:
     return torch.int32 if 8 * bits < 32 else torch.int64
 
 
-def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of `pack_bits`: the first n values of each row, as int64."""
+def unpack_bits(packed: torch.Tensor, bits: int, n: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Inverse of `pack_bits`: the first n values of each row, as `dtype` (int32: the indices that
+    `index_select` takes, without an int64 copy of every code)."""
     if not 1 <= bits <= 8:
         raise ValueError(f"bits={bits} is out of range 1..8 for unpack_bits")
     expected = packed_row_bytes(n, bits)
@@ -69,18 +70,18 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
             f"{n} values at {bits} bits need uint8 rows of {expected} bytes"
         )
     if bits == 8:
-        return packed[..., :n].to(torch.int64)
+        return packed[..., :n].to(dtype)
     if 8 % bits == 0:
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
         values = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-        return values.flatten(-2)[..., :n].to(torch.int64)
+        return values.flatten(-2)[..., :n].to(dtype)
     word = _word_dtype(bits)
     groups = packed.unflatten(-1, (packed.shape[-1] // bits, bits)).to(word)
     byte_shifts = torch.arange(0, 8 * bits, 8, device=packed.device, dtype=word)
     words = (groups << byte_shifts).sum(-1, keepdim=True, dtype=word)
     shifts = torch.arange(0, 8 * bits, bits, device=packed.device, dtype=word)
     values = (words >> shifts) & ((1 << bits) - 1)
-    return values.flatten(-2)[..., :n].to(torch.int64)
+    return values.flatten(-2)[..., :n].to(dtype)
 
 
 def field_layout(widths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -84,7 +84,7 @@ class TurboQuantProd(nn.Module):
 
     def _parts(self, code: ProdCode) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotated Stage-1 vectors and ±1 sign vectors, both fp32."""
-        idx = unpack_bits(code.indices, self.bits - 1, self.dim)
+        idx = unpack_bits(code.indices, self.bits - 1, self.dim, torch.int32)
         signs = unpack_bits(code.signs, 1, self.qjl_dim).float() * 2 - 1
         return self.mse.decode_rotated(idx), signs
 
