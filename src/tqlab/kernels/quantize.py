@@ -487,7 +487,7 @@ def _quantize(x, rotation, boundaries, norm_dtype, tables: QuantizeTables, sketc
             torch.empty(*x.shape[:-1], *shape, dtype=torch.uint8 if shape else norm_dtype, device=x.device)
             for shape in shapes.values()
         ]
-    codes, norms = into[0], into[-2 if sketch else -1]
+    out = dict(zip(shapes, into, strict=True))  # by field name: indices, (signs,) norms, (residual_norms)
     halves = (
         tables.signs and tables.row_signs is not None and dim == 2 * SIGN_TILE
     )  # the kernel's COLS = d / 2
@@ -501,12 +501,12 @@ def _quantize(x, rotation, boundaries, norm_dtype, tables: QuantizeTables, sketc
         tile = min(dim, sketch_step or SIGN_TILE)
     else:
         tile = min(dim, TF32_TILE if x.is_cuda else INTERPRETER_TILE)
-    signs, residual_norms = (into[1], into[3]) if sketch else (None, None)
     block_rows = sketch_rows if sketch else BLOCK_ROWS
     _quantize_rows[(triton.cdiv(rows.shape[1], block_rows), rows.shape[0])](
-        rows, tables.matrix, tables.boundaries, codes, norms, tables.row_signs, rows.shape[1], rows.stride(0),
-        rows.stride(1), rotation.shape[0] if per_head else 1, dim**-0.5,
-        tables.centroids, tables.sketch_t, signs, residual_norms, tables.mean, tables.signed_mean, out_rows, at,
+        rows, tables.matrix, tables.boundaries, out["indices"], out["norms"], tables.row_signs, rows.shape[1],
+        rows.stride(0),
+        rows.stride(1), rotation.shape[0] if per_head else 1, dim**-0.5, tables.centroids, tables.sketch_t,
+        out.get("signs"), out.get("residual_norms"), tables.mean, tables.signed_mean, out_rows, at,
         DIM=dim, BITS=bits, BLOCK_ROWS=block_rows, COLS=tile,
         SIGNS=tables.signs, HALVES=halves, OUT_COLS=step, SYMMETRIC=tables.symmetric,
         PRECISION="tf32x3" if x.is_cuda else "ieee", F32_DOT=not x.is_cuda, SKETCH=sketch,

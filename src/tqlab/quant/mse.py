@@ -31,8 +31,8 @@ def build_rotation(rotation: str | Rotation, dim: int, seed: int, options: dict)
 
 
 # Up to this many elements a CPU encode takes the binary search too: its one op beats the passes' 2(2^b − 1)
-# small ones (at 1 024 elements, 4 bits: 9 against 47 µs; at 16 384 the passes win, 84 against 227 µs; torch
-# 2.13, one thread) — a decode step encodes one token per head.
+# small ones (at 1 024 elements, 4 bits: 11 against 47 µs; at 16 384 the passes win, 87 against 223 µs; torch
+# 2.13, one thread, tools/research/cpu_quantize_parts.py) — a decode step encodes one token per head.
 CPU_SEARCH_MAX_ELEMENTS = 4096
 
 
@@ -46,7 +46,7 @@ def count_below(y: torch.Tensor, boundaries: torch.Tensor, search: bool) -> torc
         idx = torch.bucketize(y, boundaries)
         return idx.to(torch.uint8) if len(boundaries) <= 15 else idx
     # Counted in y's float type: on CPU a comparison into a float tensor is vectorised, into bool ~4× slower,
-    # and float → int32 → uint8 is faster than float → uint8 (torch 2.13; 2× fewer µs for the count at 2 bits).
+    # and float → int32 → uint8 is faster than float → uint8 (torch 2.13; tools/research/cpu_quantize_parts.py).
     y = y.detach()  # out= takes no tensor that requires grad; codes carry none
     count, above = torch.empty_like(y), torch.empty_like(y)
     torch.gt(y, boundaries[0], out=count)

@@ -28,7 +28,8 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     if 8 % bits == 0:  # 1, 2, 4 bits: whole codes per byte
         # The `per` codes of a byte, one per byte of a little-endian word, folded into its low byte: each
         # step ORs in the word shifted down by (8 − b)·2^i, which moves the codes of bytes 2^i further up
-        # next to those below them (3–4× faster on CPU than a shift-or per code position).
+        # next to those below them (3× faster on CPU than a shift-or per code position:
+        # tools/research/cpu_quantize_parts.py).
         per = 8 // bits
         codes = values.to(torch.uint8)
         # a view as wider words needs an offset and strides in whole words, which a slice need not have
