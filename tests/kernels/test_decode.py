@@ -11,11 +11,12 @@ from tqlab.quant import TurboQuantMSE, unpack_bits  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True, params=["tiles", "registers"] if DEVICE == "cuda" else ["tiles"])
+@pytest.fixture(autouse=True, params=["tiles", "registers", "pair table"] if DEVICE == "cuda" else ["tiles"])
 def kernel(request, monkeypatch):
     """On a GPU every case runs on both kernels: the Triton-language one (also the interpreter's) and the
-    register-fragment one (`decode_mma`), which small problems would otherwise not reach. For the latter the
-    fixture is the list of its launches, which the parity tests check is not empty."""
+    register-fragment one (`decode_mma`), which small problems would otherwise not reach, the latter also
+    with 4-bit keys from its shared-memory pair table at every chunk length. For the latter the fixture is
+    the list of its launches, which the parity tests check is not empty."""
     from tqlab.kernels import decode
 
     if request.param == "tiles":
@@ -24,20 +25,42 @@ def kernel(request, monkeypatch):
     mma = decode._mma_kernel()
     assert mma is not None, "this triton has no Gluon: the register-fragment kernel cannot run"
     monkeypatch.setattr(decode, "REGISTER_KERNEL_MIN_KEYS", 0)
-    return record_launches(monkeypatch, mma, "_attend_chunk_mma")
+    monkeypatch.setattr(mma, "LOOKUP_MIN_BLOCKS", 0 if request.param == "pair table" else float("inf"))
+    launches = record_launches(monkeypatch, mma, "_attend_chunk_mma")
+    launches.table = request.param == "pair table"
+    return launches
 
 
-def record_launches(monkeypatch, module, name: str) -> list:
+class Launches(list):
+    """Launch grids, and with each launch whether its 4-bit keys came from the pair table (`lookups`)."""
+
+    table = False
+
+
+def record_launches(monkeypatch, module, name: str) -> Launches:
     """The launch grids of the kernel `module.name`, recorded while it still launches."""
-    launches, kernel = [], getattr(module, name)
+    launches, kernel = Launches(), getattr(module, name)
+    launches.lookups = []
 
     class Recorded:
         def __getitem__(self, grid):
             launches.append(grid)
-            return kernel[grid]
+
+            def launch(*args, **kwargs):
+                launches.lookups.append(kwargs.get("LOOKUP_KEYS", False))
+                return kernel[grid](*args, **kwargs)
+
+            return launch
 
     monkeypatch.setattr(module, name, Recorded())
     return launches
+
+
+def took_the_pair_table(kernel, k_bits, dim) -> None:
+    """With the pair table on, every launch of the register kernel with 4-bit keys and head_dim >= 128 used
+    it, and no other."""
+    if kernel is not None and kernel.table:
+        assert kernel.lookups and all(used == (k_bits == 4 and dim >= 128) for used in kernel.lookups)
 
 
 def register_kernel_takes(kernel, dim, k_bits, v_bits, rows):
@@ -128,6 +151,7 @@ def test_matches_float64_attention_over_the_decoded_codes(
     scale = expected.abs().max()
     torch.testing.assert_close(out, expected, rtol=0, atol=TOLERANCE * scale)
     assert kernel is None or kernel  # the register-fragment kernel ran
+    took_the_pair_table(kernel, k_bits, dim)
 
 
 def test_an_asymmetric_codebook_takes_the_general_4_bit_decode(kernel):
@@ -152,6 +176,7 @@ def test_an_asymmetric_codebook_takes_the_general_4_bit_decode(kernel):
     expected = reference(q, *decoded, lengths, scaling)
     torch.testing.assert_close(out.cpu().double(), expected, rtol=0, atol=TOLERANCE * expected.abs().max())
     assert kernel is None or kernel
+    took_the_pair_table(kernel, 4, dim)  # the table holds any codebook's pairs
 
 
 @pytest.mark.parametrize(
@@ -186,6 +211,7 @@ def test_padding_starts_a_causal_shift_and_the_log_sum_exp(dim, group, q_len, sh
     # scores carry the fp16 operands' relative roundoff, and so does their log-sum-exp
     torch.testing.assert_close(lse[seen], expected_lse[seen], rtol=TOLERANCE, atol=0)
     assert kernel is None or kernel
+    took_the_pair_table(kernel, bits, dim)
 
 
 @pytest.mark.parametrize("dim,group,q_len,bits,splits", [(64, 4, 1, 4, 3), (128, 2, 2, 3, 1)])
@@ -213,6 +239,7 @@ def test_means_add_to_every_score_and_to_the_output(dim, group, q_len, bits, spl
     assert not seen[2].any() and torch.equal(lse.isfinite(), seen) and (out[2] == 0).all()
     torch.testing.assert_close(lse[seen], expected_lse[seen], rtol=TOLERANCE, atol=0)
     assert kernel is None or kernel
+    took_the_pair_table(kernel, bits, dim)
     with pytest.raises(ValueError, match=r"key_mean must be a contiguous fp32 \[2, "):
         run(q, codec, k_code, codec, v_code, lengths, scaling, splits, key_mean=key_mean[:1].to(DEVICE))
 
@@ -315,6 +342,26 @@ def test_more_query_rows_than_the_kernel_holds_are_refused():
         decode_attention(
             q, code.indices, code.norms, code.indices, code.norms, table, table, torch.tensor([8]), 1.0
         )
+
+
+@pytest.mark.parametrize(
+    "per_sm,programs,fits", [(233472, 12, True), (233472, 14, False), (167936, 12, False)]
+)
+def test_the_pair_table_is_used_only_where_it_costs_no_occupancy(per_sm, programs, fits, monkeypatch):
+    """12 one-warp programs that each hold a 16 KiB table and CUDA's 1 KiB per block fit an H100/H200 SM's
+    228 KiB of shared memory, not an A100's 164 KiB; a torch that does not report it gets no table."""
+    from tqlab.kernels import decode
+
+    props = type(
+        "Properties", (), {"shared_memory_per_multiprocessor": per_sm, "regs_per_multiprocessor": 65536}
+    )()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    assert decode._pair_tables_fit(0, programs, 16384) == fits
+    # and a kernel that holds the table counts as many programs per SM as fit both its registers and tables
+    assert decode._resident_programs(0, 167, 12, shared=16384) == (12 if per_sm > 200000 else 9)
+    assert decode._resident_programs(0, 96, 12, shared=16384) == (13 if per_sm > 200000 else 9)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: object())
+    assert not decode._pair_tables_fit(0, programs, 16384)
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,10 @@
 a CPU it is compiled for sm_90 instead: the conversions of the decoded keys and values into tensor-core
 operands are asserted free of data movement at compile time (`assert_trivial`), and the compiled kernel must
 use no shared memory, and its loops (one per decoder) no shared-memory instruction and no codebook shuffle —
-only the few of the softmax and of P's move into an operand. Its numbers are checked by test_decode on a GPU."""
+only the few of the softmax and of P's move into an operand. With 4-bit keys looked up in the pair table
+(`LOOKUP_KEYS`) the table must be its only shared memory (the lookups address it from the start of the shared
+window) and the loop one shared-memory read per byte of key codes. Its numbers are checked by test_decode on
+a GPU."""
 
 import collections
 import json
@@ -62,18 +65,21 @@ def loops(sass: str) -> list[collections.Counter]:
 
 
 @pytest.mark.parametrize(
-    "dim,k_bits,v_bits,group,q_len,means",
+    "dim,k_bits,v_bits,group,q_len,means,lookup",
     [
-        (128, 4, 4, 4, 1, False),
-        (128, 3, 2, 6, 1, False),
-        (256, 2, 4, 8, 1, False),
-        (64, 4, 2, 4, 4, True),  # centered codes: the means' terms after the loop
-        (64, 3, 3, 4, 1, False),
-        (256, 3, 3, 4, 1, False),
+        (128, 4, 4, 4, 1, False, False),
+        (128, 3, 2, 6, 1, False, False),
+        (256, 2, 4, 8, 1, False, False),
+        (64, 4, 2, 4, 4, True, False),  # centered codes: the means' terms after the loop
+        (64, 3, 3, 4, 1, False, False),
+        (256, 3, 3, 4, 1, False, False),
+        (128, 4, 4, 4, 1, False, True),  # 4-bit keys from the pair table
+        (128, 4, 3, 8, 1, True, True),
+        (256, 4, 2, 4, 1, False, True),
     ],
 )
 def test_compiles_for_sm90_with_operands_decoded_in_registers(
-    dim, k_bits, v_bits, group, q_len, means, tmp_path
+    dim, k_bits, v_bits, group, q_len, means, lookup, tmp_path
 ):
     if not (os.path.exists(tool("ptxas")) and os.path.exists(tool("nvdisasm"))):
         pytest.skip("this triton wheel ships no ptxas or nvdisasm")
@@ -82,7 +88,7 @@ def test_compiles_for_sm90_with_operands_decoded_in_registers(
     constants = dict(
         KV_HEADS=8, GROUP=group, Q_LEN=q_len, DIM=dim, K_BITS=k_bits, V_BITS=v_bits,
         ROWS=max(8, group * q_len),
-        BLOCK_N=decode_mma.block_keys(dim), PADDED=True, KEY_MEAN=means, VALUE_MEAN=means,
+        BLOCK_N=decode_mma.block_keys(dim), PADDED=True, KEY_MEAN=means, VALUE_MEAN=means, LOOKUP_KEYS=lookup,
     )  # fmt: skip
     cubin = tmp_path / "kernel.cubin"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -93,7 +99,9 @@ def test_compiles_for_sm90_with_operands_decoded_in_registers(
         env=env,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout.splitlines()[-1])["shared"] == 0
+    assert json.loads(done.stdout.splitlines()[-1])["shared"] == (
+        decode_mma.PAIR_TABLE_BYTES if lookup else 0
+    )
     disassembly = subprocess.run([tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True)
     assert disassembly.returncode == 0, disassembly.stderr[-3000:]
     found = loops(disassembly.stdout)
@@ -101,5 +109,7 @@ def test_compiles_for_sm90_with_operands_decoded_in_registers(
     rows = max(8, group * q_len)
     for loop in found:  # Sᵀ = K·Qᵀ and Oᵀ = Vᵀ·Pᵀ per block of keys, N = 8 query rows per instruction
         assert loop["HMMA"] == 2 * (dim // 16) * (decode_mma.block_keys(dim) // 16) * (rows // 8)
-        assert not any(op.startswith(("LDS", "STS", "LDSM")) for op in loop)
+        # with the table: one read per byte of each lane's key codes (BLOCK_N · DIM / 2 codes per 32 lanes)
+        assert loop["LDS"] == (decode_mma.block_keys(dim) * dim // 64 if lookup else 0)
+        assert not any(op.startswith(("STS", "LDSM")) for op in loop)
         assert loop["SHFL"] <= 32  # a codebook lookup by shuffles would take one per code: hundreds

@@ -6,6 +6,7 @@ mix of the loop body (instructions per warp per block of BLOCK_N keys).
     PYTHONPATH=src python tools/research/gpu_kernel_sass.py --bits 2 --group 6
     PYTHONPATH=src python tools/research/gpu_kernel_sass.py --registers    # decode_mma (Gluon), per loop
     PYTHONPATH=src python tools/research/gpu_kernel_sass.py --registers --maxnreg 128   # capped: spills?
+    PYTHONPATH=src python tools/research/gpu_kernel_sass.py --registers --bits 4 --lookup  # keys from the table
 
 With `--registers` it compiles the register-fragment kernel (`kernels/decode_mma.py`) instead and prints each
 of its loops (one per decoder: symmetric and general 4-bit), per warp per block of 32 keys, with the share of
@@ -78,14 +79,16 @@ def disassemble(kernel, name: str) -> tuple[str, str]:
     return re.search(r"REG:(\d+)", usage).group(1), sass
 
 
-def register_kernel(bits: int, group: int, dim: int, maxnreg: int = 0, means: bool = False) -> None:
+def register_kernel(
+    bits: int, group: int, dim: int, maxnreg: int = 0, means: bool = False, lookup: bool = False
+) -> None:
     """Compile `decode_mma._attend_chunk_mma` for sm_90 (strides and code pointers 16-byte aligned, as the
     JIT specialises them on a GPU) and print its loops."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
     constants = dict(
         KV_HEADS=8, GROUP=group, Q_LEN=1, DIM=dim, K_BITS=bits, V_BITS=bits, ROWS=max(8, group), PADDED=True,
-        BLOCK_N=decode_mma.block_keys(dim), KEY_MEAN=means, VALUE_MEAN=means,
+        BLOCK_N=decode_mma.block_keys(dim), KEY_MEAN=means, VALUE_MEAN=means, LOOKUP_KEYS=lookup,
     )  # fmt: skip
     names = decode_mma._attend_chunk_mma.arg_names
     signature = {n: "constexpr" if n in constants else POINTERS.get(n, "i32") for n in names}
@@ -117,11 +120,14 @@ def main() -> None:
     parser.add_argument("--registers", action="store_true", help="the register-fragment kernel (decode_mma)")
     parser.add_argument("--maxnreg", type=int, default=0, help="with --registers: cap registers per thread")
     parser.add_argument("--means", action="store_true", help="with --registers: centered codes' mean terms")
+    parser.add_argument(
+        "--lookup", action="store_true", help="with --registers: 4-bit keys from the pair table"
+    )
     args = parser.parse_args()
     if args.registers:
         print(f"triton {triton.__version__}, sm_90, decode_mma, head_dim {args.dim}, group {args.group}")
         for bits in args.bits:
-            register_kernel(bits, args.group, args.dim, args.maxnreg, args.means)
+            register_kernel(bits, args.group, args.dim, args.maxnreg, args.means, args.lookup and bits == 4)
         return
     print(f"triton {triton.__version__}, sm_90, {decode.NUM_WARPS} warps, {decode.NUM_STAGES} stages, "
           f"BLOCK_N {decode.BLOCK_N}, head_dim {args.dim}, group {args.group}")  # fmt: skip

@@ -11,7 +11,8 @@ chunks by their log-sum-exp. Query token j of Tq sits at position L_b − Tq + j
 
 On an NVIDIA GPU (sm_80 or newer) problems of at least REGISTER_KERNEL_MIN_KEYS keys × KV heads × sequences
 go to `decode_mma._attend_chunk_mma` instead, which computes the same sums with the codes decoded straight
-into tensor-core operand registers (no shared memory); this kernel serves the rest, the interpreter, and
+into tensor-core operand registers (4-bit keys over long chunks looked up in a table of centroid pairs in
+shared memory, everything else decoded in registers); this kernel serves the rest, the interpreter, and
 the shapes `decode_mma.supports` refuses. The two keep the same chunking, masking and partial outputs, so a
 change to one's masking belongs in the other too. Prod codes (`QJLSketch`) take this kernel only: their keys
 add √(π/2)/d · ‖r_t‖ ⟨S Πq_r, s_t⟩ to the inner product, their values √(π/2)/d · ‖r_t‖ Sᵀ s_t to c[idx^v_t].
@@ -267,14 +268,26 @@ class QJLSketch:
 _RESIDENT: dict[tuple, int] = {}  # one-warp programs an SM holds, per compiled register-fragment kernel
 
 
-def _resident_programs(device_index: int | None, registers: int, default: int) -> int:
+def _resident_programs(device_index: int | None, registers: int, default: int, shared: int = 0) -> int:
     """One-warp programs one SM holds at `registers` per thread: each of its four sub-partitions holds a
     quarter of the register file, allocated per warp in units of 256 (8 per thread); at most 32 blocks
-    per SM. `default` where torch does not report the register file."""
-    per_sm = getattr(torch.cuda.get_device_properties(device_index), "regs_per_multiprocessor", None)
+    per SM; with `shared` bytes of shared memory each, no more than fit the SM's (`_pair_tables_fit`).
+    `default` where torch does not report the register file."""
+    properties = torch.cuda.get_device_properties(device_index)
+    per_sm = getattr(properties, "regs_per_multiprocessor", None)
     if not per_sm:
         return default
-    return max(1, min(32, 4 * (per_sm // 4 // (32 * -(-registers // 8) * 8))))
+    programs = max(1, min(32, 4 * (per_sm // 4 // (32 * -(-registers // 8) * 8))))
+    while shared and programs > 1 and not _pair_tables_fit(device_index, programs, shared):
+        programs -= 1
+    return programs
+
+
+def _pair_tables_fit(device_index: int | None, programs: int, table_bytes: int) -> bool:
+    """Whether an SM's shared memory holds `programs` one-warp programs that each keep a `table_bytes` table
+    (and the 1 KiB per block that CUDA reserves): then the table costs no occupancy."""
+    per_sm = getattr(torch.cuda.get_device_properties(device_index), "shared_memory_per_multiprocessor", None)
+    return bool(per_sm) and per_sm >= programs * (table_bytes + 1024)
 
 
 @functools.cache
@@ -420,6 +433,11 @@ def decode_attention(
     else:
         chunk = triton.cdiv(blocks, max(1, min(num_splits, blocks))) * block_n
         splits = triton.cdiv(tokens, chunk)
+    lookup_keys = (  # 4-bit keys from the shared-memory pair table: where chunks are long and the tables fit
+        mma is not None and k_bits == 4 and dim >= mma.LOOKUP_MIN_DIM
+        and triton.cdiv(blocks, splits) >= mma.LOOKUP_MIN_BLOCKS
+        and _pair_tables_fit(query.device.index, _RESIDENT.get(launch, mma.PROGRAMS_PER_SM), mma.PAIR_TABLE_BYTES)
+    )  # fmt: skip
 
     lengths = lengths.to(device=query.device, dtype=torch.int32)
     starts = starts.to(device=query.device, dtype=torch.int32) if padded else lengths
@@ -444,10 +462,12 @@ def decode_attention(
     )
     if mma:
         kernel = mma._attend_chunk_mma[(batch * kv_heads, splits)](
-            *arguments, **means, **shape, ROWS=block_m, BLOCK_N=block_n, **mma.LAUNCH
+            *arguments, **means, **shape, ROWS=block_m, BLOCK_N=block_n, LOOKUP_KEYS=lookup_keys, **mma.LAUNCH
         )
         if launch not in _RESIDENT:
-            _RESIDENT[launch] = _resident_programs(query.device.index, kernel.n_regs, mma.PROGRAMS_PER_SM)
+            _RESIDENT[launch] = _resident_programs(
+                query.device.index, kernel.n_regs, mma.PROGRAMS_PER_SM, kernel.metadata.shared
+            )
     else:
         _attend_chunk[(batch * kv_heads, splits)](
             *arguments, *_sketch_arguments(query, key_sketch, value_sketch), **means, **shape, BLOCK_M=block_m,

@@ -17,7 +17,11 @@ Oᵀ = Vᵀ·Pᵀ (coordinates on M, keys on K); lane g holds DIM/8 contiguous s
 the output is written back through the same order. Within a group of 8 codes, the byte-permute decode emits
 the codes in an order of its own (`packed.CODE_ORDER_*`), which the coordinate order absorbs. A 4-bit
 codebook symmetric about 0 (Lloyd-Max's are; checked in the kernel) takes the shorter decode
-`packed.DECODE4_SYMMETRIC_ASM`; others run a second copy of the loop with the general one.
+`packed.DECODE4_SYMMETRIC_ASM`; others run a second copy of the loop with the general one. Where each program
+runs long enough (LOOKUP_MIN_BLOCKS), 4-bit keys are instead looked up two codes at a time in a table of the
+codebook's 256 centroid pairs that each program builds in shared memory (`_pair_table`): one shared-memory read
+and two integer instructions per byte of codes, which moves part of the decode off the integer pipe that
+bounds the loop.
 
 One warp per program, each program one chunk of one (sequence, KV head) — split-K as in `decode`, merged by
 the same `_merge_chunks`; codes for the next block are loaded into registers while this block computes.
@@ -40,6 +44,26 @@ from .packed import (
     DECODE3_ASM,
     DECODE4_SYMMETRIC_ASM,
     PERMUTE4_ASM,
+)
+
+# 4-bit keys, where chunks are long (LOOKUP_MIN_BLOCKS or more blocks per program), are decoded by reading each
+# byte's two centroids from a table of the 256 fp16 pairs in shared memory, PAIR_COPIES copies side by side (`_pair_table`):
+# a read and two integer instructions per two codes instead of seven, the shared-memory pipe taking some of the
+# integer pipe's load. Building the table costs each program more than short chunks save (docs/benchmarks.md).
+LOOKUP_MIN_BLOCKS = 32
+# At head_dim 64 the kernel takes fewer registers and an SM holds more programs than their tables would fit.
+LOOKUP_MIN_DIM = 128
+_BARRIER = getattr(gl, "barrier", None) or gl.thread_barrier  # renamed after triton 3.6
+PAIR_COPIES = gl.constexpr(16)  # lanes l and l + 16 read one copy: at most two reads meet in a bank
+PAIR_TABLE_BYTES = 256 * PAIR_COPIES.value * 4
+LOOKUP_PAIRS_ASM = gl.constexpr(
+    "{ .reg .b32 e, a, r;"
+    + "".join(
+        f" prmt.b32 e, $8, 0, 0x444{k}; mad.lo.u32 a, e, {4 * PAIR_COPIES.value}, $9; ld.shared.b32 r, [a];"
+        f" mov.b32 {{${2 * k}, ${2 * k + 1}}}, r;"
+        for k in range(4)
+    )
+    + " }"
 )
 
 PROGRAMS_PER_SM = 12  # one-warp programs per SM until the compiled kernel's registers say (decode._RESIDENT)
@@ -88,6 +112,47 @@ def _planes(table, BITS: gl.constexpr):
         _plane(entries, 8, 1),
         _plane(entries, 12, 1),
     )
+
+
+@gluon.jit
+def _pair_table(table):
+    """The 256 fp16 pairs (c[e & 15], c[e >> 4]) of a 4-bit codebook as int32 words, PAIR_COPIES copies of each
+    entry side by side in shared memory (entry e, copy k at word PAIR_COPIES·e + k): lane l reads copy
+    l % PAIR_COPIES, so two lanes' reads meet in one bank only when they share a copy."""
+    layout: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [1, 1], [1, 0])
+    e = gl.arange(0, 256, layout=gl.SliceLayout(1, layout))[:, None]
+    entries = table.to(gl.pointer_type(gl.int16))
+    low = gl.load(entries + (e & 15)).to(gl.int32) & 0xFFFF
+    high = gl.load(entries + (e >> 4)).to(gl.int32)
+    words = gl.zeros([256, PAIR_COPIES], gl.int32, layout) + (low | (high << 16))
+    return gl.allocate_shared_memory(
+        gl.int32, [256, PAIR_COPIES], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]), value=words
+    )
+
+
+@gluon.jit
+def _table_base(pairs, lane):
+    """Lane `lane`'s shared-memory address of entry 0 of its copy of the pair table (`_pair_table`: the
+    kernel's only shared memory, so at the start of the dynamic shared window, which the compile test
+    checks); reading one entry back keeps the table alive (the lookups are inline PTX the compiler does not
+    see)."""
+    _BARRIER()
+    first = gl.sum(pairs.slice(0, 1).load(gl.BlockedLayout([1, 1], [1, 32], [1, 1], [1, 0])), axis=1)
+    return gl.inline_asm_elementwise(
+        "{ .reg .b32 b; mov.u32 b, global_smem; mad.lo.u32 $0, $1, 4, b; }",
+        "=r,r,r", [(lane % PAIR_COPIES) + gl.zeros_like(lane), gl.zeros_like(lane) + gl.sum(first, axis=0)],
+        dtype=gl.int32, is_pure=False, pack=1,
+    )  # fmt: skip
+
+
+@gluon.jit
+def _lookup_pairs(groups, base):
+    """The 8 4-bit codes of each int32 group as fp16 centroids, in order: each byte (two codes) is one
+    shared-memory read of the pair table at `base`."""
+    return gl.inline_asm_elementwise(
+        LOOKUP_PAIRS_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [groups, base],
+        dtype=(gl.float16,) * 8, is_pure=False, pack=1,
+    )  # fmt: skip
 
 
 @gluon.jit
@@ -214,6 +279,22 @@ def _whole_groups(codes, t, group, stop, BITS: gl.constexpr, DIM: gl.constexpr):
     return gl.load(row, mask=t < stop, other=0)
 
 
+@gluon.constexpr_function
+def _WHOLE_KEY_WORDS(W):
+    """The layout of `_key_groups` at 2 and 4 bits: lane (g, c) holds groups W·c .. W·c + W − 1 of keys g + 8·r."""
+    return gl.BlockedLayout([1, 1, W], [8, 4, 1], [1, 1, 1], [2, 1, 0])
+
+
+@gluon.jit
+def _key_lanes(DIM: gl.constexpr, BLOCK_N: gl.constexpr):
+    """The lane holding each element of `_key_groups`' 4-bit groups [BLOCK_N, 4, DIM/32]."""
+    words: gl.constexpr = _WHOLE_KEY_WORDS(DIM // 32)
+    t = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, words)))[:, None, None]
+    c = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, words)))[None, :, None]
+    w = gl.arange(0, DIM // 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, words)))[None, None, :]
+    return 4 * (t % 8) + c + 0 * w
+
+
 @gluon.jit
 def _key_groups(codes, block, stop, BITS: gl.constexpr, DIM: gl.constexpr, BLOCK_N: gl.constexpr):
     """int32 groups [BLOCK_N, 4, W] (W = DIM/32) of keys block .. block + BLOCK_N − 1 (those >= stop read as
@@ -222,7 +303,7 @@ def _key_groups(codes, block, stop, BITS: gl.constexpr, DIM: gl.constexpr, BLOCK
     if BITS == 3:  # lane c's 3W bytes: loaded as words, halves or bytes, assembled into groups
         words: gl.constexpr = gl.BlockedLayout([1, 1, 1], [8, 4, 1], [1, 1, 1], [2, 1, 0])
     else:
-        words: gl.constexpr = gl.BlockedLayout([1, 1, W], [8, 4, 1], [1, 1, 1], [2, 1, 0])
+        words: gl.constexpr = _WHOLE_KEY_WORDS(W)
     t = block + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, words)))[:, None, None]
     c = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, words)))[None, :, None]
     if BITS == 3:
@@ -235,11 +316,20 @@ def _key_groups(codes, block, stop, BITS: gl.constexpr, DIM: gl.constexpr, BLOCK
 
 @gluon.jit
 def _key_operand(
-    groups, planes, SYMMETRIC: gl.constexpr, BITS: gl.constexpr, DIM: gl.constexpr, BLOCK_N: gl.constexpr
+    groups,
+    planes,
+    SYMMETRIC: gl.constexpr,
+    BITS: gl.constexpr,
+    DIM: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    LOOKUP: gl.constexpr,
 ):
     """The A operand [BLOCK_N keys, DIM] of Sᵀ = K·Qᵀ from `_key_groups`; column k holds stored coordinate
-    `_key_coordinate(k)`."""
-    e = _interleave(_decode(groups, planes, SYMMETRIC, BITS))  # [t, c, w, i0, i1, i2]
+    `_key_coordinate(k)`. LOOKUP: `planes` are the lanes' pair-table addresses (`_table_base`)."""
+    if LOOKUP:
+        e = _interleave(_lookup_pairs(groups, planes))  # codes in order, as CODE_ORDER_4
+    else:
+        e = _interleave(_decode(groups, planes, SYMMETRIC, BITS))  # [t, c, w, i0, i1, i2]
     # column k = 32·w + 16·i2 + 8·i1 + 2·c + i0: the mma.sync A fragment gives lane c the columns 2c, 2c + 1
     # (and + 8) of every 16, so each lane's own groups land in its own registers.
     return gl.reshape(gl.permute(e, (0, 2, 5, 4, 1, 3)), (BLOCK_N, DIM))
@@ -293,7 +383,7 @@ def _value_coordinate(m, BITS: gl.constexpr, DIM: gl.constexpr):
 def _attend_blocks(
     q_op, q_scale, last_key, first_key, start, stop, kc, kn, vc, vn, k_planes, v_planes,
     K_BITS: gl.constexpr, V_BITS: gl.constexpr, DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
-    SYMMETRIC: gl.constexpr,
+    SYMMETRIC: gl.constexpr, LOOKUP_KEYS: gl.constexpr,
 ):  # fmt: skip
     """The online softmax over keys start .. stop − 1 of one (sequence, KV head): (Oᵀ unnormalised, running
     max, running sum) per query row."""
@@ -315,7 +405,9 @@ def _attend_blocks(
         key_valid = keys < stop
         k_norm = gl.load(kn + keys, mask=key_valid, other=0.0).to(gl.float32)
         k_op = gl.convert_layout(
-            _key_operand(k_groups, k_planes, SYMMETRIC, K_BITS, DIM, BLOCK_N), op_a, assert_trivial=True
+            _key_operand(k_groups, k_planes, SYMMETRIC, K_BITS, DIM, BLOCK_N, LOOKUP_KEYS),
+            op_a,
+            assert_trivial=True,
         )
         s = mma_v2(k_op, q_op, gl.zeros([BLOCK_N, ROWS], gl.float32, mma))
         s = s * k_norm[:, None] * q_scale[None, :]
@@ -347,8 +439,9 @@ def _attend_chunk_mma(
     vc_stride_b, vc_stride_h, vn_stride_b, vn_stride_h, key_mean, value_mean,
     KV_HEADS: gl.constexpr, GROUP: gl.constexpr, Q_LEN: gl.constexpr, DIM: gl.constexpr,
     K_BITS: gl.constexpr, V_BITS: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, PADDED: gl.constexpr,
-    KEY_MEAN: gl.constexpr, VALUE_MEAN: gl.constexpr,
+    KEY_MEAN: gl.constexpr, VALUE_MEAN: gl.constexpr, LOOKUP_KEYS: gl.constexpr,
 ):  # fmt: skip
+    gl.static_assert(not LOOKUP_KEYS or K_BITS == 4, "the pair table holds 4-bit codes")
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
     op_b: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
     plain: gl.constexpr = gl.BlockedLayout([1, 1], [4, 8], [1, 1], [0, 1])
@@ -392,19 +485,23 @@ def _attend_chunk_mma(
     vc = v_codes + b.to(gl.int64) * vc_stride_b + h.to(gl.int64) * vc_stride_h
     vn = v_norms + b.to(gl.int64) * vn_stride_b + h.to(gl.int64) * vn_stride_h
 
-    k_planes, v_planes = _planes(k_table, K_BITS), _planes(v_table, V_BITS)
+    v_planes = _planes(v_table, V_BITS)
+    if LOOKUP_KEYS:
+        k_planes = _table_base(_pair_table(k_table), _key_lanes(DIM, BLOCK_N))
+    else:
+        k_planes = _planes(k_table, K_BITS)
     symmetric = (K_BITS < 4 or _is_symmetric(k_table, K_BITS)) and (
         V_BITS < 4 or _is_symmetric(v_table, V_BITS)
     )
     if (K_BITS == 4 or V_BITS == 4) and symmetric:  # one loop per decoder: a branch inside costs registers
         acc, m_i, l_i = _attend_blocks(
             q_op, q_scale, last_key, first_key, start, stop, kc, kn, vc, vn, k_planes, v_planes,
-            K_BITS, V_BITS, DIM, ROWS, BLOCK_N, True,
+            K_BITS, V_BITS, DIM, ROWS, BLOCK_N, True, LOOKUP_KEYS,
         )  # fmt: skip
     else:
         acc, m_i, l_i = _attend_blocks(
             q_op, q_scale, last_key, first_key, start, stop, kc, kn, vc, vn, k_planes, v_planes,
-            K_BITS, V_BITS, DIM, ROWS, BLOCK_N, False,
+            K_BITS, V_BITS, DIM, ROWS, BLOCK_N, False, LOOKUP_KEYS,
         )  # fmt: skip
 
     # After the loop (no registers held through it): codes of x − μ (`decode.decode_attention`'s means).
