@@ -57,10 +57,10 @@ def record_launches(monkeypatch, module, name: str) -> Launches:
 
 
 def took_the_pair_table(kernel, k_bits, dim) -> None:
-    """With the pair table on, every launch of the register kernel with 4-bit keys and head_dim >= 128 used
-    it, and no other."""
+    """With the pair table on, every launch of the register kernel with 3- or 4-bit keys and head_dim >= 128
+    used it, and no other."""
     if kernel is not None and kernel.table:
-        assert kernel.lookups and all(used == (k_bits == 4 and dim >= 128) for used in kernel.lookups)
+        assert kernel.lookups and all(used == (k_bits >= 3 and dim >= 128) for used in kernel.lookups)
 
 
 def register_kernel_takes(kernel, dim, k_bits, v_bits, rows):

@@ -121,13 +121,13 @@ def main() -> None:
     parser.add_argument("--maxnreg", type=int, default=0, help="with --registers: cap registers per thread")
     parser.add_argument("--means", action="store_true", help="with --registers: centered codes' mean terms")
     parser.add_argument(
-        "--lookup", action="store_true", help="with --registers: 4-bit keys from the pair table"
+        "--lookup", action="store_true", help="with --registers: 3- and 4-bit keys from the pair table"
     )
     args = parser.parse_args()
     if args.registers:
         print(f"triton {triton.__version__}, sm_90, decode_mma, head_dim {args.dim}, group {args.group}")
         for bits in args.bits:
-            register_kernel(bits, args.group, args.dim, args.maxnreg, args.means, args.lookup and bits == 4)
+            register_kernel(bits, args.group, args.dim, args.maxnreg, args.means, args.lookup and bits in decode_mma.PAIR_COPIES)
         return
     print(f"triton {triton.__version__}, sm_90, {decode.NUM_WARPS} warps, {decode.NUM_STAGES} stages, "
           f"BLOCK_N {decode.BLOCK_N}, head_dim {args.dim}, group {args.group}")  # fmt: skip

@@ -18,10 +18,10 @@ the output is written back through the same order. Within a group of 8 codes, th
 the codes in an order of its own (`packed.CODE_ORDER_*`), which the coordinate order absorbs. A 4-bit
 codebook symmetric about 0 (Lloyd-Max's are; checked in the kernel) takes the shorter decode
 `packed.DECODE4_SYMMETRIC_ASM`; others run a second copy of the loop with the general one. Where each program
-runs long enough (LOOKUP_MIN_BLOCKS), 4-bit keys are instead looked up two codes at a time in a table of the
-codebook's 256 centroid pairs that each program builds in shared memory (`_pair_table`): one shared-memory read
-and two integer instructions per byte of codes, which moves part of the decode off the integer pipe that
-bounds the loop.
+runs long enough (LOOKUP_MIN_BLOCKS), 3- and 4-bit keys are instead looked up two codes at a time in a table of
+the codebook's 64 or 256 centroid pairs that each program builds in shared memory (`_pair_table`): one
+shared-memory read and one or two integer instructions per two codes, which moves part of the decode off the
+integer pipe that bounds the loop.
 
 One warp per program, each program one chunk of one (sequence, KV head) — split-K as in `decode`, merged by
 the same `_merge_chunks`; codes for the next block are loaded into registers while this block computes.
@@ -46,26 +46,55 @@ from .packed import (
     PERMUTE4_ASM,
 )
 
-# 4-bit keys, where chunks are long (LOOKUP_MIN_BLOCKS or more blocks per program), are decoded by reading each
-# byte's two centroids from a table of the 256 fp16 pairs in shared memory, PAIR_COPIES copies side by side (`_pair_table`):
-# a read and two integer instructions per two codes instead of seven, the shared-memory pipe taking some of the
-# integer pipe's load. Building the table costs each program more than short chunks save (docs/benchmarks.md).
+# 3- and 4-bit keys, where chunks are long (LOOKUP_MIN_BLOCKS or more blocks per program), are decoded by reading
+# each pair of codes' centroids from a table of all 2^(2·bits) fp16 pairs in shared memory (`_pair_table`): a read and
+# one or two integer instructions per two codes instead of three to five, the shared-memory pipe taking part of
+# the integer pipe's load. Building the table costs each program more than short chunks save (docs/benchmarks.md).
 LOOKUP_MIN_BLOCKS = 32
 # At head_dim 64 the kernel takes fewer registers and an SM holds more programs than their tables would fit.
 LOOKUP_MIN_DIM = 128
 _BARRIER = getattr(gl, "barrier", None) or gl.thread_barrier  # renamed after triton 3.6
-PAIR_COPIES = gl.constexpr(16)  # lanes l and l + 16 read one copy: at most two reads meet in a bank
-PAIR_TABLE_BYTES = 256 * PAIR_COPIES.value * 4
-LOOKUP_PAIRS_ASM = gl.constexpr(
-    "{ .reg .b32 e, a, r;"
-    + "".join(
-        f" prmt.b32 e, $8, 0, 0x444{k}; mad.lo.u32 a, e, {4 * PAIR_COPIES.value}, $9; ld.shared.b32 r, [a];"
-        f" mov.b32 {{${2 * k}, ${2 * k + 1}}}, r;"
-        for k in range(4)
-    )
-    + " }"
-)
+# Copies of each table entry side by side, lane l reading copy l % copies: at 4 bits 16 (16 KiB; lanes l and l + 16
+# share one, so at most two reads meet in a bank), at 3 bits 32 (8 KiB, no two reads in one bank).
+PAIR_COPIES = {3: 32, 4: 16}
 
+
+def pair_table_bytes(bits: int) -> int:
+    """Shared memory the pair table of a `bits`-bit codebook takes."""
+    return (1 << 2 * bits) * PAIR_COPIES[bits] * 4
+
+
+def _lookup_asm(bits: int) -> str:
+    """Inline PTX: the 8 codes of a group ($8; 4 bits: one int32, 3 bits: 24 bits) as fp16 centroids in order,
+    each pair of codes (a byte; six bits) one shared-memory read of the pair table at the lane's base ($9)."""
+    stride = 4 * PAIR_COPIES[bits]
+    lines = []
+    for k in range(4):
+        if bits == 4:  # byte k, zero-extended
+            field = f"prmt.b32 e, $8, 0, 0x444{k};"
+        else:  # bits 6k .. 6k + 5 (a group has 24)
+            field = (
+                "and.b32 e, $8, 63;"
+                if k == 0
+                else f"shr.b32 e, $8, {6 * k};" + (" and.b32 e, e, 63;" if k < 3 else "")
+            )
+        lines.append(
+            f" {field} mad.lo.u32 a, e, {stride}, $9; ld.shared.b32 r, [a]; mov.b32 {{${2 * k}, ${2 * k + 1}}}, r;"
+        )
+    return "{ .reg .b32 e, a, r;" + "".join(lines) + " }"
+
+
+def _base_asm(bits: int) -> str:
+    """Inline PTX: the shared-memory address of entry 0 of this lane's copy of the pair table."""
+    return (
+        f"{{ .reg .b32 l, b; mov.u32 l, %laneid; and.b32 l, l, {PAIR_COPIES[bits] - 1}; mov.u32 b, global_smem; "
+        "mad.lo.u32 $0, l, 4, b; }"
+    )
+
+
+LOOKUP3_ASM, LOOKUP4_ASM = gl.constexpr(_lookup_asm(3)), gl.constexpr(_lookup_asm(4))
+BASE3_ASM, BASE4_ASM = gl.constexpr(_base_asm(3)), gl.constexpr(_base_asm(4))
+_COPIES3, _COPIES4 = gl.constexpr(PAIR_COPIES[3]), gl.constexpr(PAIR_COPIES[4])
 PROGRAMS_PER_SM = 12  # one-warp programs per SM until the compiled kernel's registers say (decode._RESIDENT)
 # Blocks per chunk: SHORT_BLOCKS_PER_SPLIT where chunks that short all fit in one wave of resident programs,
 # else at least MIN_BLOCKS_PER_SPLIT (shorter chunks spend more on the prologue and the merge than they save;
@@ -115,42 +144,43 @@ def _planes(table, BITS: gl.constexpr):
 
 
 @gluon.jit
-def _pair_table(table):
-    """The 256 fp16 pairs (c[e & 15], c[e >> 4]) of a 4-bit codebook as int32 words, PAIR_COPIES copies of each
-    entry side by side in shared memory (entry e, copy k at word PAIR_COPIES·e + k): lane l reads copy
-    l % PAIR_COPIES, so two lanes' reads meet in one bank only when they share a copy."""
+def _pair_table(table, BITS: gl.constexpr):
+    """The fp16 pairs (c[e mod 2^BITS], c[e >> BITS]) of a BITS-bit codebook for every 2·BITS-bit field e of two
+    codes, as int32 words in shared memory, PAIR_COPIES copies of each entry side by side (entry e, copy k at word
+    copies·e + k)."""
+    ENTRIES: gl.constexpr = 1 << (2 * BITS)
+    COPIES: gl.constexpr = _COPIES4 if BITS == 4 else _COPIES3
     layout: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [1, 1], [1, 0])
-    e = gl.arange(0, 256, layout=gl.SliceLayout(1, layout))[:, None]
+    e = gl.arange(0, ENTRIES, layout=gl.SliceLayout(1, layout))[:, None]
     entries = table.to(gl.pointer_type(gl.int16))
-    low = gl.load(entries + (e & 15)).to(gl.int32) & 0xFFFF
-    high = gl.load(entries + (e >> 4)).to(gl.int32)
-    words = gl.zeros([256, PAIR_COPIES], gl.int32, layout) + (low | (high << 16))
+    low = gl.load(entries + (e & ((1 << BITS) - 1))).to(gl.int32) & 0xFFFF
+    high = gl.load(entries + (e >> BITS)).to(gl.int32)
+    words = gl.zeros([ENTRIES, COPIES], gl.int32, layout) + (low | (high << 16))
     return gl.allocate_shared_memory(
-        gl.int32, [256, PAIR_COPIES], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]), value=words
+        gl.int32, [ENTRIES, COPIES], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]), value=words
     )
 
 
 @gluon.jit
-def _table_base(pairs, lane):
-    """Lane `lane`'s shared-memory address of entry 0 of its copy of the pair table (`_pair_table`: the
-    kernel's only shared memory, so at the start of the dynamic shared window, which the compile test
-    checks); reading one entry back keeps the table alive (the lookups are inline PTX the compiler does not
-    see)."""
+def _table_base(pairs, like, BITS: gl.constexpr):
+    """A tensor like `like` holding, in each lane, the shared-memory address of entry 0 of the lane's copy of
+    the pair table (`_pair_table`: the kernel's only shared memory, so at the start of the dynamic shared
+    window, which the compile test checks); reading one entry back keeps the table alive (the lookups are
+    inline PTX the compiler does not see)."""
     _BARRIER()
     first = gl.sum(pairs.slice(0, 1).load(gl.BlockedLayout([1, 1], [1, 32], [1, 1], [1, 0])), axis=1)
     return gl.inline_asm_elementwise(
-        "{ .reg .b32 b; mov.u32 b, global_smem; mad.lo.u32 $0, $1, 4, b; }",
-        "=r,r,r", [(lane % PAIR_COPIES) + gl.zeros_like(lane), gl.zeros_like(lane) + gl.sum(first, axis=0)],
+        BASE4_ASM if BITS == 4 else BASE3_ASM, "=r,r,r", [like, gl.zeros_like(like) + gl.sum(first, axis=0)],
         dtype=gl.int32, is_pure=False, pack=1,
     )  # fmt: skip
 
 
 @gluon.jit
-def _lookup_pairs(groups, base):
-    """The 8 4-bit codes of each int32 group as fp16 centroids, in order: each byte (two codes) is one
-    shared-memory read of the pair table at `base`."""
+def _lookup_pairs(groups, base, BITS: gl.constexpr):
+    """The 8 codes of each group (4 bits: an int32 word, 3 bits: 24 bits) as fp16 centroids, in order: each
+    pair of codes one shared-memory read of the pair table at `base`."""
     return gl.inline_asm_elementwise(
-        LOOKUP_PAIRS_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [groups, base],
+        LOOKUP4_ASM if BITS == 4 else LOOKUP3_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [groups, base],
         dtype=(gl.float16,) * 8, is_pure=False, pack=1,
     )  # fmt: skip
 
@@ -286,16 +316,6 @@ def _WHOLE_KEY_WORDS(W):
 
 
 @gluon.jit
-def _key_lanes(DIM: gl.constexpr, BLOCK_N: gl.constexpr):
-    """The lane holding each element of `_key_groups`' 4-bit groups [BLOCK_N, 4, DIM/32]."""
-    words: gl.constexpr = _WHOLE_KEY_WORDS(DIM // 32)
-    t = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, words)))[:, None, None]
-    c = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, words)))[None, :, None]
-    w = gl.arange(0, DIM // 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, words)))[None, None, :]
-    return 4 * (t % 8) + c + 0 * w
-
-
-@gluon.jit
 def _key_groups(codes, block, stop, BITS: gl.constexpr, DIM: gl.constexpr, BLOCK_N: gl.constexpr):
     """int32 groups [BLOCK_N, 4, W] (W = DIM/32) of keys block .. block + BLOCK_N − 1 (those >= stop read as
     0): lane (g, c) of the warp reads groups W·c .. W·c + W − 1 of its keys, DIM·BITS/32 contiguous bytes."""
@@ -327,7 +347,7 @@ def _key_operand(
     """The A operand [BLOCK_N keys, DIM] of Sᵀ = K·Qᵀ from `_key_groups`; column k holds stored coordinate
     `_key_coordinate(k)`. LOOKUP: `planes` are the lanes' pair-table addresses (`_table_base`)."""
     if LOOKUP:
-        e = _interleave(_lookup_pairs(groups, planes))  # codes in order, as CODE_ORDER_4
+        e = _interleave(_lookup_pairs(groups, planes, BITS))  # codes in order (`_key_coordinate`)
     else:
         e = _interleave(_decode(groups, planes, SYMMETRIC, BITS))  # [t, c, w, i0, i1, i2]
     # column k = 32·w + 16·i2 + 8·i1 + 2·c + i0: the mma.sync A fragment gives lane c the columns 2c, 2c + 1
@@ -336,11 +356,11 @@ def _key_operand(
 
 
 @gluon.jit
-def _key_coordinate(k, BITS: gl.constexpr, DIM: gl.constexpr):
+def _key_coordinate(k, BITS: gl.constexpr, DIM: gl.constexpr, LOOKUP: gl.constexpr):
     """The stored coordinate that column k of `_key_operand` holds."""
     c, w = (k >> 1) & 3, k >> 5
     i = (k & 1) | (((k >> 3) & 1) << 1) | (((k >> 4) & 1) << 2)
-    return 8 * ((DIM // 32) * c + w) + _code(i, BITS)
+    return 8 * ((DIM // 32) * c + w) + (i if LOOKUP else _code(i, BITS))
 
 
 @gluon.jit
@@ -397,6 +417,8 @@ def _attend_blocks(
     acc = gl.zeros([DIM, ROWS], gl.float32, mma)
     k_groups = _key_groups(kc, start, stop, K_BITS, DIM, BLOCK_N)
     v_groups = _value_groups(vc, start, stop, V_BITS, DIM, BLOCK_N)
+    if LOOKUP_KEYS:  # k_planes: the pair table in shared memory
+        k_planes = _table_base(k_planes, k_groups, K_BITS)
     for block in range(start, stop, BLOCK_N):
         # the next block's codes load while this one computes
         k_next = _key_groups(kc, block + BLOCK_N, stop, K_BITS, DIM, BLOCK_N)
@@ -441,7 +463,7 @@ def _attend_chunk_mma(
     K_BITS: gl.constexpr, V_BITS: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, PADDED: gl.constexpr,
     KEY_MEAN: gl.constexpr, VALUE_MEAN: gl.constexpr, LOOKUP_KEYS: gl.constexpr,
 ):  # fmt: skip
-    gl.static_assert(not LOOKUP_KEYS or K_BITS == 4, "the pair table holds 4-bit codes")
+    gl.static_assert(not LOOKUP_KEYS or K_BITS >= 3, "pair tables hold 3- or 4-bit codes")
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
     op_b: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
     plain: gl.constexpr = gl.BlockedLayout([1, 1], [4, 8], [1, 1], [0, 1])
@@ -467,7 +489,7 @@ def _attend_chunk_mma(
     )
     q = (
         gl.load(
-            q_at[None, :] + _key_coordinate(k_of, K_BITS, DIM)[:, None],
+            q_at[None, :] + _key_coordinate(k_of, K_BITS, DIM, LOOKUP_KEYS)[:, None],
             mask=(r_of < GROUP * Q_LEN)[None, :],
             other=0.0,
         ).to(gl.float32)
@@ -486,10 +508,7 @@ def _attend_chunk_mma(
     vn = v_norms + b.to(gl.int64) * vn_stride_b + h.to(gl.int64) * vn_stride_h
 
     v_planes = _planes(v_table, V_BITS)
-    if LOOKUP_KEYS:
-        k_planes = _table_base(_pair_table(k_table), _key_lanes(DIM, BLOCK_N))
-    else:
-        k_planes = _planes(k_table, K_BITS)
+    k_planes = _pair_table(k_table, K_BITS) if LOOKUP_KEYS else _planes(k_table, K_BITS)
     symmetric = (K_BITS < 4 or _is_symmetric(k_table, K_BITS)) and (
         V_BITS < 4 or _is_symmetric(v_table, V_BITS)
     )
