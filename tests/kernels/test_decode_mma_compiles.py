@@ -3,7 +3,7 @@ a CPU it is compiled for sm_90 instead: the conversions of the decoded keys and 
 operands are asserted free of data movement at compile time (`assert_trivial`), and the compiled kernel must
 use no shared memory, and its loops (one per decoder) no shared-memory instruction and no codebook shuffle —
 only the few of the softmax and of P's move into an operand. With 4-bit keys looked up in the pair table
-(`LOOKUP_KEYS`, 3 and 4 bits) the table must be its only shared memory (the lookups address it from the start of the shared
+(`LOOKUP_KEYS`, 3 and 4 bits; at K3V3 values too) the tables must be its only shared memory (the lookups address it from the start of the shared
 window) and the loop one shared-memory read per byte of key codes. Its numbers are checked by test_decode on
 a GPU."""
 
@@ -102,7 +102,7 @@ def test_compiles_for_sm90_with_operands_decoded_in_registers(
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.splitlines()[-1])["shared"] == (
-        decode_mma.pair_table_bytes(k_bits) if lookup else 0
+        decode_mma.pair_table_bytes(k_bits, v_bits) if lookup else 0
     )
     disassembly = subprocess.run([tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True)
     assert disassembly.returncode == 0, disassembly.stderr[-3000:]
@@ -111,7 +111,9 @@ def test_compiles_for_sm90_with_operands_decoded_in_registers(
     rows = max(8, group * q_len)
     for loop in found:  # Sᵀ = K·Qᵀ and Oᵀ = Vᵀ·Pᵀ per block of keys, N = 8 query rows per instruction
         assert loop["HMMA"] == 2 * (dim // 16) * (decode_mma.block_keys(dim) // 16) * (rows // 8)
-        # with the table: one read per two of each lane's key codes (BLOCK_N · DIM / 2 pairs per 32 lanes)
-        assert loop["LDS"] == (decode_mma.block_keys(dim) * dim // 64 if lookup else 0)
+        # with the table: one read per two of each lane's key codes (BLOCK_N · DIM / 2 pairs per 32 lanes), and
+        # at K3V3 as many for the values
+        reads = decode_mma.block_keys(dim) * dim // 64 * (2 if k_bits == v_bits == 3 else 1)
+        assert loop["LDS"] == (reads if lookup else 0)
         assert not any(op.startswith(("STS", "LDSM")) for op in loop)
         assert loop["SHFL"] <= 32  # a codebook lookup by shuffles would take one per code: hundreds

@@ -437,7 +437,7 @@ def decode_attention(
         mma is not None and k_bits in mma.PAIR_COPIES and dim >= mma.LOOKUP_MIN_DIM
         and triton.cdiv(blocks, splits) >= mma.LOOKUP_MIN_BLOCKS
         and _pair_tables_fit(
-            query.device.index, _RESIDENT.get(launch, mma.PROGRAMS_PER_SM), mma.pair_table_bytes(k_bits)
+            query.device.index, _RESIDENT.get(launch, mma.PROGRAMS_PER_SM), mma.pair_table_bytes(k_bits, v_bits)
         )
     )  # fmt: skip
 

@@ -59,9 +59,9 @@ _BARRIER = getattr(gl, "barrier", None) or gl.thread_barrier  # renamed after tr
 PAIR_COPIES = {3: 32, 4: 16}
 
 
-def pair_table_bytes(bits: int) -> int:
-    """Shared memory the pair table of a `bits`-bit codebook takes."""
-    return (1 << 2 * bits) * PAIR_COPIES[bits] * 4
+def pair_table_bytes(k_bits: int, v_bits: int) -> int:
+    """Shared memory the pair tables take: the keys' codebook, and at K3V3 the values' too (`_pair_table`)."""
+    return (1 << 2 * k_bits) * PAIR_COPIES[k_bits] * 4 * (2 if k_bits == v_bits == 3 else 1)
 
 
 def _lookup_asm(bits: int) -> str:
@@ -144,20 +144,24 @@ def _planes(table, BITS: gl.constexpr):
 
 
 @gluon.jit
-def _pair_table(table, BITS: gl.constexpr):
+def _pair_table(table, value_table, BITS: gl.constexpr, VALUES: gl.constexpr):
     """The fp16 pairs (c[e mod 2^BITS], c[e >> BITS]) of a BITS-bit codebook for every 2·BITS-bit field e of two
     codes, as int32 words in shared memory, PAIR_COPIES copies of each entry side by side (entry e, copy k at word
-    copies·e + k)."""
+    copies·e + k); VALUES (3 bits): the value codebook's table follows the keys'."""
     ENTRIES: gl.constexpr = 1 << (2 * BITS)
+    ROWS: gl.constexpr = 2 * ENTRIES if VALUES else ENTRIES
     COPIES: gl.constexpr = _COPIES4 if BITS == 4 else _COPIES3
     layout: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [1, 1], [1, 0])
-    e = gl.arange(0, ENTRIES, layout=gl.SliceLayout(1, layout))[:, None]
-    entries = table.to(gl.pointer_type(gl.int16))
+    row = gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))[:, None]
+    e = row % ENTRIES
+    entries = gl.where(
+        row < ENTRIES, table.to(gl.pointer_type(gl.int16)), value_table.to(gl.pointer_type(gl.int16))
+    )
     low = gl.load(entries + (e & ((1 << BITS) - 1))).to(gl.int32) & 0xFFFF
     high = gl.load(entries + (e >> BITS)).to(gl.int32)
-    words = gl.zeros([ENTRIES, COPIES], gl.int32, layout) + (low | (high << 16))
+    words = gl.zeros([ROWS, COPIES], gl.int32, layout) + (low | (high << 16))
     return gl.allocate_shared_memory(
-        gl.int32, [ENTRIES, COPIES], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]), value=words
+        gl.int32, [ROWS, COPIES], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]), value=words
     )
 
 
@@ -384,26 +388,50 @@ def _value_groups(codes, block, stop, BITS: gl.constexpr, DIM: gl.constexpr, BLO
 
 @gluon.jit
 def _value_operand(
-    groups, planes, SYMMETRIC: gl.constexpr, BITS: gl.constexpr, DIM: gl.constexpr, BLOCK_N: gl.constexpr
+    groups,
+    planes,
+    SYMMETRIC: gl.constexpr,
+    BITS: gl.constexpr,
+    DIM: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    LOOKUP: gl.constexpr,
 ):
     """The A operand [DIM, BLOCK_N keys] of Oᵀ = Vᵀ·Pᵀ from `_value_groups`; row m holds stored coordinate
-    `_value_coordinate(m)`."""
-    e = _interleave(_decode(groups, planes, SYMMETRIC, BITS))  # [t, g, u, i0, i1, i2]
-    # row m = 64·u + 32·i2 + 16·i1 + 8·i0 + g: the A fragment gives lane g the rows g and g + 8 of every 16.
-    return gl.reshape(gl.permute(e, (2, 5, 4, 3, 1, 0)), (DIM, BLOCK_N))
+    `_value_coordinate(m)`. LOOKUP (3 bits): `planes` are the lanes' addresses of the values' pair table."""
+    if LOOKUP:
+        even, odd = _value_pair_words(groups, DIM, BLOCK_N)
+        e = gl.join(_interleave(_lookup_pairs(even, planes, 3)), _interleave(_lookup_pairs(odd, planes, 3)))
+        # [s, g, u, j0, j1, j2, q]: key 2s + j0, code 2·(j1 + 2·j2) + q, so that row m = 64·u + 32·j2 + 16·j1 +
+        # 8·q + g holds code (m >> 3) & 7
+        operand = gl.reshape(gl.permute(e, (2, 5, 4, 6, 1, 0, 3)), (DIM, BLOCK_N))
+    else:
+        e = _interleave(_decode(groups, planes, SYMMETRIC, BITS))  # [t, g, u, i0, i1, i2]
+        # row m = 64·u + 32·i2 + 16·i1 + 8·i0 + g: the A fragment gives lane g the rows g and g + 8 of every 16.
+        operand = gl.reshape(gl.permute(e, (2, 5, 4, 3, 1, 0)), (DIM, BLOCK_N))
+    return operand
 
 
 @gluon.jit
-def _value_coordinate(m, BITS: gl.constexpr, DIM: gl.constexpr):
+def _value_pair_words(groups, DIM: gl.constexpr, BLOCK_N: gl.constexpr):
+    """3-bit `_value_groups` of keys 2s and 2s + 1 (one lane's) merged field by field into two 24-bit words whose
+    six bits 6k .. 6k + 5 hold the two keys' code 2k (`even`) and code 2k + 1 (`odd`): the pairs the A operand
+    of Oᵀ = Vᵀ·Pᵀ holds in one register, each one entry of the values' pair table."""
+    a, b = gl.split(gl.permute(gl.reshape(groups, (BLOCK_N // 2, 2, 8, DIM // 64)), (0, 2, 3, 1)))
+    return (a & 0x1C71C7) | ((b << 3) & 0xE38E38), ((a >> 3) & 0x1C71C7) | (b & 0xE38E38)
+
+
+@gluon.jit
+def _value_coordinate(m, BITS: gl.constexpr, DIM: gl.constexpr, LOOKUP: gl.constexpr):
     """The stored coordinate that row m of `_value_operand` holds."""
-    return 8 * ((DIM // 64) * (m & 7) + (m >> 6)) + _code((m >> 3) & 7, BITS)
+    i = (m >> 3) & 7
+    return 8 * ((DIM // 64) * (m & 7) + (m >> 6)) + (i if LOOKUP else _code(i, BITS))
 
 
 @gluon.jit
 def _attend_blocks(
     q_op, q_scale, last_key, first_key, start, stop, kc, kn, vc, vn, k_planes, v_planes,
     K_BITS: gl.constexpr, V_BITS: gl.constexpr, DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
-    SYMMETRIC: gl.constexpr, LOOKUP_KEYS: gl.constexpr,
+    SYMMETRIC: gl.constexpr, LOOKUP_KEYS: gl.constexpr, LOOKUP_VALUES: gl.constexpr,
 ):  # fmt: skip
     """The online softmax over keys start .. stop − 1 of one (sequence, KV head): (Oᵀ unnormalised, running
     max, running sum) per query row."""
@@ -417,6 +445,9 @@ def _attend_blocks(
     acc = gl.zeros([DIM, ROWS], gl.float32, mma)
     k_groups = _key_groups(kc, start, stop, K_BITS, DIM, BLOCK_N)
     v_groups = _value_groups(vc, start, stop, V_BITS, DIM, BLOCK_N)
+    if LOOKUP_VALUES:  # the values' table follows the keys' (64 entries of 32 copies)
+        even, odd = _value_pair_words(v_groups, DIM, BLOCK_N)
+        v_planes = _table_base(k_planes, even, K_BITS) + 64 * 32 * 4
     if LOOKUP_KEYS:  # k_planes: the pair table in shared memory
         k_planes = _table_base(k_planes, k_groups, K_BITS)
     for block in range(start, stop, BLOCK_N):
@@ -443,7 +474,9 @@ def _attend_blocks(
         v_norm = gl.load(vn + keys, mask=key_valid, other=0.0).to(gl.float32)
         p_op = gl.convert_layout((p * v_norm[:, None]).to(gl.float16), op_b)
         v_op = gl.convert_layout(
-            _value_operand(v_groups, v_planes, SYMMETRIC, V_BITS, DIM, BLOCK_N), op_a, assert_trivial=True
+            _value_operand(v_groups, v_planes, SYMMETRIC, V_BITS, DIM, BLOCK_N, LOOKUP_VALUES),
+            op_a,
+            assert_trivial=True,
         )
         acc = mma_v2(v_op, p_op, acc * alpha[None, :])
         m_i = m_new
@@ -508,25 +541,28 @@ def _attend_chunk_mma(
     vn = v_norms + b.to(gl.int64) * vn_stride_b + h.to(gl.int64) * vn_stride_h
 
     v_planes = _planes(v_table, V_BITS)
-    k_planes = _pair_table(k_table, K_BITS) if LOOKUP_KEYS else _planes(k_table, K_BITS)
+    LOOKUP_VALUES: gl.constexpr = LOOKUP_KEYS and K_BITS == 3 and V_BITS == 3
+    k_planes = (
+        _pair_table(k_table, v_table, K_BITS, LOOKUP_VALUES) if LOOKUP_KEYS else _planes(k_table, K_BITS)
+    )
     symmetric = (K_BITS < 4 or _is_symmetric(k_table, K_BITS)) and (
         V_BITS < 4 or _is_symmetric(v_table, V_BITS)
     )
     if (K_BITS == 4 or V_BITS == 4) and symmetric:  # one loop per decoder: a branch inside costs registers
         acc, m_i, l_i = _attend_blocks(
             q_op, q_scale, last_key, first_key, start, stop, kc, kn, vc, vn, k_planes, v_planes,
-            K_BITS, V_BITS, DIM, ROWS, BLOCK_N, True, LOOKUP_KEYS,
+            K_BITS, V_BITS, DIM, ROWS, BLOCK_N, True, LOOKUP_KEYS, LOOKUP_VALUES,
         )  # fmt: skip
     else:
         acc, m_i, l_i = _attend_blocks(
             q_op, q_scale, last_key, first_key, start, stop, kc, kn, vc, vn, k_planes, v_planes,
-            K_BITS, V_BITS, DIM, ROWS, BLOCK_N, False, LOOKUP_KEYS,
+            K_BITS, V_BITS, DIM, ROWS, BLOCK_N, False, LOOKUP_KEYS, LOOKUP_VALUES,
         )  # fmt: skip
 
     # After the loop (no registers held through it): codes of x − μ (`decode.decode_attention`'s means).
     m_of = gl.arange(0, DIM, layout=gl.SliceLayout(1, mma))
     part = (bh * splits + split) * ROWS + rows
-    coordinate = _value_coordinate(m_of, V_BITS, DIM)
+    coordinate = _value_coordinate(m_of, V_BITS, DIM, LOOKUP_VALUES)
     out = acc / gl.where(l_i > 0, l_i, 1.0)[None, :]
     if VALUE_MEAN:  # a row that saw any code adds Σ p μ = μ
         out += gl.load(value_mean + h * DIM + coordinate)[:, None] * (l_i > 0).to(gl.float32)[None, :]
