@@ -18,10 +18,10 @@ the output is written back through the same order. Within a group of 8 codes, th
 the codes in an order of its own (`packed.CODE_ORDER_*`), which the coordinate order absorbs. A 4-bit
 codebook symmetric about 0 (Lloyd-Max's are; checked in the kernel) takes the shorter decode
 `packed.DECODE4_SYMMETRIC_ASM`; others run a second copy of the loop with the general one. Where each program
-runs long enough (LOOKUP_MIN_BLOCKS), 3- and 4-bit keys are instead looked up two codes at a time in a table of
-the codebook's 64 or 256 centroid pairs that each program builds in shared memory (`_pair_table`): one
-shared-memory read and one or two integer instructions per two codes, which moves part of the decode off the
-integer pipe that bounds the loop.
+runs long enough (LOOKUP_MIN_BLOCKS), 3- and 4-bit keys (and at K3V3 the values) are instead looked up two codes
+at a time in a table of the codebook's 64 or 256 centroid pairs that each program builds in shared memory
+(`_pair_table`): one shared-memory read and one or two integer instructions per two codes, which moves part of
+the decode off the integer pipe that bounds the loop.
 
 One warp per program, each program one chunk of one (sequence, KV head) — split-K as in `decode`, merged by
 the same `_merge_chunks`; codes for the next block are loaded into registers while this block computes.
@@ -46,10 +46,11 @@ from .packed import (
     PERMUTE4_ASM,
 )
 
-# 3- and 4-bit keys, where chunks are long (LOOKUP_MIN_BLOCKS or more blocks per program), are decoded by reading
-# each pair of codes' centroids from a table of all 2^(2·bits) fp16 pairs in shared memory (`_pair_table`): a read and
-# one or two integer instructions per two codes instead of three to five, the shared-memory pipe taking part of
-# the integer pipe's load. Building the table costs each program more than short chunks save (docs/benchmarks.md).
+# 3- and 4-bit keys (with 3-bit keys, 3-bit values too), where chunks are long (LOOKUP_MIN_BLOCKS or more blocks per
+# program), are decoded by reading each pair of codes' centroids from a table of all 2^(2·bits) fp16 pairs in shared
+# memory (`_pair_table`): a read and one or two integer instructions per two codes instead of three to five, the
+# shared-memory pipe taking part of the integer pipe's load. Building the table costs each program more than short
+# chunks save; 4-bit values from the table were slower, its reads two bank wavefronts each (docs/benchmarks.md).
 LOOKUP_MIN_BLOCKS = 32
 # At head_dim 64 the kernel takes fewer registers and an SM holds more programs than their tables would fit.
 LOOKUP_MIN_DIM = 128
