@@ -96,6 +96,7 @@ def _base_asm(bits: int) -> str:
 LOOKUP3_ASM, LOOKUP4_ASM = gl.constexpr(_lookup_asm(3)), gl.constexpr(_lookup_asm(4))
 BASE3_ASM, BASE4_ASM = gl.constexpr(_base_asm(3)), gl.constexpr(_base_asm(4))
 _COPIES3, _COPIES4 = gl.constexpr(PAIR_COPIES[3]), gl.constexpr(PAIR_COPIES[4])
+_TABLE3_BYTES = gl.constexpr(pair_table_bytes(3, 4))  # one 3-bit codebook's table
 PROGRAMS_PER_SM = 12  # one-warp programs per SM until the compiled kernel's registers say (decode._RESIDENT)
 # Blocks per chunk: SHORT_BLOCKS_PER_SPLIT where chunks that short all fit in one wave of resident programs,
 # else at least MIN_BLOCKS_PER_SPLIT (shorter chunks spend more on the prologue and the merge than they save;
@@ -314,12 +315,6 @@ def _whole_groups(codes, t, group, stop, BITS: gl.constexpr, DIM: gl.constexpr):
     return gl.load(row, mask=t < stop, other=0)
 
 
-@gluon.constexpr_function
-def _WHOLE_KEY_WORDS(W):
-    """The layout of `_key_groups` at 2 and 4 bits: lane (g, c) holds groups W·c .. W·c + W − 1 of keys g + 8·r."""
-    return gl.BlockedLayout([1, 1, W], [8, 4, 1], [1, 1, 1], [2, 1, 0])
-
-
 @gluon.jit
 def _key_groups(codes, block, stop, BITS: gl.constexpr, DIM: gl.constexpr, BLOCK_N: gl.constexpr):
     """int32 groups [BLOCK_N, 4, W] (W = DIM/32) of keys block .. block + BLOCK_N − 1 (those >= stop read as
@@ -328,7 +323,7 @@ def _key_groups(codes, block, stop, BITS: gl.constexpr, DIM: gl.constexpr, BLOCK
     if BITS == 3:  # lane c's 3W bytes: loaded as words, halves or bytes, assembled into groups
         words: gl.constexpr = gl.BlockedLayout([1, 1, 1], [8, 4, 1], [1, 1, 1], [2, 1, 0])
     else:
-        words: gl.constexpr = _WHOLE_KEY_WORDS(W)
+        words: gl.constexpr = gl.BlockedLayout([1, 1, W], [8, 4, 1], [1, 1, 1], [2, 1, 0])
     t = block + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, words)))[:, None, None]
     c = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, words)))[None, :, None]
     if BITS == 3:
@@ -341,14 +336,9 @@ def _key_groups(codes, block, stop, BITS: gl.constexpr, DIM: gl.constexpr, BLOCK
 
 @gluon.jit
 def _key_operand(
-    groups,
-    planes,
-    SYMMETRIC: gl.constexpr,
-    BITS: gl.constexpr,
-    DIM: gl.constexpr,
-    BLOCK_N: gl.constexpr,
+    groups, planes, SYMMETRIC: gl.constexpr, BITS: gl.constexpr, DIM: gl.constexpr, BLOCK_N: gl.constexpr,
     LOOKUP: gl.constexpr,
-):
+):  # fmt: skip
     """The A operand [BLOCK_N keys, DIM] of Sᵀ = K·Qᵀ from `_key_groups`; column k holds stored coordinate
     `_key_coordinate(k)`. LOOKUP: `planes` are the lanes' pair-table addresses (`_table_base`)."""
     if LOOKUP:
@@ -389,14 +379,9 @@ def _value_groups(codes, block, stop, BITS: gl.constexpr, DIM: gl.constexpr, BLO
 
 @gluon.jit
 def _value_operand(
-    groups,
-    planes,
-    SYMMETRIC: gl.constexpr,
-    BITS: gl.constexpr,
-    DIM: gl.constexpr,
-    BLOCK_N: gl.constexpr,
+    groups, planes, SYMMETRIC: gl.constexpr, BITS: gl.constexpr, DIM: gl.constexpr, BLOCK_N: gl.constexpr,
     LOOKUP: gl.constexpr,
-):
+):  # fmt: skip
     """The A operand [DIM, BLOCK_N keys] of Oᵀ = Vᵀ·Pᵀ from `_value_groups`; row m holds stored coordinate
     `_value_coordinate(m)`. LOOKUP (3 bits): `planes` are the lanes' addresses of the values' pair table."""
     if LOOKUP:
@@ -446,9 +431,9 @@ def _attend_blocks(
     acc = gl.zeros([DIM, ROWS], gl.float32, mma)
     k_groups = _key_groups(kc, start, stop, K_BITS, DIM, BLOCK_N)
     v_groups = _value_groups(vc, start, stop, V_BITS, DIM, BLOCK_N)
-    if LOOKUP_VALUES:  # the values' table follows the keys' (64 entries of 32 copies)
-        even, odd = _value_pair_words(v_groups, DIM, BLOCK_N)
-        v_planes = _table_base(k_planes, even, K_BITS) + 64 * 32 * 4
+    if LOOKUP_VALUES:  # the values' table follows the keys'
+        even, _ = _value_pair_words(v_groups, DIM, BLOCK_N)
+        v_planes = _table_base(k_planes, even, K_BITS) + _TABLE3_BYTES
     if LOOKUP_KEYS:  # k_planes: the pair table in shared memory
         k_planes = _table_base(k_planes, k_groups, K_BITS)
     for block in range(start, stop, BLOCK_N):
