@@ -15,8 +15,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def kernel(request, monkeypatch):
     """On a GPU every case runs on both kernels: the Triton-language one (also the interpreter's) and the
     register-fragment one (`decode_mma`), which small problems would otherwise not reach, the latter also
-    with 4-bit keys from its shared-memory pair table at every chunk length. For the latter the fixture is
-    the list of its launches, which the parity tests check is not empty."""
+    with 3- and 4-bit keys (and 3-bit values) from its shared-memory pair tables at every chunk length. For
+    the latter the fixture is the list of its launches, which the parity tests check is not empty."""
     from tqlab.kernels import decode
 
     if request.param == "tiles":
@@ -32,7 +32,7 @@ def kernel(request, monkeypatch):
 
 
 class Launches(list):
-    """Launch grids, and with each launch whether its 4-bit keys came from the pair table (`lookups`)."""
+    """Launch grids, and with each launch whether its keys came from a pair table (`lookups`)."""
 
     table = False
 
