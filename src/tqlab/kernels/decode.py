@@ -13,9 +13,10 @@ On an NVIDIA GPU (sm_80 or newer) problems of at least REGISTER_KERNEL_MIN_KEYS 
 go to `decode_mma._attend_chunk_mma` instead, which computes the same sums with the codes decoded straight
 into tensor-core operand registers (3- and 4-bit keys and 3-bit values over long chunks looked up in tables of
 centroid pairs in shared memory, everything else decoded in registers); this kernel serves the rest, the
-interpreter, and the shapes `decode_mma.supports` refuses. The two keep the same chunking, masking and partial outputs, so a
-change to one's masking belongs in the other too. Prod codes (`QJLSketch`) take this kernel only: their keys
-add √(π/2)/d · ‖r_t‖ ⟨S Πq_r, s_t⟩ to the inner product, their values √(π/2)/d · ‖r_t‖ Sᵀ s_t to c[idx^v_t].
+interpreter, and the shapes `decode_mma.supports` refuses. The two keep the same chunking, masking and
+partial outputs, so a change to one's masking belongs in the other too. Prod codes (`QJLSketch`) take this
+kernel only: their keys add √(π/2)/d · ‖r_t‖ ⟨S Πq_r, s_t⟩ to the inner product, their values
+√(π/2)/d · ‖r_t‖ Sᵀ s_t to c[idx^v_t].
 
 Precision: dot operands are fp16 (each query row is scaled to max |·| = 1 first; centroids lie in
 [−1, 1]; p · ‖v‖ ≤ 65504 since norms are stored in fp16), accumulation and softmax are fp32.
