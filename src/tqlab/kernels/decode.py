@@ -267,6 +267,7 @@ class QJLSketch:
 
 
 _RESIDENT: dict[tuple, int] = {}  # one-warp programs an SM holds, per compiled register-fragment kernel
+_RESERVED_SHARED = 1024  # bytes of shared memory CUDA reserves per block
 
 
 def _resident_programs(device_index: int | None, registers: int, default: int, shared: int = 0) -> int:
@@ -279,16 +280,17 @@ def _resident_programs(device_index: int | None, registers: int, default: int, s
     if not per_sm:
         return default
     programs = max(1, min(32, 4 * (per_sm // 4 // (32 * -(-registers // 8) * 8))))
-    while shared and programs > 1 and not _pair_tables_fit(device_index, programs, shared):
-        programs -= 1
+    if shared:
+        shared_per_sm = getattr(properties, "shared_memory_per_multiprocessor", 0)
+        programs = max(1, min(programs, shared_per_sm // (shared + _RESERVED_SHARED)))
     return programs
 
 
 def _pair_tables_fit(device_index: int | None, programs: int, table_bytes: int) -> bool:
     """Whether an SM's shared memory holds `programs` one-warp programs that each keep a `table_bytes` table
-    (and the 1 KiB per block that CUDA reserves): then the table costs no occupancy."""
+    (and what CUDA reserves per block): then the table costs no occupancy."""
     per_sm = getattr(torch.cuda.get_device_properties(device_index), "shared_memory_per_multiprocessor", None)
-    return bool(per_sm) and per_sm >= programs * (table_bytes + 1024)
+    return bool(per_sm) and per_sm >= programs * (table_bytes + _RESERVED_SHARED)
 
 
 @functools.cache
