@@ -25,7 +25,8 @@ def kernel(request, monkeypatch):
     mma = decode._mma_kernel()
     assert mma is not None, "this triton has no Gluon: the register-fragment kernel cannot run"
     monkeypatch.setattr(decode, "REGISTER_KERNEL_MIN_KEYS", 0)
-    monkeypatch.setattr(mma, "LOOKUP_MIN_BLOCKS", 0 if request.param == "pair table" else float("inf"))
+    least = 0 if request.param == "pair table" else float("inf")
+    monkeypatch.setattr(mma, "LOOKUP_MIN_BLOCKS", dict.fromkeys(mma.LOOKUP_MIN_BLOCKS, least))
     launches = record_launches(monkeypatch, mma, "_attend_chunk_mma")
     launches.table = request.param == "pair table"
     return launches

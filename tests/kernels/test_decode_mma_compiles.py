@@ -4,8 +4,8 @@ operands are asserted free of data movement at compile time (`assert_trivial`), 
 use no shared memory, and its loops (one per decoder) no shared-memory instruction and no codebook shuffle —
 only the few of the softmax and of P's move into an operand. With 4-bit keys looked up in the pair table
 (`LOOKUP_KEYS`, 3 and 4 bits; at K3V3 values too) the tables must be its only shared memory (the lookups address it from the start of the shared
-window) and the loop one shared-memory read per byte of key codes. Its numbers are checked by test_decode on
-a GPU."""
+window) and the loop one shared-memory read per byte of key codes. Launched ahead of its merge (`LAUNCH_MERGE`),
+it lets the merge launch (PREEXIT) before anything else. Its numbers are checked by test_decode on a GPU."""
 
 import collections
 import json
@@ -65,23 +65,23 @@ def loops(sass: str) -> list[collections.Counter]:
 
 
 @pytest.mark.parametrize(
-    "dim,k_bits,v_bits,group,q_len,means,lookup",
+    "dim,k_bits,v_bits,group,q_len,means,lookup,launch_merge",
     [
-        (128, 4, 4, 4, 1, False, False),
-        (128, 3, 2, 6, 1, False, False),
-        (256, 2, 4, 8, 1, False, False),
-        (64, 4, 2, 4, 4, True, False),  # centered codes: the means' terms after the loop
-        (64, 3, 3, 4, 1, False, False),
-        (256, 3, 3, 4, 1, False, False),
-        (128, 4, 4, 4, 1, False, True),  # 3- and 4-bit keys from the pair table
-        (128, 4, 3, 8, 1, True, True),
-        (256, 4, 2, 4, 1, False, True),
-        (128, 3, 3, 4, 1, False, True),
-        (256, 3, 4, 2, 2, False, True),
+        (128, 4, 4, 4, 1, False, False, True),
+        (128, 3, 2, 6, 1, False, False, False),
+        (256, 2, 4, 8, 1, False, False, True),
+        (64, 4, 2, 4, 4, True, False, False),  # centered codes: the means' terms after the loop
+        (64, 3, 3, 4, 1, False, False, True),
+        (256, 3, 3, 4, 1, False, False, False),
+        (128, 4, 4, 4, 1, False, True, True),  # 3- and 4-bit keys from the pair table
+        (128, 4, 3, 8, 1, True, True, False),
+        (256, 4, 2, 4, 1, False, True, True),
+        (128, 3, 3, 4, 1, False, True, False),
+        (256, 3, 4, 2, 2, False, True, True),
     ],
 )
 def test_compiles_for_sm90_with_operands_decoded_in_registers(
-    dim, k_bits, v_bits, group, q_len, means, lookup, tmp_path
+    dim, k_bits, v_bits, group, q_len, means, lookup, launch_merge, tmp_path
 ):
     if not (os.path.exists(tool("ptxas")) and os.path.exists(tool("nvdisasm"))):
         pytest.skip("this triton wheel ships no ptxas or nvdisasm")
@@ -91,6 +91,7 @@ def test_compiles_for_sm90_with_operands_decoded_in_registers(
         KV_HEADS=8, GROUP=group, Q_LEN=q_len, DIM=dim, K_BITS=k_bits, V_BITS=v_bits,
         ROWS=max(8, group * q_len),
         BLOCK_N=decode_mma.block_keys(dim), PADDED=True, KEY_MEAN=means, VALUE_MEAN=means, LOOKUP_KEYS=lookup,
+        LAUNCH_MERGE=launch_merge,
     )  # fmt: skip
     cubin = tmp_path / "kernel.cubin"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -106,6 +107,7 @@ def test_compiles_for_sm90_with_operands_decoded_in_registers(
     )
     disassembly = subprocess.run([tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True)
     assert disassembly.returncode == 0, disassembly.stderr[-3000:]
+    assert ("PREEXIT" in disassembly.stdout) == launch_merge  # griddepcontrol.launch_dependents
     found = loops(disassembly.stdout)
     assert len(found) == (2 if 4 in (k_bits, v_bits) else 1)  # a 4-bit side: symmetric and general decode
     rows = max(8, group * q_len)
@@ -117,3 +119,32 @@ def test_compiles_for_sm90_with_operands_decoded_in_registers(
         assert loop["LDS"] == (reads if lookup else 0)
         assert not any(op.startswith(("STS", "LDSM")) for op in loop)
         assert loop["SHFL"] <= 32  # a codebook lookup by shuffles would take one per code: hundreds
+
+
+MERGE = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from tqlab.kernels import decode
+
+constants = dict(KV_HEADS=8, GROUP=4, Q_LEN=1, DIM=128, BLOCK_M=8, BLOCK_S=256, BLOCK_D=32, WAIT=sys.argv[1] == "1")
+pointers = dict.fromkeys(["part_out", "part_lse", "out", "out_lse"], "*fp32")
+names = decode._merge_chunks.arg_names
+signature = {n: "constexpr" if n in constants else pointers.get(n, "i32") for n in names}
+source = ASTSource(fn=decode._merge_chunks, signature=signature, constexprs=constants)
+print(triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(launch_pdl=True)).asm["ptx"])
+"""
+
+
+@pytest.mark.parametrize("wait", [True, False])
+def test_merge_launched_early_waits_for_the_partial_results(wait):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-c", MERGE, str(int(wait))], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ptx = done.stdout
+    assert ("griddepcontrol.wait" in ptx) == wait
+    if wait:  # before the first read of a partial result
+        assert ptx.index("griddepcontrol.wait") < ptx.index("ld.global")

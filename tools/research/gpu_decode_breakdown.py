@@ -1,12 +1,14 @@
 """Where one decode step's time goes: the attention kernel, the merge of its chunks, and the rest of the
-graph replay, per shape, with the chunks' length and the merge's shape varied.
+graph replay, per shape, with the chunks' length, the pair tables, the merge's shape and its launch varied.
 
     PYTHONPATH=src:benchmarks python tools/research/gpu_decode_breakdown.py --batches 1 --min-blocks 4 8 --merge-splits 128 512
 
 Each row: chunks of at least --min-blocks blocks of keys (as many as fill the SMs' resident programs once, at
-most), the merge reading --merge-dims output dimensions per program and --merge-splits chunks per step; the
-step replayed from a CUDA graph with the L2 flushed before it (as benchmarks/gpu_decode.py times it; µs,
-median of 30), then the device time of each kernel inside those replays, from the profiler.
+most; or exactly --splits chunks per (sequence, KV head)), pair tables from chunks of --lookup-min-blocks
+blocks (`decode_mma.LOOKUP_MIN_BLOCKS`), the merge reading --merge-dims output dimensions per program and
+--merge-splits chunks per step, launched --programmatic (`decode.PROGRAMMATIC_LAUNCH`) or not; the step
+replayed from a CUDA graph with the L2 flushed before it (as benchmarks/gpu_decode.py times it; µs, median of
+30), then the device time of each kernel inside those replays, from the profiler.
 """
 
 from __future__ import annotations
@@ -58,14 +60,28 @@ def main() -> None:
     )
     parser.add_argument("--merge-splits", type=int, nargs="+", default=[decode.MERGE_SPLITS])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument(
+        "--contexts", type=int, nargs="+", help="keys per sequence (default: the shapes above)"
+    )
+    parser.add_argument(
+        "--splits", type=int, nargs="+", help="chunks per (sequence, KV head), not --min-blocks"
+    )
+    parser.add_argument(
+        "--lookup-min-blocks", type=int, nargs="+", help="for every width (default: the library's per width)"
+    )
+    parser.add_argument("--programmatic", choices=["on", "off"], nargs="+", default=["on"])
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     print(
-        "| batch | heads | context | bits | least blocks: splits per head | merge dims, chunks per step | replay µs | kernels (µs) |"
+        "| batch | heads | context | bits | least blocks: splits per head | lookup from blocks | "
+        "merge dims, chunks per step | programmatic | replay µs | kernels (µs) |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    library = decode.MERGE_DIMS, decode.MERGE_SPLITS
-    for batch, q_heads, kv_heads, context in [s for s in SHAPES if s[0] in args.batches]:
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    library = decode.MERGE_DIMS, decode.MERGE_SPLITS, decode_mma.LOOKUP_MIN_BLOCKS, decode.PROGRAMMATIC_LAUNCH
+    shapes = [s for s in SHAPES if s[0] in args.batches]
+    if args.contexts:
+        shapes = list(dict.fromkeys((*s[:3], context) for s in shapes for context in args.contexts))
+    for batch, q_heads, kv_heads, context in shapes:
         for bits in args.bits:
             inputs, _ = decode_inputs(batch, q_heads, kv_heads, context, bits)
             decode_attention(*inputs)  # fills decode's register-count cache
@@ -76,19 +92,30 @@ def main() -> None:
             )
             resident = decode._RESIDENT[launch] * decode._sm_count(0)
             blocks = triton.cdiv(context, decode_mma.block_keys(inputs[0].shape[-1]))
-            for least, merge in itertools.product(
-                args.min_blocks, itertools.product(args.merge_dims, args.merge_splits)
+            chunkings = (
+                [(blocks // s, s) for s in args.splits]
+                if args.splits
+                else [(m, max(1, min(resident // (batch * kv_heads), blocks // m))) for m in args.min_blocks]
+            )
+            for (least, splits), lookup, merge, programmatic in itertools.product(
+                chunkings,
+                args.lookup_min_blocks or [None],
+                itertools.product(args.merge_dims, args.merge_splits),
+                args.programmatic,
             ):
-                splits = max(1, min(resident // (batch * kv_heads), blocks // least))
                 decode.MERGE_DIMS, decode.MERGE_SPLITS = merge
+                decode_mma.LOOKUP_MIN_BLOCKS = (
+                    library[2] if lookup is None else dict.fromkeys(library[2], lookup)
+                )
+                decode.PROGRAMMATIC_LAUNCH = programmatic == "on"
                 total, kernels = replay_times(
                     lambda s=splits, i=inputs: decode_attention(*i, num_splits=s)[0]
                 )
                 parts = ", ".join(f"{name} {t:.1f}" for name, t in kernels.items())
-                print(f"| {batch} | {q_heads}/{kv_heads} | {context // 1024}k | {bits} | "
-                      f"{least}: {splits} | {merge} | {total:.1f} | {parts} |", flush=True)  # fmt: skip
+                print(f"| {batch} | {q_heads}/{kv_heads} | {context // 1024}k | {bits} | {least}: {splits} | "
+                      f"{library[2].get(bits, '-') if lookup is None else lookup} | {merge} | {programmatic} | {total:.1f} | {parts} |", flush=True)  # fmt: skip
 
-    decode.MERGE_DIMS, decode.MERGE_SPLITS = library
+    decode.MERGE_DIMS, decode.MERGE_SPLITS, decode_mma.LOOKUP_MIN_BLOCKS, decode.PROGRAMMATIC_LAUNCH = library
 
 
 if __name__ == "__main__":

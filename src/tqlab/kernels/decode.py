@@ -31,6 +31,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.runtime.interpreter import InterpretedFunction
 
 from .packed import check_code_bits, decode_table, load_centroids, load_signs
@@ -46,6 +47,9 @@ REGISTER_KERNEL_MIN_KEYS = 65536
 MERGE_SPLITS = 512  # most chunks one merge step reads (128: 2–3 µs slower at 512 chunks, H200)
 MERGE_DIMS = 32  # output dimensions per merge program
 NUM_STAGES = 2  # prefetch the next block's words; 1 leaves HBM latency exposed (measured on an H200)
+# sm_90+: the merge is launched while the attention kernel runs (programmatic dependent launch) and waits on
+# the device for its partial results, instead of after it, one launch latency later.
+PROGRAMMATIC_LAUNCH = True
 
 
 @triton.jit
@@ -90,8 +94,10 @@ def _attend_chunk(
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, Q_LEN: tl.constexpr, DIM: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PERMUTE: tl.constexpr, PADDED: tl.constexpr, K_SKETCH: tl.constexpr = False, V_SKETCH: tl.constexpr = False,
-    KEY_MEAN: tl.constexpr = False, VALUE_MEAN: tl.constexpr = False,
+    KEY_MEAN: tl.constexpr = False, VALUE_MEAN: tl.constexpr = False, LAUNCH_MERGE: tl.constexpr = False,
 ):  # fmt: skip
+    if LAUNCH_MERGE:  # the merge may start its launch now; it waits for this grid's results on the device
+        gdc_launch_dependents()
     bh, split = tl.program_id(0), tl.program_id(1)
     b, h = bh // KV_HEADS, bh % KV_HEADS
     length = tl.load(lengths + b).to(tl.int32)
@@ -187,10 +193,13 @@ _PTX = not isinstance(_attend_chunk, InterpretedFunction) and torch.version.hip 
 def _merge_chunks(
     part_out, part_lse, out, out_lse, splits, o_stride_b, o_stride_h, o_stride_t,
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, Q_LEN: tl.constexpr, DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, WAIT: tl.constexpr = False,
 ):  # fmt: skip
     """One query row's output over dimensions slice·BLOCK_D .. + BLOCK_D − 1 from its chunks' partial
-    outputs, weighted by their log-sum-exp (slices in parallel: a row may have hundreds of chunks)."""
+    outputs, weighted by their log-sum-exp (slices in parallel: a row may have hundreds of chunks). WAIT: launched
+    before the attention kernel finished (programmatic dependent launch), so wait for its results first."""
+    if WAIT:
+        gdc_wait()
     bh, row, dim_slice = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     dims = dim_slice * BLOCK_D + tl.arange(0, BLOCK_D)
     m = float("-inf")
@@ -296,6 +305,12 @@ def _pair_tables_fit(device_index: int | None, programs: int, table_bytes: int) 
 @functools.cache
 def _sm_count(device_index: int | None) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.cache
+def _has_programmatic_launch(device_index: int | None) -> bool:
+    """Programmatic dependent launch (`griddepcontrol`) needs sm_90 or newer."""
+    return torch.cuda.get_device_capability(device_index) >= (9, 0)
 
 
 @functools.cache
@@ -438,12 +453,19 @@ def decode_attention(
         splits = triton.cdiv(tokens, chunk)
     lookup_keys = (  # 3- and 4-bit keys from a shared-memory pair table: where chunks are long and tables fit
         mma is not None and k_bits in mma.PAIR_COPIES and dim >= mma.LOOKUP_MIN_DIM
-        and triton.cdiv(blocks, splits) >= mma.LOOKUP_MIN_BLOCKS
+        and triton.cdiv(blocks, splits) >= mma.LOOKUP_MIN_BLOCKS[k_bits]
         and _pair_tables_fit(
             query.device.index, _RESIDENT.get(launch, mma.PROGRAMS_PER_SM), mma.pair_table_bytes(k_bits, v_bits)
         )
     )  # fmt: skip
 
+    launch_merge = (
+        PROGRAMMATIC_LAUNCH
+        and splits > 1
+        and _PTX
+        and query.is_cuda
+        and _has_programmatic_launch(query.device.index)
+    )
     lengths = lengths.to(device=query.device, dtype=torch.int32)
     starts = starts.to(device=query.device, dtype=torch.int32) if padded else lengths
     out_dim = 2 * dim if value_sketch is not None else dim  # Prod values: their weighted signs follow
@@ -459,7 +481,7 @@ def decode_attention(
     )  # fmt: skip
     shape = dict(
         KV_HEADS=kv_heads, GROUP=group, Q_LEN=q_len, DIM=dim, K_BITS=k_bits, V_BITS=v_bits, PADDED=padded,
-        KEY_MEAN=key_mean is not None, VALUE_MEAN=value_mean is not None,
+        KEY_MEAN=key_mean is not None, VALUE_MEAN=value_mean is not None, LAUNCH_MERGE=launch_merge,
     )  # fmt: skip
     means = dict(  # the query stands in for an absent mean, which the kernels do not read
         key_mean=query if key_mean is None else key_mean,
@@ -495,6 +517,7 @@ def decode_attention(
         part_out, part_lse, out, lse, splits, *out.stride()[:3],
         KV_HEADS=kv_heads, GROUP=group, Q_LEN=q_len, DIM=out_dim, BLOCK_M=block_m,
         BLOCK_S=max(16, min(MERGE_SPLITS, triton.next_power_of_2(splits))), BLOCK_D=merge_dims,
+        WAIT=launch_merge, launch_pdl=launch_merge,
     )  # fmt: skip
     return _with_value_sketch(out, value_sketch), lse
 

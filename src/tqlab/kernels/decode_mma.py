@@ -46,12 +46,13 @@ from .packed import (
     PERMUTE4_ASM,
 )
 
-# 3- and 4-bit keys (with 3-bit keys, 3-bit values too), where chunks are long (LOOKUP_MIN_BLOCKS or more blocks per
-# program), are decoded by reading each pair of codes' centroids from a table of all 2^(2·bits) fp16 pairs in shared
-# memory (`_pair_table`): a read and one or two integer instructions per two codes instead of three to five, the
-# shared-memory pipe taking part of the integer pipe's load. Building the table costs each program more than short
-# chunks save; 4-bit values from the table were slower, its reads two bank wavefronts each (docs/benchmarks.md).
-LOOKUP_MIN_BLOCKS = 32
+# 3- and 4-bit keys (with 3-bit keys, 3-bit values too), where chunks are long (LOOKUP_MIN_BLOCKS[bits] or more blocks
+# per program), are decoded by reading each pair of codes' centroids from a table of all 2^(2·bits) fp16 pairs in
+# shared memory (`_pair_table`): a read and one or two integer instructions per two codes instead of three to five,
+# the shared-memory pipe taking part of the integer pipe's load. Building the table costs each program more than
+# short chunks save; 3-bit codes, whose register decode costs more, gain from shorter chunks (docs/benchmarks.md);
+# 4-bit values from the table were slower, its reads two bank wavefronts each.
+LOOKUP_MIN_BLOCKS = {3: 8, 4: 32}
 # At head_dim 64 the kernel takes fewer registers and an SM holds more programs than their tables would fit.
 LOOKUP_MIN_DIM = 128
 _BARRIER = getattr(gl, "barrier", None) or gl.thread_barrier  # renamed after triton 3.6
@@ -480,8 +481,17 @@ def _attend_chunk_mma(
     vc_stride_b, vc_stride_h, vn_stride_b, vn_stride_h, key_mean, value_mean,
     KV_HEADS: gl.constexpr, GROUP: gl.constexpr, Q_LEN: gl.constexpr, DIM: gl.constexpr,
     K_BITS: gl.constexpr, V_BITS: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, PADDED: gl.constexpr,
-    KEY_MEAN: gl.constexpr, VALUE_MEAN: gl.constexpr, LOOKUP_KEYS: gl.constexpr,
+    KEY_MEAN: gl.constexpr, VALUE_MEAN: gl.constexpr, LOOKUP_KEYS: gl.constexpr, LAUNCH_MERGE: gl.constexpr = False,
 ):  # fmt: skip
+    if LAUNCH_MERGE:  # the merge may start its launch now; it waits for this grid's results on the device
+        gl.inline_asm_elementwise(
+            "griddepcontrol.launch_dependents; // $0 $1",
+            "=r,r",
+            [gl.program_id(0)],
+            dtype=gl.int32,
+            is_pure=False,
+            pack=1,
+        )
     gl.static_assert(not LOOKUP_KEYS or K_BITS >= 3, "pair tables hold 3- or 4-bit codes")
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
     op_b: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
