@@ -7,7 +7,9 @@ the same sums as `tqlab.cache.attention.attend`. Each program takes one (sequenc
 contiguous chunk of tokens (split-K, so a single long sequence still fills every SM); it decodes BLOCK_N
 keys at a time from their packed bytes into fp16 centroids (`packed.load_centroids`), scores the whole GQA
 group with one tensor-core `tl.dot`, and keeps an online softmax in base 2. A second kernel merges the
-chunks by their log-sum-exp. Query token j of Tq sits at position L_b − Tq + j and sees keys t ≤ that.
+chunks by their log-sum-exp; on sm_90 and newer it is launched while the first runs and waits on the device for
+its partial results (programmatic dependent launch). Query token j of Tq sits at position L_b − Tq + j and
+sees keys t ≤ that.
 
 On an NVIDIA GPU (sm_80 or newer) problems of at least REGISTER_KERNEL_MIN_KEYS keys × KV heads × sequences
 go to `decode_mma._attend_chunk_mma` instead, which computes the same sums with the codes decoded straight
