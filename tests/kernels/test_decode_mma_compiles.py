@@ -19,27 +19,42 @@ import pytest
 triton = pytest.importorskip("triton")
 pytest.importorskip("triton.experimental.gluon")
 
-# Compiled in a fresh process: the test session runs Triton in its interpreter, which cannot compile Gluon.
+# Compiled in a fresh process, all at once (each process spends seconds importing): the test session runs
+# Triton in its interpreter, which cannot compile Gluon. Each job: the attention kernel's constants (its cubin
+# and shared memory written to out/i.cubin and out/i.json), or {"merge_wait": bool} (the merge's PTX to out/i.ptx).
 COMPILE = """
-import json, sys
+import json, os, sys
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 from triton.experimental.gluon._runtime import GluonASTSource
-from tqlab.kernels import decode_mma
+from tqlab.kernels import decode, decode_mma
 
-constants = json.loads(sys.argv[1])
 pointers = {
     "query": "*fp32", "k_codes": "*u8", "k_norms": "*fp16", "v_codes": "*u8", "v_norms": "*fp16",
     "k_table": "*fp16", "v_table": "*fp16", "lengths": "*i32", "starts": "*i32", "part_out": "*fp32",
-    "part_lse": "*fp32", "scale_log2": "fp32", "key_mean": "*fp32", "value_mean": "*fp32",
+    "part_lse": "*fp32", "scale_log2": "fp32", "key_mean": "*fp32", "value_mean": "*fp32", "out": "*fp32",
+    "out_lse": "*fp32",
 }
-names = decode_mma._attend_chunk_mma.arg_names
-signature = {n: "constexpr" if n in constants else pointers.get(n, "i32") for n in names}
-aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if "stride" in n or "codes" in n}
-source = GluonASTSource(fn=decode_mma._attend_chunk_mma, signature=signature, constexprs=constants, attrs=aligned)
-kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=decode_mma.LAUNCH)
-open(sys.argv[2], "wb").write(kernel.asm["cubin"])
-print(json.dumps({"shared": kernel.metadata.shared}))
+target = GPUTarget("cuda", 90, 32)
+for i, job in enumerate(json.loads(sys.argv[1])):
+    out = os.path.join(sys.argv[2], str(i))
+    if "merge_wait" in job:
+        constants = dict(
+            KV_HEADS=8, GROUP=4, Q_LEN=1, DIM=128, BLOCK_M=8, BLOCK_S=256, BLOCK_D=32, WAIT=job["merge_wait"]
+        )
+        names = decode._merge_chunks.arg_names
+        signature = {n: "constexpr" if n in constants else pointers.get(n, "i32") for n in names}
+        source = ASTSource(fn=decode._merge_chunks, signature=signature, constexprs=constants)
+        open(out + ".ptx", "w").write(triton.compile(source, target=target, options=dict(launch_pdl=True)).asm["ptx"])
+        continue
+    names = decode_mma._attend_chunk_mma.arg_names
+    signature = {n: "constexpr" if n in job else pointers.get(n, "i32") for n in names}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if "stride" in n or "codes" in n}
+    source = GluonASTSource(fn=decode_mma._attend_chunk_mma, signature=signature, constexprs=job, attrs=aligned)
+    kernel = triton.compile(source, target=target, options=decode_mma.LAUNCH)
+    open(out + ".cubin", "wb").write(kernel.asm["cubin"])
+    open(out + ".json", "w").write(json.dumps({"shared": kernel.metadata.shared}))
 """
 
 
@@ -64,48 +79,59 @@ def loops(sass: str) -> list[collections.Counter]:
     return [c for c in counted if c["HMMA"]]
 
 
-@pytest.mark.parametrize(
-    "dim,k_bits,v_bits,group,q_len,means,lookup,launch_merge",
-    [
-        (128, 4, 4, 4, 1, False, False, True),
-        (128, 3, 2, 6, 1, False, False, False),
-        (256, 2, 4, 8, 1, False, False, True),
-        (64, 4, 2, 4, 4, True, False, False),  # centered codes: the means' terms after the loop
-        (64, 3, 3, 4, 1, False, False, True),
-        (256, 3, 3, 4, 1, False, False, False),
-        (128, 4, 4, 4, 1, False, True, True),  # 3- and 4-bit keys from the pair table
-        (128, 4, 3, 8, 1, True, True, False),
-        (256, 4, 2, 4, 1, False, True, True),
-        (128, 3, 3, 4, 1, False, True, False),
-        (256, 3, 4, 2, 2, False, True, True),
-    ],
-)
-def test_compiles_for_sm90_with_operands_decoded_in_registers(
-    dim, k_bits, v_bits, group, q_len, means, lookup, launch_merge, tmp_path
-):
+CASES = [  # dim, k_bits, v_bits, group, q_len, means, lookup, launch_merge
+    (128, 4, 4, 4, 1, False, False, True),
+    (128, 3, 2, 6, 1, False, False, False),
+    (256, 2, 4, 8, 1, False, False, True),
+    (64, 4, 2, 4, 4, True, False, False),  # centered codes: the means' terms after the loop
+    (64, 3, 3, 4, 1, False, False, True),
+    (256, 3, 3, 4, 1, False, False, False),
+    (128, 4, 4, 4, 1, False, True, True),  # 3- and 4-bit keys from the pair table
+    (128, 4, 3, 8, 1, True, True, False),
+    (256, 4, 2, 4, 1, False, True, True),
+    (128, 3, 3, 4, 1, False, True, False),
+    (256, 3, 4, 2, 2, False, True, True),
+]
+MERGE_WAITS = [True, False]
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """The folder of every case's compiled kernel (`COMPILE`): CASES first, then the merges of MERGE_WAITS."""
     if not (os.path.exists(tool("ptxas")) and os.path.exists(tool("nvdisasm"))):
         pytest.skip("this triton wheel ships no ptxas or nvdisasm")
     from tqlab.kernels import decode_mma
 
-    constants = dict(
-        KV_HEADS=8, GROUP=group, Q_LEN=q_len, DIM=dim, K_BITS=k_bits, V_BITS=v_bits,
-        ROWS=max(8, group * q_len),
-        BLOCK_N=decode_mma.block_keys(dim), PADDED=True, KEY_MEAN=means, VALUE_MEAN=means, LOOKUP_KEYS=lookup,
-        LAUNCH_MERGE=launch_merge,
-    )  # fmt: skip
-    cubin = tmp_path / "kernel.cubin"
+    jobs = [
+        dict(
+            KV_HEADS=8, GROUP=group, Q_LEN=q_len, DIM=dim, K_BITS=k_bits, V_BITS=v_bits, ROWS=max(8, group * q_len),
+            BLOCK_N=decode_mma.block_keys(dim), PADDED=True, KEY_MEAN=means, VALUE_MEAN=means, LOOKUP_KEYS=lookup,
+            LAUNCH_MERGE=launch_merge,
+        )
+        for dim, k_bits, v_bits, group, q_len, means, lookup, launch_merge in CASES
+    ] + [{"merge_wait": wait} for wait in MERGE_WAITS]  # fmt: skip
+    folder = tmp_path_factory.mktemp("compiled")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run(
-        [sys.executable, "-c", COMPILE, json.dumps(constants), str(cubin)],
+        [sys.executable, "-c", COMPILE, json.dumps(jobs), str(folder)],
         capture_output=True,
         text=True,
         env=env,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout.splitlines()[-1])["shared"] == (
-        decode_mma.pair_table_bytes(k_bits, v_bits) if lookup else 0
+    return folder
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=lambda i: "-".join(map(str, CASES[i])))
+def test_compiles_for_sm90_with_operands_decoded_in_registers(case, compiled):
+    from tqlab.kernels import decode_mma
+
+    dim, k_bits, v_bits, group, q_len, means, lookup, launch_merge = CASES[case]
+    shared = json.loads((compiled / f"{case}.json").read_text())["shared"]
+    assert shared == (decode_mma.pair_table_bytes(k_bits, v_bits) if lookup else 0)
+    disassembly = subprocess.run(
+        [tool("nvdisasm"), "-c", str(compiled / f"{case}.cubin")], capture_output=True, text=True
     )
-    disassembly = subprocess.run([tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True)
     assert disassembly.returncode == 0, disassembly.stderr[-3000:]
     assert ("PREEXIT" in disassembly.stdout) == launch_merge  # griddepcontrol.launch_dependents
     found = loops(disassembly.stdout)
@@ -121,30 +147,9 @@ def test_compiles_for_sm90_with_operands_decoded_in_registers(
         assert loop["SHFL"] <= 32  # a codebook lookup by shuffles would take one per code: hundreds
 
 
-MERGE = """
-import sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from tqlab.kernels import decode
-
-constants = dict(KV_HEADS=8, GROUP=4, Q_LEN=1, DIM=128, BLOCK_M=8, BLOCK_S=256, BLOCK_D=32, WAIT=sys.argv[1] == "1")
-pointers = dict.fromkeys(["part_out", "part_lse", "out", "out_lse"], "*fp32")
-names = decode._merge_chunks.arg_names
-signature = {n: "constexpr" if n in constants else pointers.get(n, "i32") for n in names}
-source = ASTSource(fn=decode._merge_chunks, signature=signature, constexprs=constants)
-print(triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(launch_pdl=True)).asm["ptx"])
-"""
-
-
-@pytest.mark.parametrize("wait", [True, False])
-def test_merge_launched_early_waits_for_the_partial_results(wait):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run(
-        [sys.executable, "-c", MERGE, str(int(wait))], capture_output=True, text=True, env=env
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    ptx = done.stdout
+@pytest.mark.parametrize("wait", MERGE_WAITS)
+def test_merge_launched_early_waits_for_the_partial_results(wait, compiled):
+    ptx = (compiled / f"{len(CASES) + MERGE_WAITS.index(wait)}.ptx").read_text()
     assert ("griddepcontrol.wait" in ptx) == wait
     if wait:  # before the first read of a partial result
         assert ptx.index("griddepcontrol.wait") < ptx.index("ld.global")
