@@ -30,12 +30,14 @@ def kernel(request, monkeypatch):
     return request.param
 
 
-def tiny(layers: int = 1, init: float = 0.02):
-    """init: the weights' standard deviation; at the default a greedy tiny model repeats one token."""
+def tiny(layers: int = 1, init: float = 0.02, kv_heads: int = 2):
+    """init: the weights' standard deviation; at the default a greedy tiny model repeats one token. kv_heads=1
+    for the tests of the decoder's own logic (sampling, stopping): each KV head costs the interpreter a program
+    per kernel."""
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=97, hidden_size=128, intermediate_size=96, num_hidden_layers=layers, head_dim=64,
-        num_attention_heads=8, num_key_value_heads=2, initializer_range=init,
+        num_attention_heads=8, num_key_value_heads=kv_heads, initializer_range=init,
     )  # fmt: skip
     return LlamaForCausalLM(config).float().eval().to(DEVICE)
 
@@ -292,7 +294,7 @@ def test_graph_decoder_stops_at_eos_as_transformers_generate_does(monkeypatch):
     """Row 0 ends early, row 1 at the fifth to seventh new token (on a GPU: in a replayed step)."""
     from tqlab.cache import graphs
 
-    model = tiny(init=0.1)
+    model = tiny(init=0.1, kv_heads=1)
     ids, mask = prompt()
     new, start = 9, ids.shape[1]
     free = GraphDecoder(model, compress_kv(model, spec(), kernels="triton")).generate(ids, mask, new)
@@ -328,7 +330,7 @@ def forced_logits(model, cache, ids, mask, forced):
 
 
 def test_graph_decoder_samples_from_the_top_k():
-    model = tiny()
+    model = tiny(kv_heads=1)
     ids, mask = prompt()
     new, top_k = 5, 3
     runs = []
