@@ -4,7 +4,8 @@ graph replay, per shape, with the chunks' length, the pair tables, the merge's s
     PYTHONPATH=src:benchmarks python tools/research/gpu_decode_breakdown.py --batches 1 --min-blocks 4 8 --merge-splits 128 512
 
 Each row: chunks of at least --min-blocks blocks of keys (as many as fill the SMs' resident programs once, at
-most; or exactly --splits chunks per (sequence, KV head)), pair tables from chunks of --lookup-min-blocks
+most; or --splits chunks per (sequence, KV head) asked of `decode_attention`, which makes chunks of
+cdiv(blocks, splits) blocks: the row prints what it launched), pair tables from chunks of --lookup-min-blocks
 blocks (`decode_mma.LOOKUP_MIN_BLOCKS`), the merge reading --merge-dims output dimensions per program and
 --merge-splits chunks per step, launched --programmatic (`decode.PROGRAMMATIC_LAUNCH`) or not; the step
 replayed from a CUDA graph with the L2 flushed before it (as benchmarks/gpu_decode.py times it; µs, median of
@@ -73,10 +74,10 @@ def main() -> None:
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     print(
-        "| batch | heads | context | bits | least blocks: splits per head | lookup from blocks | "
+        "| batch | heads | context | bits | chunks asked | blocks per chunk × chunks per head | lookup from blocks | "
         "merge dims, chunks per step | programmatic | replay µs | kernels (µs) |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     library = decode.MERGE_DIMS, decode.MERGE_SPLITS, decode_mma.LOOKUP_MIN_BLOCKS, decode.PROGRAMMATIC_LAUNCH
     shapes = [s for s in SHAPES if s[0] in args.batches]
     if args.contexts:
@@ -92,12 +93,15 @@ def main() -> None:
             )
             resident = decode._RESIDENT[launch] * decode._sm_count(0)
             blocks = triton.cdiv(context, decode_mma.block_keys(inputs[0].shape[-1]))
-            chunkings = (
-                [(blocks // s, s) for s in args.splits]
+            chunkings = (  # (what was asked, num_splits)
+                [(f"{s}", s) for s in args.splits]
                 if args.splits
-                else [(m, max(1, min(resident // (batch * kv_heads), blocks // m))) for m in args.min_blocks]
+                else [
+                    (f"≥ {m} blocks", max(1, min(resident // (batch * kv_heads), blocks // m)))
+                    for m in args.min_blocks
+                ]
             )
-            for (least, splits), lookup, merge, programmatic in itertools.product(
+            for (asked, splits), lookup, merge, programmatic in itertools.product(
                 chunkings,
                 args.lookup_min_blocks or [None],
                 itertools.product(args.merge_dims, args.merge_splits),
@@ -112,7 +116,9 @@ def main() -> None:
                     lambda s=splits, i=inputs: decode_attention(*i, num_splits=s)[0]
                 )
                 parts = ", ".join(f"{name} {t:.1f}" for name, t in kernels.items())
-                print(f"| {batch} | {q_heads}/{kv_heads} | {context // 1024}k | {bits} | {least}: {splits} | "
+                chunk = triton.cdiv(blocks, splits)  # as decode_attention splits them
+                print(f"| {batch} | {q_heads}/{kv_heads} | {context // 1024}k | {bits} | {asked} | "
+                      f"{chunk} × {triton.cdiv(blocks, chunk)} | "
                       f"{library[2].get(bits, '-') if lookup is None else lookup} | {merge} | {programmatic} | {total:.1f} | {parts} |", flush=True)  # fmt: skip
 
     decode.MERGE_DIMS, decode.MERGE_SPLITS, decode_mma.LOOKUP_MIN_BLOCKS, decode.PROGRAMMATIC_LAUNCH = library

@@ -33,8 +33,12 @@ import math
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.runtime.interpreter import InterpretedFunction
+
+try:  # grid dependency control (programmatic dependent launch), in the CUDA extras of recent triton releases
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # an older triton, or one without the CUDA extras: the merge launches after the attention
+    gdc_launch_dependents = gdc_wait = None
 
 from .packed import check_code_bits, decode_table, load_centroids, load_signs
 
@@ -462,12 +466,9 @@ def decode_attention(
     )  # fmt: skip
 
     launch_merge = (
-        PROGRAMMATIC_LAUNCH
-        and splits > 1
-        and _PTX
-        and query.is_cuda
+        PROGRAMMATIC_LAUNCH and gdc_wait is not None and splits > 1 and _PTX and query.is_cuda
         and _has_programmatic_launch(query.device.index)
-    )
+    )  # fmt: skip
     lengths = lengths.to(device=query.device, dtype=torch.int32)
     starts = starts.to(device=query.device, dtype=torch.int32) if padded else lengths
     out_dim = 2 * dim if value_sketch is not None else dim  # Prod values: their weighted signs follow
@@ -519,7 +520,7 @@ def decode_attention(
         part_out, part_lse, out, lse, splits, *out.stride()[:3],
         KV_HEADS=kv_heads, GROUP=group, Q_LEN=q_len, DIM=out_dim, BLOCK_M=block_m,
         BLOCK_S=max(16, min(MERGE_SPLITS, triton.next_power_of_2(splits))), BLOCK_D=merge_dims,
-        WAIT=launch_merge, launch_pdl=launch_merge,
+        WAIT=launch_merge, **({"launch_pdl": True} if launch_merge else {}),  # ROCm's triton takes no launch_pdl
     )  # fmt: skip
     return _with_value_sketch(out, value_sketch), lse
 

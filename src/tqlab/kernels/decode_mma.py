@@ -50,8 +50,8 @@ from .packed import (
 # per program), are decoded by reading each pair of codes' centroids from a table of all 2^(2·bits) fp16 pairs in
 # shared memory (`_pair_table`): a read and one or two integer instructions per two codes instead of three to five,
 # the shared-memory pipe taking part of the integer pipe's load. Building the table costs each program more than
-# short chunks save; 3-bit codes, whose register decode costs more, gain from shorter chunks (docs/benchmarks.md);
-# 4-bit values from the table were slower, its reads two bank wavefronts each.
+# short chunks save; 3-bit codes, whose register decode costs more, gain from shorter chunks (measured at K3V3 and
+# K4V4, docs/benchmarks.md); 4-bit values from the table were slower, its reads two bank wavefronts each.
 LOOKUP_MIN_BLOCKS = {3: 8, 4: 32}
 # At head_dim 64 the kernel takes fewer registers and an SM holds more programs than their tables would fit.
 LOOKUP_MIN_DIM = 128
