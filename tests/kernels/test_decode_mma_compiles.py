@@ -5,7 +5,7 @@ use no shared memory, and its loops (one per decoder) no shared-memory instructi
 only the few of the softmax and of P's move into an operand. With 4-bit keys looked up in the pair table
 (`LOOKUP_KEYS`, 3 and 4 bits; at K3V3 values too) the tables must be its only shared memory (the lookups address it from the start of the shared
 window) and the loop one shared-memory read per byte of key codes. Launched ahead of its merge (`LAUNCH_MERGE`),
-it lets the merge launch (PREEXIT) before anything else. Its numbers are checked by test_decode on a GPU."""
+it lets the merge launch (PREEXIT) before its first load. Its numbers are checked by test_decode on a GPU."""
 
 import collections
 import json
@@ -37,8 +37,8 @@ pointers = {
     "out_lse": "*fp32",
 }
 target = GPUTarget("cuda", 90, 32)
-for i, job in enumerate(json.loads(sys.argv[1])):
-    out = os.path.join(sys.argv[2], str(i))
+for number, job in enumerate(json.loads(sys.argv[1])):
+    out = os.path.join(sys.argv[2], str(number))
     if "merge_wait" in job:
         constants = dict(
             KV_HEADS=8, GROUP=4, Q_LEN=1, DIM=128, BLOCK_M=8, BLOCK_S=256, BLOCK_D=32, WAIT=job["merge_wait"]
