@@ -21,7 +21,8 @@ pytest.importorskip("triton.experimental.gluon")
 
 # Compiled in a fresh process, all at once (each process spends seconds importing): the test session runs
 # Triton in its interpreter, which cannot compile Gluon. Each job: the attention kernel's constants (its cubin
-# and shared memory written to out/i.cubin and out/i.json), or {"merge_wait": bool} (the merge's PTX to out/i.ptx).
+# and shared memory written to out/i.cubin and out/i.json), {"merge_wait": bool} (the merge's PTX to out/i.ptx),
+# or {"tiles": constants} (the Triton-language attention kernel's cubin to out/i.cubin).
 COMPILE = """
 import json, os, sys
 import triton
@@ -34,7 +35,8 @@ pointers = {
     "query": "*fp32", "k_codes": "*u8", "k_norms": "*fp16", "v_codes": "*u8", "v_norms": "*fp16",
     "k_table": "*fp16", "v_table": "*fp16", "lengths": "*i32", "starts": "*i32", "part_out": "*fp32",
     "part_lse": "*fp32", "scale_log2": "fp32", "key_mean": "*fp32", "value_mean": "*fp32", "out": "*fp32",
-    "out_lse": "*fp32",
+    "out_lse": "*fp32", "q_sketch": "*fp32", "k_signs": "*u8", "k_residual_norms": "*fp16", "v_signs": "*u8",
+    "v_residual_norms": "*fp16", "k_qjl_scale": "fp32",
 }
 target = GPUTarget("cuda", 90, 32)
 for number, job in enumerate(json.loads(sys.argv[1])):
@@ -47,6 +49,14 @@ for number, job in enumerate(json.loads(sys.argv[1])):
         signature = {n: "constexpr" if n in constants else pointers.get(n, "i32") for n in names}
         source = ASTSource(fn=decode._merge_chunks, signature=signature, constexprs=constants)
         open(out + ".ptx", "w").write(triton.compile(source, target=target, options=dict(launch_pdl=True)).asm["ptx"])
+        continue
+    if "tiles" in job:
+        constants = job["tiles"]
+        names = decode._attend_chunk.arg_names
+        signature = {n: "constexpr" if n in constants else pointers.get(n, "i32") for n in names}
+        source = ASTSource(fn=decode._attend_chunk, signature=signature, constexprs=constants)
+        options = dict(num_warps=decode.NUM_WARPS, num_stages=decode.NUM_STAGES)
+        open(out + ".cubin", "wb").write(triton.compile(source, target=target, options=options).asm["cubin"])
         continue
     names = decode_mma._attend_chunk_mma.arg_names
     signature = {n: "constexpr" if n in job else pointers.get(n, "i32") for n in names}
@@ -93,11 +103,16 @@ CASES = [  # dim, k_bits, v_bits, group, q_len, means, lookup, launch_merge
     (256, 3, 4, 2, 2, False, True, True),
 ]
 MERGE_WAITS = [True, False]
+TILES = dict(  # the Triton-language kernel, launched ahead of its merge
+    KV_HEADS=8, GROUP=4, Q_LEN=1, DIM=128, K_BITS=4, V_BITS=4, BLOCK_M=16, BLOCK_N=128, PERMUTE=True, PADDED=True,
+    K_SKETCH=False, V_SKETCH=False, KEY_MEAN=False, VALUE_MEAN=False, LAUNCH_MERGE=True,
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    """The folder of every case's compiled kernel (`COMPILE`): CASES first, then the merges of MERGE_WAITS."""
+    """The folder of every case's compiled kernel (`COMPILE`): CASES first, then the merges of MERGE_WAITS, then
+    TILES."""
     if not (os.path.exists(tool("ptxas")) and os.path.exists(tool("nvdisasm"))):
         pytest.skip("this triton wheel ships no ptxas or nvdisasm")
     from tqlab.kernels import decode_mma
@@ -109,7 +124,7 @@ def compiled(tmp_path_factory):
             LAUNCH_MERGE=launch_merge,
         )
         for dim, k_bits, v_bits, group, q_len, means, lookup, launch_merge in CASES
-    ] + [{"merge_wait": wait} for wait in MERGE_WAITS]  # fmt: skip
+    ] + [{"merge_wait": wait} for wait in MERGE_WAITS] + [{"tiles": TILES}]  # fmt: skip
     folder = tmp_path_factory.mktemp("compiled")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run(
@@ -156,3 +171,10 @@ def test_merge_launched_early_waits_for_the_partial_results(wait, compiled):
     assert ("griddepcontrol.wait" in ptx) == wait
     if wait:  # before the first read of a partial result
         assert ptx.index("griddepcontrol.wait") < ptx.index("ld.global")
+
+
+def test_the_triton_language_kernel_lets_the_merge_launch_before_its_first_load(compiled):
+    cubin = compiled / f"{len(CASES) + len(MERGE_WAITS)}.cubin"
+    disassembly = subprocess.run([tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True)
+    assert disassembly.returncode == 0, disassembly.stderr[-3000:]
+    assert disassembly.stdout.index("PREEXIT") < disassembly.stdout.index("LDG")
