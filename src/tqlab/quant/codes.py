@@ -47,8 +47,11 @@ class Code:
         return 8 * self.nbytes / (self.num_vectors * self.dim)
 
 
-def check_input(x: torch.Tensor, dim: int, device: torch.device, codec: str) -> torch.Tensor:
-    """Validate a batch of vectors and return it as float32 (all codec arithmetic is fp32 or wider)."""
+def check_input(
+    x: torch.Tensor, dim: int, device: torch.device, codec: str, finite: bool = True
+) -> torch.Tensor:
+    """Validate a batch of vectors and return it as float32 (all codec arithmetic is fp32 or wider). finite=False
+    leaves the scan for NaN and Inf to a caller that finds them in its norms."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{codec} expects a torch.Tensor, got {type(x).__name__}")
     if x.ndim == 0 or x.shape[-1] != dim:
@@ -60,7 +63,9 @@ def check_input(x: torch.Tensor, dim: int, device: torch.device, codec: str) -> 
     if not (x.is_floating_point()):
         raise ValueError(f"{codec} expects a floating-point tensor, got {x.dtype}")
     x = x.float()
-    if x.numel() and not torch.isfinite(torch.stack(torch.aminmax(x))).all():  # min/max propagate NaN
+    if (
+        finite and x.numel() and not torch.isfinite(torch.stack(torch.aminmax(x))).all()
+    ):  # min/max propagate NaN
         raise ValueError(f"{codec}: input contains NaN or Inf")
     return x
 

@@ -7,7 +7,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..rotation import Rotation, make_rotation
+from ..rotation import FastHadamard, Rotation, make_rotation
+from . import native
 from .codebook import check_dim_bits, coordinate_distortion, lloyd_max_codebook
 from .codes import Code, buffer_nbytes, check_input, in_row_blocks, store_norms
 from .packing import pack_bits, unpack_bits
@@ -115,8 +116,40 @@ class TurboQuantMSE(nn.Module):
         return MSECode(tuple(x.shape[:-1]), self.dim, self.bits, indices, norms)
 
     def _quantize_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        compiled = self.encode_compiled(x, "TurboQuantMSE", residual=False)
+        if compiled is not None:
+            return compiled[:2]
         unit, norms = self._unit(x, "TurboQuantMSE")
         return pack_bits(self.encode_rotated(self.rotation.apply(unit)), self.bits), norms
+
+    def encode_compiled(self, x: torch.Tensor, codec: str, residual: bool) -> tuple | None:
+        """x [..., dim] → (packed codes, stored norms, Stage-1 residual y − c[idx], its fp32 norms) by the compiled
+        CPU encode (`quant.native`; the residual and its norms None unless asked for), or None where that does not
+        apply (not on a CPU, more than 4 bits, no C compiler): then the tensor ops above give the same codes."""
+        in_one_pass = type(self.rotation) is FastHadamard
+        x = check_input(x, self.dim, self.centroids.device, codec, finite=not in_one_pass)
+        rows = x.reshape(-1, self.dim)
+        if not native.applies(rows, self.bits):
+            return None
+        if in_one_pass:
+            rotation = self.rotation
+            hadamard = (rotation.signs_in, rotation.scale * rotation.signs_out)
+            packed, norms, rest, rest_norms = native.encode(
+                rows, self.bits, self.boundaries, self.centroids, hadamard, residual
+            )
+            if not torch.isfinite(norms).all():  # NaN or Inf in x: the tensor path names it
+                return None
+            norms = store_norms(norms, self.norm_dtype, codec)
+        else:
+            unit, norms = self._unit(rows, codec)
+            packed, _, rest, rest_norms = native.encode(
+                self.rotation.apply(unit), self.bits, self.boundaries, self.centroids, None, residual
+            )
+        lead = x.shape[:-1]
+        return (
+            packed.reshape(*lead, packed.shape[-1]), norms.reshape(lead),
+            None if rest is None else rest.reshape(x.shape), None if rest_norms is None else rest_norms.reshape(lead),
+        )  # fmt: skip
 
     def rotated_centroids(self, code: MSECode) -> torch.Tensor:
         """c[idx] · ‖x‖ in the rotated domain (fp32): what attention over codes multiplies with."""

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..rotation import Rotation
+from . import native
 from .codebook import MAX_BITS
 from .codes import Code, buffer_nbytes, check_input, in_row_blocks, store_norms
 from .mse import TurboQuantMSE
@@ -74,6 +75,12 @@ class TurboQuantProd(nn.Module):
         )
 
     def _quantize_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        compiled = self.mse.encode_compiled(x, "TurboQuantProd", residual=True)
+        if compiled is not None:
+            packed, norms, residual, residual_norms = compiled
+            projected = residual.reshape(-1, self.dim) @ self.projection.T
+            signs = native.pack_signs(projected).reshape(*residual.shape[:-1], -1)
+            return packed, signs, norms, store_norms(residual_norms, self.norm_dtype, "TurboQuantProd")
         unit, norms = self.mse._unit(x, "TurboQuantProd")
         y = self.rotation.apply(unit)
         idx = self.mse.encode_rotated(y)

@@ -1,0 +1,165 @@
+"""The compiled CPU encode: TurboQuant's quantize of a vector in one pass instead of a dozen tensor passes.
+
+`encode.c` (plain C, no Python or torch headers) takes a row from x to its packed codes: norm, fast Hadamard
+rotation, nearest-centroid codes, `pack_bits`' layout and Prod's Stage-1 residual; `pack_signs` packs the QJL
+signs after the projection, which stays a torch product. It is compiled once per source, compiler flags and
+CPU model with the system C compiler ($CC, else `cc`) into $TQLAB_CACHE/native (default ~/.cache/tqlab/native)
+and loaded with ctypes. Where no compiler works, the codecs keep their PyTorch path and say so once in the log;
+TQLAB_NATIVE=0 chooses that path outright. One thread runs it: on two cores, handing half the rows to a second
+Python thread was slower in wall and CPU time than leaving the cores to the QJL product's threads
+(docs/benchmarks.md, "The CPU target").
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("encode.c")
+MAX_DIM = 8192  # encode.c's MAX_DIM: its per-row buffers live on the stack
+MAX_BITS = 4  # up to 15 boundaries: one compare pass each
+# -march=native first (the library is built where it runs, and keyed by the CPU below); plain -O3 where a
+# compiler refuses it
+FLAG_SETS = (("-O3", "-march=native"), ("-O3",))
+
+_pointer, _i64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+
+
+def cache_dir() -> Path:
+    """Under the tqlab cache that offline models use too ($TQLAB_CACHE, default ~/.cache/tqlab)."""
+    return Path(os.environ.get("TQLAB_CACHE", Path.home() / ".cache" / "tqlab")) / "native"
+
+
+def _cpu_identity() -> str:
+    """The CPU's model and instruction sets: a library built with -march=native must not run on another CPU."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    wanted = ("model name", "flags", "Features", "CPU part")
+    return "\n".join(sorted({line for line in lines if line.split(":")[0].strip() in wanted}))
+
+
+def build(directory: Path | None = None, compiler: str | None = None) -> Path:
+    """Compile encode.c (or find it compiled) and return the shared library's path. Raises RuntimeError, with
+    the compiler's output, where no flag set compiles. The file is written under a temporary name and renamed,
+    so processes building at once never load a half-written library."""
+    compiler = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or "cc"
+    source = SOURCE.read_bytes()
+    directory = directory or cache_dir()
+    errors = []
+    for flags in FLAG_SETS:
+        key = hashlib.sha256(
+            b"\0".join([source, compiler.encode(), " ".join(flags).encode(), _cpu_identity().encode()])
+        )
+        target = directory / f"encode-{key.hexdigest()[:16]}.so"
+        if target.exists():
+            return target
+        directory.mkdir(parents=True, exist_ok=True)
+        handle, partial = tempfile.mkstemp(dir=directory, suffix=".so.partial")
+        os.close(handle)
+        try:
+            run = subprocess.run(
+                [compiler, *flags, "-shared", "-fPIC", "-o", partial, str(SOURCE), "-lm"],
+                capture_output=True, text=True, timeout=300,
+            )  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired) as error:
+            run = None
+            errors.append(f"{compiler} {' '.join(flags)}: {error}")
+        if run is not None and run.returncode == 0:
+            os.replace(partial, target)
+            return target
+        Path(partial).unlink(missing_ok=True)
+        if run is not None:
+            errors.append(f"{compiler} {' '.join(flags)}: {run.stderr.strip()[-2000:]}")
+    raise RuntimeError("could not compile " + str(SOURCE) + ":\n" + "\n".join(errors))
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded library, or None (TQLAB_NATIVE=0, or no compiler: logged once)."""
+    if os.environ.get("TQLAB_NATIVE", "1") == "0":
+        return None
+    try:
+        path = build()
+        lib = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError) as error:
+        log.warning(
+            "tqlab's compiled CPU encode is unavailable, the codecs use their PyTorch path: %s", error
+        )
+        return None
+    lib.tq_encode.restype = None
+    lib.tq_encode.argtypes = [
+        _pointer, _i64, _i64, _pointer, _pointer, _pointer, _int, _pointer, _int, _pointer, _i64, _pointer,
+        _pointer, _pointer,
+    ]  # fmt: skip
+    lib.tq_pack_signs.restype = None
+    lib.tq_pack_signs.argtypes = [_pointer, _i64, _i64, _pointer]
+    return lib
+
+
+def applies(x: torch.Tensor, bits: int) -> bool:
+    """Whether `encode` takes x ([rows, d] float32 on the CPU) at this many bits per code."""
+    return (
+        x.device.type == "cpu" and x.dtype == torch.float32 and x.ndim == 2
+        and 1 <= bits <= MAX_BITS and 0 < x.shape[1] <= MAX_DIM and library() is not None
+    )  # fmt: skip
+
+
+def encode(
+    x: torch.Tensor,
+    bits: int,
+    boundaries: torch.Tensor,
+    centroids: torch.Tensor,
+    hadamard: tuple[torch.Tensor, torch.Tensor] | None,
+    residual: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Codes of x [rows, d] (`applies(x, bits)`): packed [rows, packed_row_bytes(d, bits)] uint8, norms, and
+    with `residual` the Stage-1 residual [rows, d] and its norms (float32).
+
+    hadamard = (D1, D2/√d): x is raw, rotated here by fast Hadamard (d a power of two), and its norms returned;
+    None: x holds rotated unit vectors already, and norms is None.
+    """
+    lib = library()
+    rows, d = x.shape
+    x = x.detach().contiguous()
+    row_bytes = (d + 7) // 8 * bits
+    packed = torch.empty(rows, row_bytes, dtype=torch.uint8)
+    norms = torch.empty(rows) if hadamard else None
+    rest = torch.empty(rows, d) if residual else None
+    rest_norms = torch.empty(rows) if residual else None
+    boundaries, centroids = boundaries.float().contiguous(), centroids.float().contiguous()
+    signs_in, signs_out = (t.float().contiguous() for t in hadamard) if hadamard else (None, None)
+    lib.tq_encode(
+        x.data_ptr(), rows, d, _address(signs_in), _address(signs_out), boundaries.data_ptr(), len(boundaries),
+        centroids.data_ptr(), bits, packed.data_ptr(), row_bytes, _address(norms), _address(rest),
+        _address(rest_norms),
+    )  # fmt: skip
+    return packed, norms, rest, rest_norms
+
+
+def _address(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def pack_signs(p: torch.Tensor) -> torch.Tensor:
+    """p [rows, m] float32 on the CPU → [rows, ⌈m/8⌉] uint8, bit k of byte b = p[:, 8b + k] >= 0 (`pack_bits`
+    of the signs' indicator, one pass)."""
+    lib = library()
+    rows, m = p.shape
+    p = p.detach().contiguous()
+    out = torch.empty(rows, (m + 7) // 8, dtype=torch.uint8)
+    lib.tq_pack_signs(p.data_ptr(), rows, m, out.data_ptr())
+    return out

@@ -1,0 +1,151 @@
+"""The compiled CPU encode (`tqlab.quant.native`) against a float64 reference of the same codec, the bit-stream
+reference of the packing, and the PyTorch path it stands in for."""
+
+import logging
+
+import pytest
+import torch
+from test_packing import reference_pack
+
+from tqlab.quant import TurboQuantMSE, TurboQuantProd, native, unpack_bits
+
+pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler: the codecs use their torch path")
+
+NEAR_TIE = 1e-5  # float32 rounding of a unit vector's coordinates is ~1e-7: a code may differ only this close
+
+
+def rows(n: int, dim: int, seed: int) -> torch.Tensor:
+    """Gaussian rows, with a zero row, a tiny one (its squares underflow float32) and a huge one among them."""
+    x = torch.randn(n, dim, generator=torch.Generator().manual_seed(seed))
+    x[1] = 0
+    x[2] *= 1e-30
+    x[3] *= 1e30
+    return x
+
+
+def reference(codec: TurboQuantMSE, x: torch.Tensor):
+    """Unit vectors rotated by the dense rotation in float64, their codes and distance to the nearest boundary."""
+    x64 = x.double()
+    norms = x64.norm(dim=-1)
+    y = (x64 / norms.clamp_min(torch.finfo(torch.float32).tiny)[:, None]) @ codec.rotation.dense().double().T
+    boundaries = codec.boundaries.double()
+    codes = (y[..., None] > boundaries).sum(-1)
+    margin = (y[..., None] - boundaries).abs().amin(-1)
+    return norms, y, codes, margin
+
+
+def torch_path(monkeypatch, quantize, *args):
+    with monkeypatch.context() as patch:
+        patch.setattr(native, "library", lambda: None)
+        return quantize(*args)
+
+
+@pytest.mark.parametrize("dim", [8, 16, 64, 128, 256, 1024])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_fast_hadamard_codes_and_norms_match_float64(dim, bits):
+    codec = TurboQuantMSE(dim, bits, rotation="fast_hadamard", seed=dim + bits, norm_dtype=torch.float32)
+    x = rows(37, dim, seed=bits)
+    code = codec.quantize(x)
+    norms, _, expected, margin = reference(codec, x)
+    codes = unpack_bits(code.indices, bits, dim)
+    clear = margin > NEAR_TIE
+    assert clear.float().mean() > 0.95  # the zero row lies on the middle boundary
+    assert torch.equal(codes[clear], expected[clear])
+    for r in range(len(x)):  # the layout: pack_bits' little-endian bit stream
+        assert code.indices[r].tolist() == reference_pack(codes[r].tolist(), bits)
+    torch.testing.assert_close(code.norms.double(), norms, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dim", [16, 128, 256])
+@pytest.mark.parametrize("bits", [2, 3, 5])
+def test_prod_residual_norms_and_signs_match_float64(dim, bits):
+    codec = TurboQuantProd(dim, bits, rotation="fast_hadamard", seed=dim, norm_dtype=torch.float32)
+    x = rows(41, dim, seed=dim + bits)[4:]  # the zero, tiny and huge rows are the Stage-1 test's
+    code = codec.quantize(x)
+    _, y, idx, margin = reference(codec.mse, x)
+    residual = y - codec.mse.centroids.double()[idx]
+    projected = residual @ codec.projection.double().T
+    clear_rows = (margin > NEAR_TIE).all(-1)  # a row's residual changes wherever one of its codes does
+    assert clear_rows.float().mean() > 0.6
+    signs = unpack_bits(code.signs, 1, dim).bool()
+    clear = clear_rows[:, None] & (projected.abs() > 1e-4)
+    assert torch.equal(signs[clear], (projected >= 0)[clear])
+    torch.testing.assert_close(
+        code.residual_norms[clear_rows].double(), residual.norm(dim=-1)[clear_rows], rtol=1e-5, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("codec_class", [TurboQuantMSE, TurboQuantProd])
+@pytest.mark.parametrize(("dim", "rotation"), [(96, "random_haar"), (100, "random_haar"), (64, "block_so8_static")])
+def test_other_rotations_give_the_torch_path_codes_exactly(monkeypatch, codec_class, dim, rotation):
+    """Rotated by torch either way, so the codes, norms and signs are equal bit for bit (d = 100 pads its codes)."""
+    codec = codec_class(dim, 3, rotation=rotation, seed=1)
+    x = torch.randn(5, 7, dim, generator=torch.Generator().manual_seed(2), dtype=torch.bfloat16)
+    compiled = codec.quantize(x)
+    tensors = torch_path(monkeypatch, codec.quantize, x)
+    for name in ("indices", "signs", "norms", "residual_norms"):
+        if hasattr(compiled, name):
+            assert torch.equal(getattr(compiled, name), getattr(tensors, name)), name
+
+
+def test_a_zero_vector_codes_as_on_the_torch_path(monkeypatch):
+    codec = TurboQuantProd(64, 3, rotation="fast_hadamard")
+    x = torch.zeros(3, 64)
+    compiled, tensors = codec.quantize(x), torch_path(monkeypatch, codec.quantize, x)
+    for name in ("indices", "signs", "norms", "residual_norms"):
+        assert torch.equal(getattr(compiled, name), getattr(tensors, name)), name
+
+
+@pytest.mark.parametrize("m", [1, 8, 13, 256])
+def test_pack_signs_matches_the_bitstream(m):
+    p = torch.randn(6, m, generator=torch.Generator().manual_seed(m))
+    packed = native.pack_signs(p)
+    for r in range(6):
+        assert packed[r].tolist() == reference_pack((p[r] >= 0).int().tolist(), 1)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_and_inf_are_refused_as_on_the_torch_path(bad):
+    x = torch.randn(4, 64)
+    x[2, 5] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        TurboQuantProd(64, 3, rotation="fast_hadamard").quantize(x)
+
+
+def test_a_failed_compile_names_the_source_and_the_compiler_output(tmp_path):
+    broken = tmp_path / "cc"
+    broken.write_text("#!/bin/sh\necho 'cc: fatal error: no input files' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    with pytest.raises(RuntimeError, match=r"encode\.c(.|\n)*no input files"):
+        native.build(tmp_path / "cache", compiler=str(broken))
+    assert not list((tmp_path / "cache").glob("*"))  # no half-written library left behind
+
+
+def test_a_build_is_reused_and_keyed_by_compiler(tmp_path):
+    first = native.build(tmp_path)
+    assert native.build(tmp_path) == first
+    assert {p.name for p in tmp_path.iterdir()} == {first.name}
+
+
+def test_without_a_compiler_the_codecs_say_so_once_and_keep_the_torch_path(monkeypatch, tmp_path, caplog):
+    codec = TurboQuantMSE(64, 2, rotation="fast_hadamard")
+    x = torch.randn(9, 64, generator=torch.Generator().manual_seed(0))
+    expected = codec.quantize(x)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("TQLAB_CACHE", str(tmp_path))
+    native.library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="tqlab.quant.native"):
+            assert native.library() is None
+            code = codec.quantize(x)
+            codec.quantize(x)
+        said = [r.message for r in caplog.records if "PyTorch path" in r.message]
+        assert len(said) == 1 and "no-such-compiler" in said[0]
+        assert torch.equal(unpack_bits(code.indices, 2, 64), unpack_bits(expected.indices, 2, 64))
+        monkeypatch.setenv("TQLAB_NATIVE", "0")
+        monkeypatch.delenv("CC")
+        native.library.cache_clear()
+        assert native.library() is None  # chosen outright, nothing built
+        assert not list(tmp_path.rglob("*.so"))
+    finally:
+        native.library.cache_clear()
