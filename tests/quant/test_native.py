@@ -9,7 +9,9 @@ from test_packing import reference_pack
 
 from tqlab.quant import TurboQuantMSE, TurboQuantProd, native, unpack_bits
 
-pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler: the codecs use their torch path")
+pytestmark = pytest.mark.skipif(
+    native.library() is None, reason="no C compiler: the codecs use their torch path"
+)
 
 NEAR_TIE = 1e-5  # float32 rounding of a unit vector's coordinates is ~1e-7: a code may differ only this close
 
@@ -76,7 +78,9 @@ def test_prod_residual_norms_and_signs_match_float64(dim, bits):
 
 
 @pytest.mark.parametrize("codec_class", [TurboQuantMSE, TurboQuantProd])
-@pytest.mark.parametrize(("dim", "rotation"), [(96, "random_haar"), (100, "random_haar"), (64, "block_so8_static")])
+@pytest.mark.parametrize(
+    ("dim", "rotation"), [(96, "random_haar"), (100, "random_haar"), (64, "block_so8_static")]
+)
 def test_other_rotations_give_the_torch_path_codes_exactly(monkeypatch, codec_class, dim, rotation):
     """Rotated by torch either way, so the codes, norms and signs are equal bit for bit (d = 100 pads its codes)."""
     codec = codec_class(dim, 3, rotation=rotation, seed=1)
