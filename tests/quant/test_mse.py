@@ -123,20 +123,24 @@ def test_unbiased_decoding_makes_inner_products_unbiased_over_rotations():
         TurboQuantMSE(d, bits, norm_correction=True, unbiased=True)
 
 
+@pytest.mark.parametrize("path", ["native", "tensor"])
 @pytest.mark.parametrize("codec_class", ["mse", "prod"])
-def test_large_inputs_are_coded_in_row_blocks_as_a_float64_reference_codes_them(codec_class, monkeypatch):
-    """On a CPU, rows go through quantize in blocks (whose temporaries stay in cache) — fast Hadamard's passes
-    in whole blocks of 128 rows at d = 256, its dense product in the last, shorter one: every code as a
-    float64 reference computes it, up to boundary ties."""
-    from tqlab.quant import TurboQuantProd, codes, unpack_bits
+def test_large_inputs_are_coded_in_row_blocks_as_a_float64_reference_codes_them(
+    codec_class, path, monkeypatch
+):
+    """On a CPU, rows go through quantize in blocks (whose temporaries stay in cache), on the native encode and
+    on the tensor path: every code as a float64 reference computes it, up to boundary ties."""
+    from tqlab.quant import TurboQuantProd, codes, native, unpack_bits
 
+    if path == "tensor":
+        monkeypatch.setattr(native, "library", lambda: None)
     monkeypatch.setattr(codes, "CPU_BLOCK_ELEMENTS", (1 << 15) // torch.get_num_threads())  # 128 rows of 256
     d, bits = 256, 3
     codec = TurboQuantMSE(d, bits, seed=4) if codec_class == "mse" else TurboQuantProd(d, bits, seed=4)
     mse = codec if codec_class == "mse" else codec.mse
     blocks = []
-    rows_of = codec._quantize_rows
-    monkeypatch.setattr(codec, "_quantize_rows", lambda rows: blocks.append(len(rows)) or rows_of(rows))
+    rotate = mse.rotation.apply
+    monkeypatch.setattr(mse.rotation, "apply", lambda rows: blocks.append(len(rows)) or rotate(rows))
     x = gaussian(3, 100, d, seed=5) * 2
     code = codec.quantize(x)
     block = codes.CPU_BLOCK_ELEMENTS * torch.get_num_threads() // d

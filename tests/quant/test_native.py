@@ -58,20 +58,27 @@ def test_fast_hadamard_codes_and_norms_match_float64(dim, bits):
     torch.testing.assert_close(code.norms.double(), norms, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("dim", [16, 128, 256])
+@pytest.mark.parametrize(("dim", "qjl_dim"), [(16, 16), (128, 13), (256, 256)])
 @pytest.mark.parametrize("bits", [2, 3, 5])
-def test_prod_residual_norms_and_signs_match_float64(dim, bits):
-    codec = TurboQuantProd(dim, bits, rotation="fast_hadamard", seed=dim, norm_dtype=torch.float32)
-    x = rows(41, dim, seed=dim + bits)[4:]  # the zero, tiny and huge rows are the Stage-1 test's
+def test_prod_residual_norms_and_signs_match_float64(dim, qjl_dim, bits):
+    """Signs of S·r at any sketch width (13 pads its last byte), over several of the product's blocks."""
+    codec = TurboQuantProd(
+        dim, bits, rotation="fast_hadamard", seed=dim, qjl_dim=qjl_dim, norm_dtype=torch.float32
+    )
+    x = rows(1200 if dim == 256 else 41, dim, seed=dim + bits)[
+        4:
+    ]  # the zero, tiny and huge rows: Stage 1's test
     code = codec.quantize(x)
     _, y, idx, margin = reference(codec.mse, x)
     residual = y - codec.mse.centroids.double()[idx]
     projected = residual @ codec.projection.double().T
     clear_rows = (margin > NEAR_TIE).all(-1)  # a row's residual changes wherever one of its codes does
     assert clear_rows.float().mean() > 0.6
-    signs = unpack_bits(code.signs, 1, dim).bool()
+    signs = unpack_bits(code.signs, 1, qjl_dim).bool()
     clear = clear_rows[:, None] & (projected.abs() > 1e-4)
     assert torch.equal(signs[clear], (projected >= 0)[clear])
+    for r in range(0, len(x), 97):  # the layout, padding bits included
+        assert code.signs[r].tolist() == reference_pack(signs[r].int().tolist(), 1)
     torch.testing.assert_close(
         code.residual_norms[clear_rows].double(), residual.norm(dim=-1)[clear_rows], rtol=1e-5, atol=1e-6
     )
@@ -98,14 +105,6 @@ def test_a_zero_vector_codes_as_on_the_torch_path(monkeypatch):
     compiled, tensors = codec.quantize(x), torch_path(monkeypatch, codec.quantize, x)
     for name in ("indices", "signs", "norms", "residual_norms"):
         assert torch.equal(getattr(compiled, name), getattr(tensors, name)), name
-
-
-@pytest.mark.parametrize("m", [1, 8, 13, 256])
-def test_pack_signs_matches_the_bitstream(m):
-    p = torch.randn(6, m, generator=torch.Generator().manual_seed(m))
-    packed = native.pack_signs(p)
-    for r in range(6):
-        assert packed[r].tolist() == reference_pack((p[r] >= 0).int().tolist(), 1)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

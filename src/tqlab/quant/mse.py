@@ -112,44 +112,47 @@ class TurboQuantMSE(nn.Module):
 
     # -- public API --------------------------------------------------------------------------------
     def quantize(self, x: torch.Tensor) -> MSECode:
-        indices, norms = in_row_blocks(self._quantize_rows, x, self.dim)
+        native_codes = self.encode_native(x, "TurboQuantMSE")
+        indices, norms = native_codes or in_row_blocks(self._quantize_rows, x, self.dim)
         return MSECode(tuple(x.shape[:-1]), self.dim, self.bits, indices, norms)
 
     def _quantize_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        compiled = self.encode_compiled(x, "TurboQuantMSE", residual=False)
-        if compiled is not None:
-            return compiled[:2]
         unit, norms = self._unit(x, "TurboQuantMSE")
         return pack_bits(self.encode_rotated(self.rotation.apply(unit)), self.bits), norms
 
-    def encode_compiled(self, x: torch.Tensor, codec: str, residual: bool) -> tuple | None:
-        """x [..., dim] → (packed codes, stored norms, Stage-1 residual y − c[idx], its fp32 norms) by the compiled
-        CPU encode (`quant.native`; the residual and its norms None unless asked for), or None where that does not
-        apply (not on a CPU, more than 4 bits, no C compiler): then the tensor ops above give the same codes."""
-        in_one_pass = type(self.rotation) is FastHadamard
-        x = check_input(x, self.dim, self.centroids.device, codec, finite=not in_one_pass)
+    def encode_native(
+        self, x: torch.Tensor, codec: str, projection: torch.Tensor | None = None
+    ) -> tuple | None:
+        """x [..., dim] → (packed codes, stored norms), and with Prod's projection S also (packed signs of S·r,
+        fp32 ‖r‖) of the Stage-1 residual r, by the native CPU encode (`quant.native`: one compiled pass, fast
+        Hadamard included); None where that does not apply (not on a CPU, more than 4 bits, no C compiler, NaN or
+        Inf in x), and the tensor path (`_quantize_rows`) codes x instead."""
+        one_pass = type(self.rotation) is FastHadamard
+        x = check_input(x, self.dim, self.centroids.device, codec, finite=not one_pass)
         rows = x.reshape(-1, self.dim)
         if not native.applies(rows, self.bits):
             return None
-        if in_one_pass:
-            rotation = self.rotation
-            hadamard = (rotation.signs_in, rotation.scale * rotation.signs_out)
-            packed, norms, rest, rest_norms = native.encode(
-                rows, self.bits, self.boundaries, self.centroids, hadamard, residual
+        if one_pass:
+            hadamard = (self.rotation.signs_in, self.rotation.scale * self.rotation.signs_out)
+            packed, norms, *qjl = native.encode(
+                rows, self.bits, self.boundaries, self.centroids, hadamard, projection
             )
             if not torch.isfinite(norms).all():  # NaN or Inf in x: the tensor path names it
                 return None
-            norms = store_norms(norms, self.norm_dtype, codec)
-        else:
-            unit, norms = self._unit(rows, codec)
-            packed, _, rest, rest_norms = native.encode(
-                self.rotation.apply(unit), self.bits, self.boundaries, self.centroids, None, residual
-            )
-        lead = x.shape[:-1]
-        return (
-            packed.reshape(*lead, packed.shape[-1]), norms.reshape(lead),
-            None if rest is None else rest.reshape(x.shape), None if rest_norms is None else rest_norms.reshape(lead),
-        )  # fmt: skip
+            columns = (packed, store_norms(norms, self.norm_dtype, codec), *qjl)
+        else:  # rotated by torch, in blocks that keep its temporaries in L2
+
+            def encode_block(block: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                unit, norms = self._unit(block, codec)
+                y = self.rotation.apply(unit)
+                packed, _, signs, residual_norms = native.encode(
+                    y, self.bits, self.boundaries, self.centroids, None, projection
+                )
+                return (packed, norms) if projection is None else (packed, norms, signs, residual_norms)
+
+            columns = in_row_blocks(encode_block, rows, self.dim)
+        columns = columns if projection is not None else columns[:2]
+        return tuple(column.reshape(*x.shape[:-1], *column.shape[1:]) for column in columns)
 
     def rotated_centroids(self, code: MSECode) -> torch.Tensor:
         """c[idx] · ‖x‖ in the rotated domain (fp32): what attention over codes multiplies with."""

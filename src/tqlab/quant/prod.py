@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from ..rotation import Rotation
-from . import native
 from .codebook import MAX_BITS
 from .codes import Code, buffer_nbytes, check_input, in_row_blocks, store_norms
 from .mse import TurboQuantMSE
@@ -69,18 +68,17 @@ class TurboQuantProd(nn.Module):
         return self.mse.rotation
 
     def quantize(self, x: torch.Tensor) -> ProdCode:
-        packed, signs, norms, residual_norms = in_row_blocks(self._quantize_rows, x, self.dim)
+        native_codes = self.mse.encode_native(x, "TurboQuantProd", self.projection)
+        if native_codes is None:
+            packed, signs, norms, residual_norms = in_row_blocks(self._quantize_rows, x, self.dim)
+        else:
+            packed, norms, signs, residual_norms = native_codes
+            residual_norms = store_norms(residual_norms, self.norm_dtype, "TurboQuantProd")
         return ProdCode(
             tuple(x.shape[:-1]), self.dim, self.bits, self.qjl_dim, packed, signs, norms, residual_norms
         )
 
     def _quantize_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        compiled = self.mse.encode_compiled(x, "TurboQuantProd", residual=True)
-        if compiled is not None:
-            packed, norms, residual, residual_norms = compiled
-            projected = residual.reshape(-1, self.dim) @ self.projection.T
-            signs = native.pack_signs(projected).reshape(*residual.shape[:-1], -1)
-            return packed, signs, norms, store_norms(residual_norms, self.norm_dtype, "TurboQuantProd")
         unit, norms = self.mse._unit(x, "TurboQuantProd")
         y = self.rotation.apply(unit)
         idx = self.mse.encode_rotated(y)

@@ -1,8 +1,8 @@
 """The compiled CPU encode: TurboQuant's quantize of a vector in one pass instead of a dozen tensor passes.
 
 `encode.c` (plain C, no Python or torch headers) takes a row from x to its packed codes: norm, fast Hadamard
-rotation, nearest-centroid codes, `pack_bits`' layout and Prod's Stage-1 residual; `pack_signs` packs the QJL
-signs after the projection, which stays a torch product. It is compiled once per source, compiler flags and
+rotation, nearest-centroid codes, `pack_bits`' layout and Prod's Stage-1 residual, whose QJL projection stays a
+torch product (MKL's, at this core's peak) and whose signs C packs after it. It is compiled once per source, compiler flags and
 CPU model with the system C compiler ($CC, else `cc`) into $TQLAB_CACHE/native (default ~/.cache/tqlab/native)
 and loaded with ctypes. Where no compiler works, the codecs keep their PyTorch path and say so once in the log;
 TQLAB_NATIVE=0 chooses that path outright. One thread runs it: on two cores, handing half the rows to a second
@@ -24,6 +24,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from .. import codes
 
 log = logging.getLogger(__name__)
 
@@ -124,13 +126,16 @@ def encode(
     boundaries: torch.Tensor,
     centroids: torch.Tensor,
     hadamard: tuple[torch.Tensor, torch.Tensor] | None,
-    residual: bool,
+    projection: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Codes of x [rows, d] (`applies(x, bits)`): packed [rows, packed_row_bytes(d, bits)] uint8, norms, and
-    with `residual` the Stage-1 residual [rows, d] and its norms (float32).
+    with a QJL projection S [m, d] (Prod) the packed signs of S·r [rows, ⌈m/8⌉] and ‖r‖ of the Stage-1 residual
+    r = y − c[idx] (float32; else None).
 
     hadamard = (D1, D2/√d): x is raw, rotated here by fast Hadamard (d a power of two), and its norms returned;
     None: x holds rotated unit vectors already, and norms is None.
+    The product S·r runs in torch over blocks of rows whose residual and product stay in a core's L2
+    (`codes.CPU_BLOCK_ELEMENTS`), in buffers reused from block to block.
     """
     lib = library()
     rows, d = x.shape
@@ -138,28 +143,32 @@ def encode(
     row_bytes = (d + 7) // 8 * bits
     packed = torch.empty(rows, row_bytes, dtype=torch.uint8)
     norms = torch.empty(rows) if hadamard else None
-    rest = torch.empty(rows, d) if residual else None
-    rest_norms = torch.empty(rows) if residual else None
     boundaries, centroids = boundaries.float().contiguous(), centroids.float().contiguous()
     signs_in, signs_out = (t.float().contiguous() for t in hadamard) if hadamard else (None, None)
-    lib.tq_encode(
-        x.data_ptr(), rows, d, _address(signs_in), _address(signs_out), boundaries.data_ptr(), len(boundaries),
-        centroids.data_ptr(), bits, packed.data_ptr(), row_bytes, _address(norms), _address(rest),
-        _address(rest_norms),
-    )  # fmt: skip
-    return packed, norms, rest, rest_norms
+
+    def encode_rows(first: int, count: int, residual=None, residual_norms=None) -> None:
+        lib.tq_encode(
+            x.data_ptr() + 4 * first * d, count, d, _address(signs_in), _address(signs_out), boundaries.data_ptr(),
+            len(boundaries), centroids.data_ptr(), bits, packed.data_ptr() + first * row_bytes, row_bytes,
+            None if norms is None else norms.data_ptr() + 4 * first, _address(residual),
+            None if residual_norms is None else residual_norms.data_ptr() + 4 * first,
+        )  # fmt: skip
+
+    if projection is None:
+        encode_rows(0, rows)
+        return packed, norms, None, None
+    m = projection.shape[0]
+    signs = torch.empty(rows, (m + 7) // 8, dtype=torch.uint8)
+    residual_norms = torch.empty(rows)
+    block = max(1, min(rows, codes.CPU_BLOCK_ELEMENTS * torch.get_num_threads() // d))
+    residual, projected = torch.empty(block, d), torch.empty(block, m)
+    for first in range(0, rows, block):
+        count = min(block, rows - first)
+        encode_rows(first, count, residual, residual_norms)
+        torch.mm(residual[:count], projection.T, out=projected[:count])
+        lib.tq_pack_signs(projected.data_ptr(), count, m, signs.data_ptr() + first * signs.shape[1])
+    return packed, norms, signs, residual_norms
 
 
 def _address(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
-
-
-def pack_signs(p: torch.Tensor) -> torch.Tensor:
-    """p [rows, m] float32 on the CPU → [rows, ⌈m/8⌉] uint8, bit k of byte b = p[:, 8b + k] >= 0 (`pack_bits`
-    of the signs' indicator, one pass)."""
-    lib = library()
-    rows, m = p.shape
-    p = p.detach().contiguous()
-    out = torch.empty(rows, (m + 7) // 8, dtype=torch.uint8)
-    lib.tq_pack_signs(p.data_ptr(), rows, m, out.data_ptr())
-    return out
