@@ -5,7 +5,8 @@
     PYTHONPATH=old/src python tools/research/cpu_quantize_parts.py --parts   # an older commit's parts
 
 Prints µs per vector of each step of a 3-bit Prod quantize of one block (512 rows at d = 256: the block
-`quant.codes.in_row_blocks` runs on one thread), then µs per 2^17 elements of a comparison into bool and into
+`quant.codes.in_row_blocks` runs on one thread) on the tensor path and, with a C compiler, on the native encode
+(`quant.native`), then µs per 2^17 elements of a comparison into bool and into
 float and of the conversions after it, then the encode's compare passes against its binary search by size.
 """
 
@@ -16,7 +17,7 @@ import time
 
 import torch
 
-from tqlab.quant import TurboQuantProd, pack_bits
+from tqlab.quant import TurboQuantProd, native, pack_bits
 from tqlab.quant.codebook import lloyd_max_codebook
 from tqlab.quant.mse import count_below
 
@@ -41,7 +42,7 @@ def parts() -> None:
     projected = residual @ codec.projection.T
     signs = (projected >= 0).to(torch.uint8)
     steps = {
-        "whole block (_quantize_rows)": lambda: codec._quantize_rows(x),
+        "tensor path: whole block (_quantize_rows)": lambda: codec._quantize_rows(x),
         "norm and unit vector": lambda: mse._unit(x, "parts"),
         "rotation (fast Hadamard)": lambda: codec.rotation.apply(unit),
         "encode (2 bits)": lambda: mse.encode_rotated(y),
@@ -53,6 +54,18 @@ def parts() -> None:
         "residual norm": lambda: residual.norm(dim=-1),
         "pack 2-bit codes": lambda: pack_bits(idx, 2),
     }
+    if native.library() is not None:
+        hadamard = (codec.rotation.signs_in, codec.rotation.scale * codec.rotation.signs_out)
+        b, c = mse.boundaries, mse.centroids
+        steps |= {
+            "native: whole quantize": lambda: codec.quantize(x),
+            "native: C pass, Stage 1 (norm, rotation, codes, packing)": lambda: native.encode(
+                x, 2, b, c, hadamard
+            ),
+            "native: C pass with the residual, QJL product, C sign packing": lambda: native.encode(
+                x, 2, b, c, hadamard, codec.projection
+            ),
+        }
     print(f"3-bit Prod, d = 256, {rows} rows, 1 thread, torch {torch.__version__}; µs per vector")
     print("| step | µs |\n| --- | --- |")
     for name, fn in steps.items():
