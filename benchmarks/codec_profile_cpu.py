@@ -57,7 +57,7 @@ def main() -> None:
                 codec.quantize(x)
             wall, cpu = time.perf_counter() - start, time.process_time() - cpu
             print(f"| {round_ + 1} | {path} | {total / wall:.3g} | {total / cpu:.3g} |")
-    os.environ.pop("TQLAB_NATIVE")
+    os.environ.pop("TQLAB_NATIVE", None)
     if chosen is not None:
         os.environ["TQLAB_NATIVE"] = chosen
     native.library.cache_clear()

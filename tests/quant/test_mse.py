@@ -134,6 +134,8 @@ def test_large_inputs_are_coded_in_row_blocks_as_a_float64_reference_codes_them(
 
     if path == "tensor":
         monkeypatch.setattr(native, "library", lambda: None)
+    elif native.library() is None:
+        pytest.skip("no C compiler: the codecs use their tensor path")
     monkeypatch.setattr(codes, "CPU_BLOCK_ELEMENTS", (1 << 15) // torch.get_num_threads())  # 128 rows of 256
     d, bits = 256, 3
     codec = TurboQuantMSE(d, bits, seed=4) if codec_class == "mse" else TurboQuantProd(d, bits, seed=4)

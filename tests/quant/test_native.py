@@ -2,12 +2,13 @@
 reference of the packing, and the PyTorch path it stands in for."""
 
 import logging
+import shutil
 
 import pytest
 import torch
 from test_packing import reference_pack
 
-from tqlab.quant import TurboQuantMSE, TurboQuantProd, native, unpack_bits
+from tqlab.quant import TurboQuantMSE, TurboQuantProd, codes, native, unpack_bits
 
 pytestmark = pytest.mark.skipif(
     native.library() is None, reason="no C compiler: the codecs use their torch path"
@@ -36,6 +37,14 @@ def reference(codec: TurboQuantMSE, x: torch.Tensor):
     return norms, y, codes, margin
 
 
+@pytest.fixture
+def native_calls(monkeypatch):
+    """How many times the codecs went through the native encode (so a silent fallback fails the test)."""
+    calls, encode = [], native.encode
+    monkeypatch.setattr(native, "encode", lambda *args: calls.append(len(args[0])) or encode(*args))
+    return calls
+
+
 def torch_path(monkeypatch, quantize, *args):
     with monkeypatch.context() as patch:
         patch.setattr(native, "library", lambda: None)
@@ -44,7 +53,8 @@ def torch_path(monkeypatch, quantize, *args):
 
 @pytest.mark.parametrize("dim", [8, 16, 64, 128, 256, 1024])
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
-def test_fast_hadamard_codes_and_norms_match_float64(dim, bits):
+def test_fast_hadamard_codes_and_norms_match_float64(dim, bits, native_calls):
+    """Norms in double: a tiny row (whose float32 squares underflow) and a huge one (overflow) keep theirs."""
     codec = TurboQuantMSE(dim, bits, rotation="fast_hadamard", seed=dim + bits, norm_dtype=torch.float32)
     x = rows(37, dim, seed=bits)
     code = codec.quantize(x)
@@ -56,12 +66,14 @@ def test_fast_hadamard_codes_and_norms_match_float64(dim, bits):
     for r in range(len(x)):  # the layout: pack_bits' little-endian bit stream
         assert code.indices[r].tolist() == reference_pack(codes[r].tolist(), bits)
     torch.testing.assert_close(code.norms.double(), norms, rtol=1e-6, atol=0)
+    assert native_calls == [37]
 
 
 @pytest.mark.parametrize(("dim", "qjl_dim"), [(16, 16), (128, 13), (256, 256)])
 @pytest.mark.parametrize("bits", [2, 3, 5])
-def test_prod_residual_norms_and_signs_match_float64(dim, qjl_dim, bits):
-    """Signs of S·r at any sketch width (13 pads its last byte), over several of the product's blocks."""
+def test_prod_residual_norms_and_signs_match_float64(dim, qjl_dim, bits, native_calls, monkeypatch):
+    """Signs of S·r at any sketch width (13 pads its last byte), over blocks of 128 rows of the product."""
+    monkeypatch.setattr(codes, "CPU_BLOCK_ELEMENTS", (128 * dim) // torch.get_num_threads())
     codec = TurboQuantProd(
         dim, bits, rotation="fast_hadamard", seed=dim, qjl_dim=qjl_dim, norm_dtype=torch.float32
     )
@@ -79,6 +91,7 @@ def test_prod_residual_norms_and_signs_match_float64(dim, qjl_dim, bits):
     assert torch.equal(signs[clear], (projected >= 0)[clear])
     for r in range(0, len(x), 97):  # the layout, padding bits included
         assert code.signs[r].tolist() == reference_pack(signs[r].int().tolist(), 1)
+    assert native_calls == [len(x)]
     torch.testing.assert_close(
         code.residual_norms[clear_rows].double(), residual.norm(dim=-1)[clear_rows], rtol=1e-5, atol=1e-6
     )
@@ -88,21 +101,30 @@ def test_prod_residual_norms_and_signs_match_float64(dim, qjl_dim, bits):
 @pytest.mark.parametrize(
     ("dim", "rotation"), [(96, "random_haar"), (100, "random_haar"), (64, "block_so8_static")]
 )
-def test_other_rotations_give_the_torch_path_codes_exactly(monkeypatch, codec_class, dim, rotation):
-    """Rotated by torch either way, so the codes, norms and signs are equal bit for bit (d = 100 pads its codes)."""
+def test_other_rotations_give_the_torch_path_codes_exactly(
+    monkeypatch, codec_class, dim, rotation, native_calls
+):
+    """Rotated by torch either way, so the codes, norms and signs are equal bit for bit (d = 100 pads its codes);
+    the residual norms up to their summation order."""
     codec = codec_class(dim, 3, rotation=rotation, seed=1)
     x = torch.randn(5, 7, dim, generator=torch.Generator().manual_seed(2), dtype=torch.bfloat16)
     compiled = codec.quantize(x)
+    assert native_calls == [35]
     tensors = torch_path(monkeypatch, codec.quantize, x)
-    for name in ("indices", "signs", "norms", "residual_norms"):
+    for name in ("indices", "signs", "norms"):
         if hasattr(compiled, name):
             assert torch.equal(getattr(compiled, name), getattr(tensors, name)), name
+    if codec_class is TurboQuantProd:
+        torch.testing.assert_close(
+            compiled.residual_norms.float(), tensors.residual_norms.float(), rtol=1e-3, atol=0
+        )
 
 
-def test_a_zero_vector_codes_as_on_the_torch_path(monkeypatch):
+def test_a_zero_vector_codes_as_on_the_torch_path(monkeypatch, native_calls):
     codec = TurboQuantProd(64, 3, rotation="fast_hadamard")
     x = torch.zeros(3, 64)
     compiled, tensors = codec.quantize(x), torch_path(monkeypatch, codec.quantize, x)
+    assert native_calls == [3]
     for name in ("indices", "signs", "norms", "residual_norms"):
         assert torch.equal(getattr(compiled, name), getattr(tensors, name)), name
 
@@ -125,9 +147,14 @@ def test_a_failed_compile_names_the_source_and_the_compiler_output(tmp_path):
 
 
 def test_a_build_is_reused_and_keyed_by_compiler(tmp_path):
-    first = native.build(tmp_path)
-    assert native.build(tmp_path) == first
-    assert {p.name for p in tmp_path.iterdir()} == {first.name}
+    first = native.build(tmp_path / "cache")
+    assert native.build(tmp_path / "cache") == first
+    assert {p.name for p in (tmp_path / "cache").iterdir()} == {first.name}
+    wrapper = tmp_path / "my cc"  # another compiler command (with a space in its path: split as a command)
+    wrapper.write_text(f'#!/bin/sh\nexec {shutil.which("cc") or "gcc"} "$@"\n')
+    wrapper.chmod(0o755)
+    other = native.build(tmp_path / "cache", compiler=f"'{wrapper}'")
+    assert other != first and other.exists()
 
 
 def test_without_a_compiler_the_codecs_say_so_once_and_keep_the_torch_path(monkeypatch, tmp_path, caplog):

@@ -127,12 +127,15 @@ class TurboQuantMSE(nn.Module):
         fp32 ‖r‖) of the Stage-1 residual r, by the native CPU encode (`quant.native`: one compiled pass, fast
         Hadamard included); None where that does not apply (not on a CPU, more than 4 bits, no C compiler, NaN or
         Inf in x), and the tensor path (`_quantize_rows`) codes x instead."""
-        one_pass = type(self.rotation) is FastHadamard
-        x = check_input(x, self.dim, self.centroids.device, codec, finite=not one_pass)
+        cpu = isinstance(x, torch.Tensor) and x.device.type == "cpu"
+        if not (cpu and self.bits <= native.MAX_BITS and native.library() is not None):
+            return None  # before any check or copy: the tensor path makes its own
+        # NaN and Inf: found in the norms by the one pass, by `_unit` in each block otherwise
+        x = check_input(x, self.dim, self.centroids.device, codec, finite=False)
         rows = x.reshape(-1, self.dim)
         if not native.applies(rows, self.bits):
             return None
-        if one_pass:
+        if type(self.rotation) is FastHadamard:  # rotated in the same pass
             hadamard = (self.rotation.signs_in, self.rotation.scale * self.rotation.signs_out)
             packed, norms, *qjl = native.encode(
                 rows, self.bits, self.boundaries, self.centroids, hadamard, projection

@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -57,32 +58,33 @@ def _cpu_identity() -> str:
 def build(directory: Path | None = None, compiler: str | None = None) -> Path:
     """Compile encode.c (or find it compiled) and return the shared library's path. Raises RuntimeError, with
     the compiler's output, where no flag set compiles. The file is written under a temporary name and renamed,
-    so processes building at once never load a half-written library."""
+    so processes building at once never load a half-written library. compiler: a command ($CC, e.g. "ccache
+    gcc"), default `cc`."""
     compiler = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or "cc"
-    source = SOURCE.read_bytes()
     directory = directory or cache_dir()
+    source = SOURCE.read_bytes()
+
+    def target(flags: tuple[str, ...]) -> Path:
+        key = b"\0".join([source, compiler.encode(), " ".join(flags).encode(), _cpu_identity().encode()])
+        return directory / f"encode-{hashlib.sha256(key).hexdigest()[:16]}.so"
+
+    built = [target(flags) for flags in FLAG_SETS if target(flags).exists()]
+    if built:  # the first flag set that compiled here before
+        return built[0]
     errors = []
     for flags in FLAG_SETS:
-        key = hashlib.sha256(
-            b"\0".join([source, compiler.encode(), " ".join(flags).encode(), _cpu_identity().encode()])
-        )
-        target = directory / f"encode-{key.hexdigest()[:16]}.so"
-        if target.exists():
-            return target
         directory.mkdir(parents=True, exist_ok=True)
         handle, partial = tempfile.mkstemp(dir=directory, suffix=".so.partial")
         os.close(handle)
+        command = [*shlex.split(compiler), *flags, "-shared", "-fPIC", "-o", partial, str(SOURCE), "-lm"]
         try:
-            run = subprocess.run(
-                [compiler, *flags, "-shared", "-fPIC", "-o", partial, str(SOURCE), "-lm"],
-                capture_output=True, text=True, timeout=300,
-            )  # fmt: skip
+            run = subprocess.run(command, capture_output=True, text=True, timeout=300)
         except (OSError, subprocess.TimeoutExpired) as error:
             run = None
             errors.append(f"{compiler} {' '.join(flags)}: {error}")
         if run is not None and run.returncode == 0:
-            os.replace(partial, target)
-            return target
+            os.replace(partial, target(flags))
+            return target(flags)
         Path(partial).unlink(missing_ok=True)
         if run is not None:
             errors.append(f"{compiler} {' '.join(flags)}: {run.stderr.strip()[-2000:]}")
@@ -91,7 +93,8 @@ def build(directory: Path | None = None, compiler: str | None = None) -> Path:
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The loaded library, or None (TQLAB_NATIVE=0, or no compiler: logged once)."""
+    """The loaded library, or None (TQLAB_NATIVE=0, or no compiler: logged once). Decided once per process:
+    set TQLAB_NATIVE before the first quantize."""
     if os.environ.get("TQLAB_NATIVE", "1") == "0":
         return None
     try:
@@ -139,10 +142,10 @@ def encode(
     """
     lib = library()
     rows, d = x.shape
-    x = x.detach().contiguous()
+    x = x.detach().float().contiguous()
     row_bytes = (d + 7) // 8 * bits
     packed = torch.empty(rows, row_bytes, dtype=torch.uint8)
-    norms = torch.empty(rows) if hadamard else None
+    norms = torch.empty(rows, dtype=torch.float32) if hadamard else None
     boundaries, centroids = boundaries.float().contiguous(), centroids.float().contiguous()
     signs_in, signs_out = (t.float().contiguous() for t in hadamard) if hadamard else (None, None)
 
@@ -159,13 +162,14 @@ def encode(
         return packed, norms, None, None
     m = projection.shape[0]
     signs = torch.empty(rows, (m + 7) // 8, dtype=torch.uint8)
-    residual_norms = torch.empty(rows)
+    residual_norms = torch.empty(rows, dtype=torch.float32)
     block = max(1, min(rows, codes.CPU_BLOCK_ELEMENTS * torch.get_num_threads() // d))
-    residual, projected = torch.empty(block, d), torch.empty(block, m)
+    residual, projected = (torch.empty(block, n, dtype=torch.float32) for n in (d, m))
+    weights = projection.detach().float().T
     for first in range(0, rows, block):
         count = min(block, rows - first)
         encode_rows(first, count, residual, residual_norms)
-        torch.mm(residual[:count], projection.T, out=projected[:count])
+        torch.mm(residual[:count], weights, out=projected[:count])
         lib.tq_pack_signs(projected.data_ptr(), count, m, signs.data_ptr() + first * signs.shape[1])
     return packed, norms, signs, residual_norms
 

@@ -3,9 +3,11 @@
  *
  * Built and loaded by `tqlab.quant.native` (plain C, no Python or torch headers). Everything is float32, in the
  * same order of operations as the PyTorch path (x / ‖x‖, then · D1, H, · (D2 / √d)) except the summation order
- * of the norm and of the transform, so codes differ from it only where a coordinate lies within rounding of a
- * boundary. Vectors of 16 floats (GCC/Clang vector extensions) compile to AVX-512, two AVX2 or four NEON ops.
+ * of the transform and the norm's (taken in double here), so codes differ from it only where a coordinate lies
+ * within rounding of a boundary, or where torch's float32 norm under- or overflows. Vectors of 16 floats
+ * (GCC/Clang vector extensions) compile to AVX-512, two AVX2 or four NEON ops.
  */
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -28,7 +30,8 @@ static void store(float *p, vf v) { memcpy(p, &v, sizeof v); }
 typedef float vh __attribute__((vector_size(W / 2 * sizeof(float))));
 typedef double vd __attribute__((vector_size(W / 2 * sizeof(double))));
 
-/* ‖v‖ accumulated in double, as torch does on a CPU: no underflow of tiny vectors, no overflow of large ones */
+/* ‖v‖ accumulated in double: no underflow for entries below ~1e-19 nor overflow above ~1e19, where torch's float32
+ * norm gives 0 or inf */
 static float norm(const float *v, int64_t d) {
     int64_t j = 0;
     vd acc = {0};
@@ -126,7 +129,7 @@ void tq_encode(const float *x, int64_t rows, int64_t d, const float *signs_in, c
         const float *xi = x + i * d;
         if (signs_in) {
             float n = norm(xi, d);
-            float divisor = n > 1.17549435e-38f ? n : 1.17549435e-38f;
+            float divisor = n > FLT_MIN ? n : FLT_MIN;
             for (int64_t j = 0; j < d; ++j) y[j] = xi[j] / divisor * signs_in[j];
             fwht(y, d);
             for (int64_t j = 0; j < d; ++j) y[j] *= scaled_signs_out[j];
