@@ -179,3 +179,21 @@ def test_without_a_compiler_the_codecs_say_so_once_and_keep_the_torch_path(monke
         assert not list(tmp_path.rglob("*.so"))
     finally:
         native.library.cache_clear()
+
+
+def test_a_float64_default_dtype_or_codec_codes_as_float32(native_calls):
+    """The native buffers are float32 whatever torch's default dtype; a codec moved to float64 still codes."""
+    codec = TurboQuantProd(128, 3, rotation="fast_hadamard", seed=3)
+    x = torch.randn(50, 128, generator=torch.Generator().manual_seed(4))
+    expected = codec.quantize(x)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        code = codec.quantize(x)
+    finally:
+        torch.set_default_dtype(before)
+    wide = codec.to(torch.float64).quantize(x)
+    assert native_calls == [50, 50, 50]
+    for other in (code, wide):
+        for name in ("indices", "signs", "norms", "residual_norms"):
+            assert torch.equal(getattr(other, name), getattr(expected, name)), name
