@@ -197,3 +197,27 @@ def test_a_float64_default_dtype_or_codec_codes_as_float32(native_calls):
     for other in (code, wide):
         for name in ("indices", "signs", "norms", "residual_norms"):
             assert torch.equal(getattr(other, name), getattr(expected, name)), name
+
+
+@pytest.mark.parametrize("rotation", ["fast_hadamard", "random_haar"])
+def test_on_torchs_threads_every_row_codes_as_on_one(monkeypatch, rotation):
+    """With two torch threads the pass runs on torch's OpenMP team, its rows claimed in chunks: the same bytes as
+    one thread writes, every row included."""
+    runtime = native._openmp()
+    if runtime is None:
+        pytest.skip("torch's parallel backend is not OpenMP here")
+    codec = TurboQuantProd(256, 4, rotation=rotation, seed=5)
+    x = torch.randn(3001, 256, generator=torch.Generator().manual_seed(6))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = codec.quantize(x)
+        torch.set_num_threads(2)
+        teams, parallel = [], runtime.GOMP_parallel
+        monkeypatch.setattr(runtime, "GOMP_parallel", lambda *args: teams.append(args[2]) or parallel(*args))
+        together = codec.quantize(x)
+    finally:
+        torch.set_num_threads(before)
+    assert teams and set(teams) == {2}
+    for name in ("indices", "signs", "norms", "residual_norms"):
+        assert torch.equal(getattr(together, name), getattr(alone, name)), name

@@ -5,9 +5,9 @@ rotation, nearest-centroid codes, `pack_bits`' layout and Prod's Stage-1 residua
 torch product (MKL's, at this core's peak) and whose signs C packs after it. It is compiled once per source, compiler flags and
 CPU model with the system C compiler ($CC, else `cc`) into $TQLAB_CACHE/native (default ~/.cache/tqlab/native)
 and loaded with ctypes. Where no compiler works, the codecs keep their PyTorch path and say so once in the log;
-TQLAB_NATIVE=0 chooses that path outright. One thread runs it: on two cores, handing half the rows to a second
-Python thread was slower in wall and CPU time than leaving the cores to the QJL product's threads
-(docs/benchmarks.md, "The CPU target").
+TQLAB_NATIVE=0 chooses that path outright. With several torch threads the pass runs on torch's own OpenMP team
+(`_openmp`), whose threads would otherwise spin through it between the QJL products (docs/benchmarks.md, "The
+CPU target").
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -36,8 +37,12 @@ MAX_BITS = 4  # up to 15 boundaries: one compare pass each
 # -march=native first (the library is built where it runs, and keyed by the CPU below); plain -O3 where a
 # compiler refuses it
 FLAG_SETS = (("-O3", "-march=native"), ("-O3",))
+CHUNK_ELEMENTS = 1 << 14  # rows a thread claims at a time: 64 at d = 256, ~16 µs of work
+PARALLEL_MIN_ELEMENTS = (
+    1 << 15
+)  # smaller passes stay on the calling thread (a parallel region costs a few µs)
 
-_pointer, _i64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_pointer, _i64 = ctypes.c_void_p, ctypes.c_int64
 
 
 def cache_dir() -> Path:
@@ -105,14 +110,59 @@ def library() -> ctypes.CDLL | None:
             "tqlab's compiled CPU encode is unavailable, the codecs use their PyTorch path: %s", error
         )
         return None
-    lib.tq_encode.restype = None
-    lib.tq_encode.argtypes = [
-        _pointer, _i64, _i64, _pointer, _pointer, _pointer, _int, _pointer, _int, _pointer, _i64, _pointer,
-        _pointer, _pointer,
-    ]  # fmt: skip
+    lib.tq_encode_job.restype = None
+    lib.tq_encode_job.argtypes = [_pointer]
     lib.tq_pack_signs.restype = None
     lib.tq_pack_signs.argtypes = [_pointer, _i64, _i64, _pointer]
     return lib
+
+
+class _Job(ctypes.Structure):
+    """encode.c's job_t: one encode of `rows` rows, in chunks of `chunk` rows that threads claim (`next`)."""
+
+    _fields_ = [
+        ("x", _pointer), ("rows", _i64), ("d", _i64), ("signs_in", _pointer), ("scaled_signs_out", _pointer),
+        ("boundaries", _pointer), ("n_boundaries", _i64), ("centroids", _pointer), ("bits", _i64),
+        ("packed", _pointer), ("row_bytes", _i64), ("norms", _pointer), ("residual", _pointer),
+        ("residual_norms", _pointer), ("chunk", _i64), ("next", _i64),
+    ]  # fmt: skip
+
+
+@functools.cache
+def _openmp() -> ctypes.CDLL | None:
+    """The OpenMP runtime that torch's threads come from, found among the loaded libraries (Linux), or None.
+
+    The pass runs on torch's own thread team (GOMP_parallel: libgomp's entry, which LLVM's and Intel's runtimes
+    export too): the threads that torch's products leave spinning for their next region take rows of the pass
+    instead of competing with threads of ours for the cores."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    loaded = dict.fromkeys(
+        line.split()[-1] for line in maps.splitlines() if re.search(r"/lib[gi]?omp[^/]*\.so", line)
+    )
+    for path in loaded:
+        try:
+            runtime = ctypes.CDLL(path)
+            parallel = runtime.GOMP_parallel
+        except (OSError, AttributeError):
+            continue
+        parallel.restype, parallel.argtypes = None, [_pointer, _pointer, ctypes.c_uint, ctypes.c_uint]
+        return runtime
+    return None
+
+
+def _run(job: _Job) -> None:
+    """tq_encode_job over the job, on torch's threads where there are several and the job is big enough."""
+    lib, threads = library(), torch.get_num_threads()
+    if threads > 1 and job.rows * job.d >= PARALLEL_MIN_ELEMENTS and (runtime := _openmp()) is not None:
+        worker = ctypes.cast(lib.tq_encode_job, _pointer).value
+        runtime.GOMP_parallel(worker, ctypes.addressof(job), threads, 0)
+    else:
+        lib.tq_encode_job(ctypes.addressof(job))
 
 
 def applies(x: torch.Tensor, bits: int) -> bool:
@@ -140,7 +190,7 @@ def encode(
     The product S·r runs in torch over blocks of rows whose residual and product stay in a core's L2
     (`codes.CPU_BLOCK_ELEMENTS`), in buffers reused from block to block.
     """
-    lib = library()
+    lib = library()  # for the signs
     rows, d = x.shape
     x = x.detach().float().contiguous()
     row_bytes = (d + 7) // 8 * bits
@@ -150,12 +200,13 @@ def encode(
     signs_in, signs_out = (t.float().contiguous() for t in hadamard) if hadamard else (None, None)
 
     def encode_rows(first: int, count: int, residual=None, residual_norms=None) -> None:
-        lib.tq_encode(
+        _run(_Job(
             x.data_ptr() + 4 * first * d, count, d, _address(signs_in), _address(signs_out), boundaries.data_ptr(),
             len(boundaries), centroids.data_ptr(), bits, packed.data_ptr() + first * row_bytes, row_bytes,
             None if norms is None else norms.data_ptr() + 4 * first, _address(residual),
             None if residual_norms is None else residual_norms.data_ptr() + 4 * first,
-        )  # fmt: skip
+            max(1, CHUNK_ELEMENTS // d), 0,
+        ))  # fmt: skip
 
     if projection is None:
         encode_rows(0, rows)

@@ -118,9 +118,9 @@ static float sum_squares(const float *v, int64_t d) {
  *   signs_in == NULL: y = x_i (already a rotated unit vector; norms untouched).
  * Then codes[j] = #{k : y_j > boundaries[k]} (n_boundaries <= 15) packed into packed[i] (row_bytes each),
  * and, where residual != NULL, residual[i] = y − centroids[codes] and residual_norms[i] = its norm. */
-void tq_encode(const float *x, int64_t rows, int64_t d, const float *signs_in, const float *scaled_signs_out,
-               const float *boundaries, int n_boundaries, const float *centroids, int bits, uint8_t *packed,
-               int64_t row_bytes, float *norms, float *residual, float *residual_norms) {
+static void encode(const float *x, int64_t rows, int64_t d, const float *signs_in, const float *scaled_signs_out,
+                   const float *boundaries, int n_boundaries, const float *centroids, int bits, uint8_t *packed,
+                   int64_t row_bytes, float *norms, float *residual, float *residual_norms) {
     float y[MAX_DIM] __attribute__((aligned(64)));
     float nearest[MAX_DIM] __attribute__((aligned(64)));
     int32_t count[MAX_DIM] __attribute__((aligned(64)));
@@ -154,6 +154,35 @@ void tq_encode(const float *x, int64_t rows, int64_t d, const float *signs_in, c
             for (int64_t j = 0; j < d; ++j) ri[j] = y[j] - nearest[j];
             residual_norms[i] = sqrtf(sum_squares(ri, d)); /* entries within [-2, 2]: float suffices */
         }
+    }
+}
+
+/* One call of `encode` over `rows` rows (tqlab.quant.native._Job: every field 8 bytes), cut into chunks of `chunk`
+ * rows that the threads running `tq_encode_job` on it claim in turn (`next`: the first row not yet claimed). */
+typedef struct {
+    const float *x;
+    int64_t rows, d;
+    const float *signs_in, *scaled_signs_out, *boundaries;
+    int64_t n_boundaries;
+    const float *centroids;
+    int64_t bits;
+    uint8_t *packed;
+    int64_t row_bytes;
+    float *norms, *residual, *residual_norms;
+    int64_t chunk, next;
+} job_t;
+
+void tq_encode_job(void *data) {
+    job_t *job = data;
+    for (;;) {
+        int64_t first = __atomic_fetch_add(&job->next, job->chunk, __ATOMIC_RELAXED);
+        if (first >= job->rows) return;
+        int64_t count = job->rows - first < job->chunk ? job->rows - first : job->chunk;
+        encode(job->x + first * job->d, count, job->d, job->signs_in, job->scaled_signs_out, job->boundaries,
+               (int)job->n_boundaries, job->centroids, (int)job->bits, job->packed + first * job->row_bytes,
+               job->row_bytes, job->norms ? job->norms + first : NULL,
+               job->residual ? job->residual + first * job->d : NULL,
+               job->residual_norms ? job->residual_norms + first : NULL);
     }
 }
 
