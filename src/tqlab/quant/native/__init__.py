@@ -2,9 +2,9 @@
 
 `encode.c` (plain C, no Python or torch headers) takes a row from x to its packed codes: norm, fast Hadamard
 rotation, nearest-centroid codes, `pack_bits`' layout and Prod's Stage-1 residual, whose QJL projection stays a
-torch product (MKL's, at this core's peak) and whose signs C packs after it. It is compiled once per source, compiler flags and
-CPU model with the system C compiler ($CC, else `cc`) into $TQLAB_CACHE/native (default ~/.cache/tqlab/native)
-and loaded with ctypes. Where no compiler works, the codecs keep their PyTorch path and say so once in the log;
+torch product (MKL's, at the core's peak) and whose signs C packs after it. It is compiled once per source,
+compiler flags and CPU model with the system C compiler ($CC, else `cc`) into $TQLAB_CACHE/native (default
+~/.cache/tqlab/native) and loaded with ctypes. Where no compiler works, the codecs keep their PyTorch path and say so once in the log;
 TQLAB_NATIVE=0 chooses that path outright. With several torch threads the pass runs on torch's own OpenMP team
 (`_openmp`), whose threads would otherwise spin through it between the QJL products (docs/benchmarks.md, "The
 CPU target").
@@ -38,9 +38,8 @@ MAX_BITS = 4  # up to 15 boundaries: one compare pass each
 # compiler refuses it
 FLAG_SETS = (("-O3", "-march=native"), ("-O3",))
 CHUNK_ELEMENTS = 1 << 14  # rows a thread claims at a time: 64 at d = 256, ~16 µs of work
-PARALLEL_MIN_ELEMENTS = (
-    1 << 15
-)  # smaller passes stay on the calling thread (a parallel region costs a few µs)
+# smaller passes stay on the calling thread (a parallel region costs a few µs)
+PARALLEL_MIN_ELEMENTS = 1 << 15
 
 _pointer, _i64 = ctypes.c_void_p, ctypes.c_int64
 
@@ -144,7 +143,10 @@ def _openmp() -> ctypes.CDLL | None:
     loaded = dict.fromkeys(
         line.split()[-1] for line in maps.splitlines() if re.search(r"/lib[gi]?omp[^/]*\.so", line)
     )
-    for path in loaded:
+    ours = str(
+        Path(torch.__file__).parent
+    )  # torch/lib or torch.libs first: another package may bundle its own
+    for path in sorted(loaded, key=lambda path: not path.startswith(ours)):
         try:
             runtime = ctypes.CDLL(path)
             parallel = runtime.GOMP_parallel
