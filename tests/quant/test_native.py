@@ -2,6 +2,7 @@
 reference of the packing, and the PyTorch path it stands in for."""
 
 import logging
+import multiprocessing
 import shutil
 
 import pytest
@@ -199,25 +200,62 @@ def test_a_float64_default_dtype_or_codec_codes_as_float32(native_calls):
             assert torch.equal(getattr(other, name), getattr(expected, name)), name
 
 
-@pytest.mark.parametrize("rotation", ["fast_hadamard", "random_haar"])
-def test_on_torchs_threads_every_row_codes_as_on_one(monkeypatch, rotation):
-    """With two torch threads the pass runs on torch's OpenMP team, its rows claimed in chunks: the same bytes as
-    one thread writes, every row included."""
-    runtime = native._openmp()
-    if runtime is None:
+@pytest.mark.parametrize(
+    ("codec_class", "rotation"),
+    [(TurboQuantProd, "fast_hadamard"), (TurboQuantProd, "random_haar"), (TurboQuantMSE, "fast_hadamard")],
+)
+def test_on_torchs_threads_every_row_codes_as_on_one(monkeypatch, codec_class, rotation):
+    """With two torch threads the pass runs on torch's OpenMP team, its rows claimed in chunks that do not divide
+    them: the same bytes as one thread writes, every row included (the team's run first, so that no output can
+    be memory that the single-threaded run left behind)."""
+    parallel = native._openmp()
+    if parallel is None:
         pytest.skip("torch's parallel backend is not OpenMP here")
-    codec = TurboQuantProd(256, 4, rotation=rotation, seed=5)
+    monkeypatch.setattr(native, "CHUNK_ELEMENTS", 7 * 256)  # chunks of 7 rows
+    codec = codec_class(256, 4, rotation=rotation, seed=5)
     x = torch.randn(3001, 256, generator=torch.Generator().manual_seed(6))
+    teams = []
+    monkeypatch.setattr(native, "_openmp", lambda: lambda *args: teams.append(args[2]) or parallel(*args))
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(2)
     try:
-        alone = codec.quantize(x)
-        torch.set_num_threads(2)
-        teams, parallel = [], runtime.GOMP_parallel
-        monkeypatch.setattr(runtime, "GOMP_parallel", lambda *args: teams.append(args[2]) or parallel(*args))
         together = codec.quantize(x)
+        torch.set_num_threads(1)
+        alone = codec.quantize(x)
     finally:
         torch.set_num_threads(before)
     assert teams and set(teams) == {2}
     for name in ("indices", "signs", "norms", "residual_norms"):
-        assert torch.equal(getattr(together, name), getattr(alone, name)), name
+        if hasattr(alone, name):
+            assert torch.equal(getattr(together, name), getattr(alone, name)), name
+
+
+def _quantize_in_a_forked_child(codec, x, results) -> None:
+    torch.set_num_threads(2)
+    results.put(codec.quantize(x).indices.numpy().tobytes())  # bytes: no tensor sharing across processes
+
+
+def test_a_forked_child_codes_on_one_thread_instead_of_hanging():
+    """libgomp's thread team does not survive fork: after the parent ran the pass on it, a forked child must
+    not call into it (it would wait forever for threads that do not exist)."""
+    if native._openmp() is None:
+        pytest.skip("torch's parallel backend is not OpenMP here")
+    codec = TurboQuantMSE(256, 3, rotation="fast_hadamard")
+    x = torch.randn(2048, 256, generator=torch.Generator().manual_seed(7))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected = codec.quantize(x).indices
+    finally:
+        torch.set_num_threads(before)
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    child = context.Process(target=_quantize_in_a_forked_child, args=(codec, x, results))
+    child.start()
+    try:
+        assert results.get(timeout=60) == expected.numpy().tobytes()
+    finally:
+        child.join(10)
+        if child.is_alive():
+            child.kill()
+    assert child.exitcode == 0

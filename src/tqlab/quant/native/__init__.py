@@ -18,7 +18,6 @@ import hashlib
 import logging
 import os
 import platform
-import re
 import shlex
 import shutil
 import subprocess
@@ -128,11 +127,12 @@ class _Job(ctypes.Structure):
 
 
 @functools.cache
-def _openmp() -> ctypes.CDLL | None:
-    """The OpenMP runtime that torch's threads come from, found among the loaded libraries (Linux), or None.
+def _openmp():
+    """GOMP_parallel as torch's CPU library binds it, or None (not Linux, or torch's threads are not OpenMP's).
 
     The pass runs on torch's own thread team (GOMP_parallel: libgomp's entry, which LLVM's and Intel's runtimes
-    export too): the threads that torch's products leave spinning for their next region take rows of the pass
+    export too; looked up through libtorch_cpu's handle, whose search covers the libraries it was linked
+    against): the threads that torch's products leave spinning for their next region take rows of the pass
     instead of competing with threads of ours for the cores."""
     if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return None
@@ -140,29 +140,38 @@ def _openmp() -> ctypes.CDLL | None:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         return None
-    loaded = dict.fromkeys(
-        line.split()[-1] for line in maps.splitlines() if re.search(r"/lib[gi]?omp[^/]*\.so", line)
-    )
-    ours = str(
-        Path(torch.__file__).parent
-    )  # torch/lib or torch.libs first: another package may bundle its own
-    for path in sorted(loaded, key=lambda path: not path.startswith(ours)):
-        try:
-            runtime = ctypes.CDLL(path)
-            parallel = runtime.GOMP_parallel
-        except (OSError, AttributeError):
-            continue
-        parallel.restype, parallel.argtypes = None, [_pointer, _pointer, ctypes.c_uint, ctypes.c_uint]
-        return runtime
+    for line in maps.splitlines():
+        fields = line.split(maxsplit=5)  # address, permissions, offset, device, inode, path
+        path = fields[5].removesuffix(" (deleted)") if len(fields) == 6 else ""
+        if Path(path).name.startswith("libtorch_cpu."):
+            try:
+                parallel = ctypes.CDLL(path).GOMP_parallel
+            except (OSError, AttributeError):
+                return None
+            parallel.restype, parallel.argtypes = None, [_pointer, _pointer, ctypes.c_uint, ctypes.c_uint]
+            return parallel
     return None
+
+
+_forked = (
+    False  # a forked child: libgomp's thread team does not survive fork, so the child stays on one thread
+)
+
+
+def _after_fork_in_child() -> None:
+    global _forked
+    _forked = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _run(job: _Job) -> None:
     """tq_encode_job over the job, on torch's threads where there are several and the job is big enough."""
     lib, threads = library(), torch.get_num_threads()
-    if threads > 1 and job.rows * job.d >= PARALLEL_MIN_ELEMENTS and (runtime := _openmp()) is not None:
-        worker = ctypes.cast(lib.tq_encode_job, _pointer).value
-        runtime.GOMP_parallel(worker, ctypes.addressof(job), threads, 0)
+    big = job.rows * job.d >= PARALLEL_MIN_ELEMENTS
+    if threads > 1 and big and not _forked and (parallel := _openmp()) is not None:
+        parallel(ctypes.cast(lib.tq_encode_job, _pointer).value, ctypes.addressof(job), threads, 0)
     else:
         lib.tq_encode_job(ctypes.addressof(job))
 
