@@ -18,7 +18,14 @@ import time
 
 import torch
 
-from tqlab.quant import TurboQuantMSE, TurboQuantProd, native
+from tqlab.quant import TurboQuantMSE, TurboQuantProd
+
+try:
+    from tqlab.quant import native
+except (
+    ImportError
+):  # an older commit's src (PYTHONPATH=old/src), from before the native encode: tensor path only
+    native = None
 
 CODECS = {"turboquant_prod": TurboQuantProd, "turboquant_mse": TurboQuantMSE}
 
@@ -48,8 +55,9 @@ def main() -> None:
     for round_ in range(args.rounds):
         for path, switch in (("native", "1"), ("tensor", "0")):
             os.environ["TQLAB_NATIVE"] = switch
-            native.library.cache_clear()
-            if path == "native" and native.library() is None:
+            if native is not None:
+                native.library.cache_clear()
+            if path == "native" and (native is None or native.library() is None):
                 continue
             codec.quantize(x)  # warm up
             start, cpu = time.perf_counter(), time.process_time()
@@ -60,7 +68,8 @@ def main() -> None:
     os.environ.pop("TQLAB_NATIVE", None)
     if chosen is not None:
         os.environ["TQLAB_NATIVE"] = chosen
-    native.library.cache_clear()
+    if native is not None:
+        native.library.cache_clear()
     with torch.profiler.profile() as profile:
         for _ in range(args.repeats):
             codec.quantize(x)

@@ -17,7 +17,12 @@ import time
 
 import torch
 
-from tqlab.quant import TurboQuantProd, native, pack_bits
+from tqlab.quant import TurboQuantProd, pack_bits
+
+try:
+    from tqlab.quant import native
+except ImportError:  # an older commit's src (PYTHONPATH=old/src), from before the native encode
+    native = None
 from tqlab.quant.codebook import lloyd_max_codebook
 from tqlab.quant.mse import count_below
 
@@ -54,7 +59,7 @@ def parts() -> None:
         "residual norm": lambda: residual.norm(dim=-1),
         "pack 2-bit codes": lambda: pack_bits(idx, 2),
     }
-    if native.library() is not None:
+    if native is not None and native.library() is not None:
         hadamard = (codec.rotation.signs_in, codec.rotation.scale * codec.rotation.signs_out)
         b, c = mse.boundaries, mse.centroids
         steps |= {

@@ -48,8 +48,8 @@ CTAS_PER_SM = 4  # enough independent chunks in flight to keep HBM busy
 NUM_WARPS = 4
 MAX_ROWS = 32  # query rows per (sequence, KV head): 64 fails to compile for sm_90 under Triton 3.6
 # Keys × KV heads × sequences from which the register-fragment kernel (`decode_mma`) is used on a GPU: from 32 768
-# it is 0.2–1.8 µs faster in every layout and width measured; at 16 384 each kernel wins some (H200,
-# tools/research/gpu_decode_threshold.py; docs/benchmarks.md).
+# it is as fast or faster (by 0.1–4.0 µs) in every layout and width measured; at 16 384 each kernel wins some
+# (H200, tools/research/gpu_decode_threshold.py; docs/benchmarks.md).
 REGISTER_KERNEL_MIN_KEYS = 32768
 MERGE_SPLITS = 512  # most chunks one merge step reads (128: 2–3 µs slower at 512 chunks, H200)
 MERGE_DIMS = 32  # output dimensions per merge program

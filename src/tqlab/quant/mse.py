@@ -125,8 +125,9 @@ class TurboQuantMSE(nn.Module):
     ) -> tuple | None:
         """x [..., dim] → (packed codes, stored norms), and with Prod's projection S also (packed signs of S·r,
         fp32 ‖r‖) of the Stage-1 residual r, by the native CPU encode (`quant.native`: one compiled pass, fast
-        Hadamard included); None where that does not apply (not on a CPU, more than 4 bits, no C compiler, NaN or
-        Inf in x), and the tensor path (`_quantize_rows`) codes x instead."""
+        Hadamard included); None where that does not apply (not on a CPU, more than 4 bits, dim > 8192,
+        TQLAB_NATIVE=0 or no C compiler, NaN or Inf with fast Hadamard), and the tensor path (`_quantize_rows`)
+        codes x instead, or names what is wrong with it."""
         cpu = isinstance(x, torch.Tensor) and x.device.type == "cpu"
         if not (cpu and self.bits <= native.MAX_BITS and native.library() is not None):
             return None  # before any check or copy: the tensor path makes its own

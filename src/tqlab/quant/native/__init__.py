@@ -3,7 +3,7 @@
 `encode.c` (plain C, no Python or torch headers) takes a row from x to its packed codes: norm, fast Hadamard
 rotation, nearest-centroid codes, `pack_bits`' layout and Prod's Stage-1 residual, whose QJL projection stays a
 torch product (MKL's, at the core's peak) and whose signs C packs after it. It is compiled once per source,
-compiler flags and CPU model with the system C compiler ($CC, else `cc`) into $TQLAB_CACHE/native (default
+compiler flags and CPU model with the system C compiler ($CC, else `cc`, else `gcc`) into $TQLAB_CACHE/native (default
 ~/.cache/tqlab/native) and loaded with ctypes. Where no compiler works, the codecs keep their PyTorch path and say so once in the log;
 TQLAB_NATIVE=0 chooses that path outright. With several torch threads the pass runs on torch's own OpenMP team
 (`_openmp`), whose threads would otherwise spin through it between the QJL products (docs/benchmarks.md, "The
@@ -62,7 +62,7 @@ def build(directory: Path | None = None, compiler: str | None = None) -> Path:
     """Compile encode.c (or find it compiled) and return the shared library's path. Raises RuntimeError, with
     the compiler's output, where no flag set compiles. The file is written under a temporary name and renamed,
     so processes building at once never load a half-written library. compiler: a command ($CC, e.g. "ccache
-    gcc"), default `cc`."""
+    gcc"), default `cc`, else `gcc`."""
     compiler = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or "cc"
     directory = directory or cache_dir()
     source = SOURCE.read_bytes()
