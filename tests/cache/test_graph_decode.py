@@ -83,9 +83,9 @@ def gpu_only(*case):
 
 @pytest.mark.parametrize(
     "protocol,bits,sinks,window,codec",
-    [("all_quantized", 4, 0, 0, MSE), gpu_only("prefill_exact", 4, 0, 0, MSE), ("all_quantized", 2, 0, 0, MSE),
+    [gpu_only("all_quantized", 4, 0, 0, MSE), gpu_only("prefill_exact", 4, 0, 0, MSE), ("all_quantized", 2, 0, 0, MSE),
      ("prefill_exact", 4, 2, 0, MSE), gpu_only("all_quantized", 4, 2, 0, MSE), ("all_quantized", 3, 5, 0, MSE),
-     ("all_quantized", 4, 2, 3, MSE), ("prefill_exact", 4, 0, 3, MSE), ("prefill_exact", 3, 2, 3, MSE),
+     ("all_quantized", 4, 2, 3, MSE), gpu_only("prefill_exact", 4, 0, 3, MSE), ("prefill_exact", 3, 2, 3, MSE),
      ("all_quantized", 4, 0, 0, PROD), ("prefill_exact", 5, 2, 3, PROD), ("prefill_exact", 4, 2, 3, CENTERED)],
 )  # fmt: skip
 def test_frozen_steps_equal_the_eager_kernel_path(protocol, bits, sinks, window, codec):
@@ -155,7 +155,7 @@ def eager_greedy(model, cache, ids, mask, new_tokens):
 
 @pytest.mark.parametrize(
     "protocol,sinks,window,codec",
-    [("all_quantized", 0, 0, MSE), gpu_only("prefill_exact", 0, 0, MSE), ("prefill_exact", 4, 0, MSE),
+    [("all_quantized", 0, 0, MSE), gpu_only("prefill_exact", 0, 0, MSE), gpu_only("prefill_exact", 4, 0, MSE),
      gpu_only("all_quantized", 2, 3, MSE), ("prefill_exact", 2, 3, MSE), gpu_only("all_quantized", 2, 3, PROD)],
 )  # fmt: skip
 def test_graph_decoder_generates_the_eager_greedy_tokens(protocol, sinks, window, codec):
