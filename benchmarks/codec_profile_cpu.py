@@ -22,9 +22,7 @@ from tqlab.quant import TurboQuantMSE, TurboQuantProd
 
 try:
     from tqlab.quant import native
-except (
-    ImportError
-):  # an older commit's src (PYTHONPATH=old/src), from before the native encode: tensor path only
+except ImportError:  # an older commit's src (PYTHONPATH=old/src): the tensor path only
     native = None
 
 CODECS = {"turboquant_prod": TurboQuantProd, "turboquant_mse": TurboQuantMSE}

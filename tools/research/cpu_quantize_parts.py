@@ -18,13 +18,13 @@ import time
 import torch
 
 from tqlab.quant import TurboQuantProd, pack_bits
+from tqlab.quant.codebook import lloyd_max_codebook
+from tqlab.quant.mse import count_below
 
 try:
     from tqlab.quant import native
 except ImportError:  # an older commit's src (PYTHONPATH=old/src), from before the native encode
     native = None
-from tqlab.quant.codebook import lloyd_max_codebook
-from tqlab.quant.mse import count_below
 
 
 def microseconds(fn, calls: int = 300) -> float:

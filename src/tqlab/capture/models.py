@@ -20,15 +20,12 @@ from pathlib import Path
 import torch
 
 from ..dtypes import DTYPES
+from ..paths import cache_root
 from ..registry import RuleError
 
 log = logging.getLogger(__name__)
 
 WEIGHT_LOADS = ("none", "8bit", "4bit")
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("TQLAB_CACHE", Path.home() / ".cache" / "tqlab"))
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:

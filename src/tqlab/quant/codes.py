@@ -63,9 +63,8 @@ def check_input(
     if not (x.is_floating_point()):
         raise ValueError(f"{codec} expects a floating-point tensor, got {x.dtype}")
     x = x.float()
-    if (
-        finite and x.numel() and not torch.isfinite(torch.stack(torch.aminmax(x))).all()
-    ):  # min/max propagate NaN
+    # min/max propagate NaN
+    if finite and x.numel() and not torch.isfinite(torch.stack(torch.aminmax(x))).all():
         raise ValueError(f"{codec}: input contains NaN or Inf")
     return x
 

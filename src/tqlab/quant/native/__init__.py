@@ -3,9 +3,9 @@
 `encode.c` (plain C, no Python or torch headers) takes a row from x to its packed codes: norm, fast Hadamard
 rotation, nearest-centroid codes, `pack_bits`' layout and Prod's Stage-1 residual, whose QJL projection stays a
 torch product (MKL's, at the core's peak) and whose signs C packs after it. It is compiled once per source,
-compiler flags and CPU model with the system C compiler ($CC, else `cc`, else `gcc`) into $TQLAB_CACHE/native (default
-~/.cache/tqlab/native) and loaded with ctypes. Where no compiler works, the codecs keep their PyTorch path and say so once in the log;
-TQLAB_NATIVE=0 chooses that path outright. With several torch threads the pass runs on torch's own OpenMP team
+compiler flags and CPU model with the system C compiler ($CC, else `cc`, else `gcc`) into $TQLAB_CACHE/native
+(default ~/.cache/tqlab/native) and loaded with ctypes. Where no compiler works, the codecs keep their PyTorch
+path and say so once in the log; TQLAB_NATIVE=0 chooses that path outright. With several torch threads the pass runs on torch's own OpenMP team
 (`_openmp`), whose threads would otherwise spin through it between the QJL products (docs/benchmarks.md, "The
 CPU target").
 """
@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ...paths import cache_root
 from .. import codes
 
 log = logging.getLogger(__name__)
@@ -41,11 +42,6 @@ CHUNK_ELEMENTS = 1 << 14  # rows a thread claims at a time: 64 at d = 256, ~16 Â
 PARALLEL_MIN_ELEMENTS = 1 << 15
 
 _pointer, _i64 = ctypes.c_void_p, ctypes.c_int64
-
-
-def cache_dir() -> Path:
-    """Under the tqlab cache that offline models use too ($TQLAB_CACHE, default ~/.cache/tqlab)."""
-    return Path(os.environ.get("TQLAB_CACHE", Path.home() / ".cache" / "tqlab")) / "native"
 
 
 def _cpu_identity() -> str:
@@ -64,7 +60,7 @@ def build(directory: Path | None = None, compiler: str | None = None) -> Path:
     so processes building at once never load a half-written library. compiler: a command ($CC, e.g. "ccache
     gcc"), default `cc`, else `gcc`."""
     compiler = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or "cc"
-    directory = directory or cache_dir()
+    directory = directory or cache_root() / "native"
     source = SOURCE.read_bytes()
 
     def target(flags: tuple[str, ...]) -> Path:
@@ -153,9 +149,8 @@ def _openmp():
     return None
 
 
-_forked = (
-    False  # a forked child: libgomp's thread team does not survive fork, so the child stays on one thread
-)
+# a forked child: libgomp's thread team does not survive fork, so the child stays on one thread
+_forked = False
 
 
 def _after_fork_in_child() -> None:
