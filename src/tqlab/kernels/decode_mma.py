@@ -437,12 +437,15 @@ def _attend_blocks(
         v_planes = _table_base(k_planes, even, K_BITS) + _TABLE3_BYTES
     if LOOKUP_KEYS:  # k_planes: the pair table in shared memory
         k_planes = _table_base(k_planes, k_groups, K_BITS)
-    # Below 4 bits the next block's norms load at the end of this one (live only across the back edge): up to
-    # 16 % faster steps at 3 bits; with a 4-bit side it was up to 3 % slower at batch 1 (docs/benchmarks.md).
-    PREFETCH_NORMS: gl.constexpr = K_BITS < 4 and V_BITS < 4
-    if PREFETCH_NORMS:
-        keys = start + gl.arange(0, BLOCK_N, layout=key_axis)
+    # The next block's key norms (at 2 bits its value norms too) load at the end of this one, live only across
+    # the back edge, so the loop does not wait on them after its first product (docs/benchmarks.md, "Norms
+    # loaded a block ahead": faster at 2 and 3 bits, slower with 3-bit value norms or at 4 bits).
+    KEY_NORMS_AHEAD: gl.constexpr = K_BITS < 4 and V_BITS < 4
+    VALUE_NORMS_AHEAD: gl.constexpr = K_BITS == 2 and V_BITS == 2
+    keys = start + gl.arange(0, BLOCK_N, layout=key_axis)
+    if KEY_NORMS_AHEAD:
         k_norm = gl.load(kn + keys, mask=keys < stop, other=0.0)
+    if VALUE_NORMS_AHEAD:
         v_norm = gl.load(vn + keys, mask=keys < stop, other=0.0)
     for block in range(start, stop, BLOCK_N):
         # the next block's codes load while this one computes
@@ -450,7 +453,7 @@ def _attend_blocks(
         v_next = _value_groups(vc, block + BLOCK_N, stop, V_BITS, DIM, BLOCK_N)
         keys = block + gl.arange(0, BLOCK_N, layout=key_axis)
         key_valid = keys < stop
-        if not PREFETCH_NORMS:
+        if not KEY_NORMS_AHEAD:
             k_norm = gl.load(kn + keys, mask=key_valid, other=0.0)
         k_op = gl.convert_layout(
             _key_operand(k_groups, k_planes, SYMMETRIC, K_BITS, DIM, BLOCK_N, LOOKUP_KEYS),
@@ -466,7 +469,7 @@ def _attend_blocks(
         p = gl.exp2(s - m_shift[None, :])
         alpha = gl.exp2(m_i - m_shift)
         l_i = l_i * alpha + gl.sum(p, axis=0)
-        if not PREFETCH_NORMS:
+        if not VALUE_NORMS_AHEAD:
             v_norm = gl.load(vn + keys, mask=key_valid, other=0.0)
         p_op = gl.convert_layout((p * v_norm.to(gl.float32)[:, None]).to(gl.float16), op_b)
         v_op = gl.convert_layout(
@@ -477,8 +480,9 @@ def _attend_blocks(
         acc = mma_v2(v_op, p_op, acc * alpha[None, :])
         m_i = m_new
         k_groups, v_groups = k_next, v_next
-        if PREFETCH_NORMS:
+        if KEY_NORMS_AHEAD:
             k_norm = gl.load(kn + keys + BLOCK_N, mask=keys + BLOCK_N < stop, other=0.0)
+        if VALUE_NORMS_AHEAD:
             v_norm = gl.load(vn + keys + BLOCK_N, mask=keys + BLOCK_N < stop, other=0.0)
 
     return acc, m_i, l_i
