@@ -97,6 +97,26 @@ def test_bad_arguments_name_the_argument_and_the_allowed_values():
         q.quantize(torch.zeros(3, 64, device="meta"))
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_tiny_and_huge_rows_keep_their_norms_and_codes_on_the_tensor_path(bits, monkeypatch):
+    """A row whose float32 squares underflow (× 2^-100) or overflow (× 2^100) codes as the row itself and keeps a
+    float64 reference's norm, where a float32 norm comes out 0 or inf."""
+    from tqlab.quant import native, unpack_bits
+
+    monkeypatch.setattr(native, "library", lambda: None)
+    codec = TurboQuantMSE(64, bits, rotation="fast_hadamard", seed=bits, norm_dtype=torch.float32)
+    x = gaussian(4, 64)
+    scaled = torch.cat([x * 2.0**-100, x * 2.0**100])  # exact in float32
+    assert (scaled[:4].norm(dim=-1) == 0).all() and scaled[4:].norm(dim=-1).isinf().all()
+    code = codec.quantize(scaled)
+    y = (x.double() / x.double().norm(dim=-1, keepdim=True)) @ codec.rotation.dense().double().T
+    expected = (y[..., None] > codec.boundaries.double()).sum(-1)
+    clear = (y[..., None] - codec.boundaries.double()).abs().amin(-1) > 1e-5
+    codes = unpack_bits(code.indices, bits, 64)
+    assert torch.equal(codes[:4][clear], expected[clear]) and torch.equal(codes[4:][clear], expected[clear])
+    torch.testing.assert_close(code.norms.double(), scaled.double().norm(dim=-1), rtol=1e-6, atol=0)
+
+
 def test_norm_overflow_in_fp16_is_refused_clearly():
     with pytest.raises(ValueError, match="norm_dtype"):
         TurboQuantMSE(64, 2).quantize(torch.full((1, 64), 1e4))

@@ -104,6 +104,20 @@ def test_bytes_are_the_stored_tensors_and_scores_equal_decoded_inner_products():
     torch.testing.assert_close(big, coder.dequantize(coder.quantize(x[:1])), atol=1e-2, rtol=1e-2)
 
 
+def test_rows_whose_float32_squares_overflow_or_underflow_keep_their_norms_and_codes():
+    """Rows × 2^100 and × 2^-100 (float32 norms inf and 0) code alike, with a float64 reference's norms."""
+    d = 16
+    coder = TransformCoder(d, 2.5, norm_dtype=torch.float32)
+    coder.calibrate(torch.randn(2000, d) * torch.linspace(3, 0.1, d))
+    x = torch.randn(5, d) * torch.linspace(3, 0.1, d)
+    huge, tiny = coder.quantize(x * 2.0**100), coder.quantize(x * 2.0**-100)
+    assert torch.equal(huge.indices, tiny.indices)
+    for code, scale in [(huge, 2.0**100), (tiny, 2.0**-100)]:
+        torch.testing.assert_close(code.norms.double(), (x.double() * scale).norm(dim=-1), rtol=1e-6, atol=0)
+    same = (huge.indices == coder.quantize(x).indices).float().mean()  # the rows themselves: up to a near tie
+    assert same > 0.9
+
+
 def test_unfitted_coders_and_impossible_budgets_are_refused():
     with pytest.raises(ValueError, match="not fitted"):
         TransformCoder(16, 2).quantize(torch.randn(3, 16))

@@ -92,12 +92,28 @@ def in_row_blocks(quantize_rows, x: torch.Tensor, dim: int) -> tuple[torch.Tenso
     )
 
 
+def row_norms(x: torch.Tensor) -> torch.Tensor:
+    """Norms of float32 rows x [..., dim] as [..., 1] float32. Squares overflow above ~1e19 per coordinate and
+    underflow below ~1e-19, so such a row's float32 norm comes out inf or 0 though it is a float32 number:
+    those rows are taken in float64 (as the native encode takes every row)."""
+    norms = x.norm(dim=-1, keepdim=True)
+    lost = (norms == 0) | norms.isinf()
+    if lost.any():
+        rows = lost.squeeze(-1)
+        norms[rows] = x[rows].double().norm(dim=-1, keepdim=True).float()
+    return norms
+
+
 def store_norms(norms: torch.Tensor, dtype: torch.dtype, codec: str) -> torch.Tensor:
     stored = norms.to(dtype)
     if not torch.isfinite(stored).all():
-        raise ValueError(
-            f"{codec}: a vector norm ({norms.max().item():.4g}) overflows norm_dtype={dtype}; "
+        advice = (
             "use norm_dtype=torch.float32 or torch.bfloat16"
+            if dtype == torch.float16
+            else "scale the vectors down: a norm must be a finite float32"
+        )
+        raise ValueError(
+            f"{codec}: a vector norm ({norms.max().item():.4g}) overflows norm_dtype={dtype}; {advice}"
         )
     return stored
 

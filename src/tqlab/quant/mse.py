@@ -10,7 +10,7 @@ from torch import nn
 from ..rotation import FastHadamard, Rotation, make_rotation
 from . import native
 from .codebook import check_dim_bits, coordinate_distortion, lloyd_max_codebook
-from .codes import Code, buffer_nbytes, check_input, in_row_blocks, store_norms
+from .codes import Code, buffer_nbytes, check_input, in_row_blocks, row_norms, store_norms
 from .packing import pack_bits, unpack_bits
 
 
@@ -106,7 +106,7 @@ class TurboQuantMSE(nn.Module):
 
     def _unit(self, x: torch.Tensor, codec: str) -> tuple[torch.Tensor, torch.Tensor]:
         x = check_input(x, self.dim, self.centroids.device, codec)
-        norm = x.norm(dim=-1, keepdim=True)
+        norm = row_norms(x)
         unit = x / norm.clamp_min(torch.finfo(torch.float32).tiny)
         return unit, store_norms(norm.squeeze(-1), self.norm_dtype, codec)
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..rotation import Rotation
 from ..rotation.eigen import eigenbasis
-from .codes import Code, buffer_nbytes, check_input, store_norms
+from .codes import Code, buffer_nbytes, check_input, row_norms, store_norms
 from .gaussian import MAX_BITS, allocate_bits, gaussian_lloyd_max
 from .mse import count_below
 from .packing import pack_fields, unpack_fields
@@ -102,8 +102,9 @@ class TransformCoder(nn.Module):
         """(Vᵀ x̃, the stored norms or None)."""
         norms = None
         if self.scale == "norm":
-            norms = store_norms(x.norm(dim=-1), self.norm_dtype, "TransformCoder")
-            x = x * (self.typical_norm / x.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny))
+            row = row_norms(x)
+            norms = store_norms(row.squeeze(-1), self.norm_dtype, "TransformCoder")
+            x = x * (self.typical_norm / row.clamp_min(torch.finfo(x.dtype).tiny))
         return self.rotation.apply(x), norms
 
     def quantize(self, x: torch.Tensor) -> TransformCode:
