@@ -229,6 +229,27 @@ def test_the_fused_quantize_codes_x_minus_the_mean(codec, dtype, monkeypatch):
         torch.testing.assert_close(got["norms"][:, h].float(), want.norms.float(), rtol=2e-3, atol=0)
 
 
+@pytest.mark.filterwarnings(
+    "ignore:overflow encountered in cast:RuntimeWarning"
+)  # the interpreter's fp16 store
+def test_a_prompt_whose_norms_overflow_the_norm_dtype_is_refused_on_the_kernel_path(monkeypatch):
+    """The fused quantize stores an fp16-overflowing norm as inf; the prompt is refused naming the layer and
+    the option (as the codec refuses it), and with float32 norms the same prompt is coded."""
+    monkeypatch.undo()  # the fused quantize itself
+    model = tiny()
+    model.model.layers[0].self_attn.k_proj.weight.data *= 1e6  # keys' norms ~1e6, past fp16's 65 504
+    with (
+        torch.no_grad(),
+        pytest.raises(ValueError, match="layer 0: a key vector's norm overflows norm_dtype=torch.float16"),
+    ):
+        model(ids(20), cache=compress_kv(model, spec(), kernels="triton"))
+    cache = compress_kv(model, spec(codec_options={"norm_dtype": "float32"}), kernels="triton")
+    with torch.no_grad():
+        model(ids(20), cache=cache)
+    norms = cache.layers[0].packed["key"].tensors["norms"][..., : cache.layers[0].packed["key"].length]
+    assert torch.isfinite(norms).all() and norms.max() > 65504
+
+
 def test_reserved_tokens_are_allocated_at_once_and_never_regrown(monkeypatch):
     """reserve_tokens sizes the code tensors once: within it appending writes in place where the default
     grows (128 rows, then 256), the attention is unchanged, `allocated` counts the reserve (rounded to the

@@ -355,7 +355,16 @@ class TurboQuantLayer(CacheLayerMixin):
                 self._pending[side] = pending[..., to_sink + encoded :, :].clone()
 
     def _encode_packed(self, side: str, chunk: torch.Tensor) -> None:
-        self.packed[side].append(*self._quantize(side, chunk))
+        fields = self._quantize(side, chunk)
+        # The fused quantize stores an overflowing norm as inf, where the codec raises: a prompt's norms are
+        # checked here, once per layer and side (a decode step's are not: the check would stall the stream).
+        norms = fields[self.packed[side].fields.index("norms")]
+        if chunk.shape[-2] > 1 and not torch.isfinite(norms).all():
+            raise ValueError(
+                f"layer {self.layer_idx}: a {side} vector's norm overflows norm_dtype={self.packed[side].norm_dtype}"
+                " in the fused quantize; use codec.norm_dtype=float32 or bfloat16"
+            )
+        self.packed[side].append(*fields)
 
     def _sunk_held(self, side: str) -> int:
         return 0 if self._sink[side] is None else self._sink[side].shape[-2]

@@ -377,7 +377,8 @@ def quantize_mse(
     returned) from token `at` on (an int64 tensor of one element on x's device, read by the kernel, so a CUDA
     graph replays the write at a count that moves); at + T must not exceed the capacity, which is not checked
     (that would stall the stream). Unlike the codec it does not check for norms that overflow norm_dtype (they
-    come back inf): that check too would stall the GPU stream on every call."""
+    come back inf): that check too would stall the GPU stream on every call (`TurboQuantCache` makes it for
+    each prompt, not for each decode step)."""
     tables = tables or quantize_tables(rotation, boundaries, x.dtype, mean=mean)
     return _quantize(x, rotation, boundaries, norm_dtype, tables, sketch=False, mean=mean, into=into, at=at)
 
