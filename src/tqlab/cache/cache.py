@@ -356,8 +356,9 @@ class TurboQuantLayer(CacheLayerMixin):
 
     def _encode_packed(self, side: str, chunk: torch.Tensor) -> None:
         fields = self._quantize(side, chunk)
-        # The fused quantize stores an overflowing norm as inf, where the codec raises: a prompt's norms are
-        # checked here, once per layer and side (a decode step's are not: the check would stall the stream).
+        # The fused quantize stores an overflowing norm as inf, where the codec raises: chunks of several tokens
+        # (a prompt, a group leaving the recent window) are checked here; one decode token is not, as the check
+        # would stall the stream at every step.
         norms = fields[self.packed[side].fields.index("norms")]
         if chunk.shape[-2] > 1 and not torch.isfinite(norms).all():
             raise ValueError(
