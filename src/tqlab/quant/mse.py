@@ -138,12 +138,13 @@ class TurboQuantMSE(nn.Module):
             return None
         if type(self.rotation) is FastHadamard:  # rotated in the same pass
             hadamard = (self.rotation.signs_in, self.rotation.scale * self.rotation.signs_out)
-            packed, norms, *qjl = native.encode(
+            packed, norms, signs, residual_norms = native.encode(
                 rows, self.bits, self.boundaries, self.centroids, hadamard, projection
             )
             if not torch.isfinite(norms).all():  # NaN or Inf in x: the tensor path names it
                 return None
-            columns = (packed, store_norms(norms, self.norm_dtype, codec), *qjl)
+            norms = store_norms(norms, self.norm_dtype, codec)
+            columns = (packed, norms) if projection is None else (packed, norms, signs, residual_norms)
         else:  # rotated by torch, in blocks that keep its temporaries in L2
 
             def encode_block(block: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -155,7 +156,6 @@ class TurboQuantMSE(nn.Module):
                 return (packed, norms) if projection is None else (packed, norms, signs, residual_norms)
 
             columns = in_row_blocks(encode_block, rows, self.dim)
-        columns = columns if projection is not None else columns[:2]
         return tuple(column.reshape(*x.shape[:-1], *column.shape[1:]) for column in columns)
 
     def rotated_centroids(self, code: MSECode) -> torch.Tensor:
