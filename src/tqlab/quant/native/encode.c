@@ -3,8 +3,8 @@
  *
  * Built and loaded by `tqlab.quant.native` (plain C, no Python or torch headers). Everything is float32, in the
  * same order of operations as the PyTorch path (x / ‖x‖, then · D1, H, · (D2 / √d)) except the summation order
- * of the transform and the norm's (taken in double here), so codes differ from it only where a coordinate lies
- * within rounding of a boundary, or where torch's float32 norm under- or overflows. Vectors of 16 floats
+ * of the transform and the norm's (taken in double here; there, in float32 save for rows whose squares under- or
+ * overflow), so codes differ from it only where a coordinate lies within rounding of a boundary. Vectors of 16 floats
  * (GCC/Clang vector extensions) compile to AVX-512, two AVX2 or four NEON ops.
  */
 #include <float.h>
