@@ -250,6 +250,31 @@ def test_a_prompt_whose_norms_overflow_the_norm_dtype_is_refused_on_the_kernel_p
     assert torch.isfinite(norms).all() and norms.max() > 65504
 
 
+@pytest.mark.filterwarnings(  # the interpreter's numpy arithmetic on the inf norm
+    "ignore:overflow encountered:RuntimeWarning", "ignore:invalid value encountered:RuntimeWarning"
+)
+def test_a_decode_step_whose_norm_overflows_is_flagged_and_raised_by_check_norms(monkeypatch):
+    """A single decode token is not checked as it is coded (reading a result back would stall the GPU stream at
+    every step): the fused quantize flags it on the device and `check_norms` raises naming the layer, as does
+    the next chunk of several tokens; a reset clears the flag."""
+    monkeypatch.undo()  # the fused quantize itself
+    model = tiny()
+    cache = compress_kv(model, spec(), kernels="triton")
+    message = "layer 0: a key vector's norm overflows norm_dtype=torch.float16"
+    with torch.no_grad():
+        model(ids(20), cache=cache)
+        cache.check_norms()  # every norm in range
+        model.model.layers[0].self_attn.k_proj.weight.data *= 1e6
+        logits = model(ids(1, 2), cache=cache).logits  # one decode token, coded and attended
+        assert not torch.isfinite(logits).all()  # what the flag is for
+        with pytest.raises(ValueError, match=message):
+            cache.check_norms()
+        with pytest.raises(ValueError, match=message):
+            model(ids(4, 3), cache=cache)
+    cache.reset()
+    cache.check_norms()
+
+
 def test_reserved_tokens_are_allocated_at_once_and_never_regrown(monkeypatch):
     """reserve_tokens sizes the code tensors once: within it appending writes in place where the default
     grows (128 rows, then 256), the attention is unchanged, `allocated` counts the reserve (rounded to the

@@ -317,6 +317,21 @@ def test_graph_decoder_stops_at_eos_as_transformers_generate_does(monkeypatch):
             assert decoder._left == (new - 1 - 2 * ((i1 + 1) // 2) if check_every == 2 else 0)
 
 
+@pytest.mark.filterwarnings(  # the interpreter's numpy arithmetic on the inf norms
+    "ignore:overflow encountered:RuntimeWarning", "ignore:invalid value encountered:RuntimeWarning"
+)
+def test_graph_decoder_raises_after_steps_whose_norms_overflow():
+    """Frozen steps write their codes without a sync (on a GPU, replayed): a norm past fp16 there is flagged
+    on the device and raised, naming the layer, when decode returns; the prompt's norms are in range."""
+    model = tiny(kv_heads=1)
+    ids, mask = prompt()
+    decoder = GraphDecoder(model, compress_kv(model, spec(), kernels="triton"))
+    decoder.prefill(ids, mask, max_new_tokens=6)
+    model.model.layers[0].self_attn.k_proj.weight.data *= 1e6
+    with pytest.raises(ValueError, match="layer 0: a key vector's norm overflows norm_dtype=torch.float16"):
+        decoder.decode(5)
+
+
 def forced_logits(model, cache, ids, mask, forced):
     """Eager logits before each forced token [B, n, V]: the prompt's last, then each forced token's."""
     out = []

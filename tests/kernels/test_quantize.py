@@ -5,8 +5,15 @@ import torch
 
 pytest.importorskip("triton")
 
-from tqlab.kernels import quantize_mse, quantize_tables  # noqa: E402
-from tqlab.quant import Centered, TurboQuantMSE, lloyd_max_codebook, pack_bits, unpack_bits  # noqa: E402
+from tqlab.kernels import quantize_mse, quantize_prod, quantize_tables  # noqa: E402
+from tqlab.quant import (  # noqa: E402
+    Centered,
+    TurboQuantMSE,
+    TurboQuantProd,
+    lloyd_max_codebook,
+    pack_bits,
+    unpack_bits,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NEAR_TIE = 1e-5  # |y − boundary| of a unit vector's rotated coordinate below which fp32 sums may disagree
@@ -242,3 +249,54 @@ def test_rows_need_a_matching_square_rotation():
     codec = TurboQuantMSE(64, 2)
     with pytest.raises(ValueError, match=r"needs a \[64, 64\] rotation"):
         quantize_mse(torch.zeros(3, 64), torch.eye(32), codec.boundaries)
+
+
+@pytest.mark.filterwarnings(  # the interpreter's numpy arithmetic on the inf and NaN rows
+    "ignore:overflow encountered:RuntimeWarning", "ignore:invalid value encountered:RuntimeWarning"
+)
+@pytest.mark.parametrize("prod", [False, True])
+def test_the_overflow_flag_is_set_exactly_where_a_stored_norm_is_not_finite(prod):
+    """A row whose norm is past fp16's 65 504 is stored as inf and a row holding NaN as NaN: each sets the flag,
+    and every other row is coded as without a flag; in-range rows, and the same rows with float32 norms, leave it
+    as it is (0, or 1 from an earlier call: the caller reads it when it syncs)."""
+    dim, bits = 64, 3
+    codec = (TurboQuantProd if prod else TurboQuantMSE)(dim, bits, rotation="fast_hadamard", seed=3)
+    mse = codec.mse if prod else codec
+    x = torch.randn(2, 33, dim, generator=torch.Generator().manual_seed(0)) * 4  # norms ~32
+
+    def quantize(x, norm_dtype=torch.float16, flag=0):
+        overflow = torch.full((1,), flag, dtype=torch.int32, device=DEVICE)
+        arguments = (x.to(DEVICE), mse.rotation.matrix().to(DEVICE), mse.boundaries.to(DEVICE))
+        if prod:
+            fields = quantize_prod(
+                *arguments,
+                codec.projection.to(DEVICE),
+                mse.centroids.to(DEVICE),
+                norm_dtype,
+                overflow=overflow,
+            )
+        else:
+            fields = quantize_mse(*arguments, norm_dtype, overflow=overflow)
+        return int(overflow.item()), [f.cpu() for f in fields]
+
+    norms_at = 2 if prod else 1
+    flag, plain = quantize(x)
+    assert flag == 0
+    assert quantize(x, flag=1)[0] == 1
+    big, not_finite = x.clone(), x.clone()
+    big[1, 7] *= 1e4  # a norm ~3e5
+    not_finite[0, 30, 5] = float("nan")
+    for rows, row in ((big, (1, 7)), (not_finite, (0, 30))):
+        flag, fields = quantize(rows)
+        assert flag == 1
+        assert not torch.isfinite(fields[norms_at][row])
+        others = torch.ones(x.shape[:-1], dtype=torch.bool)
+        others[row] = False
+        for got, want in zip(fields, plain, strict=True):
+            assert torch.equal(got[others], want[others])
+    flag, fields = quantize(big, torch.float32)
+    assert flag == 0 and fields[norms_at][1, 7] > 65504
+    with pytest.raises(ValueError, match="expected an int32 tensor of one element"):
+        quantize_mse(
+            x.to(DEVICE), mse.rotation.matrix().to(DEVICE), mse.boundaries.to(DEVICE), overflow=torch.zeros(2)
+        )

@@ -3,10 +3,12 @@ how a quantize change was measured before it was kept.
 
     mkdir -p prev_quantize && for f in quantize packed; do git show 7cdcc7b:src/tqlab/kernels/$f.py > prev_quantize/$f.py; done
     PYTHONPATH=src python tools/research/gpu_quantize_ab.py --against prev_quantize
+    PYTHONPATH=src python tools/research/gpu_quantize_ab.py --against prev_quantize --overflow
 
 `--against` is a folder holding the other version's quantize.py and packed.py (the GPU machine has no git, so
 the folder travels with the tree). Each version runs twice, alternating; prints % of a device copy of the same
-bf16 input for both, per d and width, and the share of code bytes on which the two versions agree.
+bf16 input for both, per d and width, and the share of code bytes on which the two versions agree. With
+`--overflow` this version is given a norm-overflow flag to set, as `TurboQuantCache` gives it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def main() -> None:
     parser.add_argument("--against", type=Path, required=True)
     parser.add_argument("--dims", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
+    parser.add_argument("--overflow", action="store_true", help="this version sets a norm-overflow flag")
     args = parser.parse_args()
     other = load_kernels(args.against, "quantize")
     print("| d | bits | other % of copy | this % of copy | codes equal |")
@@ -46,10 +49,12 @@ def main() -> None:
             codec = TurboQuantMSE(dim, bits, rotation="fast_hadamard").cuda()
             matrix = codec.rotation.matrix()
             runs = {"other": [], "this": []}
+            flag = torch.zeros(1, dtype=torch.int32, device="cuda")
             for name, module in [("other", other), ("this", this)] * 2:
                 tables = module.quantize_tables(matrix, codec.boundaries, x.dtype)
+                kw = {"overflow": flag} if args.overflow and name == "this" else {}
                 runs[name].append(
-                    seconds(partial(module.quantize_mse, x, matrix, codec.boundaries, tables=tables))
+                    seconds(partial(module.quantize_mse, x, matrix, codec.boundaries, tables=tables, **kw))
                 )
             sample = x[: 1 << 16]
             equal = (

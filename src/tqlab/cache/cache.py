@@ -3,6 +3,7 @@
 from tqlab.cache import compress_kv
 cache = compress_kv(model, KVQuantSpec.create("turboquant_mse", bits=3, rotation="fast_hadamard"))
 model.generate(**inputs, cache=cache)
+cache.check_norms()  # on the kernels' path: raises if a decode step stored a norm its norm_dtype cannot hold
 
 Each attention layer keeps, per KV head, the codes of every token it has seen, built by the one builder
 (`tqlab.kv.builder.CodecBank`) from the same validated spec as `eval.py`'s codecs; a side the spec leaves
@@ -125,6 +126,8 @@ class TurboQuantLayer(CacheLayerMixin):
         from ..kernels import centroid_table, quantize_tables
 
         self.packed, self.rotations, self.tables, self.quantize_tables = {}, {}, {}, {}
+        # per side, set on the device by the fused quantize where a norm overflows norm_dtype (`check_norms`)
+        self.norm_overflow = torch.zeros(len(SIDES), dtype=torch.int32, device=self.device)
         self.projections, self.means, self.rotated_means = {}, {}, {}
         for side in SIDES:
             codecs = [stored(c) for c in self.codecs[side]]
@@ -172,13 +175,14 @@ class TurboQuantLayer(CacheLayerMixin):
         codec = stored(self.codecs[side][0])
         mse, tables, mean = stage1(codec), self.quantize_tables[side], self.means[side]
         into = None if at is None else self.packed[side].stores()
+        overflow = self.norm_overflow[SIDES.index(side)]
         if self.projections[side] is not None:
             return quantize_prod(
                 states, self.rotations[side], mse.boundaries, self.projections[side], mse.centroids,
-                codec.norm_dtype, tables, mean, into, at,
+                codec.norm_dtype, tables, mean, into, at, overflow,
             )  # fmt: skip
         return quantize_mse(
-            states, self.rotations[side], codec.boundaries, codec.norm_dtype, tables, mean, into, at
+            states, self.rotations[side], codec.boundaries, codec.norm_dtype, tables, mean, into, at, overflow
         )
 
     @property
@@ -356,16 +360,24 @@ class TurboQuantLayer(CacheLayerMixin):
 
     def _encode_packed(self, side: str, chunk: torch.Tensor) -> None:
         fields = self._quantize(side, chunk)
-        # The fused quantize stores an overflowing norm as inf, where the codec raises: chunks of several tokens
-        # (a prompt, a group leaving the recent window) are checked here; one decode token is not, as the check
-        # would stall the stream at every step.
-        norms = fields[self.packed[side].fields.index("norms")]
-        if chunk.shape[-2] > 1 and not torch.isfinite(norms).all():
-            raise ValueError(
-                f"layer {self.layer_idx}: a {side} vector's norm overflows norm_dtype={self.packed[side].norm_dtype}"
-                " in the fused quantize; use codec.norm_dtype=float32 or bfloat16"
-            )
+        # The fused quantize stores an overflowing norm as inf, where the codec raises; chunks of several tokens
+        # (a prompt, a group leaving the recent window) are checked here, before they join the codes; one decode
+        # token is not, as reading the flag back would stall the stream at every step (`check_norms`).
+        if chunk.shape[-2] > 1:
+            self.check_norms()
         self.packed[side].append(*fields)
+
+    def check_norms(self) -> None:
+        """Raise if the fused quantize stored a norm of this layer that overflows norm_dtype (as inf, which
+        makes the attention over it NaN), in any call since the last reset. Reads a flag back: a sync."""
+        if self.packed is None or not bool(self.norm_overflow.any()):
+            return
+        side = next(side for side, bad in zip(SIDES, self.norm_overflow.tolist(), strict=True) if bad)
+        raise ValueError(
+            f"layer {self.layer_idx}: a {side} vector's norm overflows norm_dtype={self.packed[side].norm_dtype}"
+            " (or the vector is not finite) in the fused quantize, so attention over these codes is NaN; use "
+            "codec.norm_dtype=float32 or bfloat16"
+        )
 
     def _sunk_held(self, side: str) -> int:
         return 0 if self._sink[side] is None else self._sink[side].shape[-2]
@@ -449,6 +461,7 @@ class TurboQuantLayer(CacheLayerMixin):
                 side: PackedCodes(p.bits, p.dim, p.norm_dtype, p.reserve, p.sketch)
                 for side, p in self.packed.items()
             }
+            self.norm_overflow.zero_()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise ValueError("beam search is not supported over compressed codes; use greedy or sampling")
@@ -536,6 +549,16 @@ class TurboQuantCache(Cache):
             else:
                 layers.append(DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs))
         return cls(layers, bank)
+
+    def check_norms(self) -> None:
+        """Raise, naming the layer, if the fused quantize stored a norm that overflows its norm_dtype since the
+        last reset. Prompts and groups of tokens are checked as they are coded; a single decode token is checked
+        only here, since reading the flags back is a sync: `GraphDecoder` calls this after its steps; after
+        `model.generate` (or a loop of forward calls) call it yourself."""
+        layers = [layer for layer in self.layers if getattr(layer, "packed", None) is not None]
+        if layers and bool(torch.stack([layer.norm_overflow for layer in layers]).any()):
+            for layer in layers:
+                layer.check_norms()
 
     def freeze(self, capacity: int, starts: torch.Tensor | None = None) -> None:
         """Make the decode steps capturable in a CUDA graph (`TurboQuantLayer.freeze`), for sequences of up to

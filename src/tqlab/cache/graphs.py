@@ -188,7 +188,8 @@ class GraphDecoder:
     def decode(self, steps: int) -> torch.Tensor:
         """The next `steps` tokens, [B, steps] — fewer if every sequence has ended (eos_token_id): the host
         checks after every STOP_CHECK_EVERY steps of this call, so up to STOP_CHECK_EVERY steps of padding
-        follow the last end."""
+        follow the last end. Raises ValueError, naming the layer, if a step stored a key or value norm that
+        overflows its norm_dtype (`TurboQuantCache.check_norms`, read once the steps are done)."""
         if self._tokens is None:
             raise RuleError("GraphDecoder.decode comes after prefill")
         if steps > self._left:
@@ -207,7 +208,11 @@ class GraphDecoder:
             out[:, i : i + 1] = self._next()
             self._left -= 1
             if self._eos is not None and (i + 1) % STOP_CHECK_EVERY == 0 and bool(self._finished.all()):
-                return out[:, : i + 1]
+                out = out[:, : i + 1]
+                break
+        # a norm that overflowed in one of these steps (flagged on the device) made its tokens come from NaN
+        if isinstance(self.cache, TurboQuantCache):
+            self.cache.check_norms()
         return out
 
     def _step(self) -> torch.Tensor:

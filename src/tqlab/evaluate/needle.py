@@ -38,6 +38,7 @@ def find_needle(model, tokenizer, prompt: torch.Tensor, value: str, cache, max_n
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
     )
+    cache.check_norms()  # a decode step's overflowing norm would have made its answer come from NaN
     answer = tokenizer.decode(out[0, prompt.shape[0] :], skip_special_tokens=True)
     return {"answer": answer, "found": float(re.search(rf"(?<!\d){value}(?!\d)", answer) is not None)}
 

@@ -238,10 +238,11 @@ def _sketch_step(
 @triton.jit
 def _quantize_rows(
     x, matrix, boundaries, codes, norms, row_signs, rows, x_stride_g, x_stride_t, rotations, inv_sqrt_d,
-    centroids, sketch_t, sketch_signs, residual_norms, mean, signed_mean, out_rows, at,
+    centroids, sketch_t, sketch_signs, residual_norms, mean, signed_mean, out_rows, at, overflow,
     DIM: tl.constexpr, BITS: tl.constexpr, BLOCK_ROWS: tl.constexpr, COLS: tl.constexpr,
     SIGNS: tl.constexpr, HALVES: tl.constexpr, OUT_COLS: tl.constexpr, SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr,
     F32_DOT: tl.constexpr, SKETCH: tl.constexpr, PERMUTED: tl.constexpr, CENTERED: tl.constexpr, AT: tl.constexpr,
+    OVERFLOW: tl.constexpr,
 ):  # fmt: skip
     g = tl.program_id(1).to(tl.int64)  # a group of rows that share one rotation (a KV head)
     row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -343,6 +344,10 @@ def _quantize_rows(
                     sketched, r_squares, y, idx, centroids, sketch_t, col + part, DIM, PRECISION
                 )
     tl.store(norms + row, norm, mask=valid)
+    if OVERFLOW:  # a norm stored as inf (or NaN, from a non-finite x): flagged on the device, no sync
+        kept = norm.to(norms.dtype.element_ty).to(tl.float32)
+        bad = valid & ((kept != kept) | (tl.abs(kept) == float("inf")))
+        tl.store(overflow + tl.zeros_like(row), tl.full(row.shape, 1, tl.int32), mask=bad)  # no reduction
     if SKETCH:  # sign bits of S r (set: >= 0), one bit per coordinate in pack_bits' layout, and ‖r‖
         _store_codes(sketch_signs, row, valid, (sketched >= 0).to(tl.int32), 0, DIM, 1, DIM)
         tl.store(residual_norms + row, tl.sqrt(r_squares), mask=valid)
@@ -365,6 +370,7 @@ def quantize_mse(
     mean: torch.Tensor | None = None,
     into: tuple[torch.Tensor, ...] | None = None,
     at: torch.Tensor | None = None,
+    overflow: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., d] → (indices uint8 [..., packed_row_bytes(d, bits)], norms [...] in norm_dtype): the
     tensors of `TurboQuantMSE.quantize`. rotation: Π as [d, d] (`codec.rotation.matrix()`, built once), or
@@ -376,11 +382,12 @@ def quantize_mse(
     codes of x [..., T, d] into these tensors (a cache's storage, [..., capacity, bytes] and [..., capacity],
     returned) from token `at` on (an int64 tensor of one element on x's device, read by the kernel, so a CUDA
     graph replays the write at a count that moves); at + T must not exceed the capacity, which is not checked
-    (that would stall the stream). Unlike the codec it does not check for norms that overflow norm_dtype (they
-    come back inf): that check too would stall the GPU stream on every call (`TurboQuantCache` makes it for
-    each prompt, not for each decode step)."""
+    (that would stall the stream). Unlike the codec it does not raise for norms that overflow norm_dtype (they
+    come back inf, and a non-finite x's NaN), since reading that back would stall the GPU stream on every call:
+    overflow, an int32 tensor of one element on x's device, is set to 1 where one does and left as it is
+    otherwise, for the caller to read when it syncs anyway (`TurboQuantCache.check_norms`)."""
     tables = tables or quantize_tables(rotation, boundaries, x.dtype, mean=mean)
-    return _quantize(x, rotation, boundaries, norm_dtype, tables, sketch=False, mean=mean, into=into, at=at)
+    return _quantize(x, rotation, boundaries, norm_dtype, tables, mean, into, at, overflow, sketch=False)
 
 
 def quantize_prod(
@@ -394,6 +401,7 @@ def quantize_prod(
     mean: torch.Tensor | None = None,
     into: tuple[torch.Tensor, ...] | None = None,
     at: torch.Tensor | None = None,
+    overflow: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [..., d] → (indices, signs, norms, residual_norms): the tensors of `TurboQuantProd.quantize` (its
     `ProdCode` fields), in the same pass: the Stage-1 codes as `quantize_mse` (rotation and boundaries of
@@ -401,7 +409,8 @@ def quantize_prod(
     `codec.projection`, [d, d] or one per KV head, [H, d, d]; qjl_dim = d only) and ‖r‖. S r is summed in
     tf32x3 on a GPU: a sign may differ from the codec's where |S r| is within round-off of 0.
     centroids: `codec.mse.centroids`. tables: `quantize_tables(rotation, boundaries, x.dtype, projection,
-    centroids, mean)`, built once on the hot path. mean, into (the four tensors), at: as in `quantize_mse`."""
+    centroids, mean)`, built once on the hot path. mean, into (the four tensors), at, overflow: as in
+    `quantize_mse`."""
     dim = x.shape[-1]
     if tuple(projection.shape) != tuple(rotation.shape):
         raise ValueError(
@@ -423,10 +432,12 @@ def quantize_prod(
             f"tables hold a {tuple(tables.sketch_t.shape)} projection on {tables.sketch_t.device}; x needs one per "
             f"rotation ({tuple(rotation.shape)}) on {x.device}: quantize_tables(..., projection, centroids)"
         )
-    return _quantize(x, rotation, boundaries, norm_dtype, tables, sketch=True, mean=mean, into=into, at=at)
+    return _quantize(x, rotation, boundaries, norm_dtype, tables, mean, into, at, overflow, sketch=True)
 
 
-def _quantize(x, rotation, boundaries, norm_dtype, tables: QuantizeTables, sketch: bool, mean, into, at):
+def _quantize(
+    x, rotation, boundaries, norm_dtype, tables: QuantizeTables, mean, into, at, overflow, sketch: bool
+):
     dim = x.shape[-1]
     bits = boundaries.numel().bit_length()
     if boundaries.numel() != (1 << bits) - 1 or not 1 <= bits <= MAX_BITS:
@@ -478,6 +489,13 @@ def _quantize(x, rotation, boundaries, norm_dtype, tables: QuantizeTables, sketc
         out_rows = _check_into(x, into, at, shapes, norm_dtype)
     elif at is not None:
         raise ValueError("at is where x's codes go in `into`: pass both or neither")
+    if overflow is not None and (
+        overflow.dtype != torch.int32 or overflow.numel() != 1 or overflow.device != x.device
+    ):
+        raise ValueError(
+            f"overflow is a {overflow.dtype} tensor of {overflow.numel()} elements on {overflow.device}; "
+            f"expected an int32 tensor of one element on {x.device}"
+        )
     # [groups, rows, d]: a group per rotation, or per token run of a store written into
     rows = x.reshape(-1, x.shape[-2], dim) if per_head or into else x.reshape(1, -1, dim)
     if rows.stride(-1) != 1:
@@ -507,11 +525,12 @@ def _quantize(x, rotation, boundaries, norm_dtype, tables: QuantizeTables, sketc
         rows, tables.matrix, tables.boundaries, out["indices"], out["norms"], tables.row_signs, rows.shape[1],
         rows.stride(0),
         rows.stride(1), rotation.shape[0] if per_head else 1, dim**-0.5, tables.centroids, tables.sketch_t,
-        out.get("signs"), out.get("residual_norms"), tables.mean, tables.signed_mean, out_rows, at,
+        out.get("signs"), out.get("residual_norms"), tables.mean, tables.signed_mean, out_rows, at, overflow,
         DIM=dim, BITS=bits, BLOCK_ROWS=block_rows, COLS=tile,
         SIGNS=tables.signs, HALVES=halves, OUT_COLS=step, SYMMETRIC=tables.symmetric,
         PRECISION="tf32x3" if x.is_cuda else "ieee", F32_DOT=not x.is_cuda, SKETCH=sketch,
         PERMUTED=_permuted_columns(bits, halves, sketch), CENTERED=mean is not None, AT=at is not None,
+        OVERFLOW=overflow is not None,
         num_warps=SKETCH_WARPS if sketch else SIGN_WARPS if tables.signs else TF32_WARPS, num_stages=1,
     )  # fmt: skip
     return tuple(into)
