@@ -9,9 +9,11 @@ most; or --splits chunks per (sequence, KV head) asked of `decode_attention`, wh
 cdiv(blocks, splits) blocks: the row prints what it launched), pair tables from chunks of --lookup-min-blocks
 blocks (`decode_mma.LOOKUP_MIN_BLOCKS`), the merge reading --merge-dims output dimensions per program and
 --merge-splits chunks per step, launched --programmatic (`decode.PROGRAMMATIC_LAUNCH`) or not, the register
-kernel stepping over --block-keys keys per loop iteration (`decode_mma.block_keys`: 32 at head_dim 128); the step
+kernel stepping over --block-keys keys per loop iteration (`decode_mma.block_keys`: 32 at head_dim 128; the pair
+tables' thresholds scaled to the same keys per chunk); the step
 replayed from a CUDA graph with the L2 flushed before it (as benchmarks/gpu_decode.py times it; µs, median of
-30), then the device time of each kernel inside those replays, from the profiler.
+30), then the device time of each kernel inside those replays, from the profiler, and the largest difference
+from the output of the library's own step on the same inputs, relative to the output's scale.
 """
 
 from __future__ import annotations
@@ -80,52 +82,68 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     print(
         "| batch | heads | context | bits | keys per block | chunks asked | blocks per chunk × chunks per head | "
-        "lookup from blocks | merge dims, chunks per step | programmatic | replay µs | kernels (µs) |"
+        "lookup from blocks | merge dims, chunks per step | programmatic | replay µs | kernels (µs) | "
+        "max rel Δ vs the library's step |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- " * 13 + "|")
     library = decode.MERGE_DIMS, decode.MERGE_SPLITS, decode_mma.LOOKUP_MIN_BLOCKS, decode.PROGRAMMATIC_LAUNCH
     block_keys = decode_mma.block_keys
     shapes = [s for s in SHAPES if s[0] in args.batches]
     if args.contexts:
         shapes = list(dict.fromkeys((*s[:3], context) for s in shapes for context in args.contexts))
-    for (batch, q_heads, kv_heads, context), bits, keys in itertools.product(
-        shapes, args.bits, args.block_keys
-    ):
-        decode_mma.block_keys = (lambda dim, n=keys: n) if keys else block_keys
-        decode._RESIDENT.clear()  # its key does not hold the block's keys, which change the registers
-        inputs, _ = decode_inputs(batch, q_heads, kv_heads, context, bits)
-        decode_attention(*inputs)  # fills decode's register-count cache
-        launch = next(
-            k for k in decode._RESIDENT if k[2] == bits and k[5] == q_heads // kv_heads and k[7] == kv_heads
-        )
-        resident = decode._RESIDENT[launch] * decode._sm_count(0)
-        blocks = triton.cdiv(context, decode_mma.block_keys(inputs[0].shape[-1]))
-        chunkings = (  # (what was asked, num_splits)
-            [(f"{s}", s) for s in args.splits]
-            if args.splits
-            else [
-                (f"≥ {m} blocks", max(1, min(resident // (batch * kv_heads), blocks // m)))
-                for m in args.min_blocks
-            ]
-        )
-        for (asked, splits), lookup, merge, programmatic in itertools.product(
-            chunkings,
-            args.lookup_min_blocks or [None],
-            itertools.product(args.merge_dims, args.merge_splits),
-            args.programmatic,
-        ):
-            decode.MERGE_DIMS, decode.MERGE_SPLITS = merge
-            decode_mma.LOOKUP_MIN_BLOCKS = library[2] if lookup is None else dict.fromkeys(library[2], lookup)
-            decode.PROGRAMMATIC_LAUNCH = programmatic == "on"
-            total, kernels = replay_times(lambda s=splits, i=inputs: decode_attention(*i, num_splits=s)[0])
-            parts = ", ".join(f"{name} {t:.1f}" for name, t in kernels.items())
-            chunk = triton.cdiv(blocks, splits)  # as decode_attention splits them
-            print(f"| {batch} | {q_heads}/{kv_heads} | {context // 1024}k | {bits} | {keys or block_keys(128)} | {asked} | "
-                  f"{chunk} × {triton.cdiv(blocks, chunk)} | "
-                  f"{library[2].get(bits, '-') if lookup is None else lookup} | {merge} | {programmatic} | {total:.1f} | {parts} |", flush=True)  # fmt: skip
+    def restore():
+        decode.MERGE_DIMS, decode.MERGE_SPLITS, decode_mma.LOOKUP_MIN_BLOCKS, decode.PROGRAMMATIC_LAUNCH = library
+        decode_mma.block_keys = block_keys
+        decode._RESIDENT.clear()
 
-    decode.MERGE_DIMS, decode.MERGE_SPLITS, decode_mma.LOOKUP_MIN_BLOCKS, decode.PROGRAMMATIC_LAUNCH = library
-    decode_mma.block_keys = block_keys
+    for (batch, q_heads, kv_heads, context), bits in itertools.product(shapes, args.bits):
+        restore()
+        inputs, _ = decode_inputs(batch, q_heads, kv_heads, context, bits)
+        dim = inputs[0].shape[-1]
+        reference = decode_attention(*inputs)[0]  # the library's kernel, to check each row's output against
+        for keys in args.block_keys:
+            keys = keys or block_keys(dim)
+            decode_mma.block_keys = lambda dim, n=keys: n
+            decode._RESIDENT.clear()  # its key does not hold the block's keys, which change the registers
+            # the pair tables' thresholds count blocks: kept at the same keys per chunk
+            tables = {b: max(1, m * block_keys(dim) // keys) for b, m in library[2].items()}
+            decode_mma.LOOKUP_MIN_BLOCKS = tables
+            decode_attention(*inputs)  # fills decode's register-count cache
+            launch = next(
+                k
+                for k in decode._RESIDENT
+                if k[2] == bits and k[5] == q_heads // kv_heads and k[7] == kv_heads
+            )
+            resident = decode._RESIDENT[launch] * decode._sm_count(0)
+            blocks = triton.cdiv(context, keys)
+            chunkings = (  # (what was asked, num_splits)
+                [(f"{s}", s) for s in args.splits]
+                if args.splits
+                else [
+                    (f"≥ {m} blocks", max(1, min(resident // (batch * kv_heads), blocks // m)))
+                    for m in args.min_blocks
+                ]
+            )
+            for (asked, splits), lookup, merge, programmatic in itertools.product(
+                chunkings,
+                args.lookup_min_blocks or [None],
+                itertools.product(args.merge_dims, args.merge_splits),
+                args.programmatic,
+            ):
+                decode.MERGE_DIMS, decode.MERGE_SPLITS = merge
+                decode_mma.LOOKUP_MIN_BLOCKS = tables if lookup is None else dict.fromkeys(tables, lookup)
+                decode.PROGRAMMATIC_LAUNCH = programmatic == "on"
+                step = lambda s=splits, i=inputs: decode_attention(*i, num_splits=s)[0]  # noqa: E731
+                delta = ((step() - reference).abs().max() / reference.abs().max()).item()
+                total, kernels = replay_times(step)
+                parts = ", ".join(f"{name} {t:.1f}" for name, t in kernels.items())
+                chunk = triton.cdiv(blocks, splits)  # as decode_attention splits them
+                print(f"| {batch} | {q_heads}/{kv_heads} | {context // 1024}k | {bits} | {keys} | {asked} | "
+                      f"{chunk} × {triton.cdiv(blocks, chunk)} | "
+                      f"{tables.get(bits, '-') if lookup is None else lookup} | {merge} | {programmatic} | {total:.1f} | "
+                      f"{parts} | {delta:.0e} |", flush=True)  # fmt: skip
+
+    restore()
 
 
 if __name__ == "__main__":
