@@ -229,9 +229,9 @@ def test_the_fused_quantize_codes_x_minus_the_mean(codec, dtype, monkeypatch):
         torch.testing.assert_close(got["norms"][:, h].float(), want.norms.float(), rtol=2e-3, atol=0)
 
 
-@pytest.mark.filterwarnings(
-    "ignore:overflow encountered in cast:RuntimeWarning"
-)  # the interpreter's fp16 store
+@pytest.mark.filterwarnings(  # the interpreter's numpy arithmetic: the fp16 store, float32 squares
+    "ignore:overflow encountered:RuntimeWarning"
+)
 def test_a_prompt_whose_norms_overflow_the_norm_dtype_is_refused_on_the_kernel_path(monkeypatch):
     """The fused quantize stores an fp16-overflowing norm as inf; the prompt is refused naming the layer and
     the option (as the codec refuses it), and with float32 norms the same prompt is coded."""
@@ -248,24 +248,33 @@ def test_a_prompt_whose_norms_overflow_the_norm_dtype_is_refused_on_the_kernel_p
         model(ids(20), cache=cache)
     norms = cache.layers[0].packed["key"].tensors["norms"][..., : cache.layers[0].packed["key"].length]
     assert torch.isfinite(norms).all() and norms.max() > 65504
+    # float32 norms too overflow where the kernel's float32 sum of squares does: no advice to use float32 then
+    model.model.layers[0].self_attn.k_proj.weight.data *= 1e20
+    float32 = spec(codec_options={"norm_dtype": "float32"})
+    with torch.no_grad(), pytest.raises(ValueError, match="float32 .*entries are beyond ~1e19"):
+        model(ids(20), cache=compress_kv(model, float32, kernels="triton"))
 
 
 @pytest.mark.filterwarnings(  # the interpreter's numpy arithmetic on the inf norm
     "ignore:overflow encountered:RuntimeWarning", "ignore:invalid value encountered:RuntimeWarning"
 )
-def test_a_decode_step_whose_norm_overflows_is_flagged_and_raised_by_check_norms(monkeypatch):
+@pytest.mark.parametrize("codec", ["turboquant_mse", "turboquant_prod"])
+def test_a_decode_step_whose_norm_overflows_is_flagged_and_raised_by_check_norms(monkeypatch, codec):
     """A single decode token is not checked as it is coded (reading a result back would stall the GPU stream at
-    every step): the fused quantize flags it on the device and `check_norms` raises naming the layer, as does
-    the next chunk of several tokens; a reset clears the flag."""
+    every step): the fused quantize (MSE, or Prod's Stage 1) flags it on the device and `check_norms` raises naming
+    the layer, as does the next chunk of several tokens (its own keys in range); a reset clears the flag."""
     monkeypatch.undo()  # the fused quantize itself
     model = tiny()
-    cache = compress_kv(model, spec(), kernels="triton")
+    kind = KVQuantSpec.create(codec, 3, "fast_hadamard", compress=("key", "value"), head_dim=32)
+    cache = compress_kv(model, kind, kernels="triton")
+    weight = model.model.layers[0].self_attn.k_proj.weight
     message = "layer 0: a key vector's norm overflows norm_dtype=torch.float16"
     with torch.no_grad():
         model(ids(20), cache=cache)
         cache.check_norms()  # every norm in range
-        model.model.layers[0].self_attn.k_proj.weight.data *= 1e6
+        weight.data *= 1e6
         logits = model(ids(1, 2), cache=cache).logits  # one decode token, coded and attended
+        weight.data /= 1e6
         assert not torch.isfinite(logits).all()  # what the flag is for
         with pytest.raises(ValueError, match=message):
             cache.check_norms()

@@ -256,16 +256,17 @@ def test_rows_need_a_matching_square_rotation():
 )
 @pytest.mark.parametrize("prod", [False, True])
 def test_the_overflow_flag_is_set_exactly_where_a_stored_norm_is_not_finite(prod):
-    """A row whose norm is past fp16's 65 504 is stored as inf and a row holding NaN as NaN: each sets the flag,
-    and every other row is coded as without a flag; in-range rows, and the same rows with float32 norms, leave it
-    as it is (0, or 1 from an earlier call: the caller reads it when it syncs)."""
+    """A row whose norm fp16 cannot hold (it rounds to inf from 65 520) is stored as inf and a row holding NaN as
+    NaN: each sets the flag, and every other row is coded as by the kernel without a flag; in-range rows, and the
+    same rows with float32 norms, leave it as it is (0, or 1 from an earlier call: the caller reads it when it
+    syncs)."""
     dim, bits = 64, 3
     codec = (TurboQuantProd if prod else TurboQuantMSE)(dim, bits, rotation="fast_hadamard", seed=3)
     mse = codec.mse if prod else codec
     x = torch.randn(2, 33, dim, generator=torch.Generator().manual_seed(0)) * 4  # norms ~32
 
     def quantize(x, norm_dtype=torch.float16, flag=0):
-        overflow = torch.full((1,), flag, dtype=torch.int32, device=DEVICE)
+        overflow = None if flag is None else torch.full((1,), flag, dtype=torch.int32, device=DEVICE)
         arguments = (x.to(DEVICE), mse.rotation.matrix().to(DEVICE), mse.boundaries.to(DEVICE))
         if prod:
             fields = quantize_prod(
@@ -277,11 +278,14 @@ def test_the_overflow_flag_is_set_exactly_where_a_stored_norm_is_not_finite(prod
             )
         else:
             fields = quantize_mse(*arguments, norm_dtype, overflow=overflow)
-        return int(overflow.item()), [f.cpu() for f in fields]
+        return None if overflow is None else int(overflow.item()), [f.cpu() for f in fields]
 
     norms_at = 2 if prod else 1
-    flag, plain = quantize(x)
+    _, plain = quantize(x, flag=None)
+    flag, fields = quantize(x)
     assert flag == 0
+    for got, want in zip(fields, plain, strict=True):
+        assert torch.equal(got, want)
     assert quantize(x, flag=1)[0] == 1
     big, not_finite = x.clone(), x.clone()
     big[1, 7] *= 1e4  # a norm ~3e5
@@ -296,7 +300,11 @@ def test_the_overflow_flag_is_set_exactly_where_a_stored_norm_is_not_finite(prod
             assert torch.equal(got[others], want[others])
     flag, fields = quantize(big, torch.float32)
     assert flag == 0 and fields[norms_at][1, 7] > 65504
-    with pytest.raises(ValueError, match="expected an int32 tensor of one element"):
-        quantize_mse(
-            x.to(DEVICE), mse.rotation.matrix().to(DEVICE), mse.boundaries.to(DEVICE), overflow=torch.zeros(2)
-        )
+    arguments = (x.to(DEVICE), mse.rotation.matrix().to(DEVICE), mse.boundaries.to(DEVICE))
+    for wrong in (  # each rule alone: the dtype, one element, x's device
+        torch.zeros(1, device=DEVICE),
+        torch.zeros(2, dtype=torch.int32, device=DEVICE),
+        torch.zeros(1, dtype=torch.int32, device="meta"),
+    ):
+        with pytest.raises(ValueError, match="expected an int32 tensor of one element on"):
+            quantize_mse(*arguments, overflow=wrong)

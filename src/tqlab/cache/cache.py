@@ -373,10 +373,15 @@ class TurboQuantLayer(CacheLayerMixin):
         if self.packed is None or not bool(self.norm_overflow.any()):
             return
         side = next(side for side, bad in zip(SIDES, self.norm_overflow.tolist(), strict=True) if bad)
+        dtype = self.packed[side].norm_dtype
+        advice = (  # the kernel sums squares in float32: beyond ~1e19 per entry a float32 norm overflows too
+            "use codec.norm_dtype=float32 or bfloat16"
+            if dtype == torch.float16
+            else "its entries are beyond ~1e19 or not finite (the kernel sums their squares in float32)"
+        )
         raise ValueError(
-            f"layer {self.layer_idx}: a {side} vector's norm overflows norm_dtype={self.packed[side].norm_dtype}"
-            " (or the vector is not finite) in the fused quantize, so attention over these codes is NaN; use "
-            "codec.norm_dtype=float32 or bfloat16"
+            f"layer {self.layer_idx}: a {side} vector's norm overflows norm_dtype={dtype} (or the vector is not "
+            f"finite) in the fused quantize, so attention over these codes is NaN; {advice}"
         )
 
     def _sunk_held(self, side: str) -> int:
@@ -555,10 +560,14 @@ class TurboQuantCache(Cache):
         last reset. Prompts and groups of tokens are checked as they are coded; a single decode token is checked
         only here, since reading the flags back is a sync: `GraphDecoder` calls this after its steps; after
         `model.generate` (or a loop of forward calls) call it yourself."""
-        layers = [layer for layer in self.layers if getattr(layer, "packed", None) is not None]
-        if layers and bool(torch.stack([layer.norm_overflow for layer in layers]).any()):
-            for layer in layers:
-                layer.check_norms()
+        by_device = {}  # one read per device (a model split over GPUs has flags on each)
+        for layer in self.layers:
+            if getattr(layer, "packed", None) is not None:
+                by_device.setdefault(layer.norm_overflow.device, []).append(layer)
+        for layers in by_device.values():
+            if bool(torch.stack([layer.norm_overflow for layer in layers]).any()):
+                for layer in layers:
+                    layer.check_norms()
 
     def freeze(self, capacity: int, starts: torch.Tensor | None = None) -> None:
         """Make the decode steps capturable in a CUDA graph (`TurboQuantLayer.freeze`), for sequences of up to

@@ -17,7 +17,7 @@ import dataclasses
 
 import torch
 
-from ..cache import compress_kv
+from ..cache import TurboQuantCache, compress_kv
 from ..metrics.attention import cosine
 
 
@@ -87,6 +87,8 @@ def compare_window(
     ref_logits, ref_hidden = _run(model, ids, reference, len(ids), len(ids))
     cache = cache if cache is not None else compress_kv(model, spec, calibration, **layout)
     logits, hidden = _run(model, ids, cache, min(prefill, len(ids)), chunk_size)
+    if isinstance(cache, TurboQuantCache):  # chunks of one token are coded unchecked (`check_norms`)
+        cache.check_norms()
     targets = ids[1:]
     # prefill-exact: what the prompt predicts about itself never sees a code, so only later tokens are scored
     first = max(window.scored_from - 1, 0, prefill - 1 if layout.get("protocol") == "prefill_exact" else 0)
