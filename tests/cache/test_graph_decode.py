@@ -322,8 +322,8 @@ def test_graph_decoder_stops_at_eos_as_transformers_generate_does(monkeypatch):
 )
 def test_graph_decoder_raises_after_steps_whose_norms_overflow():
     """Frozen steps write their codes without a sync: a norm fp16 cannot hold is flagged on the device and
-    raised, naming the layer, when decode returns. On a GPU the first call warms up and captures the graph in
-    range, so the overflow comes from replays alone."""
+    raised, naming the layer, when decode returns (on a GPU the first call warms up and captures the graph in
+    range, so the overflow comes from replays alone), or, for a one-token prompt, when prefill returns."""
     model = tiny(kv_heads=1)
     ids, mask = prompt()
     decoder = GraphDecoder(model, compress_kv(model, spec(), kernels="triton"))
@@ -331,8 +331,14 @@ def test_graph_decoder_raises_after_steps_whose_norms_overflow():
     decoder.decode(3)  # in range: no error
     assert DEVICE == "cpu" or decoder._graph is not None
     model.model.layers[0].self_attn.k_proj.weight.data *= 1e6
-    with pytest.raises(ValueError, match="layer 0: a key vector's norm overflows norm_dtype=torch.float16"):
+    message = "layer 0: a key vector's norm overflows norm_dtype=torch.float16"
+    with pytest.raises(ValueError, match=message):
         decoder.decode(2)
+    # a prompt of one token is coded alone too, and checked when prefill returns
+    with pytest.raises(ValueError, match=message):
+        GraphDecoder(model, compress_kv(model, spec(), kernels="triton")).prefill(
+            ids[:1, -1:], max_new_tokens=2
+        )
 
 
 def forced_logits(model, cache, ids, mask, forced):

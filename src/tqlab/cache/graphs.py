@@ -156,6 +156,7 @@ class GraphDecoder:
             self._finished = self._is_end(token)  # [B, 1], a static buffer of the graph
         if isinstance(self.cache, TurboQuantCache):
             self.cache.freeze(capacity, starts)
+            self.cache.check_norms()  # a prompt of one token is coded as a decode step is, unchecked
         self._tokens = token.clone()  # the next step's input, then its output: the graph's static buffers
         self._positions = (length - starts)[:, None].clone()
         self._length, self._left = length, max_new_tokens - 1
