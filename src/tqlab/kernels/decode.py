@@ -511,8 +511,9 @@ def decode_attention(
         out = part_out.view(batch, kv_heads, block_m, out_dim)[:, :, :rows].reshape(
             batch, q_heads, q_len, out_dim
         )
-        lse = part_lse.view(batch, kv_heads, block_m)[:, :, :rows].reshape(batch, q_heads, q_len)
-        return _with_value_sketch(out, value_sketch), lse * math.log(2)
+        # natural-log LSE, scaled and copied out of the padded rows in one kernel
+        lse = part_lse.view(batch, kv_heads, block_m)[:, :, :rows] * math.log(2)
+        return _with_value_sketch(out, value_sketch), lse.reshape(batch, q_heads, q_len)
     out = torch.empty(batch, q_heads, q_len, out_dim, dtype=torch.float32, device=query.device)
     lse = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=query.device)
     # slices in parallel on a GPU; one program per row in the interpreter, whose cost is per program
