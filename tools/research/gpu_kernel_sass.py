@@ -11,7 +11,8 @@ mix of the loop body (instructions per warp per block of BLOCK_N keys).
 
 With `--registers` it compiles the register-fragment kernel (`kernels/decode_mma.py`) instead and prints each
 of its loops (one per decoder: symmetric and general 4-bit), per warp per block of 32 keys, with the share of
-integer-ALU instructions (PRMT, LOP3, SHF, ISETP, LEA, FSEL, FMNMX, IADD3), the pipe that bounds it.
+integer-ALU instructions (PRMT, LOP3, SHF, ISETP, LEA, FSEL, FMNMX, IADD3), the pipe that bounds it, and what
+each program executes outside the loops (its prologue and its partial result).
 
 What it told us (docs/benchmarks.md, "GPU speed"): the loop was ~2 050–2 500 instructions per warp per 128 keys,
 about half of them decoding (shift, mask, lane index, shuffle, pack per code); looking 2-bit codes up in pairs
@@ -109,6 +110,12 @@ def register_kernel(
             f"  loop: {total} instructions per warp per block, {alu} ({alu / total:.0%}) integer-ALU, "
             f"{spills} local (spill) loads/stores: {mix}"
         )
+    # the prologue (query, tables) and the epilogue (the chunk's partial result), once per program
+    outside = collections.Counter(m.group(1) for line in sass.splitlines() if (m := OPCODE.match(line)))
+    for loop in loops(sass):
+        outside -= loop
+    mix = ", ".join(f"{op} {n}" for op, n in outside.most_common(10))
+    print(f"  outside the loops: {sum(outside.values())} instructions per warp per program: {mix}")
 
 
 def main() -> None:
