@@ -5,9 +5,10 @@
 
 One decode step (one query token per sequence) of one layer: every sequence holds `context` tokens.
 The kernel reads packed K and V codes (random bytes: every byte is a valid code) and fp16 norms; SDPA
-reads bf16 K and V with GQA, and so does FlexAttention with `--flex` (torch.compile'd: the only other bf16
-decode kernel that installs without a registry; flash-attn and FlashInfer need one). Times are medians of CUDA-graph replays (no Python or launch overhead, as in
-a served decode step) with the L2 cache flushed before each, so each step streams its cache from HBM. The query rotation and the output's
+reads bf16 K and V with GQA, and so do FlexAttention with `--flex` (torch.compile'd) and FlashInfer's decode
+kernels with `--flashinfer` (JIT-compiled on first use, which needs nvcc; the wheel and its tvm-ffi dependency
+travel with the tree to a machine without a registry, docs/benchmarks.md). Times are medians of CUDA-graph
+replays (no Python or launch overhead, as in a served decode step) with the L2 cache flushed before each, so each step streams its cache from HBM. The query rotation and the output's
 inverse rotation are not timed: both fold into the q and o projection weights. The PyTorch reference
 path of attention over codes (per-KV-head loop, as in tqlab.cache.attention) is timed up to
 `--reference-max` tokens, and its output checks the kernel's (max |Δ| relative to the output's scale).
@@ -80,31 +81,98 @@ def compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def bf16_times(batch, q_heads, kv_heads, context, flex: bool, dim=DIM) -> tuple[float, float | None]:
-    """µs of SDPA and of FlexAttention (None when not asked) over the same bf16 cache."""
+def checked_time(name: str, call, expected: torch.Tensor) -> float:
+    """µs of `call` (NaN where it fails to compile or run, which is printed), after checking its output
+    against SDPA's: a baseline that computes something else is no baseline."""
+    try:
+        error = (call().view_as(expected) - expected).abs().max() / expected.abs().max()
+        time = bench(call)
+    except Exception as exc:  # noqa: BLE001 — a kernel that does not compile is reported, not fatal
+        lines = str(exc).splitlines() or [type(exc).__name__]
+        reason = next((line for line in reversed(lines) if "Error" in line), lines[-1])
+        print(f"{name} failed: {reason[:300]}")
+        return float("nan")
+    if error > 0.05:
+        raise RuntimeError(f"{name} differs from SDPA by {error:.2g} of the output's scale")
+    return time
+
+
+def flex_time(q, k, v, scaling, expected) -> float:
+    """µs of FlexAttention: its split-K decoding kernel, else its general kernel."""
+    attend = compiled_flex_attention()
+    for options in FLEX_KERNELS:
+        call = functools.partial(attend, q, k, v, scale=scaling, enable_gqa=True, kernel_options=options)
+        time = checked_time(f"FlexAttention {options or 'decoding'} kernel", call, expected)
+        if time == time:
+            return time
+    return float("nan")
+
+
+# tokens per page of FlashInfer's paged cache: its common default, and long pages
+FLASHINFER_PAGES = (16, 128)
+
+
+def flashinfer_time(q, k, v, scaling, expected) -> tuple[float, str]:
+    """µs of FlashInfer's fastest decode kernel over the same bf16 cache, and which it is: the batch decode
+    on CUDA cores and on tensor cores over a paged cache (HND layout) of each of FLASHINFER_PAGES (each
+    planned once, outside the timing, as a server plans once per step for all layers), and at batch 1 the
+    single-request kernel over the contiguous cache."""
+    import flashinfer
+
+    batch, q_heads, _, dim = q.shape
+    kv_heads, context = k.shape[1], k.shape[2]
+    rows = q.view(batch, q_heads, dim)
+    calls = {}
+    for page in FLASHINFER_PAGES:
+        pages = context // page
+        # [batch, kv_heads, context, dim] → [batch · pages, kv_heads, page, dim]
+        cache = tuple(
+            x.view(batch, kv_heads, pages, page, dim)
+            .transpose(1, 2)
+            .reshape(batch * pages, kv_heads, page, dim)
+            for x in (k, v)
+        )
+        indptr = torch.arange(batch + 1, dtype=torch.int32, device=q.device) * pages
+        indices = torch.arange(batch * pages, dtype=torch.int32, device=q.device)
+        last_page = torch.full((batch,), page, dtype=torch.int32, device=q.device)
+        for tensor_cores in (False, True):
+            workspace = torch.zeros(128 << 20, dtype=torch.uint8, device=q.device)
+            wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                workspace, "HND", use_tensor_cores=tensor_cores
+            )
+            wrapper.plan(
+                indptr, indices, last_page, q_heads, kv_heads, dim, page,
+                q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16, sm_scale=scaling,
+            )  # fmt: skip
+            name = f"batch{', tensor cores' if tensor_cores else ''}, {page}-token pages"
+            calls[name] = functools.partial(wrapper.run, rows, cache)
+    if batch == 1:
+        calls["single"] = functools.partial(
+            flashinfer.single_decode_with_kv_cache, rows[0], k[0], v[0], kv_layout="HND", sm_scale=scaling
+        )
+    times = {name: checked_time(f"FlashInfer {name}", call, expected) for name, call in calls.items()}
+    print("FlashInfer µs: " + "; ".join(f"{name} {time:.1f}" for name, time in times.items()), flush=True)
+    best = min(times, key=lambda name: times[name] if times[name] == times[name] else float("inf"))
+    return times[best], best
+
+
+def bf16_times(
+    batch, q_heads, kv_heads, context, flex: bool = False, dim=DIM, flashinfer: bool = False
+) -> tuple[float, dict[str, float]]:
+    """µs of SDPA, and of the other bf16 kernels asked for ("FlexAttention", "FlashInfer") over the same cache."""
     scaling = dim**-0.5
     torch.manual_seed(0)
     q = torch.randn(batch, q_heads, 1, dim, device="cuda", dtype=torch.bfloat16)
     shape = (batch, kv_heads, context, dim)
     k, v = (torch.randn(shape, device=q.device, dtype=torch.bfloat16) for _ in range(2))
     sdpa = bench(lambda: F.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=True))
-    if not flex:
-        return sdpa, None
-    attend = compiled_flex_attention()
     expected = F.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=True)
-    for options in FLEX_KERNELS:
-        call = functools.partial(attend, q, k, v, scale=scaling, enable_gqa=True, kernel_options=options)
-        try:
-            error = (call() - expected).abs().max() / expected.abs().max()
-        except Exception as exc:  # noqa: BLE001 — a kernel that does not compile is reported, not fatal
-            lines = str(exc).splitlines()
-            reason = next((line for line in reversed(lines) if "Error" in line), lines[-1])
-            print(f"FlexAttention {options or 'decoding'} kernel failed: {reason[:200]}")
-            continue
-        if error > 0.05:  # a baseline that computes something else is no baseline
-            raise RuntimeError(f"FlexAttention differs from SDPA by {error:.2g} of the output's scale")
-        return sdpa, bench(call)
-    return sdpa, float("nan")
+    others = {}
+    if flex:
+        others["FlexAttention"] = flex_time(q, k, v, scaling, expected)
+    if flashinfer:
+        others["FlashInfer"], _ = flashinfer_time(q, k, v, scaling, expected)
+    return sdpa, others
 
 
 def decode_inputs(batch, q_heads, kv_heads, context, bits, dim=DIM, device="cuda"):
@@ -121,7 +189,8 @@ def decode_inputs(batch, q_heads, kv_heads, context, bits, dim=DIM, device="cuda
 
 
 def row(batch, q_heads, kv_heads, context, bits, reference_max, bf16) -> str:
-    (sdpa, flexed), flex = bf16, bf16[1] is not None
+    sdpa, others = bf16
+    best = min([sdpa, *(t for t in others.values() if t == t)])
     inputs, codecs = decode_inputs(batch, q_heads, kv_heads, context, bits)
     qf, codes, norms, scaling = inputs[0], inputs[1:5:2], inputs[2:5:2], inputs[-1]
     call = lambda: decode_attention(*inputs)[0]  # noqa: E731
@@ -134,9 +203,9 @@ def row(batch, q_heads, kv_heads, context, bits, reference_max, bf16) -> str:
         reference = f"{bench(lambda: reference_path(codecs, qf, codes, norms, scaling)):.0f}"
     return (
         f"| {batch} | {q_heads}/{kv_heads} | {context // 1024}k | K{bits}V{bits} | {sdpa:.1f} | "
-        + (f"{flexed:.1f} | " if flex else "")
+        + "".join(f"{time:.1f} | " for time in others.values())
         + f"{ours:.1f} | {sdpa / ours:.2f}× | "
-        + (f"{min(sdpa, flexed) / ours:.2f}× | " if flex else "")
+        + (f"{best / ours:.2f}× | " if others else "")
         + f"{read / ours / 1e3:.0f} | {reference} | {error} |"
     )
 
@@ -158,19 +227,28 @@ def main() -> None:
         "one runs 2.5–32× slower than SDPA; docs/benchmarks.md)",
     )
     parser.add_argument(
+        "--flashinfer",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="time FlashInfer's decode kernels too (its fastest per shape; needs flashinfer and nvcc)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=Path("outputs/bench/benchmarks.md"), help="'-' to print only"
     )
     args = parser.parse_args()
-    flex_columns = ("FlexAttention bf16 µs", "vs best bf16") if args.flex else ()
-    columns = ["batch", "q/KV heads", "context", "bits", "SDPA bf16 µs", *flex_columns[:1], "Triton codes µs",
-               "vs SDPA", *flex_columns[1:], "codes GB/s", "PyTorch reference µs", "max rel Δ vs reference"]  # fmt: skip
+    others = [
+        name for name, asked in (("FlexAttention", args.flex), ("FlashInfer", args.flashinfer)) if asked
+    ]
+    columns = ["batch", "q/KV heads", "context", "bits", "SDPA bf16 µs", *(f"{name} bf16 µs" for name in others),
+               "Triton codes µs", "vs SDPA", *(["vs best bf16"] if others else []), "codes GB/s",
+               "PyTorch reference µs", "max rel Δ vs reference"]  # fmt: skip
     rows = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     print("\n".join(rows), flush=True)
     for layout in args.layouts:
         q_heads, kv_heads = map(int, layout.split("/"))
         for batch in args.batches:
             for context in args.contexts:
-                bf16 = bf16_times(batch, q_heads, kv_heads, context, args.flex)
+                bf16 = bf16_times(batch, q_heads, kv_heads, context, args.flex, flashinfer=args.flashinfer)
                 torch.cuda.empty_cache()
                 for bits in args.bits:
                     rows.append(row(batch, q_heads, kv_heads, context, bits, args.reference_max, bf16))
