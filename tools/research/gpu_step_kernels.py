@@ -1,0 +1,85 @@
+"""The kernels of one replayed decode step, per kind and per layer: where a compressed step's time goes next to a
+bf16 one's.
+
+    PYTHONPATH=src:benchmarks python tools/research/gpu_step_kernels.py --arch Qwen2.5-Coder-1.5B --context 32768
+
+Builds the random-weight model, prefills `--context` random tokens, warms the `GraphDecoder` up (the capture
+among the warm-up steps), then records `--steps` replayed steps with torch.profiler (CUPTI traces the
+kernels inside a graph) and prints, for each cache, every kernel name with its launches per step and its GPU
+µs per step, and the step's wall time. Kernel time is the sum of the kernels' durations: kernels that
+overlap (a merge launched while the attention runs) count twice, and the gaps between kernels not at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import time
+
+import torch
+from gpu_generate import WARMUP, make_cache
+from gpu_memory import ARCHS
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+from transformers import AutoModelForCausalLM
+
+from tqlab.cache import GraphDecoder
+
+
+@torch.no_grad()
+def step_kernels(model, kind: str, batch: int, context: int, steps: int) -> tuple[float, list]:
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    prompt = torch.randint(0, vocab, (batch, context), device="cuda")
+    cache = make_cache(model, kind, context + WARMUP + 2 * steps + 2)
+    decoder = GraphDecoder(model, cache)
+    decoder.prefill(prompt, max_new_tokens=WARMUP + 2 * steps + 1)
+    decoder.decode(WARMUP)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    decoder.decode(steps)
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - start) / steps * 1e6
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        decoder.decode(steps)
+        torch.cuda.synchronize()
+    kernels = collections.defaultdict(lambda: [0, 0.0])
+    for event in prof.events():
+        if event.device_type == DeviceType.CUDA:
+            kernels[event.name][0] += 1
+            kernels[event.name][1] += event.time_range.elapsed_us()
+    rows = sorted(((n / steps, t / steps, name) for name, (n, t) in kernels.items()), key=lambda r: -r[1])
+    del decoder, cache
+    torch.cuda.empty_cache()
+    return wall, rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--arch", default="Qwen2.5-Coder-1.5B", choices=sorted(ARCHS))
+    parser.add_argument("--context", type=int, default=32768)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--caches", nargs="+", default=["bf16 static unmasked", "K4V4"])
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(ARCHS[args.arch], dtype=torch.bfloat16).cuda().eval()
+    layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    for kind in args.caches:
+        wall, rows = step_kernels(model, kind, args.batch, args.context, args.steps)
+        total = sum(r[1] for r in rows)
+        print(
+            f"\n{args.arch}, batch {args.batch}, {args.context // 1024}k, {kind}: step {wall:.0f} µs wall, "
+            f"{total:.0f} µs of kernels, {sum(r[0] for r in rows):.0f} launches ({layers} layers)"
+        )
+        print("| launches per step | per layer | µs per step | µs per launch | kernel |")
+        print("| --- | --- | --- | --- | --- |")
+        for launches, micros, name in rows:
+            print(
+                f"| {launches:.0f} | {launches / layers:.2f} | {micros:.1f} | {micros / launches:.2f} | {name[:90]} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
