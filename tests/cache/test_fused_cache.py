@@ -366,3 +366,27 @@ def test_kernels_triton_refuses_codes_it_cannot_read():
         run(model, [ids(3)], "triton", spec_=spec(bits=5))
     with pytest.raises(RuleError, match="kernels='fast' is not allowed"):
         compress_kv(model, spec(), kernels="fast")
+
+
+@pytest.mark.parametrize("exact_keys", [1, 3])
+def test_the_codes_and_exact_tokens_join_as_one_float64_softmax(exact_keys):
+    """`_with_exact` (one exact key: its sigmoid-and-lerp form) against one softmax over every key in float64:
+    the codes' part as one pseudo-key of logit lse and value out; a row that saw no code (lse −inf) takes
+    only the exact tokens."""
+    g = torch.Generator().manual_seed(exact_keys)
+    batch, kv_heads, group, dim, scaling = 2, 3, 4, 8, 0.35
+    query = torch.randn(batch, kv_heads * group, 1, dim, generator=g)
+    keys, values = (torch.randn(batch, kv_heads, exact_keys, dim, generator=g) for _ in range(2))
+    out = torch.randn(batch, kv_heads * group, 1, dim, generator=g)
+    lse = 3 * torch.randn(batch, kv_heads * group, 1, generator=g)
+    lse[0, 5] = float("-inf")
+    got = fused._with_exact(out, lse, query, keys, values, None, scaling)
+    q = query.double().unflatten(1, (kv_heads, group))  # [B, KVH, G, 1, d]
+    logits = torch.einsum("bhgtd,bhnd->bhgtn", q, keys.double()) * scaling
+    logits = torch.cat([lse.double().unflatten(1, (kv_heads, group))[..., None], logits], dim=-1)
+    weights = torch.softmax(logits, dim=-1)
+    want = weights[..., :1] * out.double().unflatten(1, (kv_heads, group)) + torch.einsum(
+        "bhgtn,bhnd->bhgtd", weights[..., 1:], values.double()
+    )
+    torch.testing.assert_close(got.double(), want.flatten(1, 2), rtol=0, atol=1e-6)
+    assert not torch.allclose(got[0, 5], out[0, 5])  # the row without codes is the exact values' mix

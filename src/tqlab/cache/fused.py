@@ -179,6 +179,8 @@ def _with_exact(out, lse, query, keys, values, seen, scaling: float) -> torch.Te
     batch, q_heads, q_len, dim = query.shape
     kv_heads = keys.shape[1]
     group = q_heads // kv_heads
+    if seen is None and keys.shape[-2] == 1:  # a decode step's own token alone: the same sums, fewer kernels
+        return _with_one_exact(out, lse, query, keys, values, scaling)
     step = max(1, min(kv_heads, EXACT_LOGITS // (batch * group * q_len * keys.shape[-2])))
     parts = []
     for first in range(0, kv_heads, step):
@@ -198,6 +200,18 @@ def _with_exact(out, lse, query, keys, values, seen, scaling: float) -> torch.Te
         mixed = weights[..., :1] * out[:, heads].reshape(*rows, dim) + exact
         parts.append(mixed.reshape(batch, -1, q_len, dim))
     return _joined(parts, 1)
+
+
+def _with_one_exact(out, lse, query, keys, values, scaling: float) -> torch.Tensor:
+    """`_with_exact` for one exact key that every query sees: the softmax over [codes' log-sum-exp, its logit]
+    is a sigmoid and the mix a lerp, a handful of kernels instead of a dozen per layer per replayed step. A
+    row that saw no code (log-sum-exp −inf) gets weight 1 on the exact value."""
+    batch, q_heads, q_len, dim = query.shape
+    rows = (batch, keys.shape[1], -1)  # [B, KVH, G·Tq, ...]: a KV head's query rows, head-major
+    logit = query.float().reshape(*rows, dim) @ keys.float().transpose(-1, -2)  # [B, KVH, G·Tq, 1]
+    weight = torch.sigmoid(logit * scaling - lse.reshape(*rows, 1))
+    mixed = torch.lerp(out.reshape(*rows, dim), values.float(), weight)
+    return mixed.reshape(batch, q_heads, q_len, dim)
 
 
 def _rotate(query: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
