@@ -82,11 +82,13 @@ def make_cache(model, kind: str, max_len: int):
     if kind == "bf16 dynamic":
         model.set_attn_implementation("sdpa")
         return DynamicCache(config=model.config)
-    if kind in ("bf16 static", "bf16 static unmasked"):
-        if kind.endswith("unmasked"):
-            AttentionInterface.register(UNMASKED, unmasked_steps)
-            AttentionMaskInterface.register(UNMASKED, sdpa_mask)
-        model.set_attn_implementation(UNMASKED if kind.endswith("unmasked") else "sdpa")
+    if kind == "bf16 static unmasked":
+        AttentionInterface.register(UNMASKED, unmasked_steps)
+        AttentionMaskInterface.register(UNMASKED, sdpa_mask)
+        model.set_attn_implementation(UNMASKED)
+        return StaticCache(config=model.config, max_cache_len=max_len)
+    if kind == "bf16 static":
+        model.set_attn_implementation("sdpa")
         return StaticCache(config=model.config, max_cache_len=max_len)
     bits = int(kind[1])  # "K4V4", or "K4V4 centered": each head's codes around a mean (codec.center=true)
     text = model.config.get_text_config(decoder=True)
@@ -168,8 +170,11 @@ def main() -> None:
     args = parser.parse_args()
     # with graphs, rows are compared with StaticCache as transformers runs it and with its unmasked steps
     baselines = ["bf16 static", "bf16 static unmasked"] if args.graphs else ["bf16 dynamic"]
-    default = ["bf16 dynamic", "bf16 static"] if not args.graphs else baselines
-    args.caches = args.caches or [*default, "K4V4", "K3V3"]
+    args.caches = args.caches or [
+        *(baselines if args.graphs else ["bf16 dynamic", "bf16 static"]),
+        "K4V4",
+        "K3V3",
+    ]
     if args.graphs and "bf16 dynamic" in args.caches:
         parser.error("--graphs cannot replay 'bf16 dynamic' (a DynamicCache grows every step)")
     if args.weights == "real" and set(args.archs) - set(REAL_WEIGHTS):
