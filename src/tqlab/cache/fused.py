@@ -112,6 +112,7 @@ def _attend_static(layer, query: torch.Tensor, attention_mask, scaling: float) -
     call over the whole capacity with the lengths read on the device, so that a CUDA graph can replay it; the
     exact sink tokens and recent window merged in (those at padded positions unseen), and under prefill_exact
     the token's own exact key and value."""
+    from ..kernels import step
     from ..kernels.decode import decode_attention
 
     batch = query.shape[0]
@@ -122,8 +123,8 @@ def _attend_static(layer, query: torch.Tensor, attention_mask, scaling: float) -
         )
     own = 0 if layer._step_states is None else 1  # prefill_exact: the step's own token is attended exactly
     window = layer.layout.recent_window
-    query = query.float()  # once, for the rotation and the exact tokens
-    q_rot = _rotate(query, layer.rotations["key"])
+    fused_ends = step.supports(query.shape[-1])  # the rotations (and the own token's join) in one launch each
+    q_rot = (step.rotate_queries if fused_ends else _rotate)(query, layer.rotations["key"])
     k, v = layer.packed["key"].tensors, layer.packed["value"].tensors
     out, lse = decode_attention(
         q_rot, k["indices"], k["norms"], v["indices"], v["norms"], layer.tables["key"], layer.tables["value"],
@@ -131,7 +132,6 @@ def _attend_static(layer, query: torch.Tensor, attention_mask, scaling: float) -
         key_sketch=_sketch(layer, "key", k), value_sketch=_sketch(layer, "value", v),
         key_mean=layer.rotated_means["key"], value_mean=layer.rotated_means["value"],
     )  # fmt: skip
-    out = _rotate_back(out, layer.rotations["value"])
     # The exact keys in order: the sinks, the window (just after the codes), the step's own token (always seen).
     sinks = layer.exact_tokens("key")[0]
     parts = [] if sinks is None else [(sinks, layer.exact_tokens("value")[0], layer._sinks_seen)]
@@ -143,6 +143,10 @@ def _attend_static(layer, query: torch.Tensor, attention_mask, scaling: float) -
         parts.append((layer._pending["key"], layer._pending["value"], seen))
     if own:
         parts.append((*layer._step_states, None))
+    rotations = layer.rotations["value"]
+    if fused_ends and len(parts) <= own:  # nothing exact, or the own token alone
+        return step.finish_step(out, lse, rotations, *((query, *parts[0][:2], scaling) if parts else ()))
+    out = _rotate_back(out, rotations)
     if parts:
         keys, values = _joined([p[0] for p in parts], -2), _joined([p[1] for p in parts], -2)
         seen = None  # the step's own token alone: seen by every query, nothing to mask

@@ -1,0 +1,102 @@
+"""The two ends of a frozen decode step over codes, each one launch: the query rotated into each KV head's key
+domain before `decode_attention`, and after it the output rotated back with the step's own exact token joined.
+
+In PyTorch each end is an fp32 cuBLAS product on CUDA cores plus casts, and under prefill_exact the own
+token's logit, its softmax weight against the codes' log-sum-exp, and the mix: a dozen small kernels per layer
+(docs/benchmarks.md, "Against a bf16 cache whose steps attend without a mask"). Here one program per
+(sequence, KV head, block of output coordinates) does an end in fp32:
+
+    q_rot = q · R_hᵀ                        (`rotate_queries`; R_h: KV head h's key rotation, [d, d])
+    o = out · R_h                           (`finish_step`; R_h: the value rotation)
+    w = sigmoid(scale · q·k − lse)          (the softmax weight of one exact key against the codes)
+    o ← o + w · (v − o)                     (as torch.lerp computes it: exactly v at w = 1)
+
+A row that saw no code (lse = −inf) takes v. Inputs of any float dtype are read as fp32 and the products
+are fp32 `tl.dot`s at IEEE precision, so the results match `cache.fused._rotate`, `_rotate_back` and
+`_with_one_exact` to fp32 round-off.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_DIM = 32  # output coordinates per program: a [d, 32] slice of the rotation
+MIN_ROWS = 16  # tl.dot's smallest M: a GQA group's query rows are padded to it
+
+
+@triton.jit
+def _step_end_kernel(
+    rows_in, lse, rotations, query, keys, values, result, scaling,
+    KV_HEADS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr,
+    BLOCK: tl.constexpr, TRANSPOSED: tl.constexpr, JOIN: tl.constexpr,
+):  # fmt: skip
+    bh, column = tl.program_id(0), tl.program_id(1)
+    h = bh % KV_HEADS
+    rows = tl.arange(0, ROWS)
+    valid = rows < GROUP
+    heads = bh * GROUP + rows  # row of [B · Hq]: sequence b's query heads h·G .. h·G + G − 1
+    dims = tl.arange(0, DIM)
+    cols = column * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(rows_in + heads[:, None] * DIM + dims[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    if TRANSPOSED:  # [d, BLOCK] of R_hᵀ: R_h's rows `cols`
+        matrix = tl.load(rotations + h * DIM * DIM + cols[None, :] * DIM + dims[:, None])
+    else:
+        matrix = tl.load(rotations + h * DIM * DIM + dims[:, None] * DIM + cols[None, :])
+    o = tl.dot(x, matrix, input_precision="ieee")  # [ROWS, BLOCK] fp32
+    if JOIN:
+        q = tl.load(query + heads[:, None] * DIM + dims[None, :], mask=valid[:, None], other=0.0).to(
+            tl.float32
+        )
+        k = tl.load(keys + bh * DIM + dims).to(tl.float32)
+        v = tl.load(values + bh * DIM + cols).to(tl.float32)
+        logit = tl.sum(q * k[None, :], axis=1) * scaling
+        codes_lse = tl.load(lse + heads, mask=valid, other=0.0)
+        weight = 1.0 / (1.0 + tl.exp(codes_lse - logit))  # lse = −inf: exp(−inf) = 0, weight 1
+        w, v = weight[:, None], v[None, :]
+        o = tl.where(w < 0.5, o + w * (v - o), v - (v - o) * (1.0 - w))  # torch.lerp's: exact at w = 0 and 1
+    tl.store(result + heads[:, None] * DIM + cols[None, :], o, mask=valid[:, None])
+
+
+def supports(dim: int) -> bool:
+    """Whether the step's ends take head_dim `dim` (else they run in PyTorch)."""
+    return dim >= BLOCK_DIM and dim & (dim - 1) == 0
+
+
+def _launch(x, rotations, transposed, query=None, keys=None, values=None, lse=None, scaling=None):
+    batch, q_heads, q_len, dim = x.shape
+    kv_heads = rotations.shape[0]
+    if q_len != 1 or not supports(dim) or rotations.shape[1:] != (dim, dim) or q_heads % kv_heads:
+        raise ValueError(
+            f"a step's ends take one query token, d a power of two ≥ {BLOCK_DIM} and [KVH, d, d] rotations "
+            f"with KVH dividing the query heads, not {tuple(x.shape)} and rotations {tuple(rotations.shape)}"
+        )
+    join = query is not None
+    if join and (keys.shape != (batch, kv_heads, 1, dim) or values.shape != keys.shape):
+        raise ValueError(f"one exact key and value per KV head, [B, KVH, 1, d]: not {tuple(keys.shape)}")
+    group = q_heads // kv_heads
+    result = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    x = x.contiguous()
+    _step_end_kernel[(batch * kv_heads, dim // BLOCK_DIM)](
+        x, lse.float().contiguous() if join else x, rotations.float().contiguous(),
+        query.contiguous() if join else x, keys.contiguous() if join else x,
+        values.contiguous() if join else x, result, float(scaling or 0.0),
+        KV_HEADS=kv_heads, GROUP=group, ROWS=max(MIN_ROWS, triton.next_power_of_2(group)), DIM=dim,
+        BLOCK=BLOCK_DIM, TRANSPOSED=transposed, JOIN=join,
+    )  # fmt: skip
+    return result
+
+
+def rotate_queries(query: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """query [B, Hq, 1, d] (any float dtype) → [B, Hq, 1, d] fp32, each query head times its KV head's
+    rotation Π ([KVH, d, d]): Πq, the rotated domain `decode_attention` scores in."""
+    return _launch(query, rotations, transposed=True)
+
+
+def finish_step(out, lse, rotations, query=None, keys=None, values=None, scaling: float | None = None):
+    """out [B, Hq, 1, d] fp32 in each KV head's rotated domain → [B, Hq, 1, d] fp32 rotated back by
+    `rotations` [KVH, d, d] (each head's rows times its KV head's matrix); with query [B, Hq, 1, d], keys and
+    values [B, KVH, 1, d] (one exact token every query sees; any float dtype) and scaling, that token joined
+    by one softmax with the codes' log-sum-exp lse [B, Hq, 1] (fp32)."""
+    return _launch(out, rotations, False, query, keys, values, lse, scaling)

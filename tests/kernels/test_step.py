@@ -1,0 +1,68 @@
+"""A step's two ends in one launch each (rotate the query in; rotate back, join the own exact token) against
+float64."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from tqlab.kernels.step import finish_step, rotate_queries  # noqa: E402
+from tqlab.quant import TurboQuantMSE  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def case(batch, kv_heads, group, dim, seed):
+    g = torch.Generator().manual_seed(seed)
+    rotations = torch.stack(
+        [
+            TurboQuantMSE(dim, 2, rotation="random_haar", seed=seed + h).rotation.matrix()
+            for h in range(kv_heads)
+        ]
+    ).float()
+    out = torch.randn(batch, kv_heads * group, 1, dim, generator=g)
+    lse = 3 * torch.randn(batch, kv_heads * group, 1, generator=g)
+    lse[0, -1] = float("-inf")  # a row that saw no code
+    query = torch.randn(batch, kv_heads * group, 1, dim, generator=g)
+    keys, values = (torch.randn(batch, kv_heads, 1, dim, generator=g).bfloat16() for _ in "kv")
+    return rotations, out, lse, query, keys, values
+
+
+@pytest.mark.parametrize("batch,kv_heads,group,dim", [(1, 2, 6, 128), (2, 1, 4, 64), (1, 2, 16, 256)])
+def test_rotated_back_and_joined_as_one_float64_softmax(batch, kv_heads, group, dim):
+    rotations, out, lse, query, keys, values = case(batch, kv_heads, group, dim, seed=dim + group)
+    scaling = dim**-0.5
+    on = [t.to(DEVICE) for t in (out, lse, rotations, query, keys, values)]
+    rotated = finish_step(*on[:3]).cpu().double()
+    joined = finish_step(*on, scaling=scaling).cpu().double()
+    heads = out.double().unflatten(1, (kv_heads, group))  # [B, KVH, G, 1, d]
+    back = torch.einsum("bhgtd,hde->bhgte", heads, rotations.double())
+    torch.testing.assert_close(rotated, back.flatten(1, 2), rtol=0, atol=1e-5)
+    q = query.double().unflatten(1, (kv_heads, group))
+    logit = torch.einsum("bhgtd,bhnd->bhgtn", q, keys.double()) * scaling
+    weights = torch.softmax(
+        torch.cat([lse.double().unflatten(1, (kv_heads, group))[..., None], logit], -1), -1
+    )
+    want = weights[..., :1] * back + weights[..., 1:] * values.double()[:, :, None]
+    torch.testing.assert_close(joined, want.flatten(1, 2), rtol=0, atol=1e-5)
+    assert torch.equal(joined[0, -1], values[0, -1, 0].double()[None].expand(1, dim))  # no codes: v alone
+
+
+@pytest.mark.parametrize("batch,kv_heads,group,dim", [(1, 2, 6, 128), (2, 4, 1, 64), (1, 1, 16, 256)])
+def test_queries_rotated_per_kv_head(batch, kv_heads, group, dim):
+    rotations, _, _, query, _, _ = case(batch, kv_heads, group, dim, seed=3 * dim + group)
+    query = query.bfloat16()  # as a model hands it over: read as fp32 inside
+    rotated = rotate_queries(query.to(DEVICE), rotations.to(DEVICE)).cpu().double()
+    heads = query.double().unflatten(1, (kv_heads, group))  # [B, KVH, G, 1, d]
+    want = torch.einsum("bhgtd,hed->bhgte", heads, rotations.double())  # Πq per head: R_h @ q
+    torch.testing.assert_close(rotated, want.flatten(1, 2), rtol=0, atol=1e-5)
+
+
+def test_shapes_it_cannot_take_are_refused():
+    rotations, out, lse, query, keys, values = case(1, 2, 2, 64, seed=0)
+    with pytest.raises(ValueError, match="one query token"):
+        finish_step(out.expand(1, 4, 2, 64), lse, rotations)
+    with pytest.raises(ValueError, match="KVH dividing"):
+        rotate_queries(query[:, :3], rotations)
+    with pytest.raises(ValueError, match="one exact key"):
+        finish_step(out, lse, rotations, query, keys.expand(1, 2, 2, 64), values, scaling=1.0)
