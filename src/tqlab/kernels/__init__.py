@@ -4,6 +4,7 @@ from tqlab.kernels import centroid_table, decode_attention, quantize_mse
 indices, norms = quantize_mse(x, codec.rotation.matrix(), codec.boundaries)
 out = codec.rotation.inverse(decode_attention(codec.rotation.apply(q), ..., centroid_table(codec.centroids), ...))
 TurboQuant-Prod: `quantize_prod`, and `decode_attention(..., key_sketch=QJLSketch(...), value_sketch=...)`.
+A frozen (CUDA-graph) decode step rotates its query and finishes its output in one launch each (`kernels.step`).
 
 Nothing else in tqlab imports this package, so `import tqlab` needs neither triton nor a GPU. Without a
 GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported).
