@@ -28,11 +28,20 @@ def case(batch, kv_heads, group, dim, seed):
     return rotations, out, lse, query, keys, values
 
 
-@pytest.mark.parametrize("batch,kv_heads,group,dim", [(1, 2, 6, 128), (2, 1, 4, 64), (1, 2, 16, 256)])
-def test_rotated_back_and_joined_as_one_float64_softmax(batch, kv_heads, group, dim):
+@pytest.mark.parametrize(  # the model's dtype for the query, and a strided view of it
+    "batch,kv_heads,group,dim,model_query",
+    [(1, 2, 6, 128, True), (2, 1, 4, 64, False), (2, 2, 16, 256, True)],
+)
+def test_rotated_back_and_joined_as_one_float64_softmax(batch, kv_heads, group, dim, model_query):
     rotations, out, lse, query, keys, values = case(batch, kv_heads, group, dim, seed=dim + group)
     scaling = dim**-0.5
     on = [t.to(DEVICE) for t in (out, lse, rotations, query, keys, values)]
+    if model_query:
+        query = query.bfloat16()  # the float64 reference below reads the same bf16 values
+        wide = torch.zeros(*query.shape[:-1], 2 * dim, dtype=query.dtype)
+        wide[..., ::2] = query
+        on[3] = wide.to(DEVICE)[..., ::2]
+        assert not on[3].is_contiguous()
     rotated = finish_step(*on[:3]).cpu().double()
     joined = finish_step(*on, scaling=scaling).cpu().double()
     heads = out.double().unflatten(1, (kv_heads, group))  # [B, KVH, G, 1, d]
@@ -64,5 +73,7 @@ def test_shapes_it_cannot_take_are_refused():
         finish_step(out.expand(1, 4, 2, 64), lse, rotations)
     with pytest.raises(ValueError, match="KVH dividing"):
         rotate_queries(query[:, :3], rotations)
+    with pytest.raises(ValueError, match="and a scaling"):
+        finish_step(out, lse, rotations, query, keys, values)
     with pytest.raises(ValueError, match="one exact key"):
         finish_step(out, lse, rotations, query, keys.expand(1, 2, 2, 64), values, scaling=1.0)

@@ -123,8 +123,8 @@ def _attend_static(layer, query: torch.Tensor, attention_mask, scaling: float) -
         )
     own = 0 if layer._step_states is None else 1  # prefill_exact: the step's own token is attended exactly
     window = layer.layout.recent_window
-    fused_ends = step.supports(query.shape[-1])  # the rotations (and the own token's join) in one launch each
-    q_rot = (step.rotate_queries if fused_ends else _rotate)(query, layer.rotations["key"])
+    # the step's ends in one launch each (packed codes have d a power of two ≥ 32, as the step kernels need)
+    q_rot = step.rotate_queries(query, layer.rotations["key"])
     k, v = layer.packed["key"].tensors, layer.packed["value"].tensors
     out, lse = decode_attention(
         q_rot, k["indices"], k["norms"], v["indices"], v["norms"], layer.tables["key"], layer.tables["value"],
@@ -144,7 +144,7 @@ def _attend_static(layer, query: torch.Tensor, attention_mask, scaling: float) -
     if own:
         parts.append((*layer._step_states, None))
     rotations = layer.rotations["value"]
-    if fused_ends and len(parts) <= own:  # nothing exact, or the own token alone
+    if len(parts) <= own:  # nothing exact, or the own token alone: rotated back and joined in one launch
         return step.finish_step(out, lse, rotations, *((query, *parts[0][:2], scaling) if parts else ()))
     out = _rotate_back(out, rotations)
     if parts:
@@ -207,9 +207,10 @@ def _with_exact(out, lse, query, keys, values, seen, scaling: float) -> torch.Te
 
 
 def _with_one_exact(out, lse, query, keys, values, scaling: float) -> torch.Tensor:
-    """`_with_exact` for one exact key that every query sees: the softmax over [codes' log-sum-exp, its logit]
-    is a sigmoid and the mix a lerp, a handful of kernels instead of a dozen per layer per replayed step. A
-    row that saw no code (log-sum-exp −inf) gets weight 1 on the exact value."""
+    """`_with_exact` for one exact key that every query sees (an eager prefill_exact step's own token): the
+    softmax over [codes' log-sum-exp, its logit] is a sigmoid and the mix a lerp, a handful of kernels instead
+    of a dozen per layer. A row that saw no code (log-sum-exp −inf) gets weight 1 on the exact value. A frozen
+    step does the same in one launch (`kernels.step.finish_step`)."""
     batch, q_heads, q_len, dim = query.shape
     rows = (batch, keys.shape[1], -1)  # [B, KVH, G·Tq, ...]: a KV head's query rows, head-major
     logit = query.float().reshape(*rows, dim) @ keys.float().transpose(-1, -2)  # [B, KVH, G·Tq, 1]

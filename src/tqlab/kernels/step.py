@@ -59,15 +59,16 @@ def _step_end_kernel(
     tl.store(result + heads[:, None] * DIM + cols[None, :], o, mask=valid[:, None])
 
 
-def supports(dim: int) -> bool:
-    """Whether the step's ends take head_dim `dim` (else they run in PyTorch)."""
-    return dim >= BLOCK_DIM and dim & (dim - 1) == 0
-
-
 def _launch(x, rotations, transposed, query=None, keys=None, values=None, lse=None, scaling=None):
     batch, q_heads, q_len, dim = x.shape
     kv_heads = rotations.shape[0]
-    if q_len != 1 or not supports(dim) or rotations.shape[1:] != (dim, dim) or q_heads % kv_heads:
+    if (
+        q_len != 1
+        or dim < BLOCK_DIM
+        or dim & (dim - 1)
+        or rotations.shape[1:] != (dim, dim)
+        or q_heads % kv_heads
+    ):
         raise ValueError(
             f"a step's ends take one query token, d a power of two ≥ {BLOCK_DIM} and [KVH, d, d] rotations "
             f"with KVH dividing the query heads, not {tuple(x.shape)} and rotations {tuple(rotations.shape)}"
@@ -75,13 +76,18 @@ def _launch(x, rotations, transposed, query=None, keys=None, values=None, lse=No
     join = query is not None
     if join and (keys.shape != (batch, kv_heads, 1, dim) or values.shape != keys.shape):
         raise ValueError(f"one exact key and value per KV head, [B, KVH, 1, d]: not {tuple(keys.shape)}")
+    if join and (query.shape != x.shape or lse.shape != x.shape[:3] or scaling is None):
+        raise ValueError(
+            f"the join takes query {tuple(x.shape)}, lse {tuple(x.shape[:3])} and a scaling: got query "
+            f"{tuple(query.shape)}, lse {tuple(lse.shape)}, scaling {scaling}"
+        )
     group = q_heads // kv_heads
     result = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     x = x.contiguous()
     _step_end_kernel[(batch * kv_heads, dim // BLOCK_DIM)](
         x, lse.float().contiguous() if join else x, rotations.float().contiguous(),
         query.contiguous() if join else x, keys.contiguous() if join else x,
-        values.contiguous() if join else x, result, float(scaling or 0.0),
+        values.contiguous() if join else x, result, float(scaling) if join else 0.0,
         KV_HEADS=kv_heads, GROUP=group, ROWS=max(MIN_ROWS, triton.next_power_of_2(group)), DIM=dim,
         BLOCK=BLOCK_DIM, TRANSPOSED=transposed, JOIN=join,
     )  # fmt: skip
