@@ -308,3 +308,89 @@ def test_the_overflow_flag_is_set_exactly_where_a_stored_norm_is_not_finite(prod
     ):
         with pytest.raises(ValueError, match="expected an int32 tensor of one element on"):
             quantize_mse(*arguments, overflow=wrong)
+
+
+@pytest.mark.parametrize(  # MSE with the signed halves; centered; Prod; keys and values of other widths
+    "dim, key_bits, value_bits, kind",
+    [(256, 4, 4, "mse"), (128, 3, 3, "centered"), (64, 3, 3, "prod"), (64, 4, 2, "mse")],
+)
+def test_keys_and_values_run_together_as_two_calls_would(dim, key_bits, value_bits, kind, monkeypatch):
+    """run_together (a frozen step's keys and values): each side's codes, norms, sketch and overflow flag are
+    those of its own call, written at the one device-side count; one launch when the settings agree, else
+    two."""
+    from tqlab.kernels import quantize
+
+    generator = torch.Generator().manual_seed(dim + key_bits + value_bits)
+    batch, heads, capacity, first = 2, 2, 7, 4
+    at = torch.tensor(first, device=DEVICE)
+
+    def side(bits: int, seed: int):
+        codecs = [
+            TurboQuantProd(dim, bits, seed=seed + h)
+            if kind == "prod"
+            else TurboQuantMSE(dim, bits, seed=seed + h)
+            for h in range(heads)
+        ]
+        mse = [c.mse if kind == "prod" else c for c in codecs]
+        rotation = torch.stack([c.rotation.matrix() for c in mse]).to(DEVICE)
+        x = torch.randn(batch, heads, 1, dim, generator=generator) + 0.3
+        if seed == 20:  # one value too long for an fp16 norm: its side's flag alone is set
+            x[1, 0] *= 1e5
+        x = x.to(DEVICE, torch.bfloat16)
+        mean = torch.randn(heads, dim, generator=generator).to(DEVICE) if kind == "centered" else None
+        fields = {"indices": (mse[0].bits * dim // 8,), "norms": ()}
+        if kind == "prod":
+            fields = {
+                "indices": (mse[0].bits * dim // 8,),
+                "signs": (dim // 8,),
+                "norms": (),
+                "residual_norms": (),
+            }
+        stores = [_store([((batch, heads), shape) for shape in fields.values()], capacity) for _ in range(2)]
+        overflow = [torch.zeros(1, dtype=torch.int32, device=DEVICE) for _ in range(2)]
+        boundaries = mse[0].boundaries.to(DEVICE)
+
+        def call(store, flag, launch):
+            if kind == "prod":
+                projection = torch.stack([c.projection for c in codecs]).to(DEVICE)
+                return quantize_prod(
+                    x, rotation, boundaries, projection, mse[0].centroids.to(DEVICE), into=store, at=at,
+                    overflow=flag, launch=launch,
+                )  # fmt: skip
+            return quantize_mse(
+                x, rotation, boundaries, mean=mean, into=store, at=at, overflow=flag, launch=launch
+            )
+
+        return call, stores, overflow
+
+    key_call, key_stores, key_flags = side(key_bits, 10)
+    value_call, value_stores, value_flags = side(value_bits, 20)
+    grids = []
+    launcher = quantize._quantize_rows
+    monkeypatch.setattr(quantize, "_quantize_rows", _Spy(launcher, grids))
+    key_call(key_stores[0], key_flags[0], True)
+    value_call(value_stores[0], value_flags[0], True)
+    assert len(grids) == 2
+    outputs = quantize.run_together(
+        key_call(key_stores[1], key_flags[1], False), value_call(value_stores[1], value_flags[1], False)
+    )
+    paired = key_bits == value_bits
+    assert len(grids) == (3 if paired else 4) and (len(grids[2]) == 3) == paired
+    for stores, got in ((key_stores, outputs[0]), (value_stores, outputs[1])):
+        assert all(g is s for g, s in zip(got, stores[1], strict=True))
+        for alone, together in zip(*stores, strict=True):
+            assert torch.equal(together, alone)
+            marker = 0xA5 if alone.dtype == torch.uint8 else -3.0
+            assert (alone[:, :, first] != marker).any() and (alone[:, :, first + 1 :] == marker).all()
+    assert [f.item() for f in key_flags + value_flags] == [0, 0, 1, 1]
+
+
+class _Spy:
+    """`_quantize_rows` recording each launch's grid."""
+
+    def __init__(self, kernel, grids):
+        self.kernel, self.grids = kernel, grids
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]

@@ -165,11 +165,11 @@ class TurboQuantLayer(CacheLayerMixin):
             )  # fmt: skip
 
     def _quantize(
-        self, side: str, states: torch.Tensor, at: torch.Tensor | None = None
+        self, side: str, states: torch.Tensor, at: torch.Tensor | None = None, launch: bool = True
     ) -> tuple[torch.Tensor, ...]:
         """All KV heads of [B, KVH, T, d] in one fused quantize (each head with its own rotation): the
         tensors of `PackedCodes.fields`, or with `at` (a token count on the device) written straight into
-        the layer's storage from that token on."""
+        the layer's storage from that token on. launch=False: the checked call, for `run_together`."""
         from ..kernels import quantize_mse, quantize_prod
 
         codec = stored(self.codecs[side][0])
@@ -179,11 +179,12 @@ class TurboQuantLayer(CacheLayerMixin):
         if self.projections[side] is not None:
             return quantize_prod(
                 states, self.rotations[side], mse.boundaries, self.projections[side], mse.centroids,
-                codec.norm_dtype, tables, mean, into, at, overflow,
+                codec.norm_dtype, tables, mean, into, at, overflow, launch,
             )  # fmt: skip
         return quantize_mse(
-            states, self.rotations[side], codec.boundaries, codec.norm_dtype, tables, mean, into, at, overflow
-        )
+            states, self.rotations[side], codec.boundaries, codec.norm_dtype, tables, mean, into, at, overflow,
+            launch,
+        )  # fmt: skip
 
     @property
     def key_codecs(self) -> list:
@@ -303,12 +304,18 @@ class TurboQuantLayer(CacheLayerMixin):
                 f"layer {self.layer_idx} is frozen for one token per step and {self.capacity} tokens per sequence; "
                 f"got {tokens} new tokens with {self.length} held (cache.thaw() returns it to the eager path)"
             )
+        from ..kernels.quantize import run_together
+
         window, last = self.layout.recent_window, self._last["key"] is not None
-        # Coded now: the new token, or the window's oldest, which the new token (or under prefill_exact the
-        # previous step's, once there is one) replaces.
-        for side, states in (("key", key_states), ("value", value_states)):
-            coded = self._pending[side][..., :1, :] if window else states
-            self._quantize(side, coded, at=self._codes_held)  # written at the count, past it if it stays
+        # Coded now, keys and values in one launch where their codecs allow: the new token, or the window's
+        # oldest, which the new token (or under prefill_exact the previous step's, once there is one) replaces;
+        # written at the count, past it if it stays.
+        new = {"key": key_states, "value": value_states}
+        run_together(
+            *(self._quantize(side, self._pending[side][..., :1, :] if window else new[side], self._codes_held, False)
+              for side in SIDES)
+        )  # fmt: skip
+        for side, states in new.items():
             if window:
                 shifted = torch.cat(
                     [self._pending[side][..., 1:, :], self._last[side] if last else states], -2

@@ -243,7 +243,24 @@ def _quantize_rows(
     SIGNS: tl.constexpr, HALVES: tl.constexpr, OUT_COLS: tl.constexpr, SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr,
     F32_DOT: tl.constexpr, SKETCH: tl.constexpr, PERMUTED: tl.constexpr, CENTERED: tl.constexpr, AT: tl.constexpr,
     OVERFLOW: tl.constexpr,
+    x2=None, matrix2=None, boundaries2=None, codes2=None, norms2=None, row_signs2=None, x_stride_g2=0,
+    x_stride_t2=0, centroids2=None, sketch_t2=None, sketch_signs2=None, residual_norms2=None, mean2=None,
+    signed_mean2=None, out_rows2=0, overflow2=None, PAIR: tl.constexpr = False,
 ):  # fmt: skip
+    if PAIR:  # two calls of the same shape and settings in one launch (a step's keys and values): grid axis 2
+        if tl.program_id(2) == 1:
+            x, matrix, boundaries, codes, norms = x2, matrix2, boundaries2, codes2, norms2
+            x_stride_g, x_stride_t, out_rows = x_stride_g2, x_stride_t2, out_rows2
+            if HALVES:
+                row_signs = row_signs2
+            if SKETCH:
+                centroids, sketch_t, sketch_signs, residual_norms = (
+                    centroids2, sketch_t2, sketch_signs2, residual_norms2
+                )  # fmt: skip
+            if CENTERED:
+                mean, signed_mean = mean2, signed_mean2
+            if OVERFLOW:
+                overflow = overflow2
     g = tl.program_id(1).to(tl.int64)  # a group of rows that share one rotation (a KV head)
     row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     valid = row < rows
@@ -371,6 +388,7 @@ def quantize_mse(
     into: tuple[torch.Tensor, ...] | None = None,
     at: torch.Tensor | None = None,
     overflow: torch.Tensor | None = None,
+    launch: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., d] → (indices uint8 [..., packed_row_bytes(d, bits)], norms [...] in norm_dtype): the
     tensors of `TurboQuantMSE.quantize`. rotation: Π as [d, d] (`codec.rotation.matrix()`, built once), or
@@ -385,9 +403,11 @@ def quantize_mse(
     (that would stall the stream). Unlike the codec it does not raise for norms that overflow norm_dtype (they
     come back inf, and a non-finite x's NaN), since reading that back would stall the GPU stream on every call:
     overflow, an int32 tensor of one element on x's device, is set to 1 where one does and left as it is
-    otherwise, for the caller to read when it syncs anyway (`TurboQuantCache.check_norms`)."""
+    otherwise, for the caller to read when it syncs anyway (`TurboQuantCache.check_norms`). launch=False:
+    the checked call as a `QuantizeLaunch`, for `run_together`."""
     tables = tables or quantize_tables(rotation, boundaries, x.dtype, mean=mean)
-    return _quantize(x, rotation, boundaries, norm_dtype, tables, mean, into, at, overflow, sketch=False)
+    call = _quantize(x, rotation, boundaries, norm_dtype, tables, mean, into, at, overflow, sketch=False)
+    return call.run() if launch else call
 
 
 def quantize_prod(
@@ -402,6 +422,7 @@ def quantize_prod(
     into: tuple[torch.Tensor, ...] | None = None,
     at: torch.Tensor | None = None,
     overflow: torch.Tensor | None = None,
+    launch: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [..., d] → (indices, signs, norms, residual_norms): the tensors of `TurboQuantProd.quantize` (its
     `ProdCode` fields), in the same pass: the Stage-1 codes as `quantize_mse` (rotation and boundaries of
@@ -409,7 +430,7 @@ def quantize_prod(
     `codec.projection`, [d, d] or one per KV head, [H, d, d]; qjl_dim = d only) and ‖r‖. S r is summed in
     tf32x3 on a GPU: a sign may differ from the codec's where |S r| is within round-off of 0.
     centroids: `codec.mse.centroids`. tables: `quantize_tables(rotation, boundaries, x.dtype, projection,
-    centroids, mean)`, built once on the hot path. mean, into (the four tensors), at, overflow: as in
+    centroids, mean)`, built once on the hot path. mean, into (the four tensors), at, overflow, launch: as in
     `quantize_mse`."""
     dim = x.shape[-1]
     if tuple(projection.shape) != tuple(rotation.shape):
@@ -432,7 +453,8 @@ def quantize_prod(
             f"tables hold a {tuple(tables.sketch_t.shape)} projection on {tables.sketch_t.device}; x needs one per "
             f"rotation ({tuple(rotation.shape)}) on {x.device}: quantize_tables(..., projection, centroids)"
         )
-    return _quantize(x, rotation, boundaries, norm_dtype, tables, mean, into, at, overflow, sketch=True)
+    call = _quantize(x, rotation, boundaries, norm_dtype, tables, mean, into, at, overflow, sketch=True)
+    return call.run() if launch else call
 
 
 def _quantize(
@@ -521,19 +543,62 @@ def _quantize(
     else:
         tile = min(dim, TF32_TILE if x.is_cuda else INTERPRETER_TILE)
     block_rows = sketch_rows if sketch else BLOCK_ROWS
-    _quantize_rows[(triton.cdiv(rows.shape[1], block_rows), rows.shape[0])](
-        rows, tables.matrix, tables.boundaries, out["indices"], out["norms"], tables.row_signs, rows.shape[1],
-        rows.stride(0),
-        rows.stride(1), rotation.shape[0] if per_head else 1, dim**-0.5, tables.centroids, tables.sketch_t,
-        out.get("signs"), out.get("residual_norms"), tables.mean, tables.signed_mean, out_rows, at, overflow,
-        DIM=dim, BITS=bits, BLOCK_ROWS=block_rows, COLS=tile,
-        SIGNS=tables.signs, HALVES=halves, OUT_COLS=step, SYMMETRIC=tables.symmetric,
-        PRECISION="tf32x3" if x.is_cuda else "ieee", F32_DOT=not x.is_cuda, SKETCH=sketch,
-        PERMUTED=_permuted_columns(bits, halves, sketch), CENTERED=mean is not None, AT=at is not None,
-        OVERFLOW=overflow is not None,
-        num_warps=SKETCH_WARPS if sketch else SIGN_WARPS if tables.signs else TF32_WARPS, num_stages=1,
+    return QuantizeLaunch(
+        grid=(triton.cdiv(rows.shape[1], block_rows), rows.shape[0]),
+        shared=dict(rows=rows.shape[1], rotations=rotation.shape[0] if per_head else 1, inv_sqrt_d=dim**-0.5, at=at),
+        own=dict(
+            x=rows, matrix=tables.matrix, boundaries=tables.boundaries, codes=out["indices"], norms=out["norms"],
+            row_signs=tables.row_signs, x_stride_g=rows.stride(0), x_stride_t=rows.stride(1),
+            centroids=tables.centroids, sketch_t=tables.sketch_t, sketch_signs=out.get("signs"),
+            residual_norms=out.get("residual_norms"), mean=tables.mean, signed_mean=tables.signed_mean,
+            out_rows=out_rows, overflow=overflow,
+        ),
+        meta=dict(
+            DIM=dim, BITS=bits, BLOCK_ROWS=block_rows, COLS=tile,
+            SIGNS=tables.signs, HALVES=halves, OUT_COLS=step, SYMMETRIC=tables.symmetric,
+            PRECISION="tf32x3" if x.is_cuda else "ieee", F32_DOT=not x.is_cuda, SKETCH=sketch,
+            PERMUTED=_permuted_columns(bits, halves, sketch), CENTERED=mean is not None, AT=at is not None,
+            OVERFLOW=overflow is not None,
+            num_warps=SKETCH_WARPS if sketch else SIGN_WARPS if tables.signs else TF32_WARPS, num_stages=1,
+        ),
+        outputs=tuple(into),
     )  # fmt: skip
-    return tuple(into)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeLaunch:
+    """One checked quantize call, not yet launched (`quantize_mse(..., launch=False)`): `run()` launches it,
+    `run_together` launches several."""
+
+    grid: tuple[int, int]
+    shared: dict  # the kernel's arguments that two paired calls must share
+    own: dict  # its arguments that are each call's own (a second call's take the suffix 2)
+    meta: dict  # its compile-time settings and launch options
+    outputs: tuple  # the tensors the codes are written into, as quantize_mse / quantize_prod return them
+
+    def run(self) -> tuple:
+        _quantize_rows[self.grid](**self.shared, **self.own, **self.meta)
+        return self.outputs
+
+
+def _pairable(a: QuantizeLaunch, b: QuantizeLaunch) -> bool:
+    same = a.grid == b.grid and a.meta == b.meta and a.shared.keys() == b.shared.keys()
+    return same and all(
+        (a.shared[k] is b.shared[k]) if isinstance(a.shared[k], torch.Tensor) else a.shared[k] == b.shared[k]
+        for k in a.shared
+    )
+
+
+def run_together(*launches: QuantizeLaunch) -> list[tuple]:
+    """Each launch's outputs, as `run()` returns them, with two launches of one shape and the same settings
+    (a frozen decode step's keys and values, coded at one device-side count) in one kernel launch: the
+    second call's programs are the grid's second plane. Otherwise one launch each."""
+    if len(launches) == 2 and _pairable(*launches):
+        first, second = launches
+        second_args = {f"{name}2": value for name, value in second.own.items()}
+        _quantize_rows[(*first.grid, 2)](**first.shared, **first.own, **second_args, **first.meta, PAIR=True)
+        return [first.outputs, second.outputs]
+    return [launch.run() for launch in launches]
 
 
 def _check_into(x, into, at, shapes: dict, norm_dtype) -> int:
