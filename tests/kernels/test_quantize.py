@@ -310,9 +310,15 @@ def test_the_overflow_flag_is_set_exactly_where_a_stored_norm_is_not_finite(prod
             quantize_mse(*arguments, overflow=wrong)
 
 
-@pytest.mark.parametrize(  # MSE with the signed halves; centered; Prod; keys and values of other widths
+@pytest.mark.parametrize(  # MSE with the signed halves; centered; Prod; other widths; values with fp32 norms
     "dim, key_bits, value_bits, kind",
-    [(256, 4, 4, "mse"), (128, 3, 3, "centered"), (64, 3, 3, "prod"), (64, 4, 2, "mse")],
+    [
+        (256, 4, 4, "mse"),
+        (128, 3, 3, "centered"),
+        (64, 3, 3, "prod"),
+        (64, 4, 2, "mse"),
+        (64, 3, 3, "fp32 norms"),
+    ],
 )
 def test_keys_and_values_run_together_as_two_calls_would(dim, key_bits, value_bits, kind, monkeypatch):
     """run_together (a frozen step's keys and values): each side's codes, norms, sketch and overflow flag are
@@ -347,6 +353,8 @@ def test_keys_and_values_run_together_as_two_calls_would(dim, key_bits, value_bi
                 "residual_norms": (),
             }
         stores = [_store([((batch, heads), shape) for shape in fields.values()], capacity) for _ in range(2)]
+        norm_dtype = torch.float32 if kind == "fp32 norms" and seed == 20 else torch.float16
+        stores = [tuple(t.to(norm_dtype) if t.is_floating_point() else t for t in store) for store in stores]
         overflow = [torch.zeros(1, dtype=torch.int32, device=DEVICE) for _ in range(2)]
         boundaries = mse[0].boundaries.to(DEVICE)
 
@@ -358,7 +366,15 @@ def test_keys_and_values_run_together_as_two_calls_would(dim, key_bits, value_bi
                     overflow=flag, launch=launch,
                 )  # fmt: skip
             return quantize_mse(
-                x, rotation, boundaries, mean=mean, into=store, at=at, overflow=flag, launch=launch
+                x,
+                rotation,
+                boundaries,
+                norm_dtype,
+                mean=mean,
+                into=store,
+                at=at,
+                overflow=flag,
+                launch=launch,
             )
 
         return call, stores, overflow
@@ -374,7 +390,7 @@ def test_keys_and_values_run_together_as_two_calls_would(dim, key_bits, value_bi
     outputs = quantize.run_together(
         key_call(key_stores[1], key_flags[1], False), value_call(value_stores[1], value_flags[1], False)
     )
-    paired = key_bits == value_bits
+    paired = key_bits == value_bits and kind != "fp32 norms"  # arguments of other types: two launches
     assert len(grids) == (3 if paired else 4) and (len(grids[2]) == 3) == paired
     for stores, got in ((key_stores, outputs[0]), (value_stores, outputs[1])):
         assert all(g is s for g, s in zip(got, stores[1], strict=True))
@@ -382,7 +398,7 @@ def test_keys_and_values_run_together_as_two_calls_would(dim, key_bits, value_bi
             assert torch.equal(together, alone)
             marker = 0xA5 if alone.dtype == torch.uint8 else -3.0
             assert (alone[:, :, first] != marker).any() and (alone[:, :, first + 1 :] == marker).all()
-    assert [f.item() for f in key_flags + value_flags] == [0, 0, 1, 1]
+    assert [f.item() for f in key_flags + value_flags] == [0, 0] + [int(kind != "fp32 norms")] * 2
 
 
 class _Spy:
@@ -394,3 +410,55 @@ class _Spy:
     def __getitem__(self, grid):
         self.grids.append(grid)
         return self.kernel[grid]
+
+
+PAIRED_COMPILE = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from tqlab.kernels import quantize
+
+kernel = quantize._quantize_rows
+types = {"x": "*bf16", "matrix": "*bf16", "codes": "*u8", "norms": "*fp16", "sketch_signs": "*u8",
+         "residual_norms": "*fp16", "at": "*i64", "overflow": "*i32", "inv_sqrt_d": "fp32"}
+fp32 = {"boundaries", "row_signs", "centroids", "sketch_t", "mean", "signed_mean"}
+for dim, halves, sketch, centered in [(128, False, False, False), (256, True, False, True), (64, False, True, False)]:
+    unused = set()
+    if not halves:
+        unused |= {"row_signs"}
+    if not sketch:
+        unused |= {"centroids", "sketch_t", "sketch_signs", "residual_norms"}
+    if not centered:
+        unused |= {"mean", "signed_mean"}
+    constants = dict(
+        DIM=dim, BITS=4, BLOCK_ROWS=32 if sketch else 64, COLS=128 if dim > 64 else 64, SIGNS=True,
+        HALVES=halves, OUT_COLS=32 if sketch else 64, SYMMETRIC=True, PRECISION="tf32x3", F32_DOT=False,
+        SKETCH=sketch, PERMUTED=halves, CENTERED=centered, AT=True, OVERFLOW=True, PAIR=True, rows=1,
+        **{name + suffix: None for name in unused for suffix in ("", "2")},
+    )
+    base = {n: n.removesuffix("2") for n in kernel.arg_names}
+    signature = {
+        n: "constexpr" if n in constants else types.get(base[n], "*fp32" if base[n] in fp32 else "i32")
+        for n in kernel.arg_names
+    }
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
+    triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=1))
+"""
+
+
+def test_paired_launches_compile_for_a_gpu():
+    """The interpreter runs run_together's argument swap as plain Python; compiled, each swapped argument must
+    keep its type. A decode step's shapes (MSE, the signed halves centered, Prod) compile for sm_90."""
+    import os
+    import subprocess
+    import sys
+
+    import triton
+
+    if not os.path.exists(
+        os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    ):
+        pytest.skip("this triton wheel ships no ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", PAIRED_COMPILE], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -581,18 +581,33 @@ class QuantizeLaunch:
         return self.outputs
 
 
+def _kind(value):
+    """What the compiled kernel's type for an argument depends on: a tensor's dtype, None, or for an int
+    whether Triton makes it the constant 1 (the second call's arguments replace the first's inside one
+    compiled kernel, so each pair must compile to one type)."""
+    if isinstance(value, torch.Tensor):
+        return value.dtype
+    return value if value is None else value == 1
+
+
 def _pairable(a: QuantizeLaunch, b: QuantizeLaunch) -> bool:
     same = a.grid == b.grid and a.meta == b.meta and a.shared.keys() == b.shared.keys()
-    return same and all(
-        (a.shared[k] is b.shared[k]) if isinstance(a.shared[k], torch.Tensor) else a.shared[k] == b.shared[k]
-        for k in a.shared
+    return (
+        same
+        and all(
+            (a.shared[k] is b.shared[k])
+            if isinstance(a.shared[k], torch.Tensor)
+            else a.shared[k] == b.shared[k]
+            for k in a.shared
+        )
+        and all(_kind(a.own[k]) == _kind(b.own[k]) for k in a.own)
     )
 
 
 def run_together(*launches: QuantizeLaunch) -> list[tuple]:
-    """Each launch's outputs, as `run()` returns them, with two launches of one shape and the same settings
-    (a frozen decode step's keys and values, coded at one device-side count) in one kernel launch: the
-    second call's programs are the grid's second plane. Otherwise one launch each."""
+    """Each launch's outputs, as `run()` returns them, with two launches of one shape, the same settings and
+    arguments of the same types (a frozen decode step's keys and values, coded at one device-side count) in one
+    kernel launch: the second call's programs are the grid's second plane. Otherwise one launch each."""
     if len(launches) == 2 and _pairable(*launches):
         first, second = launches
         second_args = {f"{name}2": value for name, value in second.own.items()}
