@@ -1,0 +1,55 @@
+"""A frozen decode step's key and value quantize: two launches against one (`kernels.quantize.run_together`),
+each replayed from a CUDA graph after an L2 flush (µs, median), written into a cache-like store at a device-side
+count as `TurboQuantLayer._update_static` writes them; the two stores compared byte for byte.
+
+    PYTHONPATH=src:benchmarks python tools/research/gpu_quantize_pair_ab.py
+"""
+
+from __future__ import annotations
+
+import torch
+from gpu_decode import bench
+
+from tqlab.kernels import quantize_mse
+from tqlab.kernels.quantize import run_together
+from tqlab.quant import TurboQuantMSE
+
+CAPACITY = 4096
+
+
+def side(batch: int, kv_heads: int, dim: int, bits: int, seed: int):
+    codecs = [TurboQuantMSE(dim, bits, rotation="fast_hadamard", seed=seed + h) for h in range(kv_heads)]
+    rotation = torch.stack([c.rotation.matrix() for c in codecs]).cuda()
+    x = torch.randn(batch, kv_heads, 1, dim, device="cuda", dtype=torch.bfloat16)
+    boundaries = codecs[0].boundaries.cuda()
+    stores = [
+        (
+            torch.zeros(batch, kv_heads, CAPACITY, dim // 8 * bits, dtype=torch.uint8, device="cuda"),
+            torch.zeros(batch, kv_heads, CAPACITY, dtype=torch.float16, device="cuda"),
+        )
+        for _ in range(2)
+    ]
+    return x, rotation, boundaries, stores
+
+
+def compare(batch: int, kv_heads: int, dim: int, bits: int) -> None:
+    at = torch.tensor(CAPACITY // 2, device="cuda")
+    flags = torch.zeros(2, 1, dtype=torch.int32, device="cuda")
+    sides = [side(batch, kv_heads, dim, bits, seed) for seed in (10, 20)]
+
+    def calls(store: int, launch: bool):
+        return [
+            quantize_mse(x, rotation, boundaries, into=stores[store], at=at, overflow=flags[i], launch=launch)
+            for i, (x, rotation, boundaries, stores) in enumerate(sides)
+        ]
+
+    apart = bench(lambda: calls(0, True))
+    together = bench(lambda: run_together(*calls(1, False)))
+    same = all(torch.equal(a, b) for _, _, _, stores in sides for a, b in zip(*stores, strict=True))
+    print(f"| {batch} | {kv_heads} | {dim} | {bits} | {apart:.1f} | {together:.1f} | {same} |")
+
+
+print("| batch | KV heads | d | bits | two launches µs | one launch µs | stores equal |")
+print("| --- | --- | --- | --- | --- | --- | --- |")
+for shape in [(1, 2, 128, 4), (1, 2, 128, 3), (8, 2, 128, 4), (1, 8, 64, 4), (8, 8, 64, 3), (16, 8, 128, 4)]:
+    compare(*shape)
