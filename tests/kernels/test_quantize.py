@@ -311,20 +311,23 @@ def test_the_overflow_flag_is_set_exactly_where_a_stored_norm_is_not_finite(prod
 
 
 @pytest.mark.parametrize(  # MSE with the signed halves; centered; Prod; other widths; values with fp32 norms
-    "dim, key_bits, value_bits, kind",
+    "dim, key_bits, value_bits, kind, with_query",
     [
-        (256, 4, 4, "mse"),
-        (128, 3, 3, "centered"),
-        (64, 3, 3, "prod"),
-        (64, 4, 2, "mse"),
-        (64, 3, 3, "fp32 norms"),
+        (256, 4, 4, "mse", True),
+        (128, 3, 3, "centered", False),
+        (64, 3, 3, "prod", True),
+        (64, 4, 2, "mse", True),
+        (64, 3, 3, "fp32 norms", False),
     ],
 )
-def test_keys_and_values_run_together_as_two_calls_would(dim, key_bits, value_bits, kind, monkeypatch):
+def test_keys_and_values_run_together_as_two_calls_would(
+    dim, key_bits, value_bits, kind, with_query, monkeypatch
+):
     """run_together (a frozen step's keys and values): each side's codes, norms, sketch and overflow flag are
     those of its own call, written at the one device-side count; one launch when the settings agree, else
-    two."""
+    two; with the step's queries, their rotation (`rotate_queries`'s) on a third plane of that launch."""
     from tqlab.kernels import quantize
+    from tqlab.kernels.step import rotate_queries
 
     generator = torch.Generator().manual_seed(dim + key_bits + value_bits)
     batch, heads, capacity, first = 2, 2, 7, 4
@@ -377,10 +380,12 @@ def test_keys_and_values_run_together_as_two_calls_would(dim, key_bits, value_bi
                 launch=launch,
             )
 
-        return call, stores, overflow
+        return call, stores, overflow, rotation
 
-    key_call, key_stores, key_flags = side(key_bits, 10)
-    value_call, value_stores, value_flags = side(value_bits, 20)
+    key_call, key_stores, key_flags, key_rotations = side(key_bits, 10)
+    value_call, value_stores, value_flags, _ = side(value_bits, 20)
+    query = torch.randn(batch, 3 * heads, 1, dim, generator=generator).to(DEVICE, torch.bfloat16)
+    together = dict(query=query, rotations=key_rotations) if with_query else {}
     grids = []
     launcher = quantize._quantize_rows
     monkeypatch.setattr(quantize, "_quantize_rows", _Spy(launcher, grids))
@@ -388,10 +393,15 @@ def test_keys_and_values_run_together_as_two_calls_would(dim, key_bits, value_bi
     value_call(value_stores[0], value_flags[0], True)
     assert len(grids) == 2
     outputs = quantize.run_together(
-        key_call(key_stores[1], key_flags[1], False), value_call(value_stores[1], value_flags[1], False)
+        key_call(key_stores[1], key_flags[1], False),
+        value_call(value_stores[1], value_flags[1], False),
+        **together,
     )
     paired = key_bits == value_bits and kind != "fp32 norms"  # arguments of other types: two launches
     assert len(grids) == (3 if paired else 4) and (len(grids[2]) == 3) == paired
+    assert len(outputs) == 2 + with_query and (not paired or grids[2][2] == 2 + with_query)
+    if with_query:
+        assert torch.equal(outputs[2], rotate_queries(query, key_rotations))
     for stores, got in ((key_stores, outputs[0]), (value_stores, outputs[1])):
         assert all(g is s for g, s in zip(got, stores[1], strict=True))
         for alone, together in zip(*stores, strict=True):
@@ -420,9 +430,11 @@ from tqlab.kernels import quantize
 
 kernel = quantize._quantize_rows
 types = {"x": "*bf16", "matrix": "*bf16", "codes": "*u8", "norms": "*fp16", "sketch_signs": "*u8",
-         "residual_norms": "*fp16", "at": "*i64", "overflow": "*i32", "inv_sqrt_d": "fp32"}
+         "residual_norms": "*fp16", "at": "*i64", "overflow": "*i32", "inv_sqrt_d": "fp32", "query": "*bf16",
+         "q_rotations": "*fp32", "q_rotated": "*fp32"}
 fp32 = {"boundaries", "row_signs", "centroids", "sketch_t", "mean", "signed_mean"}
-for dim, halves, sketch, centered in [(128, False, False, False), (256, True, False, True), (64, False, True, False)]:
+cases = [(128, False, False, False, True), (256, True, False, True, False), (64, False, True, False, True)]
+for dim, halves, sketch, centered, start in cases:
     unused = set()
     if not halves:
         unused |= {"row_signs"}
@@ -434,6 +446,7 @@ for dim, halves, sketch, centered in [(128, False, False, False), (256, True, Fa
         DIM=dim, BITS=4, BLOCK_ROWS=32 if sketch else 64, COLS=128 if dim > 64 else 64, SIGNS=True,
         HALVES=halves, OUT_COLS=32 if sketch else 64, SYMMETRIC=True, PRECISION="tf32x3", F32_DOT=False,
         SKETCH=sketch, PERMUTED=halves, CENTERED=centered, AT=True, OVERFLOW=True, PAIR=True, rows=1,
+        START=start, Q_KV_HEADS=2, Q_GROUP=6, Q_ROWS=16, Q_BLOCK=32,
         **{name + suffix: None for name in unused for suffix in ("", "2")},
     )
     base = {n: n.removesuffix("2") for n in kernel.arg_names}
@@ -447,8 +460,9 @@ for dim, halves, sketch, centered in [(128, False, False, False), (256, True, Fa
 
 
 def test_paired_launches_compile_for_a_gpu():
-    """The interpreter runs run_together's argument swap as plain Python; compiled, each swapped argument must
-    keep its type. A decode step's shapes (MSE, the signed halves centered, Prod) compile for sm_90."""
+    """The interpreter runs run_together's argument swap and early returns as plain Python; compiled, each
+    swapped argument must keep its type. A decode step's shapes compile for sm_90: MSE and Prod with the
+    query's rotation on a third plane, the signed halves centered without it."""
     import os
     import subprocess
     import sys

@@ -280,6 +280,7 @@ class TurboQuantLayer(CacheLayerMixin):
     def thaw(self) -> None:
         """Back to the eager path (a padded batch needs its attention mask again): what it holds stays, the
         last step's token (prefill_exact with a window) back among the exact tokens."""
+        self._start_step()
         if self._last["key"] is not None and self.length > self._frozen_at:
             for side in SIDES:
                 self._pending[side] = torch.cat([self._pending[side], self._last[side]], dim=-2)
@@ -306,36 +307,59 @@ class TurboQuantLayer(CacheLayerMixin):
             )
         from ..kernels.quantize import run_together
 
+        self._start_step()  # a step whose attention never ran: coded now
         window, last = self.layout.recent_window, self._last["key"] is not None
-        # Coded now, keys and values in one launch where their codecs allow: the new token, or the window's
-        # oldest, which the new token (or under prefill_exact the previous step's, once there is one) replaces;
-        # written at the count, past it if it stays.
+        # Coded, keys and values in one launch where their codecs allow: the new token, or the window's oldest,
+        # which the new token (or under prefill_exact the previous step's, once there is one) replaces; written
+        # at the count, past it if it stays. Without a window, the step's attention launches them together with
+        # its queries' rotation (`_start_step`) and counts them then.
         new = {"key": key_states, "value": value_states}
-        run_together(
-            *(self._quantize(side, self._pending[side][..., :1, :] if window else new[side], self._codes_held, False)
-              for side in SIDES)
-        )  # fmt: skip
-        for side, states in new.items():
-            if window:
+        calls = [
+            self._quantize(
+                side, self._pending[side][..., :1, :] if window else new[side], self._codes_held, False
+            )
+            for side in SIDES
+        ]
+        if not window:
+            self._starting = calls
+        else:
+            run_together(*calls)
+            for side, states in new.items():
                 shifted = torch.cat(
                     [self._pending[side][..., 1:, :], self._last[side] if last else states], -2
                 )
                 self._pending[side].copy_(
                     torch.where(self._has_last, shifted, self._pending[side]) if last else shifted
                 )
+                if last:
+                    self._last[side].copy_(states)
+            coded = self._has_last.long() if last else 1
+            self._codes_held.add_(coded)
+            self._read_lengths.add_(coded)
             if last:
-                self._last[side].copy_(states)
-        coded = self._has_last.long() if last else 1
-        self._codes_held.add_(coded)
-        self._read_lengths.add_(coded)
-        if last:
-            self._has_last.fill_(True)
+                self._has_last.fill_(True)
         self.set_length(self.length + tokens)
         exact = self.layout.protocol == "prefill_exact"
         self._step_states = (key_states, value_states) if exact else None
         marked = key_states.view_as(key_states)
         setattr(marked, attention.LAYER_MARK, self)
         return marked, value_states
+
+    def _start_step(self, query: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The quantize `_update_static` left to the step's attention, launched (with `query` [B, Hq, 1, d]:
+        in one launch with the queries' rotation into the key domain, returned) and counted; without one left,
+        the queries rotated alone."""
+        from ..kernels.quantize import run_together
+        from ..kernels.step import rotate_queries
+
+        calls, self._starting = self._starting, None
+        together = {} if query is None else dict(query=query, rotations=self.rotations["key"])
+        if calls is None:
+            return None if query is None else rotate_queries(query, self.rotations["key"])
+        outputs = run_together(*calls, **together)
+        self._codes_held.add_(1)
+        self._read_lengths.add_(1)
+        return outputs[-1] if query is not None else None
 
     def settle(self) -> None:
         """Move exact tokens beyond the recent window to the sinks (while there are fewer than
@@ -461,7 +485,7 @@ class TurboQuantLayer(CacheLayerMixin):
         self.length = self.offset = 0
         self.static, self.capacity = False, None  # frozen for CUDA-graph decode steps (`freeze`)
         self._codes_held = self._read_lengths = self._starts = self._code_starts = self._sinks_seen = None
-        self._step_states = None
+        self._step_states = self._starting = None
         self._has_last, self._frozen_at = None, 0
         self._last: dict[str, torch.Tensor | None] = {side: None for side in SIDES}
         self._sunk = {side: 0 for side in SIDES}

@@ -123,8 +123,9 @@ def _attend_static(layer, query: torch.Tensor, attention_mask, scaling: float) -
         )
     own = 0 if layer._step_states is None else 1  # prefill_exact: the step's own token is attended exactly
     window = layer.layout.recent_window
-    # the step's ends in one launch each (packed codes have d a power of two ≥ 32, as the step kernels need)
-    q_rot = step.rotate_queries(query, layer.rotations["key"])
+    # the step's ends in one launch each (packed codes have d a power of two ≥ 32, as the step kernels need);
+    # the start with the step's key and value quantize where `update` left it
+    q_rot = layer._start_step(query)
     k, v = layer.packed["key"].tensors, layer.packed["value"].tensors
     out, lse = decode_attention(
         q_rot, k["indices"], k["norms"], v["indices"], v["norms"], layer.tables["key"], layer.tables["value"],

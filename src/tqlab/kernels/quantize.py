@@ -28,6 +28,8 @@ import triton
 import triton.language as tl
 
 from .packed import MAX_BITS
+from .step import _step_end
+from .step import prepare as prepare_step_end
 
 BLOCK_ROWS = 64
 # quantize_prod per head_dim: rows per program (its S r accumulator holds d fp32 per row) and rotation output
@@ -246,7 +248,20 @@ def _quantize_rows(
     x2=None, matrix2=None, boundaries2=None, codes2=None, norms2=None, row_signs2=None, x_stride_g2=0,
     x_stride_t2=0, centroids2=None, sketch_t2=None, sketch_signs2=None, residual_norms2=None, mean2=None,
     signed_mean2=None, out_rows2=0, overflow2=None, PAIR: tl.constexpr = False,
+    query=None, q_rotations=None, q_rotated=None, Q_KV_HEADS: tl.constexpr = 1, Q_GROUP: tl.constexpr = 1,
+    Q_ROWS: tl.constexpr = 16, Q_BLOCK: tl.constexpr = 32, START: tl.constexpr = False,
 ):  # fmt: skip
+    if START:  # with PAIR, a decode step's start in one launch: plane 2 rotates the step's queries
+        if tl.program_id(2) == 2:
+            if tl.program_id(0) * Q_BLOCK >= DIM:  # the grid is as wide as the quantize needs
+                return
+            _step_end(
+                tl.program_id(1), tl.program_id(0), query, query, q_rotations, query, query, query, q_rotated,
+                0.0, Q_KV_HEADS, Q_GROUP, Q_ROWS, DIM, Q_BLOCK, True, False,
+            )  # fmt: skip
+            return
+        if tl.program_id(0) * BLOCK_ROWS >= rows:  # the grid is as wide as the rotation needs
+            return
     if PAIR:  # two calls of the same shape and settings in one launch (a step's keys and values): grid axis 2
         if tl.program_id(2) == 1:
             x, matrix, boundaries, codes, norms = x2, matrix2, boundaries2, codes2, norms2
@@ -604,16 +619,31 @@ def _pairable(a: QuantizeLaunch, b: QuantizeLaunch) -> bool:
     )
 
 
-def run_together(*launches: QuantizeLaunch) -> list[tuple]:
+def run_together(*launches: QuantizeLaunch, query=None, rotations=None) -> list:
     """Each launch's outputs, as `run()` returns them, with two launches of one shape, the same settings and
     arguments of the same types (a frozen decode step's keys and values, coded at one device-side count) in one
-    kernel launch: the second call's programs are the grid's second plane. Otherwise one launch each."""
+    kernel launch: the second call's programs are the grid's second plane. Otherwise one launch each.
+    query [B, Hq, 1, d] and rotations [KVH, d, d]: also the step's rotated queries (`step.rotate_queries`),
+    appended to the list, on a third plane of the same launch where the two calls pair."""
+    end = None if query is None else prepare_step_end(query, rotations, transposed=True)
     if len(launches) == 2 and _pairable(*launches):
         first, second = launches
         second_args = {f"{name}2": value for name, value in second.own.items()}
-        _quantize_rows[(*first.grid, 2)](**first.shared, **first.own, **second_args, **first.meta, PAIR=True)
-        return [first.outputs, second.outputs]
-    return [launch.run() for launch in launches]
+        if end is None:
+            _quantize_rows[(*first.grid, 2)](
+                **first.shared, **first.own, **second_args, **first.meta, PAIR=True
+            )
+            return [first.outputs, second.outputs]
+        (groups, columns), constants = end.grid, end.constants
+        if groups != first.grid[1] or constants["DIM"] != first.meta["DIM"]:
+            raise ValueError(f"the queries {tuple(query.shape)} are not those of these keys and values")
+        _quantize_rows[(max(columns, first.grid[0]), groups, 3)](
+            **first.shared, **first.own, **second_args, **first.meta, PAIR=True, query=end.args[0],
+            q_rotations=end.args[2], q_rotated=end.result, Q_KV_HEADS=constants["KV_HEADS"],
+            Q_GROUP=constants["GROUP"], Q_ROWS=constants["ROWS"], Q_BLOCK=constants["BLOCK"], START=True,
+        )  # fmt: skip
+        return [first.outputs, second.outputs, end.result]
+    return [launch.run() for launch in launches] + ([] if end is None else [end.launch()])
 
 
 def _check_into(x, into, at, shapes: dict, norm_dtype) -> int:

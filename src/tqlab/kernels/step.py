@@ -18,6 +18,8 @@ are fp32 `tl.dot`s at IEEE precision, so the results match `cache.fused._rotate`
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -32,7 +34,20 @@ def _step_end_kernel(
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr,
     BLOCK: tl.constexpr, TRANSPOSED: tl.constexpr, JOIN: tl.constexpr,
 ):  # fmt: skip
-    bh, column = tl.program_id(0), tl.program_id(1)
+    _step_end(
+        tl.program_id(0), tl.program_id(1), rows_in, lse, rotations, query, keys, values, result, scaling,
+        KV_HEADS, GROUP, ROWS, DIM, BLOCK, TRANSPOSED, JOIN,
+    )  # fmt: skip
+
+
+@triton.jit
+def _step_end(
+    bh, column, rows_in, lse, rotations, query, keys, values, result, scaling,
+    KV_HEADS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr,
+    BLOCK: tl.constexpr, TRANSPOSED: tl.constexpr, JOIN: tl.constexpr,
+):  # fmt: skip
+    """One program's share of an end: sequence × KV head `bh`, output coordinates `column`·BLOCK .. + BLOCK − 1
+    (also run by the quantize of a step's keys and values, `quantize.run_together(..., query=)`)."""
     h = bh % KV_HEADS
     rows = tl.arange(0, ROWS)
     valid = rows < GROUP
@@ -59,7 +74,22 @@ def _step_end_kernel(
     tl.store(result + heads[:, None] * DIM + cols[None, :], o, mask=valid[:, None])
 
 
-def _launch(x, rotations, transposed, query=None, keys=None, values=None, lse=None, scaling=None):
+@dataclasses.dataclass(frozen=True)
+class StepEnd:
+    """One end's checked arguments: `launch()` runs it alone; `quantize.run_together` can run a query
+    rotation on a plane of the step's key and value quantize."""
+
+    args: tuple  # the kernel's runtime arguments, in order
+    constants: dict  # its compile-time ones
+    grid: tuple[int, int]  # (sequences × KV heads, output blocks)
+    result: torch.Tensor
+
+    def launch(self) -> torch.Tensor:
+        _step_end_kernel[self.grid](*self.args, **self.constants)
+        return self.result
+
+
+def prepare(x, rotations, transposed, query=None, keys=None, values=None, lse=None, scaling=None) -> StepEnd:
     batch, q_heads, q_len, dim = x.shape
     kv_heads = rotations.shape[0]
     if (
@@ -84,20 +114,22 @@ def _launch(x, rotations, transposed, query=None, keys=None, values=None, lse=No
     group = q_heads // kv_heads
     result = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     x = x.contiguous()
-    _step_end_kernel[(batch * kv_heads, dim // BLOCK_DIM)](
+    args = (
         x, lse.float().contiguous() if join else x, rotations.float().contiguous(),
         query.contiguous() if join else x, keys.contiguous() if join else x,
         values.contiguous() if join else x, result, float(scaling) if join else 0.0,
+    )  # fmt: skip
+    constants = dict(
         KV_HEADS=kv_heads, GROUP=group, ROWS=max(MIN_ROWS, triton.next_power_of_2(group)), DIM=dim,
         BLOCK=BLOCK_DIM, TRANSPOSED=transposed, JOIN=join,
     )  # fmt: skip
-    return result
+    return StepEnd(args, constants, (batch * kv_heads, dim // BLOCK_DIM), result)
 
 
 def rotate_queries(query: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """query [B, Hq, 1, d] (any float dtype) → [B, Hq, 1, d] fp32, each query head times its KV head's
     rotation Π ([KVH, d, d]): Πq, the rotated domain `decode_attention` scores in."""
-    return _launch(query, rotations, transposed=True)
+    return prepare(query, rotations, transposed=True).launch()
 
 
 def finish_step(out, lse, rotations, query=None, keys=None, values=None, scaling: float | None = None):
@@ -105,4 +137,4 @@ def finish_step(out, lse, rotations, query=None, keys=None, values=None, scaling
     `rotations` [KVH, d, d] (each head's rows times its KV head's matrix); with query [B, Hq, 1, d], keys and
     values [B, KVH, 1, d] (one exact token every query sees; any float dtype) and scaling, that token joined
     by one softmax with the codes' log-sum-exp lse [B, Hq, 1] (fp32)."""
-    return _launch(out, rotations, False, query, keys, values, lse, scaling)
+    return prepare(out, rotations, False, query, keys, values, lse, scaling).launch()
