@@ -1,6 +1,8 @@
-"""A frozen decode step's key and value quantize: two launches against one (`kernels.quantize.run_together`),
-each replayed from a CUDA graph after an L2 flush (µs, median), written into a cache-like store at a device-side
-count as `TurboQuantLayer._update_static` writes them; the two stores compared byte for byte.
+"""A frozen decode step's start — its key and value quantize, written into a cache-like store at a device-side
+count as `TurboQuantLayer._update_static` writes them, and its queries' rotation (`kernels.step.rotate_queries`,
+GQA 6) — in three launches, in two (the quantize paired, `kernels.quantize.run_together`) and in one (the
+rotation on a third plane), each replayed from a CUDA graph after an L2 flush (µs, median); the stores and
+rotated queries compared byte for byte.
 
     PYTHONPATH=src:benchmarks python tools/research/gpu_quantize_pair_ab.py
 """
@@ -12,6 +14,7 @@ from gpu_decode import bench
 
 from tqlab.kernels import quantize_mse
 from tqlab.kernels.quantize import run_together
+from tqlab.kernels.step import rotate_queries
 from tqlab.quant import TurboQuantMSE
 
 CAPACITY = 4096
@@ -43,13 +46,19 @@ def compare(batch: int, kv_heads: int, dim: int, bits: int) -> None:
             for i, (x, rotation, boundaries, stores) in enumerate(sides)
         ]
 
-    apart = bench(lambda: calls(0, True))
-    together = bench(lambda: run_together(*calls(1, False)))
+    query = torch.randn(batch, 6 * kv_heads, 1, dim, device="cuda", dtype=torch.bfloat16)
+    rotations = sides[0][1]
+    three = bench(lambda: (calls(0, True), rotate_queries(query, rotations)))
+    two = bench(lambda: (run_together(*calls(1, False)), rotate_queries(query, rotations)))
+    one = bench(lambda: run_together(*calls(1, False), query=query, rotations=rotations))
     same = all(torch.equal(a, b) for _, _, _, stores in sides for a, b in zip(*stores, strict=True))
-    print(f"| {batch} | {kv_heads} | {dim} | {bits} | {apart:.1f} | {together:.1f} | {same} |")
+    same = same and torch.equal(
+        run_together(*calls(1, False), query=query, rotations=rotations)[-1], rotate_queries(query, rotations)
+    )
+    print(f"| {batch} | {kv_heads} | {dim} | {bits} | {three:.1f} | {two:.1f} | {one:.1f} | {same} |")
 
 
-print("| batch | KV heads | d | bits | two launches µs | one launch µs | stores equal |")
-print("| --- | --- | --- | --- | --- | --- | --- |")
+print("| batch | KV heads | d | bits | three launches µs | two µs | one µs | outputs equal |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- |")
 for shape in [(1, 2, 128, 4), (1, 2, 128, 3), (8, 2, 128, 4), (1, 8, 64, 4), (8, 8, 64, 3), (16, 8, 128, 4)]:
     compare(*shape)
