@@ -314,7 +314,7 @@ def test_the_overflow_flag_is_set_exactly_where_a_stored_norm_is_not_finite(prod
     "dim, key_bits, value_bits, kind, with_query",
     [
         (256, 4, 4, "mse", True),
-        (128, 3, 3, "centered", False),
+        (128, 3, 3, "centered", True),
         (64, 3, 3, "prod", True),
         (64, 4, 2, "mse", True),
         (64, 3, 3, "fp32 norms", False),
@@ -385,23 +385,24 @@ def test_keys_and_values_run_together_as_two_calls_would(
     key_call, key_stores, key_flags, key_rotations = side(key_bits, 10)
     value_call, value_stores, value_flags, _ = side(value_bits, 20)
     query = torch.randn(batch, 3 * heads, 1, dim, generator=generator).to(DEVICE, torch.bfloat16)
-    together = dict(query=query, rotations=key_rotations) if with_query else {}
+    step_start = dict(query=query, rotations=key_rotations) if with_query else {}
     grids = []
     launcher = quantize._quantize_rows
     monkeypatch.setattr(quantize, "_quantize_rows", _Spy(launcher, grids))
     key_call(key_stores[0], key_flags[0], True)
     value_call(value_stores[0], value_flags[0], True)
     assert len(grids) == 2
-    outputs = quantize.run_together(
+    outputs, rotated = quantize.run_together(
         key_call(key_stores[1], key_flags[1], False),
         value_call(value_stores[1], value_flags[1], False),
-        **together,
+        **step_start,
     )
     paired = key_bits == value_bits and kind != "fp32 norms"  # arguments of other types: two launches
     assert len(grids) == (3 if paired else 4) and (len(grids[2]) == 3) == paired
-    assert len(outputs) == 2 + with_query and (not paired or grids[2][2] == 2 + with_query)
+    assert not paired or grids[2][2] == 2 + with_query  # the queries' rotation on a third plane
+    assert (rotated is None) != with_query
     if with_query:
-        assert torch.equal(outputs[2], rotate_queries(query, key_rotations))
+        assert torch.equal(rotated, rotate_queries(query, key_rotations))
     for stores, got in ((key_stores, outputs[0]), (value_stores, outputs[1])):
         assert all(g is s for g, s in zip(got, stores[1], strict=True))
         for alone, together in zip(*stores, strict=True):
@@ -433,7 +434,7 @@ types = {"x": "*bf16", "matrix": "*bf16", "codes": "*u8", "norms": "*fp16", "ske
          "residual_norms": "*fp16", "at": "*i64", "overflow": "*i32", "inv_sqrt_d": "fp32", "query": "*bf16",
          "q_rotations": "*fp32", "q_rotated": "*fp32"}
 fp32 = {"boundaries", "row_signs", "centroids", "sketch_t", "mean", "signed_mean"}
-cases = [(128, False, False, False, True), (256, True, False, True, False), (64, False, True, False, True)]
+cases = [(128, False, False, False, False), (256, True, False, True, True), (64, False, True, False, True)]
 for dim, halves, sketch, centered, start in cases:
     unused = set()
     if not halves:
@@ -461,8 +462,8 @@ for dim, halves, sketch, centered, start in cases:
 
 def test_paired_launches_compile_for_a_gpu():
     """The interpreter runs run_together's argument swap and early returns as plain Python; compiled, each
-    swapped argument must keep its type. A decode step's shapes compile for sm_90: MSE and Prod with the
-    query's rotation on a third plane, the signed halves centered without it."""
+    swapped argument must keep its type. A decode step's shapes compile for sm_90: the signed halves centered
+    and Prod with the query's rotation on a third plane, MSE without it."""
     import os
     import subprocess
     import sys

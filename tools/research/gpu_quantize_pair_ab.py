@@ -53,7 +53,7 @@ def compare(batch: int, kv_heads: int, dim: int, bits: int) -> None:
     one = bench(lambda: run_together(*calls(1, False), query=query, rotations=rotations))
     same = all(torch.equal(a, b) for _, _, _, stores in sides for a, b in zip(*stores, strict=True))
     same = same and torch.equal(
-        run_together(*calls(1, False), query=query, rotations=rotations)[-1], rotate_queries(query, rotations)
+        run_together(*calls(1, False), query=query, rotations=rotations)[1], rotate_queries(query, rotations)
     )
     print(f"| {batch} | {kv_heads} | {dim} | {bits} | {three:.1f} | {two:.1f} | {one:.1f} | {same} |")
 

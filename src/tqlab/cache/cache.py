@@ -26,6 +26,7 @@ layers kept exact, the first `sink_tokens` of the cache kept exact (attention si
 from __future__ import annotations
 
 import operator
+from typing import TYPE_CHECKING
 
 import torch
 from transformers.cache_utils import (
@@ -43,6 +44,9 @@ from ..registry import SIDES, RuleError
 from . import attention
 from .codes import concat, drop_front
 from .packed import PackedCodes, kernel_centroids, stage1, stored
+
+if TYPE_CHECKING:
+    from ..kernels.quantize import QuantizeLaunch
 
 ATTENTION_LAYERS = ("full_attention", "sliding_attention")
 KERNELS = ("auto", "triton", "torch")  # auto: the Triton kernels on CUDA where the codes allow them
@@ -166,7 +170,7 @@ class TurboQuantLayer(CacheLayerMixin):
 
     def _quantize(
         self, side: str, states: torch.Tensor, at: torch.Tensor | None = None, launch: bool = True
-    ) -> tuple[torch.Tensor, ...]:
+    ) -> tuple[torch.Tensor, ...] | QuantizeLaunch:
         """All KV heads of [B, KVH, T, d] in one fused quantize (each head with its own rotation): the
         tensors of `PackedCodes.fields`, or with `at` (a token count on the device) written straight into
         the layer's storage from that token on. launch=False: the checked call, for `run_together`."""
@@ -280,7 +284,7 @@ class TurboQuantLayer(CacheLayerMixin):
     def thaw(self) -> None:
         """Back to the eager path (a padded batch needs its attention mask again): what it holds stays, the
         last step's token (prefill_exact with a window) back among the exact tokens."""
-        self._start_step()
+        self._flush_start()
         if self._last["key"] is not None and self.length > self._frozen_at:
             for side in SIDES:
                 self._pending[side] = torch.cat([self._pending[side], self._last[side]], dim=-2)
@@ -298,7 +302,10 @@ class TurboQuantLayer(CacheLayerMixin):
     def _update_static(self, key_states: torch.Tensor, value_states: torch.Tensor):
         """A frozen layer's step: one token coded at the device-side count — the new one, or with a recent
         window the one leaving it — (prefill_exact keeps the step's own states too: its queries see them
-        exactly, not their codes)."""
+        exactly, not their codes). Without a window the quantize is only prepared here: the step's tqlab
+        attention launches it with its queries' rotation (`_start_step`), so a frozen layer's update must be
+        followed by its attention (a leftover is flushed at the next update or thaw, and refused inside a
+        CUDA-graph capture)."""
         tokens = key_states.shape[-2]
         if tokens != 1 or self.length + 1 > self.capacity:
             raise RuleError(
@@ -307,7 +314,7 @@ class TurboQuantLayer(CacheLayerMixin):
             )
         from ..kernels.quantize import run_together
 
-        self._start_step()  # a step whose attention never ran: coded now
+        self._flush_start()
         window, last = self.layout.recent_window, self._last["key"] is not None
         # Coded, keys and values in one launch where their codecs allow: the new token, or the window's oldest,
         # which the new token (or under prefill_exact the previous step's, once there is one) replaces; written
@@ -333,9 +340,7 @@ class TurboQuantLayer(CacheLayerMixin):
                 )
                 if last:
                     self._last[side].copy_(states)
-            coded = self._has_last.long() if last else 1
-            self._codes_held.add_(coded)
-            self._read_lengths.add_(coded)
+            self._count_coded(self._has_last.long() if last else 1)
             if last:
                 self._has_last.fill_(True)
         self.set_length(self.length + tokens)
@@ -345,21 +350,38 @@ class TurboQuantLayer(CacheLayerMixin):
         setattr(marked, attention.LAYER_MARK, self)
         return marked, value_states
 
-    def _start_step(self, query: torch.Tensor | None = None) -> torch.Tensor | None:
-        """The quantize `_update_static` left to the step's attention, launched (with `query` [B, Hq, 1, d]:
-        in one launch with the queries' rotation into the key domain, returned) and counted; without one left,
-        the queries rotated alone."""
+    def _start_step(self, query: torch.Tensor) -> torch.Tensor:
+        """A frozen step's queries [B, Hq, 1, d] rotated into the key domain (fp32), in one launch with the
+        key and value quantize `_update_static` left, which are then counted."""
         from ..kernels.quantize import run_together
         from ..kernels.step import rotate_queries
 
-        calls, self._starting = self._starting, None
-        together = {} if query is None else dict(query=query, rotations=self.rotations["key"])
-        if calls is None:
-            return None if query is None else rotate_queries(query, self.rotations["key"])
-        outputs = run_together(*calls, **together)
-        self._codes_held.add_(1)
-        self._read_lengths.add_(1)
-        return outputs[-1] if query is not None else None
+        if self._starting is None:
+            return rotate_queries(query, self.rotations["key"])
+        _, rotated = run_together(*self._starting, query=query, rotations=self.rotations["key"])
+        self._starting = None  # launched: a ValueError above leaves it to the next flush
+        self._count_coded(1)
+        return rotated
+
+    def _flush_start(self) -> None:
+        """The quantize a step's attention did not launch (it never ran), launched and counted now."""
+        from ..kernels.quantize import run_together
+
+        if self._starting is None:
+            return
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"layer {self.layer_idx}: a frozen step's update was not followed by its tqlab attention before "
+                "this capture; its codes would be written again at every replay"
+            )
+        run_together(*self._starting)
+        self._starting = None
+        self._count_coded(1)
+
+    def _count_coded(self, coded) -> None:
+        """Tokens coded by a frozen step (1, or a device tensor), added to the device-side counts."""
+        self._codes_held.add_(coded)
+        self._read_lengths.add_(coded)
 
     def settle(self) -> None:
         """Move exact tokens beyond the recent window to the sinks (while there are fewer than
@@ -632,9 +654,11 @@ class TurboQuantCache(Cache):
                 layer.thaw()
 
     def set_length(self, tokens: int) -> None:
-        """A frozen cache's Python-side count of tokens per sequence, after a CUDA graph's replays wrote them."""
+        """A frozen cache's Python-side count of tokens per sequence, after a CUDA graph's replays wrote them (a
+        step's quantize left by a capture that stopped before its attention is dropped: it never ran)."""
         for layer in self.layers:
             layer.set_length(tokens)
+            layer._starting = None
 
     def nbytes(self) -> dict:
         """Real bytes: what is stored per token (codes and exact tokens), the per-layer constants apart, and

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .packed import MAX_BITS
-from .step import _step_end
+from .step import BLOCK_DIM, MIN_ROWS, step_end
 from .step import prepare as prepare_step_end
 
 BLOCK_ROWS = 64
@@ -249,18 +249,19 @@ def _quantize_rows(
     x_stride_t2=0, centroids2=None, sketch_t2=None, sketch_signs2=None, residual_norms2=None, mean2=None,
     signed_mean2=None, out_rows2=0, overflow2=None, PAIR: tl.constexpr = False,
     query=None, q_rotations=None, q_rotated=None, Q_KV_HEADS: tl.constexpr = 1, Q_GROUP: tl.constexpr = 1,
-    Q_ROWS: tl.constexpr = 16, Q_BLOCK: tl.constexpr = 32, START: tl.constexpr = False,
+    Q_ROWS: tl.constexpr = MIN_ROWS, Q_BLOCK: tl.constexpr = BLOCK_DIM, START: tl.constexpr = False,
 ):  # fmt: skip
+    tl.static_assert(PAIR or not START, "START rotates queries beside a paired key and value quantize")
     if START:  # with PAIR, a decode step's start in one launch: plane 2 rotates the step's queries
         if tl.program_id(2) == 2:
-            if tl.program_id(0) * Q_BLOCK >= DIM:  # the grid is as wide as the quantize needs
+            if tl.program_id(0) * Q_BLOCK >= DIM:  # the grid may be wider than the rotation needs
                 return
-            _step_end(
+            step_end(
                 tl.program_id(1), tl.program_id(0), query, query, q_rotations, query, query, query, q_rotated,
                 0.0, Q_KV_HEADS, Q_GROUP, Q_ROWS, DIM, Q_BLOCK, True, False,
             )  # fmt: skip
             return
-        if tl.program_id(0) * BLOCK_ROWS >= rows:  # the grid is as wide as the rotation needs
+        if tl.program_id(0) * BLOCK_ROWS >= rows:  # the grid may be wider than the quantize needs
             return
     if PAIR:  # two calls of the same shape and settings in one launch (a step's keys and values): grid axis 2
         if tl.program_id(2) == 1:
@@ -404,7 +405,7 @@ def quantize_mse(
     at: torch.Tensor | None = None,
     overflow: torch.Tensor | None = None,
     launch: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor] | QuantizeLaunch:
     """x [..., d] → (indices uint8 [..., packed_row_bytes(d, bits)], norms [...] in norm_dtype): the
     tensors of `TurboQuantMSE.quantize`. rotation: Π as [d, d] (`codec.rotation.matrix()`, built once), or
     one per KV head, [H, d, d], for x [..., H, T, d] (head h coded by codec h, as the cache does);
@@ -438,7 +439,7 @@ def quantize_prod(
     at: torch.Tensor | None = None,
     overflow: torch.Tensor | None = None,
     launch: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | QuantizeLaunch:
     """x [..., d] → (indices, signs, norms, residual_norms): the tensors of `TurboQuantProd.quantize` (its
     `ProdCode` fields), in the same pass: the Stage-1 codes as `quantize_mse` (rotation and boundaries of
     `codec.mse`), then the residual r = Πu − c[idx] in registers, the sign bits of S r (projection:
@@ -606,7 +607,7 @@ def _kind(value):
 
 
 def _pairable(a: QuantizeLaunch, b: QuantizeLaunch) -> bool:
-    same = a.grid == b.grid and a.meta == b.meta and a.shared.keys() == b.shared.keys()
+    same = a.grid == b.grid and a.meta == b.meta
     return (
         same
         and all(
@@ -619,12 +620,12 @@ def _pairable(a: QuantizeLaunch, b: QuantizeLaunch) -> bool:
     )
 
 
-def run_together(*launches: QuantizeLaunch, query=None, rotations=None) -> list:
-    """Each launch's outputs, as `run()` returns them, with two launches of one shape, the same settings and
-    arguments of the same types (a frozen decode step's keys and values, coded at one device-side count) in one
-    kernel launch: the second call's programs are the grid's second plane. Otherwise one launch each.
-    query [B, Hq, 1, d] and rotations [KVH, d, d]: also the step's rotated queries (`step.rotate_queries`),
-    appended to the list, on a third plane of the same launch where the two calls pair."""
+def run_together(*launches: QuantizeLaunch, query=None, rotations=None) -> tuple[list, torch.Tensor | None]:
+    """(each launch's outputs, as `run()` returns them; the rotated queries or None), with two launches of one
+    shape, the same settings and arguments of the same types (a frozen decode step's keys and values, coded at
+    one device-side count) in one kernel launch: the second call's programs are the grid's second plane.
+    Otherwise one launch each. query [B, Hq, 1, d] and rotations [KVH, d, d]: the step's queries rotated
+    (`step.rotate_queries`) on a third plane of that launch, or in a launch of their own."""
     end = None if query is None else prepare_step_end(query, rotations, transposed=True)
     if len(launches) == 2 and _pairable(*launches):
         first, second = launches
@@ -633,17 +634,17 @@ def run_together(*launches: QuantizeLaunch, query=None, rotations=None) -> list:
             _quantize_rows[(*first.grid, 2)](
                 **first.shared, **first.own, **second_args, **first.meta, PAIR=True
             )
-            return [first.outputs, second.outputs]
+            return [first.outputs, second.outputs], None
         (groups, columns), constants = end.grid, end.constants
         if groups != first.grid[1] or constants["DIM"] != first.meta["DIM"]:
             raise ValueError(f"the queries {tuple(query.shape)} are not those of these keys and values")
         _quantize_rows[(max(columns, first.grid[0]), groups, 3)](
-            **first.shared, **first.own, **second_args, **first.meta, PAIR=True, query=end.args[0],
-            q_rotations=end.args[2], q_rotated=end.result, Q_KV_HEADS=constants["KV_HEADS"],
-            Q_GROUP=constants["GROUP"], Q_ROWS=constants["ROWS"], Q_BLOCK=constants["BLOCK"], START=True,
+            **first.shared, **first.own, **second_args, **first.meta, PAIR=True, query=end.rows,
+            q_rotations=end.rotations, q_rotated=end.result, Q_KV_HEADS=constants["KV_HEADS"],
+            Q_GROUP=constants["GROUP"], Q_ROWS=constants["ROWS"], START=True,
         )  # fmt: skip
-        return [first.outputs, second.outputs, end.result]
-    return [launch.run() for launch in launches] + ([] if end is None else [end.launch()])
+        return [first.outputs, second.outputs], end.result
+    return [launch.run() for launch in launches], None if end is None else end.launch()
 
 
 def _check_into(x, into, at, shapes: dict, norm_dtype) -> int:

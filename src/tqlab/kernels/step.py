@@ -1,4 +1,5 @@
-"""The two ends of a frozen decode step over codes, each one launch: the query rotated into each KV head's key
+"""The two ends of a frozen decode step over codes, each one launch (the start can also share the launch of the
+step's key and value quantize, `quantize.run_together`): the query rotated into each KV head's key
 domain before `decode_attention`, and after it the output rotated back with the step's own exact token joined.
 
 In PyTorch each end is an fp32 cuBLAS product on CUDA cores plus casts, and under prefill_exact the own
@@ -34,14 +35,14 @@ def _step_end_kernel(
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr,
     BLOCK: tl.constexpr, TRANSPOSED: tl.constexpr, JOIN: tl.constexpr,
 ):  # fmt: skip
-    _step_end(
+    step_end(
         tl.program_id(0), tl.program_id(1), rows_in, lse, rotations, query, keys, values, result, scaling,
         KV_HEADS, GROUP, ROWS, DIM, BLOCK, TRANSPOSED, JOIN,
     )  # fmt: skip
 
 
 @triton.jit
-def _step_end(
+def step_end(
     bh, column, rows_in, lse, rotations, query, keys, values, result, scaling,
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr,
     BLOCK: tl.constexpr, TRANSPOSED: tl.constexpr, JOIN: tl.constexpr,
@@ -83,6 +84,16 @@ class StepEnd:
     constants: dict  # its compile-time ones
     grid: tuple[int, int]  # (sequences × KV heads, output blocks)
     result: torch.Tensor
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """The rows rotated (contiguous)."""
+        return self.args[0]
+
+    @property
+    def rotations(self) -> torch.Tensor:
+        """The fp32 [KVH, d, d] matrices."""
+        return self.args[2]
 
     def launch(self) -> torch.Tensor:
         _step_end_kernel[self.grid](*self.args, **self.constants)
