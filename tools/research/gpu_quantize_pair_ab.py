@@ -13,7 +13,7 @@ import torch
 from gpu_decode import bench
 
 from tqlab.kernels import quantize_mse
-from tqlab.kernels.quantize import run_together
+from tqlab.kernels.quantize import quantize_tables, run_together
 from tqlab.kernels.step import rotate_queries
 from tqlab.quant import TurboQuantMSE
 
@@ -32,7 +32,7 @@ def side(batch: int, kv_heads: int, dim: int, bits: int, seed: int):
         )
         for _ in range(2)
     ]
-    return x, rotation, boundaries, stores
+    return x, rotation, quantize_tables(rotation, boundaries, x.dtype), stores
 
 
 def compare(batch: int, kv_heads: int, dim: int, bits: int) -> None:
@@ -42,8 +42,17 @@ def compare(batch: int, kv_heads: int, dim: int, bits: int) -> None:
 
     def calls(store: int, launch: bool):
         return [
-            quantize_mse(x, rotation, boundaries, into=stores[store], at=at, overflow=flags[i], launch=launch)
-            for i, (x, rotation, boundaries, stores) in enumerate(sides)
+            quantize_mse(
+                x,
+                rotation,
+                tables.boundaries,
+                tables=tables,
+                into=stores[store],
+                at=at,
+                overflow=flags[i],
+                launch=launch,
+            )
+            for i, (x, rotation, tables, stores) in enumerate(sides)
         ]
 
     query = torch.randn(batch, 6 * kv_heads, 1, dim, device="cuda", dtype=torch.bfloat16)
