@@ -151,7 +151,7 @@ def test_a_store_of_another_shape_or_no_position_is_refused():
     with pytest.raises(ValueError, match="into needs at"):
         quantize_mse(x, matrix, codec.boundaries, into=store)
     with pytest.raises(ValueError, match="into needs at"):
-        quantize_mse(x, matrix, codec.boundaries, into=store, at=at.int())
+        quantize_mse(x, matrix, codec.boundaries, into=store, at=at.short())
     with pytest.raises(
         ValueError,
         match=r"into's indices is \(2, 4, 16\) torch.uint8 on cpu; expected a contiguous \(2, 4, 24\)",

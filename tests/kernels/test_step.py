@@ -57,6 +57,34 @@ def test_rotated_back_and_joined_as_one_float64_softmax(batch, kv_heads, group, 
     assert torch.equal(joined[0, -1], values[0, -1, 0].double()[None].expand(1, dim))  # no codes: v alone
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_models_dtype_is_stored_as_a_cast_of_the_fp32_result_rounds(dtype):
+    rotations, out, lse, query, keys, values = case(2, 2, 6, 128, seed=5)
+    on = [t.to(DEVICE) for t in (out, lse, rotations, query, keys, values)]
+    for joined in (on[3:], [None] * 3):
+        wide = finish_step(*on[:3], *joined, scaling=0.1)
+        assert torch.equal(finish_step(*on[:3], *joined, scaling=0.1, dtype=dtype), wide.to(dtype))
+
+
+def test_bfloat16_rounds_to_nearest_even_as_torch_does():
+    """Through an identity rotation (exact in fp32): ties at the 16th bit, values that overflow to ±inf, NaN."""
+    g = torch.Generator().manual_seed(0)
+    sign = torch.randint(0, 2, (16, 32), generator=g, dtype=torch.int32) << 31
+    exponent = torch.randint(100, 150, (16, 32), generator=g, dtype=torch.int32) << 23
+    bits = sign | exponent | torch.randint(0, 1 << 23, (16, 32), generator=g, dtype=torch.int32)
+    bits[::2] = bits[::2] & ~0xFFFF | 0x8000  # exact ties: half round up, half down (to the even one)
+    out = bits.view(torch.float32).clone()
+    out[1, :2] = torch.finfo(torch.float32).max * torch.tensor([1.0, -1.0])  # rounds to ±inf
+    out[3, 5] = float("nan")  # the dot spreads it over its row
+    out = out.reshape(1, 16, 1, 32).to(DEVICE)
+    identity = torch.eye(32)[None].to(DEVICE)
+    wide = finish_step(out, None, identity)
+    assert torch.equal(wide[:, 4:], out[:, 4:])  # the ties reach the rounding as they are
+    stored = finish_step(out, None, identity, dtype=torch.bfloat16)
+    torch.testing.assert_close(stored, wide.to(torch.bfloat16), rtol=0, atol=0, equal_nan=True)
+    assert torch.isinf(stored[0, 1, 0, :2]).all() and torch.isnan(stored[0, 3]).all()
+
+
 @pytest.mark.parametrize("batch,kv_heads,group,dim", [(1, 2, 6, 128), (2, 4, 1, 64), (1, 1, 16, 256)])
 def test_queries_rotated_per_kv_head(batch, kv_heads, group, dim):
     rotations, _, _, query, _, _ = case(batch, kv_heads, group, dim, seed=3 * dim + group)
@@ -75,5 +103,7 @@ def test_shapes_it_cannot_take_are_refused():
         rotate_queries(query[:, :3], rotations)
     with pytest.raises(ValueError, match="and a scaling"):
         finish_step(out, lse, rotations, query, keys, values)
+    with pytest.raises(ValueError, match="stores float32, bfloat16 or float16"):
+        finish_step(out, lse, rotations, dtype=torch.float64)
     with pytest.raises(ValueError, match="one exact key"):
         finish_step(out, lse, rotations, query, keys.expand(1, 2, 2, 64), values, scaling=1.0)

@@ -247,11 +247,13 @@ class TurboQuantLayer(CacheLayerMixin):
             # prefill_exact: the previous step's token, which joins the window at this step
             self._last[side] = torch.zeros_like(self._pending[side][..., :1, :]) if window and own else None
         self._has_last = torch.zeros((), dtype=torch.bool, device=self.device) if window and own else None
-        self._codes_held = torch.tensor(self.packed["key"].length, dtype=torch.long, device=self.device)
-        # the codes a step attends to, per sequence in the kernels' int32 (without a window, under prefill_exact
-        # the step's own token is coded already and attended exactly instead), counted with _codes_held
-        read = self._codes_held - (0 if window else own)
-        self._read_lengths = read.to(torch.int32).expand(batch).contiguous()
+        # The codes held (where a step's are written) and those a step attends to, per sequence (without a
+        # window, under prefill_exact the step's own token is coded already and attended exactly instead): one
+        # int32 tensor, so that a step counts its codes in one launch
+        held = self.packed["key"].length
+        counts = [held] + [held - (0 if window else own)] * batch
+        self._counts = torch.tensor(counts, dtype=torch.int32, device=self.device)
+        self._codes_held, self._read_lengths = self._counts[0], self._counts[1:]
         starts = (torch.zeros(batch) if starts is None else starts).to(device=self.device, dtype=torch.int32)
         self._starts = starts
         code_starts = (starts - sinks).clamp_min(0)  # the padding among the codes
@@ -380,8 +382,7 @@ class TurboQuantLayer(CacheLayerMixin):
 
     def _count_coded(self, coded) -> None:
         """Tokens coded by a frozen step (1, or a device tensor), added to the device-side counts."""
-        self._codes_held.add_(coded)
-        self._read_lengths.add_(coded)
+        self._counts.add_(coded)
 
     def settle(self) -> None:
         """Move exact tokens beyond the recent window to the sinks (while there are fewer than
@@ -506,7 +507,8 @@ class TurboQuantLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.length = self.offset = 0
         self.static, self.capacity = False, None  # frozen for CUDA-graph decode steps (`freeze`)
-        self._codes_held = self._read_lengths = self._starts = self._code_starts = self._sinks_seen = None
+        self._counts = self._codes_held = self._read_lengths = None
+        self._starts = self._code_starts = self._sinks_seen = None
         self._step_states = self._starting = None
         self._has_last, self._frozen_at = None, 0
         self._last: dict[str, torch.Tensor | None] = {side: None for side in SIDES}

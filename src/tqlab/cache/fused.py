@@ -146,7 +146,8 @@ def _attend_static(layer, query: torch.Tensor, attention_mask, scaling: float) -
         parts.append((*layer._step_states, None))
     rotations = layer.rotations["value"]
     if len(parts) <= own:  # nothing exact, or the own token alone: rotated back and joined in one launch
-        return step.finish_step(out, lse, rotations, *((query, *parts[0][:2], scaling) if parts else ()))
+        joined = (query, *parts[0][:2], scaling) if parts else (None,) * 4
+        return step.finish_step(out, lse, rotations, *joined, dtype=query.dtype)  # the model's: no cast after
     out = _rotate_back(out, rotations)
     if parts:
         keys, values = _joined([p[0] for p in parts], -2), _joined([p[1] for p in parts], -2)

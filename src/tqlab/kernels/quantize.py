@@ -414,9 +414,9 @@ def quantize_mse(
     back). mean: μ, [d] or one per KV head, [H, d]: the codes of x − μ (those of `Centered(codec, μ)`),
     formed in fp32 in the kernel; with the exact ±1 product, as (√d Π) x − (√d Π) μ. into, at: write the
     codes of x [..., T, d] into these tensors (a cache's storage, [..., capacity, bytes] and [..., capacity],
-    returned) from token `at` on (an int64 tensor of one element on x's device, read by the kernel, so a CUDA
-    graph replays the write at a count that moves); at + T must not exceed the capacity, which is not checked
-    (that would stall the stream). Unlike the codec it does not raise for norms that overflow norm_dtype (they
+    returned) from token `at` on (an int32 or int64 tensor of one element on x's device, read by the kernel,
+    so a CUDA graph replays the write at a count that moves); at + T must not exceed the capacity, which is
+    not checked (that would stall the stream). Unlike the codec it does not raise for norms that overflow norm_dtype (they
     come back inf, and a non-finite x's NaN), since reading that back would stall the GPU stream on every call:
     overflow, an int32 tensor of one element on x's device, is set to 1 where one does and left as it is
     otherwise, for the caller to read when it syncs anyway (`TurboQuantCache.check_norms`). launch=False:
@@ -668,8 +668,8 @@ def _check_into(x, into, at, shapes: dict, norm_dtype) -> int:
             )
     if capacity < tokens:
         raise ValueError(f"into holds {capacity} tokens per row, fewer than x's {tokens}")
-    if at is None or at.dtype != torch.int64 or at.numel() != 1 or at.device != x.device:
+    if at is None or at.dtype not in (torch.int32, torch.int64) or at.numel() != 1 or at.device != x.device:
         raise ValueError(
-            f"into needs at: an int64 tensor of one element on {x.device} (the first token written)"
+            f"into needs at: an int32 or int64 tensor of one element on {x.device} (the first token written)"
         )
     return capacity

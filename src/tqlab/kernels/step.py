@@ -14,7 +14,8 @@ token's logit, its softmax weight against the codes' log-sum-exp, and the mix: a
 
 A row that saw no code (lse = −inf) takes v. Inputs of any float dtype are read as fp32 and the products
 are fp32 `tl.dot`s at IEEE precision, so the results match `cache.fused._rotate`, `_rotate_back` and
-`_with_one_exact` to fp32 round-off.
+`_with_one_exact` to fp32 round-off. `finish_step` can store the model's dtype, rounded once from fp32 as
+`.to(dtype)` rounds (which saves the step a cast kernel).
 """
 
 from __future__ import annotations
@@ -72,7 +73,19 @@ def step_end(
         weight = 1.0 / (1.0 + tl.exp(codes_lse - logit))  # lse = −inf: exp(−inf) = 0, weight 1
         w, v = weight[:, None], v[None, :]
         o = tl.where(w < 0.5, o + w * (v - o), v - (v - o) * (1.0 - w))  # torch.lerp's: exact at w = 0 and 1
+    if result.dtype.element_ty == tl.bfloat16:
+        o = _round_to_bfloat16(o)
     tl.store(result + heads[:, None] * DIM + cols[None, :], o, mask=valid[:, None])
+
+
+@triton.jit
+def _round_to_bfloat16(x):
+    """fp32 → bf16 to nearest, ties to even, NaN kept (as torch rounds), in integer arithmetic: Triton's
+    interpreter, which the CPU tests run, truncates a bf16 store instead of rounding it."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    rounded = tl.where(x != x, 0x7FC0, rounded)
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +113,9 @@ class StepEnd:
         return self.result
 
 
-def prepare(x, rotations, transposed, query=None, keys=None, values=None, lse=None, scaling=None) -> StepEnd:
+def prepare(
+    x, rotations, transposed, query=None, keys=None, values=None, lse=None, scaling=None, dtype=torch.float32
+) -> StepEnd:
     batch, q_heads, q_len, dim = x.shape
     kv_heads = rotations.shape[0]
     if (
@@ -122,8 +137,10 @@ def prepare(x, rotations, transposed, query=None, keys=None, values=None, lse=No
             f"the join takes query {tuple(x.shape)}, lse {tuple(x.shape[:3])} and a scaling: got query "
             f"{tuple(query.shape)}, lse {tuple(lse.shape)}, scaling {scaling}"
         )
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"a step's end stores float32, bfloat16 or float16, not {dtype}")
     group = q_heads // kv_heads
-    result = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    result = torch.empty(x.shape, dtype=dtype, device=x.device)
     x = x.contiguous()
     args = (
         x, lse.float().contiguous() if join else x, rotations.float().contiguous(),
@@ -143,9 +160,12 @@ def rotate_queries(query: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor
     return prepare(query, rotations, transposed=True).launch()
 
 
-def finish_step(out, lse, rotations, query=None, keys=None, values=None, scaling: float | None = None):
-    """out [B, Hq, 1, d] fp32 in each KV head's rotated domain → [B, Hq, 1, d] fp32 rotated back by
-    `rotations` [KVH, d, d] (each head's rows times its KV head's matrix); with query [B, Hq, 1, d], keys and
-    values [B, KVH, 1, d] (one exact token every query sees; any float dtype) and scaling, that token joined
-    by one softmax with the codes' log-sum-exp lse [B, Hq, 1] (fp32)."""
-    return prepare(out, rotations, False, query, keys, values, lse, scaling).launch()
+def finish_step(
+    out, lse, rotations, query=None, keys=None, values=None, scaling: float | None = None, dtype=torch.float32
+):
+    """out [B, Hq, 1, d] fp32 in each KV head's rotated domain → [B, Hq, 1, d] rotated back by `rotations`
+    [KVH, d, d] (each head's rows times its KV head's matrix), computed in fp32 and stored in dtype (fp32,
+    bf16 or fp16: the model's, rounded as `.to(dtype)` rounds); with query [B, Hq, 1, d], keys and values
+    [B, KVH, 1, d] (one exact token every query sees; any float dtype) and scaling, that token joined by one
+    softmax with the codes' log-sum-exp lse [B, Hq, 1] (fp32)."""
+    return prepare(out, rotations, False, query, keys, values, lse, scaling, dtype).launch()
