@@ -126,12 +126,13 @@ def test_frozen_steps_equal_the_eager_kernel_path(protocol, bits, sinks, window,
     assert frozen.nbytes()["stored"] == eager.nbytes()["stored"]
 
 
-def test_a_step_whose_attention_never_ran_is_coded_at_the_next_update_or_thaw():
+def test_a_step_whose_attention_never_ran_is_coded_at_the_next_update_thaw_or_set_length():
     """Without a window a frozen update leaves its quantize to the step's attention (`_start_step`, with the
-    queries' rotation); if no attention comes, the next update or thaw codes it: the same codes at the same
-    device-side counts as steps that ran their attention."""
+    queries' rotation); if no attention comes, the next update, thaw or set_length codes it (an eager step's:
+    only a capture's leftover never ran and is dropped): the same codes at the same device-side counts as steps
+    that ran their attention."""
     model = tiny(kv_heads=1)
-    caches = [compress_kv(model, spec(), kernels="triton") for _ in range(2)]
+    caches = [compress_kv(model, spec(), kernels="triton") for _ in range(3)]
     generator = torch.Generator().manual_seed(5)
     prompt_states = [torch.randn(2, 1, 9, 64, generator=generator).to(DEVICE) for _ in "kv"]
     states = [torch.randn(2, 1, 1, 64, generator=generator).to(DEVICE) for _ in range(4)]  # k, v of two steps
@@ -139,24 +140,23 @@ def test_a_step_whose_attention_never_ran_is_coded_at_the_next_update_or_thaw():
     for cache in caches:
         cache.layers[0].update(*prompt_states)  # the prompt, without a model's attention
         cache.freeze(9 + 4)
-    attended, left = (cache.layers[0] for cache in caches)
+    attended, *left = (cache.layers[0] for cache in caches)
     held = int(attended._codes_held)
     for step in range(2):
         attended.update(*states[2 * step : 2 * step + 2])
         attended._start_step(query)
-        left.update(
-            *states[2 * step : 2 * step + 2]
-        )  # no attention: the first step is coded by the second's update
-    assert left._starting is not None and int(left._codes_held) == held + 1
+        for layer in left:  # no attention: the first step is coded by the second's update
+            layer.update(*states[2 * step : 2 * step + 2])
+    assert all(layer._starting is not None and int(layer._codes_held) == held + 1 for layer in left)
     caches[1].thaw()  # codes the second
-    assert left._starting is None
-    for layer in (attended, left):
+    caches[2].set_length(9 + 2)  # likewise
+    assert all(layer._starting is None for layer in left)
+    for layer in (attended, *left):
         assert int(layer._codes_held) == held + 2 and layer._read_lengths.tolist() == [held + 2] * 2
-    for side in ("key", "value"):
-        for name, tensor in attended.packed[side].tensors.items():
-            assert torch.equal(left.packed[side].tensors[name][:, :, : held + 2], tensor[:, :, : held + 2]), (
-                name
-            )
+        for side in ("key", "value"):
+            for name, tensor in attended.packed[side].tensors.items():
+                got = layer.packed[side].tensors[name][:, :, : held + 2]
+                assert torch.equal(got, tensor[:, :, : held + 2]), name
 
 
 @pytest.mark.parametrize("protocol", ["all_quantized", "prefill_exact"])

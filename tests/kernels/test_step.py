@@ -75,6 +75,8 @@ def test_bfloat16_rounds_to_nearest_even_as_torch_does():
     bits[::2] = bits[::2] & ~0xFFFF | 0x8000  # exact ties: half round up, half down (to the even one)
     out = bits.view(torch.float32).clone()
     out[1, :2] = torch.finfo(torch.float32).max * torch.tensor([1.0, -1.0])  # rounds to ±inf
+    tiny = torch.finfo(torch.float32).tiny
+    out[2, :4] = torch.tensor([tiny, -tiny, tiny / 3, -tiny / 1000])  # the smallest normal, subnormals
     out[3, 5] = float("nan")  # the dot spreads it over its row
     out = out.reshape(1, 16, 1, 32).to(DEVICE)
     identity = torch.eye(32)[None].to(DEVICE)

@@ -59,6 +59,9 @@ def compare(batch: int, kv_heads: int, dim: int, bits: int) -> None:
     rotations = sides[0][1]
     three = bench(lambda: (calls(0, True), rotate_queries(query, rotations)))
     two = bench(lambda: (run_together(*calls(1, False)), rotate_queries(query, rotations)))
+    for _, _, _, stores in sides:  # what "one" writes, compared below, not what "two" left
+        for tensor in stores[1]:
+            tensor.zero_()
     one = bench(lambda: run_together(*calls(1, False), query=query, rotations=rotations))
     same = all(torch.equal(a, b) for _, _, _, stores in sides for a, b in zip(*stores, strict=True))
     same = same and torch.equal(

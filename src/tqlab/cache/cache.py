@@ -64,6 +64,11 @@ def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
     return b if a is None else torch.cat([a, b], dim=-2)
 
 
+def _capturing() -> bool:
+    """Whether this thread's CUDA stream is capturing a graph (a capture records kernels without running them)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 class TurboQuantLayer(CacheLayerMixin):
     """One attention layer's cache. Per side and in token order: exact sink tokens, then per KV head the
     codes of the encoded tokens, then the exact tokens not encoded yet (the recent window, and under
@@ -330,7 +335,7 @@ class TurboQuantLayer(CacheLayerMixin):
             for side in SIDES
         ]
         if not window:
-            self._starting = calls
+            self._starting, self._starting_captured = calls, _capturing()
         else:
             run_together(*calls)
             for side, states in new.items():
@@ -342,7 +347,7 @@ class TurboQuantLayer(CacheLayerMixin):
                 )
                 if last:
                     self._last[side].copy_(states)
-            self._count_coded(self._has_last.long() if last else 1)
+            self._count_coded(self._has_last if last else 1)
             if last:
                 self._has_last.fill_(True)
         self.set_length(self.length + tokens)
@@ -371,7 +376,7 @@ class TurboQuantLayer(CacheLayerMixin):
 
         if self._starting is None:
             return
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        if _capturing():
             raise RuntimeError(
                 f"layer {self.layer_idx}: a frozen step's update was not followed by its tqlab attention before "
                 "this capture; its codes would be written again at every replay"
@@ -510,6 +515,7 @@ class TurboQuantLayer(CacheLayerMixin):
         self._counts = self._codes_held = self._read_lengths = None
         self._starts = self._code_starts = self._sinks_seen = None
         self._step_states = self._starting = None
+        self._starting_captured = False
         self._has_last, self._frozen_at = None, 0
         self._last: dict[str, torch.Tensor | None] = {side: None for side in SIDES}
         self._sunk = {side: 0 for side in SIDES}
@@ -657,10 +663,13 @@ class TurboQuantCache(Cache):
 
     def set_length(self, tokens: int) -> None:
         """A frozen cache's Python-side count of tokens per sequence, after a CUDA graph's replays wrote them (a
-        step's quantize left by a capture that stopped before its attention is dropped: it never ran)."""
+        step's quantize left by a capture that stopped before its attention is dropped: it never ran; one left
+        by an eager step is coded now)."""
         for layer in self.layers:
+            if layer._starting_captured:
+                layer._starting = None
+            layer._flush_start()
             layer.set_length(tokens)
-            layer._starting = None
 
     def nbytes(self) -> dict:
         """Real bytes: what is stored per token (codes and exact tokens), the per-layer constants apart, and

@@ -40,7 +40,8 @@ def _left_padding(attention_mask, batch: int, q_len: int, held: int) -> torch.Te
 
 
 def attend_packed(layer, query: torch.Tensor, attention_mask, scaling: float, window) -> torch.Tensor | None:
-    """Attention of query [B, Hq, Tq, d] over what `layer` holds, [B, Hq, Tq, d] fp32; None: use the reference."""
+    """Attention of query [B, Hq, Tq, d] over what `layer` holds, [B, Hq, Tq, d] computed in fp32 (a frozen
+    step's common case stored in the query's dtype already, the rest fp32); None: use the reference."""
     from ..kernels.decode import MAX_ROWS, decode_attention
 
     batch, q_heads, q_len, dim = query.shape
@@ -147,7 +148,8 @@ def _attend_static(layer, query: torch.Tensor, attention_mask, scaling: float) -
     rotations = layer.rotations["value"]
     if len(parts) <= own:  # nothing exact, or the own token alone: rotated back and joined in one launch
         joined = (query, *parts[0][:2], scaling) if parts else (None,) * 4
-        return step.finish_step(out, lse, rotations, *joined, dtype=query.dtype)  # the model's: no cast after
+        stored = query.dtype if query.dtype in (torch.bfloat16, torch.float16) else torch.float32
+        return step.finish_step(out, lse, rotations, *joined, dtype=stored)  # the model's: no cast after
     out = _rotate_back(out, rotations)
     if parts:
         keys, values = _joined([p[0] for p in parts], -2), _joined([p[1] for p in parts], -2)

@@ -636,12 +636,13 @@ def run_together(*launches: QuantizeLaunch, query=None, rotations=None) -> tuple
             )
             return [first.outputs, second.outputs], None
         (groups, columns), constants = end.grid, end.constants
+        assert constants["TRANSPOSED"] and not constants["JOIN"], "the start rotates queries, nothing else"
         if groups != first.grid[1] or constants["DIM"] != first.meta["DIM"]:
             raise ValueError(f"the queries {tuple(query.shape)} are not those of these keys and values")
         _quantize_rows[(max(columns, first.grid[0]), groups, 3)](
             **first.shared, **first.own, **second_args, **first.meta, PAIR=True, query=end.rows,
             q_rotations=end.rotations, q_rotated=end.result, Q_KV_HEADS=constants["KV_HEADS"],
-            Q_GROUP=constants["GROUP"], Q_ROWS=constants["ROWS"], START=True,
+            Q_GROUP=constants["GROUP"], Q_ROWS=constants["ROWS"], Q_BLOCK=constants["BLOCK"], START=True,
         )  # fmt: skip
         return [first.outputs, second.outputs], end.result
     return [launch.run() for launch in launches], None if end is None else end.launch()
