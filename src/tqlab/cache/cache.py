@@ -385,6 +385,13 @@ class TurboQuantLayer(CacheLayerMixin):
         self._starting = None
         self._count_coded(1)
 
+    def _settle_start(self) -> None:
+        """At the owner's `set_length`: a leftover quantize recorded by a capture never ran (dropped); one left
+        by an eager step is coded now."""
+        if self._starting_captured:
+            self._starting = None
+        self._flush_start()
+
     def _count_coded(self, coded) -> None:
         """Tokens coded by a frozen step (1, or a device tensor), added to the device-side counts."""
         self._counts.add_(coded)
@@ -666,9 +673,7 @@ class TurboQuantCache(Cache):
         step's quantize left by a capture that stopped before its attention is dropped: it never ran; one left
         by an eager step is coded now)."""
         for layer in self.layers:
-            if layer._starting_captured:
-                layer._starting = None
-            layer._flush_start()
+            layer._settle_start()
             layer.set_length(tokens)
 
     def nbytes(self) -> dict:
