@@ -40,8 +40,10 @@ def _left_padding(attention_mask, batch: int, q_len: int, held: int) -> torch.Te
 
 
 def attend_packed(layer, query: torch.Tensor, attention_mask, scaling: float, window) -> torch.Tensor | None:
-    """Attention of query [B, Hq, Tq, d] over what `layer` holds, [B, Hq, Tq, d] computed in fp32 (a frozen
-    step's common case stored in the query's dtype already, the rest fp32); None: use the reference."""
+    """Attention of query [B, Hq, Tq, d] over what `layer` holds, [B, Hq, Tq, d] computed in fp32 (a decode
+    step with at most one exact token stored in the query's dtype already, the rest fp32); None: use the
+    reference."""
+    from ..kernels import step
     from ..kernels.decode import MAX_ROWS, decode_attention
 
     batch, q_heads, q_len, dim = query.shape
@@ -61,8 +63,14 @@ def attend_packed(layer, query: torch.Tensor, attention_mask, scaling: float, wi
     n_recent = 0 if recent is None else recent.shape[-2]
     coded = held - n_sink - n_recent
 
-    query = query.float()  # once, for the rotation and the exact tokens
-    q_rot = _rotate(query, layer.rotations["key"])
+    # A decode step's ends in one launch each (packed codes have d a power of two ≥ 32, as they need): the
+    # query rotated in, and the output rotated back with at most one exact token, which every query sees, joined
+    exact = n_sink + n_recent
+    ends_fused = q_len == 1 and (exact == 0 or (exact == 1 and starts is None))
+    if q_len == 1:
+        q_rot = step.rotate_queries(query, layer.rotations["key"])
+    else:
+        q_rot = _rotate(query, layer.rotations["key"])
     keys, values = layer.packed["key"].views(), layer.packed["value"].views()
     code_starts = None if starts is None else (starts - n_sink).clamp(0, coded)
     outs, lses = [], []
@@ -88,8 +96,12 @@ def attend_packed(layer, query: torch.Tensor, attention_mask, scaling: float, wi
         outs.append(out)
         lses.append(lse)
     out, lse = (outs[0], lses[0]) if len(outs) == 1 else (torch.cat(outs, dim=2), torch.cat(lses, dim=2))
+    if ends_fused:
+        token = [layer.exact_tokens(side)[0 if n_sink else 1] for side in ("key", "value")]
+        joined = (query, *token, scaling) if exact else (None,) * 4
+        return step.finish_step(out, lse, layer.rotations["value"], *joined, dtype=_stored(query.dtype))
     out = _rotate_back(out, layer.rotations["value"])
-    if n_sink or n_recent:
+    if exact:
         keys, values = (
             _joined([t for t in layer.exact_tokens(side) if t is not None], -2) for side in ("key", "value")
         )
@@ -148,8 +160,7 @@ def _attend_static(layer, query: torch.Tensor, attention_mask, scaling: float) -
     rotations = layer.rotations["value"]
     if len(parts) <= own:  # nothing exact, or the own token alone: rotated back and joined in one launch
         joined = (query, *parts[0][:2], scaling) if parts else (None,) * 4
-        stored = query.dtype if query.dtype in (torch.bfloat16, torch.float16) else torch.float32
-        return step.finish_step(out, lse, rotations, *joined, dtype=stored)  # the model's: no cast after
+        return step.finish_step(out, lse, rotations, *joined, dtype=_stored(query.dtype))
     out = _rotate_back(out, rotations)
     if parts:
         keys, values = _joined([p[0] for p in parts], -2), _joined([p[1] for p in parts], -2)
@@ -159,6 +170,12 @@ def _attend_static(layer, query: torch.Tensor, attention_mask, scaling: float) -
             seen = _joined([ones if p[2] is None else p[2] for p in parts], -1)
         out = _with_exact(out, lse, query, keys, values, seen, scaling)
     return out
+
+
+def _stored(dtype: torch.dtype) -> torch.dtype:
+    """What a step's end stores: the model's dtype (so no cast follows), or fp32 for one the kernel does not
+    store (float64: cast after, as the rest of the path is)."""
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
 def _joined(tensors, dim: int) -> torch.Tensor:
@@ -187,8 +204,6 @@ def _with_exact(out, lse, query, keys, values, seen, scaling: float) -> torch.Te
     batch, q_heads, q_len, dim = query.shape
     kv_heads = keys.shape[1]
     group = q_heads // kv_heads
-    if seen is None and keys.shape[-2] == 1:  # a decode step's own token alone: the same sums, fewer kernels
-        return _with_one_exact(out, lse, query, keys, values, scaling)
     step = max(1, min(kv_heads, EXACT_LOGITS // (batch * group * q_len * keys.shape[-2])))
     parts = []
     for first in range(0, kv_heads, step):
@@ -208,19 +223,6 @@ def _with_exact(out, lse, query, keys, values, seen, scaling: float) -> torch.Te
         mixed = weights[..., :1] * out[:, heads].reshape(*rows, dim) + exact
         parts.append(mixed.reshape(batch, -1, q_len, dim))
     return _joined(parts, 1)
-
-
-def _with_one_exact(out, lse, query, keys, values, scaling: float) -> torch.Tensor:
-    """`_with_exact` for one exact key that every query sees (an eager prefill_exact step's own token): the
-    softmax over [codes' log-sum-exp, its logit] is a sigmoid and the mix a lerp, a handful of kernels instead
-    of a dozen per layer. A row that saw no code (log-sum-exp −inf) gets weight 1 on the exact value. A frozen
-    step does the same in one launch (`kernels.step.finish_step`)."""
-    batch, q_heads, q_len, dim = query.shape
-    rows = (batch, keys.shape[1], -1)  # [B, KVH, G·Tq, ...]: a KV head's query rows, head-major
-    logit = query.float().reshape(*rows, dim) @ keys.float().transpose(-1, -2)  # [B, KVH, G·Tq, 1]
-    weight = torch.sigmoid(logit * scaling - lse.reshape(*rows, 1))
-    mixed = torch.lerp(out.reshape(*rows, dim), values.float(), weight)
-    return mixed.reshape(batch, q_heads, q_len, dim)
 
 
 def _rotate(query: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ token's logit, its softmax weight against the codes' log-sum-exp, and the mix: a
 
 A row that saw no code (lse = −inf) takes v. Inputs of any float dtype are read as fp32 and the products
 are fp32 `tl.dot`s at IEEE precision, so the results match `cache.fused._rotate`, `_rotate_back` and
-`_with_one_exact` to fp32 round-off. `finish_step` can store the model's dtype, rounded once from fp32 as
+`_with_exact` to fp32 round-off. `finish_step` can store the model's dtype, rounded once from fp32 as
 `.to(dtype)` rounds (which saves the step a cast kernel).
 """
 
