@@ -89,6 +89,8 @@ def assert_same(got, want, exact=None):
         dict(protocol="prefill_exact"),
         dict(sink_tokens=2, recent_window=3),
         dict(protocol="prefill_exact", sink_tokens=1),
+        dict(sink_tokens=1),  # a decode step's one exact token a sink: joined in `finish_step`
+        dict(recent_window=1),  # likewise, the window's one token
     ],
 )
 @pytest.mark.parametrize("exact_logits", [None, 1])

@@ -1,7 +1,8 @@
-"""ATen ops of one layer's merge of the codes' attention with its exact tokens in an eager decode step
-(`tqlab.cache.fused`), counted with torch.profiler on the CPU: each op is a kernel launch or more on a GPU,
-where an eager step's time is mostly such host work. Shape: Qwen2.5-Coder-1.5B's (12/2 heads, d = 128), one
-query token, one exact token (prefill_exact's own).
+"""ATen ops of one layer's merge of the codes' attention with its exact tokens in an eager decode step that
+takes the PyTorch merge (`tqlab.cache.fused._with_exact`: a left-padded batch; without padding, one exact
+token joins in `kernels.step.finish_step`), counted with torch.profiler on the CPU: each op is a kernel launch
+or more on a GPU, where an eager step's time is mostly such host work. Shape: Qwen2.5-Coder-1.5B's (12/2
+heads, d = 128), one query token, one exact token (prefill_exact's own) marked seen.
 
     PYTHONPATH=src python tools/research/exact_merge_ops.py [--against old/fused.py]
 

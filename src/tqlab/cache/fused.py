@@ -2,7 +2,9 @@
 
 The same sums as the reference (`attention.attend`), computed in two parts: the codes by
 `kernels.decode_attention` (queries rotated once per KV head, output rotated back once), the exact sinks and
-recent tokens in PyTorch (fp32), joined by one softmax over the codes' log-sum-exp and the exact logits. A
+recent tokens in fp32, joined by one softmax over the codes' log-sum-exp and the exact logits — for a
+one-token step with at most one exact token and no padding, rotation and join in one launch each
+(`kernels.step`), otherwise in PyTorch. A
 query block of more rows than the kernel holds (a prompt, under the all-quantized protocol) is cut into
 chunks of query tokens, each a kernel call that stops at its own last key. Calls the kernel cannot serve
 return None and the caller takes the reference path: a sliding window shorter than what the layer holds, or
@@ -41,8 +43,8 @@ def _left_padding(attention_mask, batch: int, q_len: int, held: int) -> torch.Te
 
 def attend_packed(layer, query: torch.Tensor, attention_mask, scaling: float, window) -> torch.Tensor | None:
     """Attention of query [B, Hq, Tq, d] over what `layer` holds, [B, Hq, Tq, d] computed in fp32 (a decode
-    step with at most one exact token stored in the query's dtype already, the rest fp32); None: use the
-    reference."""
+    step with at most one exact token and no padding stored in the query's dtype already, `_stored`, the rest
+    fp32); None: use the reference."""
     from ..kernels import step
     from ..kernels.decode import MAX_ROWS, decode_attention
 
@@ -97,7 +99,7 @@ def attend_packed(layer, query: torch.Tensor, attention_mask, scaling: float, wi
         lses.append(lse)
     out, lse = (outs[0], lses[0]) if len(outs) == 1 else (torch.cat(outs, dim=2), torch.cat(lses, dim=2))
     if ends_fused:
-        token = [layer.exact_tokens(side)[0 if n_sink else 1] for side in ("key", "value")]
+        token = [layer.exact_tokens(side)[0 if n_sink else 1] for side in ("key", "value")] if exact else None
         joined = (query, *token, scaling) if exact else (None,) * 4
         return step.finish_step(out, lse, layer.rotations["value"], *joined, dtype=_stored(query.dtype))
     out = _rotate_back(out, layer.rotations["value"])
@@ -179,7 +181,7 @@ def _stored(dtype: torch.dtype) -> torch.dtype:
 
 
 def _joined(tensors, dim: int) -> torch.Tensor:
-    """torch.cat, without its copy for a single tensor (an eager decode step's usual case)."""
+    """torch.cat, without its copy for a single tensor."""
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
 
 

@@ -1,6 +1,7 @@
-"""The two ends of a frozen decode step over codes, each one launch (the start can also share the launch of the
-step's key and value quantize, `quantize.run_together`): the query rotated into each KV head's key
-domain before `decode_attention`, and after it the output rotated back with the step's own exact token joined.
+"""The two ends of a decode step over codes, each one launch (a frozen step's start can also share the launch of
+its key and value quantize, `quantize.run_together`): the query rotated into each KV head's key domain
+before `decode_attention`, and after it the output rotated back with one exact token every query sees (the
+step's own under prefill_exact, or a lone sink or recent token) joined.
 
 In PyTorch each end is an fp32 cuBLAS product on CUDA cores plus casts, and under prefill_exact the own
 token's logit, its softmax weight against the codes' log-sum-exp, and the mix: a dozen small kernels per layer
