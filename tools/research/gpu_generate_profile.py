@@ -34,7 +34,8 @@ def make_cache(model, kind: str, max_len: int):
         model.set_attn_implementation("sdpa")
         return StaticCache(config=model.config, max_cache_len=max_len)
     bits, protocol = int(kind[1]), kind.split()[1]
-    dim = model.config.head_dim
+    config = model.config
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     spec = KVQuantSpec.create(
         "turboquant_mse", bits, "fast_hadamard", compress=("key", "value"), head_dim=dim
     )
