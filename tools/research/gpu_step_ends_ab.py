@@ -1,6 +1,6 @@
 """A frozen decode step's two ends, fused (`kernels.step.rotate_queries`, `finish_step`) against PyTorch's ops
 (`cache.fused._rotate` of the fp32 query; `_rotate_back` then `with_one_exact`, below, the library's join
-until 63a52ff), each replayed from a CUDA graph after an L2 flush (µs, median).
+until 6b2aa53), each replayed from a CUDA graph after an L2 flush (µs, median).
 
     PYTHONPATH=src:benchmarks python tools/research/gpu_step_ends_ab.py
 """
@@ -16,7 +16,7 @@ from tqlab.kernels.step import finish_step, rotate_queries
 
 def with_one_exact(out, lse, query, keys, values, scaling: float) -> torch.Tensor:
     """One exact key every query sees joined in PyTorch: a sigmoid of its logit against the codes' log-sum-exp,
-    and a lerp (`cache.fused._with_one_exact` until 63a52ff, which `finish_step` replaced)."""
+    and a lerp (`cache.fused._with_one_exact` until 6b2aa53, which `finish_step` replaced)."""
     batch, q_heads, q_len, dim = query.shape
     rows = (batch, keys.shape[1], -1)  # [B, KVH, G·Tq, ...]: a KV head's query rows, head-major
     logit = query.float().reshape(*rows, dim) @ keys.float().transpose(-1, -2)  # [B, KVH, G·Tq, 1]
