@@ -12,7 +12,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Confi
 
 from tqlab.cache import attention, compress_kv, fused  # noqa: E402
 from tqlab.cache.cache import TurboQuantLayer  # noqa: E402
-from tqlab.kernels import decode  # noqa: E402
+from tqlab.kernels import decode, step  # noqa: E402
 from tqlab.kv import KVQuantSpec  # noqa: E402
 from tqlab.registry import RuleError  # noqa: E402
 
@@ -62,6 +62,19 @@ def kernels_only(monkeypatch):
     monkeypatch.setattr(attention, "attend", fail)
 
 
+def spy_step_ends(monkeypatch) -> list:
+    """Record each `kernels.step.finish_step` call: whether it joined an exact token, and its output's dtype."""
+    calls, real = [], step.finish_step
+
+    def finish_step(out, lse, rotations, query=None, *args, **kwargs):
+        result = real(out, lse, rotations, query, *args, **kwargs)
+        calls.append((query is not None, result.dtype))
+        return result
+
+    monkeypatch.setattr(step, "finish_step", finish_step)
+    return calls
+
+
 def run(model, chunks, kernels, spec_=None, attention_mask=None, **layout):
     """Logits of `chunks` of token ids fed one call after another into one cache."""
     cache = compress_kv(model, spec_ or spec(), kernels=kernels, **layout)
@@ -104,8 +117,16 @@ def test_kernel_path_equals_the_reference_path(layout, exact_logits, monkeypatch
     chunks = [ids(21), ids(1, 2), ids(1, 3), ids(4, 4)]
     with monkeypatch.context() as patch:
         kernels_only(patch)
+        ends = spy_step_ends(patch)
         got, cache = run(model, chunks, "triton", **layout)
     want, reference = run(model, chunks, "torch", **layout)
+    # a one-token step ends in `finish_step` with no exact token or a single one (joined there), else in PyTorch
+    exact = (
+        layout.get("sink_tokens", 0)
+        + layout.get("recent_window", 0)
+        + (layout.get("protocol") == "prefill_exact")
+    )
+    assert [joined for joined, _ in ends] == ([exact == 1] * 2 * len(cache.layers) if exact <= 1 else [])
     assert all(layer.packed is not None for layer in cache.layers)
     assert all(layer.packed is None for layer in reference.layers)
     with torch.no_grad():
@@ -115,6 +136,20 @@ def test_kernel_path_equals_the_reference_path(layout, exact_logits, monkeypatch
     # the same bytes stored, in one tensor per side; the kernels' tensors hold rows ahead (grown by half)
     assert got_bytes["stored"] == want_bytes["stored"] and got_bytes["constants"] == want_bytes["constants"]
     assert want_bytes["allocated"] == want_bytes["stored"] <= got_bytes["allocated"]
+
+
+@pytest.mark.parametrize("layout", [dict(), dict(protocol="prefill_exact")])
+def test_a_bf16_models_one_token_steps_end_in_its_dtype(layout, monkeypatch):
+    """The fused end stores the model's dtype (no cast after it), and the logits stay the reference path's."""
+    model = tiny().bfloat16()
+    chunks = [ids(21), ids(1, 2), ids(1, 3)]
+    with monkeypatch.context() as patch:
+        kernels_only(patch)
+        ends = spy_step_ends(patch)
+        got, cache = run(model, chunks, "triton", **layout)
+    want, _ = run(model, chunks, "torch", **layout)
+    assert ends == [("protocol" in layout, torch.bfloat16)] * 2 * len(cache.layers)
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-2 * want.abs().max())  # bf16's 2^-8 roundoff
 
 
 @pytest.mark.parametrize("layout", [dict(), dict(protocol="prefill_exact", sink_tokens=1, recent_window=2)])

@@ -1,6 +1,7 @@
-"""Host cost of the exact-token attention that `cache/fused.py` merges into every layer's decode step
-(`_with_exact`: under prefill_exact the step's own token, and any sinks or recent window, joined with the
-codes' attention; until commit b1828cf `_attend_exact`, the exact part alone, with a merge after it), per
+"""Host cost of the exact-token attention that `cache/fused.py` merges into a layer's decode step in PyTorch
+(`_with_exact`: sinks and recent tokens, joined with the codes' attention; a one-token step with a single exact
+token and no padding, such as prefill_exact's own, joins it in `kernels.step.finish_step` instead, since
+6b2aa53; until commit b1828cf `_attend_exact`, the exact part alone, with a merge after it), per
 call, on this machine's CPU, one KV head at a time (EXACT_LOGITS = 0, how it ran before) against all heads
 at once.
 

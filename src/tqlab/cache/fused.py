@@ -2,9 +2,9 @@
 
 The same sums as the reference (`attention.attend`), computed in two parts: the codes by
 `kernels.decode_attention` (queries rotated once per KV head, output rotated back once), the exact sinks and
-recent tokens in fp32, joined by one softmax over the codes' log-sum-exp and the exact logits — for a
-one-token step with at most one exact token and no padding, rotation and join in one launch each
-(`kernels.step`), otherwise in PyTorch. A
+recent tokens in fp32, joined by one softmax over the codes' log-sum-exp and the exact logits. A one-token
+step rotates its query in one launch (`kernels.step`), and with no exact token, or one and no padding, rotates
+back (and joins it) in one more; otherwise the end is PyTorch's. A
 query block of more rows than the kernel holds (a prompt, under the all-quantized protocol) is cut into
 chunks of query tokens, each a kernel call that stops at its own last key. Calls the kernel cannot serve
 return None and the caller takes the reference path: a sliding window shorter than what the layer holds, or
@@ -43,7 +43,7 @@ def _left_padding(attention_mask, batch: int, q_len: int, held: int) -> torch.Te
 
 def attend_packed(layer, query: torch.Tensor, attention_mask, scaling: float, window) -> torch.Tensor | None:
     """Attention of query [B, Hq, Tq, d] over what `layer` holds, [B, Hq, Tq, d] computed in fp32 (a decode
-    step with at most one exact token and no padding stored in the query's dtype already, `_stored`, the rest
+    step with no exact token, or one and no padding, stored in the query's dtype already, `_stored`; the rest
     fp32); None: use the reference."""
     from ..kernels import step
     from ..kernels.decode import MAX_ROWS, decode_attention
