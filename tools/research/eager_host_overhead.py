@@ -1,6 +1,7 @@
-"""Host time of an eager decode step through TurboQuantCache's kernel path, on this CPU machine, with the two
-Triton kernels replaced by stubs that return tensors of the right shape (so what is timed is the Python and
-the small PyTorch ops around them — what a GPU waits on in an eager step).
+"""Host time of an eager decode step through TurboQuantCache's kernel path, on this CPU machine, with the
+Triton kernels (quantize, decode attention, and since 6b2aa53 the step's two ends) replaced by stubs that
+return tensors of the right shape (so what is timed is the Python and the small PyTorch ops around them — what
+a GPU waits on in an eager step — without the kernels' own launch costs).
 
     PYTHONPATH=src python tools/research/eager_host_overhead.py [--profile]
 
@@ -21,27 +22,37 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCach
 
 from tqlab.cache import compress_kv
 from tqlab.kernels import decode as decode_module
+from tqlab.kernels import step as step_module
 from tqlab.kv import KVQuantSpec
 
 LAYERS, PROMPT, STEPS = 4, 64, 200
 
 
 def stub_kernels(monkeypatch_targets: list) -> None:
-    """decode_attention and quantize_mse as shape-only stubs (their arithmetic is the GPU's, not the host's)."""
+    """decode_attention, quantize_mse and the step's ends as shape-only stubs (their arithmetic is the GPU's,
+    not the host's)."""
 
     def decode_attention(query, key_indices, *args, **kwargs):
         return torch.zeros_like(query, dtype=torch.float32), torch.zeros(query.shape[:-1])
 
-    def quantize_mse(x, rotation, boundaries, norm_dtype=torch.float16, tables=None, mean=None, into=None, at=None):
+    def quantize_mse(x, rotation, boundaries, norm_dtype=torch.float16, *args, **kwargs):
         bits = boundaries.numel().bit_length()
         codes = torch.zeros(*x.shape[:-1], x.shape[-1] // 8 * bits, dtype=torch.uint8)
         return codes, torch.ones(x.shape[:-1], dtype=norm_dtype)
+
+    def rotate_queries(query, rotations):
+        return torch.zeros_like(query, dtype=torch.float32)
+
+    def finish_step(out, lse, rotations, query=None, keys=None, values=None, scaling=None, dtype=torch.float32):
+        return torch.zeros_like(out, dtype=dtype)
 
     import tqlab.kernels as kernels
 
     for module, name, stub in [
         (decode_module, "decode_attention", decode_attention),
         (kernels, "quantize_mse", quantize_mse),
+        (step_module, "rotate_queries", rotate_queries),
+        (step_module, "finish_step", finish_step),
     ]:
         monkeypatch_targets.append((module, name, getattr(module, name)))
         setattr(module, name, stub)
