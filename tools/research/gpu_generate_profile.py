@@ -26,6 +26,7 @@ from gpu_memory import ARCHS  # noqa: E402
 from transformers import AutoModelForCausalLM, StaticCache  # noqa: E402
 
 from tqlab.cache import compress_kv  # noqa: E402
+from tqlab.capture.models import architecture_facts  # noqa: E402
 from tqlab.kv import KVQuantSpec  # noqa: E402
 
 
@@ -34,8 +35,7 @@ def make_cache(model, kind: str, max_len: int):
         model.set_attn_implementation("sdpa")
         return StaticCache(config=model.config, max_cache_len=max_len)
     bits, protocol = int(kind[1]), kind.split()[1]
-    config = model.config
-    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dim = architecture_facts(model.config)["head_dim"]  # Qwen2's config has no head_dim
     spec = KVQuantSpec.create(
         "turboquant_mse", bits, "fast_hadamard", compress=("key", "value"), head_dim=dim
     )
