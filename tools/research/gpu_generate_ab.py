@@ -10,7 +10,7 @@ checkout, so only the library differs; the caller's PYTHONPATH (say, wheels a GP
 them. One process per tree and round, alternating, is how the A/B runs of docs/benchmarks.md ("A frozen step's
 kernels chained by programmatic launch") were made by hand. There a CUDA-graph step of the same tree differed
 by up to 0.02 ms between processes, so smaller differences need more rounds. Needs a CUDA GPU, as
-gpu_generate.py does; not run on one yet.
+gpu_generate.py does; first run there for "The merge's early launch inside a whole step" (docs/benchmarks.md).
 """
 
 from __future__ import annotations
