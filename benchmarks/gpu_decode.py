@@ -7,7 +7,8 @@ One decode step (one query token per sequence) of one layer: every sequence hold
 The kernel reads packed K and V codes (random bytes: every byte is a valid code) and fp16 norms; SDPA
 reads bf16 K and V with GQA, and so do FlexAttention with `--flex` (torch.compile'd) and FlashInfer's decode
 kernels with `--flashinfer` (JIT-compiled on first use, which needs nvcc; the wheel and its tvm-ffi dependency
-travel with the tree to a machine without a registry, docs/benchmarks.md). Times are medians of CUDA-graph
+travel with the tree to a machine without a registry, docs/benchmarks.md), and flash-attn's flash_attn_with_kvcache
+with `--flash-attn 2 3` (FlashAttention-2 and -3, built by tools/flash_attn_build.sh). Times are medians of CUDA-graph
 replays (no Python or launch overhead, as in a served decode step) with the L2 cache flushed before each, so each step streams its cache from HBM. The query rotation and the output's
 inverse rotation are not timed: both fold into the q and o projection weights. The PyTorch reference
 path of attention over codes (per-KV-head loop, as in tqlab.cache.attention) is timed up to
@@ -156,10 +157,50 @@ def flashinfer_time(q, k, v, scaling, expected) -> tuple[float, str]:
     return times[best], best
 
 
+# num_splits for flash_attn_with_kvcache: 0 is its own heuristic (what a caller gets by default), then fixed
+FLASH_ATTN_SPLITS = (0, 4, 8, 16, 32, 64, 128)
+
+
+def flash_attn_time(q, k, v, scaling, expected, version: int = 2) -> tuple[float, str]:
+    """µs of flash-attn's `flash_attn_with_kvcache` over the same bf16 cache in its layout [batch, tokens, KV
+    heads, dim], at its fastest of FLASH_ATTN_SPLITS, and which that is: FlashAttention-2 (the `flash_attn`
+    package) or, with version 3, FlashAttention-3 (flash-attn's `hopper` build, module `flash_attn_interface`)."""
+    if version == 3:
+        from flash_attn_interface import flash_attn_with_kvcache
+    else:
+        from flash_attn import flash_attn_with_kvcache
+    if q.shape[-1] != 128 or k.dtype != torch.bfloat16:  # what tools/flash_attn_build.sh builds
+        raise ValueError(
+            f"flash-attn as built here takes bf16 and head_dim 128, not {k.dtype} and {q.shape[-1]}"
+        )
+
+    rows = q.transpose(1, 2)  # [batch, 1, query heads, dim]
+    k_cache, v_cache = (x.transpose(1, 2).contiguous() for x in (k, v))
+    calls = {
+        f"{splits} splits" if splits else "its split heuristic": functools.partial(
+            flash_attn_with_kvcache, rows, k_cache, v_cache, softmax_scale=scaling, num_splits=splits
+        )
+        for splits in FLASH_ATTN_SPLITS
+    }
+    name = f"FlashAttention-{version}"
+    times = {split: checked_time(f"{name} {split}", call, expected) for split, call in calls.items()}
+    print(f"{name} µs: " + "; ".join(f"{split} {time:.1f}" for split, time in times.items()), flush=True)
+    best = min(times, key=lambda split: times[split] if times[split] == times[split] else float("inf"))
+    return times[best], best
+
+
 def bf16_times(
-    batch, q_heads, kv_heads, context, flex: bool = False, dim=DIM, flashinfer: bool = False
+    batch,
+    q_heads,
+    kv_heads,
+    context,
+    flex: bool = False,
+    dim=DIM,
+    flashinfer: bool = False,
+    flash_attn: tuple[int, ...] = (),
 ) -> tuple[float, dict[str, float]]:
-    """µs of SDPA, and of the other bf16 kernels asked for ("FlexAttention", "FlashInfer") over the same cache."""
+    """µs of SDPA, and of the other bf16 kernels asked for ("FlexAttention", "FlashInfer", and flash-attn's
+    FlashAttention-2 and -3 for `flash_attn`'s versions) over the same cache."""
     scaling = dim**-0.5
     torch.manual_seed(0)
     q = torch.randn(batch, q_heads, 1, dim, device="cuda", dtype=torch.bfloat16)
@@ -172,6 +213,8 @@ def bf16_times(
         others["FlexAttention"] = flex_time(q, k, v, scaling, expected)
     if flashinfer:
         others["FlashInfer"], _ = flashinfer_time(q, k, v, scaling, expected)
+    for version in flash_attn:
+        others[f"FlashAttention-{version}"], _ = flash_attn_time(q, k, v, scaling, expected, version)
     return sdpa, others
 
 
@@ -233,12 +276,27 @@ def main() -> None:
         help="time FlashInfer's decode kernels too (its fastest per shape; needs flashinfer and nvcc)",
     )
     parser.add_argument(
+        "--flash-attn",
+        type=int,
+        nargs="+",
+        choices=(2, 3),
+        default=[],
+        help="time flash-attn's flash_attn_with_kvcache too, FlashAttention-2 and/or -3 (its fastest split count "
+        "per shape; PyPI has neither as a wheel: tools/flash_attn_build.sh builds them for a GPU machine "
+        "without a compiler)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=Path("outputs/bench/benchmarks.md"), help="'-' to print only"
     )
     args = parser.parse_args()
     others = [
-        name for name, asked in (("FlexAttention", args.flex), ("FlashInfer", args.flashinfer)) if asked
-    ]
+        name
+        for name, asked in (
+            ("FlexAttention", args.flex), ("FlashInfer", args.flashinfer),
+            *((f"FlashAttention-{version}", True) for version in dict.fromkeys(args.flash_attn)),
+        )
+        if asked
+    ]  # fmt: skip
     columns = ["batch", "q/KV heads", "context", "bits", "SDPA bf16 µs", *(f"{name} bf16 µs" for name in others),
                "Triton codes µs", "vs SDPA", *(["vs best bf16"] if others else []), "codes GB/s",
                "PyTorch reference µs", "max rel Δ vs reference"]  # fmt: skip
@@ -248,7 +306,10 @@ def main() -> None:
         q_heads, kv_heads = map(int, layout.split("/"))
         for batch in args.batches:
             for context in args.contexts:
-                bf16 = bf16_times(batch, q_heads, kv_heads, context, args.flex, flashinfer=args.flashinfer)
+                bf16 = bf16_times(
+                    batch, q_heads, kv_heads, context, args.flex,
+                    flashinfer=args.flashinfer, flash_attn=tuple(dict.fromkeys(args.flash_attn)),
+                )  # fmt: skip
                 torch.cuda.empty_cache()
                 for bits in args.bits:
                     rows.append(row(batch, q_heads, kv_heads, context, bits, args.reference_max, bf16))
