@@ -113,6 +113,15 @@ def flex_time(q, k, v, scaling, expected) -> float:
 FLASHINFER_PAGES = (16, 128)
 
 
+def fastest(kernel: str, calls: dict, expected: torch.Tensor) -> tuple[float, str]:
+    """µs of the fastest of `calls` (name → call, each checked against SDPA's output by checked_time), and its
+    name; every variant's time is printed, a variant that failed counts as never fastest."""
+    times = {name: checked_time(f"{kernel} {name}", call, expected) for name, call in calls.items()}
+    print(f"{kernel} µs: " + "; ".join(f"{name} {time:.1f}" for name, time in times.items()), flush=True)
+    best = min(times, key=lambda name: times[name] if times[name] == times[name] else float("inf"))
+    return times[best], best
+
+
 def flashinfer_time(q, k, v, scaling, expected) -> tuple[float, str]:
     """µs of FlashInfer's fastest decode kernel over the same bf16 cache, and which it is: the batch decode
     on CUDA cores and on tensor cores over a paged cache (HND layout) of each of FLASHINFER_PAGES (each
@@ -151,10 +160,7 @@ def flashinfer_time(q, k, v, scaling, expected) -> tuple[float, str]:
         calls["single"] = functools.partial(
             flashinfer.single_decode_with_kv_cache, rows[0], k[0], v[0], kv_layout="HND", sm_scale=scaling
         )
-    times = {name: checked_time(f"FlashInfer {name}", call, expected) for name, call in calls.items()}
-    print("FlashInfer µs: " + "; ".join(f"{name} {time:.1f}" for name, time in times.items()), flush=True)
-    best = min(times, key=lambda name: times[name] if times[name] == times[name] else float("inf"))
-    return times[best], best
+    return fastest("FlashInfer", calls, expected)
 
 
 # num_splits for flash_attn_with_kvcache: 0 is its own heuristic (what a caller gets by default), then fixed
@@ -182,11 +188,7 @@ def flash_attn_time(q, k, v, scaling, expected, version: int = 2) -> tuple[float
         )
         for splits in FLASH_ATTN_SPLITS
     }
-    name = f"FlashAttention-{version}"
-    times = {split: checked_time(f"{name} {split}", call, expected) for split, call in calls.items()}
-    print(f"{name} µs: " + "; ".join(f"{split} {time:.1f}" for split, time in times.items()), flush=True)
-    best = min(times, key=lambda split: times[split] if times[split] == times[split] else float("inf"))
-    return times[best], best
+    return fastest(f"FlashAttention-{version}", calls, expected)
 
 
 def bf16_times(
@@ -289,14 +291,11 @@ def main() -> None:
         "--out", type=Path, default=Path("outputs/bench/benchmarks.md"), help="'-' to print only"
     )
     args = parser.parse_args()
+    flash_attn = tuple(dict.fromkeys(args.flash_attn))  # each version once
     others = [
-        name
-        for name, asked in (
-            ("FlexAttention", args.flex), ("FlashInfer", args.flashinfer),
-            *((f"FlashAttention-{version}", True) for version in dict.fromkeys(args.flash_attn)),
-        )
-        if asked
-    ]  # fmt: skip
+        name for name, asked in (("FlexAttention", args.flex), ("FlashInfer", args.flashinfer)) if asked
+    ]
+    others += [f"FlashAttention-{version}" for version in flash_attn]
     columns = ["batch", "q/KV heads", "context", "bits", "SDPA bf16 µs", *(f"{name} bf16 µs" for name in others),
                "Triton codes µs", "vs SDPA", *(["vs best bf16"] if others else []), "codes GB/s",
                "PyTorch reference µs", "max rel Δ vs reference"]  # fmt: skip
@@ -308,7 +307,7 @@ def main() -> None:
             for context in args.contexts:
                 bf16 = bf16_times(
                     batch, q_heads, kv_heads, context, args.flex,
-                    flashinfer=args.flashinfer, flash_attn=tuple(dict.fromkeys(args.flash_attn)),
+                    flashinfer=args.flashinfer, flash_attn=flash_attn,
                 )  # fmt: skip
                 torch.cuda.empty_cache()
                 for bits in args.bits:
