@@ -5,6 +5,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 OLDEST_TRANSFORMERS := 5.24.0  # the floor in pyproject.toml
+# The fast suite runs on TEST_WORKERS processes (pytest-xdist), each with one OpenMP thread: on 2 cores that is
+# 176 s instead of 259 s for one process on both threads.
+TEST_WORKERS ?= 2
+PYTEST_PARALLEL := OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 .PHONY: help install train eval report test test-oldest test-slow lint bench bench-gpu capture sync-wandb clean
 
@@ -35,11 +39,11 @@ report: $(STAMP)  ## statistics, tables and Pareto plots of a sweep (RUNS=multir
 	$(PY) report.py runs=$(RUNS) $(ARGS)
 
 test: $(STAMP)  ## the test suite (fast tests; what CI runs)
-	$(PY) -m pytest -m "not slow" -q
+	$(PYTEST_PARALLEL) -m "not slow" -q
 
 test-oldest: $(STAMP)  ## the cache and end-to-end tests against the oldest supported transformers
 	$(PY) -m pip install -q --no-deps --upgrade --target .oldest/transformers transformers==$(OLDEST_TRANSFORMERS)
-	PYTHONPATH=.oldest/transformers $(PY) -m pytest -m "not slow" -q -p no:cacheprovider tests/cache tests/evaluate
+	PYTHONPATH=.oldest/transformers $(PYTEST_PARALLEL) -m "not slow" -q -p no:cacheprovider tests/cache tests/evaluate
 
 test-slow: $(STAMP)  ## the slow tests only
 	$(PY) -m pytest -m slow -q
