@@ -6,9 +6,10 @@ cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 common=(logger=csv progress=false bits=2)
 out=multirun/research
-$PY train.py -m "${common[@]}" seed=0,1,2 \
+fit=(fit.per_head=false)  # per layer, as in docs/results.md (the default became per head after the study)
+$PY train.py -m "${common[@]}" "${fit[@]}" seed=0,1,2 \
   rotation=hadamard_block_so8_learned,triality,block_so8_learned hydra.sweep.dir=$out/train
-$PY train.py -m "${common[@]}" seed=0,1,2 rotation=hadamard_block_so8_learned rotation.init=identity \
+$PY train.py -m "${common[@]}" "${fit[@]}" seed=0,1,2 rotation=hadamard_block_so8_learned rotation.init=identity \
   hydra.sweep.dir=$out/train_identity_init
 $PY eval.py -m "${common[@]}" seed=0,1,2 rotation=random_haar,fast_hadamard,block_so8_static,identity \
   hydra.sweep.dir=$out/fixed
