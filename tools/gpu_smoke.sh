@@ -5,6 +5,8 @@ common=(data=synthetic logger=none progress=false results_root=/tmp/gpu_smoke/ru
 python3 train.py "${common[@]}" debug=fast trainer=gpu fit.max_epochs=2 rotation=triality kv=full_kv hydra.run.dir=/tmp/gpu_smoke/train
 for args in "codec=turboquant_mse bits=3" "codec=turboquant_prod bits=3" "codec=turboquant_mse bits=2.5" \
             "codec=int4_block bits=4 rotation=fast_hadamard" "codec=kivi bits=2 rotation=identity kv=full_kv" \
+            "codec=int8_block bits=8 rotation=identity" "codec=transform_coding bits=2 rotation=identity kv=full_kv" \
+            "codec=protected_channels bits=2 rotation=identity kv=full_kv" "codec=relevance_gated bits=2 kv=key_only" \
             "rotations=/tmp/gpu_smoke/train kv=full_kv bits=2"; do
   # shellcheck disable=SC2086
   python3 eval.py "${common[@]}" trainer=gpu $args hydra.run.dir=/tmp/gpu_smoke/eval
@@ -13,5 +15,7 @@ python3 - <<'PY'
 import glob, json
 for f in sorted(glob.glob("/tmp/gpu_smoke/runs/eval/*/summary.json")):
     s = json.load(open(f)); c, o = s["columns"], s["overall"]
-    print(f"{c['codec']:16s} {c['rotation']:40s} K{c['k_bits']} V{c['v_bits']}  output_cosine {o['output_cosine']:.4f}  kv_bits {o['kv_bits_per_coordinate']:.3f}")
+    rotation = c.get("rotations_from") or c.get("k_rotation") or c.get("v_rotation")
+    print(f"{c['codec']:18s} {c['kv']:9s} {rotation:40s} K{c.get('k_bits')} V{c.get('v_bits')}  "
+          f"output_cosine {o['output_cosine']:.4f}  kv_bits {o['kv_bits_per_coordinate']:.3f}")
 PY
