@@ -93,3 +93,37 @@ def test_a_reassembled_gguf_in_the_cache_serves_without_the_chunk_packages(monke
         model.gguf_path()
     with pytest.raises(ValueError, match="a GGUF reassembled from parts needs its sha256"):
         dataclasses.replace(model, sha256=None)
+
+
+def test_processes_loading_an_offline_model_together_convert_it_once(monkeypatch, tmp_path):
+    """Test workers or a sweep's jobs that start together: one converts under the lock, the others wait and
+    load its folder; a conversion that fails leaves no temporary folder, and the next one starts afresh."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqlab.capture import models
+
+    monkeypatch.setenv("TQLAB_CACHE", str(tmp_path))
+    model = OFFLINE_MODELS["smollm2-135m"]
+    monkeypatch.setattr(type(model), "gguf_path", lambda self: tmp_path / "model.gguf")
+    converting, conversions = threading.Lock(), []
+
+    def convert(model, gguf, folder, fail=False):
+        with converting:
+            conversions.append(folder)
+        time.sleep(0.3)  # long enough for every thread to reach the lock
+        if fail:
+            raise RuntimeError("conversion interrupted")
+        (folder / "tqlab_source.json").write_text("{}")
+
+    monkeypatch.setattr(models, "_convert", lambda *a: convert(*a, fail=True))
+    with pytest.raises(RuntimeError, match="conversion interrupted"):
+        models._converted_dir(model)
+    assert not list((tmp_path / "models").glob(f".{model.key}-*"))
+    monkeypatch.setattr(models, "_convert", convert)
+    with ThreadPoolExecutor(4) as pool:
+        folders = list(pool.map(lambda _: models._converted_dir(model), range(4)))
+    target = tmp_path / "models" / model.key
+    assert folders == [target] * 4 and len(conversions) == 2  # the failed one and one more
+    assert (target / "tqlab_source.json").is_file() and not list(target.parent.glob(f".{model.key}-*"))

@@ -141,18 +141,39 @@ OFFLINE_MODELS = {
 
 
 def _converted_dir(model: OfflineModel) -> Path:
-    """Dequantize the GGUF once into a safetensors folder in the cache (atomic: temp folder + rename)."""
+    """Dequantize the GGUF once into a safetensors folder in the cache: written under a temporary name and
+    renamed, by one process at a time (a lock file beside it), so that processes started together (test
+    workers, a sweep's jobs) convert it once and the others load what it wrote."""
+    from filelock import FileLock
+
     target = cache_root() / "models" / model.key
     if (target / "tqlab_source.json").is_file():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(target.parent / f".{model.key}.lock"):
+        if (target / "tqlab_source.json").is_file():  # converted while this process waited for the lock
+            return target
+        gguf = model.gguf_path()
+        log.info(
+            "converting %s from GGUF once into %s (1–2 minutes on 2 cores; later loads take seconds)",
+            model.key,
+            target,
+        )
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{model.key}-"))
+        try:
+            _convert(model, gguf, tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if target.exists():  # a half-written folder from an interrupted conversion
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    return target
+
+
+def _convert(model: OfflineModel, gguf: Path, folder: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    gguf = model.gguf_path()
-    log.info(
-        "converting %s from GGUF once into %s (1–2 minutes on 2 cores; later loads take seconds)",
-        model.key,
-        target,
-    )
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     lm = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent),
@@ -160,16 +181,10 @@ def _converted_dir(model: OfflineModel) -> Path:
         dtype=torch.float32,
         quantization_config=GgufConfig(gguf_file=gguf.name, dequantize=True),
     )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{model.key}-"))
-    lm.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
+    lm.save_pretrained(folder)
+    tok.save_pretrained(folder)
     source = {"gguf": gguf.name, "gguf_sha256": sha256_file(gguf), "description": model.description}
-    (tmp / "tqlab_source.json").write_text(json.dumps(source, indent=2))
-    if target.exists():  # a half-written folder from an interrupted conversion
-        shutil.rmtree(target)
-    os.replace(tmp, target)
-    return target
+    (folder / "tqlab_source.json").write_text(json.dumps(source, indent=2))
 
 
 @dataclasses.dataclass
