@@ -9,7 +9,20 @@ if not os.path.exists("/dev/nvidiactl"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+import random  # noqa: E402
+
+import numpy  # noqa: E402
 import pytest  # noqa: E402  (the environment above is set before tqlab imports transformers)
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _same_random_state_whatever_ran_before():
+    """Each test starts from the same global random state, whichever tests its process ran before it: make test
+    deals tests out to its workers differently from run to run, and the tasks call seed_everything."""
+    random.seed(0)
+    numpy.random.seed(0)
+    torch.manual_seed(0)
 
 
 @pytest.fixture(scope="session")

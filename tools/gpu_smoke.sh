@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # train.py and eval.py on one GPU (synthetic KV): every codec family, fitted rotations, fractional bits.
 set -euo pipefail
+rm -rf /tmp/gpu_smoke  # a run's results are reused by the next with the same settings: start empty
 common=(data=synthetic logger=none progress=false results_root=/tmp/gpu_smoke/runs)
 python3 train.py "${common[@]}" debug=fast trainer=gpu fit.max_epochs=2 rotation=triality kv=full_kv hydra.run.dir=/tmp/gpu_smoke/train
 for args in "codec=turboquant_mse bits=3" "codec=turboquant_prod bits=3" "codec=turboquant_mse bits=2.5" \

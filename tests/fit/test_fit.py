@@ -94,11 +94,12 @@ def test_soft_attention_objective_gradient_matches_finite_differences_of_its_los
 
 def test_the_soft_quantizer_tends_to_the_hard_codes_and_validation_measures_the_hard_ones():
     codec = TurboQuantMSE(16, 3, rotation=BlockSO8Learned(16, seed=1))
-    x = torch.randn(200, 16)
+    x = torch.randn(200, 16, generator=torch.Generator().manual_seed(0))
     hard = codec.dequantize(codec.quantize(x))
-    # only coordinates within ~√τ of a decision boundary still mix two centroids
-    assert (reconstruct(codec, x, 1e-3) - hard).abs().mean() < 2e-3
-    assert (reconstruct(codec, x, 1.0) - hard).abs().mean() > 2e-2
+    # only coordinates within ~√τ of a decision boundary still mix two centroids: over 300 draws of x the mean
+    # gap was 0.0011 ± 0.0003 (largest 0.0020) at τ = 1e-3 and 0.128 ± 0.002 (smallest 0.122) at τ = 1
+    assert (reconstruct(codec, x, 1e-3) - hard).abs().mean() < 5e-3
+    assert (reconstruct(codec, x, 1.0) - hard).abs().mean() > 6e-2
     module = RotationFitModule(
         {"key_layer0": codec.rotation}, {"key": 3}, objective="attention", temperature=1.0
     )
