@@ -120,10 +120,19 @@ def test_processes_loading_an_offline_model_together_convert_it_once(monkeypatch
     monkeypatch.setattr(models, "_convert", lambda *a: convert(*a, fail=True))
     with pytest.raises(RuntimeError, match="conversion interrupted"):
         models._converted_dir(model)
-    assert not list((tmp_path / "models").glob(f".{model.key}-*"))
+    assert not (tmp_path / "models" / f".{model.key}.partial").exists()
     monkeypatch.setattr(models, "_convert", convert)
     with ThreadPoolExecutor(4) as pool:
         folders = list(pool.map(lambda _: models._converted_dir(model), range(4)))
     target = tmp_path / "models" / model.key
     assert folders == [target] * 4 and len(conversions) == 2  # the failed one and one more
-    assert (target / "tqlab_source.json").is_file() and not list(target.parent.glob(f".{model.key}-*"))
+    assert (target / "tqlab_source.json").is_file() and not (target.parent / f".{model.key}.partial").exists()
+    assert target.stat().st_mode & 0o777 == 0o777 & ~_umask()
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

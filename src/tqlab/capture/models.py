@@ -159,7 +159,11 @@ def _converted_dir(model: OfflineModel) -> Path:
             model.key,
             target,
         )
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{model.key}-"))
+        # one name, safe under the lock: an interrupted conversion's leftovers are cleared, not accumulated,
+        # and mkdir gives the folder the umask's mode (a cache shared on a cluster stays readable)
+        tmp = target.parent / f".{model.key}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
         try:
             _convert(model, gguf, tmp)
         except BaseException:
