@@ -179,3 +179,12 @@ def test_a_block_with_no_key_in_one_tier_codes_and_decodes():
     assert code.high.shape == (0,) and code.low.shape == (9,)
     decoded = codec.dequantize(code)
     assert decoded.shape == x.shape and ((decoded - x).norm(dim=-1) < x.norm(dim=-1)).all()
+
+
+def test_a_key_along_the_mean_query_has_cosine_at_most_one_and_non_finite_queries_are_refused():
+    codec, _, queries = calibrated(share=0.25, trim=0.0, half_life=0)
+    along = codec.query_direction.repeat(64, 1) * torch.logspace(-3, 3, 64)[:, None]
+    assert (codec.relevance(along) <= 1).all()  # (cos − 0)² with cos clamped: fp32 round-off passed 1
+    queries[3, 5] = float("nan")
+    with pytest.raises(ValueError, match="RelevanceGated.calibrate: input contains NaN or Inf"):
+        codec.calibrate(torch.randn(100, 64), queries)

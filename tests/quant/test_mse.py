@@ -97,6 +97,24 @@ def test_bad_arguments_name_the_argument_and_the_allowed_values():
         q.quantize(torch.zeros(3, 64, device="meta"))
 
 
+def test_a_code_decodes_only_with_a_codec_of_its_own_dim_and_bits():
+    """64 dims at 4 bits and 128 at 2 pack into the same 32 bytes: nothing but the code's fields tells them
+    apart, and a decode with the other codec would return vectors of the wrong length and values."""
+    code = TurboQuantMSE(128, 2).quantize(gaussian(3, 128))
+    other = TurboQuantMSE(64, 4)
+    for decode in (other.dequantize, other.rotated_centroids, lambda c: other.score(gaussian(1, 64), c)):
+        with pytest.raises(ValueError, match=r"\(dim=64, bits=4\) cannot decode a code of dim=128, bits=2"):
+            decode(code)
+
+
+def test_norms_are_stored_only_in_float_dtypes_and_an_empty_code_has_no_bits_per_coordinate():
+    with pytest.raises(ValueError, match=r"norm_dtype=torch.int32 is not allowed; choose from torch.float16"):
+        TurboQuantMSE(64, 2, norm_dtype=torch.int32)
+    empty = TurboQuantMSE(64, 2).quantize(torch.zeros(0, 64))
+    with pytest.raises(ValueError, match=r"holds no vectors \(shape \(0,\)\)"):
+        float(empty.bits_per_coordinate)
+
+
 @pytest.mark.parametrize("bits", [2, 4])
 def test_tiny_and_huge_rows_keep_their_norms_and_codes_on_the_tensor_path(bits, monkeypatch):
     """A row whose float32 squares underflow (× 2^-100) or overflow (× 2^100) codes as the row itself and keeps a

@@ -44,7 +44,32 @@ class Code:
     @property
     def bits_per_coordinate(self) -> float:
         """Effective bits per coordinate: 8 · stored bytes / (vectors · dim)."""
+        if self.num_vectors == 0:
+            raise ValueError(
+                f"{type(self).__name__} holds no vectors (shape {self.shape}): no bits per coordinate"
+            )
         return 8 * self.nbytes / (self.num_vectors * self.dim)
+
+
+NORM_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_norm_dtype(dtype, codec: str) -> torch.dtype:
+    """A norm storage dtype the codecs and kernels take (an int would truncate norms, fp64 doubles their bytes)."""
+    if dtype not in NORM_DTYPES:
+        raise ValueError(
+            f"{codec}: norm_dtype={dtype!r} is not allowed; choose from {', '.join(map(str, NORM_DTYPES))}"
+        )
+    return dtype
+
+
+def check_code(code: Code, dim: int, bits: int, codec: str) -> None:
+    """A code decodes only with a codec of its own dim and bits (their packed bytes can coincide)."""
+    if code.dim != dim or getattr(code, "bits", bits) != bits:
+        raise ValueError(
+            f"{codec} (dim={dim}, bits={bits}) cannot decode a code of dim={code.dim}, "
+            f"bits={getattr(code, 'bits', None)}: use the codec that made it"
+        )
 
 
 def check_input(

@@ -128,6 +128,7 @@ class RelevanceGated(nn.Module):
     def relevance(self, keys: torch.Tensor, damped: bool = True, start: int = 0) -> torch.Tensor:
         """r_t for keys [..., T, dim] in token order, the first at position `start`."""
         cos = (keys @ self.query_direction) / keys.norm(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
+        cos = cos.clamp(-1, 1)  # fp32 round-off puts a key along q̄ a few ulps past 1
         r = (cos - self.trim).clamp_min(0) ** 2
         if damped and self.half_life:
             t = start + torch.arange(keys.shape[-2], device=keys.device, dtype=r.dtype)
@@ -139,7 +140,9 @@ class RelevanceGated(nn.Module):
         keys = check_input(keys, self.dim, self.threshold.device, "RelevanceGated.calibrate").reshape(
             -1, self.dim
         )
-        q = queries.float().reshape(-1, self.dim).to(self.threshold.device)
+        q = check_input(queries, self.dim, self.threshold.device, "RelevanceGated.calibrate").reshape(
+            -1, self.dim
+        )
         mean = q.mean(0)
         self.query_direction = mean / mean.norm().clamp_min(torch.finfo(torch.float32).tiny)
         self.threshold = torch.quantile(self.relevance(keys, damped=False).double(), 1 - self.share).float()

@@ -10,7 +10,16 @@ from torch import nn
 from ..rotation import FastHadamard, Rotation, make_rotation
 from . import native
 from .codebook import check_dim_bits, coordinate_distortion, lloyd_max_codebook
-from .codes import Code, buffer_nbytes, check_input, in_row_blocks, row_norms, store_norms
+from .codes import (
+    Code,
+    buffer_nbytes,
+    check_code,
+    check_input,
+    check_norm_dtype,
+    in_row_blocks,
+    row_norms,
+    store_norms,
+)
 from .packing import pack_bits, unpack_bits
 
 
@@ -82,7 +91,8 @@ class TurboQuantMSE(nn.Module):
         if norm_correction and unbiased:
             raise ValueError("TurboQuantMSE: norm_correction and unbiased are two rescalings; choose one")
         self.dim, self.bits = dim, int(bits)
-        self.norm_dtype, self.norm_correction = norm_dtype, norm_correction
+        self.norm_dtype = check_norm_dtype(norm_dtype, "TurboQuantMSE")
+        self.norm_correction = norm_correction
         self.unbiased_scale = 1 / (1 - coordinate_distortion(dim, self.bits)) if unbiased else None
         self.rotation = build_rotation(rotation, dim, seed, rotation_options)
         centroids, boundaries = lloyd_max_codebook(dim, self.bits)
@@ -160,6 +170,7 @@ class TurboQuantMSE(nn.Module):
 
     def rotated_centroids(self, code: MSECode) -> torch.Tensor:
         """c[idx] · ‖x‖ in the rotated domain (fp32): what attention over codes multiplies with."""
+        check_code(code, self.dim, self.bits, "TurboQuantMSE")
         idx = unpack_bits(code.indices, self.bits, self.dim, torch.int32)
         return self.decode_rotated(idx) * code.norms.float().unsqueeze(-1)
 

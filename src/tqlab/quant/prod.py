@@ -17,7 +17,7 @@ from torch import nn
 
 from ..rotation import Rotation
 from .codebook import MAX_BITS
-from .codes import Code, buffer_nbytes, check_input, in_row_blocks, store_norms
+from .codes import Code, buffer_nbytes, check_code, check_input, check_norm_dtype, in_row_blocks, store_norms
 from .mse import TurboQuantMSE
 from .packing import pack_bits, unpack_bits
 
@@ -55,7 +55,7 @@ class TurboQuantProd(nn.Module):
         if not isinstance(qjl_dim, int) or qjl_dim < 1:
             raise ValueError(f"qjl_dim={qjl_dim!r} must be a positive integer (default: dim)")
         self.dim, self.bits, self.qjl_dim = dim, int(bits), qjl_dim
-        self.norm_dtype = norm_dtype
+        self.norm_dtype = check_norm_dtype(norm_dtype, "TurboQuantProd")
         self.mse = TurboQuantMSE(dim, self.bits - 1, rotation, seed, norm_dtype, **rotation_options)
         g = torch.Generator().manual_seed(int(seed) + _QJL_SEED_OFFSET)
         self.register_buffer(
@@ -89,6 +89,11 @@ class TurboQuantProd(nn.Module):
 
     def _parts(self, code: ProdCode) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotated Stage-1 vectors and ±1 sign vectors, both fp32."""
+        check_code(code, self.dim, self.bits, "TurboQuantProd")
+        if code.qjl_dim != self.qjl_dim:
+            raise ValueError(
+                f"TurboQuantProd (qjl_dim={self.qjl_dim}) cannot decode a code of qjl_dim={code.qjl_dim}"
+            )
         idx = unpack_bits(code.indices, self.bits - 1, self.dim, torch.int32)
         signs = unpack_bits(code.signs, 1, self.qjl_dim).float() * 2 - 1
         return self.mse.decode_rotated(idx), signs
