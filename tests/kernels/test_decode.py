@@ -378,3 +378,78 @@ def test_one_warp_programs_per_sm_follow_the_register_file(registers, resident, 
     assert decode._resident_programs(0, registers, default=12) == resident
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: object())
     assert decode._resident_programs(0, registers, default=12) == 12  # torch without the field
+
+
+@pytest.mark.parametrize("norm_dtype", [torch.float32, torch.bfloat16])
+def test_value_norms_beyond_the_fp16_range_stay_exact(norm_dtype, kernel):
+    """Norms stored as fp32 or bf16 (what the cache advises when fp16 overflows) may pass 65 504, where
+    p·‖v‖ as an fp16 operand would be inf: those calls weight the values in fp32, on the Triton-language
+    kernel (the register kernel takes fp16 value norms only)."""
+    dim, batch, kv_heads, group, tokens = 64, 2, 2, 4, 150
+    codec = TurboQuantMSE(dim, 3, rotation="fast_hadamard", seed=2, norm_dtype=norm_dtype)
+    k_code = codec.quantize(gaussian(batch, kv_heads, tokens, dim, seed=1))
+    v_code = codec.quantize(gaussian(batch, kv_heads, tokens, dim, seed=2) * 1e6)  # ‖v‖ ≈ 8e6
+    q = gaussian(batch, kv_heads * group, 1, dim, seed=3) * 2
+    lengths, scaling = torch.tensor([150, 61]), dim**-0.5
+    out = run(q, codec, k_code, codec, v_code, lengths, scaling, 3)
+    expected = reference(q, rotated_codes(codec, k_code), rotated_codes(codec, v_code), lengths, scaling)
+    torch.testing.assert_close(out, expected, rtol=0, atol=TOLERANCE * expected.abs().max())
+    assert not kernel  # the register kernel declined the call
+
+
+def test_lengths_outside_the_codes_are_refused_where_they_are_on_the_host():
+    """Checked for free on the host (on the device the kernels read them, and the cache keeps them in range)."""
+    codec = TurboQuantMSE(64, 2, rotation="fast_hadamard")
+    code = codec.quantize(gaussian(2, 1, 20, 64, seed=1))
+    q, table = gaussian(2, 2, 1, 64, seed=3), centroid_table(codec.centroids)
+    for lengths in (torch.tensor([21, 20]), torch.tensor([-1, 20])):
+        with pytest.raises(
+            ValueError, match=r"lengths \[-?\d+, 20\] must lie in 0..20, the tokens the codes hold"
+        ):
+            decode_attention(
+                q, code.indices, code.norms, code.indices, code.norms, table, table, lengths, 0.125
+            )
+
+
+def test_no_tokens_or_no_sequences_give_empty_attention():
+    """A cache with no codes yet: every query sees no key (0 and −inf); a batch of no sequences: empty."""
+    codec = TurboQuantMSE(64, 2)
+    table = centroid_table(codec.centroids.to(DEVICE))
+    for batch, tokens in [(2, 0), (0, 5)]:
+        code = codec.quantize(gaussian(batch, 1, tokens, 64, seed=0))
+        indices, norms = code.indices.to(DEVICE), code.norms.to(DEVICE)
+        q = gaussian(batch, 4, 1, 64, seed=1).to(DEVICE)
+        out, lse = decode_attention(
+            q, indices, norms, indices, norms, table, table, torch.zeros(batch, dtype=torch.long), 0.125
+        )
+        assert out.shape == (batch, 4, 1, 64) and lse.shape == (batch, 4, 1)
+        assert (out == 0).all() and (lse == float("-inf")).all()
+
+
+def test_hostile_arguments_are_refused_with_their_name():
+    codec = TurboQuantMSE(64, 2)
+    code = codec.quantize(gaussian(2, 1, 8, 64, seed=0))
+    q, table, lengths = torch.zeros(2, 2, 1, 64), centroid_table(codec.centroids), torch.tensor([8, 8])
+    good = dict(
+        query=q, key_indices=code.indices, key_norms=code.norms, value_indices=code.indices,
+        value_norms=code.norms, key_table=table, value_table=table, lengths=lengths, scaling=0.125,
+    )  # fmt: skip
+    for change, error, match in [
+        (dict(lengths=torch.tensor([True, True])), ValueError, "lengths must be an integer tensor"),
+        (dict(value_norms=code.norms.int()), ValueError, "value_norms must be float16, bfloat16 or float32"),
+        (
+            dict(key_table=torch.stack([table, table], 1)[:, 0]),
+            ValueError,
+            "key_table must be centroid_table",
+        ),
+        (dict(query=q[:, :, 0]), ValueError, r"query must be a floating \[B, Hq, Tq, d\] tensor"),
+        (dict(query=q.int()), ValueError, r"query must be a floating"),
+        (dict(scaling=torch.tensor(0.125)), TypeError, "scaling must be a Python number"),
+        (
+            dict(key_indices=code.indices[:, :0], key_norms=code.norms[:, :0]),
+            ValueError,
+            "at least one KV head",
+        ),
+    ]:
+        with pytest.raises(error, match=match):
+            decode_attention(**{**good, **change})

@@ -141,6 +141,30 @@ def test_codes_written_into_a_store_land_at_the_device_count(dim, bits, heads):
         assert torch.equal(got[:, :, others], old[:, :, others])
 
 
+@pytest.mark.parametrize("first", [-1, 8])
+def test_a_position_past_either_end_of_the_store_writes_only_inside_it(first):
+    """`at` is read on the device, so it is not checked: rows it puts before token 0 or past the capacity are
+    dropped, and no other row of the store (another head's, another sequence's) changes."""
+    codec = TurboQuantMSE(64, 2, rotation="fast_hadamard")
+    x = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    rotation, boundaries = codec.rotation.matrix().to(DEVICE), codec.boundaries.to(DEVICE)
+    plain = quantize_mse(x, rotation, boundaries)
+    store = _store([((2,), (16,)), ((2,), ())], 9)
+    before = [t.clone() for t in store]
+    quantize_mse(x, rotation, boundaries, into=store, at=torch.tensor(first, device=DEVICE))
+    inside = [t for t in range(3) if 0 <= first + t < 9]  # x's tokens that land in the store
+    for got, old, want in zip(store, before, plain, strict=True):
+        assert torch.equal(got[:, [first + t for t in inside]], want[:, inside])
+        untouched = [t for t in range(9) if t - first not in inside]
+        assert torch.equal(got[:, untouched], old[:, untouched])
+
+
+def test_norm_dtypes_that_are_not_floats_the_codecs_store_are_refused():
+    codec = TurboQuantMSE(64, 2)
+    with pytest.raises(ValueError, match=r"norm_dtype=torch.int32 is not allowed; choose from torch.float16"):
+        quantize_mse(torch.zeros(2, 64), codec.rotation.matrix(), codec.boundaries, norm_dtype=torch.int32)
+
+
 def test_a_store_of_another_shape_or_no_position_is_refused():
     codec = TurboQuantMSE(64, 2)
     x, matrix = torch.zeros(2, 3, 64), codec.rotation.matrix()

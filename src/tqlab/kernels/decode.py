@@ -102,6 +102,7 @@ def _attend_chunk(
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PERMUTE: tl.constexpr, PADDED: tl.constexpr, K_SKETCH: tl.constexpr = False, V_SKETCH: tl.constexpr = False,
     KEY_MEAN: tl.constexpr = False, VALUE_MEAN: tl.constexpr = False, LAUNCH_MERGE: tl.constexpr = False,
+    WIDE_V_NORMS: tl.constexpr = False,
 ):  # fmt: skip
     if LAUNCH_MERGE:  # the merge may start its launch now; it waits for this grid's results on the device
         gdc_launch_dependents()
@@ -165,12 +166,19 @@ def _attend_chunk(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = load_centroids(vc, v_codebook, keys, key_valid, V_BITS, DIM, PERMUTE)
         v_norm = tl.load(vn + keys, mask=key_valid, other=0.0).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot((p * v_norm[None, :]).to(tl.float16), v)
+        if WIDE_V_NORMS:  # bf16 or fp32 norms may exceed fp16's 65504: p·‖v‖ stays in fp32
+            acc = acc * alpha[:, None] + tl.dot(p * v_norm[None, :], v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot((p * v_norm[None, :]).to(tl.float16), v)
         if V_SKETCH:
             w = p * (v_norm * tl.load(vr + keys, mask=key_valid, other=0.0).to(tl.float32))[None, :]
-            acc_sketch = acc_sketch * alpha[:, None] + tl.dot(
-                w.to(tl.float16), load_signs(vs, keys, key_valid, DIM)
-            )
+            signs = load_signs(vs, keys, key_valid, DIM)
+            if WIDE_V_NORMS:
+                acc_sketch = acc_sketch * alpha[:, None] + tl.dot(
+                    w, signs.to(tl.float32), input_precision="ieee"
+                )
+            else:
+                acc_sketch = acc_sketch * alpha[:, None] + tl.dot(w.to(tl.float16), signs)
         m_i = m_new
 
     part = (bh * splits + split) * BLOCK_M + rows
@@ -346,7 +354,10 @@ def decode_attention(
     value_mean: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of rotated queries [B, Hq, Tq, d] over packed codes [B, KVH, T, packed bytes] with norms
-    [B, KVH, T]; sequence b holds its first lengths[b] tokens, of which the first starts[b] (default 0) are
+    [B, KVH, T] (fp16, bf16 or fp32; the register kernel takes fp16 value norms, and wider ones, which may
+    pass fp16's range, are weighted in fp32 by the Triton-language kernel); sequence b holds its first lengths[b]
+    tokens (0 <= lengths[b] <= T: checked where lengths are on the host; on the device they are read by the
+    kernels only, as the cache keeps them, since reading them back would stall the stream), of which the first starts[b] (default 0) are
     padding that no query sees. Query token j sees keys t <= lengths[b] − Tq + j + causal_shift: with the
     default 0 the queries are the last Tq stored tokens; causal_shift = n says n more tokens, held
     elsewhere (exact), follow the codes.
@@ -369,8 +380,17 @@ def decode_attention(
     Returns fp32 [B, Hq, Tq, d] in the rotated domain and the natural-log sum of exp of the scaled scores,
     [B, Hq, Tq] (−inf for a query that sees no key).
     """
+    if query.dim() != 4 or key_indices.dim() != 4 or not query.is_floating_point():
+        raise ValueError(
+            f"query must be a floating [B, Hq, Tq, d] tensor and the codes [B, KVH, T, bytes]; got {query.dtype} "
+            f"{tuple(query.shape)} and {tuple(key_indices.shape)}"
+        )
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        raise TypeError(f"scaling must be a Python number (the scores' factor), got {type(scaling).__name__}")
     batch, q_heads, q_len, dim = query.shape
     _, kv_heads, tokens, _ = key_indices.shape
+    if kv_heads < 1 or q_len < 1:
+        raise ValueError(f"need at least one KV head and one query token; got {kv_heads} and {q_len}")
     k_bits = check_code_bits(key_indices.shape[-1], dim, "key_indices")
     v_bits = check_code_bits(value_indices.shape[-1], dim, "value_indices")
     if q_heads % kv_heads:
@@ -386,10 +406,24 @@ def decode_attention(
                 f"{name} has shape {tuple(t.shape)} on {t.device}; expected {shape} on {query.device}"
             )
     for name, t in [("lengths", lengths), ("starts", starts)]:
-        if t is not None and (tuple(t.shape) != (batch,) or t.is_floating_point() or t.is_complex()):
+        if t is not None and (
+            tuple(t.shape) != (batch,) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool
+        ):
             raise ValueError(
                 f"{name} must be an integer tensor of shape ({batch},), one per sequence; got {t.dtype} "
                 f"{tuple(t.shape)}"
+            )
+    # On the device a length is not read back (a sync): the caller keeps them in range, as the cache does
+    if (
+        lengths.device.type == "cpu"
+        and lengths.numel()
+        and not bool(((lengths >= 0) & (lengths <= tokens)).all())
+    ):
+        raise ValueError(f"lengths {lengths.tolist()} must lie in 0..{tokens}, the tokens the codes hold")
+    for name, t in [("key_norms", key_norms), ("value_norms", value_norms)]:
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(
+                f"{name} must be float16, bfloat16 or float32 (as codecs store norms); got {t.dtype}"
             )
     if key_indices.dtype != torch.uint8 or value_indices.dtype != torch.uint8:
         raise ValueError("key_indices and value_indices must be uint8 packed codes (MSECode.indices)")
@@ -403,7 +437,10 @@ def decode_attention(
     if key_norms.stride(-1) != 1 or value_norms.stride(-1) != 1 or query.stride(-1) != 1:
         raise ValueError("norms and query must be contiguous along their last axis")
     for name, table, bits in [("key_table", key_table, k_bits), ("value_table", value_table, v_bits)]:
-        if table.dtype != torch.float16 or table.numel() != 2**bits or table.device != query.device:
+        if (
+            table.dtype != torch.float16 or table.numel() != 2**bits or table.device != query.device
+            or not table.is_contiguous()
+        ):  # fmt: skip
             raise ValueError(
                 f"{name} must be centroid_table(centroids) of a {bits}-bit codebook on {query.device}"
             )
@@ -427,9 +464,17 @@ def decode_attention(
             f"{group} query heads per KV head × {q_len} query tokens = {group * q_len} rows exceed the kernel's "
             f"{MAX_ROWS}: call it on chunks of query tokens (as tqlab.cache.fused does)"
         )
+    if batch == 0 or tokens == 0:  # no codes: no query sees a key
+        lse = torch.full((batch, q_heads, q_len), float("-inf"), device=query.device)
+        out = torch.zeros(batch, q_heads, q_len, 2 * dim if value_sketch else dim, device=query.device)
+        return _with_value_sketch(out, value_sketch), lse
     mma = None
     sketched = key_sketch is not None or value_sketch is not None
-    if _PTX and query.is_cuda and batch * kv_heads * tokens >= REGISTER_KERNEL_MIN_KEYS and not sketched:
+    wide_v_norms = value_norms.dtype != torch.float16  # p·‖v‖ may pass fp16's range: the kernel keeps fp32
+    if (
+        _PTX and query.is_cuda and batch * kv_heads * tokens >= REGISTER_KERNEL_MIN_KEYS and not sketched
+        and not wide_v_norms
+    ):  # fmt: skip
         mma = _mma_kernel() if _has_mma_sync(query.device.index) else None
         mma = mma if mma is not None and mma.supports(dim, k_bits, v_bits, group * q_len) else None
     blocks = triton.cdiv(tokens, mma.block_keys(dim) if mma else BLOCK_N)
@@ -503,7 +548,7 @@ def decode_attention(
         _attend_chunk[(batch * kv_heads, splits)](
             *arguments, *_sketch_arguments(query, key_sketch, value_sketch), **means, **shape, BLOCK_M=block_m,
             BLOCK_N=block_n, PERMUTE=_PTX and query.is_cuda, K_SKETCH=key_sketch is not None,
-            V_SKETCH=value_sketch is not None, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+            V_SKETCH=value_sketch is not None, WIDE_V_NORMS=wide_v_norms, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
         )  # fmt: skip
     # One chunk per sequence: nothing to merge, its rows are the output (what the merge would write).
     if splits == 1:

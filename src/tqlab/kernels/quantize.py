@@ -38,6 +38,7 @@ BLOCK_ROWS = 64
 SKETCH_SHAPE = {64: (32, 64), 128: (32, 64), 256: (16, 32)}
 SKETCH_WARPS = 4
 TF32_TILE = 32  # square tiles of a general rotation: larger ones spill registers with tf32x3 on sm_90
+NORM_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # as the codecs store norms (tqlab.quant.codes)
 SIGN_TILE = 128  # output columns per ±1 product (measured on an H200: wider spills at d = 256)
 HALVES_TILE = 64  # output columns of each half per step of the signed-halves product (fewer live registers)
 SIGN_WARPS = 4  # warps per program of the ±1 product (tools/research/gpu_quantize_tuning.py)
@@ -283,9 +284,12 @@ def _quantize_rows(
     x_rows = x + g * x_stride_g + row.to(tl.int64)[:, None] * x_stride_t
     matrix += (g % rotations) * DIM * DIM
     head = (g % rotations) * DIM  # CENTERED: codes of x − μ, this head's μ and (√d Π) μ start at `head`
-    row = g * out_rows + row  # the output's row: out_rows per group
     if AT:  # into a longer store, from a token position held on the device (a CUDA graph replays it)
         row += tl.load(at)
+        stored = valid & (row >= 0) & (row < out_rows)  # a position past either end writes nothing
+    else:
+        stored = valid
+    row = g * out_rows + row  # the output's row: out_rows per group
     # Prod (SKETCH): S r and ‖r‖² of each row's residual, accumulated over the output columns
     if SKETCH:
         sketch_t += (g % rotations) * DIM * DIM
@@ -314,7 +318,7 @@ def _quantize_rows(
             ]  # the upper rows of √d Π
             # SEARCH with permuted columns: 50 → 53 % (3 bits), 46 → 55 % (4 bits) of a copy
             idx = _count(y, boundaries, BITS, SYMMETRIC, SEARCH=True)
-            _store_codes(codes, row, valid, idx, first, DIM, BITS, OUT_COLS, PERMUTED)
+            _store_codes(codes, row, stored, idx, first, DIM, BITS, OUT_COLS, PERMUTED)
             if SKETCH:
                 sketched, r_squares = _sketch_step(
                     sketched, r_squares, y, idx, centroids, sketch_t, out, DIM, PRECISION
@@ -325,7 +329,7 @@ def _quantize_rows(
                 * scale[:, None]
             )
             idx = _count(y, boundaries, BITS, SYMMETRIC, SEARCH=True)
-            _store_codes(codes, row, valid, idx, COLS + first, DIM, BITS, OUT_COLS, PERMUTED)
+            _store_codes(codes, row, stored, idx, COLS + first, DIM, BITS, OUT_COLS, PERMUTED)
             if SKETCH:
                 sketched, r_squares = _sketch_step(
                     sketched, r_squares, y, idx, centroids, sketch_t, COLS + out, DIM, PRECISION
@@ -346,7 +350,7 @@ def _quantize_rows(
             )
             # SEARCH at 4 bits: 55 → 66 % (d = 64), 51 → 63 % (d = 128) of a copy; at 3 bits 1–3 points slower
             idx = _count(y, boundaries, BITS, SYMMETRIC, SEARCH=BITS == 4)
-            _store_codes(codes, row, valid, idx, col, DIM, BITS, COLS, PERMUTED)
+            _store_codes(codes, row, stored, idx, col, DIM, BITS, COLS, PERMUTED)
             if SKETCH:
                 sketched, r_squares = _sketch_step(
                     sketched, r_squares, y, idx, centroids, sketch_t, coords, DIM, PRECISION
@@ -371,19 +375,19 @@ def _quantize_rows(
                 rotation_t = tl.load(matrix + (col + part)[None, :] * DIM + (first + part)[:, None])
                 y += tl.dot(v * inv_norm[:, None], rotation_t, input_precision=PRECISION)
             idx = _count(y, boundaries, BITS, SYMMETRIC)
-            _store_codes(codes, row, valid, idx, col, DIM, BITS, COLS)
+            _store_codes(codes, row, stored, idx, col, DIM, BITS, COLS)
             if SKETCH:
                 sketched, r_squares = _sketch_step(
                     sketched, r_squares, y, idx, centroids, sketch_t, col + part, DIM, PRECISION
                 )
-    tl.store(norms + row, norm, mask=valid)
+    tl.store(norms + row, norm, mask=stored)
     if OVERFLOW:  # a norm stored as inf (or NaN, from a non-finite x): flagged on the device, no sync
         kept = norm.to(norms.dtype.element_ty).to(tl.float32)
-        bad = valid & ((kept != kept) | (tl.abs(kept) == float("inf")))
+        bad = stored & ((kept != kept) | (tl.abs(kept) == float("inf")))
         tl.store(overflow + tl.zeros_like(row), tl.full(row.shape, 1, tl.int32), mask=bad)  # no reduction
     if SKETCH:  # sign bits of S r (set: >= 0), one bit per coordinate in pack_bits' layout, and ‖r‖
-        _store_codes(sketch_signs, row, valid, (sketched >= 0).to(tl.int32), 0, DIM, 1, DIM)
-        tl.store(residual_norms + row, tl.sqrt(r_squares), mask=valid)
+        _store_codes(sketch_signs, row, stored, (sketched >= 0).to(tl.int32), 0, DIM, 1, DIM)
+        tl.store(residual_norms + row, tl.sqrt(r_squares), mask=stored)
 
 
 def _permuted_columns(bits: int, halves: bool, sketch: bool) -> bool:
@@ -415,8 +419,9 @@ def quantize_mse(
     formed in fp32 in the kernel; with the exact ±1 product, as (√d Π) x − (√d Π) μ. into, at: write the
     codes of x [..., T, d] into these tensors (a cache's storage, [..., capacity, bytes] and [..., capacity],
     returned) from token `at` on (an int32 or int64 tensor of one element on x's device, read by the kernel,
-    so a CUDA graph replays the write at a count that moves); at + T must not exceed the capacity, which is
-    not checked (that would stall the stream). Unlike the codec it does not raise for norms that overflow norm_dtype (they
+    so a CUDA graph replays the write at a count that moves); at + T should not exceed the capacity, which is
+    not checked on the host (that would stall the stream): rows that would land before token 0 or past the
+    capacity are not written, so a wrong `at` never writes outside these tensors. Unlike the codec it does not raise for norms that overflow norm_dtype (they
     come back inf, and a non-finite x's NaN), since reading that back would stall the GPU stream on every call:
     overflow, an int32 tensor of one element on x's device, is set to 1 where one does and left as it is
     otherwise, for the caller to read when it syncs anyway (`TurboQuantCache.check_norms`). launch=False:
@@ -503,6 +508,14 @@ def _quantize(
     } != {x.device}:
         raise ValueError(
             f"x ({x.dtype}, {x.device}), rotation, boundaries and mean must be floating tensors on one device"
+        )
+    if tables.matrix.device != x.device:
+        raise ValueError(
+            f"tables are on {tables.matrix.device}, x on {x.device}: quantize_tables(...) on x's device"
+        )
+    if norm_dtype not in NORM_DTYPES:
+        raise ValueError(
+            f"norm_dtype={norm_dtype!r} is not allowed; choose from {', '.join(map(str, NORM_DTYPES))}"
         )
     if tables.signs and tables.matrix.dtype != x.dtype:
         raise ValueError(f"tables were built for {tables.matrix.dtype} input, x is {x.dtype}")
