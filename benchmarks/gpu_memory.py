@@ -71,7 +71,7 @@ def fill(config, spec, batch: int, context: int, chunk: int) -> tuple[int, int] 
                     torch.randn(batch, heads, n, dim, generator=g, device="cuda", dtype=torch.bfloat16)
                     for _ in "kv"
                 )
-                cache.update(k, v, layer)
+                cache.append(k, v, layer)
         stored = cache.nbytes()["stored"]
         torch.cuda.synchronize()
         result = stored, torch.cuda.max_memory_allocated() - base

@@ -75,6 +75,37 @@ def test_with_compression_off_the_cache_is_exactly_sdpa_with_a_dynamic_cache(arc
     assert torch.equal(tokens, want_tokens)
 
 
+def test_a_cache_under_another_attention_is_refused_instead_of_ignored():
+    """Any attention but tqlab's reads only the new tokens `update` returns, never the codes: a call under
+    another attention implementation is refused before anything is stored, and a cache that still misses a
+    read (another model instance ran it) refuses its next call. `append` fills a cache with no model at all."""
+    from tqlab.cache import TurboQuantCache
+
+    model = tiny("llama")
+    ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(2))
+    spec = KVQuantSpec.create("turboquant_mse", 3, "random_haar", **SPEC)
+    cache = compress_kv(model, spec)
+    logits(model, ids[:, :5], cache)
+    model.set_attn_implementation("sdpa")  # e.g. a later call switched it back
+    fresh = TurboQuantCache.from_spec(model.config, spec)  # from_spec leaves the model's attention as it is
+    for stale in (cache, fresh):
+        with pytest.raises(
+            RuntimeError, match='the model runs attn_implementation="sdpa", which would attend'
+        ):
+            logits(model, ids[:, 5:], stale)
+    assert fresh.get_seq_length() == 0 and cache.get_seq_length() == 5  # nothing stored
+    other = tiny("llama")  # a second instance, under SDPA, with a cache made for the first one
+    compress_kv(model, None)  # the first model back on tqlab's attention
+    shared = compress_kv(model, spec)
+    logits(other, ids[:, :5], shared)
+    with pytest.raises(RuntimeError, match="layer 0: the tokens of the previous call were never read"):
+        logits(model, ids[:, 5:], shared)
+    filled = TurboQuantCache.from_spec(model.config, spec)
+    for _ in range(2):
+        filled.append(torch.randn(1, 2, 4, 16), torch.randn(1, 2, 4, 16), 0)
+    assert filled.get_seq_length(0) == 8
+
+
 def _decoded_reference(model, bank, sink_tokens: int = 0, exact_recent: int = 0):
     """float64 eager attention over keys and values decoded from the same codecs (tokens sink_tokens..t −
     exact_recent − 1 encoded in one call, the others exact), with an independent brute-force mask."""

@@ -98,6 +98,7 @@ def tqlab_attention(module, query, key, value, attention_mask, dropout: float = 
     layer = getattr(key, LAYER_MARK, None)
     if layer is None:  # no TurboQuant layer behind these keys: exactly SDPA
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    layer.awaiting_attention = False
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         raise ValueError(
             "tqlab attention does not model logit softcapping or attention sinks of the model yet"

@@ -210,6 +210,16 @@ class TurboQuantLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         if self.static:
             return self._update_static(key_states, value_states)
+        if (
+            self.awaiting_attention
+        ):  # any other attention read only the new tokens: every output since is wrong
+            raise RuntimeError(
+                f"layer {self.layer_idx}: the tokens of the previous call were never read by tqlab's attention, so "
+                "that call attended to them alone, without the cache. Run the model with "
+                'attn_implementation="tqlab" (compress_kv(model, ...) sets it; keep it while the cache is in use); '
+                "to fill a cache without attending, use cache.append(key_states, value_states, layer_idx)"
+            )
+        self.awaiting_attention = True
         if self.is_sliding and self.held > 2 * self.sliding_window:  # amortised: drops come in batches
             self._drop_oldest(self.held - (self.sliding_window - 1))
         prefill_exact = self.layout.protocol == "prefill_exact"
@@ -223,6 +233,11 @@ class TurboQuantLayer(CacheLayerMixin):
         marked = key_states.view_as(key_states)
         setattr(marked, attention.LAYER_MARK, self)
         return marked, value_states
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Store new tokens as `update` does, with no attention to read them (filling a cache to measure it)."""
+        self.update(key_states, value_states)
+        self.awaiting_attention = False
 
     def freeze(self, capacity: int, starts: torch.Tensor | None = None) -> None:
         """Make decode steps capturable in a CUDA graph: every token but the sinks and the window encoded now,
@@ -518,6 +533,7 @@ class TurboQuantLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.length = self.offset = 0
+        self.awaiting_attention = False  # an eager update's tokens, until tqlab's attention reads them
         self.static, self.capacity = False, None  # frozen for CUDA-graph decode steps (`freeze`)
         self._counts = self._codes_held = self._read_lengths = None
         self._starts = self._code_starts = self._sinks_seen = None
@@ -558,9 +574,22 @@ class TurboQuantCache(Cache):
     """A Cache whose attention layers are TurboQuantLayers; layers in `exact_layers` keep every token exact,
     and layers of kinds this cache does not compress are transformers' own, in the model's dtype."""
 
-    def __init__(self, layers: list, bank: CodecBank | None):
+    def __init__(self, layers: list, bank: CodecBank | None, text_config=None):
         super().__init__(layers=layers)
         self.bank = bank  # None: compression off, every layer is transformers' own
+        self.text_config = text_config  # the model's: its attention must be tqlab's (None: not checked)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """A model's call: refused, before anything is stored, where the model's attention is not tqlab's, which
+        alone reads the codes (any other would attend to each call's new tokens only)."""
+        implementation = getattr(self.text_config, "_attn_implementation", attention.NAME)
+        if implementation != attention.NAME and isinstance(self.layers[layer_idx], TurboQuantLayer):
+            raise RuntimeError(
+                f'the model runs attn_implementation="{implementation}", which would attend to each call\'s new '
+                'tokens only, never to this cache; compress_kv(model, ...) sets "tqlab" (keep it while the cache '
+                "is in use), and cache.append(key_states, value_states, layer_idx) fills a cache with no model"
+            )
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     @classmethod
     def from_spec(
@@ -621,7 +650,16 @@ class TurboQuantCache(Cache):
                 )
             else:
                 layers.append(DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs))
-        return cls(layers, bank)
+        return cls(layers, bank, text)
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int) -> None:
+        """Store new tokens of one layer with no model attending over them (filling a cache to measure it);
+        a model's forward calls `update`, whose tokens tqlab's attention must then read."""
+        layer = self.layers[layer_idx]
+        if isinstance(layer, TurboQuantLayer):
+            layer.append(key_states, value_states)
+        else:
+            layer.update(key_states, value_states)
 
     def check_norms(self) -> None:
         """Raise, naming the layer, if the fused quantize stored a norm that overflows its norm_dtype since the
