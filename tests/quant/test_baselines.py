@@ -90,6 +90,16 @@ def test_kivi_keys_are_quantized_per_channel_over_token_groups_with_padding_coun
     assert code.bits_per_coordinate == pytest.approx((2 + 32 / 32) * 64 / 40)
 
 
+@pytest.mark.parametrize("tokens", [12, 28])
+def test_kivi_keys_in_groups_of_4_tokens_decode_when_their_bits_fill_no_whole_byte(tokens):
+    """3 or 7 groups of 4 two-bit codes per channel pack into bytes holding up to 8 values of padding."""
+    x = data(2, tokens, 64)
+    codec = KIVI(64, bits=2, axis="channel", group=4)
+    rows = x.transpose(1, 2).reshape(-1, 4).numpy()
+    expected = torch.from_numpy(loop_kivi(rows, 2)).reshape(2, 64, tokens).transpose(1, 2)
+    torch.testing.assert_close(codec.dequantize(codec.quantize(x)), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_baselines_refuse_bits_they_do_not_have():
     with pytest.raises(ValueError, match=r"bits=3 is not allowed for codec=int4_block: choose from \[4\]"):
         make_codec("int4_block", 64, 3)

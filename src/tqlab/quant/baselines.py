@@ -156,7 +156,7 @@ class KIVI(_Baseline):
         return BlockCode(shape, self.dim, self.bits, pack_bits(q, self.bits), scales, lo)
 
     def dequantize(self, code: BlockCode) -> torch.Tensor:
-        n = code.values.shape[-1] * 8 // self.bits
+        n = code.scales.shape[-1] * self.group  # the packed bytes may hold padding up to 8 values
         q = unpack_bits(code.values, self.bits, n).float()
         g = q.reshape(*q.shape[:-1], -1, self.group)
         x = (g * code.scales.float().unsqueeze(-1) + code.zeros.float().unsqueeze(-1)).flatten(-2)
