@@ -317,3 +317,23 @@ def test_exact_layers_stay_uncompressed_beside_compressed_sliding_layers():
     assert per_layer[0] == 2 * 2 * 16 * 16 * 4  # K and V, 2 KV heads, 16 tokens, head_dim 16, float32
     with pytest.raises(ValueError, match=r"exact_layers=\[3\]: \[3\] are not layers of this 3-layer model"):
         compress_kv(model, spec, exact_layers=(3,))
+
+
+def test_what_the_codes_cannot_do_is_refused_by_name():
+    """Beam search reorders, assisted decoding crops, contrastive search selects and repeats batch rows, and
+    offloading moves keys: none of it is modelled over codes, so each says so instead of failing deep inside."""
+    model = tiny("llama")
+    ids = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(3))
+    spec = KVQuantSpec.create("turboquant_mse", 3, "random_haar", **SPEC)
+    with pytest.raises(ValueError, match="beam search is not supported over compressed codes"):
+        model.generate(ids, cache=compress_kv(model, spec), max_new_tokens=3, num_beams=2, do_sample=False)
+    cache = compress_kv(model, spec)
+    logits(model, ids, cache)
+    for call, match in [
+        (lambda: cache.crop(2), "crop"),
+        (lambda: cache.batch_repeat_interleave(2), "batch_repeat_interleave"),
+        (lambda: cache.batch_select_indices(torch.tensor([0])), "batch_select_indices"),
+        (lambda: cache.layers[0].offload(), "offloading"),
+    ]:
+        with pytest.raises(ValueError, match=f"{match} .*is not supported over compressed codes"):
+            call()

@@ -555,6 +555,25 @@ class TurboQuantLayer(CacheLayerMixin):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise ValueError("beam search is not supported over compressed codes; use greedy or sampling")
 
+    # The rest of transformers' layer API that this cache does not model: refused by name, not an AttributeError
+    # (or, for offload, a dereference of the absent `keys`) from deep inside transformers.
+    def crop(self, tokens_to_remove: int) -> None:
+        raise ValueError("crop (assisted decoding, rewinding) is not supported over compressed codes")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise ValueError(
+            "batch_repeat_interleave (contrastive search) is not supported over compressed codes"
+        )
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise ValueError("batch_select_indices (contrastive search) is not supported over compressed codes")
+
+    def offload(self) -> None:
+        raise ValueError("offloading is not supported over compressed codes (they are 4-5x smaller already)")
+
+    def prefetch(self) -> None:
+        self.offload()
+
     def nbytes(self, allocated: bool = False) -> int:
         """Bytes of every stored tensor: codes (payload, norms, side information) and exact tokens; with
         `allocated`, the code tensors the kernels read counted whole (filled or reserved rows alike)."""
