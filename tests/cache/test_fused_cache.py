@@ -292,6 +292,23 @@ def test_a_prompt_whose_norms_overflow_the_norm_dtype_is_refused_on_the_kernel_p
         model(ids(20), cache=compress_kv(model, float32, kernels="triton"))
 
 
+def test_value_norms_past_fp16s_range_are_refused_on_the_kernel_path_whatever_the_norm_dtype(monkeypatch):
+    """The decode kernels weight values by p·‖v‖ as fp16 operands, so a value norm past 65 504 would make the
+    attention inf or NaN even where float32 norms hold it: such a prompt is refused naming the layer and the
+    way out, where the same keys' norms are taken (the previous test)."""
+    monkeypatch.undo()  # the fused quantize itself
+    model = tiny()
+    model.model.layers[0].self_attn.v_proj.weight.data *= 1e6  # values' norms ~1e6
+    float32 = spec(codec_options={"norm_dtype": "float32"})
+    with (
+        torch.no_grad(),
+        pytest.raises(ValueError, match="layer 0: a value vector's norm is past fp16's 65 504"),
+    ):
+        model(ids(20), cache=compress_kv(model, float32, kernels="triton"))
+    with torch.no_grad():  # the PyTorch path weights them in fp32
+        assert torch.isfinite(model(ids(20), cache=compress_kv(model, float32, kernels="torch")).logits).all()
+
+
 @pytest.mark.filterwarnings(  # the interpreter's numpy arithmetic on the inf norm
     "ignore:overflow encountered:RuntimeWarning", "ignore:invalid value encountered:RuntimeWarning"
 )

@@ -159,6 +159,28 @@ def test_a_position_past_either_end_of_the_store_writes_only_inside_it(first):
         assert torch.equal(got[:, untouched], old[:, untouched])
 
 
+@pytest.mark.parametrize("prod", [False, True])
+def test_norms_past_a_limit_set_the_overflow_flag_and_are_stored_as_they_are(prod):
+    """norm_limit (the cache gives values fp16's 65 504, which the decode kernels weight as fp16 operands): a
+    float32 norm past it is stored exactly and flags the call; the same rows under the limit do not."""
+    dim = 64
+    codec = (TurboQuantProd if prod else TurboQuantMSE)(dim, 3, rotation="fast_hadamard", seed=1)
+    mse = codec.mse if prod else codec
+    x = torch.randn(2, 9, dim, generator=torch.Generator().manual_seed(2)).to(DEVICE) * 4
+    x[1, 3] *= 1e4  # a norm ~3e5
+    extra = (codec.projection.to(DEVICE), mse.centroids.to(DEVICE)) if prod else ()
+    quantize = quantize_prod if prod else quantize_mse
+    for limit, flagged in [(65504.0, 1), (1e6, 0)]:
+        overflow = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+        fields = quantize(
+            x, mse.rotation.matrix().to(DEVICE), mse.boundaries.to(DEVICE), *extra, torch.float32,
+            overflow=overflow, norm_limit=limit,
+        )  # fmt: skip
+        norms = fields[2 if prod else 1].cpu()
+        assert int(overflow.item()) == flagged
+        torch.testing.assert_close(norms, x.cpu().float().norm(dim=-1), rtol=1e-6, atol=0)
+
+
 def test_norm_dtypes_that_are_not_floats_the_codecs_store_are_refused():
     codec = TurboQuantMSE(64, 2)
     with pytest.raises(ValueError, match=r"norm_dtype=torch.int32 is not allowed; choose from torch.float16"):

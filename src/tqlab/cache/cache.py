@@ -185,14 +185,16 @@ class TurboQuantLayer(CacheLayerMixin):
         mse, tables, mean = stage1(codec), self.quantize_tables[side], self.means[side]
         into = None if at is None else self.packed[side].stores()
         overflow = self.norm_overflow[SIDES.index(side)]
+        # the decode kernels take p·‖v‖ as an fp16 operand: a value norm past fp16's range is refused as an overflow
+        limit = torch.finfo(torch.float16 if side == "value" else torch.float32).max
         if self.projections[side] is not None:
             return quantize_prod(
                 states, self.rotations[side], mse.boundaries, self.projections[side], mse.centroids,
-                codec.norm_dtype, tables, mean, into, at, overflow, launch,
+                codec.norm_dtype, tables, mean, into, at, overflow, launch, limit,
             )  # fmt: skip
         return quantize_mse(
             states, self.rotations[side], codec.boundaries, codec.norm_dtype, tables, mean, into, at, overflow,
-            launch,
+            launch, limit,
         )  # fmt: skip
 
     @property
@@ -455,6 +457,12 @@ class TurboQuantLayer(CacheLayerMixin):
             return
         side = next(side for side, bad in zip(SIDES, self.norm_overflow.tolist(), strict=True) if bad)
         dtype = self.packed[side].norm_dtype
+        if side == "value":  # whatever norm_dtype holds, the decode kernels weight values as fp16 operands
+            raise ValueError(
+                f"layer {self.layer_idx}: a value vector's norm is past fp16's 65 504 (or the vector is not finite): "
+                "the GPU decode kernels take p·‖v‖ as an fp16 operand whatever norm_dtype stores, so attention "
+                "over these codes would be inf or NaN; use kernels='torch' (the PyTorch path, in fp32) for this model"
+            )
         advice = (  # the kernel sums squares in float32: beyond ~1e19 per entry a float32 norm overflows too
             "use codec.norm_dtype=float32 or bfloat16"
             if dtype == torch.float16

@@ -102,7 +102,6 @@ def _attend_chunk(
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PERMUTE: tl.constexpr, PADDED: tl.constexpr, K_SKETCH: tl.constexpr = False, V_SKETCH: tl.constexpr = False,
     KEY_MEAN: tl.constexpr = False, VALUE_MEAN: tl.constexpr = False, LAUNCH_MERGE: tl.constexpr = False,
-    WIDE_V_NORMS: tl.constexpr = False,
 ):  # fmt: skip
     if LAUNCH_MERGE:  # the merge may start its launch now; it waits for this grid's results on the device
         gdc_launch_dependents()
@@ -166,19 +165,12 @@ def _attend_chunk(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = load_centroids(vc, v_codebook, keys, key_valid, V_BITS, DIM, PERMUTE)
         v_norm = tl.load(vn + keys, mask=key_valid, other=0.0).to(tl.float32)
-        if WIDE_V_NORMS:  # bf16 or fp32 norms may exceed fp16's 65504: p·‖v‖ stays in fp32
-            acc = acc * alpha[:, None] + tl.dot(p * v_norm[None, :], v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot((p * v_norm[None, :]).to(tl.float16), v)
+        acc = acc * alpha[:, None] + tl.dot((p * v_norm[None, :]).to(tl.float16), v)
         if V_SKETCH:
             w = p * (v_norm * tl.load(vr + keys, mask=key_valid, other=0.0).to(tl.float32))[None, :]
-            signs = load_signs(vs, keys, key_valid, DIM)
-            if WIDE_V_NORMS:
-                acc_sketch = acc_sketch * alpha[:, None] + tl.dot(
-                    w, signs.to(tl.float32), input_precision="ieee"
-                )
-            else:
-                acc_sketch = acc_sketch * alpha[:, None] + tl.dot(w.to(tl.float16), signs)
+            acc_sketch = acc_sketch * alpha[:, None] + tl.dot(
+                w.to(tl.float16), load_signs(vs, keys, key_valid, DIM)
+            )
         m_i = m_new
 
     part = (bh * splits + split) * BLOCK_M + rows
@@ -354,10 +346,11 @@ def decode_attention(
     value_mean: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of rotated queries [B, Hq, Tq, d] over packed codes [B, KVH, T, packed bytes] with norms
-    [B, KVH, T] (fp16, bf16 or fp32; the register kernel takes fp16 value norms, and wider ones, which may
-    pass fp16's range, are weighted in fp32 by the Triton-language kernel); sequence b holds its first lengths[b]
-    tokens (0 <= lengths[b] <= T: checked where lengths are on the host; on the device they are read by the
-    kernels only, as the cache keeps them, since reading them back would stall the stream), of which the first starts[b] (default 0) are
+    [B, KVH, T] (fp16, bf16 or fp32; value norms up to fp16's 65 504, since p·‖v‖ is an fp16 operand: larger
+    ones come back inf or NaN, and the cache refuses them, `TurboQuantLayer.check_norms`); sequence b holds
+    its first lengths[b] tokens (0 <= lengths[b] <= T: checked where lengths are on the host; on the device
+    the kernels alone read them, as the cache keeps them, since reading them back would stall the stream), of
+    which the first starts[b] (default 0) are
     padding that no query sees. Query token j sees keys t <= lengths[b] − Tq + j + causal_shift: with the
     default 0 the queries are the last Tq stored tokens; causal_shift = n says n more tokens, held
     elsewhere (exact), follow the codes.
@@ -470,11 +463,7 @@ def decode_attention(
         return _with_value_sketch(out, value_sketch), lse
     mma = None
     sketched = key_sketch is not None or value_sketch is not None
-    wide_v_norms = value_norms.dtype != torch.float16  # p·‖v‖ may pass fp16's range: the kernel keeps fp32
-    if (
-        _PTX and query.is_cuda and batch * kv_heads * tokens >= REGISTER_KERNEL_MIN_KEYS and not sketched
-        and not wide_v_norms
-    ):  # fmt: skip
+    if _PTX and query.is_cuda and batch * kv_heads * tokens >= REGISTER_KERNEL_MIN_KEYS and not sketched:
         mma = _mma_kernel() if _has_mma_sync(query.device.index) else None
         mma = mma if mma is not None and mma.supports(dim, k_bits, v_bits, group * q_len) else None
     blocks = triton.cdiv(tokens, mma.block_keys(dim) if mma else BLOCK_N)
@@ -548,7 +537,7 @@ def decode_attention(
         _attend_chunk[(batch * kv_heads, splits)](
             *arguments, *_sketch_arguments(query, key_sketch, value_sketch), **means, **shape, BLOCK_M=block_m,
             BLOCK_N=block_n, PERMUTE=_PTX and query.is_cuda, K_SKETCH=key_sketch is not None,
-            V_SKETCH=value_sketch is not None, WIDE_V_NORMS=wide_v_norms, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+            V_SKETCH=value_sketch is not None, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
         )  # fmt: skip
     # One chunk per sequence: nothing to merge, its rows are the output (what the merge would write).
     if splits == 1:

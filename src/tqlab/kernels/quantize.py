@@ -39,6 +39,7 @@ SKETCH_SHAPE = {64: (32, 64), 128: (32, 64), 256: (16, 32)}
 SKETCH_WARPS = 4
 TF32_TILE = 32  # square tiles of a general rotation: larger ones spill registers with tf32x3 on sm_90
 NORM_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # as the codecs store norms (tqlab.quant.codes)
+FLOAT32_MAX = torch.finfo(torch.float32).max  # the default norm_limit: only inf (and NaN) flag a norm
 SIGN_TILE = 128  # output columns per ±1 product (measured on an H200: wider spills at d = 256)
 HALVES_TILE = 64  # output columns of each half per step of the signed-halves product (fewer live registers)
 SIGN_WARPS = 4  # warps per program of the ±1 product (tools/research/gpu_quantize_tuning.py)
@@ -241,14 +242,14 @@ def _sketch_step(
 @triton.jit
 def _quantize_rows(
     x, matrix, boundaries, codes, norms, row_signs, rows, x_stride_g, x_stride_t, rotations, inv_sqrt_d,
-    centroids, sketch_t, sketch_signs, residual_norms, mean, signed_mean, out_rows, at, overflow,
+    centroids, sketch_t, sketch_signs, residual_norms, mean, signed_mean, out_rows, at, overflow, norm_limit,
     DIM: tl.constexpr, BITS: tl.constexpr, BLOCK_ROWS: tl.constexpr, COLS: tl.constexpr,
     SIGNS: tl.constexpr, HALVES: tl.constexpr, OUT_COLS: tl.constexpr, SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr,
     F32_DOT: tl.constexpr, SKETCH: tl.constexpr, PERMUTED: tl.constexpr, CENTERED: tl.constexpr, AT: tl.constexpr,
     OVERFLOW: tl.constexpr,
     x2=None, matrix2=None, boundaries2=None, codes2=None, norms2=None, row_signs2=None, x_stride_g2=0,
     x_stride_t2=0, centroids2=None, sketch_t2=None, sketch_signs2=None, residual_norms2=None, mean2=None,
-    signed_mean2=None, out_rows2=0, overflow2=None, PAIR: tl.constexpr = False,
+    signed_mean2=None, out_rows2=0, overflow2=None, norm_limit2=0.0, PAIR: tl.constexpr = False,
     query=None, q_rotations=None, q_rotated=None, Q_KV_HEADS: tl.constexpr = 1, Q_GROUP: tl.constexpr = 1,
     Q_ROWS: tl.constexpr = MIN_ROWS, Q_BLOCK: tl.constexpr = BLOCK_DIM, START: tl.constexpr = False,
 ):  # fmt: skip
@@ -277,7 +278,7 @@ def _quantize_rows(
             if CENTERED:
                 mean, signed_mean = mean2, signed_mean2
             if OVERFLOW:
-                overflow = overflow2
+                overflow, norm_limit = overflow2, norm_limit2
     g = tl.program_id(1).to(tl.int64)  # a group of rows that share one rotation (a KV head)
     row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     valid = row < rows
@@ -383,7 +384,7 @@ def _quantize_rows(
     tl.store(norms + row, norm, mask=stored)
     if OVERFLOW:  # a norm stored as inf (or NaN, from a non-finite x): flagged on the device, no sync
         kept = norm.to(norms.dtype.element_ty).to(tl.float32)
-        bad = stored & ((kept != kept) | (tl.abs(kept) == float("inf")))
+        bad = stored & ((kept != kept) | (tl.abs(kept) > norm_limit))  # NaN, or past the limit (inf is)
         tl.store(overflow + tl.zeros_like(row), tl.full(row.shape, 1, tl.int32), mask=bad)  # no reduction
     if SKETCH:  # sign bits of S r (set: >= 0), one bit per coordinate in pack_bits' layout, and ‖r‖
         _store_codes(sketch_signs, row, stored, (sketched >= 0).to(tl.int32), 0, DIM, 1, DIM)
@@ -409,6 +410,7 @@ def quantize_mse(
     at: torch.Tensor | None = None,
     overflow: torch.Tensor | None = None,
     launch: bool = True,
+    norm_limit: float = FLOAT32_MAX,
 ) -> tuple[torch.Tensor, torch.Tensor] | QuantizeLaunch:
     """x [..., d] → (indices uint8 [..., packed_row_bytes(d, bits)], norms [...] in norm_dtype): the
     tensors of `TurboQuantMSE.quantize`. rotation: Π as [d, d] (`codec.rotation.matrix()`, built once), or
@@ -423,11 +425,12 @@ def quantize_mse(
     not checked on the host (that would stall the stream): rows that would land before token 0 or past the
     capacity are not written, so a wrong `at` never writes outside these tensors. Unlike the codec it does not raise for norms that overflow norm_dtype (they
     come back inf, and a non-finite x's NaN), since reading that back would stall the GPU stream on every call:
-    overflow, an int32 tensor of one element on x's device, is set to 1 where one does and left as it is
-    otherwise, for the caller to read when it syncs anyway (`TurboQuantCache.check_norms`). launch=False:
-    the checked call as a `QuantizeLaunch`, for `run_together`."""
+    overflow, an int32 tensor of one element on x's device, is set to 1 where one does, or where a stored
+    norm exceeds norm_limit (the cache gives values fp16's 65 504: the decode kernels take p·‖v‖ as an fp16
+    operand), and left as it is otherwise, for the caller to read when it syncs anyway
+    (`TurboQuantCache.check_norms`). launch=False: the checked call as a `QuantizeLaunch`, for `run_together`."""
     tables = tables or quantize_tables(rotation, boundaries, x.dtype, mean=mean)
-    call = _quantize(x, rotation, boundaries, norm_dtype, tables, mean, into, at, overflow, sketch=False)
+    call = _quantize(x, rotation, boundaries, norm_dtype, tables, mean, into, at, overflow, norm_limit, False)
     return call.run() if launch else call
 
 
@@ -444,6 +447,7 @@ def quantize_prod(
     at: torch.Tensor | None = None,
     overflow: torch.Tensor | None = None,
     launch: bool = True,
+    norm_limit: float = FLOAT32_MAX,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | QuantizeLaunch:
     """x [..., d] → (indices, signs, norms, residual_norms): the tensors of `TurboQuantProd.quantize` (its
     `ProdCode` fields), in the same pass: the Stage-1 codes as `quantize_mse` (rotation and boundaries of
@@ -451,8 +455,8 @@ def quantize_prod(
     `codec.projection`, [d, d] or one per KV head, [H, d, d]; qjl_dim = d only) and ‖r‖. S r is summed in
     tf32x3 on a GPU: a sign may differ from the codec's where |S r| is within round-off of 0.
     centroids: `codec.mse.centroids`. tables: `quantize_tables(rotation, boundaries, x.dtype, projection,
-    centroids, mean)`, built once on the hot path. mean, into (the four tensors), at, overflow, launch: as in
-    `quantize_mse`."""
+    centroids, mean)`, built once on the hot path. mean, into (the four tensors), at, overflow, launch,
+    norm_limit: as in `quantize_mse`."""
     dim = x.shape[-1]
     if tuple(projection.shape) != tuple(rotation.shape):
         raise ValueError(
@@ -474,12 +478,22 @@ def quantize_prod(
             f"tables hold a {tuple(tables.sketch_t.shape)} projection on {tables.sketch_t.device}; x needs one per "
             f"rotation ({tuple(rotation.shape)}) on {x.device}: quantize_tables(..., projection, centroids)"
         )
-    call = _quantize(x, rotation, boundaries, norm_dtype, tables, mean, into, at, overflow, sketch=True)
+    call = _quantize(x, rotation, boundaries, norm_dtype, tables, mean, into, at, overflow, norm_limit, True)
     return call.run() if launch else call
 
 
 def _quantize(
-    x, rotation, boundaries, norm_dtype, tables: QuantizeTables, mean, into, at, overflow, sketch: bool
+    x,
+    rotation,
+    boundaries,
+    norm_dtype,
+    tables: QuantizeTables,
+    mean,
+    into,
+    at,
+    overflow,
+    norm_limit,
+    sketch: bool,
 ):
     dim = x.shape[-1]
     bits = boundaries.numel().bit_length()
@@ -580,7 +594,7 @@ def _quantize(
             row_signs=tables.row_signs, x_stride_g=rows.stride(0), x_stride_t=rows.stride(1),
             centroids=tables.centroids, sketch_t=tables.sketch_t, sketch_signs=out.get("signs"),
             residual_norms=out.get("residual_norms"), mean=tables.mean, signed_mean=tables.signed_mean,
-            out_rows=out_rows, overflow=overflow,
+            out_rows=out_rows, overflow=overflow, norm_limit=norm_limit,
         ),
         meta=dict(
             DIM=dim, BITS=bits, BLOCK_ROWS=block_rows, COLS=tile,
