@@ -45,6 +45,9 @@ def test_perplexity_rows_bytes_and_the_reference_forward_pass(tmp_path, smollm2)
     assert rows[0]["reference_bytes_per_token"] == 30 * 3 * 2 * 64 * 4  # float32 keys and values
     overall = summary["overall"]
     assert overall["perplexity"] == pytest.approx(math.exp(overall["nll"]))
+    assert overall["nll_increase"] == pytest.approx(
+        overall["nll"] - overall["nll_reference"]
+    )  # all per token
     assert 0 < overall["final_hidden_cosine"] <= 1 and overall["next_token_kl"] > 0
     assert len(summary["per_layer_hidden"]["hidden_cosine"]) == 31  # embeddings + 30 layers
     # the reference NLL is the model's own: recompute the first window with a plain forward pass

@@ -175,6 +175,10 @@ def test_exactly_one_of_eight_processes_claims_a_folder_with_a_stale_lock(tmp_pa
             r"cache.exact_layers=\['first'\] must be",
         ),
         (["task=perplexity", "data=wiki", "perplexity.stride=999"], "must not exceed perplexity.context=256"),
+        (
+            ["task=perplexity", "data=wiki", "cache.protocol=prefill_exact", "perplexity.prefill=200"],
+            r"perplexity.prefill=200 under cache.protocol=prefill_exact must not exceed .* = 128",
+        ),
         (["cache.recent_window=8"], "task=eval replays captured blocks and keeps only cache.sink_tokens"),
         (["codec=transform_coding", "rotation=identity", "bits=2.01"], "whole number of bits"),
         (["codec=transform_coding", "rotation=fast_hadamard"], "does not apply to codec=transform_coding"),

@@ -195,6 +195,14 @@ def end_to_end_section(cfg: DictConfig) -> dict:
         check_int("perplexity.chunk_size", settings["chunk_size"], 1)
         if settings["prefill"] is not None:
             check_int("perplexity.prefill", settings["prefill"], 1)
+            # a later window scores from context − stride on, and prefill_exact from the end of its prompt
+            most = max(settings["context"] - settings["stride"], 1)
+            if cfg.cache.protocol == "prefill_exact" and settings["prefill"] > most:
+                raise ConfigError(
+                    f"perplexity.prefill={settings['prefill']} under cache.protocol=prefill_exact must not exceed "
+                    f"perplexity.context − perplexity.stride = {most} (at least 1): the tokens between would be "
+                    "scored by no window"
+                )
     elif task == "niah":
         for context in settings["contexts"]:
             check_int("niah.contexts[]", context, 32)

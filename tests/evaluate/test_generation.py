@@ -59,3 +59,16 @@ def test_the_needle_sits_at_its_depth_and_the_prompt_has_the_context_length():
         at = next(i for i in range(len(ids)) if ids[i : i + len(needle)] == needle)
         room = 60 - len(needle) - len(question)
         assert at == round(depth * room)
+
+
+def test_a_haystack_that_starts_with_bos_keeps_it_first_at_every_depth():
+    tok = WordTokenizer()
+    tok.bos_token_id = 999
+    haystack = [999] + [1000 + i for i in range(200)]
+    needle = tok(" " + NEEDLE.format(value="7421") + " ")["input_ids"]
+    room = 60 - len(needle) - len(tok(QUESTION)["input_ids"])
+    for depth in (0.0, 0.5, 1.0):
+        ids = needle_prompt(tok, haystack, 60, depth, "7421").tolist()
+        at = next(i for i in range(len(ids)) if ids[i : i + len(needle)] == needle)
+        assert ids[0] == 999 and ids.count(999) == 1 and len(ids) == 60
+        assert at == 1 + round(depth * (room - 1))

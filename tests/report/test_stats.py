@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from tqlab.report.stats import describe, friedman, holm, paired_difference
+from tqlab.report.stats import describe, friedman, holm, paired_difference, row_mean, unit_means
 
 
 def test_describe_matches_a_hand_computed_example():
@@ -40,3 +40,19 @@ def test_friedman_agrees_with_scipy_and_detects_a_shift():
     assert friedman(cols) == pytest.approx(stats.friedmanchisquare(*cols).pvalue)
     assert friedman(cols) < 1e-6
     assert math.isnan(friedman(cols[:2]))
+
+
+def test_windows_that_score_different_token_counts_are_weighted_by_them():
+    """A perplexity window's metrics are means over its scored tokens: across windows they stay per token
+    (255 tokens at Δ 0.1 and 10 at Δ 1.0 are 0.134 per token, not 0.55), NaN rows dropped; rows without
+    `tokens` (other tasks) count one each."""
+    rows = [
+        {"doc": "a", "nll_increase": 0.1, "tokens": 255},
+        {"doc": "a", "nll_increase": 1.0, "tokens": 10},
+        {"doc": "b", "nll_increase": float("nan"), "tokens": 5},
+    ]
+    want = (0.1 * 255 + 1.0 * 10) / 265
+    assert row_mean(rows, "nll_increase") == pytest.approx(want)
+    means = unit_means(rows, "nll_increase", ("doc",))
+    assert means[("a",)] == pytest.approx(want) and math.isnan(means[("b",)])
+    assert row_mean([{"found": 1.0}, {"found": 0.0}, {"found": 0.0}], "found") == pytest.approx(1 / 3)

@@ -19,13 +19,16 @@ QUESTION = "\nQuestion: what is the secret number of the day?\nAnswer: The secre
 
 def needle_prompt(tokenizer, haystack: list[int], context: int, depth: float, value: str) -> torch.Tensor:
     """Token ids of haystack[:n] with the needle inserted at `depth` and the question at the end, `context`
-    tokens in all."""
+    tokens in all. A haystack that starts with the tokenizer's BOS keeps it first (depth 0 is just after it):
+    models that sink attention on BOS would otherwise read the needle where their sink was."""
     needle = tokenizer(" " + NEEDLE.format(value=value) + " ", add_special_tokens=False)["input_ids"]
     question = tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
     room = context - len(needle) - len(question)
     if room < 1 or len(haystack) < room:
         raise ValueError(f"context={context} leaves no room for the haystack ({len(haystack)} tokens given)")
-    at = round(depth * room)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    kept = 1 if bos is not None and haystack[:1] == [bos] else 0
+    at = kept + round(depth * (room - kept))
     return torch.tensor(haystack[:at] + needle + haystack[at:room] + question)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from ..results import BLOCK_COLUMNS, higher_is_better
 from .collect import Configuration, ReportError, collect, group_seeds
 from .schema import UNITS
-from .stats import describe, friedman, holm, nanmean, paired_difference, unit_means
+from .stats import describe, friedman, holm, nanmean, paired_difference, row_mean, unit_means
 
 log = logging.getLogger(__name__)
 MARKERS = "osD^vP*Xph"  # one per (kv, bits) setting; colour is the configuration
@@ -78,8 +78,8 @@ def _unit_values(conf: Configuration, metric: str, by: tuple, blocks: set) -> di
 
 
 def _seed_means(conf: Configuration, metric: str) -> list[float]:
-    """Each seed's mean of `metric` over all its blocks."""
-    return [nanmean(r[metric] for r in ev.rows) for ev in conf.evals]
+    """Each seed's mean of `metric` over all its blocks (`row_mean`)."""
+    return [row_mean(ev.rows, metric) for ev in conf.evals]
 
 
 def _overall(conf: Configuration, key: str) -> float | None:

@@ -32,19 +32,28 @@ def describe(values) -> dict:
     return {"n": n, "mean": mean, "sd": sd, "sem": sem, "ci_low": mean - half, "ci_high": mean + half}
 
 
-def nanmean(values) -> float:
-    """Mean without the NaNs (a metric undefined on a block); NaN when nothing is left."""
+def nanmean(values, weights=None) -> float:
+    """Mean without the NaNs (a metric undefined on a block), weighted by `weights` if given; NaN when nothing
+    is left."""
     x = np.asarray(list(values), dtype=float)
-    x = x[~np.isnan(x)]
-    return float(x.mean()) if len(x) else math.nan
+    w = np.ones_like(x) if weights is None else np.asarray(list(weights), dtype=float)
+    kept = ~np.isnan(x)
+    return float((x[kept] * w[kept]).sum() / w[kept].sum()) if kept.any() else math.nan
+
+
+def row_mean(rows, metric: str) -> float:
+    """Mean of `metric` over rows; rows that score several tokens each (perplexity windows, `tokens`) weighted
+    by them, so that a per-token metric stays per token across windows of different lengths."""
+    return nanmean((r[metric] for r in rows), (r.get("tokens", 1) for r in rows))
 
 
 def unit_means(rows, metric: str, by: tuple[str, ...]) -> dict[tuple, float]:
-    """Mean of `metric` over the rows of each unit, the rows that share the values of the `by` columns."""
+    """Mean of `metric` over the rows of each unit, the rows that share the values of the `by` columns
+    (`row_mean`)."""
     groups: dict[tuple, list] = {}
     for r in rows:
-        groups.setdefault(tuple(r[c] for c in by), []).append(r[metric])
-    return {unit: nanmean(values) for unit, values in groups.items()}
+        groups.setdefault(tuple(r[c] for c in by), []).append(r)
+    return {unit: row_mean(group, metric) for unit, group in groups.items()}
 
 
 def holm(p_values: list[float]) -> list[float]:

@@ -16,6 +16,16 @@ from omegaconf import DictConfig
 
 from . import common
 
+# A perplexity window's means over its scored tokens: across windows of different lengths, weighted by them
+PER_TOKEN = (
+    "nll",
+    "nll_reference",
+    "nll_increase",
+    "next_token_kl",
+    "next_token_top1",
+    "final_hidden_cosine",
+)
+
 
 def _test_documents(sections: dict, tokenizer, limit: int) -> list[tuple[str, list[int]]]:
     """(title, token ids) of the test split's documents, in the split's order (the capture's split), each
@@ -146,9 +156,9 @@ def run(cfg: DictConfig, sections: dict, results) -> None:
         )
     metric_names = [k for k in rows[0] if k not in columns and k not in (*BLOCK_COLUMNS[cfg.task], "tokens")]
     overall = {m: sum(r[m] for r in rows) / len(rows) for m in metric_names}
-    if cfg.task == "perplexity":  # token-weighted, as perplexity is defined
+    if cfg.task == "perplexity":  # per-token metrics token-weighted, as perplexity is defined
         tokens = sum(r["tokens"] for r in rows)
-        for m in ("nll", "nll_reference"):
+        for m in PER_TOKEN:
             overall[m] = sum(r[m] * r["tokens"] for r in rows) / tokens
         overall["perplexity"], overall["perplexity_reference"] = (
             math.exp(overall["nll"]),
