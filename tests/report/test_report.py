@@ -107,3 +107,21 @@ def test_report_tables_and_figures_go_to_wandb_offline(sweep):
     )
     for figure in ("pareto_output_cosine", "per_layer_output_cosine", "vs_random_haar_output_cosine"):
         assert logged[f"{figure}/_type"] == "image-file" and logged[f"{figure}/width"] > 500
+
+
+def test_undefined_values_are_counted_not_averaged_away(sweep):
+    """A metric undefined on a block is left out of the means and tests, and counted per configuration."""
+    from types import SimpleNamespace
+
+    from tqlab.report.build import undefined_counts
+
+    nan = float("nan")
+    conf = SimpleNamespace(
+        label="c", evals=[SimpleNamespace(rows=[{"m": 1.0}, {"m": nan}]), SimpleNamespace(rows=[{"m": nan}])]
+    )
+    whole = SimpleNamespace(label="d", evals=[SimpleNamespace(rows=[{"m": 0.5}])])
+    assert undefined_counts([conf, whole], ["m"]) == [
+        {"configuration": "c", "metric": "m", "undefined": 2, "blocks": 3}
+    ]
+    tasks.report(report_cfg(sweep / "sweep", sweep / "out3"))
+    assert json.loads((sweep / "out3" / "report.json").read_text())["undefined"] == []  # none in this sweep

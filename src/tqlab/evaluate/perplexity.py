@@ -115,6 +115,6 @@ def compare_window(
     }
     per_layer = {
         "hidden_cosine": layer_cos.nanmean(-1).tolist(),
-        "hidden_rel_error": layer_err.mean(-1).tolist(),
+        "hidden_rel_error": layer_err.nanmean(-1).tolist(),  # as the cosine: a zero hidden state is undefined
     }
     return {"row": row, "per_layer": per_layer, "constant_bytes": cache.nbytes()["constants"]}

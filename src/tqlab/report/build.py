@@ -119,6 +119,21 @@ def summary_table(configs: list[Configuration], metrics: list[str]) -> tuple[str
     return text, records
 
 
+def undefined_counts(configs: list[Configuration], metrics: list[str]) -> list[dict]:
+    """Per configuration and metric, the blocks (over all seeds) where the metric is undefined (NaN): left out of
+    every mean, so counted here."""
+    records = []
+    for conf in configs:
+        for m in metrics:
+            values = [r[m] for ev in conf.evals for r in ev.rows]
+            undefined = sum(v != v for v in values)
+            if undefined:
+                records.append(
+                    {"configuration": conf.label, "metric": m, "undefined": undefined, "blocks": len(values)}
+                )
+    return records
+
+
 def _friedman_text(p: float, columns: list[list[float]]) -> str:
     """Friedman p, or why there is none."""
     complete = sum(not any(math.isnan(x) for x in unit) for unit in zip(*columns, strict=True))
@@ -155,7 +170,8 @@ def paired_tables(configs: list[Configuration], metrics: list[str], unit: str) -
             rows = []
             for (a, b, p), p_adj in zip(pairs, adjusted, strict=True):
                 ci = f"[{_fmt(p['ci_low'])}, {_fmt(p['ci_high'])}]"
-                rows.append([b.label, a.label, p["n"], p["median_diff"], ci, p["p"], p_adj])
+                tested = (p["p"], p_adj) if p["n"] >= 2 else ("— (n < 2: not testable)", "—")
+                rows.append([b.label, a.label, p["n"], p["median_diff"], ci, *tested])
                 records.append(
                     {
                         "setting": list(setting),
@@ -369,6 +385,7 @@ def build_report(
     colours = colour_map(c.label for c in configs)
     out.mkdir(parents=True, exist_ok=True)
     table, summary_records = summary_table(configs, metrics)
+    undefined = undefined_counts(configs, metrics)
     paired, paired_records = paired_tables(configs, metrics, unit)
     pictures = figures(configs, metrics, out, reference, unit, colours)
     c = evals[0].columns
@@ -393,6 +410,18 @@ def build_report(
         "",
         table,
         "",
+    ]
+    if undefined:
+        text += [
+            "Values undefined on a block (NaN) are left out of every mean and test; where there were any:",
+            "",
+            _table(
+                ["configuration", "metric", "undefined blocks", "blocks"],
+                [[u["configuration"], u["metric"], u["undefined"], u["blocks"]] for u in undefined],
+            ),
+            "",
+        ]
+    text += [
         "## Paired comparisons",
         "",
         f"Unit = {unit_text}, averaged over seeds and over the windows every configuration of the setting has. "
@@ -415,6 +444,7 @@ def build_report(
                 "unit_description": unit_text,
                 "colours": colours,
                 "summary": summary_records,
+                "undefined": undefined,
                 "paired": paired_records,
                 "missing": missing,
             },
