@@ -135,3 +135,22 @@ def test_asymmetric_lanes_from_the_command_line_and_old_fingerprints_kept():
         del without["k_codec"], without["v_codec"]
     assert fingerprint(plain) == fingerprint(without)
     assert fingerprint(cfg("kv=full_kv", "v_codec=kivi", "v_bits=2", name="eval")) != fingerprint(plain)
+
+
+def test_a_run_over_an_edited_text_file_or_model_folder_is_a_new_run(tmp_path):
+    """data=text_file and a local model folder are named by a path: their content joins the fingerprint, so an
+    edited file is run again instead of answered with the old results; named models and data are unchanged."""
+    from tqlab.runs import fingerprint, input_identities
+
+    text, model = tmp_path / "notes.txt", tmp_path / "model"
+    text.write_text("one document\n\nanother one\n")
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    run = cfg("data=text_file", f"data.path={text}", f"model.name_or_path={model}", name="eval")
+    before = fingerprint(run)
+    assert fingerprint(run) == before  # the same content: the same run
+    text.write_text("one document\n\nanother one, edited\n")
+    edited_text = fingerprint(run)
+    (model / "config.json").write_text('{"edited": true}')
+    assert len({before, edited_text, fingerprint(run)}) == 3
+    assert input_identities(cfg(name="eval")) == {}  # an offline model by name: its package pins it

@@ -166,6 +166,11 @@ def test_exactly_one_of_eight_processes_claims_a_folder_with_a_stale_lock(tmp_pa
         (["codec.norm_dtype=float64"], r"codec.norm_dtype='float64' is not allowed; use \['float16'"),
         (["+codec.foo=1"], r"codec takes no option\(s\) \['foo'\]"),
         (["seed=abc"], "seed='abc' must be an integer"),
+        (["seed=-1"], r"seed=-1 must be an integer in 0..2\^32 − 1"),
+        (["data.num_kv_heads=3"], "data.num_heads=4 must be a multiple of data.num_kv_heads=3"),
+        (["data.kind=bogus"], r"data.kind='bogus' is not allowed; choose from \['isotropic', 'outliers'\]"),
+        (["data.head_dim=0"], "data.head_dim=0 must be an integer >= 8"),
+        (["data.n_outliers=100"], "data.n_outliers=100 exceeds data.head_dim=64"),
         (["task=qa"], r"task='qa' is not allowed; choose from \['eval', 'perplexity', 'niah', 'generate'\]"),
         (["task=perplexity"], "task=perplexity runs the model on text: pick data=wiki"),
         (["task=perplexity", "data=wiki", "cache.protocol=exact"], r"cache.protocol='exact' is not allowed"),
@@ -190,6 +195,23 @@ def test_bad_overrides_fail_before_any_compute(tmp_path, monkeypatch, overrides,
     monkeypatch.setattr(common, "kv_source", lambda cfg: pytest.fail("validation must come first"))
     with pytest.raises(ConfigError, match=message):
         tasks.evaluate(cfg("eval", tmp_path, *overrides))
+
+
+def test_train_refuses_a_codec_per_side_whose_fit_it_could_not_record(tmp_path, monkeypatch):
+    """The fitted file names one codec, and eval.py checks rotations against it: value rotations fitted for a
+    2-bit Prod first stage would otherwise be evaluated under a 3-bit MSE codec."""
+    monkeypatch.setattr(common, "kv_source", lambda cfg: pytest.fail("validation must come first"))
+    with pytest.raises(ConfigError, match="v_codec=turboquant_prod: train.py fits rotations for one codec"):
+        tasks.train(
+            cfg(
+                "train",
+                tmp_path,
+                "rotation=block_so8_learned",
+                "kv=full_kv",
+                "v_codec=turboquant_prod",
+                "v_bits=3",
+            )
+        )
 
 
 def test_a_negative_epoch_count_fails_before_any_compute(tmp_path):

@@ -62,7 +62,27 @@ def fingerprint(cfg: DictConfig, extra: dict | None = None) -> str:
         if conf.get(key) is None:
             conf.pop(key, None)
     conf["extra"] = extra or {}
+    inputs = input_identities(cfg)
+    if inputs:  # absent otherwise, so that runs on named models and data keep their fingerprints
+        conf["inputs"] = inputs
     return hashlib.sha256(json.dumps(conf, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def input_identities(cfg: DictConfig) -> dict:
+    """What a run reads that its configuration names only by a path: a text file (`data=text_file`) and a local
+    model folder, by content, so that a run over an edited file is a new run, not the old one's results."""
+    from .capture.models import model_identity
+    from .capture.text import text_file_identity
+
+    data, model = cfg.get("data") or {}, cfg.get("model") or {}
+    if data.get("source") in (None, "synthetic"):  # synthetic KV reads no file and no model
+        return {}
+    out = {}
+    if data.get("source") == "text_file":
+        out["text_file"] = text_file_identity(data["path"])
+    if model.get("name_or_path") and Path(model["name_or_path"]).is_dir():
+        out["model"] = model_identity(model["name_or_path"])
+    return out
 
 
 def output_dir(cfg: DictConfig) -> Path:

@@ -8,6 +8,7 @@ transformers and saves the model as safetensors under the tqlab cache (`$TQLAB_C
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import json
@@ -229,6 +230,14 @@ def _not_found(name_or_path: str, err: OSError) -> ModelNotFound:
     )
 
 
+@functools.lru_cache(maxsize=8)
+def _folder_sha256(path: Path, stats: tuple) -> str:
+    """One sha256 over a folder's files (their names and sizes and mtimes in `stats`, so that a file changed
+    since is hashed again): a process that names one model folder several times hashes its weights once."""
+    listing = "".join(f"{sha256_file(path / name)}  {name}\n" for name, _, _ in stats)
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
 def model_identity(name_or_path: str) -> dict:
     """How captures name a model: by what is there, never by an absolute path. An offline key stands for
     itself (its package pins the GGUF); a local folder is its name and one sha256 over all its files (config,
@@ -238,8 +247,8 @@ def model_identity(name_or_path: str) -> dict:
     path = Path(name_or_path)
     if path.is_dir():
         files = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith("."))
-        listing = "".join(f"{sha256_file(f)}  {f.name}\n" for f in files)
-        return {"name": path.resolve().name, "files_sha256": hashlib.sha256(listing.encode()).hexdigest()}
+        stats = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+        return {"name": path.resolve().name, "files_sha256": _folder_sha256(path.resolve(), stats)}
     from transformers.utils import cached_file
 
     try:

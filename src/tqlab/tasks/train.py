@@ -40,6 +40,12 @@ def train(cfg: DictConfig) -> common.Outcome:
                 "describes (moved, renamed or edited?); pass a folder a train run wrote, as it wrote it"
             )
         cfg = saved
+    per_side = [f"{key}={cfg.get(key)}" for key in ("k_codec", "v_codec") if cfg.get(key) is not None]
+    if per_side:  # the fitted file names one codec, which eval.py then checks the rotations against
+        raise ConfigError(
+            f"{', '.join(per_side)}: train.py fits rotations for one codec on every side (codec=...); a codec per "
+            "side is evaluated with eval.py (with fixed rotations, or rotations fitted for that codec)"
+        )
     sections = run_sections(cfg)
     check_environment(cfg)
     spec = sections["spec"]
