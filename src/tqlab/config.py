@@ -18,6 +18,7 @@ from .registry import RuleError
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 WEIGHT_LOADS = ("none", "8bit", "4bit")
 DATA_SOURCES = ("wiki", "wikitext2", "text_file", "synthetic")
+SYNTHETIC_KINDS = ("isotropic", "outliers")  # data=synthetic: KV with or without planted outlier key channels
 STORE_DTYPES = ("float16", "bfloat16", "float32")
 SPLITS = ("train", "validation", "test")
 
@@ -65,6 +66,21 @@ def data_section(cfg: DictConfig) -> dict:
         raise ConfigError(f"data.sequences={sequences} must give a count for each of {list(SPLITS)}")
     for split in SPLITS:
         check_int(f"data.sequences.{split}", sequences[split], 1)
+    if data["source"] == "synthetic":  # SyntheticKV's own checks would come after the results folder exists
+        check_choice("data.kind", data.get("kind"), SYNTHETIC_KINDS)
+        for key in ("num_layers", "num_heads", "num_kv_heads"):
+            check_int(f"data.{key}", data.get(key), 1)
+        check_int("data.head_dim", data.get("head_dim"), 8)
+        check_int("data.n_outliers", data.get("n_outliers"), 0)
+        check_int("data.seed", data.get("seed"), 0)
+        if data["num_heads"] % data["num_kv_heads"]:
+            raise ConfigError(
+                f"data.num_heads={data['num_heads']} must be a multiple of data.num_kv_heads={data['num_kv_heads']}"
+            )
+        if data["n_outliers"] > data["head_dim"]:
+            raise ConfigError(
+                f"data.n_outliers={data['n_outliers']} exceeds data.head_dim={data['head_dim']}"
+            )
     fractions = data.get("split_fractions")
     if data["source"] in ("wiki", "text_file"):
         if not fractions or len(fractions) != 3 or min(fractions) <= 0 or abs(sum(fractions) - 1) > 1e-9:

@@ -231,3 +231,12 @@ def test_asymmetric_lanes_build_each_sides_own_codec_and_name_both():
 def test_asymmetric_lanes_refuse_what_cannot_be_built(options, message):
     with pytest.raises(RuleError, match=message):
         KVQuantSpec.create("turboquant_mse", 3, "fast_hadamard", head_dim=64, **options)
+
+
+def test_head_dim_and_seed_of_the_wrong_kind_are_refused_by_the_python_api():
+    for head_dim in ("64", 0, -64, 64.0, True):
+        with pytest.raises(RuleError, match=f"head_dim={head_dim!r} must be an integer >= 8"):
+            KVQuantSpec.create("turboquant_mse", 3, "random_haar", head_dim=head_dim)
+    for seed in (-7, 2**40):
+        with pytest.raises(RuleError, match=f"seed={seed} must be an integer in 0..2\\^32 − 1"):
+            KVQuantSpec.create("turboquant_mse", 3, "random_haar", seed=seed)

@@ -100,6 +100,15 @@ def test_kivi_keys_in_groups_of_4_tokens_decode_when_their_bits_fill_no_whole_by
     torch.testing.assert_close(codec.dequantize(codec.quantize(x)), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "make", [lambda b: Int8Block(64, block=b), lambda b: KIVI(64, axis="channel", group=b)]
+)
+def test_block_sizes_must_be_positive_integers(make):
+    for block in (0, -32, 32.0, True):
+        with pytest.raises(ValueError, match=f"the block size {block!r} must be a positive integer"):
+            make(block)
+
+
 def test_baselines_refuse_bits_they_do_not_have():
     with pytest.raises(ValueError, match=r"bits=3 is not allowed for codec=int4_block: choose from \[4\]"):
         make_codec("int4_block", 64, 3)

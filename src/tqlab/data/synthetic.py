@@ -13,7 +13,7 @@ import math
 
 import torch
 
-KINDS = ("isotropic", "outliers")
+from ..config import SYNTHETIC_KINDS as KINDS
 
 
 class SyntheticKV:

@@ -148,8 +148,12 @@ class KVQuantSpec:
             raise RuleError(
                 f"kv.compress={list(compress)} must be a non-empty subset of {list(registry.SIDES)}"
             )
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise RuleError(f"seed={seed!r} must be an integer")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+            raise RuleError(f"seed={seed!r} must be an integer in 0..2^32 − 1 (a random generator's seed)")
+        if head_dim is not None and (
+            isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 8
+        ):
+            raise RuleError(f"head_dim={head_dim!r} must be an integer >= 8")
         side_codecs = {"key": k_codec or codec, "value": v_codec or codec}
         for key, name in (("k_codec", k_codec), ("v_codec", v_codec)):
             if name is not None and name not in registry.CODECS:

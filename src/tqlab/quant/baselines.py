@@ -52,7 +52,13 @@ class ChannelGroupCode(BlockCode):
     grouped_token_fields: ClassVar[tuple[str, ...]] = ("values", "scales", "zeros")
 
 
+def _check_block(group: int, what: str) -> None:
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+        raise ValueError(f"{what}: the block size {group!r} must be a positive integer")
+
+
 def _check_groups(n: int, group: int, what: str) -> None:
+    _check_block(group, what)
     if n % group:
         raise ValueError(f"{what}: dim={n} is not divisible by the block size {group}")
 
@@ -127,8 +133,10 @@ class KIVI(_Baseline):
             raise ValueError(f"bits={bits!r} is not allowed for KIVI: choose 2 or 4")
         if axis not in ("token", "channel"):
             raise ValueError(f"axis={axis!r} is not one of ('token', 'channel')")
-        if axis == "token":
+        if axis == "token":  # groups of channels; over tokens any group (the last is padded)
             _check_groups(dim, group, "KIVI(axis='token')")
+        else:
+            _check_block(group, "KIVI(axis='channel')")
         self.dim, self.bits, self.axis, self.group = dim, bits, axis, group
         self.token_group = group if axis == "channel" else 1  # a cache appends keys a whole group at a time
         self.register_buffer("device_marker", torch.zeros(0))
