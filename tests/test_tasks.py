@@ -167,6 +167,13 @@ def test_exactly_one_of_eight_processes_claims_a_folder_with_a_stale_lock(tmp_pa
         (["+codec.foo=1"], r"codec takes no option\(s\) \['foo'\]"),
         (["seed=abc"], "seed='abc' must be an integer"),
         (["seed=-1"], r"seed=-1 must be an integer in 0..2\^32 − 1"),
+        (
+            ["kv=key_only", "k_codec=int8_block", "k_bits=8", "codec.center=true"],
+            "codec.center=True belongs to codec=turboquant_mse, which no compressed side uses",
+        ),
+        (["kv=value_only", "codec.key_metric=query"], "codec.key_metric=query weights the keys' errors"),
+        (["task=niah", "data=wiki", "niah.contexts=[]"], r"niah.contexts=\[\] must hold at least one value"),
+        (["model.device=gpu"], "model.device='gpu' is not allowed; choose cpu, cuda or cuda:<index>"),
         (["data.num_kv_heads=3"], "data.num_heads=4 must be a multiple of data.num_kv_heads=3"),
         (["data.kind=bogus"], r"data.kind='bogus' is not allowed; choose from \['isotropic', 'outliers'\]"),
         (["data.head_dim=0"], "data.head_dim=0 must be an integer >= 8"),

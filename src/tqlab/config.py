@@ -6,6 +6,7 @@ Only OmegaConf is needed here (no torch), so configs are checked in milliseconds
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
@@ -50,6 +51,9 @@ def model_section(cfg: DictConfig) -> dict:
     model = to_dict(cfg, "model")
     check_choice("model.dtype", model["dtype"], MODEL_DTYPES)
     check_choice("model.weight_load", model["weight_load"], WEIGHT_LOADS)
+    device = str(model.get("device", "cpu"))
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise ConfigError(f"model.device={device!r} is not allowed; choose cpu, cuda or cuda:<index>")
     if model["weight_load"] != "none" and not str(model.get("device", "cpu")).startswith("cuda"):
         raise ConfigError(
             f"model.weight_load={model['weight_load']} needs model.device=cuda (bitsandbytes is CUDA-only)"
@@ -220,6 +224,9 @@ def end_to_end_section(cfg: DictConfig) -> dict:
                     "scored by no window"
                 )
     elif task == "niah":
+        for key in ("contexts", "depths"):
+            if not settings[key]:
+                raise ConfigError(f"niah.{key}={list(settings[key])} must hold at least one value")
         for context in settings["contexts"]:
             check_int("niah.contexts[]", context, 32)
         if not all(isinstance(d, (int, float)) and 0 <= d <= 1 for d in settings["depths"]):

@@ -219,6 +219,20 @@ class KVQuantSpec:
                     "outlier-channel split (fractional bits) does not keep whole; use integer bits"
                 )
             sides[side] = SideSpec(CodecSpec(codec_name, width, tuple(sorted(side_options.items()))), rot)
+        # options given to `codec` that no side reads would be dropped without a word
+        defaults = registry.codec_options(codec, {})
+        changed = sorted(k for k, v in options.items() if defaults.get(k) != v)
+        readers = [side for side in sides if side_codecs[side] == codec]
+        if changed and not readers:
+            raise RuleError(
+                f"codec.{changed[0]}={options[changed[0]]!r} belongs to codec={codec}, which no compressed side uses "
+                f"(k_codec={k_codec}, v_codec={v_codec}, kv.compress={list(compress)}); drop it or use that codec"
+            )
+        if options.get("key_metric") == "query" and "key" not in readers:
+            raise RuleError(
+                f"codec.key_metric=query weights the keys' errors by the queries, but codec={codec} codes no keys "
+                f"here (kv.compress={list(compress)}, k_codec={k_codec})"
+            )
         if fitted is not None and not set(sides) & fitted.sides():
             raise RuleError(
                 f"rotations={fitted.path} fitted {sorted(fitted.sides())} rotations but kv.compress="
