@@ -71,7 +71,7 @@ def fingerprint(cfg: DictConfig, extra: dict | None = None) -> str:
 def input_identities(cfg: DictConfig) -> dict:
     """What a run reads that its configuration names only by a path: a text file (`data=text_file`) and a local
     model folder, by content, so that a run over an edited file is a new run, not the old one's results."""
-    from .capture.models import model_identity
+    from .capture.models import OFFLINE_MODELS, model_identity
     from .capture.text import text_file_identity
 
     data, model = cfg.get("data") or {}, cfg.get("model") or {}
@@ -80,8 +80,9 @@ def input_identities(cfg: DictConfig) -> dict:
     out = {}
     if data.get("source") == "text_file":
         out["text_file"] = text_file_identity(data["path"])
-    if model.get("name_or_path") and Path(model["name_or_path"]).is_dir():
-        out["model"] = model_identity(model["name_or_path"])
+    name = model.get("name_or_path")
+    if name and name not in OFFLINE_MODELS and Path(name).is_dir():  # an offline key names its package
+        out["model"] = model_identity(name)
     return out
 
 
