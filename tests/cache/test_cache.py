@@ -337,3 +337,23 @@ def test_what_the_codes_cannot_do_is_refused_by_name():
     ]:
         with pytest.raises(ValueError, match=f"{match} .*is not supported over compressed codes"):
             call()
+
+
+def test_fitted_rotations_must_cover_every_compressed_layer_before_any_step(tmp_path):
+    """A rotation file fitted on layers 0 and 1 of a 3-layer model: refused when the cache is made (not in
+    the middle of a run with an unclear error), and taken when layer 2 stays exact."""
+    from tqlab import rotation
+    from tqlab.kv import RuleError
+    from tqlab.rotation.io import save_rotations
+
+    fitted = {f"key_layer{i}": rotation.make_rotation("block_so8_learned", 16, seed=i) for i in range(2)}
+    facts = {
+        "rotation": "block_so8_learned", "rotation_options": {"view": "vector", "init": "random"}, "dim": 16,
+        "codec": "turboquant_mse", "bits": {"key": 2, "value": None}, "model": "m", "layers": [0, 1],
+    }  # fmt: skip
+    save_rotations(tmp_path / "best.safetensors", fitted, facts)
+    spec = KVQuantSpec.create(bits=2, compress=("key",), fitted=tmp_path / "best.safetensors", model="m")
+    model = tiny("llama")
+    with pytest.raises(RuleError, match=r"has no key rotation for \(layer, head\) \[\(2, 0\), \(2, 1\)\]"):
+        compress_kv(model, spec)
+    logits(model, torch.randint(0, 97, (1, 6)), compress_kv(model, spec, exact_layers=(2,)))

@@ -660,6 +660,8 @@ class TurboQuantCache(Cache):
             return cls([DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs) for kind, kwargs in kinds], None)
         bank = CodecBank(spec, head_dim, calibration)
         exact = {i % n for i in layout.exact_layers}
+        compressed = [i for i, (kind, _) in enumerate(kinds) if kind in ATTENTION_LAYERS and i not in exact]
+        bank.check_units(compressed, num_kv_heads)  # fitted rotations for every compressed (layer, head)
         layers = []
         for i, (kind, kwargs) in enumerate(kinds):
             if kind in ATTENTION_LAYERS:
