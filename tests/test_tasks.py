@@ -173,7 +173,7 @@ def test_exactly_one_of_eight_processes_claims_a_folder_with_a_stale_lock(tmp_pa
         ),
         (["kv=value_only", "codec.key_metric=query"], "codec.key_metric=query weights the keys' errors"),
         (["task=niah", "data=wiki", "niah.contexts=[]"], r"niah.contexts=\[\] must hold at least one value"),
-        (["model.device=gpu"], "model.device='gpu' is not allowed; choose cpu, cuda or cuda:<index>"),
+        (["model.device=gpu"], "model.device='gpu' is not allowed; choose cpu, mps, cuda or cuda:<index>"),
         (["data.num_kv_heads=3"], "data.num_heads=4 must be a multiple of data.num_kv_heads=3"),
         (["data.kind=bogus"], r"data.kind='bogus' is not allowed; choose from \['isotropic', 'outliers'\]"),
         (["data.head_dim=0"], "data.head_dim=0 must be an integer >= 8"),
@@ -188,7 +188,13 @@ def test_exactly_one_of_eight_processes_claims_a_folder_with_a_stale_lock(tmp_pa
         ),
         (["task=perplexity", "data=wiki", "perplexity.stride=999"], "must not exceed perplexity.context=256"),
         (
-            ["task=perplexity", "data=wiki", "cache.protocol=prefill_exact", "perplexity.prefill=200"],
+            [
+                "task=perplexity",
+                "data=wiki",
+                "data.windows_per_document=2",
+                "cache.protocol=prefill_exact",
+                "perplexity.prefill=200",
+            ],  # fmt: skip
             r"perplexity.prefill=200 under cache.protocol=prefill_exact must not exceed .* = 128",
         ),
         (["cache.recent_window=8"], "task=eval replays captured blocks and keeps only cache.sink_tokens"),

@@ -52,8 +52,8 @@ def model_section(cfg: DictConfig) -> dict:
     check_choice("model.dtype", model["dtype"], MODEL_DTYPES)
     check_choice("model.weight_load", model["weight_load"], WEIGHT_LOADS)
     device = str(model.get("device", "cpu"))
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-        raise ConfigError(f"model.device={device!r} is not allowed; choose cpu, cuda or cuda:<index>")
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", device):
+        raise ConfigError(f"model.device={device!r} is not allowed; choose cpu, mps, cuda or cuda:<index>")
     if model["weight_load"] != "none" and not str(model.get("device", "cpu")).startswith("cuda"):
         raise ConfigError(
             f"model.weight_load={model['weight_load']} needs model.device=cuda (bitsandbytes is CUDA-only)"
@@ -215,9 +215,11 @@ def end_to_end_section(cfg: DictConfig) -> dict:
         check_int("perplexity.chunk_size", settings["chunk_size"], 1)
         if settings["prefill"] is not None:
             check_int("perplexity.prefill", settings["prefill"], 1)
-            # a later window scores from context − stride on, and prefill_exact from the end of its prompt
+            # a document's later window scores from context − stride on, and prefill_exact from the end of its
+            # prompt: with more than one window per document (WikiText-2's one long document included)
             most = max(settings["context"] - settings["stride"], 1)
-            if cfg.cache.protocol == "prefill_exact" and settings["prefill"] > most:
+            several = cfg.data.source == "wikitext2" or cfg.data.get("windows_per_document", 1) > 1
+            if cfg.cache.protocol == "prefill_exact" and several and settings["prefill"] > most:
                 raise ConfigError(
                     f"perplexity.prefill={settings['prefill']} under cache.protocol=prefill_exact must not exceed "
                     f"perplexity.context − perplexity.stride = {most} (at least 1): the tokens between would be "

@@ -24,6 +24,15 @@ BLOCK_COLUMNS = {
     "generate": ("document",),  # one prompt per document
     "niah": ("document", "context", "depth"),
 }
+# A perplexity window's means over its scored tokens (its `tokens` column): across windows, weighted by them
+PER_TOKEN = (
+    "nll",
+    "nll_reference",
+    "nll_increase",
+    "next_token_kl",
+    "next_token_top1",
+    "final_hidden_cosine",
+)
 # never parsed as numbers: a document titled "1984" or a capture hash of digits stays text
 TEXT_COLUMNS = (
     "task",

@@ -125,3 +125,27 @@ def test_undefined_values_are_counted_not_averaged_away(sweep):
     ]
     tasks.report(report_cfg(sweep / "sweep", sweep / "out3"))
     assert json.loads((sweep / "out3" / "report.json").read_text())["undefined"] == []  # none in this sweep
+
+
+def test_pairs_of_fewer_than_two_units_have_no_p_and_stay_out_of_holm():
+    """One haystack document gives n = 1 unit: no Wilcoxon p (not p = 1) and no share of the Holm correction,
+    which the testable pairs of the same metric then carry alone."""
+    from types import SimpleNamespace
+
+    from tqlab.report.build import paired_tables
+
+    def conf(label, values, documents):
+        rows = [
+            {"task": "niah", "document": d, "context": 64, "depth": 0.5, "found": v}
+            for d, v in zip(documents, values, strict=True)
+        ]
+        return SimpleNamespace(label=label, setting=("key", 4, None), evals=[SimpleNamespace(rows=rows)])
+
+    one = [conf(c, [v], ["doc"]) for c, v in (("a", 1.0), ("b", 0.0), ("c", 1.0))]
+    text, records = paired_tables(one, ["found"], "document")
+    assert "not testable" in text and all(r["n"] == 1 for r in records)
+    assert all(r["p"] != r["p"] and r["p_holm"] != r["p_holm"] for r in records)  # NaN
+    docs = [f"d{i}" for i in range(8)]
+    many = [conf(c, [float(i % 2 == k) for i in range(8)], docs) for k, c in enumerate("ab")]
+    _, (record,) = paired_tables(many, ["found"], "document")
+    assert record["n"] == 8 and record["p"] == record["p_holm"]  # one testable pair: Holm leaves it

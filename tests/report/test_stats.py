@@ -56,3 +56,8 @@ def test_windows_that_score_different_token_counts_are_weighted_by_them():
     means = unit_means(rows, "nll_increase", ("doc",))
     assert means[("a",)] == pytest.approx(want) and math.isnan(means[("b",)])
     assert row_mean([{"found": 1.0}, {"found": 0.0}, {"found": 0.0}], "found") == pytest.approx(1 / 3)
+
+
+def test_a_metric_that_is_not_per_token_is_a_plain_mean_over_windows():
+    rows = [{"cache_bytes_per_token": 10.0, "tokens": 255}, {"cache_bytes_per_token": 20.0, "tokens": 10}]
+    assert row_mean(rows, "cache_bytes_per_token") == pytest.approx(15.0)

@@ -462,6 +462,11 @@ class TurboQuantLayer(CacheLayerMixin):
                 f"layer {self.layer_idx}: a value vector's norm is past fp16's 65 504 (or the vector is not finite): "
                 "the GPU decode kernels take p·‖v‖ as an fp16 operand whatever norm_dtype stores, so attention "
                 "over these codes would be inf or NaN; use kernels='torch' (the PyTorch path, in fp32) for this model"
+                + (
+                    ", with codec.norm_dtype=float32 or bfloat16 (fp16 cannot store such a norm)"
+                    if dtype == torch.float16
+                    else ""
+                )
             )
         advice = (  # the kernel sums squares in float32: beyond ~1e19 per entry a float32 norm overflows too
             "use codec.norm_dtype=float32 or bfloat16"

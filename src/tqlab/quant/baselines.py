@@ -135,7 +135,7 @@ class KIVI(_Baseline):
             raise ValueError(f"axis={axis!r} is not one of ('token', 'channel')")
         if axis == "token":  # groups of channels; over tokens any group (the last is padded)
             _check_groups(dim, group, "KIVI(axis='token')")
-        else:
+        else:  # groups of tokens: any size (the last group is padded)
             _check_block(group, "KIVI(axis='channel')")
         self.dim, self.bits, self.axis, self.group = dim, bits, axis, group
         self.token_group = group if axis == "channel" else 1  # a cache appends keys a whole group at a time

@@ -166,10 +166,16 @@ def paired_tables(configs: list[Configuration], metrics: list[str], unit: str) -
                 (a, b, paired_difference(columns[i], columns[j]))
                 for (i, a), (j, b) in itertools.combinations(enumerate(group), 2)
             ]
-            adjusted = holm([p["p"] for _, _, p in pairs])
+            # a pair of fewer than two units has no test: no p, and no place in the Holm family
+            testable = [i for i, (_, _, p) in enumerate(pairs) if p["n"] >= 2]
+            adjusted = [math.nan] * len(pairs)
+            for i, p_adj in zip(testable, holm([pairs[i][2]["p"] for i in testable]), strict=True):
+                adjusted[i] = p_adj
             rows = []
             for (a, b, p), p_adj in zip(pairs, adjusted, strict=True):
                 ci = f"[{_fmt(p['ci_low'])}, {_fmt(p['ci_high'])}]"
+                if p["n"] < 2:
+                    p = {**p, "p": math.nan}
                 tested = (p["p"], p_adj) if p["n"] >= 2 else ("— (n < 2: not testable)", "—")
                 rows.append([b.label, a.label, p["n"], p["median_diff"], ci, *tested])
                 records.append(

@@ -11,6 +11,8 @@ import math
 import numpy as np
 from scipy import stats
 
+from ..results import PER_TOKEN
+
 
 def describe(values) -> dict:
     """n, mean, SD, SEM and the 95 % Student-t confidence interval of the mean (NaNs dropped)."""
@@ -42,9 +44,11 @@ def nanmean(values, weights=None) -> float:
 
 
 def row_mean(rows, metric: str) -> float:
-    """Mean of `metric` over rows; rows that score several tokens each (perplexity windows, `tokens`) weighted
-    by them, so that a per-token metric stays per token across windows of different lengths."""
-    return nanmean((r[metric] for r in rows), (r.get("tokens", 1) for r in rows))
+    """Mean of `metric` over rows; a per-token metric of rows that score several tokens each (perplexity
+    windows, `results.PER_TOKEN`) weighted by their `tokens`, so that it stays per token across windows of
+    different lengths."""
+    weighted = metric in PER_TOKEN
+    return nanmean((r[metric] for r in rows), (r.get("tokens", 1) if weighted else 1 for r in rows))
 
 
 def unit_means(rows, metric: str, by: tuple[str, ...]) -> dict[tuple, float]:

@@ -16,16 +16,6 @@ from omegaconf import DictConfig
 
 from . import common
 
-# A perplexity window's means over its scored tokens: across windows of different lengths, weighted by them
-PER_TOKEN = (
-    "nll",
-    "nll_reference",
-    "nll_increase",
-    "next_token_kl",
-    "next_token_top1",
-    "final_hidden_cosine",
-)
-
 
 def _test_documents(sections: dict, tokenizer, limit: int) -> list[tuple[str, list[int]]]:
     """(title, token ids) of the test split's documents, in the split's order (the capture's split), each
@@ -47,7 +37,7 @@ def run(cfg: DictConfig, sections: dict, results) -> None:
 
     from ..capture.models import load_model
     from ..registry import RuleError
-    from ..results import BLOCK_COLUMNS, write_results
+    from ..results import BLOCK_COLUMNS, PER_TOKEN, write_results
 
     common.seed_lightning(cfg.seed)
     spec, settings = sections["spec"], sections["end_to_end"]
@@ -167,9 +157,11 @@ def run(cfg: DictConfig, sections: dict, results) -> None:
         overall["constant_bytes"] = constants
     summary = {"overall": overall, "columns": columns, "blocks": len(rows), "settings": settings}
     if per_layer:
+        weights = [r["tokens"] for r in rows]  # each window's per-token means, weighted as the overall ones
         summary["per_layer_hidden"] = {
             name: [
-                sum(p[name][i] for p in per_layer) / len(per_layer) for i in range(len(per_layer[0][name]))
+                sum(p[name][i] * w for p, w in zip(per_layer, weights, strict=True)) / sum(weights)
+                for i in range(len(per_layer[0][name]))
             ]
             for name in per_layer[0]
         }
