@@ -54,7 +54,7 @@ def model_section(cfg: DictConfig) -> dict:
     device = str(model.get("device", "cpu"))
     if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", device):
         raise ConfigError(f"model.device={device!r} is not allowed; choose cpu, mps, cuda or cuda:<index>")
-    if model["weight_load"] != "none" and not str(model.get("device", "cpu")).startswith("cuda"):
+    if model["weight_load"] != "none" and not device.startswith("cuda"):
         raise ConfigError(
             f"model.weight_load={model['weight_load']} needs model.device=cuda (bitsandbytes is CUDA-only)"
         )

@@ -212,9 +212,8 @@ class TurboQuantLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         if self.static:
             return self._update_static(key_states, value_states)
-        if (
-            self.awaiting_attention
-        ):  # any other attention read only the new tokens: every output since is wrong
+        # any other attention read only the last call's new tokens, never the codes: refuse before it goes on
+        if self.awaiting_attention:
             raise RuntimeError(
                 f"layer {self.layer_idx}: the tokens of the previous call were never read by tqlab's attention, so "
                 "that call attended to them alone, without the cache. Run the model with "

@@ -40,6 +40,7 @@ try:  # grid dependency control (programmatic dependent launch), in the CUDA ext
 except ImportError:  # an older triton, or one without the CUDA extras: the merge launches after the attention
     gdc_launch_dependents = gdc_wait = None
 
+from ..quant.codes import NORM_DTYPES
 from .packed import check_code_bits, decode_table, load_centroids, load_signs
 
 BLOCK_N = 128  # keys decoded per step
@@ -414,7 +415,7 @@ def decode_attention(
     ):
         raise ValueError(f"lengths {lengths.tolist()} must lie in 0..{tokens}, the tokens the codes hold")
     for name, t in [("key_norms", key_norms), ("value_norms", value_norms)]:
-        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        if t.dtype not in NORM_DTYPES:
             raise ValueError(
                 f"{name} must be float16, bfloat16 or float32 (as codecs store norms); got {t.dtype}"
             )

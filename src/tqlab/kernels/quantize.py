@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..quant.codes import check_norm_dtype
 from .packed import MAX_BITS
 from .step import BLOCK_DIM, MIN_ROWS, step_end
 from .step import prepare as prepare_step_end
@@ -38,7 +39,6 @@ BLOCK_ROWS = 64
 SKETCH_SHAPE = {64: (32, 64), 128: (32, 64), 256: (16, 32)}
 SKETCH_WARPS = 4
 TF32_TILE = 32  # square tiles of a general rotation: larger ones spill registers with tf32x3 on sm_90
-NORM_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # as the codecs store norms (tqlab.quant.codes)
 FLOAT32_MAX = torch.finfo(torch.float32).max  # the default norm_limit: only inf (and NaN) flag a norm
 SIGN_TILE = 128  # output columns per ±1 product (measured on an H200: wider spills at d = 256)
 HALVES_TILE = 64  # output columns of each half per step of the signed-halves product (fewer live registers)
@@ -527,10 +527,7 @@ def _quantize(
         raise ValueError(
             f"tables are on {tables.matrix.device}, x on {x.device}: quantize_tables(...) on x's device"
         )
-    if norm_dtype not in NORM_DTYPES:
-        raise ValueError(
-            f"norm_dtype={norm_dtype!r} is not allowed; choose from {', '.join(map(str, NORM_DTYPES))}"
-        )
+    check_norm_dtype(norm_dtype, "quantize")
     if tables.signs and tables.matrix.dtype != x.dtype:
         raise ValueError(f"tables were built for {tables.matrix.dtype} input, x is {x.dtype}")
     if tables.matrix.shape != rotation.shape or tables.boundaries.numel() != boundaries.numel():

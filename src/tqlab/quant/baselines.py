@@ -133,7 +133,7 @@ class KIVI(_Baseline):
             raise ValueError(f"bits={bits!r} is not allowed for KIVI: choose 2 or 4")
         if axis not in ("token", "channel"):
             raise ValueError(f"axis={axis!r} is not one of ('token', 'channel')")
-        if axis == "token":  # groups of channels; over tokens any group (the last is padded)
+        if axis == "token":  # groups of channels within a vector: they must tile it
             _check_groups(dim, group, "KIVI(axis='token')")
         else:  # groups of tokens: any size (the last group is padded)
             _check_block(group, "KIVI(axis='channel')")

@@ -175,8 +175,9 @@ def paired_tables(configs: list[Configuration], metrics: list[str], unit: str) -
             for (a, b, p), p_adj in zip(pairs, adjusted, strict=True):
                 ci = f"[{_fmt(p['ci_low'])}, {_fmt(p['ci_high'])}]"
                 if p["n"] < 2:
-                    p = {**p, "p": math.nan}
-                tested = (p["p"], p_adj) if p["n"] >= 2 else ("— (n < 2: not testable)", "—")
+                    p, tested = {**p, "p": math.nan}, ("— (n < 2: not testable)", "—")
+                else:
+                    tested = (p["p"], p_adj)
                 rows.append([b.label, a.label, p["n"], p["median_diff"], ci, *tested])
                 records.append(
                     {
