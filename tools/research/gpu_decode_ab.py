@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
-import shutil
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -33,8 +33,8 @@ def load_kernels(folder: Path, module: str = "decode"):
     into `folder` (its source differs from the library's, so Triton compiles and caches it apart)."""
     package_dir = Path(tempfile.mkdtemp()) / "other_kernels"
     package_dir.mkdir()
-    for source in folder.glob("*.py"):
-        shutil.copy(source, package_dir / source.name)
+    for source in folder.glob("*.py"):  # imports from the library outside kernels/ go to the installed one
+        (package_dir / source.name).write_text(re.sub(r"from \.\.(\w)", r"from tqlab.\1", source.read_text()))
     (package_dir / "__init__.py").touch()
     sys.path.insert(0, str(package_dir.parent))
     return importlib.import_module(f"other_kernels.{module}")
