@@ -1,5 +1,6 @@
 """train(cfg) and evaluate(cfg) end to end, resumption, locking, W&B offline files, a multirun."""
 
+import importlib
 import json
 import subprocess
 import sys
@@ -18,6 +19,9 @@ from tqlab.tasks import common
 from wandb_records import wandb_records
 
 ROOT = Path(__file__).parents[1]
+train_task = importlib.import_module(
+    "tqlab.tasks.train"
+)  # the module, which tqlab.tasks.train (a function) hides
 SYNTHETIC = [
     "data=synthetic",
     "data.seq_len=32",
@@ -241,10 +245,29 @@ def test_rotations_fitted_around_the_mean_are_evaluated_around_it_only(tmp_path)
     assert json.loads((results / "done.json").read_text())["center"] == {"key": True}
     with pytest.raises(ConfigError, match="fitted with codec.center=true on the keys; set codec.center=true"):
         tasks.evaluate(cfg("eval", tmp_path, f"rotations={results}", "kv=key_only", "bits=2"))
-    out = tasks.evaluate(
-        cfg("eval", tmp_path, f"rotations={results}", "kv=key_only", "bits=2", "codec.center=true")
-    ).folder
+    # the eval.py command train.py prints evaluates them as they were fitted
+    fitted = cfg(
+        "train", tmp_path, "codec.center=true", "fit.max_epochs=1", "rotation=eigen_hadamard_butterfly"
+    )
+    printed = train_task._eval_overrides(fitted, {"model": "smollm2_135m", "data": "synthetic"}).split()
+    assert "codec.center=true" in printed and "data=synthetic" in printed
+    printed.remove("data=synthetic")  # given by cfg() already
+    out = tasks.evaluate(cfg("eval", tmp_path, f"rotations={results}", *printed)).folder
     assert json.loads((out / "summary.json").read_text())["overall"]["output_cosine"] > 0.5
+
+
+def test_the_printed_eval_command_names_the_model_and_data_a_fit_read():
+    def printed(*overrides, choices):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            c = compose(config_name="train", overrides=list(overrides))
+        return train_task._eval_overrides(c, choices).split()
+
+    default = printed(choices={"model": "smollm2_135m", "data": "wiki"})
+    assert default == ["kv=key_only", "bits=2"]
+    qwen = printed("model=qwen2_5_coder_1_5b", choices={"model": "qwen2_5_coder_1_5b", "data": "wiki"})
+    assert qwen[2:] == ["model=qwen2_5_coder_1_5b"]
+    hub = printed("model=hf", "model.name_or_path=org/m", "data=text_file", "data.path=/d/t.txt", choices={})
+    assert hub[2:] == ["model.name_or_path=org/m", "data=text_file", "data.path=/d/t.txt"]
 
 
 def test_fixed_rotations_have_nothing_to_train(tmp_path):

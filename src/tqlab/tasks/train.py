@@ -75,8 +75,14 @@ def train(cfg: DictConfig) -> common.Outcome:
     return common.Outcome(results, metrics)
 
 
-def _eval_overrides(cfg: DictConfig) -> str:
-    """The eval.py overrides that evaluate the fitted rotations as they were fitted."""
+def _eval_overrides(cfg: DictConfig, choices: dict | None = None) -> str:
+    """The eval.py overrides that evaluate the fitted rotations as they were fitted: what eval.py checks
+    against them (codec, bits, centering, model) and the data they were fitted on. `choices`: Hydra's config
+    group choices (read from Hydra when it runs the app)."""
+    if choices is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
     parts = [
         f"kv={'full_kv' if len(cfg.kv.compress) == 2 else cfg.kv.compress[0] + '_only'}",
         f"bits={cfg.bits}",
@@ -84,6 +90,20 @@ def _eval_overrides(cfg: DictConfig) -> str:
     parts += [f"{k}={cfg[k]}" for k in ("k_bits", "v_bits") if cfg.get(k) is not None]
     if cfg.codec.name != "turboquant_mse":
         parts.append(f"codec={cfg.codec.name}")
+    if cfg.codec.get("center"):
+        parts.append("codec.center=true")
+    # model and data where they differ from the shared defaults (conf/common/run.yaml): the group as chosen,
+    # and a folder, hub id or text file as given
+    model = choices.get("model")
+    if model not in (None, "smollm2_135m"):
+        parts.append(f"model={model}")
+    if model == "hf" or (model is None and cfg.model.name_or_path != "smollm2-135m"):
+        parts.append(f"model.name_or_path={cfg.model.name_or_path}")
+    data = choices.get("data") or cfg.data.source
+    if data != "wiki":
+        parts.append(f"data={data}")
+    if cfg.data.get("path") is not None:
+        parts.append(f"data.path={cfg.data.path}")
     return " ".join(parts)
 
 
