@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
 class KVBlocks(Dataset):
@@ -39,10 +39,25 @@ def eval_shard(n_blocks: int, rank: int, world: int) -> list[int]:
     return list(range(rank, n_blocks, world))
 
 
+class EvalShard(DistributedSampler):
+    """`eval_shard` as a sampler. A DistributedSampler, so that Lightning, which shards every other sampler
+    under DDP, leaves it as it is (a second split would leave blocks unevaluated)."""
+
+    def __init__(self, n_blocks: int, rank: int, world: int):
+        super().__init__(range(n_blocks), num_replicas=world, rank=rank, shuffle=False)
+        self.blocks = eval_shard(n_blocks, rank, world)
+
+    def __iter__(self):
+        return iter(self.blocks)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+
 class KVDataModule(L.LightningDataModule):
     """train / val / test loaders over a capture's splits, in a deterministic order. Under DDP the train
     loader is sharded by Lightning's DistributedSampler; validation and test blocks are split across
-    processes without repeats (the Trainer then needs use_distributed_sampler=False, as eval.py sets)."""
+    processes without repeats (`EvalShard`, which Lightning does not split again)."""
 
     def __init__(
         self,
@@ -61,9 +76,7 @@ class KVDataModule(L.LightningDataModule):
         generator = torch.Generator().manual_seed(0) if shuffle else None
         sampler = None
         if split != "train" and torch.distributed.is_available() and torch.distributed.is_initialized():
-            sampler = eval_shard(
-                len(blocks), torch.distributed.get_rank(), torch.distributed.get_world_size()
-            )
+            sampler = EvalShard(len(blocks), torch.distributed.get_rank(), torch.distributed.get_world_size())
         return DataLoader(
             blocks,
             batch_size=self.batch_size,

@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from torch import nn
+from torchmetrics import Metric
 
 from ..quant import TurboQuantMSE
 from ..rotation.io import save_rotations, unit_name
@@ -38,6 +39,7 @@ class RotationFitModule(L.LightningModule):
                 for unit, rot in rotations.items()
             }
         )
+        self.val_mean = BlockMean()
 
     def rotations(self) -> dict[str, nn.Module]:
         return {unit: codec.rotation for unit, codec in self.codecs.items()}
@@ -85,11 +87,32 @@ class RotationFitModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        loss = self._batch_loss(batch)
-        self.log("val_loss", loss, on_epoch=True, prog_bar=True, batch_size=batch["q"].shape[0])
+        blocks = batch["q"].shape[0]
+        self.val_mean.update(self._batch_loss(batch).detach() * blocks, blocks)
+        self.log("val_loss", self.val_mean, on_epoch=True, prog_bar=True)
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+class BlockMean(Metric):
+    """The mean loss over every validation block, whichever process scored it: sums and counts reduced across
+    processes (a mean of per-process means would weight unequal shards wrongly). NaN propagates."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, loss_sum: torch.Tensor, blocks: int) -> None:
+        # out of place: the states may be inference tensors from a `trainer.validate` before the fit
+        self.total = self.total + loss_sum.double()
+        self.count = self.count + blocks
+
+    def compute(self) -> torch.Tensor:
+        return self.total / self.count
 
 
 class SaveRotations(L.Callback):

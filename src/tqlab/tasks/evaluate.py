@@ -63,7 +63,7 @@ def _test(cfg, sections, results, loggers) -> None:
         "sink_tokens": sections["cache"]["sink_tokens"],
     }
     module = AttentionEvalModule(bank, columns, settings["top_k"], sections["cache"]["sink_tokens"])
-    trainer = common.make_trainer(cfg, loggers, use_distributed_sampler=False)
+    trainer = common.make_trainer(cfg, loggers)
     common.run_stage(
         trainer,
         "test",
