@@ -24,27 +24,42 @@ from ..rotation.io import load_rotations, save_rotations
 SPLIT = "validation"  # the only split a selection reads: train fits the candidates, test reports the choice
 
 
-def _spec(path: Path) -> KVQuantSpec:
-    from ..kv.spec import FittedRotations
-
-    facts = FittedRotations.read(path).facts
+def _spec(path: Path, facts: dict) -> KVQuantSpec:
     sides = tuple(s for s, b in facts["bits"].items() if b is not None)
-    side = sides[0]
+    if "key" not in sides:
+        raise ValueError(f"{path} holds no key rotations; a selection scores candidates by their keys")
     return KVQuantSpec.create(
         facts["codec"],
-        facts["bits"][side],
+        facts["bits"]["key"],
         compress=sides,
-        codec_options={"center": (facts.get("center") or {}).get(side, False)},
+        codec_options={"center": (facts.get("center") or {}).get("key", False)},
         fitted=path,
     )
 
 
 def validation_scores(path: str | Path, source, calibration) -> dict[int, float]:
-    """Mean output cosine per layer over the validation split, keys coded with the file's rotations."""
-    spec = _spec(Path(path))
+    """Mean output cosine per layer over the validation split, keys coded with the file's rotations, each
+    layer attended as the model does (its softmax scale and sliding window)."""
+    from ..kv.spec import FittedRotations
+
+    path = Path(path)
+    facts = FittedRotations.read(path).facts
+    capture = source.manifest["fingerprint"]
+    if facts.get("capture") not in (None, capture):
+        raise ValueError(
+            f"{path} was fitted on capture {facts['capture'][:16]}; this source is capture {capture[:16]}"
+        )
+    layers = facts.get("layers") or source.layers
+    missing = sorted(set(layers) - set(source.layers))
+    if missing:
+        raise ValueError(f"{path} was fitted on layers {missing} that this source does not hold")
+    spec = _spec(path, facts)
     bank = CodecBank(spec, source.architecture["head_dim"], calibration)
+    bank.check_units(layers, source.architecture["num_kv_heads"])
     scores = {}
-    for layer in source.layers:
+    for layer in layers:
+        layer_facts = source.layer_facts(layer)
+        scale, window = layer_facts["scaling"], layer_facts.get("sliding_window") or 0
         values = []
         for head in range(source.architecture["num_kv_heads"]):
             codec = bank.get("key", layer, head, "cpu")
@@ -52,8 +67,7 @@ def validation_scores(path: str | Path, source, calibration) -> dict[int, float]
                 block = source.load(SPLIT, layer, s, head)
                 q, k, v = (block[x].double() for x in "qkv")
                 k_hat = codec.dequantize(codec.quantize(block["k"])).double()
-                mask = causal_mask(k.shape[0], k.shape[0])
-                scale = k.shape[-1] ** -0.5
+                mask = causal_mask(k.shape[0], k.shape[0], window=window)
                 exact = torch.softmax((q @ k.T * scale).masked_fill(~mask, float("-inf")), -1) @ v
                 approx = torch.softmax((q @ k_hat.T * scale).masked_fill(~mask, float("-inf")), -1) @ v
                 values.append(output_cosine(exact, approx).mean().item())
