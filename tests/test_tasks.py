@@ -170,6 +170,7 @@ def test_exactly_one_of_eight_processes_claims_a_folder_with_a_stale_lock(tmp_pa
         (["codec.norm_dtype=float64"], r"codec.norm_dtype='float64' is not allowed; use \['float16'"),
         (["+codec.foo=1"], r"codec takes no option\(s\) \['foo'\]"),
         (["seed=abc"], "seed='abc' must be an integer"),
+        (["store.layers=[]"], r"store.layers=\[\] must be null \(every layer\) or a non-empty list"),
         (["seed=-1"], r"seed=-1 must be an integer in 0..2\^32 − 1"),
         (
             ["kv=key_only", "k_codec=int8_block", "k_bits=8", "codec.center=true"],

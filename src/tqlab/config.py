@@ -98,9 +98,11 @@ def store_section(cfg: DictConfig) -> dict:
     check_int("store.shard_size", store["shard_size"], 1)
     layers = store.get("layers")
     if layers is not None and (
-        not isinstance(layers, list) or not all(isinstance(i, int) and i >= 0 for i in layers)
+        not isinstance(layers, list) or not layers or not all(isinstance(i, int) and i >= 0 for i in layers)
     ):
-        raise ConfigError(f"store.layers={layers!r} must be null or a list of layer indices")
+        raise ConfigError(
+            f"store.layers={layers!r} must be null (every layer) or a non-empty list of layer indices"
+        )
     return store
 
 

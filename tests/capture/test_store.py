@@ -138,3 +138,57 @@ def test_layers_beyond_the_model_are_refused(tmp_path, monkeypatch, smollm2, sma
     monkeypatch.setattr(capture_run, "load_model", lambda **_: smollm2)
     with pytest.raises(CaptureError, match=r"has layers 0\.\.29"):
         run_capture(capture_spec(model, data, layers=[3, 30]), tmp_path, progress=False)
+
+
+def test_a_text_file_edited_after_the_capture_was_named_is_refused(
+    tmp_path, monkeypatch, smollm2, small_spec_parts
+):
+    model, data = small_spec_parts
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Document one. " * 200 + "\n\nDocument two. " * 200)
+    spec = capture_spec(model, {**data, "source": "text_file", "path": str(corpus)}, layers=[3])
+
+    def load_model_while_the_file_is_edited(**_):
+        corpus.write_text("edited")
+        return smollm2
+
+    monkeypatch.setattr(capture_run, "load_model", load_model_while_the_file_is_edited)
+    with pytest.raises(ValueError, match="changed while the capture started"):
+        run_capture(spec, tmp_path / "captures", progress=False)
+
+
+def test_out_of_range_sequences_and_kv_heads_are_refused(small_capture):
+    store = CaptureStore(small_capture)
+    kv_heads = store.architecture["num_kv_heads"]
+    for sequence, kv_head in [(-1, 0), (0, -1), (0, kv_heads)]:
+        with pytest.raises(IndexError, match="out of range"):
+            store.load("test", store.layers[0], sequence, kv_head)
+
+
+def test_an_empty_layer_list_is_refused(small_spec_parts):
+    model, data = small_spec_parts
+    with pytest.raises(ValueError, match=r"store.layers=\[\] captures nothing"):
+        capture_spec(model, data, layers=[])
+
+
+def test_a_damaged_sidecar_means_rebuild_and_a_failed_write_leaves_no_temp_file(tmp_path, monkeypatch):
+    import os
+
+    import torch
+
+    from tqlab.capture.store import atomic_write_bytes, sidecar, verified_sha256, write_shard
+
+    shard, metadata = tmp_path / "shard_00000.safetensors", {"tqlab": "{}"}
+    assert verified_sha256(shard, metadata) is None  # nothing written yet
+    write_shard(shard, {"x": torch.zeros(3)}, metadata)
+    assert verified_sha256(shard, metadata) is not None
+    sidecar(shard).write_bytes(b"\xff\x00garbage")
+    assert verified_sha256(shard, metadata) is None
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write_bytes(tmp_path / "manifest.json", b"{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [shard.name, sidecar(shard).name]

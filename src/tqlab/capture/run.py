@@ -53,6 +53,8 @@ def capture_spec(
         raise ValueError(f"capture.store_dtype={store_dtype!r} is not one of {sorted(DTYPES)}")
     if not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"capture.shard_size={shard_size!r} must be a positive integer")
+    if layers is not None and len(layers) == 0:
+        raise ValueError("store.layers=[] captures nothing: give null (every layer) or the layers to capture")
     # WikiText-2's splits are one long document each, so their windows are consecutive and the cap does not
     # apply (None, so that the setting cannot split one capture into several folders).
     per_document = None if data["source"] == "wikitext2" else data.get("windows_per_document", 1)
@@ -83,7 +85,10 @@ def split_texts(spec: dict) -> dict[str, list]:
     data = spec["data"]
     if data["source"] == "wikitext2":
         return wikitext2_splits()
-    docs = wiki_documents() if data["source"] == "wiki" else text_file_documents(spec["inputs"]["text_file"])
+    if data["source"] == "wiki":
+        docs = wiki_documents()
+    else:
+        docs = text_file_documents(spec["inputs"]["text_file"], data["text_file"]["sha256"])
     return split_documents(docs, tuple(data["split_fractions"]), data["seed"])
 
 

@@ -78,9 +78,14 @@ def manifest_sha256(manifest: dict) -> str:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        tmp.write(data)
-        tmp.flush()
-        os.fsync(tmp.fileno())
+        try:
+            tmp.write(data)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        except BaseException:  # a full disk or Ctrl-C: no temp file left behind
+            tmp.close()
+            os.unlink(tmp.name)
+            raise
     os.replace(tmp.name, path)
 
 
@@ -117,7 +122,10 @@ def verified_sha256(shard: Path, metadata: dict[str, str]) -> str | None:
     if not (shard.is_file() and sidecar(shard).is_file()):
         return None
     digest = sha256_file(shard)
-    if sidecar(shard).read_text().split()[:1] != [digest]:
+    try:
+        if sidecar(shard).read_text().split()[:1] != [digest]:
+            return None
+    except (UnicodeDecodeError, OSError):  # a damaged sidecar: the shard is rebuilt
         return None
     try:
         return digest if _header(shard).get("__metadata__") == metadata else None
@@ -281,6 +289,8 @@ class CaptureStore:
     def _shard_of(self, split: str, sequence: int) -> tuple[Path, int]:
         if split not in self.manifest["splits"]:
             raise KeyError(f"split {split!r} is not in this capture; it has {self.splits}")
+        if sequence < 0:
+            raise IndexError(f"sequence {sequence} is out of range: sequences count from 0")
         start = 0
         for shard in self.manifest["splits"][split]["shards"]:
             if sequence < start + shard["sequences"]:
@@ -297,6 +307,9 @@ class CaptureStore:
 
         if layer not in self.layers:
             raise KeyError(f"layer {layer} was not captured; captured layers: {self.layers}")
+        kv_heads = self.architecture["num_kv_heads"]
+        if kv_head is not None and not 0 <= kv_head < kv_heads:
+            raise IndexError(f"kv_head {kv_head} is out of range: this capture has {kv_heads} KV heads")
         file, row = self._shard_of(split, sequence)
         groups = self.architecture["num_heads"] // self.architecture["num_kv_heads"]
         try:

@@ -56,9 +56,17 @@ def text_file_identity(path: str | Path) -> dict:
     return {"name": path.name, "sha256": sha256_file(path)}
 
 
-def text_file_documents(path: str | Path) -> list[Document]:
+def text_file_documents(path: str | Path, sha256: str | None = None) -> list[Document]:
+    """The file's documents (separated by blank lines); with `sha256`, only if its bytes still hash to it
+    (the capture's identity was taken before the model loaded, which can take minutes)."""
     path = Path(path)
-    chunks = [c.strip() for c in path.read_text(encoding="utf-8").split("\n\n")]
+    data = path.read_bytes()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise ValueError(
+            f"data.path={str(path)!r} changed while the capture started (sha256 {sha256[:16]}… when the "
+            "capture was named); run it again"
+        )
+    chunks = [c.strip() for c in data.decode("utf-8").split("\n\n")]
     return [Document(f"{path.name}#{i}", c) for i, c in enumerate(chunks) if c]
 
 
