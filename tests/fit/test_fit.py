@@ -58,7 +58,7 @@ def test_reconstruct_keeps_norms_and_codes_of_the_codec():
     )
 
 
-def test_soft_attention_objective_gradient_matches_finite_differences_of_its_loss():
+def test_every_objectives_gradient_matches_finite_differences_of_its_loss():
     from tqlab.rotation import SO8Butterfly
 
     g = torch.Generator().manual_seed(0)
@@ -74,10 +74,17 @@ def test_soft_attention_objective_gradient_matches_finite_differences_of_its_los
     v = torch.randn(24, 16, generator=g, dtype=torch.float64)
     params = codec.rotation.generator_params
     direction = torch.randn(params.shape, generator=g, dtype=torch.float64)
-    for loss_fn in (
+    mean = torch.randn(16, generator=g, dtype=torch.float64)
+    for loss_fn in (  # every objective on each side; a sliding window; codes around a mean (codec.center)
         lambda: key_loss("attention", codec, q, k, 0.25, temperature=0.5),
         lambda: key_loss("logits", codec, q, k, 0.25, temperature=0.5),
+        lambda: key_loss("mse", codec, q, k, 0.25),
+        lambda: key_loss("mse", codec, q, k, 0.25, mean=mean),
+        lambda: key_loss("attention", codec, q, k, 0.25, window=5, temperature=0.5, mean=mean),
         lambda: value_loss("attention", codec, q, k, v, 0.25, temperature=0.5),
+        lambda: value_loss("logits", codec, q, k, v, 0.25, temperature=0.5),
+        lambda: value_loss("mse", codec, q, k, v, 0.25),
+        lambda: value_loss("attention", codec, q, k, v, 0.25, window=5, temperature=0.5, mean=mean),
     ):
         params.grad = None
         loss_fn().backward()
