@@ -38,3 +38,23 @@ def test_a_model_changed_after_configuration_is_refused_naming_both(tmp_path, ti
         CaptureError, match=r"changed after the capture was configured: files_sha256 was \w+, is \w+"
     ):
         run_capture(spec, tmp_path / "captures", progress=False)
+
+
+def test_a_hub_model_is_named_by_its_config_and_the_snapshot_it_resolved_to(tmp_path, monkeypatch):
+    import transformers.utils
+
+    from tqlab.capture.models import model_identity
+
+    def cached_file(repo, name):  # the hub cache's layout: models--org--name/snapshots/<commit>/<file>
+        path = tmp_path / "models--org--m" / "snapshots" / revision / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text('{"model_type": "llama"}')
+        return str(path)
+
+    monkeypatch.setattr(transformers.utils, "cached_file", cached_file)
+    revision = "0123abcd"
+    first = model_identity("org/m")
+    revision = "4567ef01"  # new weights under the same config.json
+    second = model_identity("org/m")
+    assert first["config_sha256"] == second["config_sha256"]
+    assert (first["revision"], second["revision"]) == ("0123abcd", "4567ef01")

@@ -241,7 +241,8 @@ def _folder_sha256(path: Path, stats: tuple) -> str:
 def model_identity(name_or_path: str) -> dict:
     """How captures name a model: by what is there, never by an absolute path. An offline key stands for
     itself (its package pins the GGUF); a local folder is its name and one sha256 over all its files (config,
-    tokenizer, weights); a hub id is itself and the sha256 of the config.json it resolves to."""
+    tokenizer, weights); a hub id is itself, the sha256 of the config.json it resolves to and the snapshot
+    (commit) that file came from, which pins the weights and tokenizer beside it."""
     if name_or_path in OFFLINE_MODELS:
         return {"name": name_or_path}
     path = Path(name_or_path)
@@ -255,7 +256,11 @@ def model_identity(name_or_path: str) -> dict:
         config = cached_file(name_or_path, "config.json")
     except OSError as err:
         raise _not_found(name_or_path, err) from err
-    return {"name": name_or_path, "config_sha256": sha256_file(Path(config))}
+    config = Path(config)
+    revision = (
+        config.parent.name if config.parent.parent.name == "snapshots" else None
+    )  # the hub cache's layout
+    return {"name": name_or_path, "config_sha256": sha256_file(config), "revision": revision}
 
 
 def load_model(
