@@ -16,21 +16,25 @@ import torch
 from torch import nn
 
 from ..rotation import Rotation
-from .codes import Code, buffer_nbytes, check_input
+from .codes import Code, buffer_nbytes, check_input, check_underflow
 from .mse import build_rotation
 from .packing import pack_bits, unpack_bits
 
 _SCALE_DTYPE = torch.float16
 
 
-def _stored(values: torch.Tensor, codec: str) -> torch.Tensor:
+def _stored(values: torch.Tensor, codec: str, scale: bool = True) -> torch.Tensor:
     """Scales and zero points as stored (fp16); refused when a block's value overflows fp16, which would
-    decode to NaN or Inf."""
+    decode to NaN or Inf, or a non-zero scale underflows it, which would decode the block as its zero point."""
     stored = values.to(_SCALE_DTYPE)
     if not torch.isfinite(stored).all():
         raise ValueError(
             f"{codec}: a block's scale or zero point ({values.abs().max().item():.3g}) overflows its fp16 storage "
             f"(largest {torch.finfo(_SCALE_DTYPE).max:.0f}); inputs this large cannot be stored in this format"
+        )
+    if scale:
+        check_underflow(
+            values, stored, "a block's scale", codec, "inputs this small cannot be stored in this format"
         )
     return stored
 
@@ -152,7 +156,7 @@ class KIVI(_Baseline):
             if pad:
                 x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], dim=-1)
         g = x.reshape(*x.shape[:-1], -1, self.group)
-        lo = _stored(g.amin(-1), "kivi")
+        lo = _stored(g.amin(-1), "kivi", scale=False)
         scales = _stored((g.amax(-1) - lo.float()) / (2**self.bits - 1), "kivi")
         s = scales.float().unsqueeze(-1)
         q = torch.where(s > 0, (g - lo.float().unsqueeze(-1)) / s, torch.zeros_like(g))

@@ -140,7 +140,22 @@ def store_norms(norms: torch.Tensor, dtype: torch.dtype, codec: str) -> torch.Te
         raise ValueError(
             f"{codec}: a vector norm ({norms.max().item():.4g}) overflows norm_dtype={dtype}; {advice}"
         )
+    advice = "use norm_dtype=torch.float32" if dtype != torch.float32 else "scale the vectors up"
+    check_underflow(norms, stored, "a vector norm", codec, advice)
     return stored
+
+
+def check_underflow(values: torch.Tensor, stored: torch.Tensor, what: str, codec: str, advice: str) -> None:
+    """Refuse values so small that their storage dtype keeps fewer than 8 significant bits of them (fp16
+    subnormals, or 0): the vector or block would decode with a scale off by percents, or as zeros."""
+    values = values.float()
+    lost = (stored.float() - values).abs() > values.abs() * 2**-8
+    if lost.any():
+        smallest = values[lost].abs().min().item()
+        raise ValueError(
+            f"{codec}: {what} ({smallest:.3g}) underflows its {stored.dtype} storage (smallest normal "
+            f"{torch.finfo(stored.dtype).tiny:.3g}); {advice}"
+        )
 
 
 def buffer_nbytes(module: torch.nn.Module) -> int:

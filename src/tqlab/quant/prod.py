@@ -51,6 +51,11 @@ class TurboQuantProd(nn.Module):
                 f"bits={bits!r} is not allowed for TurboQuantProd: it takes an integer in 2..{MAX_BITS} "
                 "(one bit goes to the QJL sketch, the rest to Stage 1)"
             )
+        rescaled = sorted(k for k in ("norm_correction", "unbiased") if k in rotation_options)
+        if rescaled:  # Stage 2 corrects Stage 1's raw centroids; a rescaled Stage 1 would bias the scores
+            raise ValueError(
+                f"TurboQuantProd takes no {rescaled}: its QJL stage already makes scores unbiased"
+            )
         qjl_dim = dim if qjl_dim is None else qjl_dim
         if not isinstance(qjl_dim, int) or qjl_dim < 1:
             raise ValueError(f"qjl_dim={qjl_dim!r} must be a positive integer (default: dim)")

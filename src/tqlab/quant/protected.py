@@ -118,7 +118,13 @@ class ProtectedChannels(nn.Module):
         self._check_calibrated()
         x = check_input(x, self.dim, self.basis.device, "ProtectedChannels")
         tiers = self._tiers(x)
-        residual = ((x - self._tiers_decoded(tiers)) @ self.basis).to(torch.float16)
+        coefficients = (x - self._tiers_decoded(tiers)) @ self.basis
+        residual = coefficients.to(torch.float16)
+        if not torch.isfinite(residual).all():
+            raise ValueError(
+                f"ProtectedChannels: a residual coefficient ({coefficients.abs().max().item():.4g}) overflows "
+                "its float16 storage; scale the vectors down or use rank=0"
+            )
         return ProtectedCode(tuple(x.shape[:-1]), self.dim, *tiers, residual)
 
     def dequantize(self, code: ProtectedCode) -> torch.Tensor:

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..rotation import Rotation
 from ..rotation.eigen import eigenbasis
-from .codes import Code, buffer_nbytes, check_input, row_norms, store_norms
+from .codes import Code, buffer_nbytes, check_input, check_norm_dtype, row_norms, store_norms
 from .gaussian import MAX_BITS, allocate_bits, gaussian_lloyd_max
 from .mse import count_below
 from .packing import pack_fields, unpack_fields
@@ -61,7 +61,7 @@ class TransformCoder(nn.Module):
         if scale not in SCALES:
             raise ValueError(f"scale={scale!r} is not one of {SCALES}")
         self.dim, self.bits, self.budget = dim, bits, int(round(budget))
-        self.scale, self.norm_dtype = scale, norm_dtype
+        self.scale, self.norm_dtype = scale, check_norm_dtype(norm_dtype, "TransformCoder")
         # V, set by calibrate; a Rotation, so that the cache's attention sums values in its domain
         self.rotation = EigenBasis(dim)
         self.register_buffer("std", torch.zeros(dim))  # all zero until calibrated
@@ -79,7 +79,7 @@ class TransformCoder(nn.Module):
         if self.scale == "norm":
             self.typical_norm = norms.pow(2).mean().sqrt().float()
             x = x * (self.typical_norm.double() / norms.clamp_min(1e-300))
-        evals, evecs = eigenbasis(x)
+        evals, evecs = eigenbasis(x, self.dim)
         evals = evals.clamp_min(0.0)
         widths = allocate_bits(evals.cpu().numpy(), self.budget)
         self.rotation.vectors = evecs.float().to(self.std.device)

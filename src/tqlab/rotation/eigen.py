@@ -18,9 +18,16 @@ from .hadamard import FastHadamard
 BASES = ("key", "query")
 
 
-def eigenbasis(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(eigenvalues, eigenvectors as columns) of the second moment of x [n, d], float64, largest first."""
+def eigenbasis(x: torch.Tensor, dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eigenvalues, eigenvectors as columns) of the second moment of x [n, d], float64, largest first;
+    refused (naming why) for vectors of another `dim`, none at all, or NaN/Inf among them."""
+    if x.ndim == 0 or (dim is not None and x.shape[-1] != dim):
+        raise ValueError(f"an eigenbasis of dim={dim} needs vectors [..., {dim}]; got shape {tuple(x.shape)}")
     x = x.reshape(-1, x.shape[-1]).double()
+    if len(x) == 0:
+        raise ValueError("an eigenbasis needs at least one vector; got none")
+    if not torch.isfinite(x).all():
+        raise ValueError("an eigenbasis needs finite vectors; got NaN or Inf")
     evals, evecs = torch.linalg.eigh(x.T @ x / len(x))
     return evals.flip(0), evecs.flip(1)
 
@@ -37,7 +44,7 @@ class EigenHadamard(Rotation):
     def fit(self, x: torch.Tensor) -> torch.Tensor:
         """Set U from vectors x [n, dim] (keys as the codec sees them, or queries for basis="query");
         returns the eigenvalues, largest first."""
-        evals, evecs = eigenbasis(x)
+        evals, evecs = eigenbasis(x, self.dim)
         self.eigenvectors = evecs.float().to(self.eigenvectors.device)
         return evals
 

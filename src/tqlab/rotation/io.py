@@ -7,7 +7,11 @@ import os
 import tempfile
 from pathlib import Path
 
+import torch
+
 from . import Rotation, make_rotation
+
+ORTHOGONALITY_TOLERANCE = 1e-4  # fp32 rotations rebuilt from their parameters: ~1e-6 at d = 256
 
 
 def save_rotations(path: str | Path, rotations: dict[str, Rotation], facts: dict) -> None:
@@ -47,12 +51,27 @@ def load_rotations(path: str | Path) -> tuple[dict[str, Rotation], dict]:
         raise ValueError(
             f"{path} is not a readable tqlab rotation file ({err}); re-run train.py to recreate it"
         ) from err
+    missing = [k for k in ("units", "rotation", "dim") if k not in facts]
+    if missing:
+        raise ValueError(f"{path} lacks the facts {missing} that rebuild its rotations; re-run train.py")
+    foreign = sorted({k.split(".")[0] for k in tensors} - set(facts["units"]))
+    if foreign:
+        raise ValueError(f"{path} holds tensors of units {foreign[:4]} that its facts do not list")
     rotations = {}
     for unit in facts["units"]:  # a per-layer selection records each unit's own options (e.g. its view)
         options = {**facts.get("rotation_options", {}), **facts.get("unit_options", {}).get(unit, {})}
         rot = make_rotation(facts["rotation"], facts["dim"], **options)
         prefix = f"{unit}."
-        rot.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+        try:
+            rot.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+        except RuntimeError as err:
+            raise ValueError(f"{path}: unit {unit}'s tensors do not rebuild its rotation ({err})") from err
+        m = rot.matrix().double()
+        error = (m @ m.T - torch.eye(rot.dim, dtype=torch.float64)).abs().max().item()
+        if not error <= ORTHOGONALITY_TOLERANCE:  # NaN fails too
+            raise ValueError(
+                f"{path}: unit {unit} is not a rotation (|R Rᵀ − I| = {error:.3g}); re-run train.py"
+            )
         rotations[unit] = rot
     return rotations, facts
 
