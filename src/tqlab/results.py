@@ -15,7 +15,7 @@ from pathlib import Path
 
 CONFIG_COLUMNS = (
     "task", "protocol", "model", "data", "capture", "codec", "kv", "k_bits", "v_bits", "k_rotation", "v_rotation", "view",
-    "options", "rotations_from", "fit", "fit_seed", "seed",
+    "options", "rotations_from", "fit", "fit_seed", "fit_config", "seed",
 )  # fmt: skip
 # what one row measures, per task: rows of two configurations pair up on these
 BLOCK_COLUMNS = {

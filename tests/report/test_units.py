@@ -264,3 +264,21 @@ def test_pareto_front_is_the_set_of_non_dominated_points_found_by_brute_force():
 
             brute = sorted({p for p in points if not dominated(p)})
             assert sorted(set(_pareto(points, higher_better))) == brute
+
+
+def test_a_configuration_is_drawn_against_the_reference_that_differs_only_in_its_rotation(tmp_path):
+    from tqlab.report.collect import collect, group_seeds
+
+    values = {m: np.full((LAYERS, HEADS, WINDOWS), 0.9) for m in METRICS}
+    for center in (False, True):
+        for rotation in ("random_haar", "fast_hadamard"):
+            options = json.dumps({"center": center})
+            columns = _columns("key+value", 2, 2, rotation, rotation, 0, options=options)
+            write_eval(tmp_path / "sweep" / f"{rotation}-{center}", columns, values)
+    configs = group_seeds(collect(tmp_path / "sweep")[0])
+    for conf in configs:
+        ref = build.reference_for(conf, configs, "random_haar")
+        if conf.evals[0].columns["k_rotation"] == "random_haar":
+            assert ref is None  # the reference is not drawn against itself, centered or not
+        else:
+            assert ref.evals[0].columns["options"] == conf.evals[0].columns["options"]  # same centering

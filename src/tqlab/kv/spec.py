@@ -10,12 +10,18 @@ describe exactly what the builder builds. Torch-free.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import struct
 from pathlib import Path
 
 from .. import registry
 from ..registry import RuleError
+
+# train-config keys that cannot change a fit's rotations (its seed is reported apart)
+_NOT_A_FIT_SETTING = {
+    "seed", "hydra", "logger", "progress", "output_dir", "results_root", "resume", "optimized_metric",
+}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,8 +34,6 @@ class FittedRotations:
 
     @classmethod
     def read(cls, path: str | Path) -> FittedRotations:
-        import hashlib
-
         path = Path(path)
         try:
             raw = path.read_bytes()
@@ -54,6 +58,17 @@ class FittedRotations:
     @property
     def seed(self) -> int | None:
         return (self.facts.get("config") or {}).get("seed")
+
+    @property
+    def config_hash(self) -> str | None:
+        """A short hash of the train run's configuration but its seed and what cannot change a fit (logging,
+        paths): fits that differ in anything else (learning rate, epochs, data, ...) are never one
+        configuration's seeds in a report."""
+        config = self.facts.get("config")
+        if config is None:
+            return None
+        kept = {k: v for k, v in config.items() if k not in _NOT_A_FIT_SETTING}
+        return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     @property
     def model(self) -> str | None:
@@ -294,6 +309,7 @@ class KVQuantSpec:
             "rotations_from": artefact.path if artefact else None,
             "fit": artefact.fit if artefact else None,
             "fit_seed": artefact.seed if artefact else None,
+            "fit_config": artefact.config_hash if artefact else None,
             "seed": self.seed,
         }
 

@@ -250,6 +250,9 @@ def figures(
             pts.append((x, y))
             style = {"color": colours[conf.label], "marker": markers[conf.setting], "gid": conf.label}
             ax.scatter(x, y, s=40, label=_tag(conf), **style)
+        if not pts:  # no configuration stores bytes (generation rows): no trade-off to draw
+            plt.close(fig)
+            continue
         ax.margins(x=0.1, y=0.1)
         front = _pareto(pts, higher_is_better(metric))
         ax.plot(*zip(*front, strict=True), "k--", lw=1, marker="o", mfc="none", ms=13, label="Pareto front")
@@ -275,16 +278,20 @@ def figures(
         paths.append(_save(fig, out / f"per_layer_{metric}.png"))
 
     fig, ax = plt.subplots(figsize=(11, 4.5))
-    for label in sorted({c.label for c in configs}):
+    kv_modes = sorted({c.setting[0] for c in configs})
+    for label, kv in sorted({(c.label, c.setting[0]) for c in configs}):
+        # one line per configuration and kv mode (key-only and full-KV bits are different axes), dashed by mode
+        linestyle = ["-", "--", ":", "-."][kv_modes.index(kv) % 4]
         group = sorted(
             (
                 (c.setting[1] if c.setting[1] is not None else c.setting[2], c)
                 for c in configs
-                if c.label == label
+                if (c.label, c.setting[0]) == (label, kv)
             ),
             key=lambda p: p[0],
         )
         seeds = [describe(_seed_means(c, metric)) for _, c in group]
+        name = label if len(kv_modes) == 1 else f"{label}, kv={kv}"
         ax.errorbar(
             [bits for bits, _ in group],
             [s["mean"] for s in seeds],
@@ -292,7 +299,8 @@ def figures(
             marker="o",
             capsize=3,
             color=colours[label],
-            label=label,
+            linestyle=linestyle,
+            label=name,
             gid=label,
         )
     _finish_axes(
@@ -306,17 +314,10 @@ def figures(
 
     by, diffs = UNITS[unit][0], []
     for conf in configs:
-        refs = [
-            r
-            for r in configs
-            if r is not conf
-            and r.setting == conf.setting
-            and r.evals[0].columns["codec"] == conf.evals[0].columns["codec"]
-            and set(r.evals[0].rotations.values()) == {reference}
-        ]
-        if refs:
-            blocks = _common_blocks([refs[0], conf])
-            a, b = (_unit_values(c, metric, by, blocks) for c in (refs[0], conf))
+        ref = reference_for(conf, configs, reference)
+        if ref is not None:
+            blocks = _common_blocks([ref, conf])
+            a, b = (_unit_values(c, metric, by, blocks) for c in (ref, conf))
             units = sorted(a, key=str)
             diffs.append((conf, paired_difference([a[u] for u in units], [b[u] for u in units])))
     if diffs:
@@ -360,6 +361,45 @@ def _save(fig, path: Path) -> Path:
 
     plt.close(fig)
     return path
+
+
+# what may differ between a configuration and the reference it is drawn against: the rotation and its runs
+_ROTATION_COLUMNS = {
+    "k_rotation", "v_rotation", "view", "options", "rotations_from", "fit", "fit_seed", "fit_config", "seed",
+}  # fmt: skip
+
+
+def _codec_options(columns: dict) -> str:
+    """The codec's own options among the `options` column's (which holds the rotation's too)."""
+    from ..registry import CODECS
+
+    try:
+        options = json.loads(columns.get("options") or "{}")
+        names = CODECS[columns["codec"]].options
+    except (KeyError, TypeError, ValueError):  # codecs per side: compare every option
+        return str(columns.get("options"))
+    return json.dumps({k: v for k, v in options.items() if k in names}, sort_keys=True)
+
+
+def _same_but_rotation(a: Configuration, b: Configuration) -> bool:
+    """Whether two configurations differ in nothing but their rotations (codec, its options, bits, cache
+    layout, protocol, model and data all equal)."""
+    ca, cb = a.evals[0].columns, b.evals[0].columns
+    keys = (set(ca) | set(cb)) - _ROTATION_COLUMNS
+    return all(ca.get(k) == cb.get(k) for k in keys) and _codec_options(ca) == _codec_options(cb)
+
+
+def reference_for(conf: Configuration, configs: list[Configuration], reference: str) -> Configuration | None:
+    """The configuration that differs from `conf` only in using the `reference` rotation (None if none, or
+    if `conf` is one)."""
+    if set(conf.evals[0].rotations.values()) == {reference}:
+        return None
+    refs = [
+        r
+        for r in configs
+        if set(r.evals[0].rotations.values()) == {reference} and _same_but_rotation(r, conf)
+    ]
+    return refs[0] if refs else None
 
 
 def build_report(

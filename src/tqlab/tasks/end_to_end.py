@@ -105,7 +105,6 @@ def run(cfg: DictConfig, sections: dict, results) -> None:
                 {
                     **columns,
                     "document": title,
-                    "prompt": 0,
                     "divergence": out["divergence"],
                     "agreement": out["agreement"],
                 }
