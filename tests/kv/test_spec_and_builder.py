@@ -240,3 +240,24 @@ def test_head_dim_and_seed_of_the_wrong_kind_are_refused_by_the_python_api():
     for seed in (-7, 2**40):
         with pytest.raises(RuleError, match=f"seed={seed} must be an integer in 0..2\\^32 − 1"):
             KVQuantSpec.create("turboquant_mse", 3, "random_haar", seed=seed)
+
+
+def test_fits_differing_in_a_setting_are_other_configurations_and_in_their_seed_the_same(tmp_path):
+    from tqlab.kv.spec import FittedRotations
+    from tqlab.rotation import make_rotation
+    from tqlab.rotation.io import save_rotations
+
+    def fitted(name, **config):
+        path = tmp_path / f"{name}.safetensors"
+        facts = {
+            "rotation": "block_so8_learned",
+            "dim": 16,
+            "config": {"fit": {"lr": 0.01}, "seed": 0, **config},
+        }
+        save_rotations(path, {"key_layer0": make_rotation("block_so8_learned", 16)}, facts)
+        return FittedRotations.read(path)
+
+    base = fitted("base")
+    assert fitted("seed1", seed=1).config_hash == base.config_hash  # one configuration, another seed
+    assert fitted("logged", logger="csv", results_root="/elsewhere").config_hash == base.config_hash
+    assert fitted("lr", fit={"lr": 0.2}).config_hash != base.config_hash
