@@ -409,8 +409,14 @@ def test_the_results_folder_depends_on_what_changes_the_numbers_and_nothing_else
         ["model.device=cuda"],
         ["progress=true"],
         ["logger=csv"],
+        ["bits=3.0"],
     ):
         assert fingerprint(cfg("eval", tmp_path, *same)) == base, same
+    # end to end, the device picks the kernels (Triton on CUDA), which change the numbers
+    perplexity = ("task=perplexity", "data=wiki")
+    assert fingerprint(cfg("eval", tmp_path, *perplexity, "model.device=cuda")) != fingerprint(
+        cfg("eval", tmp_path, *perplexity)
+    )
     for other in (
         ["bits=2"],
         ["eval.top_k=4"],

@@ -55,12 +55,16 @@ def fingerprint(cfg: DictConfig, extra: dict | None = None) -> str:
     for section in _TASK_SECTIONS - _READS.get(conf.get("task"), set()):
         conf.pop(section, None)
     conf.get("store", {}).pop("root", None)
-    conf.get("model", {}).pop("device", None)
+    if conf.get("task") == "eval":  # blocks replayed on the CPU; end-to-end tasks run other kernels on a GPU
+        conf.get("model", {}).pop("device", None)
     conf.get("eval", {}).pop("batch_size", None)
     conf["trainer"] = {k: v for k, v in conf.get("trainer", {}).items() if k not in _TRAINER_PLACEMENT}
     for key in _UNSET_NOT_FINGERPRINTED:
         if conf.get(key) is None:
             conf.pop(key, None)
+    for key in ("bits", "k_bits", "v_bits"):  # bits=3.0 is bits=3
+        if isinstance(conf.get(key), float) and conf[key].is_integer():
+            conf[key] = int(conf[key])
     conf["extra"] = extra or {}
     inputs = input_identities(cfg)
     if inputs:  # absent otherwise, so that runs on named models and data keep their fingerprints
@@ -69,8 +73,9 @@ def fingerprint(cfg: DictConfig, extra: dict | None = None) -> str:
 
 
 def input_identities(cfg: DictConfig) -> dict:
-    """What a run reads that its configuration names only by a path: a text file (`data=text_file`) and a local
-    model folder, by content, so that a run over an edited file is a new run, not the old one's results."""
+    """What a run reads that its configuration names only by a path or a hub id: a text file (`data=text_file`)
+    and a local model folder, by content, and a hub model by the snapshot it resolves to, so that a run over
+    an edited file or new weights is a new run, not the old one's results."""
     from .capture.models import OFFLINE_MODELS, model_identity
     from .capture.text import text_file_identity
 
@@ -81,7 +86,7 @@ def input_identities(cfg: DictConfig) -> dict:
     if data.get("source") == "text_file":
         out["text_file"] = text_file_identity(data["path"])
     name = model.get("name_or_path")
-    if name and name not in OFFLINE_MODELS and Path(name).is_dir():  # an offline key names its package
+    if name and name not in OFFLINE_MODELS:  # an offline key names its package; a hub id its snapshot
         out["model"] = model_identity(name)
     return out
 

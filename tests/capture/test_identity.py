@@ -58,3 +58,23 @@ def test_a_hub_model_is_named_by_its_config_and_the_snapshot_it_resolved_to(tmp_
     second = model_identity("org/m")
     assert first["config_sha256"] == second["config_sha256"]
     assert (first["revision"], second["revision"]) == ("0123abcd", "4567ef01")
+
+
+def test_a_run_on_a_hub_model_is_named_by_the_snapshot_it_reads(tmp_path, monkeypatch):
+    import transformers.utils
+    from omegaconf import OmegaConf
+
+    from tqlab.runs import input_identities
+
+    def cached_file(repo, name):
+        path = tmp_path / "models--org--m" / "snapshots" / revision / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}")
+        return str(path)
+
+    monkeypatch.setattr(transformers.utils, "cached_file", cached_file)
+    cfg = OmegaConf.create({"data": {"source": "wiki"}, "model": {"name_or_path": "org/m"}})
+    revision = "0123abcd"
+    first = input_identities(cfg)
+    revision = "4567ef01"
+    assert input_identities(cfg) != first  # new weights: a new run, not the old one's results
