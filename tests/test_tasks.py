@@ -269,6 +269,8 @@ def test_the_printed_eval_command_names_the_model_and_data_a_fit_read():
     assert qwen[2:] == ["model=qwen2_5_coder_1_5b"]
     hub = printed("model=hf", "model.name_or_path=org/m", "data=text_file", "data.path=/d/t.txt", choices={})
     assert hub[2:] == ["model.name_or_path=org/m", "data=text_file", "data.path=/d/t.txt"]
+    layers = printed("store.layers=[0,29]", choices={"model": "smollm2_135m", "data": "wiki"})
+    assert layers[2:] == ["store.layers=[0,29]"]
 
 
 def test_fixed_rotations_have_nothing_to_train(tmp_path):
@@ -379,6 +381,7 @@ def key_rotations(tmp_path_factory):
         (["codec=kivi", "rotation=identity", "bits=2"], "codec=kivi takes no rotation"),
         (["codec=turboquant_prod", "bits=2"], "were fitted for codec=turboquant_mse"),
         (["kv=value_only", "bits=2"], r"fitted \['key'\] rotations but kv.compress=\['value'\]"),
+        (["bits=2", "store.layers=[0,5]"], r"store.layers=\[0, 5\] includes layers \[5\] that rotations="),
     ],
 )
 def test_fitted_rotations_under_other_settings_are_refused_before_compute(

@@ -290,6 +290,14 @@ def run_sections(cfg: DictConfig) -> dict:
             )
         sections["end_to_end"] = end_to_end_section(cfg)
         sections["cache"] = cache_section(cfg)
+    fitted = next((s.rotation.fitted for s in sections["spec"].sides().values() if s.rotation.fitted), None)
+    layers = sections["store"].get("layers")
+    fit_layers = fitted.facts.get("layers") if fitted is not None else None
+    if layers is not None and fit_layers is not None and not set(layers) <= set(fit_layers):
+        raise ConfigError(
+            f"store.layers={layers} includes layers {sorted(set(layers) - set(fit_layers))} that "
+            f"rotations={cfg.rotations} has no rotations for; it was fitted on layers {fit_layers}"
+        )
     if cfg.task == "train" and any(
         not registry.codec_rule(s.codec.name).trainable for s in sections["spec"].sides().values()
     ):

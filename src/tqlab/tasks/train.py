@@ -99,6 +99,8 @@ def _eval_overrides(cfg: DictConfig, choices: dict | None = None) -> str:
         parts.append(f"model={model}")
     if model == "hf" or (model is None and cfg.model.name_or_path != "smollm2-135m"):
         parts.append(f"model.name_or_path={cfg.model.name_or_path}")
+    if cfg.store.get("layers") is not None:  # the fitted layers only
+        parts.append(f"store.layers=[{','.join(map(str, cfg.store.layers))}]")
     data = choices.get("data") or cfg.data.source
     if data != "wiki":
         parts.append(f"data={data}")
