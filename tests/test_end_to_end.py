@@ -71,10 +71,14 @@ def test_needle_and_generation_rows(tmp_path, smollm2):
     assert rows[0]["found"] in (0, 1) and rows[0]["found_reference"] in (0, 1)
     assert rows[0]["cache_bytes_per_token"] == 30 * 3 * 2 * (64 * 4 // 8 + 2)  # every token coded at 4 bits
     assert rows[0]["reference_bytes_per_token"] == 30 * 3 * 2 * 64 * 4
-    summary, rows = run(tmp_path, "task=generate")
+    summary, rows = run(tmp_path, "task=generate", "logger=csv")
     assert len(rows) == 1 and 0 <= rows[0]["divergence"] <= 4
     assert rows[0]["agreement"] == rows[0]["divergence"] / 4
-    assert json.loads(json.dumps(summary))["overall"]["agreement"] == rows[0]["agreement"]
+    assert json.loads(json.dumps(summary))["overall"].keys() == {"divergence", "agreement"}
+    assert summary["overall"]["agreement"] == rows[0]["agreement"]
+    (logged,) = (tmp_path / "out").rglob("metrics.csv")  # the CSV logger holds the run's overall metrics
+    header, values = logged.read_text().splitlines()[:2]
+    assert float(values.split(",")[header.split(",").index("agreement")]) == rows[0]["agreement"]
 
 
 def test_sinks_and_the_recent_window_are_kept_exact_and_counted(tmp_path, smollm2):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -122,6 +123,19 @@ def _loggers(cfg: DictConfig, out: Path, tags: list[str]):
     for lg in loggers:
         lg.log_hyperparams(config)
     return loggers
+
+
+def log_results(loggers, rows: list[dict], overall: dict, metrics_logged: bool = False) -> None:
+    """The results to the run's loggers: W&B gets the rows as a table and the overall means as its summary;
+    the others the overall means as metrics, unless the Lightning module logged them (`metrics_logged`)."""
+    finite = {k: v for k, v in overall.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    for lg in loggers:
+        if type(lg).__name__ == "WandbLogger":
+            lg.log_table(key="results", columns=list(rows[0]), data=[[r[c] for c in rows[0]] for r in rows])
+            lg.experiment.summary.update(finite)
+        elif not metrics_logged:
+            lg.log_metrics(finite)
+            lg.save()
 
 
 def _finish(loggers) -> None:

@@ -30,8 +30,8 @@ def _test_documents(sections: dict, tokenizer, limit: int) -> list[tuple[str, li
     return [(d.title, start + tokenizer(d.text, add_special_tokens=False)["input_ids"]) for d in docs]
 
 
-def run(cfg: DictConfig, sections: dict, results) -> None:
-    """Run the end-to-end task of `cfg` into the claimed results folder."""
+def run(cfg: DictConfig, sections: dict, results, loggers=()) -> None:
+    """Run the end-to-end task of `cfg` into the claimed results folder, and log its results."""
     import torch
     from tqdm import tqdm
 
@@ -164,4 +164,5 @@ def run(cfg: DictConfig, sections: dict, results) -> None:
             ]
             for name in per_layer[0]
         }
-    write_results(results, rows, summary, task=cfg.task)
+    written = write_results(results, rows, summary, task=cfg.task)
+    common.log_results(loggers, rows, written["overall"])

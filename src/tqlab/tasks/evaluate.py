@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 
 from omegaconf import DictConfig
 
@@ -28,7 +27,7 @@ def evaluate(cfg: DictConfig) -> common.Outcome:
         elif loggers is not None:
             from .end_to_end import run
 
-            run(cfg, sections, results)
+            run(cfg, sections, results, loggers)
     summary = (
         json.loads((results / "summary.json").read_text()) if (results / "summary.json").is_file() else {}
     )
@@ -88,7 +87,4 @@ def _test(cfg, sections, results, loggers) -> None:
     summary = write_results(
         results, rows, {"overall": overall, "undefined": undefined, "columns": columns, "blocks": len(rows)}
     )
-    for lg in loggers:
-        if type(lg).__name__ == "WandbLogger":
-            lg.log_table(key="results", columns=list(rows[0]), data=[[r[c] for c in rows[0]] for r in rows])
-            lg.experiment.summary.update({k: v for k, v in summary["overall"].items() if not math.isnan(v)})
+    common.log_results(loggers, rows, summary["overall"], metrics_logged=True)
