@@ -149,3 +149,15 @@ def test_pairs_of_fewer_than_two_units_have_no_p_and_stay_out_of_holm():
     many = [conf(c, [float(i % 2 == k) for i in range(8)], docs) for k, c in enumerate("ab")]
     _, (record,) = paired_tables(many, ["found"], "document")
     assert record["n"] == 8 and record["p"] == record["p_holm"]  # one testable pair: Holm leaves it
+
+
+def test_a_report_mistake_prints_one_line_and_exits_2(sweep, capsys):
+    from tqlab.cli import run_app
+    from tqlab.tasks import report
+
+    cfg = report_cfg(sweep / "sweep", sweep / "bad_report", metrics=["output_cosin"])
+    with pytest.raises(SystemExit) as exit_:
+        run_app(report, cfg)
+    assert exit_.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: report.metrics has ['output_cosin'], which the results do not have")

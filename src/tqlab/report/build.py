@@ -429,6 +429,11 @@ def build_report(
             f"lack (e.g. {lacking[0]}): use the other unit, or leave unit unset to choose by task"
         )
     configs = group_seeds(evals)
+    rotations = sorted({r for c in configs for r in c.evals[0].rotations.values() if r})
+    if reference not in rotations:
+        log.warning(
+            "reference=%s is no rotation of these results (%s): no figure against it", reference, rotations
+        )
     colours = colour_map(c.label for c in configs)
     out.mkdir(parents=True, exist_ok=True)
     table, summary_records = summary_table(configs, metrics)

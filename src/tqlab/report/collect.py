@@ -7,11 +7,12 @@ import itertools
 import json
 from pathlib import Path
 
+from ..registry import RuleError
 from ..results import read_results
 
 
-class ReportError(ValueError):
-    pass
+class ReportError(RuleError):
+    """A report request the results cannot serve (the apps print it as one line and exit 2)."""
 
 
 @dataclasses.dataclass
