@@ -290,13 +290,21 @@ def test_a_data_aware_rotation_alone_is_saved_as_an_artefact_without_training(tm
     assert json.loads((out / "summary.json").read_text())["overall"]["output_cosine"] > 0.5
 
 
-def test_wandb_offline_runs_hold_the_metrics_and_config_after_other_runs_in_the_process(tmp_path):
+def test_wandb_offline_runs_hold_the_metrics_and_config_after_other_runs_in_the_process(
+    tmp_path, monkeypatch
+):
     # wandb reads WANDB_MODE once per process: a run started earlier (a report, a previous sweep job)
     # must not turn the next offline run into one that asks for an API key
     import wandb
 
+    home = tmp_path / "home"  # nothing of the runs' may land under the home directory
+    monkeypatch.setenv("HOME", str(home))
+    for var in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "XDG_CACHE_HOME", "XDG_DATA_HOME"):
+        monkeypatch.delenv(var, raising=False)
+
     wandb.init(project="tqlab", mode="offline", dir=str(tmp_path))
     wandb.finish()
+    before = set(home.rglob("*wandb*/**/*"))  # what that plain run left (W&B's own debug logs)
     for bits in (4, 3):
         c = cfg("eval", tmp_path, "logger=wandb", f"bits={bits}")
         c.output_dir = str(tmp_path / f"out{bits}")
@@ -307,6 +315,7 @@ def test_wandb_offline_runs_hold_the_metrics_and_config_after_other_runs_in_the_
         expected = json.loads((out / "summary.json").read_text())["overall"]
         assert summary["output_cosine"] == pytest.approx(expected["output_cosine"])
         assert summary["kv_bits_per_coordinate"] == pytest.approx(expected["kv_bits_per_coordinate"])
+    assert set(home.rglob("*wandb*/**/*")) == before
 
 
 def test_a_two_by_two_multirun_writes_four_jobs_and_a_rerun_skips_them(tmp_path):

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -104,6 +105,14 @@ def _loggers(cfg: DictConfig, out: Path, tags: list[str]):
         kwargs = {"save_dir": str(out)}
         if name == "wandb":
             Path(out, "wandb").mkdir(parents=True, exist_ok=True)
+            # W&B's artefact staging, cache and settings in this run's folder, not under the home directory
+            # (set per run: a serial sweep's next run gets its own)
+            for var, sub in (
+                ("WANDB_DATA_DIR", "data"),
+                ("WANDB_CACHE_DIR", "cache"),
+                ("WANDB_CONFIG_DIR", "config"),
+            ):
+                os.environ[var] = str(Path(out, "wandb", sub))
             # An explicit mode: Lightning's offline flag only sets WANDB_MODE, which wandb reads once per
             # process, so the second run of a serial sweep would otherwise try to log in.
             import wandb
