@@ -260,4 +260,5 @@ def test_fits_differing_in_a_setting_are_other_configurations_and_in_their_seed_
     base = fitted("base")
     assert fitted("seed1", seed=1).config_hash == base.config_hash  # one configuration, another seed
     assert fitted("logged", logger="csv", results_root="/elsewhere").config_hash == base.config_hash
+    assert fitted("stored", store={"root": "/captures"}).config_hash == fitted("s2", store={}).config_hash
     assert fitted("lr", fit={"lr": 0.2}).config_hash != base.config_hash

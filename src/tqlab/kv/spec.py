@@ -68,6 +68,8 @@ class FittedRotations:
         if config is None:
             return None
         kept = {k: v for k, v in config.items() if k not in _NOT_A_FIT_SETTING}
+        if isinstance(kept.get("store"), dict):  # where captures live is no setting either
+            kept["store"] = {k: v for k, v in kept["store"].items() if k != "root"}
         return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     @property
