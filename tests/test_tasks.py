@@ -304,7 +304,6 @@ def test_wandb_offline_runs_hold_the_metrics_and_config_after_other_runs_in_the_
 
     wandb.init(project="tqlab", mode="offline", dir=str(tmp_path))
     wandb.finish()
-    before = set(home.rglob("*wandb*/**/*"))  # what that plain run left (W&B's own debug logs)
     for bits in (4, 3):
         c = cfg("eval", tmp_path, "logger=wandb", f"bits={bits}")
         c.output_dir = str(tmp_path / f"out{bits}")
@@ -315,7 +314,8 @@ def test_wandb_offline_runs_hold_the_metrics_and_config_after_other_runs_in_the_
         expected = json.loads((out / "summary.json").read_text())["overall"]
         assert summary["output_cosine"] == pytest.approx(expected["output_cosine"])
         assert summary["kv_bits_per_coordinate"] == pytest.approx(expected["kv_bits_per_coordinate"])
-    assert set(home.rglob("*wandb*/**/*")) == before
+    # the results tables W&B stages for upload stay in the run folders, not under the home directory
+    assert not [p for p in home.rglob("*") if {"artifacts", "staging"} & set(p.parts)]
 
 
 def test_a_two_by_two_multirun_writes_four_jobs_and_a_rerun_skips_them(tmp_path):
