@@ -299,8 +299,9 @@ def test_wandb_offline_runs_hold_the_metrics_and_config_after_other_runs_in_the_
 
     home = tmp_path / "home"  # nothing of the runs' may land under the home directory
     monkeypatch.setenv("HOME", str(home))
-    for var in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "XDG_CACHE_HOME", "XDG_DATA_HOME"):
+    for var in ("WANDB_DATA_DIR", "XDG_DATA_HOME"):
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(common, "_USER_WANDB_DATA_DIR", None)
 
     wandb.init(project="tqlab", mode="offline", dir=str(tmp_path))
     wandb.finish()
@@ -424,6 +425,10 @@ def test_the_results_folder_depends_on_what_changes_the_numbers_and_nothing_else
         ["bits=3.0"],
     ):
         assert fingerprint(cfg("eval", tmp_path, *same)) == base, same
+    train = fingerprint(
+        cfg("train", tmp_path)
+    )  # a fit reads captured blocks: the model's device is no setting
+    assert fingerprint(cfg("train", tmp_path, "model.device=cuda")) == train
     # end to end, the device picks the kernels (Triton on CUDA), which change the numbers
     perplexity = ("task=perplexity", "data=wiki")
     assert fingerprint(cfg("eval", tmp_path, *perplexity, "model.device=cuda")) != fingerprint(

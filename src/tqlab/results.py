@@ -40,6 +40,7 @@ TEXT_COLUMNS = (
     "model",
     "data",
     "capture",
+    "fit_config",
     "codec",
     "kv",
     "k_rotation",

@@ -31,10 +31,11 @@ _NOT_FINGERPRINTED = {
 _TRAINER_PLACEMENT = {"accelerator", "devices", "strategy"}
 # sections only other tasks read (a shared debug preset may set the other app's section too)
 _TASK_SECTIONS = {"fit", "eval", "perplexity", "niah", "generate", "cache"}
+END_TO_END = ("perplexity", "niah", "generate")
 _READS = {
     "train": {"fit"},
     "eval": {"eval", "cache"},
-    **{task: {"eval", task, "cache"} for task in ("perplexity", "niah", "generate")},
+    **{task: {"eval", task, "cache"} for task in END_TO_END},
 }
 
 
@@ -55,8 +56,10 @@ def fingerprint(cfg: DictConfig, extra: dict | None = None) -> str:
     for section in _TASK_SECTIONS - _READS.get(conf.get("task"), set()):
         conf.pop(section, None)
     conf.get("store", {}).pop("root", None)
-    if conf.get("task") == "eval":  # blocks replayed on the CPU; end-to-end tasks run other kernels on a GPU
-        conf.get("model", {}).pop("device", None)
+    if conf.get("task") not in END_TO_END:  # captured blocks (fits, eval) do not depend on the device; the
+        conf.get("model", {}).pop(
+            "device", None
+        )  # model in the loop does: on CUDA the Triton kernels serve it
     conf.get("eval", {}).pop("batch_size", None)
     conf["trainer"] = {k: v for k, v in conf.get("trainer", {}).items() if k not in _TRAINER_PLACEMENT}
     for key in _UNSET_NOT_FINGERPRINTED:

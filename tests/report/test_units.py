@@ -282,3 +282,15 @@ def test_a_configuration_is_drawn_against_the_reference_that_differs_only_in_its
             assert ref is None  # the reference is not drawn against itself, centered or not
         else:
             assert ref.evals[0].columns["options"] == conf.evals[0].columns["options"]  # same centering
+
+
+def test_fits_of_other_settings_are_other_configurations_with_their_own_labels(tmp_path):
+    from tqlab.report.collect import collect, group_seeds
+
+    values = {m: np.full((LAYERS, HEADS, WINDOWS), 0.9) for m in METRICS}
+    for i, (config, seed) in enumerate([("aaaaaa11", 0), ("aaaaaa11", 1), ("bbbbbb22", 0)]):
+        columns = _columns("key+value", 2, 2, FITTED, FITTED, 0, fit="mse", fit_seed=seed, fit_config=config)
+        write_eval(tmp_path / "sweep" / str(i), columns, values)
+    configs = group_seeds(collect(tmp_path / "sweep")[0])
+    assert sorted(len(c.evals) for c in configs) == [1, 2]  # two seeds of one fit, and another fit
+    assert len({c.label for c in configs}) == 2

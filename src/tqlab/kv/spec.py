@@ -20,8 +20,9 @@ from ..registry import RuleError
 
 # train-config keys that cannot change a fit's rotations (its seed is reported apart)
 _NOT_A_FIT_SETTING = {
-    "seed", "hydra", "logger", "progress", "output_dir", "results_root", "resume", "optimized_metric",
+    "seed", "hydra", "logger", "progress", "output_dir", "results_root", "resume", "optimized_metric", "eval",
 }  # fmt: skip
+_PLACEMENT = {"accelerator", "devices", "strategy"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +69,13 @@ class FittedRotations:
         if config is None:
             return None
         kept = {k: v for k, v in config.items() if k not in _NOT_A_FIT_SETTING}
-        if isinstance(kept.get("store"), dict):  # where captures live is no setting either
-            kept["store"] = {k: v for k, v in kept["store"].items() if k != "root"}
+        # where captures live and where the fit ran (as the results fingerprint leaves them out)
+        for section, keys in (("store", {"root"}), ("model", {"device"}), ("trainer", _PLACEMENT)):
+            if isinstance(kept.get(section), dict):
+                kept[section] = {k: v for k, v in kept[section].items() if k not in keys}
+        for key in ("bits", "k_bits", "v_bits"):
+            if isinstance(kept.get(key), float) and kept[key].is_integer():
+                kept[key] = int(kept[key])
         return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     @property

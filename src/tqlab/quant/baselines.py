@@ -25,7 +25,9 @@ _SCALE_DTYPE = torch.float16
 
 def _stored(values: torch.Tensor, codec: str, scale: bool = True) -> torch.Tensor:
     """Scales and zero points as stored (fp16); refused when a block's value overflows fp16, which would
-    decode to NaN or Inf, or a non-zero scale underflows it, which would decode the block as its zero point."""
+    decode to NaN or Inf, or (`scale`: a symmetric code's scale, which every value of the block is a multiple
+    of) when fp16 keeps too few bits of it. An asymmetric code's scale only spans its block's range above the
+    zero point: a tiny one costs at most that range."""
     stored = values.to(_SCALE_DTYPE)
     if not torch.isfinite(stored).all():
         raise ValueError(
@@ -157,7 +159,7 @@ class KIVI(_Baseline):
                 x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], dim=-1)
         g = x.reshape(*x.shape[:-1], -1, self.group)
         lo = _stored(g.amin(-1), "kivi", scale=False)
-        scales = _stored((g.amax(-1) - lo.float()) / (2**self.bits - 1), "kivi")
+        scales = _stored((g.amax(-1) - lo.float()) / (2**self.bits - 1), "kivi", scale=False)
         s = scales.float().unsqueeze(-1)
         q = torch.where(s > 0, (g - lo.float().unsqueeze(-1)) / s, torch.zeros_like(g))
         q = q.round().clamp(0, 2**self.bits - 1).long().flatten(-2)

@@ -365,7 +365,8 @@ def _save(fig, path: Path) -> Path:
 
 # what may differ between a configuration and the reference it is drawn against: the rotation and its runs
 _ROTATION_COLUMNS = {
-    "k_rotation", "v_rotation", "view", "options", "rotations_from", "fit", "fit_seed", "fit_config", "seed",
+    "rotation", "k_rotation", "v_rotation", "view", "options", "rotations_from", "fit", "fit_seed", "fit_config",
+    "seed",
 }  # fmt: skip
 
 

@@ -51,7 +51,7 @@ class Evaluation:
             else " / ".join(f"{side} {r}" for side, r in sides.items())
         )
         if c.get("fit"):  # fitted rotations: what was fitted, not which run (seeds are grouped)
-            rot += f" ({c['fit']})"
+            rot += f" ({c['fit']}" + (f", config {c['fit_config'][:6]})" if c.get("fit_config") else ")")
         elif c.get("rotations_from"):  # results written before the `fit` column
             rot += f" ({Path(c['rotations_from']).name})"
         options = json.loads(c.get("options") or "{}")

@@ -66,12 +66,15 @@ def load_rotations(path: str | Path) -> tuple[dict[str, Rotation], dict]:
             rot.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
         except RuntimeError as err:
             raise ValueError(f"{path}: unit {unit}'s tensors do not rebuild its rotation ({err})") from err
-        m = rot.matrix().double()
-        error = (m @ m.T - torch.eye(rot.dim, dtype=torch.float64)).abs().max().item()
-        if not error <= ORTHOGONALITY_TOLERANCE:  # NaN fails too
-            raise ValueError(
-                f"{path}: unit {unit} is not a rotation (|R Rᵀ − I| = {error:.3g}); re-run train.py"
-            )
+        if not all(torch.isfinite(t).all() for t in rot.state_dict().values()):
+            raise ValueError(f"{path}: unit {unit} holds NaN or Inf; re-run train.py")
+        if any(True for _ in rot.buffers()):  # learned parameters alone (exp of skew generators) are
+            m = rot.matrix().double()  # orthogonal by construction; stored matrices and signs need not be
+            error = (m @ m.T - torch.eye(rot.dim, dtype=torch.float64)).abs().max().item()
+            if not error <= ORTHOGONALITY_TOLERANCE:
+                raise ValueError(
+                    f"{path}: unit {unit} is not a rotation (|R Rᵀ − I| = {error:.3g}); re-run train.py"
+                )
         rotations[unit] = rot
     return rotations, facts
 

@@ -94,6 +94,9 @@ def attention_weights(q, k):
     return torch.softmax(logits, dim=-1).pow(2).sum((0, 1))
 
 
+_USER_WANDB_DATA_DIR = os.environ.get("WANDB_DATA_DIR")
+
+
 def _loggers(cfg: DictConfig, out: Path, tags: list[str]):
     """Instantiate the configured Lightning loggers into the run's output folder."""
     from hydra.utils import instantiate
@@ -105,14 +108,11 @@ def _loggers(cfg: DictConfig, out: Path, tags: list[str]):
         kwargs = {"save_dir": str(out)}
         if name == "wandb":
             Path(out, "wandb").mkdir(parents=True, exist_ok=True)
-            # W&B's artefact staging, cache and settings in this run's folder, not under the home directory
-            # (set per run: a serial sweep's next run gets its own)
-            for var, sub in (
-                ("WANDB_DATA_DIR", "data"),
-                ("WANDB_CACHE_DIR", "cache"),
-                ("WANDB_CONFIG_DIR", "config"),
-            ):
-                os.environ[var] = str(Path(out, "wandb", sub))
+            # W&B stages the results table for upload in this run's folder, not under the home directory (per
+            # run: a serial sweep's next run gets its own), unless the user chose a folder; its settings and
+            # cache (a self-hosted server's address, logins) stay where the user has them
+            if _USER_WANDB_DATA_DIR is None:
+                os.environ["WANDB_DATA_DIR"] = str(Path(out, "wandb", "data"))
             # An explicit mode: Lightning's offline flag only sets WANDB_MODE, which wandb reads once per
             # process, so the second run of a serial sweep would otherwise try to log in.
             import wandb
