@@ -113,3 +113,17 @@ def test_a_rotation_file_that_does_not_rebuild_rotations_is_refused(tmp_path, ta
     assert load_rotations(_file(tmp_path, lambda t, f: (t, f)))[0]  # the untampered file loads
     with pytest.raises(ValueError, match=message):
         load_rotations(_file(tmp_path, tamper))
+
+
+def test_empty_batches_and_argument_types_the_baselines_could_not_take():
+    from tqlab.quant import MixedPrecision
+
+    for codec in (Int8Block(64), Int4Block(64), KIVI(64, axis="token"), KIVI(64, bits=4, axis="token")):
+        assert codec.dequantize(codec.quantize(torch.zeros(0, 64))).shape == (0, 64)
+    with pytest.raises(ValueError, match="pass at least one token"):
+        KIVI(64, axis="channel").quantize(torch.zeros(0, 64))
+    with pytest.raises(ValueError, match=r"choose 2 or 4 \(an integer\)"):
+        KIVI(64, bits=2.0)
+    for bits in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="is not a fractional bit width"):
+            MixedPrecision(64, bits)

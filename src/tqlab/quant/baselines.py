@@ -91,14 +91,14 @@ class Int8Block(_Baseline):
 
     def quantize(self, x: torch.Tensor) -> BlockCode:
         x = check_input(x, self.dim, self._device(), "Int8Block")
-        g = x.reshape(*x.shape[:-1], -1, self.block)
+        g = x.reshape(*x.shape[:-1], self.dim // self.block, self.block)
         scales = _stored(g.abs().amax(-1) / 127, "int8_block")
         s = scales.float().unsqueeze(-1)
         q = torch.where(s > 0, g / s, torch.zeros_like(g)).round().clamp(-127, 127).to(torch.int8)
         return BlockCode(tuple(x.shape[:-1]), self.dim, 8, q.flatten(-2), scales)
 
     def dequantize(self, code: BlockCode) -> torch.Tensor:
-        g = code.values.float().reshape(*code.shape, -1, self.block)
+        g = code.values.float().reshape(*code.shape, self.dim // self.block, self.block)
         return (g * code.scales.float().unsqueeze(-1)).flatten(-2)
 
 
@@ -114,7 +114,7 @@ class Int4Block(_Baseline):
 
     def quantize(self, x: torch.Tensor) -> BlockCode:
         x = self.rotation.apply(check_input(x, self.dim, self._device(), "Int4Block"))
-        g = x.reshape(*x.shape[:-1], -1, self.block)
+        g = x.reshape(*x.shape[:-1], self.dim // self.block, self.block)
         extreme = g.gather(-1, g.abs().argmax(-1, keepdim=True)).squeeze(-1)
         scales = _stored(extreme / -8, "int4_block")
         s = scales.float().unsqueeze(-1)
@@ -123,7 +123,11 @@ class Int4Block(_Baseline):
         return BlockCode(tuple(x.shape[:-1]), self.dim, 4, pack_bits(q.flatten(-2).long(), 4), scales)
 
     def dequantize(self, code: BlockCode) -> torch.Tensor:
-        q = unpack_bits(code.values, 4, self.dim).float().reshape(*code.shape, -1, self.block)
+        q = (
+            unpack_bits(code.values, 4, self.dim)
+            .float()
+            .reshape(*code.shape, self.dim // self.block, self.block)
+        )
         return self.rotation.inverse(((q - 8) * code.scales.float().unsqueeze(-1)).flatten(-2))
 
 
@@ -135,8 +139,8 @@ class KIVI(_Baseline):
 
     def __init__(self, dim: int, bits: int = 2, axis: str = "token", group: int = 32):
         super().__init__()
-        if bits not in (2, 4):
-            raise ValueError(f"bits={bits!r} is not allowed for KIVI: choose 2 or 4")
+        if isinstance(bits, bool) or not isinstance(bits, int) or bits not in (2, 4):
+            raise ValueError(f"bits={bits!r} is not allowed for KIVI: choose 2 or 4 (an integer)")
         if axis not in ("token", "channel"):
             raise ValueError(f"axis={axis!r} is not one of ('token', 'channel')")
         if axis == "token":  # groups of channels within a vector: they must tile it
@@ -153,11 +157,13 @@ class KIVI(_Baseline):
         if self.axis == "channel":
             if x.ndim < 2:
                 raise ValueError("KIVI(axis='channel') quantizes along tokens: pass [..., tokens, dim]")
+            if x.shape[-2] == 0:
+                raise ValueError("KIVI(axis='channel') codes groups of tokens: pass at least one token")
             x = x.transpose(-1, -2)
             pad = -x.shape[-1] % self.group
             if pad:
                 x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], dim=-1)
-        g = x.reshape(*x.shape[:-1], -1, self.group)
+        g = x.reshape(*x.shape[:-1], x.shape[-1] // self.group, self.group)
         lo = _stored(g.amin(-1), "kivi", scale=False)
         scales = _stored((g.amax(-1) - lo.float()) / (2**self.bits - 1), "kivi", scale=False)
         s = scales.float().unsqueeze(-1)
@@ -172,7 +178,7 @@ class KIVI(_Baseline):
     def dequantize(self, code: BlockCode) -> torch.Tensor:
         n = code.scales.shape[-1] * self.group  # the packed bytes may hold padding up to 8 values
         q = unpack_bits(code.values, self.bits, n).float()
-        g = q.reshape(*q.shape[:-1], -1, self.group)
+        g = q.reshape(*q.shape[:-1], n // self.group, self.group)
         x = (g * code.scales.float().unsqueeze(-1) + code.zeros.float().unsqueeze(-1)).flatten(-2)
         if self.axis == "channel":
             x = x[..., : code.shape[-1]].transpose(-1, -2)

@@ -46,6 +46,8 @@ class MixedPrecision(nn.Module):
         super().__init__()
         if base not in _BASES:
             raise ValueError(f"base={base!r} is not one of {sorted(_BASES)}")
+        if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not math.isfinite(bits):
+            raise ValueError(f"bits={bits!r} is not a fractional bit width MixedPrecision({base}) can honour")
         low = math.floor(bits)
         lowest = 2 if base == "prod" else 1
         if isinstance(bits, bool) or not lowest <= low < MAX_BITS or bits == low:
