@@ -53,7 +53,7 @@ def test_report_has_tables_statistics_and_figures(sweep):
     text = report.read_text()
     assert "## Summary" in text and "## Paired comparisons" in text
     assert "Friedman p" in text and "Holm p" in text
-    assert "rotation=block_so8_static" in text  # the unfinished job is named
+    assert "- 4: rotation=block_so8_static bits=2\n" in text  # the unfinished job is named, on one line
     data = json.loads((sweep / "out" / "report.json").read_text())
     assert len(data["summary"]) == 4
     # three configurations at 2 bits → three pairs per metric, each over 2 layers × 2 heads (the units)

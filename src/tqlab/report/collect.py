@@ -172,9 +172,12 @@ def _collect_one(path: Path, found: list, missing: list, seen: set) -> None:
         if not summary_file.is_file():
             if (job / ".hydra").is_dir() or (job / "result").is_symlink():
                 overrides = job / ".hydra" / "overrides.yaml"
-                missing.append(
-                    f"{job.name}: {overrides.read_text().strip() if overrides.exists() else 'no summary.json'}"
+                listed = (  # Hydra's YAML list of the job's overrides, on one line
+                    " ".join(line.removeprefix("- ").strip() for line in overrides.read_text().splitlines())
+                    if overrides.exists()
+                    else "no summary.json"
                 )
+                missing.append(f"{job.name}: {listed}")
             continue
         if folder in seen:
             continue
