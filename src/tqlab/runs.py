@@ -12,14 +12,17 @@ Hydra's own output folder (logs, .hydra/) gets a relative `result` link to the r
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
 import os
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from omegaconf import DictConfig, OmegaConf
+if TYPE_CHECKING:  # omegaconf loads where a DictConfig is resolved: `numeric_settings` needs none
+    from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,8 @@ class RunLocked(RuntimeError):
 
 
 def resolved(cfg: DictConfig) -> dict:
+    from omegaconf import OmegaConf
+
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
 
 
@@ -51,15 +56,16 @@ def resolved(cfg: DictConfig) -> dict:
 _UNSET_NOT_FINGERPRINTED = ("k_codec", "v_codec")
 
 
-def fingerprint(cfg: DictConfig, extra: dict | None = None) -> str:
-    conf = {k: v for k, v in resolved(cfg).items() if k not in _NOT_FINGERPRINTED}
+def numeric_settings(config: dict) -> dict:
+    """A resolved configuration less what cannot change a run's numbers (a copy): what the results
+    fingerprint hashes, and what tells two fits apart (`FittedRotations.config_hash`)."""
+    conf = {k: copy.deepcopy(v) for k, v in config.items() if k not in _NOT_FINGERPRINTED}
     for section in _TASK_SECTIONS - _READS.get(conf.get("task"), set()):
         conf.pop(section, None)
     conf.get("store", {}).pop("root", None)
-    if conf.get("task") not in END_TO_END:  # captured blocks (fits, eval) do not depend on the device; the
-        conf.get("model", {}).pop(
-            "device", None
-        )  # model in the loop does: on CUDA the Triton kernels serve it
+    # captured blocks (fits, eval) do not depend on the device; a model in the loop does (Triton on CUDA)
+    if conf.get("task") not in END_TO_END:
+        conf.get("model", {}).pop("device", None)
     conf.get("eval", {}).pop("batch_size", None)
     conf["trainer"] = {k: v for k, v in conf.get("trainer", {}).items() if k not in _TRAINER_PLACEMENT}
     for key in _UNSET_NOT_FINGERPRINTED:
@@ -68,6 +74,11 @@ def fingerprint(cfg: DictConfig, extra: dict | None = None) -> str:
     for key in ("bits", "k_bits", "v_bits"):  # bits=3.0 is bits=3
         if isinstance(conf.get(key), float) and conf[key].is_integer():
             conf[key] = int(conf[key])
+    return conf
+
+
+def fingerprint(cfg: DictConfig, extra: dict | None = None) -> str:
+    conf = numeric_settings(resolved(cfg))
     conf["extra"] = extra or {}
     inputs = input_identities(cfg)
     if inputs:  # absent otherwise, so that runs on named models and data keep their fingerprints

@@ -252,7 +252,7 @@ def test_fits_differing_in_a_setting_are_other_configurations_and_in_their_seed_
         facts = {
             "rotation": "block_so8_learned",
             "dim": 16,
-            "config": {"fit": {"lr": 0.01}, "seed": 0, **config},
+            "config": {"task": "train", "fit": {"lr": 0.01}, "seed": 0, **config},
         }
         save_rotations(path, {"key_layer0": make_rotation("block_so8_learned", 16)}, facts)
         return FittedRotations.read(path)

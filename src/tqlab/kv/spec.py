@@ -18,12 +18,6 @@ from pathlib import Path
 from .. import registry
 from ..registry import RuleError
 
-# train-config keys that cannot change a fit's rotations (its seed is reported apart)
-_NOT_A_FIT_SETTING = {
-    "seed", "hydra", "logger", "progress", "output_dir", "results_root", "resume", "optimized_metric", "eval",
-}  # fmt: skip
-_PLACEMENT = {"accelerator", "devices", "strategy"}
-
 
 @dataclasses.dataclass(frozen=True)
 class FittedRotations:
@@ -65,17 +59,13 @@ class FittedRotations:
         """A short hash of the train run's configuration but its seed and what cannot change a fit (logging,
         paths): fits that differ in anything else (learning rate, epochs, data, ...) are never one
         configuration's seeds in a report."""
+        from ..runs import numeric_settings
+
         config = self.facts.get("config")
         if config is None:
             return None
-        kept = {k: v for k, v in config.items() if k not in _NOT_A_FIT_SETTING}
-        # where captures live and where the fit ran (as the results fingerprint leaves them out)
-        for section, keys in (("store", {"root"}), ("model", {"device"}), ("trainer", _PLACEMENT)):
-            if isinstance(kept.get(section), dict):
-                kept[section] = {k: v for k, v in kept[section].items() if k not in keys}
-        for key in ("bits", "k_bits", "v_bits"):
-            if isinstance(kept.get(key), float) and kept[key].is_integer():
-                kept[key] = int(kept[key])
+        kept = numeric_settings(config)  # what the results fingerprint hashes, the seed aside
+        kept.pop("seed", None)
         return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     @property
