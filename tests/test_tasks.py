@@ -207,6 +207,12 @@ def test_exactly_one_of_eight_processes_claims_a_folder_with_a_stale_lock(tmp_pa
         (["codec=transform_coding", "rotation=fast_hadamard"], "does not apply to codec=transform_coding"),
         (["codec.name=turboquant_mse", "rotation=eigen_hadamard", "bits=2.5"], "does not keep whole"),
         (["rotation=eigen_hadamard", "rotation.basis=values"], r"rotation.basis='values' is not allowed"),
+        (
+            ["kv=key_only", "k_codec=int8_block", "k_bits=8", "rotation=fast_hadamard"],
+            "rotation=fast_hadamard .* is used by no compressed side",
+        ),
+        (["codec=relevance_gated", "bits=3", "codec.high_bits=2"], "codec.high_bits=2 must exceed bits=3"),
+        (["data=wiki", "data.windows_per_document=0"], "data.windows_per_document=0 must be an integer >= 1"),
     ],
 )
 def test_bad_overrides_fail_before_any_compute(tmp_path, monkeypatch, overrides, message):
@@ -230,6 +236,17 @@ def test_train_refuses_a_codec_per_side_whose_fit_it_could_not_record(tmp_path, 
                 "v_bits=3",
             )
         )
+
+
+@pytest.mark.parametrize(
+    "option", ["codec.key_metric=query", "codec.norm_correction=true", "codec.norm_dtype=float32"]
+)
+def test_train_refuses_codec_options_its_fit_would_not_use(tmp_path, monkeypatch, option):
+    """The fit codes plain TurboQuant-MSE (around the mean under codec.center): another codec option would be
+    recorded in the fit's fingerprint and change nothing."""
+    monkeypatch.setattr(common, "kv_source", lambda cfg: pytest.fail("validation must come first"))
+    with pytest.raises(ConfigError, match=f"{option.split('=')[0]}=.* is not used by train.py"):
+        tasks.train(cfg("train", tmp_path, "rotation=block_so8_learned", option))
 
 
 def test_a_negative_epoch_count_fails_before_any_compute(tmp_path):

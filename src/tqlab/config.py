@@ -76,7 +76,6 @@ def data_section(cfg: DictConfig) -> dict:
             check_int(f"data.{key}", data.get(key), 1)
         check_int("data.head_dim", data.get("head_dim"), 8)
         check_int("data.n_outliers", data.get("n_outliers"), 0)
-        check_int("data.seed", data.get("seed"), 0)
         if data["num_heads"] % data["num_kv_heads"]:
             raise ConfigError(
                 f"data.num_heads={data['num_heads']} must be a multiple of data.num_kv_heads={data['num_kv_heads']}"
@@ -85,6 +84,9 @@ def data_section(cfg: DictConfig) -> dict:
             raise ConfigError(
                 f"data.n_outliers={data['n_outliers']} exceeds data.head_dim={data['head_dim']}"
             )
+    check_int("data.seed", data.get("seed"), 0)
+    if data["source"] in ("wiki", "text_file"):  # the capture's own check would come after the results folder
+        check_int("data.windows_per_document", data.get("windows_per_document"), 1)
     fractions = data.get("split_fractions")
     if data["source"] in ("wiki", "text_file"):
         if not fractions or len(fractions) != 3 or min(fractions) <= 0 or abs(sum(fractions) - 1) > 1e-9:
@@ -298,10 +300,25 @@ def run_sections(cfg: DictConfig) -> dict:
             f"store.layers={layers} includes layers {sorted(set(layers) - set(fit_layers))} that "
             f"rotations={cfg.rotations} has no rotations for; it was fitted on layers {fit_layers}"
         )
-    if cfg.task == "train" and any(
-        not registry.codec_rule(s.codec.name).trainable for s in sections["spec"].sides().values()
-    ):
-        raise ConfigError(
-            "train.py fits rotations for codecs that take one; this codec has a fixed one: use eval.py"
-        )
+    if cfg.task == "train":
+        check_fit_codec(sections["spec"])
     return sections
+
+
+def check_fit_codec(spec: KVQuantSpec) -> None:
+    """train.py fits each side's rotation under plain TurboQuant-MSE at the codec's Stage-1 bits, around the
+    train mean under codec.center: every other codec option would be recorded in the fit and never used."""
+    for side in spec.sides().values():
+        if not registry.codec_rule(side.codec.name).trainable:
+            raise ConfigError(
+                "train.py fits rotations for codecs that take one; this codec has a fixed one: use eval.py"
+            )
+        defaults = registry.codec_options(side.codec.name, {})
+        unused = [(k, v) for k, v in side.codec.options if k != "center" and defaults.get(k) != v]
+        if unused:
+            key, value = unused[0]
+            raise ConfigError(
+                f"codec.{key}={value!r} is not used by train.py, which fits under plain TurboQuant-MSE at the "
+                "codec's Stage-1 bits (of the codec options only codec.center); set it when evaluating "
+                "(eval.py), or drop it"
+            )

@@ -220,6 +220,45 @@ def test_asymmetric_lanes_build_each_sides_own_codec_and_name_both():
     )
 
 
+def test_runs_that_differ_in_one_sides_options_never_share_a_label():
+    """The report pools rows of equal labels as one configuration's seeds: each side's codec and rotation
+    options are in the label where the sides differ (here the eigenbasis under a Prod value codec)."""
+    labels = [
+        KVQuantSpec.create(
+            "turboquant_mse", 3, "eigen_hadamard", compress=("key", "value"), v_codec="turboquant_prod",
+            rotation_options={"basis": basis}, head_dim=64,
+        ).columns()
+        for basis in ("key", "query")
+    ]  # fmt: skip
+    assert labels[0]["options"] != labels[1]["options"]
+    assert '"basis": "query"' in labels[1]["options"]
+    # sides that agree keep one set, as before
+    same = KVQuantSpec.create("turboquant_mse", 3, "random_haar", compress=("key", "value"), head_dim=64)
+    assert (
+        same.columns()["options"]
+        == KVQuantSpec.create("turboquant_mse", 3, "random_haar").columns()["options"]
+    )
+
+
+def test_a_rotation_or_option_that_no_side_would_use_is_refused():
+    with pytest.raises(RuleError, match="rotation=fast_hadamard .* is used by no compressed side"):
+        KVQuantSpec.create(
+            "turboquant_mse",
+            8,
+            "fast_hadamard",
+            compress=("key",),
+            k_codec="int8_block",
+            k_bits=8,
+            head_dim=64,
+        )
+    # the configs' default rotation is not one the user asked for
+    KVQuantSpec.create(
+        "turboquant_mse", 8, "random_haar", compress=("key",), k_codec="int8_block", k_bits=8, head_dim=64
+    )
+    with pytest.raises(RuleError, match="codec.high_bits=2 must exceed bits=3"):
+        KVQuantSpec.create("relevance_gated", 3, "random_haar", codec_options={"high_bits": 2})
+
+
 @pytest.mark.parametrize(
     "options,message",
     [

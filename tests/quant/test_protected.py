@@ -125,7 +125,7 @@ def test_the_builder_ranks_by_the_units_attention_weights_and_the_spec_checks_th
             head_dim=64,
             codec_options={"exact_groups": 4, "high_groups": 4},
         )
-    with pytest.raises(RuleError, match="codec.high_bits=2 must exceed it"):
+    with pytest.raises(RuleError, match="codec.high_bits=2 must exceed bits=2"):
         KVQuantSpec.create("protected_channels", 2, "identity", head_dim=64, codec_options={"high_bits": 2})
 
 

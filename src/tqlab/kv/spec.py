@@ -18,6 +18,10 @@ from pathlib import Path
 from .. import registry
 from ..registry import RuleError
 
+DEFAULT_ROTATION = (
+    "random_haar"  # conf/common/run.yaml's: a rotation left at it is not one the user asked for
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class FittedRotations:
@@ -212,6 +216,14 @@ class KVQuantSpec:
                         f"{registry.codec_rule(codec_name).allowed_bits()}"
                     ) from err
             width = registry.check_bits(codec_name, width, bits_key, head_dim)
+            high = side_options.get("high_bits")  # a tier of channels above the base bits
+            if high is not None and high <= width:
+                raise RuleError(
+                    f"{key[0]}_codec={codec_name} runs with its default high_bits={high}, which must exceed "
+                    f"{bits_key}={width}"
+                    if own
+                    else f"codec.high_bits={high} must exceed {bits_key}={width}"
+                )
             rot = RotationSpec(rotation, tuple(sorted(rot_options.items())))
             if own and registry.codec_rule(codec_name).rotations == ("identity",):
                 rot = RotationSpec("identity", ())  # a side codec that takes no rotation gets none
@@ -241,6 +253,20 @@ class KVQuantSpec:
                 f"codec.{changed[0]}={options[changed[0]]!r} belongs to codec={codec}, which no compressed side uses "
                 f"(k_codec={k_codec}, v_codec={v_codec}, kv.compress={list(compress)}); drop it or use that codec"
             )
+        # likewise a rotation that every side replaces (by fitted rotations, or identity for a codec that takes
+        # none), unless it is the configs' default
+        asked = (rotation, tuple(sorted(rot_options.items())))
+        default = (DEFAULT_ROTATION, tuple(sorted(registry.rotation_options(DEFAULT_ROTATION, {}).items())))
+        if (
+            sides
+            and asked != default
+            and asked not in {(s.rotation.name, s.rotation.options) for s in sides.values()}
+        ):
+            built = ", ".join(f"{side}s {s.rotation.label}" for side, s in sides.items())
+            raise RuleError(
+                f"rotation={rotation} (with its options) is used by no compressed side ({built}): fitted "
+                "rotations (rotations=) and codecs that take no rotation replace it; drop it"
+            )
         if options.get("key_metric") == "query" and "key" not in readers:
             raise RuleError(
                 f"codec.key_metric=query weights the keys' errors by the queries, but codec={codec} codes no keys "
@@ -262,11 +288,11 @@ class KVQuantSpec:
             registry.check_bits(s.codec.name, s.codec.bits, "bits", head_dim)
             if s.codec.name == "protected_channels":
                 o = dict(s.codec.options)
-                if o["exact_groups"] + o["high_groups"] >= head_dim // 8 or o["high_bits"] <= s.codec.bits:
+                if o["exact_groups"] + o["high_groups"] >= head_dim // 8:
                     raise RuleError(
                         f"codec.exact_groups={o['exact_groups']} + codec.high_groups={o['high_groups']} must "
                         f"leave one of head_dim {head_dim}'s {head_dim // 8} groups of 8 channels at bits="
-                        f"{s.codec.bits}, and codec.high_bits={o['high_bits']} must exceed it"
+                        f"{s.codec.bits}"
                     )
             if registry.splits_outliers(s.codec.name, s.codec.bits):  # each channel group rotated alone
                 outliers = 8 * round((s.codec.bits - int(s.codec.bits)) * head_dim / 8)
@@ -287,6 +313,15 @@ class KVQuantSpec:
         fitted = {s.rotation.fitted for s in sides.values() if s.rotation.fitted}
         artefact = fitted.pop() if fitted else None
         codecs = {s.codec.name for s in sides.values()}
+        views = {s.rotation.view for s in sides.values()}
+        options = {  # every option of a side (the view has its own column where the sides share it)
+            side: {
+                **dict(s.codec.options),
+                **{k: v for k, v in s.rotation.options if k != "view" or len(views) > 1},
+            }
+            for side, s in sides.items()
+        }
+        shared = len({json.dumps(o, sort_keys=True) for o in options.values()}) == 1 and len(codecs) == 1
         return {  # one codec: its name; asymmetric lanes: each side's, e.g. "K int8_block, V turboquant_mse"
             "codec": first.codec.name
             if len(codecs) == 1
@@ -297,13 +332,9 @@ class KVQuantSpec:
             "k_rotation": self.key.rotation.label if self.key else None,
             "v_rotation": self.value.rotation.label if self.value else None,
             "view": first.rotation.view,
-            # every other option, so that two runs differing only in one never share a label silently
-            "options": json.dumps(
-                {**dict(first.codec.options), **{k: v for k, v in first.rotation.options if k != "view"}}
-                if len(codecs) == 1
-                else {side: dict(s.codec.options) for side, s in sides.items()},
-                sort_keys=True,
-            ),
+            # every other option, so that two runs differing only in one never share a label silently: one set
+            # where the sides agree, else each side's
+            "options": json.dumps(options[next(iter(options))] if shared else options, sort_keys=True),
             "rotations_from": artefact.path if artefact else None,
             "fit": artefact.fit if artefact else None,
             "fit_seed": artefact.seed if artefact else None,
