@@ -146,6 +146,7 @@ class CodecRule:
     seeded: bool = False  # draws its own random rotations (no `rotation=`): takes the unit's seed
     sides: tuple = ("key", "value")  # the sides it may code
     trainable: bool = True  # train.py can fit rotations for it
+    key_groups: bool = False  # a cache encodes its keys a group of tokens at a time (the newest wait exact)
     options: dict = dataclasses.field(default_factory=dict)
 
     def allowed_bits(self) -> str:
@@ -228,6 +229,7 @@ CODECS: dict[str, CodecRule] = {
         calibrated=True,
         sides=("key",),
         trainable=False,  # its rotation is fixed: a gate, not a fit
+        key_groups=True,
         options={  # no center / key_metric: those wrappers would hide the positions the gate is given
             "high_bits": Option((2, 3, 4, 5, 6, 7, 8), default=4),
             "share": Option((0.125, 0.25, 0.5), default=0.25),
@@ -240,6 +242,7 @@ CODECS: dict[str, CodecRule] = {
     "kivi": CodecRule(
         bits=(2, 4),
         rotations=("identity",),
+        key_groups=True,  # keys quantized per channel over `group` tokens
         options={**_CENTER, "group": Option(positive_int=True, default=32)},
     ),
 }

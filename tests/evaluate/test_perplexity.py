@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tqlab.evaluate.perplexity import compare_window, windows
+from tqlab.evaluate.perplexity import compare_window, first_chunk, windows
 from tqlab.kv import KVQuantSpec
 
 
@@ -65,6 +65,35 @@ def test_the_all_quantized_protocol_does_not_depend_on_chunking_and_prefill_exac
     assert not math.isclose(decoded["nll"], decoded["nll_reference"], abs_tol=1e-4)
     off = compare_window(model, w, None, {"protocol": "prefill_exact"}, prefill=10, chunk_size=1)["row"]
     assert off["nll"] == pytest.approx(off["nll_reference"], abs=1e-6)  # no compression: the same model
+
+
+@pytest.mark.parametrize(
+    "codec,options,compress,recent",
+    [
+        ("turboquant_mse", {}, ("key", "value"), 19),  # every prediction's tokens within its 19 newest
+        ("kivi", {"group": 16}, ("key",), 0),  # predictions 0..14 read a group of 16 keys that never filled
+    ],
+)
+def test_tokens_kept_exact_by_position_are_measured_as_generation_keeps_them(
+    model, codec, options, compress, recent
+):
+    """One pass would code what only the whole chunk pushed out of the exact tail; decoded token by token (the
+    default here) each prediction above sees only exact keys, so the model's own distribution: KL 0."""
+    n = 20 if recent else 16
+    ids = torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(5))
+    (w,) = windows([("d", ids.tolist())], context=n, stride=n)
+    rotation = "identity" if codec == "kivi" else "random_haar"
+    spec = KVQuantSpec.create(codec, 2, rotation, compress=compress, codec_options=options, head_dim=16)
+    layout = {"protocol": "all_quantized", "recent_window": recent}
+    prefill = first_chunk("all_quantized", n, n, recent, spec)
+    assert prefill == 1
+    assert compare_window(model, w, spec, layout, prefill, 1)["row"]["next_token_kl"] == pytest.approx(
+        0, abs=1e-9
+    )
+    assert compare_window(model, w, spec, layout, n, n)["row"]["next_token_kl"] > 1e-8  # one pass differs
+    plain = KVQuantSpec.create("turboquant_mse", 2, "random_haar", compress=("key", "value"), head_dim=16)
+    assert first_chunk("all_quantized", n, n, 0, plain) == n  # where chunking changes nothing: one pass
+    assert first_chunk("prefill_exact", 24, 8, recent, spec) == 16
 
 
 def test_windows_per_document_spread_the_windows_over_documents():

@@ -3,9 +3,13 @@
 For each held-out window of `context` tokens (windows advance by `stride` within a document, so a document
 gives one or more windows) the model runs twice: with the uncompressed cache and with the compressed one,
 feeding the window as a first chunk of `prefill` tokens and then chunks of `chunk_size` tokens. Under the
-all-quantized protocol every chunking gives the same numbers (only the speed differs), so the default is one
-pass; under prefill-exact the first chunk is the prompt that attends to itself exactly, and the tokens after
-it are decoded `chunk_size` at a time (1: as in generation), seeing the prompt through its codes. Per window, in float64: the mean next-token negative
+all-quantized protocol every chunking gives the same numbers (only the speed differs) unless the cache keeps
+tokens exact by their position from the end — a recent window, or keys still waiting for a whole group of
+tokens (KIVI, the relevance gate): a chunk's queries see what is exact after the whole chunk, where a query
+decoded alone sees its own newest tokens exact. So the default (`first_chunk`) is one pass without those, and
+token by token with them, as in generation. Under prefill-exact the first chunk is the prompt that attends to
+itself exactly, and the tokens after it are decoded `chunk_size` at a time (1: as in generation), seeing the
+prompt through its codes. Per window, in float64: the mean next-token negative
 log-likelihood of both runs on the tokens past the first `context − stride` (scored once per document),
 the mean KL of the next-token distributions, the next-token top-1 agreement, and per layer the cosine and
 relative error of the residual-stream hidden states.
@@ -17,6 +21,7 @@ import dataclasses
 
 import torch
 
+from .. import registry
 from ..cache import TurboQuantCache, compress_kv
 from ..metrics.attention import cosine
 
@@ -66,6 +71,17 @@ def _run(model, ids: torch.Tensor, cache, prefill: int, chunk_size: int):
         logits.append(out.logits[0].double())
         hidden.append(torch.stack([h[0].double() for h in out.hidden_states]))
     return torch.cat(logits), torch.cat(hidden, dim=1)
+
+
+def first_chunk(protocol: str, context: int, stride: int, recent_window: int, spec) -> int:
+    """`perplexity.prefill`'s default: prefill-exact's prompt (context − stride, at least 1); all-quantized one
+    pass (the whole window) where chunking changes nothing, else one token (see the module's docstring)."""
+    if protocol == "prefill_exact":
+        return max(1, context - stride)
+    positional = recent_window > 0 or (
+        spec is not None and spec.key is not None and registry.codec_rule(spec.key.codec.name).key_groups
+    )
+    return 1 if positional else context
 
 
 @torch.no_grad()

@@ -64,12 +64,10 @@ def run(cfg: DictConfig, sections: dict, results, loggers=()) -> None:
     rows, per_layer, constants = [], [], 0
     progress = cfg.get("progress", True)
     if cfg.task == "perplexity":
-        from ..evaluate.perplexity import compare_window, windows
+        from ..evaluate.perplexity import compare_window, first_chunk, windows
 
         context, stride = settings["context"], settings["stride"]
-        prefill = settings["prefill"] or (
-            context if protocol == "all_quantized" else max(1, context - stride)
-        )
+        prefill = settings["prefill"] or first_chunk(protocol, context, stride, layout["recent_window"], spec)
         docs = _test_documents(sections, tokenizer, 10**6)
         # WikiText-2's test split is one long document: its windows are all consecutive ones
         per_document = (
