@@ -19,7 +19,14 @@ def compare_generation(
     """prompt: [T] token ids; layout: the cache's `CacheLayout` fields. Returns the divergence position,
     agreement share and both continuations."""
     ids = prompt[None].to(model.device)
-    kw = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+    # an explicit mask: from pad_token_id alone generate would mask every prompt token equal to it
+    kw = dict(
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
     reference = model.generate(ids, cache=compress_kv(model, None), **kw)[0, ids.shape[1] :]
     cache = compress_kv(model, spec, calibration, **layout)
     compressed = model.generate(ids, cache=cache, **kw)[0, ids.shape[1] :]

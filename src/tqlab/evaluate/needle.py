@@ -34,13 +34,12 @@ def needle_prompt(tokenizer, haystack: list[int], context: int, depth: float, va
 
 @torch.no_grad()
 def find_needle(model, tokenizer, prompt: torch.Tensor, value: str, cache, max_new_tokens: int = 8) -> dict:
-    out = model.generate(
-        prompt[None].to(model.device),
-        cache=cache,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-    )
+    ids = prompt[None].to(model.device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = model.generate(  # an explicit mask: from pad_token_id alone a prompt token equal to it is masked
+        ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=max_new_tokens, do_sample=False,
+        pad_token_id=pad,
+    )  # fmt: skip
     cache.check_norms()  # a decode step's overflowing norm would have made its answer come from NaN
     answer = tokenizer.decode(out[0, prompt.shape[0] :], skip_special_tokens=True)
     return {"answer": answer, "found": float(re.search(rf"(?<!\d){value}(?!\d)", answer) is not None)}
