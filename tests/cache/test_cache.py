@@ -16,7 +16,7 @@ from transformers import (
 )
 
 from tqlab.cache import compress_kv
-from tqlab.kv import KVQuantSpec
+from tqlab.kv import KVQuantSpec, RuleError
 from tqlab.quant import packed_row_bytes
 
 COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, head_dim=16)
@@ -357,3 +357,20 @@ def test_fitted_rotations_must_cover_every_compressed_layer_before_any_step(tmp_
     with pytest.raises(RuleError, match=r"has no key rotation for \(layer, head\) \[\(2, 0\), \(2, 1\)\]"):
         compress_kv(model, spec)
     logits(model, torch.randint(0, 97, (1, 6)), compress_kv(model, spec, exact_layers=(2,)))
+
+
+def test_appends_of_another_shape_and_exact_layers_of_another_kind_are_refused_by_name():
+    model = tiny("llama")  # 2 KV heads, head_dim 16
+    spec = KVQuantSpec.create("turboquant_mse", 2, "random_haar", **SPEC)
+    cache = compress_kv(model, spec)
+    cache.append(torch.randn(1, 2, 4, 16), torch.randn(1, 2, 4, 16), 0)
+    with pytest.raises(ValueError, match=r"layer 0: keys \[1, 3, 4, 16\] .* \[batch, 2 KV heads"):
+        cache.append(torch.randn(1, 3, 4, 16), torch.randn(1, 3, 4, 16), 0)  # a third head would go unstored
+    with pytest.raises(ValueError, match="layer 0: 2 sequences after 1"):
+        cache.append(torch.randn(2, 2, 4, 16), torch.randn(2, 2, 4, 16), 0)
+    with pytest.raises(ValueError, match="layer 0: keys .* and values"):
+        cache.append(torch.randn(1, 2, 4, 16), torch.randn(1, 2, 5, 16), 0)
+    assert cache.get_seq_length(0) == 4  # nothing of the refused appends stored
+    for bad in (0, None):
+        with pytest.raises(RuleError, match=f"exact_layers={bad} must be a list of layer indices"):
+            compress_kv(model, spec, exact_layers=bad)

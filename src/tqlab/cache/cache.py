@@ -100,7 +100,7 @@ class TurboQuantLayer(CacheLayerMixin):
         self.reset()
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.device, self.dtype = key_states.device, key_states.dtype
+        self.device, self.dtype, self.batch = key_states.device, key_states.dtype, key_states.shape[0]
         for side in SIDES if self.bank is not None else ():
             self.codecs[side] = [
                 self.bank.get(side, self.layer_idx, h, self.device) for h in range(self.num_kv_heads)
@@ -210,6 +210,7 @@ class TurboQuantLayer(CacheLayerMixin):
         marked with this layer, so that the tqlab attention function reads what the layer holds."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self._check_shapes(key_states, value_states)
         if self.static:
             return self._update_static(key_states, value_states)
         # any other attention read only the last call's new tokens, never the codes: refuse before it goes on
@@ -234,6 +235,19 @@ class TurboQuantLayer(CacheLayerMixin):
         marked = key_states.view_as(key_states)
         setattr(marked, attention.LAYER_MARK, self)
         return marked, value_states
+
+    def _check_shapes(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Heads beyond the layer's codecs would be dropped unstored, another batch fail deep in a concatenation."""
+        k, v = tuple(key_states.shape), tuple(value_states.shape)
+        if len(k) != 4 or k[:3] != v[:3] or k[1] != self.num_kv_heads:
+            raise ValueError(
+                f"layer {self.layer_idx}: keys {list(k)} and values {list(v)} must both be [batch, "
+                f"{self.num_kv_heads} KV heads, tokens, head_dim]"
+            )
+        if k[0] != self.batch:
+            raise ValueError(
+                f"layer {self.layer_idx}: {k[0]} sequences after {self.batch}; the batch is fixed"
+            )
 
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Store new tokens as `update` does, with no attention to read them (filling a cache to measure it)."""

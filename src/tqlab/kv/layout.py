@@ -28,8 +28,11 @@ class CacheLayout:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise RuleError(f"{key}={value!r} must be an integer >= 0 (tokens)")
-        if not all(isinstance(i, int) and not isinstance(i, bool) for i in self.exact_layers):
+        if not isinstance(self.exact_layers, (list, tuple)) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in self.exact_layers
+        ):
             raise RuleError(
-                f"exact_layers={list(self.exact_layers)} must be a list of layer indices (negative: from the end)"
+                f"exact_layers={list(self.exact_layers) if isinstance(self.exact_layers, (list, tuple)) else self.exact_layers!r}"
+                " must be a list of layer indices (negative: from the end)"
             )
         object.__setattr__(self, "exact_layers", tuple(self.exact_layers))
