@@ -420,6 +420,18 @@ def test_fitted_rotations_under_other_settings_are_refused_before_compute(
     assert not (tmp_path / "runs").exists()  # no results folder either
 
 
+def test_every_layer_is_refused_before_compute_for_rotations_fitted_on_some(tmp_path, monkeypatch):
+    fitted = tasks.train(
+        cfg("train", tmp_path, "fit.max_epochs=1", "rotation=block_so8_learned", "bits=2", "store.layers=[0]")
+    ).folder
+    monkeypatch.setattr(common, "kv_source", lambda cfg: pytest.fail("validation must come first"))
+    with pytest.raises(
+        ConfigError, match=r"store.layers=null evaluates all 2 layers, .* set store.layers=\[0\]"
+    ):
+        tasks.evaluate(cfg("eval", tmp_path, f"rotations={fitted}", "bits=2"))
+    assert not (tmp_path / "runs" / "eval").exists()  # no results folder either
+
+
 def test_a_side_without_fitted_rotations_is_labelled_with_the_rotation_it_used(key_rotations, tmp_path):
     out = tasks.evaluate(cfg("eval", tmp_path, f"rotations={key_rotations}", "kv=full_kv", "bits=2")).folder
     columns = json.loads((out / "summary.json").read_text())["columns"]

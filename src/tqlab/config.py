@@ -300,6 +300,14 @@ def run_sections(cfg: DictConfig) -> dict:
             f"store.layers={layers} includes layers {sorted(set(layers) - set(fit_layers))} that "
             f"rotations={cfg.rotations} has no rotations for; it was fitted on layers {fit_layers}"
         )
+    model_layers = (
+        fitted.facts.get("model_layers") if fitted is not None else None
+    )  # older fits: after loading
+    if cfg.task == "eval" and layers is None and model_layers and set(range(model_layers)) - set(fit_layers):
+        raise ConfigError(
+            f"store.layers=null evaluates all {model_layers} layers, but rotations={cfg.rotations} was fitted on "
+            f"layers {fit_layers}: set store.layers={list(fit_layers)}"
+        )
     if cfg.task == "train":
         check_fit_codec(sections["spec"])
     return sections

@@ -147,6 +147,9 @@ def _fit(cfg, sections, results: Path, loggers) -> None:
         },
         "per_head": fit["per_head"],
         "layers": layers,
+        "model_layers": arch[
+            "num_layers"
+        ],  # so that eval.py knows, before loading, what store.layers=null means
         "capture": source.manifest["fingerprint"],
         "config": resolved(cfg),
     }
