@@ -452,8 +452,14 @@ def test_the_results_folder_depends_on_what_changes_the_numbers_and_nothing_else
         ["progress=true"],
         ["logger=csv"],
         ["bits=3.0"],
+        ["k_bits=3"],  # the same spec said twice
+        ["k_codec=turboquant_mse"],
     ):
         assert fingerprint(cfg("eval", tmp_path, *same)) == base, same
+    # bits that no compressed side reads
+    assert fingerprint(cfg("eval", tmp_path, "k_bits=4", "bits=2")) == fingerprint(
+        cfg("eval", tmp_path, "k_bits=4")
+    )
     train = fingerprint(
         cfg("train", tmp_path)
     )  # a fit reads captured blocks: the model's device is no setting
@@ -463,6 +469,9 @@ def test_the_results_folder_depends_on_what_changes_the_numbers_and_nothing_else
     assert fingerprint(cfg("eval", tmp_path, *perplexity, "model.device=cuda")) != fingerprint(
         cfg("eval", tmp_path, *perplexity)
     )
+    assert fingerprint(cfg("eval", tmp_path, *perplexity, "eval.top_k=4")) == fingerprint(
+        cfg("eval", tmp_path, *perplexity)
+    )  # the model's own tokens are scored: no top-k
     for other in (
         ["bits=2"],
         ["eval.top_k=4"],
@@ -472,6 +481,8 @@ def test_the_results_folder_depends_on_what_changes_the_numbers_and_nothing_else
         ["codec.norm_dtype=float32"],
         ["kv=full_kv"],
         ["trainer.precision=64-true"],
+        ["k_bits=4"],
+        ["kv=full_kv", "v_bits=2"],
     ):
         assert fingerprint(cfg("eval", tmp_path, *other)) != base, other
 

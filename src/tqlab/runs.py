@@ -67,13 +67,21 @@ def numeric_settings(config: dict) -> dict:
     if conf.get("task") not in END_TO_END:
         conf.get("model", {}).pop("device", None)
     conf.get("eval", {}).pop("batch_size", None)
+    if conf.get("task") in END_TO_END:  # the model's own next tokens are scored, no top-k of attention
+        conf.get("eval", {}).pop("top_k", None)
     conf["trainer"] = {k: v for k, v in conf.get("trainer", {}).items() if k not in _TRAINER_PLACEMENT}
-    for key in _UNSET_NOT_FINGERPRINTED:
-        if conf.get(key) is None:
+    for key in _UNSET_NOT_FINGERPRINTED:  # a side's codec named as the codec is no other codec
+        if conf.get(key) is None or conf.get(key) == (conf.get("codec") or {}).get("name"):
             conf.pop(key, None)
     for key in ("bits", "k_bits", "v_bits"):  # bits=3.0 is bits=3
         if isinstance(conf.get(key), float) and conf[key].is_integer():
             conf[key] = int(conf[key])
+    for key in ("k_bits", "v_bits"):  # a side's bits equal to bits is no override
+        if key in conf and conf[key] == conf.get("bits"):
+            conf[key] = None
+    compressed = ((conf.get("kv") or {}).get("compress")) or ()
+    if compressed and all(conf.get(f"{side[0]}_bits") is not None for side in compressed):
+        conf["bits"] = None  # every compressed side has its own: bits is read by none
     return conf
 
 
