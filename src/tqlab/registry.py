@@ -299,11 +299,13 @@ def check_codec_rotation(codec: str, rotation: str) -> None:
         raise RuleError(f"rotation={rotation} does not apply to codec={codec}: choose from {list(allowed)}")
 
 
-def check_codec_dim(codec: str, options: dict, dim: int) -> None:
+def check_codec_dim(codec: str, options: dict, dim: int, side: str = "value") -> None:
     """Group sizes along the vector must divide head_dim (KIVI's group runs along tokens for keys, so it is
     checked for values, which group channels)."""
     for name in ("block", "group"):
         size = options.get(name)
+        if name == "group" and side == "key" and codec_rule(codec).key_groups:
+            continue
         if size is not None and dim % size:
             raise RuleError(f"codec.{name}={size} must divide head_dim {dim} for codec={codec}")
 

@@ -301,3 +301,14 @@ def test_fits_differing_in_a_setting_are_other_configurations_and_in_their_seed_
     assert fitted("logged", logger="csv", results_root="/elsewhere").config_hash == base.config_hash
     assert fitted("stored", store={"root": "/captures"}).config_hash == fitted("s2", store={}).config_hash
     assert fitted("lr", fit={"lr": 0.2}).config_hash != base.config_hash
+
+
+def test_kivi_key_groups_run_along_tokens_and_value_groups_along_channels():
+    keys = KVQuantSpec.create(
+        "kivi", 2, "identity", compress=("key",), codec_options={"group": 128}, head_dim=64
+    )
+    assert isinstance(CodecBank(keys, 64).get("key", 0, 0, "cpu"), quant.KIVI)  # 128 tokens per group: fine
+    with pytest.raises(RuleError, match="codec.group=128 must divide head_dim 64"):
+        KVQuantSpec.create(
+            "kivi", 2, "identity", compress=("value",), codec_options={"group": 128}, head_dim=64
+        )

@@ -284,7 +284,7 @@ class KVQuantSpec:
 
     def check_head_dim(self, head_dim: int) -> None:
         """What needs the model's head_dim (known after loading for models that are not offline)."""
-        for s in self.sides().values():
+        for side, s in self.sides().items():
             registry.check_bits(s.codec.name, s.codec.bits, "bits", head_dim)
             if s.codec.name == "protected_channels":
                 o = dict(s.codec.options)
@@ -298,7 +298,7 @@ class KVQuantSpec:
                 outliers = 8 * round((s.codec.bits - int(s.codec.bits)) * head_dim / 8)
                 for group in (outliers, head_dim - outliers):
                     registry.check_rotation_dim(s.rotation.name, group)
-            registry.check_codec_dim(s.codec.name, dict(s.codec.options), head_dim)
+            registry.check_codec_dim(s.codec.name, dict(s.codec.options), head_dim, side)
             registry.check_rotation_dim(s.rotation.name, head_dim)
             if s.rotation.fitted and s.rotation.fitted.facts["dim"] != head_dim:
                 raise RuleError(
