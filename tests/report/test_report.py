@@ -56,9 +56,9 @@ def test_report_has_tables_statistics_and_figures(sweep):
     assert "- 4: rotation=block_so8_static bits=2\n" in text  # the unfinished job is named, on one line
     data = json.loads((sweep / "out" / "report.json").read_text())
     assert len(data["summary"]) == 4
-    # three configurations at 2 bits → three pairs per metric, each over 2 layers × 2 heads (the units)
+    # three configurations at 2 bits → three pairs per metric, each over the 3 test sequences (the units)
     pairs = [p for p in data["paired"] if p["metric"] == "output_cosine"]
-    assert len(pairs) == 3 and all(p["n"] == 4 and p["unit"] == "layer_head" for p in pairs)
+    assert len(pairs) == 3 and all(p["n"] == 3 and p["unit"] == "document" for p in pairs)
     pictures = sorted((sweep / "out").glob("*.png"))
     assert {p.stem for p in pictures} >= {
         "pareto_output_cosine",

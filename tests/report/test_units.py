@@ -4,6 +4,7 @@ per configuration in every figure."""
 
 import csv
 import json
+import math
 import re
 
 import numpy as np
@@ -107,10 +108,12 @@ def _pair(data, metric, a, b, setting=("key+value", 2, 2)):
     return pair
 
 
-def test_paired_tests_run_on_layer_head_means(sweep):
+def test_paired_tests_run_on_documents_unless_asked_for_layer_head_means(sweep):
     root, written = sweep
-    text, data = _report(root, "layer_head")
+    assert _report(root, "default")[1]["unit"] == "document"  # the independent units, where rows name them
+    text, data = _report(root, "layer_head", unit="layer_head")
     assert data["unit"] == "layer_head" and "Unit = (layer, KV head)" in text
+    assert "not independent samples of text" in text
     haar, hadamard = "turboquant_mse · random_haar", "turboquant_mse · fast_hadamard"
     for metric in METRICS:
         d = _unit_means(written, "haar", metric, axis=2) - _unit_means(written, "hadamard", metric, axis=2)
@@ -294,3 +297,36 @@ def test_fits_of_other_settings_are_other_configurations_with_their_own_labels(t
     configs = group_seeds(collect(tmp_path / "sweep")[0])
     assert sorted(len(c.evals) for c in configs) == [1, 2]  # two seeds of one fit, and another fit
     assert len({c.label for c in configs}) == 2
+
+
+def test_holm_leaves_an_undefined_p_out_of_its_family():
+    from tqlab.report.stats import holm, paired_difference
+
+    adjusted = holm([float("nan"), 0.01, 0.02])
+    assert math.isnan(adjusted[0]) and adjusted[1:] == pytest.approx([0.02, 0.02])  # a family of two
+    # a unit infinite in both configurations has no difference: left out, not a NaN p
+    assert paired_difference([0, float("inf"), 0, 0], [1, float("inf"), 2, 3])["n"] == 3
+
+
+def test_blocks_not_in_every_configuration_are_said_and_protocols_are_told_apart(tmp_path):
+    rng = np.random.default_rng(1)
+    shape = (LAYERS, HEADS, WINDOWS)
+    for name, rotation, protocol in (
+        ("a", "random_haar", "all_quantized"),
+        ("b", "fast_hadamard", "all_quantized"),
+        ("c", "fast_hadamard", "prefill_exact"),
+    ):
+        values = {m: rng.normal(0.9, 0.03, shape) for m in METRICS}
+        columns = _columns("key+value", 2, 2, rotation, rotation, 0, protocol=protocol)
+        write_eval(tmp_path / "sweep" / name, columns, values)
+    rows = (tmp_path / "sweep" / "c" / "results.csv").read_text().splitlines()
+    (tmp_path / "sweep" / "c" / "results.csv").write_text(
+        "\n".join(rows[: 1 + LAYERS * HEADS * WINDOWS // 2])
+    )
+    text, data = _report(tmp_path, "out")
+    labels = {row["configuration"] for row in data["summary"]}
+    assert "turboquant_mse · fast_hadamard +prefill exact" in labels and len(labels) == 3
+    left = {(la, h, w) for la, h, w in np.ndindex(LAYERS, HEADS, WINDOWS)} - {
+        tuple(int(x) for x in row.split(",")[13:16]) for row in rows[1 : 1 + LAYERS * HEADS * WINDOWS // 2]
+    }
+    assert f"{len(left)} block(s) are not in every configuration of this setting" in text

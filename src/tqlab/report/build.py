@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..results import BLOCK_COLUMNS, higher_is_better
 from .collect import Configuration, ReportError, collect, group_seeds
-from .schema import UNITS
+from .schema import UNIT_INDEPENDENCE, UNITS
 from .stats import describe, friedman, holm, nanmean, paired_difference, row_mean, unit_means
 
 log = logging.getLogger(__name__)
@@ -157,6 +157,12 @@ def paired_tables(configs: list[Configuration], metrics: list[str], unit: str) -
             continue
         parts.append(f"### kv = {setting[0]}: {_sides(setting)}")
         blocks = _common_blocks(group)
+        left_out = {_block(r) for c in group for ev in c.evals for r in ev.rows} - blocks
+        if left_out:  # each unit must average the same windows in every configuration
+            parts.append(
+                f"{len(left_out)} block(s) are not in every configuration of this setting and are left out of "
+                "its tests (the summary's means include them)."
+            )
         for metric in metrics:
             values = [_unit_values(c, metric, by, blocks) for c in group]
             units = sorted(values[0], key=str)
@@ -412,11 +418,12 @@ def build_report(
     wandb: dict | None = None,
     unit: str | None = None,
 ) -> Path:
-    """`unit=None` pairs attention results by (layer, KV head) and end-to-end results by document."""
+    """`unit=None` pairs results by source document (the independent units: every layer and KV head of one
+    document reads its text), by (layer, KV head) only where rows name no document."""
     if unit is not None and unit not in UNITS:
         raise ReportError(f"unit={unit}: choose one of {sorted(UNITS)}")
     evals, missing = collect(runs)
-    unit = unit or ("layer_head" if all("layer" in ev.rows[0] for ev in evals) else "document")
+    unit = unit or ("document" if all("document" in ev.rows[0] for ev in evals) else "layer_head")
     unknown = [m for m in metrics if m not in evals[0].rows[0]]
     if unknown:
         raise ReportError(
@@ -477,10 +484,9 @@ def build_report(
     text += [
         "## Paired comparisons",
         "",
-        f"Unit = {unit_text}, averaged over seeds and over the windows every configuration of the setting has. "
-        "Windows of one (layer, KV head) are strongly correlated, so units, not windows, are the independent "
-        "pairs; n counts units. For B − A: the median over units with a percentile-bootstrap 95 % CI, the "
-        "Wilcoxon signed-rank p, and Holm-adjusted p over the pairs of one metric and setting.",
+        f"Unit = {unit_text}, averaged over seeds and over the windows every configuration of the setting has; "
+        f"n counts units. {UNIT_INDEPENDENCE[unit]} For B − A: the median over units with a percentile-bootstrap "
+        "95 % CI, the Wilcoxon signed-rank p, and Holm-adjusted p over the pairs of one metric and setting.",
         "",
         paired,
         "",

@@ -66,8 +66,10 @@ class Evaluation:
 
     @property
     def layout_suffix(self) -> str:
-        """What the cache kept exact, when anything: " +exact layers [0] +4 sinks +64 recent"."""
+        """What the cache kept exact, when anything: " +prefill exact +exact layers [0] +4 sinks +64 recent"."""
         c, parts = self.columns, []
+        if c.get("protocol") == "prefill_exact":
+            parts.append("prefill exact")
         if c.get("exact_layers") not in (None, "[]"):
             parts.append(f"exact layers {c['exact_layers']}")
         if c.get("sink_tokens"):

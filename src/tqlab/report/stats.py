@@ -61,10 +61,12 @@ def unit_means(rows, metric: str, by: tuple[str, ...]) -> dict[tuple, float]:
 
 
 def holm(p_values: list[float]) -> list[float]:
-    """Holm–Bonferroni adjusted p-values (step-down, monotone, capped at 1)."""
-    m = len(p_values)
-    order = sorted(range(m), key=lambda i: p_values[i])
-    adjusted, running = [0.0] * m, 0.0
+    """Holm–Bonferroni adjusted p-values (step-down, monotone, capped at 1); a p that is not a number stays
+    NaN and is not in the family."""
+    tested = [i for i, p in enumerate(p_values) if not math.isnan(p)]
+    m = len(tested)
+    order = sorted(tested, key=lambda i: p_values[i])
+    adjusted, running = [math.nan] * len(p_values), 0.0
     for rank, i in enumerate(order):
         running = max(running, (m - rank) * p_values[i])
         adjusted[i] = min(1.0, running)
@@ -74,8 +76,8 @@ def holm(p_values: list[float]) -> list[float]:
 def paired_difference(a, b, seed: int = 0, resamples: int = 2000) -> dict:
     """b − a over paired units: median difference with a bootstrap 95 % CI, and the Wilcoxon signed-rank p."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    keep = ~(np.isnan(a) | np.isnan(b))
-    d = b[keep] - a[keep]
+    d = b - a
+    d = d[~np.isnan(d)]  # a unit undefined in either, or infinite in both (inf − inf)
     if len(d) < 2 or np.all(d == 0):
         return {
             "n": int(len(d)),
