@@ -201,3 +201,20 @@ def test_large_inputs_are_coded_in_row_blocks_as_a_float64_reference_codes_them(
         rows = ~tie.any(-1, keepdim=True) & (sketch.abs() > 1e-4)
         signs = unpack_bits(code.signs, 1, d).bool()
         assert torch.equal(signs[rows.expand_as(signs)], (sketch >= 0)[rows.expand_as(signs)])
+
+
+@pytest.mark.parametrize("rotation", ["fast_hadamard", "random_haar"])
+def test_a_single_vector_codes_as_a_batch_of_one_and_tiny_norms_code_as_unit_vectors(rotation):
+    from tqlab.quant import TurboQuantProd
+
+    for codec in (TurboQuantMSE(64, 3, rotation=rotation), TurboQuantProd(64, 3, rotation=rotation)):
+        x = torch.randn(64, generator=torch.Generator().manual_seed(1))
+        one, batch = codec.quantize(x), codec.quantize(x[None])
+        assert torch.equal(one.indices, batch.indices[0]) and torch.equal(one.norms, batch.norms[0])
+    # norms below float32's smallest normal number (stored exactly as float32): divided by the norm itself
+    codec = TurboQuantMSE(128, 4, rotation=rotation, norm_dtype=torch.float32, seed=5)
+    x = torch.randn(8, 128, generator=torch.Generator().manual_seed(2))
+    for scale in (1.0, 1e-40):
+        y = (x * scale).double()
+        error = (codec.dequantize(codec.quantize(x * scale)).double() - y).pow(2).sum() / y.pow(2).sum()
+        assert error < 0.02, scale  # 4 bits: D_mse ≈ 0.009

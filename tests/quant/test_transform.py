@@ -47,6 +47,11 @@ def test_water_filling_bound_is_the_closed_form_at_high_rate():
     closed = 3 * 2 ** (-2 * total / 3) * np.prod(lam) ** (1 / 3)
     assert water_filling_bound(lam, total) == pytest.approx(closed, rel=1e-6)
     assert water_filling_bound(lam, 0) == pytest.approx(lam.sum())
+    # hundreds of bits per vector (4 bits at d = 128 and more): the bisection's bracket must not underflow
+    lam = np.linspace(0.1, 3, 128)
+    for total in (600, 1024):
+        closed = 128 * 2 ** (np.log2(lam).mean() - 2 * total / 128)
+        assert water_filling_bound(lam, total) == pytest.approx(closed, rel=1e-6)
 
 
 def test_variable_width_fields_round_trip_without_padding_between_them():

@@ -27,6 +27,10 @@ def test_eigen_hadamard_gives_every_coordinate_the_mean_variance():
     assert (plain / (lam.sum() / d) - 1).abs().max() > 0.2
     m = rotation.matrix().double()
     torch.testing.assert_close(m @ m.T, torch.eye(d, dtype=torch.float64), atol=1e-5, rtol=0)
+    for seed in range(4):  # a rotation, never a reflection, whatever sign eigh gives the eigenvectors
+        fitted = EigenHadamard(d, seed=seed)
+        fitted.fit(x[seed * 1000 : (seed + 1) * 1000])
+        assert torch.linalg.det(fitted.matrix().double()) == pytest.approx(1.0, abs=1e-4)
 
 
 @pytest.mark.parametrize("dim", [8, 64, 128, 256])

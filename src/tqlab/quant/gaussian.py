@@ -107,7 +107,9 @@ def water_filling_bound(variances, total_bits: float) -> float:
     def rate(theta: float) -> float:
         return float(np.sum(np.maximum(0.0, 0.5 * np.log2(lam / theta))))
 
-    lo, hi = lam.min() * 2.0 ** (-2 * total_bits - 2), lam.max()
+    # θ = λ_min · 2^(−2T/n − 2) spends more than T bits (at least T/n + 1 on each component); by bits per
+    # component, not per vector, so that it does not underflow to 0 at hundreds of bits
+    lo, hi = lam.min() * 2.0 ** (-2 * total_bits / len(lam) - 2), lam.max()
     for _ in range(200):  # rate(θ) falls monotonically in θ; bisect in log space
         mid = np.sqrt(lo * hi)
         lo, hi = (mid, hi) if rate(mid) > total_bits else (lo, mid)

@@ -117,7 +117,7 @@ class TurboQuantMSE(nn.Module):
     def _unit(self, x: torch.Tensor, codec: str) -> tuple[torch.Tensor, torch.Tensor]:
         x = check_input(x, self.dim, self.centroids.device, codec)
         norm = row_norms(x)
-        unit = x / norm.clamp_min(torch.finfo(torch.float32).tiny)
+        unit = x / torch.where(norm > 0, norm, 1.0)  # a subnormal norm too: the quotient stays a unit vector
         return unit, store_norms(norm.squeeze(-1), self.norm_dtype, codec)
 
     # -- public API --------------------------------------------------------------------------------
@@ -166,7 +166,7 @@ class TurboQuantMSE(nn.Module):
                 return (packed, norms) if projection is None else (packed, norms, signs, residual_norms)
 
             columns = in_row_blocks(encode_block, rows, self.dim)
-        return tuple(column.reshape(*x.shape[:-1], *column.shape[1:]) for column in columns)
+        return tuple(column.reshape((*x.shape[:-1], *column.shape[1:])) for column in columns)  # x: [d] too
 
     def rotated_centroids(self, code: MSECode) -> torch.Tensor:
         """c[idx] · ‖x‖ in the rotated domain (fp32): what attention over codes multiplies with."""

@@ -45,6 +45,9 @@ class EigenHadamard(Rotation):
         """Set U from vectors x [n, dim] (keys as the codec sees them, or queries for basis="query");
         returns the eigenvalues, largest first."""
         evals, evecs = eigenbasis(x, self.dim)
+        if torch.linalg.det(evecs.double()) < 0:  # a proper rotation (det +1), not a reflection
+            evecs = evecs.clone()
+            evecs[:, -1] = -evecs[:, -1]
         self.eigenvectors = evecs.float().to(self.eigenvectors.device)
         return evals
 

@@ -113,7 +113,7 @@ static float sum_squares(const float *v, int64_t d) {
 }
 
 /* For each of `rows` rows of x [rows, d] (float32, contiguous):
- *   signs_in != NULL: norms[i] = ‖x_i‖ and y = (D2/√d) H D1 x_i / max(‖x_i‖, FLT_MIN), D1 = signs_in and
+ *   signs_in != NULL: norms[i] = ‖x_i‖ and y = (D2/√d) H D1 x_i / ‖x_i‖ (by 1 where it is 0), D1 = signs_in and
  *                     D2/√d = scaled_signs_out (d a power of two);
  *   signs_in == NULL: y = x_i (already a rotated unit vector; norms untouched).
  * Then codes[j] = #{k : y_j > boundaries[k]} (n_boundaries <= 15) packed into packed[i] (row_bytes each),
@@ -129,7 +129,7 @@ static void encode(const float *x, int64_t rows, int64_t d, const float *signs_i
         const float *xi = x + i * d;
         if (signs_in) {
             float n = norm(xi, d);
-            float divisor = n > FLT_MIN ? n : FLT_MIN;
+            float divisor = n > 0.f ? n : 1.f; /* a subnormal norm too: the quotient stays a unit vector */
             for (int64_t j = 0; j < d; ++j) y[j] = xi[j] / divisor * signs_in[j];
             fwht(y, d);
             for (int64_t j = 0; j < d; ++j) y[j] *= scaled_signs_out[j];
