@@ -2,6 +2,8 @@
 the same codes, the same attention up to the kernels' fp16 operands, under both protocols, with exact sinks
 and a recent window merged by log-sum-exp, left padding, chunked prompts, and a sliding layer."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -444,3 +446,23 @@ def test_the_codes_and_exact_tokens_join_as_one_float64_softmax(exact_keys):
     )
     torch.testing.assert_close(got.double(), want.flatten(1, 2), rtol=0, atol=1e-5)
     assert not torch.allclose(got[0, 5], out[0, 5])  # the row without codes is the exact values' mix
+
+
+def test_the_kernels_on_a_cpu_without_the_interpreter_are_refused_by_name():
+    import subprocess
+    import sys
+
+    script = (
+        "import torch; from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "from tqlab.cache import compress_kv; from tqlab.kv import KVQuantSpec\n"
+        "config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=1,"
+        " num_attention_heads=4, num_key_value_heads=2, head_dim=32)\n"
+        "model = LlamaForCausalLM(config).eval()\n"
+        "spec = KVQuantSpec.create('turboquant_mse', 4, 'fast_hadamard', compress=('key', 'value'), head_dim=32)\n"
+        "model(torch.tensor([[1, 2, 3]]), cache=compress_kv(model, spec, kernels='triton'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert done.returncode != 0 and "set TRITON_INTERPRET=1 before triton is imported" in done.stderr, (
+        done.stderr[-2000:]
+    )

@@ -246,6 +246,16 @@ def test_what_cannot_be_frozen_is_refused_before_anything_changes():
         with pytest.raises(RuleError, match=match):
             cache.freeze(64)
         assert cache.nbytes() == held and not any(layer.static for layer in cache.layers)
+    wide = LlamaConfig(
+        vocab_size=97, hidden_size=128, intermediate_size=96, num_hidden_layers=1, head_dim=64,
+        num_attention_heads=64, num_key_value_heads=1,
+    )  # fmt: skip
+    wide_model = LlamaForCausalLM(wide).float().eval().to(DEVICE)  # 64 query heads per KV head
+    cache = compress_kv(wide_model, spec(), kernels="triton")
+    with torch.no_grad():
+        wide_model(ids, cache=cache)  # eagerly: the reference attention, the kernel taking at most 32 rows
+    with pytest.raises(RuleError, match="64 query heads per KV head exceed the decode kernel's 32 rows"):
+        cache.freeze(64)
     cache = compress_kv(model, spec(), kernels="triton")
     with torch.no_grad():
         model(ids, cache=cache)

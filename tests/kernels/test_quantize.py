@@ -523,3 +523,32 @@ def test_paired_launches_compile_for_a_gpu():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", PAIRED_COMPILE], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("prod", [False, True])
+def test_bfloat16_norms_round_to_nearest_as_the_codec_does(prod):
+    """Triton's interpreter truncates a bf16 store: every norm would be rounded down on a CPU."""
+    x = (torch.randn(500, 64, generator=torch.Generator().manual_seed(0)) * 3).to(DEVICE)
+    if prod:
+        c = TurboQuantProd(64, 4, rotation="fast_hadamard", norm_dtype=torch.bfloat16).to(DEVICE)
+        _, _, norms, residual = quantize_prod(
+            x, c.rotation.matrix(), c.mse.boundaries, c.projection, c.mse.centroids, torch.bfloat16
+        )
+        ref = c.quantize(x)
+        assert (residual != ref.residual_norms).float().mean() < 0.05  # fp32 rounding of ‖r‖ apart
+    else:
+        c = TurboQuantMSE(64, 3, rotation="fast_hadamard", norm_dtype=torch.bfloat16).to(DEVICE)
+        _, norms = quantize_mse(x, c.rotation.matrix(), c.boundaries, torch.bfloat16)
+        ref = c.quantize(x)
+    assert (norms != ref.norms).float().mean() < 0.05  # truncated: about half differed, all below
+
+
+def test_a_single_vector_and_heads_without_tokens_code_as_the_codec_does():
+    c = TurboQuantMSE(64, 3, rotation="fast_hadamard").to(DEVICE)
+    x = torch.randn(64, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    indices, norms = quantize_mse(x, c.rotation.matrix(), c.boundaries)
+    ref = c.quantize(x)
+    assert torch.equal(indices, ref.indices) and torch.equal(norms, ref.norms)
+    rotations = torch.stack([c.rotation.matrix()] * 2)
+    indices, norms = quantize_mse(torch.randn(1, 2, 0, 64, device=DEVICE), rotations, c.boundaries)
+    assert indices.shape == (1, 2, 0, 24) and norms.shape == (1, 2, 0)

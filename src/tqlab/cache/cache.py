@@ -129,6 +129,13 @@ class TurboQuantLayer(CacheLayerMixin):
             )
         if not _triton_available():
             raise RuleError("kernels='triton' needs triton: `pip install triton` (CPU: TRITON_INTERPRET=1)")
+        from ..kernels.decode import INTERPRETED
+
+        if self.device.type != "cuda" and not INTERPRETED:
+            raise RuleError(
+                f"kernels='triton' on {self.device.type} runs Triton's interpreter: set TRITON_INTERPRET=1 before "
+                "triton is imported (or kernels='auto' for the PyTorch path)"
+            )
         return True
 
     def _init_packed(self) -> None:
@@ -734,6 +741,15 @@ class TurboQuantCache(Cache):
             for i, layer in enumerate(self.layers)
         }  # every layer checked before any is changed
         refused = {i: reason for i, reason in why.items() if reason is not None}
+        from ..kernels.decode import MAX_ROWS
+
+        heads = self.text_config.num_attention_heads
+        group = heads // (getattr(self.text_config, "num_key_value_heads", None) or heads)
+        if group > MAX_ROWS:  # the eager path takes the reference then; a frozen step has only the kernel
+            raise RuleError(
+                f"this cache cannot decode in a CUDA graph: {group} query heads per KV head exceed the decode "
+                f"kernel's {MAX_ROWS} rows per step"
+            )
         if refused:
             i, reason = next(iter(refused.items()))
             raise RuleError(

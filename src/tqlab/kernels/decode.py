@@ -194,7 +194,8 @@ def _attend_chunk(
 
 # Inline PTX (the 4-bit byte permutes) needs the compiler for an NVIDIA GPU: not Triton's interpreter (which
 # decorated the kernels if TRITON_INTERPRET was set at import), not ROCm.
-_PTX = not isinstance(_attend_chunk, InterpretedFunction) and torch.version.hip is None
+INTERPRETED = isinstance(_attend_chunk, InterpretedFunction)  # TRITON_INTERPRET=1 at import: CPU tensors
+_PTX = not INTERPRETED and torch.version.hip is None
 
 
 @triton.jit

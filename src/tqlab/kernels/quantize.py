@@ -29,7 +29,7 @@ import triton.language as tl
 
 from ..quant.codes import check_norm_dtype
 from .packed import MAX_BITS
-from .step import BLOCK_DIM, MIN_ROWS, step_end
+from .step import BLOCK_DIM, MIN_ROWS, _round_to_bfloat16, step_end
 from .step import prepare as prepare_step_end
 
 BLOCK_ROWS = 64
@@ -381,14 +381,22 @@ def _quantize_rows(
                 sketched, r_squares = _sketch_step(
                     sketched, r_squares, y, idx, centroids, sketch_t, col + part, DIM, PRECISION
                 )
-    tl.store(norms + row, norm, mask=stored)
+    tl.store(norms + row, _rounded(norm, norms), mask=stored)
     if OVERFLOW:  # a norm stored as inf (or NaN, from a non-finite x): flagged on the device, no sync
         kept = norm.to(norms.dtype.element_ty).to(tl.float32)
         bad = stored & ((kept != kept) | (tl.abs(kept) > norm_limit))  # NaN, or past the limit (inf is)
         tl.store(overflow + tl.zeros_like(row), tl.full(row.shape, 1, tl.int32), mask=bad)  # no reduction
     if SKETCH:  # sign bits of S r (set: >= 0), one bit per coordinate in pack_bits' layout, and ‖r‖
         _store_codes(sketch_signs, row, stored, (sketched >= 0).to(tl.int32), 0, DIM, 1, DIM)
-        tl.store(residual_norms + row, tl.sqrt(r_squares), mask=stored)
+        tl.store(residual_norms + row, _rounded(tl.sqrt(r_squares), residual_norms), mask=stored)
+
+
+@triton.jit
+def _rounded(x, out):
+    """x as `out` stores it, rounded to nearest where that is bf16 (the interpreter's bf16 store truncates)."""
+    if out.dtype.element_ty == tl.bfloat16:
+        return _round_to_bfloat16(x)
+    return x
 
 
 def _permuted_columns(bits: int, halves: bool, sketch: bool) -> bool:
@@ -559,13 +567,13 @@ def _quantize(
             f"expected an int32 tensor of one element on {x.device}"
         )
     # [groups, rows, d]: a group per rotation, or per token run of a store written into
-    rows = x.reshape(-1, x.shape[-2], dim) if per_head or into else x.reshape(1, -1, dim)
+    rows = x.reshape(math.prod(x.shape[:-2]), x.shape[-2], dim) if per_head or into else x.reshape(1, -1, dim)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     if into is None:
         out_rows = rows.shape[1]
         into = [
-            torch.empty(*x.shape[:-1], *shape, dtype=torch.uint8 if shape else norm_dtype, device=x.device)
+            torch.empty((*x.shape[:-1], *shape), dtype=torch.uint8 if shape else norm_dtype, device=x.device)
             for shape in shapes.values()
         ]
     out = dict(zip(shapes, into, strict=True))  # by field name: indices, (signs,) norms, (residual_norms)
