@@ -394,8 +394,8 @@ def _quantize_rows(
 @triton.jit
 def _rounded(x, out):
     """x as `out` stores it, rounded to nearest where that is bf16 (the interpreter's bf16 store truncates)."""
-    if out.dtype.element_ty == tl.bfloat16:
-        return _round_to_bfloat16(x)
+    if out.dtype.element_ty == tl.bfloat16:  # a compile-time branch (step.py's pattern: one return)
+        x = _round_to_bfloat16(x)
     return x
 
 
