@@ -371,6 +371,9 @@ def test_appends_of_another_shape_and_exact_layers_of_another_kind_are_refused_b
     with pytest.raises(ValueError, match="layer 0: keys .* and values"):
         cache.append(torch.randn(1, 2, 4, 16), torch.randn(1, 2, 5, 16), 0)
     assert cache.get_seq_length(0) == 4  # nothing of the refused appends stored
+    cache.reset()  # a reset cache takes a new batch, as a fresh one would
+    cache.append(torch.randn(2, 2, 4, 16), torch.randn(2, 2, 4, 16), 0)
+    assert cache.get_seq_length(0) == 4
     for bad in (0, None):
         with pytest.raises(RuleError, match=f"exact_layers={bad} must be a list of layer indices"):
             compress_kv(model, spec, exact_layers=bad)

@@ -100,7 +100,7 @@ class TurboQuantLayer(CacheLayerMixin):
         self.reset()
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.device, self.dtype, self.batch = key_states.device, key_states.dtype, key_states.shape[0]
+        self.device, self.dtype = key_states.device, key_states.dtype
         for side in SIDES if self.bank is not None else ():
             self.codecs[side] = [
                 self.bank.get(side, self.layer_idx, h, self.device) for h in range(self.num_kv_heads)
@@ -251,6 +251,8 @@ class TurboQuantLayer(CacheLayerMixin):
                 f"layer {self.layer_idx}: keys {list(k)} and values {list(v)} must both be [batch, "
                 f"{self.num_kv_heads} KV heads, tokens, head_dim]"
             )
+        if self.batch is None:  # the first tokens since a reset set it
+            self.batch = k[0]
         if k[0] != self.batch:
             raise ValueError(
                 f"layer {self.layer_idx}: {k[0]} sequences after {self.batch}; the batch is fixed"
@@ -566,6 +568,7 @@ class TurboQuantLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.length = self.offset = 0
+        self.batch = None  # sequences per call, fixed by the first tokens
         self.awaiting_attention = False  # an eager update's tokens, until tqlab's attention reads them
         self.static, self.capacity = False, None  # frozen for CUDA-graph decode steps (`freeze`)
         self._counts = self._codes_held = self._read_lengths = None

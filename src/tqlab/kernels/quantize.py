@@ -29,7 +29,7 @@ import triton.language as tl
 
 from ..quant.codes import check_norm_dtype
 from .packed import MAX_BITS
-from .step import BLOCK_DIM, MIN_ROWS, _round_to_bfloat16, step_end
+from .step import BLOCK_DIM, MIN_ROWS, _rounded, step_end
 from .step import prepare as prepare_step_end
 
 BLOCK_ROWS = 64
@@ -389,14 +389,6 @@ def _quantize_rows(
     if SKETCH:  # sign bits of S r (set: >= 0), one bit per coordinate in pack_bits' layout, and ‖r‖
         _store_codes(sketch_signs, row, stored, (sketched >= 0).to(tl.int32), 0, DIM, 1, DIM)
         tl.store(residual_norms + row, _rounded(tl.sqrt(r_squares), residual_norms), mask=stored)
-
-
-@triton.jit
-def _rounded(x, out):
-    """x as `out` stores it, rounded to nearest where that is bf16 (the interpreter's bf16 store truncates)."""
-    if out.dtype.element_ty == tl.bfloat16:  # a compile-time branch (step.py's pattern: one return)
-        x = _round_to_bfloat16(x)
-    return x
 
 
 def _permuted_columns(bits: int, halves: bool, sketch: bool) -> bool:

@@ -74,9 +74,7 @@ def step_end(
         weight = 1.0 / (1.0 + tl.exp(codes_lse - logit))  # lse = −inf: exp(−inf) = 0, weight 1
         w, v = weight[:, None], v[None, :]
         o = tl.where(w < 0.5, o + w * (v - o), v - (v - o) * (1.0 - w))  # torch.lerp's: exact at w = 0 and 1
-    if result.dtype.element_ty == tl.bfloat16:
-        o = _round_to_bfloat16(o)
-    tl.store(result + heads[:, None] * DIM + cols[None, :], o, mask=valid[:, None])
+    tl.store(result + heads[:, None] * DIM + cols[None, :], _rounded(o, result), mask=valid[:, None])
 
 
 @triton.jit
@@ -87,6 +85,14 @@ def _round_to_bfloat16(x):
     rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
     rounded = tl.where(x != x, 0x7FC0, rounded)
     return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _rounded(x, out):
+    """x as `out` stores it, rounded to nearest where that is bf16 (the interpreter's bf16 store truncates)."""
+    if out.dtype.element_ty == tl.bfloat16:  # a compile-time branch with one return (two fail to compile)
+        x = _round_to_bfloat16(x)
+    return x
 
 
 @dataclasses.dataclass(frozen=True)
