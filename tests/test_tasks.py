@@ -456,9 +456,18 @@ def test_the_results_folder_depends_on_what_changes_the_numbers_and_nothing_else
         ["k_codec=turboquant_mse"],
     ):
         assert fingerprint(cfg("eval", tmp_path, *same)) == base, same
-    # bits that no compressed side reads
-    assert fingerprint(cfg("eval", tmp_path, "k_bits=4", "bits=2")) == fingerprint(
-        cfg("eval", tmp_path, "k_bits=4")
+    # one run, however its sides' widths are spelled (bits that no compressed side reads included)
+    for spellings in (
+        [["k_bits=4", "bits=2"], ["k_bits=4"], ["bits=4"]],  # the default compresses keys only
+        [["kv=value_only", "bits=4"], ["kv=value_only", "v_bits=4", "bits=2"]],
+        [["kv=full_kv", "bits=4"], ["kv=full_kv", "k_bits=4", "v_bits=4", "bits=2"]],
+        [["kv=full_kv", "bits=3", "k_bits=4"], ["kv=full_kv", "bits=4", "v_bits=3"]]
+        + [["kv=full_kv", "bits=2", "k_bits=4", "v_bits=3"]],
+    ):
+        prints = {fingerprint(cfg("eval", tmp_path, *spelling)) for spelling in spellings}
+        assert len(prints) == 1, spellings
+    assert fingerprint(cfg("eval", tmp_path, "kv=full_kv", "bits=3", "k_bits=4")) != fingerprint(
+        cfg("eval", tmp_path, "kv=full_kv", "bits=4", "k_bits=3")
     )
     train = fingerprint(
         cfg("train", tmp_path)

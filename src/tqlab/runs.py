@@ -76,12 +76,14 @@ def numeric_settings(config: dict) -> dict:
     for key in ("bits", "k_bits", "v_bits"):  # bits=3.0 is bits=3
         if isinstance(conf.get(key), float) and conf[key].is_integer():
             conf[key] = int(conf[key])
-    for key in ("k_bits", "v_bits"):  # a side's bits equal to bits is no override
-        if key in conf and conf[key] == conf.get("bits"):
-            conf[key] = None
-    compressed = ((conf.get("kv") or {}).get("compress")) or ()
-    if compressed and all(conf.get(f"{side[0]}_bits") is not None for side in compressed):
-        conf["bits"] = None  # every compressed side has its own: bits is read by none
+    compressed = [f"{side[0]}_bits" for side in ((conf.get("kv") or {}).get("compress") or ())]
+    if compressed:  # one spelling of each compressed side's width: bits, and k_bits where the keys' differs
+        widths = {key: conf[key] if conf.get(key) is not None else conf.get("bits") for key in compressed}
+        conf["bits"] = widths.get("v_bits", widths[compressed[0]])
+        for key in ("k_bits", "v_bits"):  # a side kept exact reads no bits
+            if key in conf or key in widths:
+                keys_differ = key == "k_bits" and key in widths and widths[key] != conf["bits"]
+                conf[key] = widths[key] if keys_differ else None
     return conf
 
 
