@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from docs_section import write_gpu_section
 
 from tqlab.kernels import centroid_table, decode_attention
+from tqlab.kernels.packed import sign_magnitude
 from tqlab.quant import MSECode, TurboQuantMSE
 
 DIM = 128
@@ -221,16 +222,22 @@ def bf16_times(
 
 
 def decode_inputs(batch, q_heads, kv_heads, context, bits, dim=DIM, device="cuda"):
-    """`decode_attention`'s arguments for one decode step over random codes (every byte a valid code), fp16
-    norms in [0.5, 1.5), one codec per side and an fp32 query (bf16-valued); and the two codecs."""
+    """`decode_attention`'s arguments for one decode step over random codes (every byte a valid code; at 4 bits
+    sign-magnitude labels, as the cache stores them: `codec_indices`), fp16 norms in [0.5, 1.5), one codec
+    per side and an fp32 query (bf16-valued); and the two codecs."""
     codecs = [TurboQuantMSE(dim, bits, rotation="fast_hadamard", seed=s).to(device) for s in (0, 1)]
     shape = (batch, kv_heads, context)
     codes = [torch.randint(0, 256, (*shape, dim // 8 * bits), dtype=torch.uint8, device=device) for _ in "kv"]
     norms = [(torch.rand(shape, device=device) + 0.5).half() for _ in "kv"]
     q = torch.randn(batch, q_heads, 1, dim, device=device, dtype=torch.bfloat16).float()
     lengths = torch.full((batch,), context, dtype=torch.int32, device=device)
-    tables = [centroid_table(c.centroids) for c in codecs]
+    tables = [centroid_table(c.centroids, sign_magnitude=bits == 4) for c in codecs]
     return (q, codes[0], norms[0], codes[1], norms[1], *tables, lengths, dim**-0.5), codecs
+
+
+def codec_indices(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """`decode_inputs`' codes as the codec's own indices (4-bit labels relabelled back)."""
+    return sign_magnitude(codes) if bits == 4 else codes
 
 
 def row(batch, q_heads, kv_heads, context, bits, reference_max, bf16) -> str:
@@ -243,9 +250,10 @@ def row(batch, q_heads, kv_heads, context, bits, reference_max, bf16) -> str:
     read = sum(c.numel() + 2 * n.numel() for c, n in zip(codes, norms, strict=True))
     reference, error = "", ""
     if context <= reference_max:
-        expected = reference_path(codecs, qf, codes, norms, scaling)
+        indices = [codec_indices(c, bits) for c in codes]
+        expected = reference_path(codecs, qf, indices, norms, scaling)
         error = f"{((call() - expected).abs().max() / expected.abs().max()).item():.1e}"
-        reference = f"{bench(lambda: reference_path(codecs, qf, codes, norms, scaling)):.0f}"
+        reference = f"{bench(lambda: reference_path(codecs, qf, indices, norms, scaling)):.0f}"
     return (
         f"| {batch} | {q_heads}/{kv_heads} | {context // 1024}k | K{bits}V{bits} | {sdpa:.1f} | "
         + "".join(f"{time:.1f} | " for time in others.values())

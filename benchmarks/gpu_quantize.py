@@ -19,6 +19,7 @@ import triton
 from docs_section import write_gpu_section
 
 from tqlab.kernels import quantize_mse, quantize_tables
+from tqlab.kernels.packed import sign_magnitude
 from tqlab.quant import TurboQuantMSE
 
 
@@ -49,15 +50,14 @@ def main() -> None:
         for bits in args.bits:
             codec = TurboQuantMSE(dim, bits, rotation="fast_hadamard").cuda()
             matrix = codec.rotation.matrix()
-            tables = quantize_tables(matrix, codec.boundaries, x.dtype)  # once per codec, as the cache does
+            # once per codec, as the cache does (4-bit codes as sign-magnitude labels)
+            tables = quantize_tables(matrix, codec.boundaries, x.dtype, sign_magnitude=bits == 4)
             ours = seconds(partial(quantize_mse, x, matrix, codec.boundaries, tables=tables))
             sample = x[: 1 << 16]
             reference = seconds(partial(codec.quantize, sample)) * x.shape[0] / sample.shape[0]
-            equal = (
-                (quantize_mse(sample, matrix, codec.boundaries)[0] == codec.quantize(sample).indices)
-                .float()
-                .mean()
-            )
+            indices = quantize_mse(sample, matrix, codec.boundaries, tables=tables)[0]
+            indices = sign_magnitude(indices) if bits == 4 else indices
+            equal = (indices == codec.quantize(sample).indices).float().mean()
             rows.append(
                 f"| {dim} | {bits} | {x.nbytes / 2**20:.0f} | {x.nbytes / ours / 1e9:.0f} | {100 * copy_s / ours:.0f}% | "
                 f"{x.nbytes / reference / 1e9:.0f} | {100 * equal.item():.4f}% of bytes |"

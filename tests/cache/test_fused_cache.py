@@ -15,6 +15,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Confi
 from tqlab.cache import attention, compress_kv, fused  # noqa: E402
 from tqlab.cache.cache import TurboQuantLayer  # noqa: E402
 from tqlab.kernels import decode, step  # noqa: E402
+from tqlab.kernels.packed import sign_magnitude  # noqa: E402
 from tqlab.kv import KVQuantSpec  # noqa: E402
 from tqlab.registry import RuleError  # noqa: E402
 
@@ -50,7 +51,10 @@ def codec_codes(monkeypatch):
     def encode(layer, side, chunk):
         codes = [codec.quantize(chunk[:, h]) for h, codec in enumerate(layer.codecs[side])]
         packed = layer.packed[side]
-        packed.append(*(torch.stack([getattr(c, name) for c in codes], 1) for name in packed.fields))
+        fields = {name: torch.stack([getattr(c, name) for c in codes], 1) for name in packed.fields}
+        if packed.sign_magnitude:  # 4-bit codes are stored as sign-magnitude labels
+            fields["indices"] = sign_magnitude(fields["indices"])
+        packed.append(*fields.values())
 
     monkeypatch.setattr(TurboQuantLayer, "_encode_packed", encode)
 
@@ -261,6 +265,9 @@ def test_the_fused_quantize_codes_x_minus_the_mean(codec, dtype, monkeypatch):
     layer = cache.layers[0]
     states = (3 * torch.randn(2, 2, 7, 32, generator=torch.Generator().manual_seed(3))).to(DEVICE, dtype)
     got = dict(zip(layer.packed["key"].fields, layer._quantize("key", states), strict=True))
+    assert layer.packed["key"].sign_magnitude == (codec == "turboquant_mse")  # 4-bit MSE codes: as labels
+    if layer.packed["key"].sign_magnitude:
+        got["indices"] = sign_magnitude(got["indices"])
     for h, centered in enumerate(layer.codecs["key"]):
         want = centered.quantize(states[:, h])
         same = (got["indices"][:, h] == want.indices).float().mean()
@@ -271,6 +278,27 @@ def test_the_fused_quantize_codes_x_minus_the_mean(codec, dtype, monkeypatch):
 @pytest.mark.filterwarnings(  # the interpreter's numpy arithmetic: the fp16 store, float32 squares
     "ignore:overflow encountered:RuntimeWarning"
 )
+@pytest.mark.parametrize("bits", [3, 4])
+def test_4_bit_codes_are_stored_as_sign_magnitude_labels_and_read_back_as_the_codecs(bits):
+    model = tiny()
+    cache = compress_kv(model, spec(bits), kernels="triton")
+    with torch.no_grad():
+        model(ids(5), cache=cache)
+    layer, held = cache.layers[0], 5
+    states = (2 * torch.randn(1, 2, 7, 32, generator=torch.Generator().manual_seed(4))).to(DEVICE)
+    fields = layer._quantize("key", states)
+    layer.packed["key"].append(*fields)
+    assert layer.packed["key"].sign_magnitude == (bits == 4)
+    for h, codec in enumerate(layer.codecs["key"]):
+        want = codec.quantize(states[:, h]).indices
+        read = layer.segments("key", h)[0][1].indices[:, held:]  # the codec's indices, whatever is stored
+        assert (read == want).float().mean() > 0.98  # a code may differ at a boundary tie
+        same_bytes = (fields[0][:, h] == want).float().mean()
+        assert (
+            same_bytes > 0.98 if bits == 3 else same_bytes < 0.5
+        )  # 4 bits: labels (indices >= 8 relabelled)
+
+
 def test_a_prompt_whose_norms_overflow_the_norm_dtype_is_refused_on_the_kernel_path(monkeypatch):
     """The fused quantize stores an fp16-overflowing norm as inf; the prompt is refused naming the layer and
     the option (as the codec refuses it), and with float32 norms the same prompt is coded."""

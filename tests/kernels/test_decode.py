@@ -6,6 +6,7 @@ import torch
 pytest.importorskip("triton")
 
 from tqlab.kernels import centroid_table, decode_attention  # noqa: E402
+from tqlab.kernels.packed import sign_magnitude  # noqa: E402
 from tqlab.quant import TurboQuantMSE, unpack_bits  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -103,11 +104,19 @@ def reference(q, keys, values, lengths, scaling, starts=None, shift=0, with_lse=
     return (out, torch.logsumexp(logits, dim=-1)) if with_lse else out
 
 
+def stored(codec, code):
+    """The indices and table as the cache stores them: 4-bit codes as sign-magnitude labels (the register
+    kernel's shorter decode; Lloyd-Max codebooks are symmetric), the others as the codec's indices."""
+    labels = codec.bits == 4
+    indices = sign_magnitude(code.indices) if labels else code.indices
+    return indices.to(DEVICE), centroid_table(codec.centroids.to(DEVICE), labels)
+
+
 def run(q, k_codec, k_code, v_codec, v_code, lengths, scaling, num_splits, with_lse=False, **kw):
+    (k_indices, k_table), (v_indices, v_table) = stored(k_codec, k_code), stored(v_codec, v_code)
     out, lse = decode_attention(
-        q.to(DEVICE), k_code.indices.to(DEVICE), k_code.norms.to(DEVICE), v_code.indices.to(DEVICE),
-        v_code.norms.to(DEVICE), centroid_table(k_codec.centroids.to(DEVICE)),
-        centroid_table(v_codec.centroids.to(DEVICE)), lengths.to(DEVICE), scaling, num_splits, **kw,
+        q.to(DEVICE), k_indices, k_code.norms.to(DEVICE), v_indices, v_code.norms.to(DEVICE), k_table, v_table,
+        lengths.to(DEVICE), scaling, num_splits, **kw,
     )  # fmt: skip
     assert out.dtype == torch.float32 and lse.shape == out.shape[:-1]
     return (out.cpu().double(), lse.cpu().double()) if with_lse else out.cpu().double()
@@ -155,12 +164,14 @@ def test_matches_float64_attention_over_the_decoded_codes(
     took_the_pair_table(kernel, k_bits, dim)
 
 
-def test_an_asymmetric_codebook_takes_the_general_4_bit_decode(kernel):
-    """Lloyd-Max codebooks are symmetric, and the register-fragment kernel then decodes 4-bit codes by
-    magnitude and sign; any other codebook must take its general decode and still be exact."""
+@pytest.mark.parametrize("shift", [0.05, 0.0])
+def test_codes_not_in_sign_magnitude_order_take_the_general_4_bit_decode(shift, kernel):
+    """The register-fragment kernel decodes 4-bit sign-magnitude labels of a symmetric codebook by magnitude
+    and sign; an asymmetric codebook, or a symmetric one indexed by the codec's own indices, must take its
+    general decode and still be exact."""
     dim, batch, kv_heads, group, tokens = 128, 2, 2, 4, 200
     codec = TurboQuantMSE(dim, 4, rotation="fast_hadamard", seed=3)
-    shifted = codec.centroids + 0.05  # no longer c[15 - i] = -c[i]
+    shifted = codec.centroids + shift  # 0.05: no longer c[15 - i] = -c[i]
     k_code = codec.quantize(gaussian(batch, kv_heads, tokens, dim, seed=4))
     v_code = codec.quantize(gaussian(batch, kv_heads, tokens, dim, seed=5))
     q = gaussian(batch, kv_heads * group, 1, dim, seed=6) * 2

@@ -113,17 +113,25 @@ def test_the_register_kernel_decoders_emit_each_code_in_their_stated_order(bits)
         assert [regs[f"${j}"] for j in range(8)] == [codebook[c] for c in codes], trial
 
 
-def test_the_symmetric_4_bit_decoder_matches_a_lookup_in_any_symmetric_codebook():
-    """`packed.DECODE4_SYMMETRIC_ASM` reads only c[0..7] and takes c[15 − i] = −c[i] for the rest."""
+def test_the_sign_magnitude_decoder_matches_a_lookup_of_labels_in_any_symmetric_codebook():
+    """`packed.DECODE4_SIGN_MAGNITUDE_ASM` reads only c[0..7]: label l >= 8 is −c[l & 7], the codec's index l ^ 7
+    (c[15 − i] = −c[i]); `sign_magnitude` relabels packed bytes so, and back."""
     rng = np.random.default_rng(7)
     for trial in range(200):
         half = np.sort(rng.standard_normal(8)).astype(np.float16)
-        codebook = fp16_bits(np.concatenate([half, -half[::-1]]))
-        assert codebook[15] == codebook[0] ^ 0x8000
-        group = int(rng.integers(0, 2**32))
+        centroids = np.concatenate([half, -half[::-1]])
+        codebook = fp16_bits(centroids)
+        table = fp16_bits(packed.centroid_table(torch.from_numpy(centroids), sign_magnitude=True).numpy())
+        assert table[:8] == codebook[:8] and table[8:] == codebook[8:][::-1]
+        indices = rng.integers(0, 256, size=4, dtype=np.uint8)  # a group of 8 codes as packed bytes
+        labels = packed.sign_magnitude(torch.from_numpy(indices)).numpy()
+        assert np.array_equal(packed.sign_magnitude(torch.from_numpy(labels)).numpy(), indices)
+        group = int(labels.view("<u4")[0])
         operands = {f"${8 + i}": v for i, v in enumerate((group, *planes(codebook, 0)))}
-        regs = run_ptx(packed.DECODE4_SYMMETRIC_ASM.value, operands)
-        assert [regs[f"${j}"] for j in range(8)] == [codebook[(group >> 4 * j) & 15] for j in range(8)], trial
+        regs = run_ptx(packed.DECODE4_SIGN_MAGNITUDE_ASM.value, operands)
+        index = [(int(indices[j // 2]) >> 4 * (j % 2)) & 15 for j in range(8)]  # code j: nibble j, low first
+        assert [regs[f"${j}"] for j in range(8)] == [codebook[i] for i in index], trial
+        assert [table[(group >> 4 * j) & 15] for j in range(8)] == [codebook[i] for i in index], trial
 
 
 def test_byte_planes_match_the_packing_the_ptx_reads():

@@ -280,6 +280,44 @@ def test_asymmetric_boundaries_are_counted_in_full():
     assert torch.equal(ours[~near_tie], torch.bucketize(y, boundaries.double())[~near_tie])
 
 
+@pytest.mark.parametrize(  # the ±1 product (binary search), its signed halves, the general tf32 one (linear count)
+    "dim, dtype, rotation",
+    [
+        (128, torch.bfloat16, "fast_hadamard"),
+        (256, torch.bfloat16, "fast_hadamard"),
+        (64, torch.float32, "random_haar"),
+    ],
+)
+def test_sign_magnitude_labels_are_the_codecs_indices_relabelled(dim, dtype, rotation):
+    from tqlab.kernels.packed import sign_magnitude
+
+    codec = TurboQuantMSE(dim, 4, rotation=rotation, seed=6)
+    x = (torch.randn(3, 40, dim, generator=torch.Generator().manual_seed(6)) * 2).to(dtype)
+    matrix, boundaries = codec.rotation.matrix().to(DEVICE), codec.boundaries.to(DEVICE)
+    tables = quantize_tables(matrix, boundaries, x.dtype, sign_magnitude=True)
+    labels, norms = quantize_mse(x.to(DEVICE), matrix, boundaries, tables=tables)
+    plain, plain_norms = quantize_mse(x.to(DEVICE), matrix, boundaries)
+    assert torch.equal(norms, plain_norms) and not torch.equal(labels, plain)
+    assert torch.equal(sign_magnitude(labels), plain)
+    # label l: index l below 8, else l ^ 7 (a float64 bucketing, ties at a boundary apart)
+    y = (x.double() / x.double().norm(dim=-1, keepdim=True)) @ codec.rotation.matrix().double().T
+    near_tie = ((y.unsqueeze(-1) - codec.boundaries.double()).abs() < NEAR_TIE).any(-1)
+    index = torch.bucketize(y, codec.boundaries.double())
+    expected = torch.where(index >= 8, index ^ 7, index)
+    assert torch.equal(unpack_bits(labels.cpu(), 4, dim)[~near_tie], expected[~near_tie])
+
+
+def test_sign_magnitude_labels_only_for_symmetric_4_bit_mse_codes():
+    for bits, shift, prod in ((3, 0.0, False), (4, 0.02, False), (4, 0.0, True)):
+        codec = TurboQuantProd(64, bits + 1) if prod else TurboQuantMSE(64, bits)
+        mse = codec.mse if prod else codec
+        extra = (codec.projection, mse.centroids) if prod else ()
+        with pytest.raises(ValueError, match="sign_magnitude labels are for TurboQuant-MSE codes of 4 bits"):
+            quantize_tables(
+                mse.rotation.matrix(), mse.boundaries + shift, torch.float32, *extra, sign_magnitude=True
+            )
+
+
 def test_tables_of_another_codec_are_refused():
     """Tables are built once by the caller; ones built for another width or rotation would code silently wrong."""
     narrow, wide = TurboQuantMSE(64, 2), TurboQuantMSE(64, 3)

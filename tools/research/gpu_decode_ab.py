@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, "benchmarks")  # run from the repository root
-from gpu_decode import bench, bf16_times, decode_inputs  # noqa: E402
+from gpu_decode import bench, bf16_times, codec_indices, decode_inputs  # noqa: E402
 
-from tqlab.kernels import decode_attention  # noqa: E402
+from tqlab.kernels import centroid_table, decode_attention  # noqa: E402
 
 
 def load_kernels(folder: Path, module: str = "decode"):
@@ -52,6 +52,8 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=128, help="head_dim")
     args = parser.parse_args()
     other = load_kernels(args.against)
+    # a version from before sign-magnitude labels reads 4-bit codes as the codec's indices, with the plain table
+    plain = not hasattr(importlib.import_module("other_kernels.packed"), "sign_magnitude")
     print(
         "| batch | q/KV heads | context | bits | SDPA bf16 µs | other µs | this µs | speed-up | vs SDPA | max rel Δ |"
     )
@@ -62,10 +64,15 @@ def main() -> None:
             for context in args.contexts:
                 sdpa, _ = bf16_times(batch, q_heads, kv_heads, context, flex=False, dim=args.dim)
                 for bits in args.bits:
-                    inputs, _ = decode_inputs(batch, q_heads, kv_heads, context, bits, dim=args.dim)
-                    theirs, ours = other.decode_attention(*inputs)[0], decode_attention(*inputs)[0]
+                    inputs, codecs = decode_inputs(batch, q_heads, kv_heads, context, bits, dim=args.dim)
+                    their_inputs = inputs
+                    if plain and bits == 4:
+                        indices = [codec_indices(c, bits) for c in inputs[1:5:2]]
+                        tables = [centroid_table(c.centroids) for c in codecs]
+                        their_inputs = (inputs[0], indices[0], inputs[2], indices[1], inputs[4], *tables, *inputs[7:])  # fmt: skip
+                    theirs, ours = other.decode_attention(*their_inputs)[0], decode_attention(*inputs)[0]
                     delta = ((ours - theirs).abs().max() / theirs.abs().max()).item()
-                    before = bench(functools.partial(other.decode_attention, *inputs))
+                    before = bench(functools.partial(other.decode_attention, *their_inputs))
                     after = bench(functools.partial(decode_attention, *inputs))
                     print(f"| {batch} | {layout} | {context // 1024}k | K{bits}V{bits} | {sdpa:.1f} | {before:.1f} | "
                           f"{after:.1f} | {before / after:.2f}× | {sdpa / after:.2f}× | {delta:.0e} |", flush=True)  # fmt: skip

@@ -4,11 +4,14 @@ how a quantize change was measured before it was kept.
     mkdir -p prev_quantize && for f in quantize packed; do git show 7cdcc7b:src/tqlab/kernels/$f.py > prev_quantize/$f.py; done
     PYTHONPATH=src python tools/research/gpu_quantize_ab.py --against prev_quantize
     PYTHONPATH=src python tools/research/gpu_quantize_ab.py --against prev_quantize --overflow
+    PYTHONPATH=src python tools/research/gpu_quantize_ab.py --against prev_quantize --bits 4 --sign-magnitude
 
 `--against` is a folder holding the other version's quantize.py and packed.py (the GPU machine has no git, so
 the folder travels with the tree). Each version runs twice, alternating; prints % of a device copy of the same
 bf16 input for both, per d and width, and the share of code bytes on which the two versions agree. With
-`--overflow` this version is given a norm-overflow flag to set, as `TurboQuantCache` gives it.
+`--overflow` this version is given a norm-overflow flag to set, as `TurboQuantCache` gives it; with
+`--sign-magnitude` it writes 4-bit codes as sign-magnitude labels, as the cache has it do (compared with the
+other version's codes after relabelling them back).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import triton
 from gpu_decode_ab import load_kernels  # beside this script
 
 from tqlab.kernels import quantize as this
+from tqlab.kernels.packed import sign_magnitude
 from tqlab.quant import TurboQuantMSE
 
 
@@ -37,6 +41,7 @@ def main() -> None:
     parser.add_argument("--dims", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
     parser.add_argument("--overflow", action="store_true", help="this version sets a norm-overflow flag")
+    parser.add_argument("--sign-magnitude", action="store_true", help="this version writes 4-bit labels")
     args = parser.parse_args()
     other = load_kernels(args.against, "quantize")
     print("| d | bits | other % of copy | this % of copy | codes equal |")
@@ -50,16 +55,24 @@ def main() -> None:
             matrix = codec.rotation.matrix()
             runs = {"other": [], "this": []}
             flag = torch.zeros(1, dtype=torch.int32, device="cuda")
+            labels = args.sign_magnitude and bits == 4
+            tables = {
+                "other": other.quantize_tables(matrix, codec.boundaries, x.dtype),
+                "this": this.quantize_tables(matrix, codec.boundaries, x.dtype, sign_magnitude=labels)
+                if labels
+                else this.quantize_tables(matrix, codec.boundaries, x.dtype),
+            }
             for name, module in [("other", other), ("this", this)] * 2:
-                tables = module.quantize_tables(matrix, codec.boundaries, x.dtype)
                 kw = {"overflow": flag} if args.overflow and name == "this" else {}
                 runs[name].append(
-                    seconds(partial(module.quantize_mse, x, matrix, codec.boundaries, tables=tables, **kw))
+                    seconds(
+                        partial(module.quantize_mse, x, matrix, codec.boundaries, tables=tables[name], **kw)
+                    )
                 )
             sample = x[: 1 << 16]
-            equal = (
-                other.quantize_mse(sample, matrix, codec.boundaries)[0] == this.quantize_mse(sample, matrix, codec.boundaries)[0]
-            ).float().mean()  # fmt: skip
+            ours = this.quantize_mse(sample, matrix, codec.boundaries, tables=tables["this"])[0]
+            ours = sign_magnitude(ours) if labels else ours
+            equal = (other.quantize_mse(sample, matrix, codec.boundaries)[0] == ours).float().mean()
             share = {
                 name: " / ".join(f"{100 * copy_s / t:.1f}" for t in times) for name, times in runs.items()
             }

@@ -43,7 +43,7 @@ from ..kv.spec import KVQuantSpec
 from ..registry import SIDES, RuleError
 from . import attention
 from .codes import concat, drop_front
-from .packed import PackedCodes, kernel_centroids, stage1, stored
+from .packed import PackedCodes, kernel_centroids, sign_magnitude, stage1, stored
 
 if TYPE_CHECKING:
     from ..kernels.quantize import QuantizeLaunch
@@ -159,7 +159,10 @@ class TurboQuantLayer(CacheLayerMixin):
                     f"layer {self.layer_idx}: the {side} codecs of its KV heads differ in kind, bits, norm dtype "
                     "or mean removal"
                 )
-            self.packed[side] = PackedCodes(mse.bits, mse.dim, first.norm_dtype, self.reserve_tokens, prod)
+            labels = sign_magnitude(first)  # the decode kernels' shorter 4-bit decode
+            self.packed[side] = PackedCodes(
+                mse.bits, mse.dim, first.norm_dtype, self.reserve_tokens, prod, labels
+            )
             with torch.no_grad():
                 # matrix() builds on the rotation's own device: CPU for one without tensors (identity)
                 self.rotations[side] = torch.stack([c.rotation.matrix().to(self.device) for c in codecs])
@@ -174,10 +177,10 @@ class TurboQuantLayer(CacheLayerMixin):
                 if means is None
                 else (self.rotations[side].double() @ means.double()[..., None])[..., 0].float()
             )
-            self.tables[side] = centroid_table(kernel_centroids(first))
+            self.tables[side] = centroid_table(kernel_centroids(first), labels)
             self.quantize_tables[side] = quantize_tables(
                 self.rotations[side], mse.boundaries, self.dtype, self.projections[side],
-                mse.centroids if prod else None, means,
+                mse.centroids if prod else None, means, labels,
             )  # fmt: skip
 
     def _quantize(

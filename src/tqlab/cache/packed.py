@@ -2,7 +2,9 @@
 
 TurboQuant-MSE: indices [B, KVH, capacity, d/8 · bits] uint8 and norms [B, KVH, capacity]; TurboQuant-Prod
 adds its sketch, signs [B, KVH, capacity, d/8] uint8 and residual_norms [B, KVH, capacity] (its indices are
-the Stage-1 codes, bits − 1 wide). The first `length` tokens are filled. The capacity grows by half when it
+the Stage-1 codes, bits − 1 wide). 4-bit MSE codes of a codebook symmetric about 0 are stored as sign-magnitude
+labels (`kernels.packed.sign_magnitude`), which the decode kernels read in fewer instructions; `head` gives the
+codec's own indices back. The first `length` tokens are filled. The capacity grows by half when it
 runs out, so appending a decode step's token is a write, not a copy of the cache (amortised: each token is
 copied at most a few times over a run); a `reserve` of tokens sizes the first allocation, so that a run that
 stays within it never grows or copies. `nbytes` counts the filled tokens (what is stored),
@@ -49,11 +51,26 @@ def kernel_centroids(codec) -> torch.Tensor | None:
     return mse.centroids * (mse.unbiased_scale or 1.0)
 
 
+def sign_magnitude(codec) -> bool:
+    """Whether the cache stores `codec`'s codes as sign-magnitude labels: 4-bit TurboQuant-MSE codes (not
+    Prod's Stage 1) of a codebook symmetric about 0."""
+    codec = stored(codec)
+    return (
+        type(codec) is TurboQuantMSE
+        and codec.bits == 4
+        and torch.equal(codec.boundaries, -codec.boundaries.flip(0))
+    )
+
+
 class PackedCodes:
-    def __init__(self, bits: int, dim: int, norm_dtype: torch.dtype, reserve: int = 0, sketch: bool = False):
-        """bits: of the stored indices (Prod's Stage 1); sketch: Prod's signs and residual norms too."""
+    def __init__(
+        self, bits: int, dim: int, norm_dtype: torch.dtype, reserve: int = 0, sketch: bool = False,
+        sign_magnitude: bool = False,
+    ):  # fmt: skip
+        """bits: of the stored indices (Prod's Stage 1); sketch: Prod's signs and residual norms too;
+        sign_magnitude: 4-bit indices stored as sign-magnitude labels."""
         self.bits, self.dim, self.norm_dtype = bits, dim, norm_dtype
-        self.reserve, self.sketch = reserve, sketch
+        self.reserve, self.sketch, self.sign_magnitude = reserve, sketch, sign_magnitude
         self.fields = ("indices", "signs", "norms", "residual_norms") if sketch else ("indices", "norms")
         self.tensors: dict[str, torch.Tensor] | None = None
         self.length = 0
@@ -109,10 +126,15 @@ class PackedCodes:
         return {name: t[:, :, : self.length] for name, t in self.tensors.items()}
 
     def head(self, h: int) -> MSECode | ProdCode | None:
-        """KV head h's codes as the codec's own code (views), for the PyTorch reference path."""
+        """KV head h's codes as the codec's own code (views; sign-magnitude labels are copied back into the
+        codec's indices), for the PyTorch reference path."""
         if not self.length:
             return None
         v = {name: t[:, h] for name, t in self.views().items()}
+        if self.sign_magnitude:
+            from ..kernels.packed import sign_magnitude
+
+            v["indices"] = sign_magnitude(v["indices"])
         shape = (v["indices"].shape[0], self.length)
         if self.sketch:
             return ProdCode(shape, self.dim, self.bits + 1, self.dim, **v)

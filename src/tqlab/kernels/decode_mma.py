@@ -15,9 +15,10 @@ DIM/4 coordinates of each of its keys, chosen to be its own contiguous DIM/4 sto
 load at 4 bits, d = 128), and the query is loaded in the matching order. Values are the A operand of
 Oᵀ = Vᵀ·Pᵀ (coordinates on M, keys on K); lane g holds DIM/8 contiguous stored coordinates of its keys, and
 the output is written back through the same order. Within a group of 8 codes, the byte-permute decode emits
-the codes in an order of its own (`packed.CODE_ORDER_*`), which the coordinate order absorbs. A 4-bit
-codebook symmetric about 0 (Lloyd-Max's are; checked in the kernel) takes the shorter decode
-`packed.DECODE4_SYMMETRIC_ASM`; others run a second copy of the loop with the general one. Where each program
+the codes in an order of its own (`packed.CODE_ORDER_*`), which the coordinate order absorbs. 4-bit codes
+stored as sign-magnitude labels of a codebook symmetric about 0 (`packed.sign_magnitude`, as the cache stores
+them; the table's symmetry is checked in the kernel) take the shorter decode
+`packed.DECODE4_SIGN_MAGNITUDE_ASM`; others run a second copy of the loop with the general one. Where each program
 runs long enough (LOOKUP_MIN_BLOCKS), 3- and 4-bit keys (and at K3V3 the values) are instead looked up two codes
 at a time in a table of the codebook's 64 or 256 centroid pairs that each program builds in shared memory
 (`_pair_table`): one shared-memory read and one or two integer instructions per two codes, which moves part of
@@ -42,7 +43,7 @@ from .packed import (
     CODE_ORDER_4,
     DECODE2_ASM,
     DECODE3_ASM,
-    DECODE4_SYMMETRIC_ASM,
+    DECODE4_SIGN_MAGNITUDE_ASM,
     PERMUTE4_ASM,
 )
 
@@ -193,18 +194,19 @@ def _lookup_pairs(groups, base, BITS: gl.constexpr):
 
 
 @gluon.jit
-def _is_symmetric(table, BITS: gl.constexpr):
-    """Whether the fp16 codebook has c[2^BITS − 1 − i] = −c[i] bit for bit."""
+def _is_sign_magnitude(table, BITS: gl.constexpr):
+    """Whether the fp16 table, indexed by label, is a symmetric codebook's in sign-magnitude order
+    (`packed.centroid_table(..., sign_magnitude=True)`): t[l ^ 2^(BITS−1)] = −t[l] bit for bit."""
     i = gl.arange(0, 1 << BITS, layout=gl.BlockedLayout([1], [32], [1], [0]))
     entries = table.to(gl.pointer_type(gl.int16))
-    mirrored = gl.load(entries + ((1 << BITS) - 1 - i)).to(gl.int32) ^ 0x8000
+    mirrored = gl.load(entries + (i ^ (1 << (BITS - 1)))).to(gl.int32) ^ 0x8000
     return gl.sum((gl.load(entries + i).to(gl.int32) & 0xFFFF) != (mirrored & 0xFFFF), axis=0) == 0
 
 
 @gluon.jit
 def _decode(groups, planes, SYMMETRIC: gl.constexpr, BITS: gl.constexpr):
     """Eight fp16 tensors: the codes of each int32 group in CODE_ORDER_<BITS>, looked up by byte permutes in
-    `_planes`; SYMMETRIC (4 bits): the codebook is symmetric about 0, so the shorter decode applies."""
+    `_planes`; SYMMETRIC (4 bits): sign-magnitude labels of a symmetric codebook, so the shorter decode applies."""
     zero = gl.zeros_like(groups)
     if BITS == 2:
         return gl.inline_asm_elementwise(
@@ -219,7 +221,7 @@ def _decode(groups, planes, SYMMETRIC: gl.constexpr, BITS: gl.constexpr):
         )  # fmt: skip
     elif SYMMETRIC:
         return gl.inline_asm_elementwise(
-            DECODE4_SYMMETRIC_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r",
+            DECODE4_SIGN_MAGNITUDE_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r",
             [groups, zero + planes[0], zero + planes[1], zero + planes[2], zero + planes[3]],
             dtype=(gl.float16,) * 8, is_pure=True, pack=1,
         )  # fmt: skip
@@ -557,10 +559,12 @@ def _attend_chunk_mma(
     k_planes = (
         _pair_table(k_table, v_table, K_BITS, LOOKUP_VALUES) if LOOKUP_KEYS else _planes(k_table, K_BITS)
     )
-    symmetric = (K_BITS < 4 or _is_symmetric(k_table, K_BITS)) and (
-        V_BITS < 4 or _is_symmetric(v_table, V_BITS)
+    sign_magnitude = (K_BITS < 4 or _is_sign_magnitude(k_table, K_BITS)) and (
+        V_BITS < 4 or _is_sign_magnitude(v_table, V_BITS)
     )
-    if (K_BITS == 4 or V_BITS == 4) and symmetric:  # one loop per decoder: a branch inside costs registers
+    if (
+        K_BITS == 4 or V_BITS == 4
+    ) and sign_magnitude:  # one loop per decoder: a branch inside costs registers
         acc, m_i, l_i = _attend_blocks(
             q_op, q_scale, last_key, first_key, start, stop, kc, kn, vc, vn, k_planes, v_planes,
             K_BITS, V_BITS, DIM, ROWS, BLOCK_N, True, LOOKUP_KEYS, LOOKUP_VALUES,

@@ -35,14 +35,32 @@ def check_code_bits(row_bytes: int, dim: int, what: str) -> int:
     return bits
 
 
-def centroid_table(centroids: torch.Tensor) -> torch.Tensor:
-    """The fp16 codebook the kernels look codes up in (from codec.centroids): build it once per codec."""
+def centroid_table(centroids: torch.Tensor, sign_magnitude: bool = False) -> torch.Tensor:
+    """The fp16 codebook the kernels look codes up in (from codec.centroids): build it once per codec.
+    sign_magnitude (4 bits): indexed by `sign_magnitude` labels instead of the codec's indices."""
     levels = centroids.numel()
     if levels not in [1 << b for b in range(MIN_BITS, MAX_BITS + 1)]:
         raise ValueError(
             f"a codebook of {levels} centroids is not 2^bits with bits in {MIN_BITS}..{MAX_BITS}"
         )
-    return centroids.to(torch.float16).contiguous()
+    if sign_magnitude and levels != 16:
+        raise ValueError(f"sign-magnitude labels are 4-bit codes; this codebook has {levels} centroids")
+    table = centroids[_LABELS.to(centroids.device)] if sign_magnitude else centroids
+    return table.to(torch.float16).contiguous()
+
+
+# 4-bit index i and its sign-magnitude label: i for i < 8, i ^ 7 for i >= 8 (the map is its own inverse)
+_LABELS = torch.arange(16) ^ (7 * (torch.arange(16) >> 3))
+_LABEL_BYTES = (_LABELS[torch.arange(256) >> 4] << 4 | _LABELS[torch.arange(256) & 15]).to(torch.uint8)
+
+
+def sign_magnitude(indices: torch.Tensor) -> torch.Tensor:
+    """Packed 4-bit codes (uint8, two per byte, `pack_bits`' layout) with each index i >= 8 relabelled i ^ 7,
+    and labels back to indices (the map is its own inverse). For a codebook symmetric about 0 (c[15 − i] =
+    −c[i], as Lloyd-Max's are) label l is the centroid −c[l & 7] when l >= 8 and c[l] otherwise: its top bit
+    is the sign and its low 3 bits index c[0..7], which the register decode reads straight
+    (`DECODE4_SIGN_MAGNITUDE_ASM`); the cache stores 4-bit codes so (`quantize_tables(..., sign_magnitude=True)`)."""
+    return _LABEL_BYTES.to(indices.device)[indices.long()]
 
 
 @triton.jit
@@ -121,20 +139,19 @@ DECODE2_ASM = tl.constexpr(
 their low and high bytes up in c[0..3] ($9 low bytes, $10 high)."""
 
 
-DECODE4_SYMMETRIC_ASM = tl.constexpr(
-    """{ .reg .b32 t, j, w4, l, h, k;
-    shr.b32 t, $8, 3; and.b32 t, t, 0x11111111; mul.lo.u32 t, t, 7; xor.b32 j, $8, t; and.b32 j, j, 0x77777777;
-    shl.b32 w4, $8, 4;
+DECODE4_SIGN_MAGNITUDE_ASM = tl.constexpr(
+    """{ .reg .b32 j, w4, l, h, k;
+    and.b32 j, $8, 0x77777777; shl.b32 w4, $8, 4;
     prmt.b32 l, $9, $10, j; prmt.b32 h, $11, $12, j; prmt.b32 k, w4, $8, 0xD9C8; and.b32 k, k, 0x80808080;
     xor.b32 h, h, k; prmt.b32 k, l, h, 0x5140; mov.b32 {$0, $1}, k; prmt.b32 k, l, h, 0x7362; mov.b32 {$2, $3}, k;
     shr.b32 j, j, 16;
     prmt.b32 l, $9, $10, j; prmt.b32 h, $11, $12, j; prmt.b32 k, w4, $8, 0xFBEA; and.b32 k, k, 0x80808080;
     xor.b32 h, h, k; prmt.b32 k, l, h, 0x5140; mov.b32 {$4, $5}, k; prmt.b32 k, l, h, 0x7362; mov.b32 {$6, $7}, k; }"""
 )
-"""The 8 4-bit codes of a group ($8) in order, for a codebook symmetric about 0 (c[15 − i] = −c[i], as Lloyd-Max
-codebooks are): code i >= 8 is −c[15 − i], so each code's low 3 bits, flipped when its top bit is set, look
-up c[0..7] ($9, $10 low bytes, $11, $12 high), and the top bit becomes the sign. A quarter fewer integer
-instructions than `PERMUTE4_ASM`, which has to look up both halves of the codebook and pick one."""
+"""The 8 4-bit sign-magnitude labels of a group ($8, `sign_magnitude`) in order, for a codebook symmetric about
+0: each label's low 3 bits look up c[0..7] ($9, $10 low bytes, $11, $12 high) and its top bit becomes the sign.
+A quarter fewer integer instructions than `PERMUTE4_ASM`, which has to look up both halves of the codebook and
+pick one; codes stored as the codec's indices would first need the low bits of every index >= 8 flipped."""
 
 
 @triton.jit

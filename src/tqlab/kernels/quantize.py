@@ -62,6 +62,7 @@ class QuantizeTables:
     signed_mean: torch.Tensor | None = (
         None  # with `signs`: (√d · Π) μ, fp32 [(H,) d], subtracted from (√d · Π) x
     )
+    sign_magnitude: bool = False  # 4-bit codes written as sign-magnitude labels (`packed.sign_magnitude`)
 
 
 def signed_halves(signs: torch.Tensor) -> torch.Tensor | None:
@@ -83,20 +84,30 @@ def quantize_tables(
     projection: torch.Tensor | None = None,
     centroids: torch.Tensor | None = None,
     mean: torch.Tensor | None = None,
+    sign_magnitude: bool = False,
 ) -> QuantizeTables:
     """Inspect Π and the boundaries once (this reads them back from the GPU): per-call use would stall it.
     For `quantize_prod`, also the QJL projections S ([(H,) d, d], `codec.projection`) and the Stage-1
-    centroids (`codec.mse.centroids`). mean: μ ([(H,) d], `Centered.mean`) for codes of x − μ."""
+    centroids (`codec.mse.centroids`). mean: μ ([(H,) d], `Centered.mean`) for codes of x − μ.
+    sign_magnitude: write 4-bit MSE codes of a symmetric codebook as `packed.sign_magnitude` labels, which the
+    decode kernels read with a table from `centroid_table(..., sign_magnitude=True)` in fewer instructions."""
     scaled = rotation.double() * math.sqrt(rotation.shape[-1])
     # 1/√d is inexact in fp32 unless d is a power of 4, so the entries are ±1 only up to round-off
     signs = dtype in (torch.bfloat16, torch.float16) and bool(((scaled.abs() - 1).abs() < 1e-5).all())
     b = boundaries.float().contiguous()
+    symmetric = bool(torch.equal(b, -b.flip(0)))
+    if sign_magnitude and (b.numel() != 15 or not symmetric or projection is not None):
+        raise ValueError(
+            "sign_magnitude labels are for TurboQuant-MSE codes of 4 bits with a codebook symmetric about 0; "
+            f"these are {b.numel()} boundaries ({'' if symmetric else 'not '}symmetric)"
+            + (" of Prod's Stage 1" if projection is not None else "")
+        )
     halves = signs and rotation.shape[-1] == 2 * SIGN_TILE
     return QuantizeTables(
         scaled.round().to(dtype).contiguous() if signs else rotation.float().contiguous(),
         b,
         signs,
-        bool(torch.equal(b, -b.flip(0))),
+        symmetric,
         signed_halves(scaled.round()) if halves else None,
         None if projection is None else projection.float().transpose(-1, -2).contiguous(),
         None if centroids is None else centroids.float().contiguous(),
@@ -105,13 +116,18 @@ def quantize_tables(
         (scaled.round() @ mean.double()[..., None])[..., 0].float().contiguous()
         if signs and mean is not None
         else None,
+        sign_magnitude,
     )
 
 
 @triton.jit
-def _count(y, boundaries, BITS: tl.constexpr, SYMMETRIC: tl.constexpr, SEARCH: tl.constexpr = False):
+def _count(
+    y, boundaries, BITS: tl.constexpr, SYMMETRIC: tl.constexpr, SEARCH: tl.constexpr = False,
+    SIGN_MAGNITUDE: tl.constexpr = False,
+):  # fmt: skip
     """#{boundaries < y} per element (int32). SEARCH: at 4 and 3 bits, a binary search over the 7 or 3
-    positive boundaries (3 comparisons, not 7; 2, not 3; where it pays, see `_quantize_rows`)."""
+    positive boundaries (3 comparisons, not 7; 2, not 3; where it pays, see `_quantize_rows`).
+    SIGN_MAGNITUDE (4 bits, symmetric): the count's sign-magnitude label (`packed.sign_magnitude`)."""
     if SYMMETRIC and BITS == 4 and SEARCH:
         a, b = tl.abs(y), boundaries + 8
         c0 = a > tl.load(b + 3)
@@ -120,7 +136,7 @@ def _count(y, boundaries, BITS: tl.constexpr, SYMMETRIC: tl.constexpr, SEARCH: t
             c0, tl.where(c1, tl.load(b + 6), tl.load(b + 4)), tl.where(c1, tl.load(b + 2), tl.load(b))
         )
         above = c0.to(tl.int32) * 4 + c1.to(tl.int32) * 2 + c2.to(tl.int32)
-        return tl.where(y > 0, 8 + above, 7 - above)
+        return tl.where(y > 0, 15 - above if SIGN_MAGNITUDE else 8 + above, 7 - above)
     if SYMMETRIC and BITS == 3 and SEARCH:  # the 3 positive boundaries in 2 comparisons
         a, b = tl.abs(y), boundaries + 4
         c0 = a > tl.load(b + 1)
@@ -132,7 +148,7 @@ def _count(y, boundaries, BITS: tl.constexpr, SYMMETRIC: tl.constexpr, SEARCH: t
         above = tl.zeros(y.shape, tl.int32)
         for k in tl.static_range(half - 1):
             above += (tl.abs(y) > tl.load(boundaries + half + k)).to(tl.int32)
-        return tl.where(y > 0, half + above, half - 1 - above)
+        return tl.where(y > 0, 2 * half - 1 - above if SIGN_MAGNITUDE else half + above, half - 1 - above)
     idx = tl.zeros(y.shape, tl.int32)
     for k in tl.static_range((1 << BITS) - 1):
         idx += (y > tl.load(boundaries + k)).to(tl.int32)
@@ -246,7 +262,7 @@ def _quantize_rows(
     DIM: tl.constexpr, BITS: tl.constexpr, BLOCK_ROWS: tl.constexpr, COLS: tl.constexpr,
     SIGNS: tl.constexpr, HALVES: tl.constexpr, OUT_COLS: tl.constexpr, SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr,
     F32_DOT: tl.constexpr, SKETCH: tl.constexpr, PERMUTED: tl.constexpr, CENTERED: tl.constexpr, AT: tl.constexpr,
-    OVERFLOW: tl.constexpr,
+    OVERFLOW: tl.constexpr, SIGN_MAGNITUDE: tl.constexpr,
     x2=None, matrix2=None, boundaries2=None, codes2=None, norms2=None, row_signs2=None, x_stride_g2=0,
     x_stride_t2=0, centroids2=None, sketch_t2=None, sketch_signs2=None, residual_norms2=None, mean2=None,
     signed_mean2=None, out_rows2=0, overflow2=None, norm_limit2=0.0, PAIR: tl.constexpr = False,
@@ -318,7 +334,7 @@ def _quantize_rows(
                 :, None
             ]  # the upper rows of √d Π
             # SEARCH with permuted columns: 50 → 53 % (3 bits), 46 → 55 % (4 bits) of a copy
-            idx = _count(y, boundaries, BITS, SYMMETRIC, SEARCH=True)
+            idx = _count(y, boundaries, BITS, SYMMETRIC, True, SIGN_MAGNITUDE)
             _store_codes(codes, row, stored, idx, first, DIM, BITS, OUT_COLS, PERMUTED)
             if SKETCH:
                 sketched, r_squares = _sketch_step(
@@ -329,7 +345,7 @@ def _quantize_rows(
                 _less_mean(p0 * r0[None, :] + p1 * r1[None, :], signed_mean, head + COLS + out, CENTERED)
                 * scale[:, None]
             )
-            idx = _count(y, boundaries, BITS, SYMMETRIC, SEARCH=True)
+            idx = _count(y, boundaries, BITS, SYMMETRIC, True, SIGN_MAGNITUDE)
             _store_codes(codes, row, stored, idx, COLS + first, DIM, BITS, OUT_COLS, PERMUTED)
             if SKETCH:
                 sketched, r_squares = _sketch_step(
@@ -350,7 +366,7 @@ def _quantize_rows(
                 * scale[:, None]
             )
             # SEARCH at 4 bits: 55 → 66 % (d = 64), 51 → 63 % (d = 128) of a copy; at 3 bits 1–3 points slower
-            idx = _count(y, boundaries, BITS, SYMMETRIC, SEARCH=BITS == 4)
+            idx = _count(y, boundaries, BITS, SYMMETRIC, BITS == 4, SIGN_MAGNITUDE)
             _store_codes(codes, row, stored, idx, col, DIM, BITS, COLS, PERMUTED)
             if SKETCH:
                 sketched, r_squares = _sketch_step(
@@ -375,7 +391,7 @@ def _quantize_rows(
                 # Πᵀ[first:, col:] so that y = unit · Πᵀ, as Rotation.apply(x) = x @ Π.T
                 rotation_t = tl.load(matrix + (col + part)[None, :] * DIM + (first + part)[:, None])
                 y += tl.dot(v * inv_norm[:, None], rotation_t, input_precision=PRECISION)
-            idx = _count(y, boundaries, BITS, SYMMETRIC)
+            idx = _count(y, boundaries, BITS, SYMMETRIC, False, SIGN_MAGNITUDE)
             _store_codes(codes, row, stored, idx, col, DIM, BITS, COLS)
             if SKETCH:
                 sketched, r_squares = _sketch_step(
@@ -598,7 +614,7 @@ def _quantize(
             SIGNS=tables.signs, HALVES=halves, OUT_COLS=step, SYMMETRIC=tables.symmetric,
             PRECISION="tf32x3" if x.is_cuda else "ieee", F32_DOT=not x.is_cuda, SKETCH=sketch,
             PERMUTED=_permuted_columns(bits, halves, sketch), CENTERED=mean is not None, AT=at is not None,
-            OVERFLOW=overflow is not None,
+            OVERFLOW=overflow is not None, SIGN_MAGNITUDE=tables.sign_magnitude,
             num_warps=SKETCH_WARPS if sketch else SIGN_WARPS if tables.signs else TF32_WARPS, num_stages=1,
         ),
         outputs=tuple(into),
