@@ -530,7 +530,8 @@ for dim, halves, sketch, centered, start in cases:
     constants = dict(
         DIM=dim, BITS=4, BLOCK_ROWS=32 if sketch else 64, COLS=128 if dim > 64 else 64, SIGNS=True,
         HALVES=halves, OUT_COLS=32 if sketch else 64, SYMMETRIC=True, PRECISION="tf32x3", F32_DOT=False,
-        SKETCH=sketch, PERMUTED=halves, CENTERED=centered, AT=True, OVERFLOW=True, PAIR=True, rows=1,
+        SKETCH=sketch, PERMUTED=halves, CENTERED=centered, AT=True, OVERFLOW=True, SIGN_MAGNITUDE=not sketch,
+        PAIR=True, rows=1,
         START=start, Q_KV_HEADS=2, Q_GROUP=6, Q_ROWS=16, Q_BLOCK=32,
         **{name + suffix: None for name in unused for suffix in ("", "2")},
     )

@@ -128,6 +128,15 @@ def _count(
     """#{boundaries < y} per element (int32). SEARCH: at 4 and 3 bits, a binary search over the 7 or 3
     positive boundaries (3 comparisons, not 7; 2, not 3; where it pays, see `_quantize_rows`).
     SIGN_MAGNITUDE (4 bits, symmetric): the count's sign-magnitude label (`packed.sign_magnitude`)."""
+    if SYMMETRIC and BITS == 4 and SEARCH and SIGN_MAGNITUDE:  # 7 − count from the complementary comparisons
+        a, b = tl.abs(y), boundaries + 8
+        n0 = a <= tl.load(b + 3)
+        n1 = a <= tl.where(n0, tl.load(b + 1), tl.load(b + 5))
+        n2 = a <= tl.where(
+            n0, tl.where(n1, tl.load(b), tl.load(b + 2)), tl.where(n1, tl.load(b + 4), tl.load(b + 6))
+        )
+        below = n0.to(tl.int32) * 4 + n1.to(tl.int32) * 2 + n2.to(tl.int32)
+        return tl.where(y > 0, 8 + below, below)
     if SYMMETRIC and BITS == 4 and SEARCH:
         a, b = tl.abs(y), boundaries + 8
         c0 = a > tl.load(b + 3)
