@@ -148,8 +148,11 @@ def quantizers(peers: dict, bits: int):
     def tqlab():
         codec = TurboQuantMSE(DIM, bits, rotation="fast_hadamard").to(DEVICE)
         matrix = codec.rotation.matrix()
+        labels = {"sign_magnitude": True} if bits == 4 else {}  # the cache's 4-bit code format
         tables = (
-            {} if quantize_tables is None else {"tables": quantize_tables(matrix, codec.boundaries, DTYPE)}
+            {}
+            if quantize_tables is None
+            else {"tables": quantize_tables(matrix, codec.boundaries, DTYPE, **labels)}
         )
         return (
             lambda x: quantize_mse(x, matrix, codec.boundaries, **tables),
@@ -249,10 +252,15 @@ def relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
 def tqlab_decode(k, v, q, bits, scaling, expected):
     batch, context = k.shape[0], k.shape[2]
     codecs = [TurboQuantMSE(DIM, bits, rotation="fast_hadamard", seed=s).to(DEVICE) for s in (0, 1)]
+    labels = bits == 4  # the cache stores 4-bit codes as sign-magnitude labels
     (kc, kn), (vc, vn) = (
-        quantize_mse(t, c.rotation.matrix(), c.boundaries) for t, c in zip((k, v), codecs, strict=True)
-    )
-    tables = [centroid_table(c.centroids) for c in codecs]
+        quantize_mse(
+            t, c.rotation.matrix(), c.boundaries,
+            tables=quantize_tables(c.rotation.matrix(), c.boundaries, t.dtype, sign_magnitude=labels),
+        )
+        for t, c in zip((k, v), codecs, strict=True)
+    )  # fmt: skip
+    tables = [centroid_table(c.centroids, labels) for c in codecs]
     lengths = torch.full((batch,), context, dtype=torch.int32, device=DEVICE)
     q_rot = codecs[0].rotation.apply(q.float())  # folds into the q projection: not timed
     call = partial(decode_attention, q_rot, kc, kn, vc, vn, *tables, lengths, scaling)

@@ -275,14 +275,13 @@ def test_the_fused_quantize_codes_x_minus_the_mean(codec, dtype, monkeypatch):
         torch.testing.assert_close(got["norms"][:, h].float(), want.norms.float(), rtol=2e-3, atol=0)
 
 
-@pytest.mark.filterwarnings(  # the interpreter's numpy arithmetic: the fp16 store, float32 squares
-    "ignore:overflow encountered:RuntimeWarning"
-)
 @pytest.mark.parametrize("bits", [3, 4])
 def test_4_bit_codes_are_stored_as_sign_magnitude_labels_and_read_back_as_the_codecs(bits):
     model = tiny()
     cache = compress_kv(model, spec(bits), kernels="triton")
     with torch.no_grad():
+        model(ids(3), cache=cache)
+        cache.reset()  # a reset cache stores and reads its codes as a new one does
         model(ids(5), cache=cache)
     layer, held = cache.layers[0], 5
     states = (2 * torch.randn(1, 2, 7, 32, generator=torch.Generator().manual_seed(4))).to(DEVICE)
@@ -299,6 +298,9 @@ def test_4_bit_codes_are_stored_as_sign_magnitude_labels_and_read_back_as_the_co
         )  # 4 bits: labels (indices >= 8 relabelled)
 
 
+@pytest.mark.filterwarnings(  # the interpreter's numpy arithmetic: the fp16 store, float32 squares
+    "ignore:overflow encountered:RuntimeWarning"
+)
 def test_a_prompt_whose_norms_overflow_the_norm_dtype_is_refused_on_the_kernel_path(monkeypatch):
     """The fused quantize stores an fp16-overflowing norm as inf; the prompt is refused naming the layer and
     the option (as the codec refuses it), and with float32 norms the same prompt is coded."""

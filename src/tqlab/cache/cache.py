@@ -585,10 +585,7 @@ class TurboQuantLayer(CacheLayerMixin):
         self._codes = {side: [None] * self.num_kv_heads for side in SIDES}
         self._pending: dict[str, torch.Tensor | None] = {side: None for side in SIDES}
         if self.packed is not None:
-            self.packed = {
-                side: PackedCodes(p.bits, p.dim, p.norm_dtype, p.reserve, p.sketch)
-                for side, p in self.packed.items()
-            }
+            self.packed = {side: p.emptied() for side, p in self.packed.items()}
             self.norm_overflow.zero_()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:

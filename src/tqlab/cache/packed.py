@@ -75,6 +75,12 @@ class PackedCodes:
         self.tensors: dict[str, torch.Tensor] | None = None
         self.length = 0
 
+    def emptied(self) -> PackedCodes:
+        """Storage of the same kind holding no tokens (its tensors released)."""
+        return PackedCodes(
+            self.bits, self.dim, self.norm_dtype, self.reserve, self.sketch, self.sign_magnitude
+        )
+
     @property
     def indices(self) -> torch.Tensor | None:
         """The whole indices tensor, filled or not (its shape gives the capacity)."""

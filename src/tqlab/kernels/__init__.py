@@ -3,6 +3,8 @@
 from tqlab.kernels import centroid_table, decode_attention, quantize_mse
 indices, norms = quantize_mse(x, codec.rotation.matrix(), codec.boundaries)
 out = codec.rotation.inverse(decode_attention(codec.rotation.apply(q), ..., centroid_table(codec.centroids), ...))
+At 4 bits the cache stores Lloyd-Max codes as sign-magnitude labels, which the register kernel decodes in fewer
+instructions: `quantize_tables(..., sign_magnitude=True)` and `centroid_table(codec.centroids, sign_magnitude=True)`.
 TurboQuant-Prod: `quantize_prod`, and `decode_attention(..., key_sketch=QJLSketch(...), value_sketch=...)`.
 A frozen (CUDA-graph) decode step rotates its query and finishes its output in one launch each (`kernels.step`).
 

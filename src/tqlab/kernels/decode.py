@@ -357,7 +357,9 @@ def decode_attention(
     default 0 the queries are the last Tq stored tokens; causal_shift = n says n more tokens, held
     elsewhere (exact), follow the codes.
 
-    key_table / value_table: `centroid_table(codec.centroids)`. num_splits: chunks per (sequence, KV
+    key_table / value_table: `centroid_table(codec.centroids)`, indexed by the stored codes: with 4-bit codes
+    stored as sign-magnitude labels (`packed.sign_magnitude`, as the cache stores them, and the register
+    kernel's shorter decode), `centroid_table(codec.centroids, sign_magnitude=True)`. num_splits: chunks per (sequence, KV
     head); by default enough to fill every SM, and for `decode_mma` at most one wave of its resident programs
     (at its compiled register count) in chunks of its SHORT_BLOCKS_PER_SPLIT or MIN_BLOCKS_PER_SPLIT blocks.
     starts=None: no padding (the kernels then neither read nor compare it).
@@ -437,7 +439,8 @@ def decode_attention(
             or not table.is_contiguous()
         ):  # fmt: skip
             raise ValueError(
-                f"{name} must be centroid_table(centroids) of a {bits}-bit codebook on {query.device}"
+                f"{name} must be centroid_table(centroids[, sign_magnitude]) of a {bits}-bit codebook on "
+                f"{query.device}"
             )
 
     for name, sketch in [("key_sketch", key_sketch), ("value_sketch", value_sketch)]:

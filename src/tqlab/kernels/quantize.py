@@ -15,7 +15,9 @@ codes (`Centered`: of x − μ) take the same products: x − μ is formed in fp
 product's output less (√d Π) μ (precomputed) is that of x − μ, so bf16/fp16 input keeps the exact product.
 The output tensors are those of `TurboQuantMSE.quantize`: the indices agree bit for bit except where y_j
 lies within float32 round-off of a boundary (the sums run in another order than the reference matmul), and
-the fp16 norms agree except where ‖x‖ rounds to fp16 within an fp32 ulp of a tie.
+the fp16 norms agree except where ‖x‖ rounds to fp16 within an fp32 ulp of a tie. Tables built with
+`sign_magnitude=True` (4 bits, symmetric codebook: the cache's) write those indices as sign-magnitude labels
+instead (`packed.sign_magnitude` maps them back).
 """
 
 from __future__ import annotations
