@@ -559,12 +559,10 @@ def _attend_chunk_mma(
     k_planes = (
         _pair_table(k_table, v_table, K_BITS, LOOKUP_VALUES) if LOOKUP_KEYS else _planes(k_table, K_BITS)
     )
-    sign_magnitude = (K_BITS < 4 or _is_sign_magnitude(k_table, K_BITS)) and (
+    labels = (K_BITS < 4 or _is_sign_magnitude(k_table, K_BITS)) and (
         V_BITS < 4 or _is_sign_magnitude(v_table, V_BITS)
     )
-    if (
-        K_BITS == 4 or V_BITS == 4
-    ) and sign_magnitude:  # one loop per decoder: a branch inside costs registers
+    if (K_BITS == 4 or V_BITS == 4) and labels:  # one loop per decoder: a branch inside costs registers
         acc, m_i, l_i = _attend_blocks(
             q_op, q_scale, last_key, first_key, start, stop, kc, kn, vc, vn, k_planes, v_planes,
             K_BITS, V_BITS, DIM, ROWS, BLOCK_N, True, LOOKUP_KEYS, LOOKUP_VALUES,
