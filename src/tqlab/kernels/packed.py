@@ -35,6 +35,11 @@ def check_code_bits(row_bytes: int, dim: int, what: str) -> int:
     return bits
 
 
+# 4-bit index i and its sign-magnitude label: i for i < 8, i ^ 7 for i >= 8 (the map is its own inverse)
+_LABELS = torch.arange(16) ^ (7 * (torch.arange(16) >> 3))
+_LABEL_BYTES = (_LABELS[torch.arange(256) >> 4] << 4 | _LABELS[torch.arange(256) & 15]).to(torch.uint8)
+
+
 def centroid_table(centroids: torch.Tensor, sign_magnitude: bool = False) -> torch.Tensor:
     """The fp16 codebook the kernels look codes up in (from codec.centroids): build it once per codec.
     sign_magnitude (4 bits): indexed by `sign_magnitude` labels instead of the codec's indices."""
@@ -47,11 +52,6 @@ def centroid_table(centroids: torch.Tensor, sign_magnitude: bool = False) -> tor
         raise ValueError(f"sign-magnitude labels are 4-bit codes; this codebook has {levels} centroids")
     table = centroids[_LABELS.to(centroids.device)] if sign_magnitude else centroids
     return table.to(torch.float16).contiguous()
-
-
-# 4-bit index i and its sign-magnitude label: i for i < 8, i ^ 7 for i >= 8 (the map is its own inverse)
-_LABELS = torch.arange(16) ^ (7 * (torch.arange(16) >> 3))
-_LABEL_BYTES = (_LABELS[torch.arange(256) >> 4] << 4 | _LABELS[torch.arange(256) & 15]).to(torch.uint8)
 
 
 def sign_magnitude(indices: torch.Tensor) -> torch.Tensor:

@@ -147,7 +147,7 @@ def _count(
             c0, tl.where(c1, tl.load(b + 6), tl.load(b + 4)), tl.where(c1, tl.load(b + 2), tl.load(b))
         )
         above = c0.to(tl.int32) * 4 + c1.to(tl.int32) * 2 + c2.to(tl.int32)
-        return tl.where(y > 0, 15 - above if SIGN_MAGNITUDE else 8 + above, 7 - above)
+        return tl.where(y > 0, 8 + above, 7 - above)
     if SYMMETRIC and BITS == 3 and SEARCH:  # the 3 positive boundaries in 2 comparisons
         a, b = tl.abs(y), boundaries + 4
         c0 = a > tl.load(b + 1)
