@@ -165,7 +165,7 @@ def main():
         codecs = [TurboQuantMSE(DIM, bits, rotation="fast_hadamard", seed=s).cuda() for s in (0, 1)]
         codes = [torch.randint(0, 256, (batch, kvh, ctx, DIM // 8 * bits), dtype=torch.uint8, device="cuda") for _ in range(2)]
         norms = [(torch.rand(batch, kvh, ctx, device="cuda") + 0.5).half() for _ in range(2)]
-        tables = [centroid_table(c.centroids) for c in codecs]
+        tables = [centroid_table(c.centroids, sign_magnitude=bits == 4) for c in codecs]  # as the cache stores 4 bits
         lengths = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
         args = (q, codes[0], norms[0], codes[1], norms[1], *tables, lengths, DIM**-0.5)
         qb = q.bfloat16()
