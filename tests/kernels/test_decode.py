@@ -12,12 +12,15 @@ from tqlab.quant import TurboQuantMSE, unpack_bits  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True, params=["tiles", "registers", "pair table"] if DEVICE == "cuda" else ["tiles"])
+@pytest.fixture(
+    autouse=True, params=["tiles", "registers", "pair table", "two warps"] if DEVICE == "cuda" else ["tiles"]
+)
 def kernel(request, monkeypatch):
     """On a GPU every case runs on both kernels: the Triton-language one (also the interpreter's) and the
     register-fragment one (`decode_mma`), which small problems would otherwise not reach, the latter also
-    with 3- and 4-bit keys (and 3-bit values) from its shared-memory pair tables at every chunk length. For
-    the latter the fixture is the list of its launches, which the parity tests check is not empty."""
+    with 3- and 4-bit keys (and 3-bit values) from its shared-memory pair tables at every chunk length, and
+    in programs of two warps wherever it takes them (`decode_mma.two_warps`). For the latter the fixture is the
+    list of its launches, which the parity tests check is not empty."""
     from tqlab.kernels import decode
 
     if request.param == "tiles":
@@ -26,23 +29,27 @@ def kernel(request, monkeypatch):
     mma = decode._mma_kernel()
     assert mma is not None, "this triton has no Gluon: the register-fragment kernel cannot run"
     monkeypatch.setattr(decode, "REGISTER_KERNEL_MIN_KEYS", 0)
+    if request.param == "two warps":
+        monkeypatch.setattr(decode, "TWO_WARPS", "always")
     least = 0 if request.param == "pair table" else float("inf")
     monkeypatch.setattr(mma, "LOOKUP_MIN_BLOCKS", dict.fromkeys(mma.LOOKUP_MIN_BLOCKS, least))
     launches = record_launches(monkeypatch, mma, "_attend_chunk_mma")
     launches.table = request.param == "pair table"
+    launches.two_warps = request.param == "two warps"
     return launches
 
 
 class Launches(list):
-    """Launch grids, and with each launch whether its keys came from a pair table (`lookups`)."""
+    """Launch grids, and with each launch whether its keys came from a pair table (`lookups`) and its
+    constants (`constants`)."""
 
-    table = False
+    table = two_warps = False
 
 
 def record_launches(monkeypatch, module, name: str) -> Launches:
     """The launch grids of the kernel `module.name`, recorded while it still launches."""
     launches, kernel = Launches(), getattr(module, name)
-    launches.lookups = []
+    launches.lookups, launches.constants = [], []
 
     class Recorded:
         def __getitem__(self, grid):
@@ -50,6 +57,7 @@ def record_launches(monkeypatch, module, name: str) -> Launches:
 
             def launch(*args, **kwargs):
                 launches.lookups.append(kwargs.get("LOOKUP_KEYS", False))
+                launches.constants.append(kwargs)
                 return kernel[grid](*args, **kwargs)
 
             return launch
@@ -58,11 +66,17 @@ def record_launches(monkeypatch, module, name: str) -> Launches:
     return launches
 
 
-def took_the_pair_table(kernel, k_bits, dim) -> None:
+def took_the_expected_path(kernel, k_bits, dim) -> None:
     """With the pair table on, every launch of the register kernel with 3- or 4-bit keys and head_dim >= 128
-    used it, and no other."""
+    used it, and no other; with two warps on, every launch whose shape they take (K4V4, head_dim 128) had two
+    warps, and no other."""
     if kernel is not None and kernel.table:
         assert kernel.lookups and all(used == (k_bits >= 3 and dim >= 128) for used in kernel.lookups)
+    if kernel is not None and kernel.two_warps:
+        assert kernel.constants and all(
+            (c["WARPS"] == 2) == (c["K_BITS"] == c["V_BITS"] == 4 and c["DIM"] == 128)
+            for c in kernel.constants
+        )
 
 
 def register_kernel_takes(kernel, dim, k_bits, v_bits, rows):
@@ -161,7 +175,7 @@ def test_matches_float64_attention_over_the_decoded_codes(
     scale = expected.abs().max()
     torch.testing.assert_close(out, expected, rtol=0, atol=TOLERANCE * scale)
     assert kernel is None or kernel  # the register-fragment kernel ran
-    took_the_pair_table(kernel, k_bits, dim)
+    took_the_expected_path(kernel, k_bits, dim)
 
 
 @pytest.mark.parametrize("shift", [0.05, 0.0])
@@ -188,7 +202,7 @@ def test_codes_not_in_sign_magnitude_order_take_the_general_4_bit_decode(shift, 
     expected = reference(q, *decoded, lengths, scaling)
     torch.testing.assert_close(out.cpu().double(), expected, rtol=0, atol=TOLERANCE * expected.abs().max())
     assert kernel is None or kernel
-    took_the_pair_table(kernel, 4, dim)  # the table holds any codebook's pairs
+    took_the_expected_path(kernel, 4, dim)  # the table holds any codebook's pairs
 
 
 @pytest.mark.parametrize(
@@ -223,7 +237,7 @@ def test_padding_starts_a_causal_shift_and_the_log_sum_exp(dim, group, q_len, sh
     # scores carry the fp16 operands' relative roundoff, and so does their log-sum-exp
     torch.testing.assert_close(lse[seen], expected_lse[seen], rtol=TOLERANCE, atol=0)
     assert kernel is None or kernel
-    took_the_pair_table(kernel, bits, dim)
+    took_the_expected_path(kernel, bits, dim)
 
 
 @pytest.mark.parametrize("dim,group,q_len,bits,splits", [(64, 4, 1, 4, 3), (128, 2, 2, 3, 1)])
@@ -251,7 +265,7 @@ def test_means_add_to_every_score_and_to_the_output(dim, group, q_len, bits, spl
     assert not seen[2].any() and torch.equal(lse.isfinite(), seen) and (out[2] == 0).all()
     torch.testing.assert_close(lse[seen], expected_lse[seen], rtol=TOLERANCE, atol=0)
     assert kernel is None or kernel
-    took_the_pair_table(kernel, bits, dim)
+    took_the_expected_path(kernel, bits, dim)
     with pytest.raises(ValueError, match=r"key_mean must be a contiguous fp32 \[2, "):
         run(q, codec, k_code, codec, v_code, lengths, scaling, splits, key_mean=key_mean[:1].to(DEVICE))
 

@@ -62,7 +62,7 @@ for number, job in enumerate(json.loads(sys.argv[1])):
     signature = {n: "constexpr" if n in job else pointers.get(n, "i32") for n in names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if "stride" in n or "codes" in n}
     source = GluonASTSource(fn=decode_mma._attend_chunk_mma, signature=signature, constexprs=job, attrs=aligned)
-    kernel = triton.compile(source, target=target, options=decode_mma.LAUNCH)
+    kernel = triton.compile(source, target=target, options={**decode_mma.LAUNCH, "num_warps": job.get("WARPS", 1)})
     open(out + ".cubin", "wb").write(kernel.asm["cubin"])
     open(out + ".json", "w").write(json.dumps({"shared": kernel.metadata.shared}))
 """
@@ -102,6 +102,7 @@ CASES = [  # dim, k_bits, v_bits, group, q_len, means, lookup, launch_merge
     (128, 3, 3, 4, 1, False, True, False),
     (256, 3, 4, 2, 2, False, True, True),
 ]
+TWO_WARP_CASES = [(6, False, True), (4, True, False)]  # K4V4, head_dim 128: group, means, launch_merge
 MERGE_WAITS = [True, False]
 TILES = dict(  # the Triton-language kernel, launched ahead of its merge
     KV_HEADS=8, GROUP=4, Q_LEN=1, DIM=128, K_BITS=4, V_BITS=4, BLOCK_M=16, BLOCK_N=128, PERMUTE=True, PADDED=True,
@@ -112,7 +113,7 @@ TILES = dict(  # the Triton-language kernel, launched ahead of its merge
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     """The folder of every case's compiled kernel (`COMPILE`): CASES first, then the merges of MERGE_WAITS, then
-    TILES."""
+    TILES, then TWO_WARP_CASES."""
     if not (os.path.exists(tool("ptxas")) and os.path.exists(tool("nvdisasm"))):
         pytest.skip("this triton wheel ships no ptxas or nvdisasm")
     from tqlab.kernels import decode_mma
@@ -121,10 +122,16 @@ def compiled(tmp_path_factory):
         dict(
             KV_HEADS=8, GROUP=group, Q_LEN=q_len, DIM=dim, K_BITS=k_bits, V_BITS=v_bits, ROWS=max(8, group * q_len),
             BLOCK_N=decode_mma.block_keys(dim), PADDED=True, KEY_MEAN=means, VALUE_MEAN=means, LOOKUP_KEYS=lookup,
-            LAUNCH_MERGE=launch_merge,
+            LAUNCH_MERGE=launch_merge, WARPS=1,
         )
         for dim, k_bits, v_bits, group, q_len, means, lookup, launch_merge in CASES
-    ] + [{"merge_wait": wait} for wait in MERGE_WAITS] + [{"tiles": TILES}]  # fmt: skip
+    ] + [{"merge_wait": wait} for wait in MERGE_WAITS] + [{"tiles": TILES}] + [
+        dict(
+            KV_HEADS=2, GROUP=group, Q_LEN=1, DIM=128, K_BITS=4, V_BITS=4, ROWS=8, BLOCK_N=32, PADDED=True,
+            KEY_MEAN=means, VALUE_MEAN=means, LOOKUP_KEYS=False, LAUNCH_MERGE=launch_merge, WARPS=2,
+        )
+        for group, means, launch_merge in TWO_WARP_CASES
+    ]  # fmt: skip
     folder = tmp_path_factory.mktemp("compiled")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run(
@@ -178,3 +185,24 @@ def test_the_triton_language_kernel_lets_the_merge_launch_before_its_first_load(
     disassembly = subprocess.run([tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True)
     assert disassembly.returncode == 0, disassembly.stderr[-3000:]
     assert disassembly.stdout.index("PREEXIT") < disassembly.stdout.index("LDG")
+
+
+@pytest.mark.parametrize(
+    "case", range(len(TWO_WARP_CASES)), ids=lambda i: "-".join(map(str, TWO_WARP_CASES[i]))
+)
+def test_programs_of_two_warps_split_each_block_and_fit_eight_to_an_sm(case, compiled):
+    """Two-warp programs (`decode_mma._attend_blocks_two_warps`): each warp issues half of a block's tensor-core
+    products, the warps meet in a few barriers per block (the maxima and P crossing through shared memory, not
+    one exchange per reduction), with no spills and no more registers per thread than one-warp programs take
+    (167 with triton 3.6; the two-warp kernel 128 there, 155 with 3.9)."""
+    cubin = compiled / f"{len(CASES) + len(MERGE_WAITS) + 1 + case}.cubin"
+    usage = subprocess.run([tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True)
+    assert int(re.search(r"REG:(\d+)", usage.stdout).group(1)) <= 168
+    sass = subprocess.run([tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True).stdout
+    assert "LDL" not in sass and "STL" not in sass
+    found = loops(sass)
+    assert len(found) == 2  # symmetric and general 4-bit decode
+    # per warp: Sᵀ of its 16 keys over d = 128 (8 products), Oᵀ of its 64 coordinates over 32 keys (8)
+    for loop in found:
+        assert loop["HMMA"] == 16
+        assert 1 <= loop["BAR"] <= 4

@@ -90,7 +90,7 @@ def register_kernel(
 
     constants = dict(
         KV_HEADS=8, GROUP=group, Q_LEN=1, DIM=dim, K_BITS=bits, V_BITS=bits, ROWS=max(8, group), PADDED=True,
-        BLOCK_N=keys or decode_mma.block_keys(dim), KEY_MEAN=means, VALUE_MEAN=means, LOOKUP_KEYS=lookup,
+        BLOCK_N=keys or decode_mma.block_keys(dim), KEY_MEAN=means, VALUE_MEAN=means, LOOKUP_KEYS=lookup, WARPS=1,
     )  # fmt: skip
     names = decode_mma._attend_chunk_mma.arg_names
     signature = {n: "constexpr" if n in constants else POINTERS.get(n, "i32") for n in names}

@@ -53,6 +53,8 @@ MAX_ROWS = 32  # query rows per (sequence, KV head): 64 fails to compile for sm_
 # (H200, tools/research/gpu_decode_threshold.py; docs/benchmarks.md).
 REGISTER_KERNEL_MIN_KEYS = 32768
 MERGE_SPLITS = 512  # most chunks one merge step reads (128: 2–3 µs slower at 512 chunks, H200)
+# Register-kernel programs of two warps where they pay ("auto") or wherever they apply ("always": tests)
+TWO_WARPS = "auto"
 MERGE_DIMS = 32  # output dimensions per merge program
 NUM_STAGES = 2  # prefetch the next block's words; 1 leaves HBM latency exposed (measured on an H200)
 # sm_90+: the merge is launched while the attention kernel runs (programmatic dependent launch) and waits on
@@ -473,7 +475,8 @@ def decode_attention(
         mma = mma if mma is not None and mma.supports(dim, k_bits, v_bits, group * q_len) else None
     blocks = triton.cdiv(tokens, mma.block_keys(dim) if mma else BLOCK_N)
     padded = starts is not None  # otherwise no padding: nothing to read (and no kernel to fill zeros)
-    if mma:  # codes decoded into the tensor cores' operand registers: one warp per program
+    short = False  # chunks of SHORT_BLOCKS_PER_SPLIT blocks
+    if mma:  # codes decoded into the tensor cores' operand registers: one warp per program (or two, below)
         block_m, block_n = max(8, triton.next_power_of_2(group * q_len)), mma.block_keys(dim)
         launch = (
             query.device.index, dim, k_bits, v_bits, block_m, group, q_len, kv_heads, padded,
@@ -483,7 +486,8 @@ def decode_attention(
             # long as the first (the first call's estimate: PROGRAMS_PER_SM)
             resident = _RESIDENT.get(launch, mma.PROGRAMS_PER_SM) * _sm_count(query.device.index)
             per_head = max(1, resident // (batch * kv_heads))
-            if blocks // mma.SHORT_BLOCKS_PER_SPLIT <= per_head:  # short chunks, all in one wave
+            short = blocks // mma.SHORT_BLOCKS_PER_SPLIT <= per_head
+            if short:  # short chunks, all in one wave
                 num_splits = max(1, blocks // mma.SHORT_BLOCKS_PER_SPLIT)
             else:
                 num_splits = min(per_head, blocks // mma.MIN_BLOCKS_PER_SPLIT)
@@ -505,6 +509,13 @@ def decode_attention(
         )
     )  # fmt: skip
 
+    # Short chunks that leave SMs half empty of one-warp programs: programs of two warps, each doing half of a
+    # block's work, where they fit in one wave (measured faster only there: docs/benchmarks.md, "Programs of
+    # two warps"); TWO_WARPS = "always" (tests) wherever the kernel takes the shape.
+    warps = 1
+    if mma and mma.two_warps(dim, k_bits, v_bits, lookup_keys):
+        slots = _RESIDENT.get((*launch, 2), mma.TWO_WARP_PROGRAMS_PER_SM) * _sm_count(query.device.index)
+        warps = 2 if TWO_WARPS == "always" or (short and batch * kv_heads * splits <= slots) else 1
     launch_merge = (
         PROGRAMMATIC_LAUNCH and gdc_wait is not None and splits > 1 and _PTX and query.is_cuda
         and _has_programmatic_launch(query.device.index)
@@ -532,11 +543,22 @@ def decode_attention(
     )
     if mma:
         kernel = mma._attend_chunk_mma[(batch * kv_heads, splits)](
-            *arguments, **means, **shape, ROWS=block_m, BLOCK_N=block_n, LOOKUP_KEYS=lookup_keys, **mma.LAUNCH
-        )
-        if launch not in _RESIDENT:
+            *arguments, **means, **shape, ROWS=block_m, BLOCK_N=block_n, LOOKUP_KEYS=lookup_keys, WARPS=warps,
+            **{**mma.LAUNCH, "num_warps": warps},
+        )  # fmt: skip
+        if launch not in _RESIDENT and warps == 1:  # one-warp programs: what the chunks are sized for
             _RESIDENT[launch] = _resident_programs(
                 query.device.index, kernel.n_regs, mma.PROGRAMS_PER_SM, kernel.metadata.shared
+            )
+        if (*launch, 2) not in _RESIDENT and warps == 2:  # each warp takes its registers in an SM quarter
+            _RESIDENT[(*launch, 2)] = (
+                _resident_programs(
+                    query.device.index,
+                    kernel.n_regs,
+                    2 * mma.TWO_WARP_PROGRAMS_PER_SM,
+                    kernel.metadata.shared,
+                )
+                // 2
             )
     else:
         _attend_chunk[(batch * kv_heads, splits)](

@@ -105,7 +105,10 @@ PROGRAMS_PER_SM = 12  # one-warp programs per SM until the compiled kernel's reg
 # tools/research/gpu_decode_breakdown.py, docs/benchmarks.md "Launch shape and merge").
 MIN_BLOCKS_PER_SPLIT = 8
 SHORT_BLOCKS_PER_SPLIT = 4
-LAUNCH = dict(num_warps=1)  # one warp per program: the MMA layouts below assume it
+LAUNCH = dict(num_warps=1)  # one warp per program, unless `two_warps` says otherwise (WARPS=2, num_warps=2)
+# Two-warp programs per SM until the compiled kernel's registers say (decode._RESIDENT): 128 registers per thread
+# with triton 3.6, four warps to an SM quarter.
+TWO_WARP_PROGRAMS_PER_SM = 8
 MAX_ROWS = 16  # query rows per program (the MMA's N axis): the output accumulator is DIM·ROWS/32 registers
 
 
@@ -119,31 +122,43 @@ def supports(dim: int, k_bits: int, v_bits: int, rows: int) -> bool:
     return dim in (64, 128, 256) and rows <= MAX_ROWS
 
 
+def two_warps(dim: int, k_bits: int, v_bits: int, lookup: bool) -> bool:
+    """Whether programs of two warps can take the shape (`_attend_blocks_two_warps`): head_dim 128, 4-bit
+    keys and values decoded in registers. `decode` launches them where short chunks leave SMs half empty of
+    one-warp programs; only there were they measured faster (docs/benchmarks.md, "Programs of two warps")."""
+    return dim == 128 and k_bits == v_bits == 4 and not lookup
+
+
 @gluon.jit
-def _plane(entries, first: gl.constexpr, HIGH: gl.constexpr):
+def _plane(entries, first: gl.constexpr, HIGH: gl.constexpr, WARPS: gl.constexpr):
     """Byte HIGH (0 low, 1 high) of the fp16 entries c[first .. first + 3] as one 4-byte table for `prmt`."""
-    j = gl.arange(0, 4, layout=gl.BlockedLayout([1], [32], [1], [0]))
+    j = gl.arange(0, 4, layout=gl.BlockedLayout([1], [32], [WARPS], [0]))
     bits = gl.load(entries + first + j).to(gl.int32) & 0xFFFF
     return gl.sum(((bits >> (8 * HIGH)) & 0xFF) << (8 * j), axis=0)
 
 
 @gluon.jit
-def _planes(table, BITS: gl.constexpr):
+def _planes(table, BITS: gl.constexpr, WARPS: gl.constexpr):
     """The fp16 codebook `table` as the byte tables the decoders take: low bytes of c[0..3], of c[4..7], high
     bytes of c[0..3], of c[4..7], then the same for c[8..15] (4 bits); at 2 bits low and high of c[0..3]."""
     entries = table.to(gl.pointer_type(gl.int16))
-    first = _plane(entries, 0, 0)
+    first = _plane(entries, 0, 0, WARPS)
     if BITS == 2:  # padded with copies (unused): one tuple shape for every width
-        low = (first, _plane(entries, 0, 1), first, first)
+        low = (first, _plane(entries, 0, 1, WARPS), first, first)
     else:
-        low = (first, _plane(entries, 4, 0), _plane(entries, 0, 1), _plane(entries, 4, 1))
+        low = (
+            first,
+            _plane(entries, 4, 0, WARPS),
+            _plane(entries, 0, 1, WARPS),
+            _plane(entries, 4, 1, WARPS),
+        )
     if BITS < 4:
         return low + (first, first, first, first)
     return low + (
-        _plane(entries, 8, 0),
-        _plane(entries, 12, 0),
-        _plane(entries, 8, 1),
-        _plane(entries, 12, 1),
+        _plane(entries, 8, 0, WARPS),
+        _plane(entries, 12, 0, WARPS),
+        _plane(entries, 8, 1, WARPS),
+        _plane(entries, 12, 1, WARPS),
     )
 
 
@@ -194,10 +209,10 @@ def _lookup_pairs(groups, base, BITS: gl.constexpr):
 
 
 @gluon.jit
-def _is_sign_magnitude(table, BITS: gl.constexpr):
+def _is_sign_magnitude(table, BITS: gl.constexpr, WARPS: gl.constexpr = 1):
     """Whether the fp16 table, indexed by label, is a symmetric codebook's in sign-magnitude order
     (`packed.centroid_table(..., sign_magnitude=True)`): t[l ^ 2^(BITS−1)] = −t[l] bit for bit."""
-    i = gl.arange(0, 1 << BITS, layout=gl.BlockedLayout([1], [32], [1], [0]))
+    i = gl.arange(0, 1 << BITS, layout=gl.BlockedLayout([1], [32], [WARPS], [0]))
     entries = table.to(gl.pointer_type(gl.int16))
     mirrored = gl.load(entries + (i ^ (1 << (BITS - 1)))).to(gl.int32) ^ 0x8000
     return gl.sum((gl.load(entries + i).to(gl.int32) & 0xFFFF) != (mirrored & 0xFFFF), axis=0) == 0
@@ -491,6 +506,113 @@ def _attend_blocks(
 
 
 @gluon.jit
+def _key_groups_two_warps(codes, block, stop, BITS: gl.constexpr, DIM: gl.constexpr, BLOCK_N: gl.constexpr):
+    """`_key_groups` (2 or 4 bits) for a program of two warps: [2, BLOCK_N/2, 4, W], warp wi reading keys
+    block + 16·wi + j, its m16 tile of Sᵀ."""
+    W: gl.constexpr = DIM // 32
+    halves: gl.constexpr = gl.BlockedLayout([1, 1, 1, W], [1, 8, 4, 1], [2, 1, 1, 1], [3, 2, 1, 0])
+    axis: gl.constexpr = gl.SliceLayout(3, halves)
+    wi = gl.arange(0, 2, layout=gl.SliceLayout(1, gl.SliceLayout(2, axis)))[:, None, None, None]
+    j = gl.arange(0, BLOCK_N // 2, layout=gl.SliceLayout(0, gl.SliceLayout(2, axis)))[None, :, None, None]
+    c = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, axis)))[None, None, :, None]
+    words: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, halves)))
+    w = gl.arange(0, W, layout=words)[None, None, None, :]
+    return _whole_groups(codes, block + (BLOCK_N // 2) * wi + j, W * c + w, stop, BITS, DIM)
+
+
+@gluon.jit
+def _key_operand_two_warps(groups, planes, SYMMETRIC: gl.constexpr, BITS: gl.constexpr, DIM: gl.constexpr):
+    """`_key_operand` from `_key_groups_two_warps`: [wi, j, c, w, i0, i1, i2] to row 16·wi + j, the same columns."""
+    e = _interleave(_decode(groups, planes, SYMMETRIC, BITS))
+    return gl.reshape(gl.permute(e, (0, 1, 3, 6, 5, 2, 4)), (2 * groups.shape[1], DIM))
+
+
+@gluon.jit
+def _value_groups_two_warps(codes, block, stop, BITS: gl.constexpr, DIM: gl.constexpr, BLOCK_N: gl.constexpr):
+    """`_value_groups` (2 or 4 bits, d = 128) for a program of two warps: warp u's lane g reads group 8u + g,
+    so that each warp's lanes read contiguous words."""
+    halves: gl.constexpr = gl.BlockedLayout([2, 1, 1], [4, 8, 1], [1, 1, 2], [2, 0, 1])
+    t = block + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, halves)))[:, None, None]
+    g = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, halves)))[None, :, None]
+    u = gl.arange(0, DIM // 64, layout=gl.SliceLayout(0, gl.SliceLayout(1, halves)))[None, None, :]
+    return _whole_groups(codes, t, 8 * u + g, stop, BITS, DIM)
+
+
+@gluon.jit
+def _value_operand_two_warps(groups, planes, SYMMETRIC: gl.constexpr, BITS: gl.constexpr, DIM: gl.constexpr):
+    """`_value_operand` from `_value_groups_two_warps`: [t, g, u, i0, i1, i2] to row m = 64·i2 + 32·i1 + 16·u +
+    8·i0 + g, since the MMA gives warp u the m16 tiles whose bit 4 is u (`_value_coordinate_two_warps`)."""
+    e = _interleave(_decode(groups, planes, SYMMETRIC, BITS))
+    return gl.reshape(gl.permute(e, (5, 4, 2, 3, 1, 0)), (DIM, groups.shape[0]))
+
+
+@gluon.jit
+def _value_coordinate_two_warps(m, BITS: gl.constexpr):
+    """The stored coordinate that row m of `_value_operand_two_warps` holds."""
+    i = ((m >> 3) & 1) | (((m >> 5) & 1) << 1) | (((m >> 6) & 1) << 2)
+    return 8 * (8 * ((m >> 4) & 1) + (m & 7)) + _code(i, BITS)
+
+
+@gluon.jit
+def _attend_blocks_two_warps(
+    q_op, q_scale, last_key, first_key, start, stop, kc, kn, vc, vn, k_planes, v_planes,
+    K_BITS: gl.constexpr, V_BITS: gl.constexpr, DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
+    SYMMETRIC: gl.constexpr,
+):  # fmt: skip
+    """`_attend_blocks` in a program of two warps, each doing half of every block's work: warp w decodes and
+    scores keys 16w .. 16w + 15 over all coordinates, and decodes and sums the values of all 32 keys over its
+    half of the coordinates. The block's per-row maxima and P cross between the warps through shared memory
+    (one barrier each, and one before the maxima are rewritten); each warp keeps the running sums of its own
+    keys, added once after the loop. At batch 1 with few KV heads, where one-warp programs leave most of an
+    SM's schedulers idle and a warp waits on its own instructions' latencies, this halves the chain per warp."""
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[2, 1], instr_shape=[16, 8])
+    op_a: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    op_b: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+    key_axis: gl.constexpr = gl.SliceLayout(1, mma)
+    row_axis: gl.constexpr = gl.SliceLayout(0, mma)
+    # each thread holds both warps' maxima
+    both_rows: gl.constexpr = gl.BlockedLayout([2, 1], [1, 32], [1, 2], [1, 0])
+    flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    maxima = gl.allocate_shared_memory(gl.float32, [2, ROWS], flat)
+    probabilities = gl.allocate_shared_memory(gl.float16, [BLOCK_N, ROWS], flat)
+    m_i = gl.full([ROWS], float("-inf"), gl.float32, row_axis)
+    sums = gl.zeros([BLOCK_N, ROWS], gl.float32, mma)  # per key slot: each warp's own keys
+    acc = gl.zeros([DIM, ROWS], gl.float32, mma)
+    k_groups = _key_groups_two_warps(kc, start, stop, K_BITS, DIM, BLOCK_N)
+    v_groups = _value_groups_two_warps(vc, start, stop, V_BITS, DIM, BLOCK_N)
+    for block in range(start, stop, BLOCK_N):
+        k_next = _key_groups_two_warps(kc, block + BLOCK_N, stop, K_BITS, DIM, BLOCK_N)
+        v_next = _value_groups_two_warps(vc, block + BLOCK_N, stop, V_BITS, DIM, BLOCK_N)
+        keys = block + gl.arange(0, BLOCK_N, layout=key_axis)
+        key_valid = keys < stop
+        k_norm = gl.load(kn + keys, mask=key_valid, other=0.0)
+        k_op = gl.convert_layout(
+            _key_operand_two_warps(k_groups, k_planes, SYMMETRIC, K_BITS, DIM), op_a, assert_trivial=True
+        )
+        s = mma_v2(k_op, q_op, gl.zeros([BLOCK_N, ROWS], gl.float32, mma))
+        s = s * k_norm.to(gl.float32)[:, None] * q_scale[None, :]
+        seen = key_valid[:, None] & (keys[:, None] <= last_key[None, :]) & (keys[:, None] >= first_key)
+        s = gl.where(seen, s, float("-inf"))
+        maxima.store(gl.max(gl.reshape(s, (2, BLOCK_N // 2, ROWS)), axis=1))  # row w: warp w's keys
+        _BARRIER()
+        m_new = gl.maximum(m_i, gl.convert_layout(gl.max(maxima.load(both_rows), axis=0), row_axis))
+        m_shift = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
+        p = gl.exp2(s - m_shift[None, :])
+        alpha = gl.exp2(m_i - m_shift)
+        sums = sums * alpha[None, :] + p
+        v_norm = gl.load(vn + keys, mask=key_valid, other=0.0)
+        probabilities.store((p * v_norm.to(gl.float32)[:, None]).to(gl.float16))
+        _BARRIER()
+        v_op = gl.convert_layout(
+            _value_operand_two_warps(v_groups, v_planes, SYMMETRIC, V_BITS, DIM), op_a, assert_trivial=True
+        )
+        acc = mma_v2(v_op, probabilities.load(op_b), acc * alpha[None, :])
+        m_i = m_new
+        k_groups, v_groups = k_next, v_next
+    return acc, m_i, gl.sum(sums, axis=0)
+
+
+@gluon.jit
 def _attend_chunk_mma(
     query, k_codes, k_norms, v_codes, v_norms, k_table, v_table, lengths, starts, part_out, part_lse,
     scale_log2, chunk, splits, causal_shift,
@@ -500,6 +622,7 @@ def _attend_chunk_mma(
     KV_HEADS: gl.constexpr, GROUP: gl.constexpr, Q_LEN: gl.constexpr, DIM: gl.constexpr,
     K_BITS: gl.constexpr, V_BITS: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, PADDED: gl.constexpr,
     KEY_MEAN: gl.constexpr, VALUE_MEAN: gl.constexpr, LOOKUP_KEYS: gl.constexpr, LAUNCH_MERGE: gl.constexpr = False,
+    WARPS: gl.constexpr = 1,
 ):  # fmt: skip
     if LAUNCH_MERGE:  # the merge may start its launch now; it waits for this grid's results on the device
         gl.inline_asm_elementwise(
@@ -511,9 +634,14 @@ def _attend_chunk_mma(
             pack=1,
         )
     gl.static_assert(not LOOKUP_KEYS or K_BITS >= 3, "pair tables hold 3- or 4-bit codes")
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
+    gl.static_assert(
+        WARPS == 1 or (DIM == 128 and K_BITS == 4 and V_BITS == 4 and not LOOKUP_KEYS), "`two_warps`"
+    )
+    mma: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[2, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, 8]
+    )
     op_b: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
-    plain: gl.constexpr = gl.BlockedLayout([1, 1], [4, 8], [1, 1], [0, 1])
+    plain: gl.constexpr = gl.BlockedLayout([1, 1], [4, 8], [WARPS, 1], [0, 1])
     row_axis: gl.constexpr = gl.SliceLayout(0, mma)
 
     bh, split = gl.program_id(0), gl.program_id(1)
@@ -554,15 +682,27 @@ def _attend_chunk_mma(
     vc = v_codes + b.to(gl.int64) * vc_stride_b + h.to(gl.int64) * vc_stride_h
     vn = v_norms + b.to(gl.int64) * vn_stride_b + h.to(gl.int64) * vn_stride_h
 
-    v_planes = _planes(v_table, V_BITS)
+    v_planes = _planes(v_table, V_BITS, WARPS)
     LOOKUP_VALUES: gl.constexpr = LOOKUP_KEYS and K_BITS == 3 and V_BITS == 3
     k_planes = (
-        _pair_table(k_table, v_table, K_BITS, LOOKUP_VALUES) if LOOKUP_KEYS else _planes(k_table, K_BITS)
+        _pair_table(k_table, v_table, K_BITS, LOOKUP_VALUES)
+        if LOOKUP_KEYS
+        else _planes(k_table, K_BITS, WARPS)
     )
-    labels = (K_BITS < 4 or _is_sign_magnitude(k_table, K_BITS)) and (
-        V_BITS < 4 or _is_sign_magnitude(v_table, V_BITS)
+    labels = (K_BITS < 4 or _is_sign_magnitude(k_table, K_BITS, WARPS)) and (
+        V_BITS < 4 or _is_sign_magnitude(v_table, V_BITS, WARPS)
     )
-    if (K_BITS == 4 or V_BITS == 4) and labels:  # one loop per decoder: a branch inside costs registers
+    if WARPS == 2 and labels:
+        acc, m_i, l_i = _attend_blocks_two_warps(
+            q_op, q_scale, last_key, first_key, start, stop, kc, kn, vc, vn, k_planes, v_planes,
+            K_BITS, V_BITS, DIM, ROWS, BLOCK_N, True,
+        )  # fmt: skip
+    elif WARPS == 2:
+        acc, m_i, l_i = _attend_blocks_two_warps(
+            q_op, q_scale, last_key, first_key, start, stop, kc, kn, vc, vn, k_planes, v_planes,
+            K_BITS, V_BITS, DIM, ROWS, BLOCK_N, False,
+        )  # fmt: skip
+    elif (K_BITS == 4 or V_BITS == 4) and labels:  # one loop per decoder: a branch inside costs registers
         acc, m_i, l_i = _attend_blocks(
             q_op, q_scale, last_key, first_key, start, stop, kc, kn, vc, vn, k_planes, v_planes,
             K_BITS, V_BITS, DIM, ROWS, BLOCK_N, True, LOOKUP_KEYS, LOOKUP_VALUES,
@@ -576,7 +716,10 @@ def _attend_chunk_mma(
     # After the loop (no registers held through it): codes of x − μ (`decode.decode_attention`'s means).
     m_of = gl.arange(0, DIM, layout=gl.SliceLayout(1, mma))
     part = (bh * splits + split) * ROWS + rows
-    coordinate = _value_coordinate(m_of, V_BITS, DIM, LOOKUP_VALUES)
+    if WARPS == 2:
+        coordinate = _value_coordinate_two_warps(m_of, V_BITS)
+    else:
+        coordinate = _value_coordinate(m_of, V_BITS, DIM, LOOKUP_VALUES)
     out = acc / gl.where(l_i > 0, l_i, 1.0)[None, :]
     if VALUE_MEAN:  # a row that saw any code adds Σ p μ = μ
         out += gl.load(value_mean + h * DIM + coordinate)[:, None] * (l_i > 0).to(gl.float32)[None, :]
