@@ -68,13 +68,14 @@ def record_launches(monkeypatch, module, name: str) -> Launches:
 
 def took_the_expected_path(kernel, k_bits, dim) -> None:
     """With the pair table on, every launch of the register kernel with 3- or 4-bit keys and head_dim >= 128
-    used it, and no other; with two warps on, every launch whose shape they take (K4V4, head_dim 128) had two
+    used it, and no other; with two warps on, every launch whose shape they take (K4V4, head_dim 128, <= 8
+    rows) had two
     warps, and no other."""
     if kernel is not None and kernel.table:
         assert kernel.lookups and all(used == (k_bits >= 3 and dim >= 128) for used in kernel.lookups)
     if kernel is not None and kernel.two_warps:
         assert kernel.constants and all(
-            (c["WARPS"] == 2) == (c["K_BITS"] == c["V_BITS"] == 4 and c["DIM"] == 128)
+            (c["WARPS"] == 2) == (c["K_BITS"] == c["V_BITS"] == 4 and c["DIM"] == 128 and c["ROWS"] <= 8)
             for c in kernel.constants
         )
 
@@ -213,6 +214,7 @@ def test_codes_not_in_sign_magnitude_order_take_the_general_4_bit_decode(shift, 
         (128, 4, 2, 5, 3, 3),
         (128, 2, 3, 0, 2, 3),
         (64, 4, 2, 1, 4, 1),
+        (128, 6, 1, 3, 4, 2),  # K4V4 at d = 128: two-warp programs on a GPU
     ],
 )
 def test_padding_starts_a_causal_shift_and_the_log_sum_exp(dim, group, q_len, shift, bits, splits, kernel):
@@ -240,7 +242,9 @@ def test_padding_starts_a_causal_shift_and_the_log_sum_exp(dim, group, q_len, sh
     took_the_expected_path(kernel, bits, dim)
 
 
-@pytest.mark.parametrize("dim,group,q_len,bits,splits", [(64, 4, 1, 4, 3), (128, 2, 2, 3, 1)])
+@pytest.mark.parametrize(
+    "dim,group,q_len,bits,splits", [(64, 4, 1, 4, 3), (128, 2, 2, 3, 1), (128, 6, 1, 4, 2)]
+)
 def test_means_add_to_every_score_and_to_the_output(dim, group, q_len, bits, splits, kernel):
     """Codes of x − μ (`Centered`) with key_mean / value_mean (Πμ): attention over the codes plus the means,
     with padding (a row that sees no key keeps 0 and −inf) and the log-sum-exp, merged over chunks or not."""
@@ -270,7 +274,7 @@ def test_means_add_to_every_score_and_to_the_output(dim, group, q_len, bits, spl
         run(q, codec, k_code, codec, v_code, lengths, scaling, splits, key_mean=key_mean[:1].to(DEVICE))
 
 
-@pytest.mark.parametrize("dim,bits,splits", [(64, 4, 3), (128, 3, 8), (128, 2, None)])
+@pytest.mark.parametrize("dim,bits,splits", [(64, 4, 3), (128, 3, 8), (128, 2, None), (128, 4, 3)])
 def test_a_static_launch_splits_each_sequence_by_its_own_length(dim, bits, splits, kernel, monkeypatch):
     """static_launch (what a CUDA graph replays): the launch is sized from the capacity T, the chunks from
     each sequence's length on the device; sequences far shorter than T, padded or empty, stay exact, and

@@ -190,7 +190,7 @@ def test_the_triton_language_kernel_lets_the_merge_launch_before_its_first_load(
 @pytest.mark.parametrize(
     "case", range(len(TWO_WARP_CASES)), ids=lambda i: "-".join(map(str, TWO_WARP_CASES[i]))
 )
-def test_programs_of_two_warps_split_each_block_and_fit_eight_to_an_sm(case, compiled):
+def test_programs_of_two_warps_split_each_block_between_them(case, compiled):
     """Two-warp programs (`decode_mma._attend_blocks_two_warps`): each warp issues half of a block's tensor-core
     products, the warps meet in a few barriers per block (the maxima and P crossing through shared memory, not
     one exchange per reduction), with no spills and no more registers per thread than one-warp programs take
@@ -199,6 +199,7 @@ def test_programs_of_two_warps_split_each_block_and_fit_eight_to_an_sm(case, com
     usage = subprocess.run([tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True)
     assert int(re.search(r"REG:(\d+)", usage.stdout).group(1)) <= 168
     sass = subprocess.run([tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True).stdout
+    assert ("PREEXIT" in sass) == TWO_WARP_CASES[case][2]  # launched ahead of its merge
     assert "LDL" not in sass and "STL" not in sass
     found = loops(sass)
     assert len(found) == 2  # symmetric and general 4-bit decode

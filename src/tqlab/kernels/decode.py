@@ -513,7 +513,7 @@ def decode_attention(
     # block's work, where they fit in one wave (measured faster only there: docs/benchmarks.md, "Programs of
     # two warps"); TWO_WARPS = "always" (tests) wherever the kernel takes the shape.
     warps = 1
-    if mma and mma.two_warps(dim, k_bits, v_bits, lookup_keys):
+    if mma and mma.two_warps(dim, k_bits, v_bits, group * q_len, lookup_keys):
         slots = _RESIDENT.get((*launch, 2), mma.TWO_WARP_PROGRAMS_PER_SM) * _sm_count(query.device.index)
         warps = 2 if TWO_WARPS == "always" or (short and batch * kv_heads * splits <= slots) else 1
     launch_merge = (

@@ -107,7 +107,7 @@ MIN_BLOCKS_PER_SPLIT = 8
 SHORT_BLOCKS_PER_SPLIT = 4
 LAUNCH = dict(num_warps=1)  # one warp per program, unless `two_warps` says otherwise (WARPS=2, num_warps=2)
 # Two-warp programs per SM until the compiled kernel's registers say (decode._RESIDENT): 128 registers per thread
-# with triton 3.6, four warps to an SM quarter.
+# with triton 3.6, four warps to an SM quarter (155 with triton 3.9: 6, learnt from the first launch).
 TWO_WARP_PROGRAMS_PER_SM = 8
 MAX_ROWS = 16  # query rows per program (the MMA's N axis): the output accumulator is DIM·ROWS/32 registers
 
@@ -122,11 +122,12 @@ def supports(dim: int, k_bits: int, v_bits: int, rows: int) -> bool:
     return dim in (64, 128, 256) and rows <= MAX_ROWS
 
 
-def two_warps(dim: int, k_bits: int, v_bits: int, lookup: bool) -> bool:
+def two_warps(dim: int, k_bits: int, v_bits: int, rows: int, lookup: bool) -> bool:
     """Whether programs of two warps can take the shape (`_attend_blocks_two_warps`): head_dim 128, 4-bit
-    keys and values decoded in registers. `decode` launches them where short chunks leave SMs half empty of
+    keys and values decoded in registers, at most 8 query rows (16 take 207 registers per thread with triton
+    3.9, too few programs per SM to gain). `decode` launches them where short chunks leave SMs half empty of
     one-warp programs; only there were they measured faster (docs/benchmarks.md, "Programs of two warps")."""
-    return dim == 128 and k_bits == v_bits == 4 and not lookup
+    return dim == 128 and k_bits == v_bits == 4 and rows <= 8 and not lookup
 
 
 @gluon.jit
@@ -562,7 +563,8 @@ def _attend_blocks_two_warps(
     """`_attend_blocks` in a program of two warps, each doing half of every block's work: warp w decodes and
     scores keys 16w .. 16w + 15 over all coordinates, and decodes and sums the values of all 32 keys over its
     half of the coordinates. The block's per-row maxima and P cross between the warps through shared memory
-    (one barrier each, and one before the maxima are rewritten); each warp keeps the running sums of its own
+    (one barrier after each is written: a warp rewrites them only after the other has passed the next
+    barrier, so after its reads); each warp keeps the running sums of its own
     keys, added once after the loop. At batch 1 with few KV heads, where one-warp programs leave most of an
     SM's schedulers idle and a warp waits on its own instructions' latencies, this halves the chain per warp."""
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[2, 1], instr_shape=[16, 8])
