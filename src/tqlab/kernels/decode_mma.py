@@ -25,7 +25,9 @@ at a time in a table of the codebook's 64 or 256 centroid pairs that each progra
 the decode off the integer pipe that bounds the loop.
 
 One warp per program, each program one chunk of one (sequence, KV head) — split-K as in `decode`, merged by
-the same `_merge_chunks`; codes for the next block are loaded into registers while this block computes.
+the same `_merge_chunks`; codes for the next block are loaded into registers while this block computes. Where
+short chunks leave SMs half empty (batch 1, few KV heads) K4V4 programs at head_dim 128 have two warps that
+split each block between them (`_attend_blocks_two_warps`).
 Gluon does not run in Triton's interpreter, so on a CPU `decode.decode_attention` uses the Triton-language
 kernel; this one is checked against the same float64 reference on a GPU, and compiled for sm_90 by the CPU
 tests (the conversions of the decoded K and V into operands asserted free of data movement).
