@@ -566,8 +566,8 @@ def _attend_blocks_two_warps(
     scores keys 16w .. 16w + 15 over all coordinates, and decodes and sums the values of all 32 keys over its
     half of the coordinates. The block's per-row maxima and P cross between the warps through shared memory
     (one barrier after each is written: a warp rewrites them only after the other has passed the next
-    barrier, so after its reads); each warp keeps the running sums of its own
-    keys, added once after the loop. At batch 1 with few KV heads, where one-warp programs leave most of an
+    barrier, so after its reads); each warp keeps the running sums of its own keys, added once after the
+    loop. At batch 1 with few KV heads, where one-warp programs leave most of an
     SM's schedulers idle and a warp waits on its own instructions' latencies, this halves the chain per warp."""
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[2, 1], instr_shape=[16, 8])
     op_a: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
