@@ -68,14 +68,13 @@ def record_launches(monkeypatch, module, name: str) -> Launches:
 
 def took_the_expected_path(kernel, k_bits, dim) -> None:
     """With the pair table on, every launch of the register kernel with 3- or 4-bit keys and head_dim >= 128
-    used it, and no other; with two warps on, every launch whose shape they take (K4V4, head_dim 128, <= 8
-    rows) had two
-    warps, and no other."""
+    used it, and no other; with two warps on, every launch whose shape they take (keys and values of one
+    width, head_dim 128, <= 8 rows) had two warps, and no other."""
     if kernel is not None and kernel.table:
         assert kernel.lookups and all(used == (k_bits >= 3 and dim >= 128) for used in kernel.lookups)
     if kernel is not None and kernel.two_warps:
         assert kernel.constants and all(
-            (c["WARPS"] == 2) == (c["K_BITS"] == c["V_BITS"] == 4 and c["DIM"] == 128 and c["ROWS"] <= 8)
+            (c["WARPS"] == 2) == (c["K_BITS"] == c["V_BITS"] and c["DIM"] == 128 and c["ROWS"] <= 8)
             for c in kernel.constants
         )
 

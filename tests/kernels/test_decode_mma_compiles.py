@@ -102,7 +102,8 @@ CASES = [  # dim, k_bits, v_bits, group, q_len, means, lookup, launch_merge
     (128, 3, 3, 4, 1, False, True, False),
     (256, 3, 4, 2, 2, False, True, True),
 ]
-TWO_WARP_CASES = [(6, False, True), (4, True, False)]  # K4V4, head_dim 128: group, means, launch_merge
+# Programs of two warps, head_dim 128: bits of keys and values, group, means, launch_merge
+TWO_WARP_CASES = [(4, 6, False, True), (4, 4, True, False), (3, 6, False, False), (2, 8, True, True)]
 MERGE_WAITS = [True, False]
 TILES = dict(  # the Triton-language kernel, launched ahead of its merge
     KV_HEADS=8, GROUP=4, Q_LEN=1, DIM=128, K_BITS=4, V_BITS=4, BLOCK_M=16, BLOCK_N=128, PERMUTE=True, PADDED=True,
@@ -127,10 +128,10 @@ def compiled(tmp_path_factory):
         for dim, k_bits, v_bits, group, q_len, means, lookup, launch_merge in CASES
     ] + [{"merge_wait": wait} for wait in MERGE_WAITS] + [{"tiles": TILES}] + [
         dict(
-            KV_HEADS=2, GROUP=group, Q_LEN=1, DIM=128, K_BITS=4, V_BITS=4, ROWS=8, BLOCK_N=32, PADDED=True,
+            KV_HEADS=2, GROUP=group, Q_LEN=1, DIM=128, K_BITS=bits, V_BITS=bits, ROWS=8, BLOCK_N=32, PADDED=True,
             KEY_MEAN=means, VALUE_MEAN=means, LOOKUP_KEYS=False, LAUNCH_MERGE=launch_merge, WARPS=2,
         )
-        for group, means, launch_merge in TWO_WARP_CASES
+        for bits, group, means, launch_merge in TWO_WARP_CASES
     ]  # fmt: skip
     folder = tmp_path_factory.mktemp("compiled")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -199,10 +200,11 @@ def test_programs_of_two_warps_split_each_block_between_them(case, compiled):
     usage = subprocess.run([tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True)
     assert int(re.search(r"REG:(\d+)", usage.stdout).group(1)) <= 168
     sass = subprocess.run([tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True).stdout
-    assert ("PREEXIT" in sass) == TWO_WARP_CASES[case][2]  # launched ahead of its merge
+    bits, _, _, launch_merge = TWO_WARP_CASES[case]
+    assert ("PREEXIT" in sass) == launch_merge  # launched ahead of its merge
     assert "LDL" not in sass and "STL" not in sass
     found = loops(sass)
-    assert len(found) == 2  # symmetric and general 4-bit decode
+    assert len(found) == (2 if bits == 4 else 1)  # 4 bits: the symmetric and the general decode
     # per warp: Sᵀ of its 16 keys over d = 128 (8 products), Oᵀ of its 64 coordinates over 32 keys (8)
     for loop in found:
         assert loop["HMMA"] == 16

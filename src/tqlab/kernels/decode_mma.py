@@ -26,8 +26,8 @@ the decode off the integer pipe that bounds the loop.
 
 One warp per program, each program one chunk of one (sequence, KV head) — split-K as in `decode`, merged by
 the same `_merge_chunks`; codes for the next block are loaded into registers while this block computes. Where
-short chunks leave SMs half empty (batch 1, few KV heads) K4V4 programs at head_dim 128 have two warps that
-split each block between them (`_attend_blocks_two_warps`).
+short chunks leave SMs half empty (batch 1, few KV heads) programs at head_dim 128 whose keys and values have
+one width have two warps that split each block between them (`_attend_blocks_two_warps`).
 Gluon does not run in Triton's interpreter, so on a CPU `decode.decode_attention` uses the Triton-language
 kernel; this one is checked against the same float64 reference on a GPU, and compiled for sm_90 by the CPU
 tests (the conversions of the decoded K and V into operands asserted free of data movement).
@@ -125,11 +125,12 @@ def supports(dim: int, k_bits: int, v_bits: int, rows: int) -> bool:
 
 
 def two_warps(dim: int, k_bits: int, v_bits: int, rows: int, lookup: bool) -> bool:
-    """Whether programs of two warps can take the shape (`_attend_blocks_two_warps`): head_dim 128, 4-bit
-    keys and values decoded in registers, at most 8 query rows (16 take 207 registers per thread with triton
-    3.9, too few programs per SM to gain). `decode` launches them where short chunks leave SMs half empty of
-    one-warp programs; only there were they measured faster (docs/benchmarks.md, "Programs of two warps")."""
-    return dim == 128 and k_bits == v_bits == 4 and rows <= 8 and not lookup
+    """Whether programs of two warps can take the shape (`_attend_blocks_two_warps`): head_dim 128, keys and
+    values of one width decoded in registers, at most 8 query rows (16 take 207 registers per thread with
+    triton 3.9 at K4V4, too few programs per SM to gain). `decode` launches them where short chunks leave SMs
+    half empty of one-warp programs; only there were they measured faster (docs/benchmarks.md, "Programs of
+    two warps")."""
+    return dim == 128 and k_bits == v_bits and rows <= 8 and not lookup
 
 
 @gluon.jit
@@ -337,14 +338,25 @@ def _whole_groups(codes, t, group, stop, BITS: gl.constexpr, DIM: gl.constexpr):
 
 
 @gluon.jit
-def _key_groups(codes, block, stop, BITS: gl.constexpr, DIM: gl.constexpr, BLOCK_N: gl.constexpr):
+def _key_groups(
+    codes, block, stop, BITS: gl.constexpr, DIM: gl.constexpr, BLOCK_N: gl.constexpr, WARPS: gl.constexpr = 1
+):  # fmt: skip
     """int32 groups [BLOCK_N, 4, W] (W = DIM/32) of keys block .. block + BLOCK_N − 1 (those >= stop read as
-    0): lane (g, c) of the warp reads groups W·c .. W·c + W − 1 of its keys, DIM·BITS/32 contiguous bytes."""
+    0): lane (g, c) of the warp reads groups W·c .. W·c + W − 1 of its keys, DIM·BITS/32 contiguous bytes.
+    In a program of two warps (BLOCK_N = 32) warp w reads keys 16w .. 16w + 15, its m16 tile of Sᵀ."""
     W: gl.constexpr = DIM // 32
-    if BITS == 3:  # lane c's 3W bytes: loaded as words, halves or bytes, assembled into groups
-        words: gl.constexpr = gl.BlockedLayout([1, 1, 1], [8, 4, 1], [1, 1, 1], [2, 1, 0])
+    V: gl.constexpr = 1 if BITS == 3 else W  # 3 bits: lane c's 3W bytes loaded as words, halves or bytes
+    if WARPS == 2:  # as the one-warp layout below, but key bit 4 picks the warp, not a register
+        gl.static_assert(V == 1 or V == 4, "two warps: head_dim 128")
+        words: gl.constexpr = gl.DistributedLinearLayout(
+            reg_bases=[[8, 0, 0]] if V == 1 else [[0, 0, 1], [0, 0, 2], [8, 0, 0]],
+            lane_bases=[[0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
+            warp_bases=[[16, 0, 0]],
+            block_bases=[],
+            shape=[BLOCK_N, 4, V],
+        )
     else:
-        words: gl.constexpr = gl.BlockedLayout([1, 1, W], [8, 4, 1], [1, 1, 1], [2, 1, 0])
+        words: gl.constexpr = gl.BlockedLayout([1, 1, V], [8, 4, 1], [1, 1, 1], [2, 1, 0])
     t = block + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, words)))[:, None, None]
     c = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, words)))[None, :, None]
     if BITS == 3:
@@ -509,36 +521,18 @@ def _attend_blocks(
 
 
 @gluon.jit
-def _key_groups_two_warps(codes, block, stop, BITS: gl.constexpr, DIM: gl.constexpr, BLOCK_N: gl.constexpr):
-    """`_key_groups` (2 or 4 bits) for a program of two warps: [2, BLOCK_N/2, 4, W], warp wi reading keys
-    block + 16·wi + j, its m16 tile of Sᵀ."""
-    W: gl.constexpr = DIM // 32
-    halves: gl.constexpr = gl.BlockedLayout([1, 1, 1, W], [1, 8, 4, 1], [2, 1, 1, 1], [3, 2, 1, 0])
-    axis: gl.constexpr = gl.SliceLayout(3, halves)
-    wi = gl.arange(0, 2, layout=gl.SliceLayout(1, gl.SliceLayout(2, axis)))[:, None, None, None]
-    j = gl.arange(0, BLOCK_N // 2, layout=gl.SliceLayout(0, gl.SliceLayout(2, axis)))[None, :, None, None]
-    c = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, axis)))[None, None, :, None]
-    words: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, halves)))
-    w = gl.arange(0, W, layout=words)[None, None, None, :]
-    return _whole_groups(codes, block + (BLOCK_N // 2) * wi + j, W * c + w, stop, BITS, DIM)
-
-
-@gluon.jit
-def _key_operand_two_warps(groups, planes, SYMMETRIC: gl.constexpr, BITS: gl.constexpr, DIM: gl.constexpr):
-    """`_key_operand` from `_key_groups_two_warps`: [wi, j, c, w, i0, i1, i2] to row 16·wi + j, the same columns."""
-    e = _interleave(_decode(groups, planes, SYMMETRIC, BITS))
-    return gl.reshape(gl.permute(e, (0, 1, 3, 6, 5, 2, 4)), (2 * groups.shape[1], DIM))
-
-
-@gluon.jit
 def _value_groups_two_warps(codes, block, stop, BITS: gl.constexpr, DIM: gl.constexpr, BLOCK_N: gl.constexpr):
-    """`_value_groups` (2 or 4 bits, d = 128) for a program of two warps: warp u's lane g reads group 8u + g,
-    so that each warp's lanes read contiguous words."""
+    """`_value_groups` (d = 128) for a program of two warps: warp u's lane g reads group 8u + g, so that each
+    warp's lanes read contiguous words (at 3 bits, one group of three bytes per lane and key)."""
     halves: gl.constexpr = gl.BlockedLayout([2, 1, 1], [4, 8, 1], [1, 1, 2], [2, 0, 1])
     t = block + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, halves)))[:, None, None]
     g = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, halves)))[None, :, None]
     u = gl.arange(0, DIM // 64, layout=gl.SliceLayout(0, gl.SliceLayout(1, halves)))[None, None, :]
-    return _whole_groups(codes, t, 8 * u + g, stop, BITS, DIM)
+    if BITS == 3:
+        groups = _three_bit_lane_groups(codes, t, 8 * u + g, stop, 1, DIM)
+    else:
+        groups = _whole_groups(codes, t, 8 * u + g, stop, BITS, DIM)
+    return groups
 
 
 @gluon.jit
@@ -582,16 +576,18 @@ def _attend_blocks_two_warps(
     m_i = gl.full([ROWS], float("-inf"), gl.float32, row_axis)
     sums = gl.zeros([BLOCK_N, ROWS], gl.float32, mma)  # per key slot: each warp's own keys
     acc = gl.zeros([DIM, ROWS], gl.float32, mma)
-    k_groups = _key_groups_two_warps(kc, start, stop, K_BITS, DIM, BLOCK_N)
+    k_groups = _key_groups(kc, start, stop, K_BITS, DIM, BLOCK_N, 2)
     v_groups = _value_groups_two_warps(vc, start, stop, V_BITS, DIM, BLOCK_N)
     for block in range(start, stop, BLOCK_N):
-        k_next = _key_groups_two_warps(kc, block + BLOCK_N, stop, K_BITS, DIM, BLOCK_N)
+        k_next = _key_groups(kc, block + BLOCK_N, stop, K_BITS, DIM, BLOCK_N, 2)
         v_next = _value_groups_two_warps(vc, block + BLOCK_N, stop, V_BITS, DIM, BLOCK_N)
         keys = block + gl.arange(0, BLOCK_N, layout=key_axis)
         key_valid = keys < stop
         k_norm = gl.load(kn + keys, mask=key_valid, other=0.0)
         k_op = gl.convert_layout(
-            _key_operand_two_warps(k_groups, k_planes, SYMMETRIC, K_BITS, DIM), op_a, assert_trivial=True
+            _key_operand(k_groups, k_planes, SYMMETRIC, K_BITS, DIM, BLOCK_N, False),
+            op_a,
+            assert_trivial=True,
         )
         s = mma_v2(k_op, q_op, gl.zeros([BLOCK_N, ROWS], gl.float32, mma))
         s = s * k_norm.to(gl.float32)[:, None] * q_scale[None, :]
@@ -638,9 +634,7 @@ def _attend_chunk_mma(
             pack=1,
         )
     gl.static_assert(not LOOKUP_KEYS or K_BITS >= 3, "pair tables hold 3- or 4-bit codes")
-    gl.static_assert(
-        WARPS == 1 or (DIM == 128 and K_BITS == 4 and V_BITS == 4 and not LOOKUP_KEYS), "`two_warps`"
-    )
+    gl.static_assert(WARPS == 1 or (DIM == 128 and not LOOKUP_KEYS), "`two_warps`")
     mma: gl.constexpr = gl.NVMMADistributedLayout(
         version=[2, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, 8]
     )
@@ -696,7 +690,9 @@ def _attend_chunk_mma(
     labels = (K_BITS < 4 or _is_sign_magnitude(k_table, K_BITS, WARPS)) and (
         V_BITS < 4 or _is_sign_magnitude(v_table, V_BITS, WARPS)
     )
-    if WARPS == 2 and labels:
+    # One loop per decoder: a branch inside costs registers. A branch is taken only where 4-bit codes make
+    # `labels` a check on the device: one on a constant is kept whole, and triton 3.6 fails to compile its loads.
+    if WARPS == 2 and (K_BITS == 4 or V_BITS == 4) and labels:
         acc, m_i, l_i = _attend_blocks_two_warps(
             q_op, q_scale, last_key, first_key, start, stop, kc, kn, vc, vn, k_planes, v_planes,
             K_BITS, V_BITS, DIM, ROWS, BLOCK_N, True,
@@ -706,7 +702,7 @@ def _attend_chunk_mma(
             q_op, q_scale, last_key, first_key, start, stop, kc, kn, vc, vn, k_planes, v_planes,
             K_BITS, V_BITS, DIM, ROWS, BLOCK_N, False,
         )  # fmt: skip
-    elif (K_BITS == 4 or V_BITS == 4) and labels:  # one loop per decoder: a branch inside costs registers
+    elif (K_BITS == 4 or V_BITS == 4) and labels:
         acc, m_i, l_i = _attend_blocks(
             q_op, q_scale, last_key, first_key, start, stop, kc, kn, vc, vn, k_planes, v_planes,
             K_BITS, V_BITS, DIM, ROWS, BLOCK_N, True, LOOKUP_KEYS, LOOKUP_VALUES,
