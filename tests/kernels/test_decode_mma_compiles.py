@@ -103,7 +103,7 @@ CASES = [  # dim, k_bits, v_bits, group, q_len, means, lookup, launch_merge
     (256, 3, 4, 2, 2, False, True, True),
 ]
 # Programs of two warps, head_dim 128: bits of keys and values, group, means, launch_merge
-TWO_WARP_CASES = [(4, 6, False, True), (4, 4, True, False), (3, 6, False, False), (2, 8, True, True)]
+TWO_WARP_CASES = [(4, 6, False, True), (3, 6, False, False), (2, 8, True, True)]
 MERGE_WAITS = [True, False]
 TILES = dict(  # the Triton-language kernel, launched ahead of its merge
     KV_HEADS=8, GROUP=4, Q_LEN=1, DIM=128, K_BITS=4, V_BITS=4, BLOCK_M=16, BLOCK_N=128, PERMUTE=True, PADDED=True,
