@@ -377,3 +377,18 @@ def test_appends_of_another_shape_and_exact_layers_of_another_kind_are_refused_b
     for bad in (0, None):
         with pytest.raises(RuleError, match=f"exact_layers={bad} must be a list of layer indices"):
             compress_kv(model, spec, exact_layers=bad)
+
+
+def test_an_older_transformers_is_named_at_import():
+    """transformers 5.17 (a GPU image's own) builds this cache wrong deep inside a forward call
+    (`zip() argument 2 is shorter`); the import names the version and its file instead."""
+    import transformers
+
+    from tqlab.cache.cache import MIN_TRANSFORMERS, require_transformers
+
+    with pytest.raises(
+        ImportError, match=rf"transformers>={MIN_TRANSFORMERS}; this Python imports 5\.17\.0 from"
+    ):
+        require_transformers("5.17.0")
+    require_transformers(transformers.__version__)  # the installed one, which pyproject.toml allows
+    require_transformers("5.24.0")
