@@ -363,7 +363,8 @@ def decode_attention(
     stored as sign-magnitude labels (`packed.sign_magnitude`, as the cache stores them, and the register
     kernel's shorter decode), `centroid_table(codec.centroids, sign_magnitude=True)`. num_splits: chunks per (sequence, KV
     head); by default enough to fill every SM, and for `decode_mma` at most one wave of its resident programs
-    (at its compiled register count) in chunks of its SHORT_BLOCKS_PER_SPLIT or MIN_BLOCKS_PER_SPLIT blocks.
+    (at its compiled register count) in chunks of its SHORT_BLOCKS_PER_SPLIT or MIN_BLOCKS_PER_SPLIT blocks
+    (down to 2 where its programs of two warps would be fewer than TWO_WARP_SHORT_PROGRAMS_PER_SM per SM).
     starts=None: no padding (the kernels then neither read nor compare it).
     static_launch: the launch depends on T (the tensors' capacity) alone, never on the lengths, whose values
     are read on the device only — each sequence's keys are split evenly over the chunks in the kernel — so
@@ -489,6 +490,10 @@ def decode_attention(
             short = blocks // mma.SHORT_BLOCKS_PER_SPLIT <= per_head
             if short:  # short chunks, all in one wave
                 num_splits = max(1, blocks // mma.SHORT_BLOCKS_PER_SPLIT)
+                if mma.two_warps(dim, k_bits, v_bits, group * q_len, lookup=False):  # (below) shorter still
+                    # while two-warp programs are few: down to 2 blocks, up to TWO_WARP_SHORT_PROGRAMS_PER_SM
+                    fill = mma.TWO_WARP_SHORT_PROGRAMS_PER_SM * _sm_count(query.device.index)
+                    num_splits = max(num_splits, min(blocks // 2, fill // (batch * kv_heads)))
             else:
                 num_splits = min(per_head, blocks // mma.MIN_BLOCKS_PER_SPLIT)
     else:

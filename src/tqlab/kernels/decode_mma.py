@@ -111,6 +111,11 @@ LAUNCH = dict(num_warps=1)  # one warp per program, unless `two_warps` says othe
 # Two-warp programs per SM until the compiled kernel's registers say (decode._RESIDENT): 128 registers per thread
 # with triton 3.6, four warps to an SM quarter (155 with triton 3.9: 6, learnt from the first launch).
 TWO_WARP_PROGRAMS_PER_SM = 8
+# Where short chunks of two-warp programs leave SMs with fewer than this many, chunks as short as 2 blocks make
+# up to this many (H200, 2 KV heads at batch 1: 16k took 6-11 % less time in chunks of 2 blocks than of 4, with
+# 4 programs per SM; 8 per SM, in chunks of 1 block at 16k or 2 at 32k, were slower than 4: docs/benchmarks.md,
+# "Shorter chunks for two warps").
+TWO_WARP_SHORT_PROGRAMS_PER_SM = 4
 MAX_ROWS = 16  # query rows per program (the MMA's N axis): the output accumulator is DIM·ROWS/32 registers
 
 
