@@ -9,6 +9,7 @@ mix of the loop body (instructions per warp per block of BLOCK_N keys).
     PYTHONPATH=src python tools/research/gpu_kernel_sass.py --registers --bits 4 --lookup  # keys from the table
     PYTHONPATH=src python tools/research/gpu_kernel_sass.py --registers --block-keys 64   # 64 keys per step
     PYTHONPATH=src python tools/research/gpu_kernel_sass.py --registers --bits 4 --group 6 --warps 2  # two warps
+    PYTHONPATH=src python tools/research/gpu_kernel_sass.py --registers --bits 4 --group 6 --warps 2 --no-padding
 
 With `--registers` it compiles the register-fragment kernel (`kernels/decode_mma.py`) instead and prints each
 of its loops (one per decoder: symmetric and general 4-bit), per warp per block of 32 keys, with the share of
@@ -83,15 +84,22 @@ def disassemble(kernel, name: str) -> tuple[str, str]:
 
 
 def register_kernel(
-    bits: int, group: int, dim: int, maxnreg: int = 0, means: bool = False, lookup: bool = False, keys: int = 0,
+    bits: int,
+    group: int,
+    dim: int,
+    maxnreg: int = 0,
+    means: bool = False,
+    lookup: bool = False,
+    keys: int = 0,
     warps: int = 1,
+    padded: bool = True,
 ) -> None:
     """Compile `decode_mma._attend_chunk_mma` for sm_90 (strides and code pointers 16-byte aligned, as the
     JIT specialises them on a GPU) and print its loops."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
     constants = dict(
-        KV_HEADS=8, GROUP=group, Q_LEN=1, DIM=dim, K_BITS=bits, V_BITS=bits, ROWS=max(8, group), PADDED=True,
+        KV_HEADS=8, GROUP=group, Q_LEN=1, DIM=dim, K_BITS=bits, V_BITS=bits, ROWS=max(8, group), PADDED=padded,
         BLOCK_N=keys or decode_mma.block_keys(dim), KEY_MEAN=means, VALUE_MEAN=means, LOOKUP_KEYS=lookup, WARPS=warps,
     )  # fmt: skip
     names = decode_mma._attend_chunk_mma.arg_names
@@ -131,16 +139,27 @@ def main() -> None:
     parser.add_argument("--maxnreg", type=int, default=0, help="with --registers: cap registers per thread")
     parser.add_argument("--means", action="store_true", help="with --registers: centered codes' mean terms")
     parser.add_argument(
+        "--no-padding", action="store_true",
+        help="with --registers: as launched without left padding (ptxas may allocate registers differently)",
+    )  # fmt: skip
+    parser.add_argument(
         "--lookup", action="store_true", help="with --registers: 3- and 4-bit keys from the pair table"
     )
-    parser.add_argument("--block-keys", type=int, default=0, help="with --registers: keys per step (0: the library's)")
-    parser.add_argument("--warps", type=int, default=1, help="with --registers: warps per program (2: K4V4, d = 128)")
+    parser.add_argument(
+        "--block-keys", type=int, default=0, help="with --registers: keys per step (0: the library's)"
+    )
+    parser.add_argument(
+        "--warps", type=int, default=1, help="with --registers: warps per program (2: d = 128)"
+    )
     args = parser.parse_args()
     if args.registers:
         print(f"triton {triton.__version__}, sm_90, decode_mma, head_dim {args.dim}, group {args.group}")
         for bits in args.bits:
             lookup = args.lookup and bits in decode_mma.PAIR_COPIES
-            register_kernel(bits, args.group, args.dim, args.maxnreg, args.means, lookup, args.block_keys, args.warps)
+            register_kernel(
+                bits, args.group, args.dim, args.maxnreg, args.means, lookup, args.block_keys, args.warps,
+                not args.no_padding,
+            )  # fmt: skip
         return
     print(f"triton {triton.__version__}, sm_90, {decode.NUM_WARPS} warps, {decode.NUM_STAGES} stages, "
           f"BLOCK_N {decode.BLOCK_N}, head_dim {args.dim}, group {args.group}")  # fmt: skip

@@ -583,6 +583,10 @@ def _attend_blocks_two_warps(
     acc = gl.zeros([DIM, ROWS], gl.float32, mma)
     k_groups = _key_groups(kc, start, stop, K_BITS, DIM, BLOCK_N, 2)
     v_groups = _value_groups_two_warps(vc, start, stop, V_BITS, DIM, BLOCK_N)
+    # The value norms a block ahead (where they are used, after a barrier, both warps waited on memory), loaded at
+    # the block's end: live only across the back edge (loaded at its top, K4V4 took 151 registers, not 128).
+    keys = start + gl.arange(0, BLOCK_N, layout=key_axis)
+    v_norm = gl.load(vn + keys, mask=keys < stop, other=0.0)
     for block in range(start, stop, BLOCK_N):
         k_next = _key_groups(kc, block + BLOCK_N, stop, K_BITS, DIM, BLOCK_N, 2)
         v_next = _value_groups_two_warps(vc, block + BLOCK_N, stop, V_BITS, DIM, BLOCK_N)
@@ -605,7 +609,6 @@ def _attend_blocks_two_warps(
         p = gl.exp2(s - m_shift[None, :])
         alpha = gl.exp2(m_i - m_shift)
         sums = sums * alpha[None, :] + p
-        v_norm = gl.load(vn + keys, mask=key_valid, other=0.0)
         probabilities.store((p * v_norm.to(gl.float32)[:, None]).to(gl.float16))
         _BARRIER()
         v_op = gl.convert_layout(
@@ -614,6 +617,7 @@ def _attend_blocks_two_warps(
         acc = mma_v2(v_op, probabilities.load(op_b), acc * alpha[None, :])
         m_i = m_new
         k_groups, v_groups = k_next, v_next
+        v_norm = gl.load(vn + keys + BLOCK_N, mask=keys + BLOCK_N < stop, other=0.0)
     return acc, m_i, gl.sum(sums, axis=0)
 
 
