@@ -381,10 +381,13 @@ def test_appends_of_another_shape_and_exact_layers_of_another_kind_are_refused_b
 
 def test_an_older_transformers_is_named_at_import():
     """transformers 5.17 (a GPU image's own) builds this cache wrong deep inside a forward call
-    (`zip() argument 2 is shorter`); the import names the version and its file instead."""
+    (`zip() argument 2 is shorter`); importing the package names the version and its file instead."""
+    import subprocess
+    import sys
+
     import transformers
 
-    from tqlab.cache.cache import MIN_TRANSFORMERS, require_transformers
+    from tqlab.cache.requirements import MIN_TRANSFORMERS, require_transformers
 
     with pytest.raises(
         ImportError, match=rf"transformers>={MIN_TRANSFORMERS}; this Python imports 5\.17\.0 from"
@@ -392,3 +395,7 @@ def test_an_older_transformers_is_named_at_import():
         require_transformers("5.17.0")
     require_transformers(transformers.__version__)  # the installed one, which pyproject.toml allows
     require_transformers("5.24.0")
+    # in a fresh interpreter whose transformers says 5.17.0: the package import, before tqlab.cache.cache
+    older = "import transformers; transformers.__version__ = '5.17.0'; import tqlab.cache.cache"
+    run = subprocess.run([sys.executable, "-c", older], capture_output=True, text=True)
+    assert run.returncode != 0 and "this Python imports 5.17.0 from" in run.stderr, run.stderr

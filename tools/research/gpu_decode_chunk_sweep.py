@@ -29,10 +29,11 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1])
     parser.add_argument("--layouts", nargs="+", default=["12/2"], help="query heads/KV heads")
     args = parser.parse_args()
-    shapes = [(c, w) for c in args.chunk_blocks for w in ("never", "always")]
+    # with num_splits given, "auto" launches one warp (two only for chunks it chose short itself)
+    shapes = [(c, w) for c in args.chunk_blocks for w in ("auto", "always")]
     print(
         "| batch | q/KV | context | bits | SDPA µs | library µs | "
-        + " | ".join(f"{c} blk {1 if w == 'never' else 2} warp" for c, w in shapes)
+        + " | ".join(f"{c} blk {1 if w == 'auto' else 2} warp" for c, w in shapes)
         + " |"
     )
     print("|" + " --- |" * (6 + len(shapes)))

@@ -29,8 +29,6 @@ import operator
 from typing import TYPE_CHECKING
 
 import torch
-import transformers
-from packaging.version import Version
 from transformers.cache_utils import (
     DYNAMIC_LAYER_TYPE_MAPPING,
     Cache,
@@ -52,20 +50,6 @@ if TYPE_CHECKING:
 
 ATTENTION_LAYERS = ("full_attention", "sliding_attention")
 KERNELS = ("auto", "triton", "torch")  # auto: the Triton kernels on CUDA where the codes allow them
-MIN_TRANSFORMERS = "5.24"  # as pyproject.toml: models' `cache=` argument, per-layer cache kwargs
-
-
-def require_transformers(version: str) -> None:
-    """An older transformers (a GPU image's own, ahead of the one installed) breaks the cache deep inside a
-    forward call; name the version and where it was imported from instead."""
-    if Version(version) < Version(MIN_TRANSFORMERS):
-        raise ImportError(
-            f"tqlab.cache needs transformers>={MIN_TRANSFORMERS}; this Python imports {version} from "
-            f"{transformers.__file__}"
-        )
-
-
-require_transformers(transformers.__version__)
 
 
 def _triton_available() -> bool:

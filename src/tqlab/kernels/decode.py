@@ -364,7 +364,8 @@ def decode_attention(
     kernel's shorter decode), `centroid_table(codec.centroids, sign_magnitude=True)`. num_splits: chunks per (sequence, KV
     head); by default enough to fill every SM, and for `decode_mma` at most one wave of its resident programs
     (at its compiled register count) in chunks of its SHORT_BLOCKS_PER_SPLIT or MIN_BLOCKS_PER_SPLIT blocks
-    (down to 2 where its programs of two warps would be fewer than TWO_WARP_SHORT_PROGRAMS_PER_SM per SM).
+    (down to TWO_WARP_MIN_BLOCKS_PER_SPLIT where two-warp programs would be fewer than
+    TWO_WARP_SHORT_PROGRAMS_PER_SM per SM).
     starts=None: no padding (the kernels then neither read nor compare it).
     static_launch: the launch depends on T (the tensors' capacity) alone, never on the lengths, whose values
     are read on the device only — each sequence's keys are split evenly over the chunks in the kernel — so
@@ -476,7 +477,7 @@ def decode_attention(
         mma = mma if mma is not None and mma.supports(dim, k_bits, v_bits, group * q_len) else None
     blocks = triton.cdiv(tokens, mma.block_keys(dim) if mma else BLOCK_N)
     padded = starts is not None  # otherwise no padding: nothing to read (and no kernel to fill zeros)
-    short = False  # chunks of SHORT_BLOCKS_PER_SPLIT blocks
+    short = False  # chunks of at most SHORT_BLOCKS_PER_SPLIT blocks, all in one wave
     if mma:  # codes decoded into the tensor cores' operand registers: one warp per program (or two, below)
         block_m, block_n = max(8, triton.next_power_of_2(group * q_len)), mma.block_keys(dim)
         launch = (
@@ -490,10 +491,14 @@ def decode_attention(
             short = blocks // mma.SHORT_BLOCKS_PER_SPLIT <= per_head
             if short:  # short chunks, all in one wave
                 num_splits = max(1, blocks // mma.SHORT_BLOCKS_PER_SPLIT)
-                if mma.two_warps(dim, k_bits, v_bits, group * q_len, lookup=False):  # (below) shorter still
-                    # while two-warp programs are few: down to 2 blocks, up to TWO_WARP_SHORT_PROGRAMS_PER_SM
-                    fill = mma.TWO_WARP_SHORT_PROGRAMS_PER_SM * _sm_count(query.device.index)
-                    num_splits = max(num_splits, min(blocks // 2, fill // (batch * kv_heads)))
+                if mma.two_warps(dim, k_bits, v_bits, group * q_len, lookup=False):
+                    # programs of two warps (chosen below) are faster in chunks shorter still while they are few
+                    per_sm = min(
+                        mma.TWO_WARP_SHORT_PROGRAMS_PER_SM,
+                        _RESIDENT.get((*launch, 2), mma.TWO_WARP_PROGRAMS_PER_SM),
+                    )
+                    fill = per_sm * _sm_count(query.device.index) // (batch * kv_heads)
+                    num_splits = max(num_splits, min(blocks // mma.TWO_WARP_MIN_BLOCKS_PER_SPLIT, fill))
             else:
                 num_splits = min(per_head, blocks // mma.MIN_BLOCKS_PER_SPLIT)
     else:

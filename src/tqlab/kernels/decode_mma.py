@@ -111,11 +111,12 @@ LAUNCH = dict(num_warps=1)  # one warp per program, unless `two_warps` says othe
 # Two-warp programs per SM until the compiled kernel's registers say (decode._RESIDENT): 128 registers per thread
 # with triton 3.6, four warps to an SM quarter (155 with triton 3.9: 6, learnt from the first launch).
 TWO_WARP_PROGRAMS_PER_SM = 8
-# Where short chunks of two-warp programs leave SMs with fewer than this many, chunks as short as 2 blocks make
-# up to this many (H200, 2 KV heads at batch 1: 16k took 6-11 % less time in chunks of 2 blocks than of 4, with
-# 4 programs per SM; 8 per SM, in chunks of 1 block at 16k or 2 at 32k, were slower than 4: docs/benchmarks.md,
-# "Shorter chunks for two warps").
+# Where short chunks of two-warp programs leave SMs with fewer than this many, chunks as short as
+# TWO_WARP_MIN_BLOCKS_PER_SPLIT blocks make up to this many (H200, 2 KV heads at batch 1: 16k took 3-12 % less
+# time in chunks of 2 blocks than of 4, with 4 programs per SM; 8 per SM, in chunks of 1 block at 16k or 2 at
+# 32k, were slower than 4: docs/benchmarks.md, "Shorter chunks for two warps").
 TWO_WARP_SHORT_PROGRAMS_PER_SM = 4
+TWO_WARP_MIN_BLOCKS_PER_SPLIT = 2
 MAX_ROWS = 16  # query rows per program (the MMA's N axis): the output accumulator is DIM·ROWS/32 registers
 
 
@@ -583,10 +584,10 @@ def _attend_blocks_two_warps(
     acc = gl.zeros([DIM, ROWS], gl.float32, mma)
     k_groups = _key_groups(kc, start, stop, K_BITS, DIM, BLOCK_N, 2)
     v_groups = _value_groups_two_warps(vc, start, stop, V_BITS, DIM, BLOCK_N)
-    # The value norms a block ahead (where they are used, after a barrier, both warps waited on memory), loaded at
-    # the block's end: live only across the back edge (loaded at its top, K4V4 took 151 registers, not 128).
-    keys = start + gl.arange(0, BLOCK_N, layout=key_axis)
-    v_norm = gl.load(vn + keys, mask=keys < stop, other=0.0)
+    # The next block's value norms, loaded at the block's end: loaded after the barrier, where they are used, both
+    # warps waited on memory; at the block's top, K4V4 took 151 registers, not 128 (triton 3.6, no padding).
+    first = start + gl.arange(0, BLOCK_N, layout=key_axis)
+    v_norm = gl.load(vn + first, mask=first < stop, other=0.0)
     for block in range(start, stop, BLOCK_N):
         k_next = _key_groups(kc, block + BLOCK_N, stop, K_BITS, DIM, BLOCK_N, 2)
         v_next = _value_groups_two_warps(vc, block + BLOCK_N, stop, V_BITS, DIM, BLOCK_N)
