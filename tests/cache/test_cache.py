@@ -395,6 +395,13 @@ def test_an_older_transformers_is_named_at_import():
         require_transformers("5.17.0")
     require_transformers(transformers.__version__)  # the installed one, which pyproject.toml allows
     require_transformers("5.24.0")
+    # the check's floor is the one the installed package declares (pyproject.toml)
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    (pin,) = [Requirement(r).specifier for r in requires("tqlab") if Requirement(r).name == "transformers"]
+    assert ">=" + MIN_TRANSFORMERS in {str(s) for s in pin}
     # in a fresh interpreter whose transformers says 5.17.0: the package import, before tqlab.cache.cache
     older = "import transformers; transformers.__version__ = '5.17.0'; import tqlab.cache.cache"
     run = subprocess.run([sys.executable, "-c", older], capture_output=True, text=True)
