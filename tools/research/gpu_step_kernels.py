@@ -8,6 +8,12 @@ among the warm-up steps), then records `--steps` replayed steps with torch.profi
 kernels inside a graph) and prints, for each cache, every kernel name with its launches per step and its GPU
 µs per step, and the step's wall time. Kernel time is the sum of the kernels' durations: kernels that
 overlap (a merge launched while the attention runs) count twice, and the gaps between kernels not at all.
+
+    PYTHONPATH=src:benchmarks python tools/research/gpu_step_kernels.py --caches K4V4 --context 131072 --one-warp --rounds 2
+
+`--one-warp` runs each cache a second time with the register kernel's programs held to one warp
+(`decode_mma.two_warps` refusing every shape, as before programs of two warps), alternating `--rounds` times:
+what two warps change inside a whole step rather than in one layer's replay after an L2 flush.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import AutoModelForCausalLM
 
 from tqlab.cache import GraphDecoder
+from tqlab.kernels import decode_mma
 
 
 @torch.no_grad()
@@ -62,23 +69,37 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--caches", nargs="+", default=["bf16 static unmasked", "K4V4"])
+    parser.add_argument("--one-warp", action="store_true", help="each cache also with one-warp programs only")
+    parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(ARCHS[args.arch], dtype=torch.bfloat16).cuda().eval()
     layers = model.config.get_text_config(decoder=True).num_hidden_layers
-    for kind in args.caches:
-        wall, rows = step_kernels(model, kind, args.batch, args.context, args.steps)
-        total = sum(r[1] for r in rows)
+    library_rule = decode_mma.two_warps
+    programs = [("library's programs", library_rule)]
+    if args.one_warp:
+        programs.append(("one-warp programs", lambda *shape, **options: False))
+    for _ in range(args.rounds):
+        for kind in args.caches:
+            for label, rule in programs:
+                decode_mma.two_warps = rule
+                wall, rows = step_kernels(model, kind, args.batch, args.context, args.steps)
+                decode_mma.two_warps = library_rule
+                print_step(args, layers, f"{kind}, {label}", wall, rows)
+
+
+def print_step(args, layers: int, what: str, wall: float, rows: list) -> None:
+    total = sum(r[1] for r in rows)
+    print(
+        f"\n{args.arch}, batch {args.batch}, {args.context // 1024}k, {what}: step {wall:.0f} µs wall, "
+        f"{total:.0f} µs of kernels, {sum(r[0] for r in rows):.0f} launches ({layers} layers)"
+    )
+    print("| launches per step | per layer | µs per step | µs per launch | kernel |")
+    print("| --- | --- | --- | --- | --- |")
+    for launches, micros, name in rows:
         print(
-            f"\n{args.arch}, batch {args.batch}, {args.context // 1024}k, {kind}: step {wall:.0f} µs wall, "
-            f"{total:.0f} µs of kernels, {sum(r[0] for r in rows):.0f} launches ({layers} layers)"
+            f"| {launches:.0f} | {launches / layers:.2f} | {micros:.1f} | {micros / launches:.2f} | {name[:90]} |"
         )
-        print("| launches per step | per layer | µs per step | µs per launch | kernel |")
-        print("| --- | --- | --- | --- | --- |")
-        for launches, micros, name in rows:
-            print(
-                f"| {launches:.0f} | {launches / layers:.2f} | {micros:.1f} | {micros / launches:.2f} | {name[:90]} |"
-            )
 
 
 if __name__ == "__main__":
