@@ -3,12 +3,14 @@ graph replay, per shape, with the chunks' length, the pair tables, the merge's s
 
     PYTHONPATH=src:benchmarks python tools/research/gpu_decode_breakdown.py --batches 1 --min-blocks 4 8 --merge-splits 128 512
     PYTHONPATH=src:benchmarks python tools/research/gpu_decode_breakdown.py --batches 1 --block-keys 32 64 --splits 128 256
+    PYTHONPATH=src:benchmarks python tools/research/gpu_decode_breakdown.py --batches 1 --bits 4 --contexts 131072 --splits 512 --warps auto always --programmatic on off
 
 Each row: chunks of at least --min-blocks blocks of keys (as many as fill the SMs' resident programs once, at
 most; or --splits chunks per (sequence, KV head) asked of `decode_attention`, which makes chunks of
 cdiv(blocks, splits) blocks: the row prints what it launched), pair tables from chunks of --lookup-min-blocks
 blocks (`decode_mma.LOOKUP_MIN_BLOCKS`), the merge reading --merge-dims output dimensions per program and
---merge-splits chunks per step, launched --programmatic (`decode.PROGRAMMATIC_LAUNCH`) or not, the register
+--merge-splits chunks per step, launched --programmatic (`decode.PROGRAMMATIC_LAUNCH`) or not, --warps "auto"
+(`decode.TWO_WARPS`: with --splits given, one warp per program) or "always" (two wherever they apply), the register
 kernel stepping over --block-keys keys per loop iteration (`decode_mma.block_keys`: 32 at head_dim 128; the pair
 tables' thresholds scaled to the same keys per chunk); the step
 replayed from a CUDA graph with the L2 flushed before it (as benchmarks/gpu_decode.py times it; µs, median of
@@ -75,6 +77,7 @@ def main() -> None:
         "--lookup-min-blocks", type=int, nargs="+", help="for every width (default: the library's per width)"
     )
     parser.add_argument("--programmatic", choices=["on", "off"], nargs="+", default=["on"])
+    parser.add_argument("--warps", choices=["auto", "always"], nargs="+", default=["auto"])
     parser.add_argument(
         "--block-keys", type=int, nargs="+", default=[0], help="keys per loop iteration (0: the library's)"
     )
@@ -82,17 +85,24 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     print(
         "| batch | heads | context | bits | keys per block | chunks asked | blocks per chunk × chunks per head | "
-        "lookup from blocks | merge dims, chunks per step | programmatic | replay µs | kernels (µs) | "
+        "lookup from blocks | merge dims, chunks per step | programmatic | two warps | replay µs | kernels (µs) | "
         "max rel Δ vs the library's step |"
     )
-    print("| --- " * 13 + "|")
-    library = decode.MERGE_DIMS, decode.MERGE_SPLITS, decode_mma.LOOKUP_MIN_BLOCKS, decode.PROGRAMMATIC_LAUNCH
+    print("| --- " * 14 + "|")
+    library = (
+        decode.MERGE_DIMS, decode.MERGE_SPLITS, decode_mma.LOOKUP_MIN_BLOCKS, decode.PROGRAMMATIC_LAUNCH,
+        decode.TWO_WARPS,
+    )  # fmt: skip
     block_keys = decode_mma.block_keys
     shapes = [s for s in SHAPES if s[0] in args.batches]
     if args.contexts:
         shapes = list(dict.fromkeys((*s[:3], context) for s in shapes for context in args.contexts))
+
     def restore():
-        decode.MERGE_DIMS, decode.MERGE_SPLITS, decode_mma.LOOKUP_MIN_BLOCKS, decode.PROGRAMMATIC_LAUNCH = library
+        (
+            decode.MERGE_DIMS, decode.MERGE_SPLITS, decode_mma.LOOKUP_MIN_BLOCKS, decode.PROGRAMMATIC_LAUNCH,
+            decode.TWO_WARPS,
+        ) = library  # fmt: skip
         decode_mma.block_keys = block_keys
         decode._RESIDENT.clear()
 
@@ -124,12 +134,14 @@ def main() -> None:
                     for m in args.min_blocks
                 ]
             )
-            for (asked, splits), lookup, merge, programmatic in itertools.product(
+            for (asked, splits), lookup, merge, programmatic, warps in itertools.product(
                 chunkings,
                 args.lookup_min_blocks or [None],
                 itertools.product(args.merge_dims, args.merge_splits),
                 args.programmatic,
+                args.warps,
             ):
+                decode.TWO_WARPS = warps
                 decode.MERGE_DIMS, decode.MERGE_SPLITS = merge
                 decode_mma.LOOKUP_MIN_BLOCKS = tables if lookup is None else dict.fromkeys(tables, lookup)
                 decode.PROGRAMMATIC_LAUNCH = programmatic == "on"
@@ -140,7 +152,7 @@ def main() -> None:
                 chunk = triton.cdiv(blocks, splits)  # as decode_attention splits them
                 print(f"| {batch} | {q_heads}/{kv_heads} | {context // 1024}k | {bits} | {keys} | {asked} | "
                       f"{chunk} × {triton.cdiv(blocks, chunk)} | "
-                      f"{tables.get(bits, '-') if lookup is None else lookup} | {merge} | {programmatic} | {total:.1f} | "
+                      f"{tables.get(bits, '-') if lookup is None else lookup} | {merge} | {programmatic} | {warps} | {total:.1f} | "
                       f"{parts} | {delta:.0e} |", flush=True)  # fmt: skip
 
     restore()
