@@ -10,7 +10,8 @@ most; or --splits chunks per (sequence, KV head) asked of `decode_attention`, wh
 cdiv(blocks, splits) blocks: the row prints what it launched), pair tables from chunks of --lookup-min-blocks
 blocks (`decode_mma.LOOKUP_MIN_BLOCKS`), the merge reading --merge-dims output dimensions per program and
 --merge-splits chunks per step, launched --programmatic (`decode.PROGRAMMATIC_LAUNCH`) or not, --warps "auto"
-(`decode.TWO_WARPS`: with --splits given, one warp per program) or "always" (two wherever they apply), the register
+(`decode.TWO_WARPS`; this tool always passes num_splits, so one warp per program) or "always" (two wherever
+`decode_mma.two_warps` takes the shape, whether or not they fit one wave), the register
 kernel stepping over --block-keys keys per loop iteration (`decode_mma.block_keys`: 32 at head_dim 128; the pair
 tables' thresholds scaled to the same keys per chunk); the step
 replayed from a CUDA graph with the L2 flushed before it (as benchmarks/gpu_decode.py times it; µs, median of

@@ -9,7 +9,7 @@ kernels inside a graph) and prints, for each cache, every kernel name with its l
 µs per step, and the step's wall time. Kernel time is the sum of the kernels' durations: kernels that
 overlap (a merge launched while the attention runs) count twice, and the gaps between kernels not at all.
 
-    PYTHONPATH=src:benchmarks python tools/research/gpu_step_kernels.py --caches K4V4 --context 131072 --one-warp --rounds 2
+    PYTHONPATH=src:benchmarks python tools/research/gpu_step_kernels.py --caches K4V4 --context 32768 --one-warp --rounds 2
 
 `--one-warp` runs each cache a second time with the register kernel's programs held to one warp
 (`decode_mma.two_warps` refusing every shape, as before programs of two warps), alternating `--rounds` times:
