@@ -379,18 +379,32 @@ def test_more_query_rows_than_the_kernel_holds_are_refused():
 def test_the_pair_table_is_used_only_where_it_costs_no_occupancy(per_sm, programs, fits, monkeypatch):
     """12 one-warp programs that each hold a 16 KiB table and CUDA's 1 KiB per block fit an H100/H200 SM's
     228 KiB of shared memory, not an A100's 164 KiB; a torch that does not report it gets no table."""
-    from tqlab.kernels import decode
+    pytest.importorskip("triton.experimental.gluon")
+    from tqlab.kernels import decode, decode_mma
 
+    # 4-bit keys in chunks of 256 blocks, far over the tables' threshold
+    long_chunks = dict(sms=132, two_warp_resident=8, num_splits=8)
+    got = decode.register_launch(
+        decode_mma, 16, 8, 65536, 128, 4, 4, 4, resident=programs, shared_per_sm=per_sm, **long_chunks
+    )
+    assert got.lookup_keys == fits
     props = type(
         "Properties", (), {"shared_memory_per_multiprocessor": per_sm, "regs_per_multiprocessor": 65536}
     )()
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
-    assert decode._pair_tables_fit(0, programs, 16384) == fits
     # and a kernel that holds the table counts as many programs per SM as fit both its registers and tables
     assert decode._resident_programs(0, 167, 12, shared=16384) == (12 if per_sm > 200000 else 9)
     assert decode._resident_programs(0, 96, 12, shared=16384) == (13 if per_sm > 200000 else 9)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: object())
-    assert not decode._pair_tables_fit(0, programs, 16384)
+    decode._shared_per_sm.cache_clear()
+    try:
+        assert decode._shared_per_sm(0) == 0
+    finally:
+        decode._shared_per_sm.cache_clear()
+    got = decode.register_launch(
+        decode_mma, 16, 8, 65536, 128, 4, 4, 4, resident=12, shared_per_sm=0, **long_chunks
+    )
+    assert not got.lookup_keys
 
 
 @pytest.mark.parametrize(

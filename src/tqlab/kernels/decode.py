@@ -293,7 +293,7 @@ _RESERVED_SHARED = 1024  # bytes of shared memory CUDA reserves per block
 def _resident_programs(device_index: int | None, registers: int, default: int, shared: int = 0) -> int:
     """One-warp programs one SM holds at `registers` per thread: each of its four sub-partitions holds a
     quarter of the register file, allocated per warp in units of 256 (8 per thread); at most 32 blocks
-    per SM; with `shared` bytes of shared memory each, no more than fit the SM's (`_pair_tables_fit`).
+    per SM; with `shared` bytes of shared memory each, no more than fit the SM's.
     `default` where torch does not report the register file."""
     properties = torch.cuda.get_device_properties(device_index)
     per_sm = getattr(properties, "regs_per_multiprocessor", None)
@@ -306,16 +306,82 @@ def _resident_programs(device_index: int | None, registers: int, default: int, s
     return programs
 
 
-def _pair_tables_fit(device_index: int | None, programs: int, table_bytes: int) -> bool:
-    """Whether an SM's shared memory holds `programs` one-warp programs that each keep a `table_bytes` table
-    (and what CUDA reserves per block): then the table costs no occupancy."""
-    per_sm = getattr(torch.cuda.get_device_properties(device_index), "shared_memory_per_multiprocessor", None)
-    return bool(per_sm) and per_sm >= programs * (table_bytes + _RESERVED_SHARED)
+@functools.cache
+def _shared_per_sm(device_index: int | None) -> int:
+    """Bytes of shared memory per SM (0 where torch does not report it)."""
+    properties = torch.cuda.get_device_properties(device_index)
+    return getattr(properties, "shared_memory_per_multiprocessor", 0) or 0
 
 
 @functools.cache
 def _sm_count(device_index: int | None) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@dataclasses.dataclass(frozen=True)
+class RegisterLaunch:
+    """How `decode_attention` launches the register-fragment kernel (`register_launch`)."""
+
+    splits: int  # chunks per (sequence, KV head): the grid is (sequences × KV heads, splits)
+    chunk: int  # keys per chunk; 0 where the kernel splits each sequence's own keys evenly (static_launch)
+    warps: int  # per program: 1, or 2 where `decode_mma.two_warps` takes the shape
+    lookup_keys: bool  # 3- and 4-bit keys read from shared-memory tables of centroid pairs
+
+
+def register_launch(
+    mma, batch: int, kv_heads: int, tokens: int, dim: int, k_bits: int, v_bits: int, rows: int, *, sms: int,
+    resident: int, two_warp_resident: int, shared_per_sm: int, num_splits: int | None = None,
+    static_launch: bool = False,
+) -> RegisterLaunch:  # fmt: skip
+    """The register-fragment kernel's launch (`mma` is `decode_mma`) over `batch` sequences × `kv_heads` heads of
+    `tokens` keys with `rows` query rows per KV head, on `sms` SMs that each hold `resident` one-warp or
+    `two_warp_resident` two-warp programs and `shared_per_sm` bytes of shared memory (0: unknown). The device
+    enters only through those numbers, so the rules are tested without a GPU. num_splits: chunks per (sequence,
+    KV head), else chosen here:
+
+    - at most one wave of resident one-warp programs (a second, sparse wave would take as long as the first);
+    - chunks of SHORT_BLOCKS_PER_SPLIT blocks where those all fit in that wave, else of at least
+      MIN_BLOCKS_PER_SPLIT (docs/benchmarks.md, "Launch shape and merge");
+    - short chunks that two-warp programs can take go down to TWO_WARP_MIN_BLOCKS_PER_SPLIT blocks while they
+      make at most TWO_WARP_SHORT_PROGRAMS_PER_SM per SM ("Shorter chunks for two warps"); such programs are
+      launched where the short chunks fit in one wave of them ("Programs of two warps"; TWO_WARPS = "always",
+      for tests, wherever `two_warps` takes the shape);
+    - 3- and 4-bit keys from pair tables where chunks are long (LOOKUP_MIN_BLOCKS) and the tables of `resident`
+      programs fit an SM's shared memory, so that they cost no occupancy."""
+    block_n = mma.block_keys(dim)
+    blocks = triton.cdiv(tokens, block_n)
+    short = False  # chunks of at most SHORT_BLOCKS_PER_SPLIT blocks, all in one wave
+    if num_splits is None:
+        per_head = max(1, resident * sms // (batch * kv_heads))
+        short = blocks // mma.SHORT_BLOCKS_PER_SPLIT <= per_head
+        if short:
+            num_splits = max(1, blocks // mma.SHORT_BLOCKS_PER_SPLIT)
+            if mma.two_warps(dim, k_bits, v_bits, rows, lookup=False):  # shorter still while they are few
+                per_sm = min(mma.TWO_WARP_SHORT_PROGRAMS_PER_SM, two_warp_resident)
+                fill = per_sm * sms // (batch * kv_heads)
+                num_splits = max(num_splits, min(blocks // mma.TWO_WARP_MIN_BLOCKS_PER_SPLIT, fill))
+        else:
+            num_splits = min(per_head, blocks // mma.MIN_BLOCKS_PER_SPLIT)
+    chunk, splits = _chunks(tokens, blocks, block_n, num_splits, static_launch)
+    lookup_keys = (
+        k_bits in mma.PAIR_COPIES and dim >= mma.LOOKUP_MIN_DIM
+        and triton.cdiv(blocks, splits) >= mma.LOOKUP_MIN_BLOCKS[k_bits]
+        and shared_per_sm >= resident * (mma.pair_table_bytes(k_bits, v_bits) + _RESERVED_SHARED)
+    )  # fmt: skip
+    warps = 1
+    if mma.two_warps(dim, k_bits, v_bits, rows, lookup_keys):
+        fits = batch * kv_heads * splits <= two_warp_resident * sms
+        warps = 2 if TWO_WARPS == "always" or (short and fits) else 1
+    return RegisterLaunch(splits, chunk, warps, lookup_keys)
+
+
+def _chunks(tokens: int, blocks: int, block_n: int, num_splits: int, static_launch: bool) -> tuple[int, int]:
+    """(keys per chunk, chunks) for about `num_splits` chunks of whole blocks of `block_n` keys; under
+    static_launch chunk 0 and `num_splits` chunks, of each sequence's own keys (split on the device)."""
+    if static_launch:
+        return 0, max(1, min(num_splits, blocks))
+    chunk = triton.cdiv(blocks, max(1, min(num_splits, blocks))) * block_n
+    return chunk, triton.cdiv(tokens, chunk)
 
 
 @functools.cache
@@ -475,57 +541,28 @@ def decode_attention(
     if _PTX and query.is_cuda and batch * kv_heads * tokens >= REGISTER_KERNEL_MIN_KEYS and not sketched:
         mma = _mma_kernel() if _has_mma_sync(query.device.index) else None
         mma = mma if mma is not None and mma.supports(dim, k_bits, v_bits, group * q_len) else None
-    blocks = triton.cdiv(tokens, mma.block_keys(dim) if mma else BLOCK_N)
     padded = starts is not None  # otherwise no padding: nothing to read (and no kernel to fill zeros)
-    short = False  # chunks of at most SHORT_BLOCKS_PER_SPLIT blocks, all in one wave
-    if mma:  # codes decoded into the tensor cores' operand registers: one warp per program (or two, below)
+    if mma:  # codes decoded into the tensor cores' operand registers: one warp per program, or two
         block_m, block_n = max(8, triton.next_power_of_2(group * q_len)), mma.block_keys(dim)
         launch = (
             query.device.index, dim, k_bits, v_bits, block_m, group, q_len, kv_heads, padded,
             key_mean is not None, value_mean is not None,
         )  # fmt: skip
-        if num_splits is None:  # at most one wave of resident programs: a second, sparse wave would take as
-            # long as the first (the first call's estimate: PROGRAMS_PER_SM)
-            resident = _RESIDENT.get(launch, mma.PROGRAMS_PER_SM) * _sm_count(query.device.index)
-            per_head = max(1, resident // (batch * kv_heads))
-            short = blocks // mma.SHORT_BLOCKS_PER_SPLIT <= per_head
-            if short:  # short chunks, all in one wave
-                num_splits = max(1, blocks // mma.SHORT_BLOCKS_PER_SPLIT)
-                if mma.two_warps(dim, k_bits, v_bits, group * q_len, lookup=False):
-                    # programs of two warps (chosen below) are faster in chunks shorter still while they are few
-                    per_sm = min(
-                        mma.TWO_WARP_SHORT_PROGRAMS_PER_SM,
-                        _RESIDENT.get((*launch, 2), mma.TWO_WARP_PROGRAMS_PER_SM),
-                    )
-                    fill = per_sm * _sm_count(query.device.index) // (batch * kv_heads)
-                    num_splits = max(num_splits, min(blocks // mma.TWO_WARP_MIN_BLOCKS_PER_SPLIT, fill))
-            else:
-                num_splits = min(per_head, blocks // mma.MIN_BLOCKS_PER_SPLIT)
+        plan = register_launch(  # with the first call's estimates until a compiled kernel's registers say
+            mma, batch, kv_heads, tokens, dim, k_bits, v_bits, group * q_len, sms=_sm_count(query.device.index),
+            resident=_RESIDENT.get(launch, mma.PROGRAMS_PER_SM),
+            two_warp_resident=_RESIDENT.get((*launch, 2), mma.TWO_WARP_PROGRAMS_PER_SM),
+            shared_per_sm=_shared_per_sm(query.device.index), num_splits=num_splits, static_launch=static_launch,
+        )  # fmt: skip
+        chunk, splits, warps, lookup_keys = plan.chunk, plan.splits, plan.warps, plan.lookup_keys
     else:
         block_m, block_n = max(16, triton.next_power_of_2(group * q_len)), BLOCK_N
+        blocks = triton.cdiv(tokens, BLOCK_N)
         if num_splits is None:
             sms = _sm_count(query.device.index) if query.is_cuda else 4
             num_splits = min(triton.cdiv(CTAS_PER_SM * sms, batch * kv_heads), blocks // MIN_BLOCKS_PER_SPLIT)
-    if static_launch:
-        chunk, splits = 0, max(1, min(num_splits, blocks))
-    else:
-        chunk = triton.cdiv(blocks, max(1, min(num_splits, blocks))) * block_n
-        splits = triton.cdiv(tokens, chunk)
-    lookup_keys = (  # 3- and 4-bit keys from a shared-memory pair table: where chunks are long and tables fit
-        mma is not None and k_bits in mma.PAIR_COPIES and dim >= mma.LOOKUP_MIN_DIM
-        and triton.cdiv(blocks, splits) >= mma.LOOKUP_MIN_BLOCKS[k_bits]
-        and _pair_tables_fit(
-            query.device.index, _RESIDENT.get(launch, mma.PROGRAMS_PER_SM), mma.pair_table_bytes(k_bits, v_bits)
-        )
-    )  # fmt: skip
-
-    # Short chunks that leave SMs half empty of one-warp programs: programs of two warps, each doing half of a
-    # block's work, where they fit in one wave (measured faster only there: docs/benchmarks.md, "Programs of
-    # two warps"); TWO_WARPS = "always" (tests) wherever the kernel takes the shape.
-    warps = 1
-    if mma and mma.two_warps(dim, k_bits, v_bits, group * q_len, lookup_keys):
-        slots = _RESIDENT.get((*launch, 2), mma.TWO_WARP_PROGRAMS_PER_SM) * _sm_count(query.device.index)
-        warps = 2 if TWO_WARPS == "always" or (short and batch * kv_heads * splits <= slots) else 1
+        chunk, splits = _chunks(tokens, blocks, block_n, num_splits, static_launch)
+        warps, lookup_keys = 1, False
     launch_merge = (
         PROGRAMMATIC_LAUNCH and gdc_wait is not None and splits > 1 and _PTX and query.is_cuda
         and _has_programmatic_launch(query.device.index)
