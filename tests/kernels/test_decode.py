@@ -373,38 +373,28 @@ def test_more_query_rows_than_the_kernel_holds_are_refused():
         )
 
 
-@pytest.mark.parametrize(
-    "per_sm,programs,fits", [(233472, 12, True), (233472, 14, False), (167936, 12, False)]
-)
-def test_the_pair_table_is_used_only_where_it_costs_no_occupancy(per_sm, programs, fits, monkeypatch):
-    """12 one-warp programs that each hold a 16 KiB table and CUDA's 1 KiB per block fit an H100/H200 SM's
-    228 KiB of shared memory, not an A100's 164 KiB; a torch that does not report it gets no table."""
-    pytest.importorskip("triton.experimental.gluon")
-    from tqlab.kernels import decode, decode_mma
+@pytest.mark.parametrize("per_sm", [233472, 167936])
+def test_programs_holding_a_pair_table_follow_the_shared_memory(per_sm, monkeypatch):
+    """A kernel that holds a 16 KiB table counts as many programs per SM as fit both its registers and its
+    tables (with CUDA's 1 KiB per block: 13 in an H100/H200 SM's 228 KiB, 9 in an A100's 164 KiB); the shared
+    memory is read from torch (whether the table is used at all: test_decode_launch), 0 where it is not
+    reported."""
+    from tqlab.kernels import decode
 
-    # 4-bit keys in chunks of 256 blocks, far over the tables' threshold
-    long_chunks = dict(sms=132, two_warp_resident=8, num_splits=8)
-    got = decode.register_launch(
-        decode_mma, 16, 8, 65536, 128, 4, 4, 4, resident=programs, shared_per_sm=per_sm, **long_chunks
-    )
-    assert got.lookup_keys == fits
     props = type(
         "Properties", (), {"shared_memory_per_multiprocessor": per_sm, "regs_per_multiprocessor": 65536}
     )()
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
-    # and a kernel that holds the table counts as many programs per SM as fit both its registers and tables
     assert decode._resident_programs(0, 167, 12, shared=16384) == (12 if per_sm > 200000 else 9)
     assert decode._resident_programs(0, 96, 12, shared=16384) == (13 if per_sm > 200000 else 9)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: object())
     decode._shared_per_sm.cache_clear()
     try:
+        assert decode._shared_per_sm(0) == per_sm
+        decode._shared_per_sm.cache_clear()
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: object())
         assert decode._shared_per_sm(0) == 0
     finally:
         decode._shared_per_sm.cache_clear()
-    got = decode.register_launch(
-        decode_mma, 16, 8, 65536, 128, 4, 4, 4, resident=12, shared_per_sm=0, **long_chunks
-    )
-    assert not got.lookup_keys
 
 
 @pytest.mark.parametrize(

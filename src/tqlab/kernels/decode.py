@@ -336,8 +336,9 @@ def register_launch(
     """The register-fragment kernel's launch (`mma` is `decode_mma`) over `batch` sequences × `kv_heads` heads of
     `tokens` keys with `rows` query rows per KV head, on `sms` SMs that each hold `resident` one-warp or
     `two_warp_resident` two-warp programs and `shared_per_sm` bytes of shared memory (0: unknown). The device
-    enters only through those numbers, so the rules are tested without a GPU. num_splits: chunks per (sequence,
-    KV head), else chosen here:
+    enters only through those numbers (and `mma` is passed in, since it imports only where triton has Gluon), so
+    the rules are tested without a GPU; TWO_WARPS is read from this module. num_splits: chunks per (sequence, KV
+    head), else chosen here:
 
     - at most one wave of resident one-warp programs (a second, sparse wave would take as long as the first);
     - chunks of SHORT_BLOCKS_PER_SPLIT blocks where those all fit in that wave, else of at least
@@ -376,8 +377,8 @@ def register_launch(
 
 
 def _chunks(tokens: int, blocks: int, block_n: int, num_splits: int, static_launch: bool) -> tuple[int, int]:
-    """(keys per chunk, chunks) for about `num_splits` chunks of whole blocks of `block_n` keys; under
-    static_launch chunk 0 and `num_splits` chunks, of each sequence's own keys (split on the device)."""
+    """(keys per chunk, chunks) for about `num_splits` chunks of whole blocks of `block_n` keys, at most one per
+    block; under static_launch chunk 0 (each sequence's own keys are split on the device)."""
     if static_launch:
         return 0, max(1, min(num_splits, blocks))
     chunk = triton.cdiv(blocks, max(1, min(num_splits, blocks))) * block_n
