@@ -13,13 +13,19 @@ overlap (a merge launched while the attention runs) count twice, and the gaps be
 
 `--one-warp` runs each cache a second time with the register kernel's programs held to one warp
 (`decode_mma.two_warps` refusing every shape, as before programs of two warps), alternating `--rounds` times:
-what two warps change inside a whole step rather than in one layer's replay after an L2 flush.
+what two warps change inside a whole step rather than in one layer's replay after an L2 flush. `--two-warps`
+adds a run with two-warp programs wherever `decode_mma.two_warps` takes the shape, whether or not they fit one
+wave (`decode.TWO_WARPS = "always"`), and `--no-programmatic` one more of each with the merge launched after the
+attention (`decode.PROGRAMMATIC_LAUNCH = False`).
+
+    PYTHONPATH=src:benchmarks python tools/research/gpu_step_kernels.py --caches K4V4 --context 131072 --two-warps --no-programmatic --rounds 2
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import time
 
 import torch
@@ -30,7 +36,7 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import AutoModelForCausalLM
 
 from tqlab.cache import GraphDecoder
-from tqlab.kernels import decode_mma
+from tqlab.kernels import decode, decode_mma
 
 
 @torch.no_grad()
@@ -70,22 +76,41 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--caches", nargs="+", default=["bf16 static unmasked", "K4V4"])
     parser.add_argument("--one-warp", action="store_true", help="each cache also with one-warp programs only")
+    parser.add_argument(
+        "--two-warps", action="store_true", help="each cache also with two warps wherever they apply"
+    )
+    parser.add_argument(
+        "--no-programmatic", action="store_true", help="each run also with the merge launched after"
+    )
     parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(ARCHS[args.arch], dtype=torch.bfloat16).cuda().eval()
     layers = model.config.get_text_config(decoder=True).num_hidden_layers
     library_rule = decode_mma.two_warps
-    programs = [("library's programs", library_rule)]
+    programs = [("library's programs", library_rule, "auto")]
     if args.one_warp:
-        programs.append(("one-warp programs", lambda *shape, **options: False))
+        programs.append(("one-warp programs", lambda *shape, **options: False, "auto"))
+    if args.two_warps:
+        programs.append(("two warps wherever they apply", library_rule, "always"))
+    launches = [("the merge launched early", True)]
+    if args.no_programmatic:
+        launches.append(("the merge launched after", False))
     for _ in range(args.rounds):
         for kind in args.caches:
-            for label, rule in programs:
-                decode_mma.two_warps = rule
+            for (label, rule, two_warps), (launch, programmatic) in itertools.product(programs, launches):
+                decode_mma.two_warps, decode.TWO_WARPS, decode.PROGRAMMATIC_LAUNCH = (
+                    rule,
+                    two_warps,
+                    programmatic,
+                )
                 wall, rows = step_kernels(model, kind, args.batch, args.context, args.steps)
-                decode_mma.two_warps = library_rule
-                print_step(args, layers, f"{kind}, {label}", wall, rows)
+                decode_mma.two_warps, decode.TWO_WARPS, decode.PROGRAMMATIC_LAUNCH = (
+                    library_rule,
+                    "auto",
+                    True,
+                )
+                print_step(args, layers, f"{kind}, {label}, {launch}", wall, rows)
 
 
 def print_step(args, layers: int, what: str, wall: float, rows: list) -> None:
