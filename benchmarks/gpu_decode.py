@@ -32,6 +32,12 @@ from tqlab.quant import MSECode, TurboQuantMSE
 
 DIM = 128
 FLUSH_BYTES = 512 * 2**20  # several times the H200's L2
+# How L2 is flushed before each timed replay: "read" leaves it full of clean lines, as a layer's weights do in a
+# model's step; "write" (as triton.testing.do_bench flushes, and this table did until 2026-12-04) leaves dirty
+# lines whose write-back the timed kernel pays for, more the more it reads (up to about L2's size), which charged
+# SDPA over a bf16 cache 3–10 µs more than the step over codes (docs/benchmarks.md, "How L2 is flushed before
+# a timed step").
+FLUSH_BY = "read"
 
 
 def reference_path(codecs, q, codes, norms, scaling):
@@ -51,19 +57,27 @@ def reference_path(codecs, q, codes, norms, scaling):
     return out
 
 
-def bench(fn, reps: int = 30) -> float:
+def bench(fn, reps: int = 30, flush_by: str | None = None) -> float:
     """Median µs of fn replayed from a CUDA graph (no launch overhead, as in a served decode step), with
-    the L2 cache flushed before each replay so that the step streams its cache from HBM."""
+    the L2 cache flushed before each replay so that the step streams its cache from HBM, by reading or writing a
+    buffer several times its size (`flush_by`, FLUSH_BY where None)."""
+    flush_by = flush_by or FLUSH_BY
+    if flush_by not in ("write", "read"):
+        raise ValueError(f"flush_by={flush_by!r}: expected 'write' or 'read'")
     fn()  # compile and warm up outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+    flush = torch.ones(FLUSH_BYTES // 4, dtype=torch.float32, device="cuda")
+    total = torch.empty((), dtype=torch.float32, device="cuda")
     events = [
         (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)
     ]
     for start, end in events:
-        flush.zero_()
+        if flush_by == "write":
+            flush.zero_()
+        else:
+            torch.sum(flush, dim=0, out=total)
         start.record()
         graph.replay()
         end.record()
@@ -264,6 +278,7 @@ def row(batch, q_heads, kv_heads, context, bits, reference_max, bf16) -> str:
 
 
 def main() -> None:
+    global FLUSH_BY
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -296,9 +311,13 @@ def main() -> None:
         "without a compiler)",
     )
     parser.add_argument(
+        "--flush-by", choices=("read", "write"), default=FLUSH_BY, help="how L2 is flushed before each replay"
+    )
+    parser.add_argument(
         "--out", type=Path, default=Path("outputs/bench/benchmarks.md"), help="'-' to print only"
     )
     args = parser.parse_args()
+    FLUSH_BY = args.flush_by
     flash_attn = tuple(dict.fromkeys(args.flash_attn))  # each version once
     others = [
         name for name, asked in (("FlexAttention", args.flex), ("FlashInfer", args.flashinfer)) if asked
@@ -322,10 +341,12 @@ def main() -> None:
                     rows.append(row(batch, q_heads, kv_heads, context, bits, args.reference_max, bf16))
                     print(rows[-1], flush=True)
                     torch.cuda.empty_cache()
+    flushing = {"read": "reading", "write": "writing"}[FLUSH_BY]
     write_gpu_section(
         args.out, "gpu_decode", "Decode attention over codes on a GPU (one layer, one step, head_dim 128)",
-        "Median of CUDA-graph replays with the L2 flushed between them; query and output rotations not timed "
-        "(they fold into the projections).", rows,
+        f"Median of CUDA-graph replays, L2 flushed before each by {flushing} a 512 MiB buffer (\"How L2 is "
+        "flushed before a timed step\" below); query and output rotations not timed (they fold into the "
+        "projections).", rows,
     )  # fmt: skip
 
 
