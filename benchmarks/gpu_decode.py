@@ -35,8 +35,9 @@ FLUSH_BYTES = 512 * 2**20  # several times the H200's L2
 # How L2 is flushed before each timed replay: "read" leaves it full of clean lines, as a layer's weights do in a
 # model's step; "write" (as triton.testing.do_bench flushes, and this table did until 2026-12-04) leaves dirty
 # lines whose write-back the timed kernel pays for, more the more it reads (up to about L2's size), which charged
-# SDPA over a bf16 cache 3–10 µs more than the step over codes (docs/benchmarks.md, "How L2 is flushed before
-# a timed step").
+# SDPA over a bf16 cache 3–9 µs more than the step over codes (docs/benchmarks.md, "How L2 is flushed before
+# a timed step"). The research tools that import `bench` follow it: set gpu_decode.FLUSH_BY = "write" to time
+# them as their documented runs before that date were timed.
 FLUSH_BY = "read"
 
 
@@ -344,9 +345,9 @@ def main() -> None:
     flushing = {"read": "reading", "write": "writing"}[FLUSH_BY]
     write_gpu_section(
         args.out, "gpu_decode", "Decode attention over codes on a GPU (one layer, one step, head_dim 128)",
-        f"Median of CUDA-graph replays, L2 flushed before each by {flushing} a 512 MiB buffer (\"How L2 is "
-        "flushed before a timed step\" below); query and output rotations not timed (they fold into the "
-        "projections).", rows,
+        f"Median of CUDA-graph replays, L2 flushed before each by {flushing} a {FLUSH_BYTES >> 20} MiB buffer "
+        "(docs/benchmarks.md, \"How L2 is flushed before a timed step\"); query and output rotations not timed "
+        "(they fold into the projections).", rows,
     )  # fmt: skip
 
 

@@ -46,9 +46,8 @@ def replay_times(fn, reps: int = 30) -> tuple[float, dict[str, float]]:
         total = bench(fn, reps)
     kernels = collections.defaultdict(list)
     for event in prof.events():
-        if (
-            event.device_type == torch.autograd.DeviceType.CUDA and "elementwise" not in event.name
-        ):  # not the flush
+        flush = "elementwise" in event.name or "reduce_kernel" in event.name  # the flush, written or read
+        if event.device_type == torch.autograd.DeviceType.CUDA and not flush:
             kernels[event.name[:40]].append(event.device_time)
     return total, {name: statistics.median(times) for name, times in kernels.items()}
 

@@ -1,7 +1,8 @@
 """Does the way the decode table flushes L2 favour one side? SDPA over a bf16 cache and this library's step over
-codes, each replayed from a CUDA graph after a flush that writes a buffer (the decode table's timer, as
-triton.testing.do_bench flushes: the dirty lines are written back while the step reads its cache) and after
-one that reads it (L2 left full of clean lines, as inside a model's step after a layer's weights).
+codes, each replayed from a CUDA graph after a flush that writes a buffer (the decode table's timer until
+2026-12-04, as triton.testing.do_bench flushes: the dirty lines are written back while the step reads its cache)
+and after one that reads it (its timer since: L2 left full of clean lines, as inside a model's step after a
+layer's weights).
 
     PYTHONPATH=src:benchmarks python tools/research/gpu_flush_kind.py --bits 4 3
 
@@ -58,8 +59,8 @@ def main() -> None:
                   f"{t['codes', 'read']:.1f} | {t['sdpa', 'write'] / t['codes', 'write']:.2f}× | "
                   f"{t['sdpa', 'read'] / t['codes', 'read']:.2f}× | {100 * (spread - 1):.1f} % |",
                   flush=True)  # fmt: skip
-            del inputs
-        del q, k, v
+            del inputs, codes
+        del q, k, v, sdpa
         torch.cuda.empty_cache()
 
 
