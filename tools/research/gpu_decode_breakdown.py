@@ -46,7 +46,8 @@ def replay_times(fn, reps: int = 30) -> tuple[float, dict[str, float]]:
         total = bench(fn, reps)
     kernels = collections.defaultdict(list)
     for event in prof.events():
-        # the flush, written (a fill) or read (a sum: a reduction and the memset of its result)
+        # the flush, written (a fill) or read (a sum: a reduction, and the memset of its blocks' semaphores);
+        # the decode step itself launches no memset
         flush = any(part in event.name for part in ("elementwise", "reduce_kernel", "Memset"))
         if event.device_type == torch.autograd.DeviceType.CUDA and not flush:
             kernels[event.name[:40]].append(event.device_time)
