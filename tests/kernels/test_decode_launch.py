@@ -69,6 +69,18 @@ def test_short_chunks_of_two_warps_go_down_to_two_blocks_while_few():
     assert 2 * at_32k.splits <= decode_mma.TWO_WARP_SHORT_PROGRAMS_PER_SM * H200["sms"]
 
 
+def test_short_chunks_too_many_for_one_wave_of_two_warps_lengthen_rather_than_take_one_warp():
+    """docs/benchmarks.md, "Longer chunks of two warps rather than one warp": at batch 1 with 2 KV heads, 96k keys
+    in chunks of 4 blocks are 768 programs per KV head, more two-warp programs than the H200 holds (8 per SM); they
+    run 4 per SM on two warps instead, in chunks of 12 blocks. 3-bit keys in chunks that long would read pair
+    tables, which two-warp programs do not take: chunks of 4 blocks on one warp, as before."""
+    k4, k3 = launch(1, 2, 98304, 4, 6), launch(1, 2, 98304, 3, 6)
+    assert 2 * 98304 // (4 * 32) > H200["two_warp_resident"] * H200["sms"]
+    assert (k4.chunk, k4.splits, k4.warps, k4.lookup_keys) == (12 * 32, 256, 2, False)
+    assert 2 * k4.splits <= decode_mma.TWO_WARP_SHORT_PROGRAMS_PER_SM * H200["sms"]
+    assert (k3.chunk, k3.splits, k3.warps, k3.lookup_keys) == (4 * 32, 768, 1, False)
+
+
 SHAPES = list(
     itertools.product(
         [1, 2, 4, 16],  # sequences

@@ -346,29 +346,40 @@ def register_launch(
     - short chunks that two-warp programs can take go down to TWO_WARP_MIN_BLOCKS_PER_SPLIT blocks while they
       make at most TWO_WARP_SHORT_PROGRAMS_PER_SM per SM ("Shorter chunks for two warps"); such programs are
       launched where the short chunks fit in one wave of them ("Programs of two warps"; TWO_WARPS = "always",
-      for tests, wherever `two_warps` takes the shape);
+      for tests, wherever `two_warps` takes the shape), and where they do not, TWO_WARP_SHORT_PROGRAMS_PER_SM
+      per SM take longer chunks, unless chunks that long would read pair tables ("Longer chunks of two warps
+      rather than one warp");
     - 3- and 4-bit keys from pair tables where chunks are long (LOOKUP_MIN_BLOCKS) and the tables of `resident`
       programs fit an SM's shared memory, so that they cost no occupancy."""
     block_n = mma.block_keys(dim)
     blocks = triton.cdiv(tokens, block_n)
+
+    def pair_tables(splits: int) -> bool:
+        return (
+            k_bits in mma.PAIR_COPIES and dim >= mma.LOOKUP_MIN_DIM
+            and triton.cdiv(blocks, splits) >= mma.LOOKUP_MIN_BLOCKS[k_bits]
+            and shared_per_sm >= resident * (mma.pair_table_bytes(k_bits, v_bits) + _RESERVED_SHARED)
+        )  # fmt: skip
+
     short = False  # chunks of at most SHORT_BLOCKS_PER_SPLIT blocks, all in one wave
     if num_splits is None:
         per_head = max(1, resident * sms // (batch * kv_heads))
         short = blocks // mma.SHORT_BLOCKS_PER_SPLIT <= per_head
         if short:
             num_splits = max(1, blocks // mma.SHORT_BLOCKS_PER_SPLIT)
-            if mma.two_warps(dim, k_bits, v_bits, rows, lookup=False):  # shorter still while they are few
+            if mma.two_warps(dim, k_bits, v_bits, rows, lookup=False):
                 per_sm = min(mma.TWO_WARP_SHORT_PROGRAMS_PER_SM, two_warp_resident)
-                fill = per_sm * sms // (batch * kv_heads)
-                num_splits = max(num_splits, min(blocks // mma.TWO_WARP_MIN_BLOCKS_PER_SPLIT, fill))
+                fill = max(1, per_sm * sms // (batch * kv_heads))
+                if (
+                    batch * kv_heads * num_splits <= two_warp_resident * sms
+                ):  # shorter still while they are few
+                    num_splits = max(num_splits, min(blocks // mma.TWO_WARP_MIN_BLOCKS_PER_SPLIT, fill))
+                elif not pair_tables(min(fill, blocks)):  # longer chunks of two warps rather than one warp
+                    num_splits = fill
         else:
             num_splits = min(per_head, blocks // mma.MIN_BLOCKS_PER_SPLIT)
     chunk, splits = _chunks(tokens, blocks, block_n, num_splits, static_launch)
-    lookup_keys = (
-        k_bits in mma.PAIR_COPIES and dim >= mma.LOOKUP_MIN_DIM
-        and triton.cdiv(blocks, splits) >= mma.LOOKUP_MIN_BLOCKS[k_bits]
-        and shared_per_sm >= resident * (mma.pair_table_bytes(k_bits, v_bits) + _RESERVED_SHARED)
-    )  # fmt: skip
+    lookup_keys = pair_tables(splits)
     warps = 1
     if mma.two_warps(dim, k_bits, v_bits, rows, lookup_keys):
         fits = batch * kv_heads * splits <= two_warp_resident * sms
