@@ -79,6 +79,10 @@ def test_short_chunks_too_many_for_one_wave_of_two_warps_lengthen_rather_than_ta
     assert (k4.chunk, k4.splits, k4.warps, k4.lookup_keys) == (12 * 32, 256, 2, False)
     assert 2 * k4.splits <= decode_mma.TWO_WARP_SHORT_PROGRAMS_PER_SM * H200["sms"]
     assert (k3.chunk, k3.splits, k3.warps, k3.lookup_keys) == (4 * 32, 768, 1, False)
+    # where it starts: 2 × 529 short chunks are two more than one wave; 2 × 528 fit it, on chunks of 5 blocks
+    last_wave, first_longer = launch(1, 2, 2115 * 32, 4, 6), launch(1, 2, 2116 * 32, 4, 6)
+    assert (last_wave.chunk, last_wave.splits, last_wave.warps) == (5 * 32, 423, 2)
+    assert (first_longer.chunk, first_longer.splits, first_longer.warps) == (9 * 32, 236, 2)
 
 
 SHAPES = list(

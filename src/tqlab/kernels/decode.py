@@ -346,9 +346,9 @@ def register_launch(
     - short chunks that two-warp programs can take go down to TWO_WARP_MIN_BLOCKS_PER_SPLIT blocks while they
       make at most TWO_WARP_SHORT_PROGRAMS_PER_SM per SM ("Shorter chunks for two warps"); such programs are
       launched where the short chunks fit in one wave of them ("Programs of two warps"; TWO_WARPS = "always",
-      for tests, wherever `two_warps` takes the shape), and where they do not, TWO_WARP_SHORT_PROGRAMS_PER_SM
-      per SM take longer chunks, unless chunks that long would read pair tables ("Longer chunks of two warps
-      rather than one warp");
+      for tests, wherever `two_warps` takes the shape); where they do not, up to TWO_WARP_SHORT_PROGRAMS_PER_SM
+      per SM take longer chunks ("Longer chunks of two warps rather than one warp"), unless chunks that long
+      would read pair tables: then the short chunks run on one warp;
     - 3- and 4-bit keys from pair tables where chunks are long (LOOKUP_MIN_BLOCKS) and the tables of `resident`
       programs fit an SM's shared memory, so that they cost no occupancy."""
     block_n = mma.block_keys(dim)
@@ -369,12 +369,11 @@ def register_launch(
             num_splits = max(1, blocks // mma.SHORT_BLOCKS_PER_SPLIT)
             if mma.two_warps(dim, k_bits, v_bits, rows, lookup=False):
                 per_sm = min(mma.TWO_WARP_SHORT_PROGRAMS_PER_SM, two_warp_resident)
-                fill = max(1, per_sm * sms // (batch * kv_heads))
-                if (
-                    batch * kv_heads * num_splits <= two_warp_resident * sms
-                ):  # shorter still while they are few
+                fill = per_sm * sms // (batch * kv_heads)
+                one_wave = batch * kv_heads * num_splits <= two_warp_resident * sms
+                if one_wave:  # shorter still while they are few
                     num_splits = max(num_splits, min(blocks // mma.TWO_WARP_MIN_BLOCKS_PER_SPLIT, fill))
-                elif not pair_tables(min(fill, blocks)):  # longer chunks of two warps rather than one warp
+                elif fill and not pair_tables(min(fill, blocks)):  # longer chunks of two warps, not one warp
                     num_splits = fill
         else:
             num_splits = min(per_head, blocks // mma.MIN_BLOCKS_PER_SPLIT)

@@ -115,8 +115,8 @@ TWO_WARP_PROGRAMS_PER_SM = 8
 # TWO_WARP_MIN_BLOCKS_PER_SPLIT blocks make up to this many (H200, 2 KV heads at batch 1: 16k took 3-12 % less
 # time in chunks of 2 blocks than of 4, with 4 programs per SM; 8 per SM, in chunks of 1 block at 16k or 2 at
 # 32k, were slower than 4: docs/benchmarks.md, "Shorter chunks for two warps"). Where short chunks would make more
-# two-warp programs than one wave holds, this many per SM take longer chunks instead of falling back to one warp
-# ("Longer chunks of two warps rather than one warp").
+# two-warp programs than one wave holds, up to this many per SM take longer chunks, unless chunks that long would
+# read pair tables: then the short chunks run on one warp ("Longer chunks of two warps rather than one warp").
 TWO_WARP_SHORT_PROGRAMS_PER_SM = 4
 TWO_WARP_MIN_BLOCKS_PER_SPLIT = 2
 MAX_ROWS = 16  # query rows per program (the MMA's N axis): the output accumulator is DIM·ROWS/32 registers
