@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 OLDEST_TRANSFORMERS := 5.24.0  # the floor in pyproject.toml
 # The fast suite runs on TEST_WORKERS processes (pytest-xdist), each with one OpenMP thread (the tests of the
-# threaded paths set two themselves): on 2 cores about 3 minutes instead of 4.3 for one process on both threads.
+# threaded paths set two themselves), faster on 2 cores than one process on both (README, "Development").
 TEST_WORKERS ?= 2
 PYTEST_PARALLEL := OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal
 
