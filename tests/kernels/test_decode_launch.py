@@ -79,10 +79,30 @@ def test_short_chunks_too_many_for_one_wave_of_two_warps_lengthen_rather_than_ta
     assert (k4.chunk, k4.splits, k4.warps, k4.lookup_keys) == (12 * 32, 256, 2, False)
     assert 2 * k4.splits <= decode_mma.TWO_WARP_SHORT_PROGRAMS_PER_SM * H200["sms"]
     assert (k3.chunk, k3.splits, k3.warps, k3.lookup_keys) == (4 * 32, 768, 1, False)
-    # where it starts: 2 × 529 short chunks are two more than one wave; 2 × 528 fit it, on chunks of 5 blocks
-    last_wave, first_longer = launch(1, 2, 2115 * 32, 4, 6), launch(1, 2, 2116 * 32, 4, 6)
+    # where it starts (4 query rows; with 6 or more chunks lengthen sooner, next test): 2 × 529 short chunks are
+    # two more than one wave; 2 × 528 fit it, on chunks of 5 blocks
+    last_wave, first_longer = launch(1, 2, 2115 * 32, 4, 4), launch(1, 2, 2116 * 32, 4, 4)
     assert (last_wave.chunk, last_wave.splits, last_wave.warps) == (5 * 32, 423, 2)
     assert (first_longer.chunk, first_longer.splits, first_longer.warps) == (9 * 32, 236, 2)
+
+
+def test_at_six_query_rows_or_more_two_warp_chunks_lengthen_even_within_one_wave():
+    """docs/benchmarks.md, "Longer two-warp chunks at six query rows or more": at batch 1 with 2 KV heads, 64k keys
+    in chunks of 4 blocks are 512 two-warp programs per KV head: one wave holds them (8 per SM), but they are
+    more than 4 per SM. With 6 or 8 query rows per KV head they run 4 per SM in chunks of 8 blocks; with 4 or 5
+    in chunks of 4 blocks, as do 3-bit keys, which in chunks of 8 blocks would read pair tables."""
+    assert 2 * 512 <= H200["two_warp_resident"] * H200["sms"]
+    assert 2 * 512 > decode_mma.TWO_WARP_SHORT_PROGRAMS_PER_SM * H200["sms"]
+    for bits, rows in itertools.product([2, 4], [6, 8]):
+        got = launch(1, 2, 65536, bits, rows)
+        assert (got.chunk, got.splits, got.warps, got.lookup_keys) == (8 * 32, 256, 2, False)
+    for bits, rows in [(2, 4), (4, 4), (4, 5), (3, 6), (3, 8)]:
+        got = launch(1, 2, 65536, bits, rows)
+        assert (got.chunk, got.splits, got.warps, got.lookup_keys) == (4 * 32, 512, 2, False)
+    # where it starts: 1060 blocks make 265 short chunks per KV head, one more than 4 per SM (264 for 2 heads)
+    six_rows, five_rows = launch(1, 2, 1060 * 32, 4, 6), launch(1, 2, 1060 * 32, 4, 5)
+    assert (six_rows.chunk, six_rows.splits, six_rows.warps) == (5 * 32, 212, 2)
+    assert (five_rows.chunk, five_rows.splits, five_rows.warps) == (4 * 32, 265, 2)
 
 
 SHAPES = list(

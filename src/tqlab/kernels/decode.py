@@ -347,8 +347,10 @@ def register_launch(
       make at most TWO_WARP_SHORT_PROGRAMS_PER_SM per SM ("Shorter chunks for two warps"); such programs are
       launched where the short chunks fit in one wave of them ("Programs of two warps"; TWO_WARPS = "always",
       for tests, wherever `two_warps` takes the shape); where they do not, up to TWO_WARP_SHORT_PROGRAMS_PER_SM
-      per SM take longer chunks ("Longer chunks of two warps rather than one warp"), unless chunks that long
-      would read pair tables: then the short chunks run on one warp;
+      per SM take longer chunks ("Longer chunks of two warps rather than one warp"), as they do with at least
+      TWO_WARP_LONGER_MIN_ROWS query rows where the short chunks fit that wave but make more than
+      TWO_WARP_SHORT_PROGRAMS_PER_SM per SM ("Longer two-warp chunks at six query rows or more"); unless chunks
+      that long would read pair tables: then the short chunks stay (on one warp where they do not fit the wave);
     - 3- and 4-bit keys from pair tables where chunks are long (LOOKUP_MIN_BLOCKS) and the tables of `resident`
       programs fit an SM's shared memory, so that they cost no occupancy."""
     block_n = mma.block_keys(dim)
@@ -371,9 +373,10 @@ def register_launch(
                 per_sm = min(mma.TWO_WARP_SHORT_PROGRAMS_PER_SM, two_warp_resident)
                 fill = per_sm * sms // (batch * kv_heads)
                 one_wave = batch * kv_heads * num_splits <= two_warp_resident * sms
-                if one_wave:  # shorter still while they are few
+                lengthen = not one_wave or rows >= mma.TWO_WARP_LONGER_MIN_ROWS
+                if num_splits <= fill:  # shorter still while they are few
                     num_splits = max(num_splits, min(blocks // mma.TWO_WARP_MIN_BLOCKS_PER_SPLIT, fill))
-                elif fill and not pair_tables(min(fill, blocks)):  # longer chunks of two warps, not one warp
+                elif lengthen and fill and not pair_tables(min(fill, blocks)):  # longer two-warp chunks
                     num_splits = fill
         else:
             num_splits = min(per_head, blocks // mma.MIN_BLOCKS_PER_SPLIT)
