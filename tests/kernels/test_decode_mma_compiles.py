@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import pytest
+from filelock import FileLock
 
 triton = pytest.importorskip("triton")
 pytest.importorskip("triton.experimental.gluon")
@@ -133,15 +134,22 @@ def compiled(tmp_path_factory):
         )
         for bits, group, means, launch_merge in TWO_WARP_CASES
     ]  # fmt: skip
-    folder = tmp_path_factory.mktemp("compiled")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run(
-        [sys.executable, "-c", COMPILE, json.dumps(jobs), str(folder)],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    # Once per test session: pytest-xdist's workers share the folder above their own temporary ones, and a worker
+    # that takes some of these tests after another compiled them (--dist worksteal) reads that one's kernels.
+    session = tmp_path_factory.getbasetemp()
+    folder = (session.parent if os.environ.get("PYTEST_XDIST_WORKER") else session) / "decode_mma_compiled"
+    with FileLock(f"{folder}.lock"):
+        if not (folder / "done").exists():
+            folder.mkdir(exist_ok=True)
+            env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+            done = subprocess.run(
+                [sys.executable, "-c", COMPILE, json.dumps(jobs), str(folder)],
+                capture_output=True,
+                text=True,
+                env=env,
+            )
+            assert done.returncode == 0, done.stderr[-3000:]
+            (folder / "done").touch()
     return folder
 
 
