@@ -15,10 +15,13 @@ overlap (a merge launched while the attention runs) count twice, and the gaps be
 (`decode_mma.two_warps` refusing every shape, as before programs of two warps), alternating `--rounds` times:
 what two warps change inside a whole step rather than in one layer's replay after an L2 flush. `--two-warps`
 adds a run with two-warp programs wherever `decode_mma.two_warps` takes the shape, whether or not they fit one
-wave (`decode.TWO_WARPS = "always"`), and `--no-programmatic` one more of each with the merge launched after the
-attention (`decode.PROGRAMMATIC_LAUNCH = False`).
+wave (`decode.TWO_WARPS = "always"`), `--short-chunks` one with short two-warp chunks kept short wherever they fit
+one wave, at any number of query rows (`decode_mma.TWO_WARP_LONGER_MIN_ROWS` out of reach, the launch before
+6125913), and `--no-programmatic` one more of each with the merge launched after the attention
+(`decode.PROGRAMMATIC_LAUNCH = False`).
 
     PYTHONPATH=src:benchmarks python tools/research/gpu_step_kernels.py --caches K4V4 --context 131072 --two-warps --no-programmatic --rounds 2
+    PYTHONPATH=src:benchmarks python tools/research/gpu_step_kernels.py --caches K4V4 K2V2 --context 65536 --short-chunks --rounds 2
 """
 
 from __future__ import annotations
@@ -80,6 +83,9 @@ def main() -> None:
         "--two-warps", action="store_true", help="each cache also with two warps wherever they apply"
     )
     parser.add_argument(
+        "--short-chunks", action="store_true", help="each cache also with short two-warp chunks at any rows"
+    )
+    parser.add_argument(
         "--no-programmatic", action="store_true", help="each run also with the merge launched after"
     )
     parser.add_argument("--rounds", type=int, default=1)
@@ -87,31 +93,39 @@ def main() -> None:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(ARCHS[args.arch], dtype=torch.bfloat16).cuda().eval()
     layers = model.config.get_text_config(decoder=True).num_hidden_layers
-    library_rule = decode_mma.two_warps
-    programs = [("library's programs", library_rule, "auto")]
+    library_rule, longer_min_rows = decode_mma.two_warps, decode_mma.TWO_WARP_LONGER_MIN_ROWS
+    programs = [("library's programs", library_rule, "auto", longer_min_rows)]
     if args.one_warp:
-        programs.append(("one-warp programs", lambda *shape, **options: False, "auto"))
+        programs.append(("one-warp programs", lambda *shape, **options: False, "auto", longer_min_rows))
     if args.two_warps:
-        programs.append(("two warps wherever they apply", library_rule, "always"))
+        programs.append(("two warps wherever they apply", library_rule, "always", longer_min_rows))
+    if args.short_chunks:
+        programs.append(("short two-warp chunks at any rows", library_rule, "auto", float("inf")))
     launches = [("the merge launched early", True)]
     if args.no_programmatic:
         launches.append(("the merge launched after", False))
-    saved = decode_mma.two_warps, decode.TWO_WARPS, decode.PROGRAMMATIC_LAUNCH
+    saved = decode_mma.two_warps, decode.TWO_WARPS, decode.PROGRAMMATIC_LAUNCH, longer_min_rows
     for _ in range(args.rounds):
         for kind in args.caches:
             variants = list(itertools.product(programs, launches))
             if kind.startswith("bf16"):  # no codes: the kernels' settings change nothing
                 variants = variants[:1]
-            for (label, rule, two_warps), (launch, programmatic) in variants:
-                decode_mma.two_warps, decode.TWO_WARPS, decode.PROGRAMMATIC_LAUNCH = (
-                    rule,
-                    two_warps,
-                    programmatic,
-                )
+            for (label, rule, two_warps, min_rows), (launch, programmatic) in variants:
+                (
+                    decode_mma.two_warps,
+                    decode.TWO_WARPS,
+                    decode.PROGRAMMATIC_LAUNCH,
+                    decode_mma.TWO_WARP_LONGER_MIN_ROWS,
+                ) = (rule, two_warps, programmatic, min_rows)
                 try:
                     wall, rows = step_kernels(model, kind, args.batch, args.context, args.steps)
                 finally:
-                    decode_mma.two_warps, decode.TWO_WARPS, decode.PROGRAMMATIC_LAUNCH = saved
+                    (
+                        decode_mma.two_warps,
+                        decode.TWO_WARPS,
+                        decode.PROGRAMMATIC_LAUNCH,
+                        decode_mma.TWO_WARP_LONGER_MIN_ROWS,
+                    ) = saved
                 what = kind if kind.startswith("bf16") else f"{kind}, {label}, {launch}"
                 print_step(args, layers, what, wall, rows)
 
