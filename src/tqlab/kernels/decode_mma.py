@@ -118,8 +118,9 @@ TWO_WARP_PROGRAMS_PER_SM = 8
 # two-warp programs than one wave holds, up to this many per SM take longer chunks, unless chunks that long would
 # read pair tables: then the short chunks run on one warp ("Longer chunks of two warps rather than one warp").
 # With at least TWO_WARP_LONGER_MIN_ROWS query rows per KV head they take longer chunks, up to this many per SM,
-# even where short chunks fit one wave of two-warp programs (6-8 rows: K4V4 1.00-1.11x and K2V2 1.02-1.17x as
-# fast; 4 rows: 0.93-1.03x; docs/benchmarks.md, "Longer two-warp chunks at six query rows or more").
+# even where short chunks fit one wave of two-warp programs (6-8 rows: K4V4 1.00-1.11x, K2V2 1.02-1.17x and, where
+# its launch changes, K3V3 0.98-1.04x as fast; 4 rows: 0.93-1.03x; docs/benchmarks.md, "Longer two-warp chunks at
+# six query rows or more").
 TWO_WARP_SHORT_PROGRAMS_PER_SM = 4
 TWO_WARP_MIN_BLOCKS_PER_SPLIT = 2
 TWO_WARP_LONGER_MIN_ROWS = 6
