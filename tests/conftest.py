@@ -31,3 +31,15 @@ def smollm2():
     from tqlab.capture.models import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _sm90_compile_beside_the_other_tests(request, tmp_path_factory):
+    """tests/kernels/test_decode_mma_compiles.py needs a compile of ~25 s in another process: started at the
+    session's first test, it runs while the workers run other tests rather than when one of them reaches it
+    (`sm90_compile`)."""
+    if any(item.path.name == "test_decode_mma_compiles.py" for item in request.session.items):
+        import sm90_compile
+
+        if sm90_compile.available():
+            sm90_compile.start(sm90_compile.folder(tmp_path_factory))
