@@ -139,11 +139,13 @@ def start(out: Path) -> None:
 
 
 def wait(out: Path, timeout: float = 900) -> None:
-    """Until the compile into `out` has written its last file; its log on failure."""
+    """Until the compile into `out` has written its last file; its log on failure (seen in the log by any
+    process, or by its exit status in the process that started it)."""
     start(out)  # unless started already
     deadline = time.monotonic() + timeout
     while not (out / "done").exists():
         log = (out / "log").read_text() if (out / "log").exists() else ""
-        assert "Traceback" not in log, log[-3000:]
+        exited = [p.returncode for p in _started if p.poll() is not None and p.returncode != 0]
+        assert not exited and "Traceback" not in log, f"the compile failed ({exited}): {log[-3000:]}"
         assert time.monotonic() < deadline, f"no compile within {timeout:.0f} s; its log: {log[-3000:]}"
         time.sleep(0.2)

@@ -30,6 +30,7 @@ import argparse
 import collections
 import itertools
 import time
+from unittest import mock
 
 import torch
 from gpu_generate import WARMUP, make_cache
@@ -104,28 +105,17 @@ def main() -> None:
     launches = [("the merge launched early", True)]
     if args.no_programmatic:
         launches.append(("the merge launched after", False))
-    saved = decode_mma.two_warps, decode.TWO_WARPS, decode.PROGRAMMATIC_LAUNCH, longer_min_rows
     for _ in range(args.rounds):
         for kind in args.caches:
             variants = list(itertools.product(programs, launches))
             if kind.startswith("bf16"):  # no codes: the kernels' settings change nothing
                 variants = variants[:1]
             for (label, rule, two_warps, min_rows), (launch, programmatic) in variants:
-                (
-                    decode_mma.two_warps,
-                    decode.TWO_WARPS,
-                    decode.PROGRAMMATIC_LAUNCH,
-                    decode_mma.TWO_WARP_LONGER_MIN_ROWS,
-                ) = (rule, two_warps, programmatic, min_rows)
-                try:
+                with (
+                    mock.patch.multiple(decode_mma, two_warps=rule, TWO_WARP_LONGER_MIN_ROWS=min_rows),
+                    mock.patch.multiple(decode, TWO_WARPS=two_warps, PROGRAMMATIC_LAUNCH=programmatic),
+                ):
                     wall, rows = step_kernels(model, kind, args.batch, args.context, args.steps)
-                finally:
-                    (
-                        decode_mma.two_warps,
-                        decode.TWO_WARPS,
-                        decode.PROGRAMMATIC_LAUNCH,
-                        decode_mma.TWO_WARP_LONGER_MIN_ROWS,
-                    ) = saved
                 what = kind if kind.startswith("bf16") else f"{kind}, {label}, {launch}"
                 print_step(args, layers, what, wall, rows)
 
