@@ -1,7 +1,7 @@
-"""How fast a decode step built as the library's is (chunks, then a merge of their partial results) could be at
-most, whatever its decode: a kernel that only reads each chunk's codes and norms, with the library's own launch
+"""About how fast a decode step built as the library's is (chunks, then a merge of their partial results) would be
+if its decode cost nothing: a kernel that only reads each chunk's codes and norms, with the library's own launch
 (the same programs over the same chunks), and writes a partial result of the same size, then the library's merge
-of those partial results. Each step replayed from a CUDA graph after an L2 flush as benchmarks/gpu_decode.py
+of those partial results. An estimate, not a bound: a reader faster than this one would lower it. Each step replayed from a CUDA graph after an L2 flush as benchmarks/gpu_decode.py
 times it, beside the library's step and SDPA over a bf16 cache.
 
     PYTHONPATH=src:benchmarks python tools/research/gpu_read_floor.py
