@@ -17,15 +17,9 @@ import functools
 from unittest import mock
 
 from gpu_decode import bench, decode_inputs
+from gpu_merge_ceiling import NoLaunch
 
 from tqlab.kernels import decode, decode_attention, decode_mma
-
-
-class _NoLaunch:
-    """Stands in for a Triton kernel: `kernel[grid](...)` launches nothing."""
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
 
 
 def main() -> None:
@@ -55,7 +49,7 @@ def main() -> None:
                 call = functools.partial(decode_attention, *inputs, **launch)
                 with mock.patch.object(decode, "TWO_WARPS", "auto" if chunk_blocks is None else "always"):
                     step = min(bench(call) for _ in range(2))
-                    with mock.patch.object(decode, "_merge_chunks", _NoLaunch()):
+                    with mock.patch.object(decode, "_merge_chunks", NoLaunch()):
                         alone = min(bench(call) for _ in range(2))
                 cells.append(f"{step:.1f} / {alone:.1f}")
             print(f"| {context // 1024}k | K{bits}V{bits} | " + " | ".join(cells) + " |", flush=True)

@@ -22,7 +22,7 @@ from tqlab.kernels import decode, decode_attention
 SHAPES = [(1, 12, 2, 32768), (1, 12, 2, 65536), (1, 12, 2, 131072), (1, 32, 8, 32768), (16, 12, 2, 32768)]
 
 
-class _NoLaunch:
+class NoLaunch:
     """Stands in for a Triton kernel: `kernel[grid](...)` launches nothing."""
 
     def __getitem__(self, grid):
@@ -43,7 +43,7 @@ def main() -> None:
         for bits in args.bits:
             inputs, _ = decode_inputs(batch, q_heads, kv_heads, context, bits)
             step = bench(lambda: decode_attention(*inputs))  # noqa: B023 (timed before the loop moves on)
-            with mock.patch.object(decode, "_merge_chunks", _NoLaunch()):
+            with mock.patch.object(decode, "_merge_chunks", NoLaunch()):
                 alone = bench(lambda: decode_attention(*inputs))  # noqa: B023
             print(
                 f"| {batch} | {q_heads}/{kv_heads} | {context // 1024}k | K{bits}V{bits} | {sdpa:.1f} | "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+from unittest import mock
 
 import torch
 import triton
@@ -22,11 +23,7 @@ import triton.language as tl
 from gpu_decode import bench, bf16_times, decode_inputs
 
 from tqlab.kernels import decode, decode_attention
-
-try:  # as tqlab.kernels.decode imports it
-    from triton.language.extra.cuda import gdc_launch_dependents
-except ImportError:
-    gdc_launch_dependents = None
+from tqlab.kernels.decode import gdc_launch_dependents
 
 SHAPES = [(1, 12, 2, 32768), (1, 12, 2, 65536), (1, 12, 2, 131072), (1, 32, 8, 32768), (16, 12, 2, 32768)]
 
@@ -72,11 +69,8 @@ def library_launch(inputs) -> tuple[int, int]:
         seen.append(original(*args, **kwargs))
         return seen[-1]
 
-    decode.register_launch = record
-    try:
+    with mock.patch.object(decode, "register_launch", record):
         decode_attention(*inputs)
-    finally:
-        decode.register_launch = original
     return seen[-1].chunk, seen[-1].splits
 
 
@@ -123,7 +117,7 @@ def main() -> None:
         "reading only, then the merge µs | reading only µs | reading GB/s | library vs SDPA | "
         "reading and merge vs SDPA |"
     )
-    print("| --- |" * 12)
+    print("|" + " --- |" * 12)
     for (batch, q_heads, kv_heads, context), bits in itertools.product(SHAPES, args.bits):
         sdpa, _ = bf16_times(batch, q_heads, kv_heads, context, flex=False)
         inputs, _ = decode_inputs(batch, q_heads, kv_heads, context, bits)
