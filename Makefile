@@ -57,6 +57,7 @@ bench: $(STAMP)  ## codec encode/decode throughput on CPU → outputs/bench/ (DO
 
 bench-gpu: $(STAMP)  ## Triton decode and quantize (MSE, Prod) vs bf16 SDPA / a copy, and generate tokens/s, on a CUDA GPU → outputs/bench/ (DOCS=1: docs/)
 	$(PY) benchmarks/gpu_decode.py $(if $(DOCS),--out docs/benchmarks.md)
+	$(if $(DOCS),$(PY) benchmarks/plot_gpu_decode.py)
 	$(PY) benchmarks/gpu_quantize.py $(if $(DOCS),--out docs/benchmarks.md)
 	$(PY) benchmarks/gpu_prod.py $(if $(DOCS),--out docs/benchmarks.md)
 	$(PY) benchmarks/gpu_generate.py $(if $(DOCS),--out docs/benchmarks.md)
