@@ -1,4 +1,4 @@
-"""Write one script's section of a Markdown file in place, between its begin/end markers."""
+"""Write one script's section of a Markdown file in place, between its begin/end markers, and read a section's table back."""
 
 from __future__ import annotations
 
@@ -19,6 +19,18 @@ def write_section(path: Path, key: str, body: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     print(f"wrote the {key} section of {path}")
+
+
+def table_cells(text: str, key: str, missing: str) -> list[list[str]]:
+    """The cells of every table row (header and separator too) between `key`'s markers in `text`; exits with
+    `missing` where there is no such section."""
+    body = re.search(
+        re.escape(f"<!-- {key}:begin -->") + "(.*?)" + re.escape(f"<!-- {key}:end -->"), text, re.S
+    )
+    if body is None:
+        raise SystemExit(missing)
+    lines = body.group(1).splitlines()
+    return [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines if line.startswith("|")]
 
 
 def write_gpu_section(

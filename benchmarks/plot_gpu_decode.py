@@ -12,15 +12,14 @@ installs"); both apply from 32k, the shaded span.
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from docs_section import table_cells
 
-SECTION = re.compile(r"<!-- gpu_decode:begin -->(.*?)<!-- gpu_decode:end -->", re.S)
 TARGETS = {2.0: ("--", "target: 2× SDPA"), 1.3: (":", "target: 1.3× the best bf16 kernel (SDPA here)")}
 
 
@@ -30,16 +29,15 @@ def tokens(context: str) -> int:
 
 
 def rows(text: str) -> list[dict]:
-    body = SECTION.search(text)
-    if body is None:
-        raise SystemExit(
-            "docs/benchmarks.md has no decode table: run benchmarks/gpu_decode.py on a GPU first"
-        )
+    cells = table_cells(
+        text,
+        "gpu_decode",
+        "docs/benchmarks.md has no decode table: run benchmarks/gpu_decode.py on a GPU first",
+    )
     out = []
-    for line in body.group(1).splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) >= 6 and cells[0].isdigit():
-            batch, heads, context, bits, sdpa, codes = cells[:6]
+    for row in cells:
+        if len(row) >= 6 and row[0].isdigit():
+            batch, heads, context, bits, sdpa, codes = row[:6]
             out.append(
                 {"batch": int(batch), "heads": heads, "context": tokens(context), "bits": bits,
                  "speedup": float(sdpa) / float(codes)}
@@ -58,11 +56,8 @@ def main() -> None:
     args = parser.parse_args()
     data = rows(args.docs.read_text())
     panels = list(dict.fromkeys((r["batch"], r["heads"]) for r in data))  # in the table's order
-    columns = 2
-    fig, axes = plt.subplots(
-        -(-len(panels) // columns), columns, figsize=(11, 4 * -(-len(panels) // columns)), squeeze=False,
-        sharey=True,
-    )  # fmt: skip
+    grid = (-(-len(panels) // 2), 2)
+    fig, axes = plt.subplots(*grid, figsize=(11, 4 * grid[0]), squeeze=False, sharey=True)
     speedups = [r["speedup"] for r in data]
     limits = (min(min(speedups), 1.0) * 0.9, max(max(speedups), max(TARGETS)) * 1.08)
     for ax, (batch, heads) in zip(axes.flat, panels, strict=False):

@@ -11,31 +11,26 @@ their bytes per token would have put them).
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from docs_section import table_cells
 
-SECTION = re.compile(
-    r"<!-- GPU memory of the KV cache:begin -->(.*?)<!-- GPU memory of the KV cache:end -->", re.S
-)
 GPU_MIB = 140 * 1024  # the H200 of the run
 
 
 def rows(text: str) -> list[dict]:
-    body = SECTION.search(text)
-    if body is None:
-        raise SystemExit(
-            "docs/benchmarks.md has no GPU-memory section: run benchmarks/gpu_memory.py on a GPU first"
-        )
+    cells = table_cells(
+        text, "GPU memory of the KV cache",
+        "docs/benchmarks.md has no GPU-memory section: run benchmarks/gpu_memory.py on a GPU first",
+    )  # fmt: skip
     out = []
-    for line in body.group(1).splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 9 and cells[3].isdigit():
-            model, weights, cache, batch, context, stored = cells[:6]
+    for row in cells:
+        if len(row) == 9 and row[3].isdigit():
+            model, weights, cache, batch, context, stored = row[:6]
             out.append(
                 {"model": model, "weights": float(weights), "cache": cache, "batch": int(batch),
                  "context": int(context), "stored": None if stored == "OOM" else float(stored)}
