@@ -1,4 +1,5 @@
-"""Write one script's section of a Markdown file in place, between its begin/end markers, and read a section's table back."""
+"""Write one script's section of a Markdown file in place, between its begin/end markers, and read a
+section's table back."""
 
 from __future__ import annotations
 
