@@ -45,7 +45,7 @@ def main() -> None:
             inputs, _ = decode_inputs(1, q_heads, kv_heads, context, bits)
             cells = []
             for chunk_blocks in shapes:
-                launch = {} if chunk_blocks is None else {"num_splits": blocks // chunk_blocks}
+                launch = {} if chunk_blocks is None else {"num_splits": -(-blocks // chunk_blocks)}
                 call = functools.partial(decode_attention, *inputs, **launch)
                 with mock.patch.object(decode, "TWO_WARPS", "auto" if chunk_blocks is None else "always"):
                     step = min(bench(call) for _ in range(2))
