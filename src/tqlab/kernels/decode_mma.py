@@ -629,6 +629,29 @@ def _attend_blocks_two_warps(
     return acc, m_i, gl.sum(sums, axis=0)
 
 
+@gluon.constexpr_function
+def _query_layout(DIM, ROWS, WARPS):
+    """The layout in which each program loads Qᵀ [DIM, ROWS] (column k holds stored coordinate
+    `_key_coordinate(k)`): the lanes take the key bits that `_key_coordinate` sends to the coordinate's five low
+    bits, so that each warp-wide load reads 32 consecutive coordinates of one query row, 128 bytes; the registers
+    take the other key bits and the rows, the warps the top row bit (each row's max |·| stays within a warp). A
+    layout in the operand's own order reads 32 sectors of 8 rows per load, and at batch 1 every program reads the
+    same few rows at the same time, so their requests queue at the L2 slices that hold those rows: this one was
+    1.00–1.06× as fast at batch 1 (docs/benchmarks.md, "The query loaded 128 bytes at a time")."""
+    DIM, ROWS, WARPS = (int(getattr(v, "value", v)) for v in (DIM, ROWS, WARPS))
+    group_bits = [32 << j for j in range((DIM // 32).bit_length() - 1)]  # k bits of w
+    by_coordinate = [1, 8, 16] + group_bits + [2, 4]  # k bits in the order of the coordinate bits they set
+    row_bits = [1 << j for j in range(ROWS.bit_length() - 1)]
+    warp_rows = row_bits[-1:] if WARPS == 2 else []
+    return gl.DistributedLinearLayout(
+        reg_bases=[[k, 0] for k in by_coordinate[5:]] + [[0, r] for r in row_bits if r not in warp_rows],
+        lane_bases=[[k, 0] for k in by_coordinate[:5]],
+        warp_bases=[[0, r] for r in warp_rows],
+        block_bases=[],
+        shape=[DIM, ROWS],
+    )
+
+
 @gluon.jit
 def _attend_chunk_mma(
     query, k_codes, k_norms, v_codes, v_norms, k_table, v_table, lengths, starts, part_out, part_lse,
@@ -656,7 +679,12 @@ def _attend_chunk_mma(
         version=[2, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, 8]
     )
     op_b: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
-    plain: gl.constexpr = gl.BlockedLayout([1, 1], [4, 8], [WARPS, 1], [0, 1])
+    # The query's move into its operand goes through shared memory from `_query_layout`, and with shuffles from
+    # the blocked layout: the pair tables must be the only shared memory of a kernel that reads them (`_table_base`).
+    if LOOKUP_KEYS:
+        query_layout: gl.constexpr = gl.BlockedLayout([1, 1], [4, 8], [WARPS, 1], [0, 1])
+    else:
+        query_layout: gl.constexpr = _query_layout(DIM, ROWS, WARPS)
     row_axis: gl.constexpr = gl.SliceLayout(0, mma)
 
     bh, split = gl.program_id(0), gl.program_id(1)
@@ -669,8 +697,8 @@ def _attend_chunk_mma(
     stop = gl.minimum(split * chunk + chunk, length)
 
     # Qᵀ [DIM, ROWS] in the keys' coordinate order, each row scaled to max |·| = 1 for fp16 operands.
-    k_of = gl.arange(0, DIM, layout=gl.SliceLayout(1, plain))
-    r_of = gl.arange(0, ROWS, layout=gl.SliceLayout(0, plain))
+    k_of = gl.arange(0, DIM, layout=gl.SliceLayout(1, query_layout))
+    r_of = gl.arange(0, ROWS, layout=gl.SliceLayout(0, query_layout))
     q_at = (
         query
         + b.to(gl.int64) * q_stride_b
