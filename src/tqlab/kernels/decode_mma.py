@@ -658,8 +658,9 @@ def _result_layout(DIM, ROWS, WARPS):
     `_value_coordinate(m)`, or `_value_coordinate_two_warps(m)`): the lanes take the bits of m that set the
     coordinate's five low bits, so that each warp-wide store writes 128 consecutive bytes of one row, as
     `_query_layout` reads the query. The accumulator's own layout wrote 4 bytes into each of up to 24 sectors per
-    store (12/2 heads), 8 times the sectors; moving the result into this layout first (through shared memory) made batch 1 with 2 KV
-    heads 1.02–1.23× as fast (docs/benchmarks.md, "Partial results written 128 bytes at a time")."""
+    store (12/2 heads), 8 times the sectors; moving the result into this layout first (through shared memory)
+    made batch 1 with 2 KV heads 1.02–1.23× as fast (docs/benchmarks.md, "Partial results written 128 bytes at a
+    time")."""
     DIM, ROWS, WARPS = (int(getattr(v, "value", v)) for v in (DIM, ROWS, WARPS))
     if WARPS == 2:  # coordinate bits 0 .. 6 from bits 3, 5, 6 (the code's place), 0, 1, 2 and 4 of m
         by_coordinate = [3, 5, 6, 0, 1, 2, 4]
