@@ -630,17 +630,10 @@ def _attend_blocks_two_warps(
 
 
 @gluon.constexpr_function
-def _query_layout(DIM, ROWS, WARPS):
-    """The layout in which each program loads Qᵀ [DIM, ROWS] (column k holds stored coordinate
-    `_key_coordinate(k)`): the lanes take the key bits that `_key_coordinate` sends to the coordinate's five low
-    bits, so that each warp-wide load reads 32 consecutive coordinates of one query row, 128 bytes; the registers
-    take the other key bits and the rows, the warps the top row bit (each row's max |·| stays within a warp). A
-    layout in the operand's own order reads 32 sectors of 8 rows per load, and at batch 1 every program reads the
-    same few rows at the same time, so their requests queue at the L2 slices that hold those rows: this one was
-    1.00–1.06× as fast at batch 1 (docs/benchmarks.md, "The query loaded 128 bytes at a time")."""
-    DIM, ROWS, WARPS = (int(getattr(v, "value", v)) for v in (DIM, ROWS, WARPS))
-    group_bits = [32 << j for j in range((DIM // 32).bit_length() - 1)]  # k bits of w
-    by_coordinate = [1, 8, 16] + group_bits + [2, 4]  # k bits in the order of the coordinate bits they set
+def _coordinate_major(by_coordinate, DIM, ROWS, WARPS):
+    """A [DIM, ROWS] layout whose lanes take the first five of `by_coordinate` (offsets along DIM, in the order of
+    the stored coordinate bits they set) and whose registers take the rest and the rows; in two-warp programs the
+    warps take the top row bit, so that each row stays within one warp."""
     row_bits = [1 << j for j in range(ROWS.bit_length() - 1)]
     warp_rows = row_bits[-1:] if WARPS == 2 else []
     return gl.DistributedLinearLayout(
@@ -650,6 +643,19 @@ def _query_layout(DIM, ROWS, WARPS):
         block_bases=[],
         shape=[DIM, ROWS],
     )
+
+
+@gluon.constexpr_function
+def _query_layout(DIM, ROWS, WARPS):
+    """The layout in which each program loads Qᵀ [DIM, ROWS] (column k holds stored coordinate
+    `_key_coordinate(k)`): the lanes take the key bits that `_key_coordinate` sends to the coordinate's five low
+    bits, so that each warp-wide load reads 32 consecutive coordinates of one query row, 128 bytes. A layout in
+    the operand's own order reads 32 sectors of 8 rows per load, and at batch 1 every program reads the same few
+    rows at the same time, so their requests queue at the L2 slices that hold those rows: this one was 1.00–1.06×
+    as fast at batch 1 (docs/benchmarks.md, "The query loaded 128 bytes at a time")."""
+    DIM, ROWS, WARPS = (int(getattr(v, "value", v)) for v in (DIM, ROWS, WARPS))
+    group_bits = [32 << j for j in range((DIM // 32).bit_length() - 1)]  # k bits of w
+    return _coordinate_major([1, 8, 16] + group_bits + [2, 4], DIM, ROWS, WARPS)
 
 
 @gluon.constexpr_function
@@ -666,15 +672,7 @@ def _result_layout(DIM, ROWS, WARPS):
         by_coordinate = [3, 5, 6, 0, 1, 2, 4]
     else:  # bits 3, 4, 5 (the code's place), then m >> 6, then m & 7
         by_coordinate = [3, 4, 5] + list(range(6, DIM.bit_length() - 1)) + [0, 1, 2]
-    row_bits = [1 << j for j in range(ROWS.bit_length() - 1)]
-    warp_rows = row_bits[-1:] if WARPS == 2 else []
-    return gl.DistributedLinearLayout(
-        reg_bases=[[1 << m, 0] for m in by_coordinate[5:]] + [[0, r] for r in row_bits if r not in warp_rows],
-        lane_bases=[[1 << m, 0] for m in by_coordinate[:5]],
-        warp_bases=[[0, r] for r in warp_rows],
-        block_bases=[],
-        shape=[DIM, ROWS],
-    )
+    return _coordinate_major([1 << m for m in by_coordinate], DIM, ROWS, WARPS)
 
 
 @gluon.jit
