@@ -4,8 +4,9 @@ operands are asserted free of data movement at compile time (`assert_trivial`), 
 use no shared memory but to move the query into its operand and its result into the layout it is written in,
 and its loops (one per decoder) no shared-memory instruction and no codebook shuffle —
 only the few of the softmax and of P's move into an operand. With 4-bit keys looked up in the pair table
-(`LOOKUP_KEYS`, 3 and 4 bits; at K3V3 values too) the tables must be its only shared memory (the lookups address it from the start of the shared
-window) and the loop one shared-memory read per byte of key codes. Launched ahead of its merge (`LAUNCH_MERGE`),
+(`LOOKUP_KEYS`, 3 and 4 bits; at K3V3 values too) its shared memory must be the tables' size, the moves of the
+query and the result reusing their space (the lookups address the tables from the start of the shared window),
+and the loop one shared-memory read per byte of key codes. Launched ahead of its merge (`LAUNCH_MERGE`),
 it lets the merge launch (PREEXIT) before its first load. Its numbers are checked by test_decode on a GPU."""
 
 import collections
@@ -56,7 +57,7 @@ def test_compiles_for_sm90_with_operands_decoded_in_registers(case, compiled):
     dim, k_bits, v_bits, group, q_len, means, lookup, launch_merge = CASES[case]
     shared = json.loads((compiled / f"{case}.json").read_text())["shared"]
     rows = max(8, group * q_len)
-    if lookup:  # the tables alone: the query and the result move by shuffles or not at all
+    if lookup:  # the tables, which the query's and the result's moves reuse, so the tables start at 0
         assert shared == decode_mma.pair_table_bytes(k_bits, v_bits)
     else:  # at most the fp32 Oᵀ [dim, rows] once (`_query_layout`, `_result_layout`)
         assert 0 < shared <= 4 * dim * rows

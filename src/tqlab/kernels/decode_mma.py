@@ -204,9 +204,10 @@ def _pair_table(table, value_table, BITS: gl.constexpr, VALUES: gl.constexpr):
 @gluon.jit
 def _table_base(pairs, like, BITS: gl.constexpr):
     """A tensor like `like` holding, in each lane, the shared-memory address of entry 0 of the lane's copy of
-    the pair table (`_pair_table`: the kernel's only shared memory, so at the start of the dynamic shared
-    window, which the compile test checks); reading one entry back keeps the table alive (the lookups are
-    inline PTX the compiler does not see)."""
+    the pair table (`_pair_table`: the kernel's largest shared memory, which the query's and the result's moves
+    reuse before it is built and after the loop, so at the start of the dynamic shared window, which the compile
+    test checks); reading one entry back keeps the table alive (the lookups are inline PTX the compiler does not
+    see)."""
     _BARRIER()
     first = gl.sum(pairs.slice(0, 1).load(gl.BlockedLayout([1, 1], [1, 32], [1, 1], [1, 0])), axis=1)
     return gl.inline_asm_elementwise(
@@ -702,9 +703,12 @@ def _attend_chunk_mma(
         version=[2, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, 8]
     )
     op_b: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
-    # The query's move into its operand goes through shared memory from `_query_layout`, and with shuffles from
-    # the blocked layout: the pair tables must be the only shared memory of a kernel that reads them (`_table_base`).
-    if LOOKUP_KEYS:
+    # With both codebooks in pair tables (K3V3) the query and the result keep the tensor cores' order, moved by
+    # shuffles: with `_query_layout` and `_result_layout` ptxas placed the loop's loads later and batch 16 with 8
+    # KV heads took 1-2 % longer, on 2x SDPA's line (with 2, 4-11 % less at 16k-32k; docs/benchmarks.md, "Pair
+    # tables in a nearly full wave, and the 128-byte moves beside 4-bit tables").
+    LOOKUP_VALUES: gl.constexpr = LOOKUP_KEYS and K_BITS == 3 and V_BITS == 3
+    if LOOKUP_VALUES:
         query_layout: gl.constexpr = gl.BlockedLayout([1, 1], [4, 8], [WARPS, 1], [0, 1])
     else:
         query_layout: gl.constexpr = _query_layout(DIM, ROWS, WARPS)
@@ -749,7 +753,6 @@ def _attend_chunk_mma(
     vn = v_norms + b.to(gl.int64) * vn_stride_b + h.to(gl.int64) * vn_stride_h
 
     v_planes = _planes(v_table, V_BITS, WARPS)
-    LOOKUP_VALUES: gl.constexpr = LOOKUP_KEYS and K_BITS == 3 and V_BITS == 3
     k_planes = (
         _pair_table(k_table, v_table, K_BITS, LOOKUP_VALUES)
         if LOOKUP_KEYS
@@ -786,7 +789,7 @@ def _attend_chunk_mma(
     part = (bh * splits + split) * ROWS + rows
     out = acc / gl.where(l_i > 0, l_i, 1.0)[None, :]
     seen = (l_i > 0).to(gl.float32)
-    if LOOKUP_KEYS:  # as the query: no shared memory but the pair tables
+    if LOOKUP_VALUES:
         result_layout: gl.constexpr = mma
     else:
         result_layout: gl.constexpr = _result_layout(DIM, ROWS, WARPS)
