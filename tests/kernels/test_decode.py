@@ -33,6 +33,8 @@ def kernel(request, monkeypatch):
         monkeypatch.setattr(decode, "TWO_WARPS", "always")
     least = 0 if request.param == "pair table" else float("inf")
     monkeypatch.setattr(mma, "LOOKUP_MIN_BLOCKS", dict.fromkeys(mma.LOOKUP_MIN_BLOCKS, least))
+    if request.param == "pair table":  # in launches of any size
+        monkeypatch.setattr(mma, "LOOKUP_MIN_WAVE", 0)
     launches = record_launches(monkeypatch, mma, "_attend_chunk_mma")
     launches.table = request.param == "pair table"
     launches.two_warps = request.param == "two warps"

@@ -34,7 +34,7 @@ def launch(batch, kv_heads, tokens, bits, rows, dim=128, device=H200, v_bits=Non
         (16, 2, 65536, 4, 6, False, 49, 1344, True, 1),
         (16, 2, 65536, 3, 6, False, 49, 1344, True, 1),
         (1, 8, 32768, 4, 4, False, 128, 256, False, 1),  # Llama-3's
-        (1, 8, 32768, 3, 4, False, 128, 256, True, 1),
+        (1, 8, 32768, 3, 4, False, 128, 256, False, 1),  # 65 % of a wave: no tables (there were at fd81183)
         (1, 8, 65536, 4, 4, False, 187, 352, False, 1),
         (1, 8, 65536, 3, 4, False, 187, 352, True, 1),
         (16, 8, 65536, 4, 4, False, 12, 5472, True, 1),
@@ -90,7 +90,8 @@ def test_at_six_query_rows_or_more_two_warp_chunks_lengthen_even_within_one_wave
     """docs/benchmarks.md, "Longer two-warp chunks at six query rows or more": at batch 1 with 2 KV heads, 64k keys
     in chunks of 4 blocks are 512 two-warp programs per KV head: one wave holds them (8 per SM), but they are
     more than 4 per SM. With 6 or 8 query rows per KV head they run 4 per SM in chunks of 8 blocks; with 4 or 5
-    in chunks of 4 blocks, as do 3-bit keys, which in chunks of 8 blocks would read pair tables."""
+    in chunks of 4 blocks, as do 3-bit keys, for which chunks of 8 blocks are long enough for pair tables (and on two
+    warps were slower)."""
     assert 2 * 512 <= H200["two_warp_resident"] * H200["sms"]
     assert 2 * 512 > decode_mma.TWO_WARP_SHORT_PROGRAMS_PER_SM * H200["sms"]
     for bits, rows in itertools.product([2, 4], [6, 8]):
@@ -156,18 +157,22 @@ def test_two_warps_and_pair_tables_only_where_their_rules_allow(device, two_warp
                 assert batch * kv_heads * got.splits <= device["two_warp_resident"] * device["sms"]
         if (
             got.lookup_keys
-        ):  # long chunks of 3- or 4-bit keys at d ≥ 128, with tables for every resident program
+        ):  # long chunks of 3- or 4-bit keys at d ≥ 128 in a nearly full wave of programs, with
+            # tables for every resident program
             assert k_bits >= 3 and dim >= decode_mma.LOOKUP_MIN_DIM
             assert -(-blocks // got.splits) >= decode_mma.LOOKUP_MIN_BLOCKS[k_bits]
+            wave = device["resident"] * device["sms"]
+            assert batch * kv_heads * got.splits >= decode_mma.LOOKUP_MIN_WAVE * wave
             table = decode_mma.pair_table_bytes(k_bits, v_bits) + decode._RESERVED_SHARED
             assert device["shared_per_sm"] >= device["resident"] * table
-    # and taken wherever those allow: chunks of 256 blocks of 4-bit keys
-    assert launch(16, 8, 65536, 4, 4, num_splits=8, device={**H200, "resident": 12}).lookup_keys
-    assert not launch(16, 8, 65536, 4, 4, num_splits=8, device={**H200, "resident": 14}).lookup_keys
-    assert not launch(16, 8, 65536, 4, 4, num_splits=8, device={**H200, "shared_per_sm": 167936}).lookup_keys
+    # and taken wherever those allow: chunks of 171 blocks of 4-bit keys, 1536 programs (97 % of a wave)
+    assert launch(16, 8, 65536, 4, 4, num_splits=12, device={**H200, "resident": 12}).lookup_keys
+    assert not launch(16, 8, 65536, 4, 4, num_splits=14, device={**H200, "resident": 14}).lookup_keys
+    assert not launch(16, 8, 65536, 4, 4, num_splits=12, device={**H200, "shared_per_sm": 167936}).lookup_keys
     assert not launch(
-        16, 8, 65536, 4, 4, dim=64, num_splits=8, device={**H200, "shared_per_sm": TABLES}
+        16, 8, 65536, 4, 4, dim=64, num_splits=12, device={**H200, "shared_per_sm": TABLES}
     ).lookup_keys
+    assert not launch(16, 8, 65536, 4, 4, num_splits=8).lookup_keys  # 1024 programs: 65 % of a wave
 
 
 def test_chunks_asked_for_run_on_one_warp_unless_two_are_always_taken(monkeypatch):

@@ -8,7 +8,7 @@ graph replay, per shape, with the chunks' length, the pair tables, the merge's s
 Each row: chunks of at least --min-blocks blocks of keys (as many as fill the SMs' resident programs once, at
 most; or --splits chunks per (sequence, KV head) asked of `decode_attention`, which makes chunks of
 cdiv(blocks, splits) blocks: the row prints what it launched), pair tables from chunks of --lookup-min-blocks
-blocks (`decode_mma.LOOKUP_MIN_BLOCKS`), the merge reading --merge-dims output dimensions per program and
+blocks (`decode_mma.LOOKUP_MIN_BLOCKS`; then in launches of any size, not only nearly full waves), the merge reading --merge-dims output dimensions per program and
 --merge-splits chunks per step, launched --programmatic (`decode.PROGRAMMATIC_LAUNCH`) or not, --warps "auto"
 (`decode.TWO_WARPS`; this tool always passes num_splits, so one warp per program) or "always" (two wherever
 `decode_mma.two_warps` takes the shape, whether or not they fit one wave), the register
@@ -95,7 +95,7 @@ def main() -> None:
         decode.MERGE_DIMS, decode.MERGE_SPLITS, decode_mma.LOOKUP_MIN_BLOCKS, decode.PROGRAMMATIC_LAUNCH,
         decode.TWO_WARPS,
     )  # fmt: skip
-    block_keys = decode_mma.block_keys
+    block_keys, library_wave = decode_mma.block_keys, decode_mma.LOOKUP_MIN_WAVE
     shapes = [s for s in SHAPES if s[0] in args.batches]
     if args.contexts:
         shapes = list(dict.fromkeys((*s[:3], context) for s in shapes for context in args.contexts))
@@ -105,7 +105,7 @@ def main() -> None:
             decode.MERGE_DIMS, decode.MERGE_SPLITS, decode_mma.LOOKUP_MIN_BLOCKS, decode.PROGRAMMATIC_LAUNCH,
             decode.TWO_WARPS,
         ) = library  # fmt: skip
-        decode_mma.block_keys = block_keys
+        decode_mma.block_keys, decode_mma.LOOKUP_MIN_WAVE = block_keys, library_wave
         decode._RESIDENT.clear()
 
     for (batch, q_heads, kv_heads, context), bits in itertools.product(shapes, args.bits):
@@ -146,6 +146,7 @@ def main() -> None:
                 decode.TWO_WARPS = warps
                 decode.MERGE_DIMS, decode.MERGE_SPLITS = merge
                 decode_mma.LOOKUP_MIN_BLOCKS = tables if lookup is None else dict.fromkeys(tables, lookup)
+                decode_mma.LOOKUP_MIN_WAVE = library_wave if lookup is None else 0
                 decode.PROGRAMMATIC_LAUNCH = programmatic == "on"
                 step = lambda s=splits, i=inputs: decode_attention(*i, num_splits=s)[0]  # noqa: E731
                 delta = ((step() - reference).abs().max() / reference.abs().max()).item()

@@ -350,16 +350,24 @@ def register_launch(
       per SM take longer chunks ("Longer chunks of two warps rather than one warp"), as they do with at least
       TWO_WARP_LONGER_MIN_ROWS query rows where the short chunks fit that wave but make more than
       TWO_WARP_SHORT_PROGRAMS_PER_SM per SM ("Longer two-warp chunks at six query rows or more"); unless chunks
-      that long would read pair tables: then the short chunks stay (on one warp where they do not fit the wave);
-    - 3- and 4-bit keys from pair tables where chunks are long (LOOKUP_MIN_BLOCKS) and the tables of `resident`
-      programs fit an SM's shared memory, so that they cost no occupancy."""
+      that long are long enough for pair tables (LOOKUP_MIN_BLOCKS): then the short chunks stay (on one warp
+      where they do not fit the wave; 3-bit keys were slower in two-warp chunks of 8 blocks than of 4);
+    - 3- and 4-bit keys from pair tables where chunks are long (LOOKUP_MIN_BLOCKS), the programs fill at least
+      LOOKUP_MIN_WAVE of a wave, and the tables of `resident` programs fit an SM's shared memory, so that they
+      cost no occupancy."""
     block_n = mma.block_keys(dim)
     blocks = triton.cdiv(tokens, block_n)
 
-    def pair_tables(splits: int) -> bool:
+    def long_chunks(splits: int) -> bool:  # long enough for pair tables
         return (
             k_bits in mma.PAIR_COPIES and dim >= mma.LOOKUP_MIN_DIM
             and triton.cdiv(blocks, splits) >= mma.LOOKUP_MIN_BLOCKS[k_bits]
+        )  # fmt: skip
+
+    def pair_tables(splits: int) -> bool:
+        return (
+            long_chunks(splits)
+            and batch * kv_heads * splits >= mma.LOOKUP_MIN_WAVE * resident * sms
             and shared_per_sm >= resident * (mma.pair_table_bytes(k_bits, v_bits) + _RESERVED_SHARED)
         )  # fmt: skip
 
@@ -376,7 +384,7 @@ def register_launch(
                 lengthen = not one_wave or rows >= mma.TWO_WARP_LONGER_MIN_ROWS
                 if num_splits <= fill:  # shorter still while they are few
                     num_splits = max(num_splits, min(blocks // mma.TWO_WARP_MIN_BLOCKS_PER_SPLIT, fill))
-                elif lengthen and fill and not pair_tables(min(fill, blocks)):  # longer two-warp chunks
+                elif lengthen and fill and not long_chunks(min(fill, blocks)):  # longer two-warp chunks
                     num_splits = fill
         else:
             num_splits = min(per_head, blocks // mma.MIN_BLOCKS_PER_SPLIT)

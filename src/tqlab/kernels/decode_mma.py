@@ -56,6 +56,11 @@ from .packed import (
 # short chunks save; 3-bit codes, whose register decode costs more, gain from shorter chunks (measured at K3V3 and
 # K4V4, docs/benchmarks.md); 4-bit values from the table were slower, its reads two bank wavefronts each.
 LOOKUP_MIN_BLOCKS = {3: 8, 4: 32}
+# Tables only where a launch fills most of a wave of resident one-warp programs: with fewer warps per SM nothing
+# hides a table read's latency in front of the tensor-core product. Measured on the H200 (docs/benchmarks.md, "Pair
+# tables in a nearly full wave"): with 65 % of a wave 3-bit tables were 0.92x (batch 1, 2 KV heads, 128k) and
+# 1.00x (8 KV heads, 32k) as fast as none, from 94 % 1.07-1.33x (4 bits: 1.09-1.13x); 4-bit ones lost with 25-32 %.
+LOOKUP_MIN_WAVE = 0.9
 # At head_dim 64 the kernel takes fewer registers and an SM holds more programs than their tables would fit.
 LOOKUP_MIN_DIM = 128
 _BARRIER = getattr(gl, "barrier", None) or gl.thread_barrier  # renamed after triton 3.6
