@@ -19,7 +19,7 @@ the codes in an order of its own (`packed.CODE_ORDER_*`), which the coordinate o
 stored as sign-magnitude labels of a codebook symmetric about 0 (`packed.sign_magnitude`, as the cache stores
 them; the table's symmetry is checked in the kernel) take the shorter decode
 `packed.DECODE4_SIGN_MAGNITUDE_ASM`; others run a second copy of the loop with the general one. Where each program
-runs long enough (LOOKUP_MIN_BLOCKS), 3- and 4-bit keys (and at K3V3 the values) are instead looked up two codes
+runs long enough (LOOKUP_MIN_BLOCKS) and a launch nearly fills a wave of programs (LOOKUP_MIN_WAVE), 3- and 4-bit keys (and at K3V3 the values) are instead looked up two codes
 at a time in a table of the codebook's 64 or 256 centroid pairs that each program builds in shared memory
 (`_pair_table`): one shared-memory read and one or two integer instructions per two codes, which moves part of
 the decode off the integer pipe that bounds the loop.
@@ -59,7 +59,8 @@ LOOKUP_MIN_BLOCKS = {3: 8, 4: 32}
 # Tables only where a launch fills most of a wave of resident one-warp programs: with fewer warps per SM nothing
 # hides a table read's latency in front of the tensor-core product. Measured on the H200 (docs/benchmarks.md, "Pair
 # tables in a nearly full wave"): with 65 % of a wave 3-bit tables were 0.92x (batch 1, 2 KV heads, 128k) and
-# 1.00x (8 KV heads, 32k) as fast as none, from 94 % 1.07-1.33x (4 bits: 1.09-1.13x); 4-bit ones lost with 25-32 %.
+# 0.99x (8 KV heads, 32k) as fast as none, from 94 % 1.04-1.36x but 0.97x at batch 16, 2 KV heads, 16k (4 bits:
+# 1.09-1.13x); 4-bit ones lost with 25-32 %.
 LOOKUP_MIN_WAVE = 0.9
 # At head_dim 64 the kernel takes fewer registers and an SM holds more programs than their tables would fit.
 LOOKUP_MIN_DIM = 128
@@ -120,8 +121,8 @@ TWO_WARP_PROGRAMS_PER_SM = 8
 # TWO_WARP_MIN_BLOCKS_PER_SPLIT blocks make up to this many (H200, 2 KV heads at batch 1: 16k took 3-12 % less
 # time in chunks of 2 blocks than of 4, with 4 programs per SM; 8 per SM, in chunks of 1 block at 16k or 2 at
 # 32k, were slower than 4: docs/benchmarks.md, "Shorter chunks for two warps"). Where short chunks would make more
-# two-warp programs than one wave holds, up to this many per SM take longer chunks, unless chunks that long would
-# read pair tables: then the short chunks run on one warp ("Longer chunks of two warps rather than one warp").
+# two-warp programs than one wave holds, up to this many per SM take longer chunks, unless chunks that long are long
+# enough for pair tables (LOOKUP_MIN_BLOCKS): then the short chunks run on one warp ("Longer chunks of two warps rather than one warp").
 # With at least TWO_WARP_LONGER_MIN_ROWS query rows per KV head they take longer chunks, up to this many per SM,
 # even where short chunks fit one wave of two-warp programs (6-8 rows: K4V4 1.00-1.11x, K2V2 1.02-1.17x and, where
 # its launch changes, K3V3 0.98-1.04x as fast; 4 rows: 0.93-1.03x; docs/benchmarks.md, "Longer two-warp chunks at
@@ -710,7 +711,7 @@ def _attend_chunk_mma(
     op_b: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
     # With both codebooks in pair tables (K3V3) the query and the result keep the tensor cores' order, moved by
     # shuffles: with `_query_layout` and `_result_layout` ptxas placed the loop's loads later and batch 16 with 8
-    # KV heads took 1-2 % longer, on 2x SDPA's line (with 2, 4-11 % less at 16k-32k; docs/benchmarks.md, "Pair
+    # KV heads took 1-2 % longer, on 2x SDPA's line (with 2, 4-10 % less at 16k-32k; docs/benchmarks.md, "Pair
     # tables in a nearly full wave, and the 128-byte moves beside 4-bit tables").
     LOOKUP_VALUES: gl.constexpr = LOOKUP_KEYS and K_BITS == 3 and V_BITS == 3
     if LOOKUP_VALUES:
