@@ -155,10 +155,9 @@ def test_two_warps_and_pair_tables_only_where_their_rules_allow(device, two_warp
             assert dim == 128 and k_bits == v_bits and rows <= 8 and not got.lookup_keys
             if two_warps == "auto":
                 assert batch * kv_heads * got.splits <= device["two_warp_resident"] * device["sms"]
-        if (
-            got.lookup_keys
-        ):  # long chunks of 3- or 4-bit keys at d ≥ 128 in a nearly full wave of programs, with
-            # tables for every resident program
+        # long chunks of 3- or 4-bit keys at d ≥ 128 in a nearly full wave of programs, with tables for every
+        # resident program
+        if got.lookup_keys:
             assert k_bits >= 3 and dim >= decode_mma.LOOKUP_MIN_DIM
             assert -(-blocks // got.splits) >= decode_mma.LOOKUP_MIN_BLOCKS[k_bits]
             wave = device["resident"] * device["sms"]

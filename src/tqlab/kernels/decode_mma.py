@@ -19,10 +19,10 @@ the codes in an order of its own (`packed.CODE_ORDER_*`), which the coordinate o
 stored as sign-magnitude labels of a codebook symmetric about 0 (`packed.sign_magnitude`, as the cache stores
 them; the table's symmetry is checked in the kernel) take the shorter decode
 `packed.DECODE4_SIGN_MAGNITUDE_ASM`; others run a second copy of the loop with the general one. Where each program
-runs long enough (LOOKUP_MIN_BLOCKS) and a launch nearly fills a wave of programs (LOOKUP_MIN_WAVE), 3- and 4-bit keys (and at K3V3 the values) are instead looked up two codes
-at a time in a table of the codebook's 64 or 256 centroid pairs that each program builds in shared memory
-(`_pair_table`): one shared-memory read and one or two integer instructions per two codes, which moves part of
-the decode off the integer pipe that bounds the loop.
+runs long enough (LOOKUP_MIN_BLOCKS) and a launch nearly fills a wave of programs (LOOKUP_MIN_WAVE), 3- and 4-bit
+keys (and at K3V3 the values) are instead looked up two codes at a time in a table of the codebook's 64 or 256
+centroid pairs that each program builds in shared memory (`_pair_table`): one shared-memory read and one or two
+integer instructions per two codes, which moves part of the decode off the integer pipe that bounds the loop.
 
 One warp per program, each program one chunk of one (sequence, KV head) — split-K as in `decode`, merged by
 the same `_merge_chunks`; codes for the next block are loaded into registers while this block computes. Where
@@ -122,7 +122,8 @@ TWO_WARP_PROGRAMS_PER_SM = 8
 # time in chunks of 2 blocks than of 4, with 4 programs per SM; 8 per SM, in chunks of 1 block at 16k or 2 at
 # 32k, were slower than 4: docs/benchmarks.md, "Shorter chunks for two warps"). Where short chunks would make more
 # two-warp programs than one wave holds, up to this many per SM take longer chunks, unless chunks that long are long
-# enough for pair tables (LOOKUP_MIN_BLOCKS): then the short chunks run on one warp ("Longer chunks of two warps rather than one warp").
+# enough for pair tables (LOOKUP_MIN_BLOCKS): then the short chunks run on one warp ("Longer chunks of two warps
+# rather than one warp").
 # With at least TWO_WARP_LONGER_MIN_ROWS query rows per KV head they take longer chunks, up to this many per SM,
 # even where short chunks fit one wave of two-warp programs (6-8 rows: K4V4 1.00-1.11x, K2V2 1.02-1.17x and, where
 # its launch changes, K3V3 0.98-1.04x as fast; 4 rows: 0.93-1.03x; docs/benchmarks.md, "Longer two-warp chunks at
