@@ -142,6 +142,7 @@ CASES = [  # dim, key bits, value bits, query heads per KV head, query tokens, l
     (64, 2, 2, 1, 1, [33], None),
     (64, 3, 4, 4, 1, [150, 77], 3),
     (64, 4, 4, 8, 4, [40, 100], 5),
+    (64, 4, 3, 2, 1, [70, 33], 2),  # 3-bit values where a lane's group crosses a word (or not)
     (128, 3, 3, 2, 1, [200, 1, 129], 4),
     (128, 4, 4, 8, 1, [97], 2),
     (128, 4, 2, 4, 3, [70, 64], 2),

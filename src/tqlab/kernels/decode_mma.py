@@ -295,29 +295,39 @@ def _interleave(e):
 
 
 @gluon.jit
-def _three_bit_groups(w0, w1, w2):
-    """Four 24-bit groups from three consecutive little-endian 32-bit words."""
-    return (
-        w0 & 0xFFFFFF,
-        ((w0 >> 24) & 0xFF) | ((w1 << 8) & 0xFFFF00),
-        ((w1 >> 16) & 0xFFFF) | ((w2 << 16) & 0xFF0000),
-        (w2 >> 8) & 0xFFFFFF,
-    )
+def _three_bit_groups(w0, w1, w2, EXACT: gl.constexpr = True):
+    """Four 24-bit groups from three consecutive little-endian 32-bit words; EXACT: bits 24..31 zero, as the
+    pair-table lookups need (the register decode never reads them, so without EXACT they hold what comes next)."""
+    if EXACT:
+        return (
+            w0 & 0xFFFFFF,
+            ((w0 >> 24) & 0xFF) | ((w1 << 8) & 0xFFFF00),
+            ((w1 >> 16) & 0xFFFF) | ((w2 << 16) & 0xFF0000),
+            (w2 >> 8) & 0xFFFFFF,
+        )
+    return w0, ((w0 >> 24) & 0xFF) | (w1 << 8), ((w1 >> 16) & 0xFFFF) | (w2 << 16), w2 >> 8
 
 
 @gluon.jit
-def _three_bit_lane_groups(codes, t, lane, stop, N: gl.constexpr, DIM: gl.constexpr):
+def _three_bit_lane_groups(
+    codes, t, lane, stop, N: gl.constexpr, DIM: gl.constexpr, EXACT: gl.constexpr = True
+):
     """int32 groups [T, L, N] of 3-bit rows `t` (those >= stop read as 0): lane l's N groups are the 3N
     bytes at byte 3N·l of each row, read as whole int32 words where N is a multiple of 4 (3 words per 4
-    groups), as three int16 halves where N = 2, as three bytes where N = 1."""
+    groups), as three int16 halves where N = 2, and where N = 1 as the aligned word that holds the first
+    byte and, where the three bytes cross into it, the next word, shifted together: bits 24..31 of such a
+    group hold the next group's first byte (or 0), which the register decode (`_decode`) never reads.
+    EXACT (N >= 4): as `_three_bit_groups`."""
     row_bytes: gl.constexpr = DIM // 8 * 3
     valid = t < stop
     if N == 1:
-        at = codes + t * row_bytes + 3 * lane
-        b0 = gl.load(at, mask=valid, other=0).to(gl.int32)  # uint8: zero-extended
-        b1 = gl.load(at + 1, mask=valid, other=0).to(gl.int32)
-        b2 = gl.load(at + 2, mask=valid, other=0).to(gl.int32)
-        groups = b0 | (b1 << 8) | (b2 << 16)
+        at = codes.to(gl.pointer_type(gl.int32)) + t * (row_bytes // 4) + (3 * lane) // 4
+        low = gl.load(at, mask=valid, other=0)
+        high = gl.load(at + 1, mask=valid & (3 * lane % 4 > 1), other=0)  # never past the row's last word
+        groups = gl.inline_asm_elementwise(
+            "shf.r.clamp.b32 $0, $1, $2, $3;", "=r,r,r,r", [low, high, gl.zeros_like(low) + 8 * (3 * lane % 4)],
+            dtype=gl.int32, is_pure=True, pack=1,
+        )  # fmt: skip
     elif N == 2:
         at = codes.to(gl.pointer_type(gl.int16)) + t * (row_bytes // 2) + 3 * lane
         h0 = gl.load(at, mask=valid, other=0).to(gl.int32) & 0xFFFF
@@ -328,9 +338,9 @@ def _three_bit_lane_groups(codes, t, lane, stop, N: gl.constexpr, DIM: gl.conste
     else:
         gl.static_assert(N == 4 or N == 8, "3-bit groups per lane: 1, 2, 4 or 8")
         at = codes.to(gl.pointer_type(gl.int32)) + t * (row_bytes // 4) + (3 * N // 4) * lane
-        groups = _three_bit_quad(at, valid, t.shape[0], lane.shape[1])
+        groups = _three_bit_quad(at, valid, t.shape[0], lane.shape[1], EXACT)
         if N == 8:  # groups 4·q + i: the second quad's three words follow the first's
-            second = _three_bit_quad(at + 3, valid, t.shape[0], lane.shape[1])
+            second = _three_bit_quad(at + 3, valid, t.shape[0], lane.shape[1], EXACT)
             groups = gl.reshape(
                 gl.permute(gl.join(groups, second), (0, 1, 3, 2)), (t.shape[0], lane.shape[1], 8)
             )
@@ -338,12 +348,12 @@ def _three_bit_lane_groups(codes, t, lane, stop, N: gl.constexpr, DIM: gl.conste
 
 
 @gluon.jit
-def _three_bit_quad(at, valid, T: gl.constexpr, L: gl.constexpr):
-    """Four 24-bit groups [T, L, 4] from the three int32 words at `at`."""
+def _three_bit_quad(at, valid, T: gl.constexpr, L: gl.constexpr, EXACT: gl.constexpr):
+    """Four 24-bit groups [T, L, 4] from the three int32 words at `at` (`_three_bit_groups`)."""
     w0 = gl.load(at, mask=valid, other=0)
     w1 = gl.load(at + 1, mask=valid, other=0)
     w2 = gl.load(at + 2, mask=valid, other=0)
-    g0, g1, g2, g3 = _three_bit_groups(w0, w1, w2)
+    g0, g1, g2, g3 = _three_bit_groups(w0, w1, w2, EXACT)
     return gl.reshape(gl.permute(gl.join(gl.join(g0, g1), gl.join(g2, g3)), (0, 1, 2, 4, 3)), (T, L, 4))
 
 
@@ -381,7 +391,7 @@ def _key_groups(
     t = block + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, words)))[:, None, None]
     c = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, words)))[None, :, None]
     if BITS == 3:
-        groups = _three_bit_lane_groups(codes, t, c, stop, W, DIM)
+        groups = _three_bit_lane_groups(codes, t, c, stop, W, DIM, WARPS == 1)  # two warps: never tables
     else:
         w = gl.arange(0, W, layout=gl.SliceLayout(0, gl.SliceLayout(1, words)))[None, None, :]
         groups = _whole_groups(codes, t, W * c + w, stop, BITS, DIM)
