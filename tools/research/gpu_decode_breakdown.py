@@ -8,15 +8,15 @@ graph replay, per shape, with the chunks' length, the pair tables, the merge's s
 Each row: chunks of at least --min-blocks blocks of keys (as many as fill the SMs' resident programs once, at
 most; or --splits chunks per (sequence, KV head) asked of `decode_attention`, which makes chunks of
 cdiv(blocks, splits) blocks: the row prints what it launched), pair tables from chunks of --lookup-min-blocks
-blocks (`decode_mma.LOOKUP_MIN_BLOCKS`; then in launches of any size, not only nearly full waves), the merge reading --merge-dims output dimensions per program and
---merge-splits chunks per step, launched --programmatic (`decode.PROGRAMMATIC_LAUNCH`) or not, --warps "auto"
-(`decode.TWO_WARPS`; this tool always passes num_splits, so one warp per program) or "always" (two wherever
-`decode_mma.two_warps` takes the shape, whether or not they fit one wave), the register
-kernel stepping over --block-keys keys per loop iteration (`decode_mma.block_keys`: 32 at head_dim 128; the pair
-tables' thresholds scaled to the same keys per chunk); the step
-replayed from a CUDA graph with the L2 flushed before it (as benchmarks/gpu_decode.py times it; µs, median of
-30), then the device time of each kernel inside those replays, from the profiler, and the largest difference
-from the output of the library's own step on the same inputs, relative to the output's scale.
+blocks (`decode_mma.LOOKUP_MIN_BLOCKS`; then in launches of any size, not only nearly full waves), the merge
+reading --merge-dims output dimensions per program and --merge-splits chunks per step, launched --programmatic
+(`decode.PROGRAMMATIC_LAUNCH`) or not, --warps "auto" (`decode.TWO_WARPS`; this tool always passes num_splits,
+so one warp per program) or "always" (two wherever `decode_mma.two_warps` takes the shape, whether or not they
+fit one wave), the register kernel stepping over --block-keys keys per loop iteration
+(`decode_mma.block_keys`: 32 at head_dim 128; the pair tables' thresholds scaled to the same keys per chunk);
+the step replayed from a CUDA graph with the L2 flushed before it (as benchmarks/gpu_decode.py times it; µs,
+median of 30), then the device time of each kernel inside those replays, from the profiler, and the largest
+difference from the output of the library's own step on the same inputs, relative to the output's scale.
 """
 
 from __future__ import annotations
