@@ -137,7 +137,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--registers", action="store_true", help="the register-fragment kernel (decode_mma)")
     parser.add_argument("--maxnreg", type=int, default=0, help="with --registers: cap registers per thread")
-    parser.add_argument("--means", action="store_true", help="with --registers: centered codes' mean terms")
+    parser.add_argument("--means", action="store_true", help="centered codes' mean terms")
     parser.add_argument(
         "--no-padding", action="store_true",
         help="with --registers: as launched without left padding (ptxas may allocate registers differently)",
@@ -167,6 +167,7 @@ def main() -> None:
         constants = dict(
             KV_HEADS=8, GROUP=args.group, Q_LEN=1, DIM=args.dim, K_BITS=bits, V_BITS=bits,
             BLOCK_M=max(16, triton.next_power_of_2(args.group)), BLOCK_N=decode.BLOCK_N, PERMUTE=True, PADDED=True,
+            K_SKETCH=False, V_SKETCH=False, KEY_MEAN=args.means, VALUE_MEAN=args.means,
         )  # fmt: skip
         signature = {
             name: "constexpr" if name in constants else POINTERS.get(name, "i32")
