@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -304,8 +305,10 @@ def test_holm_leaves_an_undefined_p_out_of_its_family():
 
     adjusted = holm([float("nan"), 0.01, 0.02])
     assert math.isnan(adjusted[0]) and adjusted[1:] == pytest.approx([0.02, 0.02])  # a family of two
-    # a unit infinite in both configurations has no difference: left out, not a NaN p
-    assert paired_difference([0, float("inf"), 0, 0], [1, float("inf"), 2, 3])["n"] == 3
+    # a unit infinite in both configurations has no difference: left out, not a NaN p, and without a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert paired_difference([0, float("inf"), 0, 0], [1, float("inf"), 2, 3])["n"] == 3
 
 
 def test_blocks_not_in_every_configuration_are_said_and_protocols_are_told_apart(tmp_path):
